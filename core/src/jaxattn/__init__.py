@@ -1,0 +1,67 @@
+"""jaxattn: attention backends for JAX behind one API, chosen at run time with reasons.
+
+    import jaxattn
+    out = jaxattn.attention(q, k, v, is_causal=True)          # best installed backend
+    print(jaxattn.explain(q, k, v, is_causal=True))           # which one, and why
+    with jaxattn.use_backend("xla"): ...                      # force one
+
+Backends are plugins found through the `jaxattn.backends` entry-point group; the
+built-in `xla` backend runs everywhere and is the numerical reference.
+"""
+
+from __future__ import annotations
+
+from . import hardware
+from .api import attention, explain, paged_attention, select, select_request
+from .hardware import Hardware
+from .inputs import AttentionInputs, PagedAttentionInputs
+from .listing import BackendInfo, broken_plugins, list_backends
+from .masks import (
+    EMPTY,
+    FULL,
+    PARTIAL,
+    AndMask,
+    CausalMask,
+    ChunkedCausalMask,
+    DenseMask,
+    FullMask,
+    Mask,
+    MaskParts,
+    OrMask,
+    SegmentMask,
+    SlidingWindowMask,
+    mask_parts,
+)
+from .metadata import AttnShardingRules, OperationMetadata, PartitionAxis
+from .operation import OperationImpl
+from .registry import BrokenPlugin, Registry, default_registry, hookimpl, hookspec
+from .request import AttentionRequest, PagedLayout
+from .selector import (
+    BackendUnavailableError,
+    NoBackendError,
+    Rejection,
+    Selection,
+    set_tuning_cache,
+    use_backend,
+)
+from .support import Support
+
+__version__ = "0.1.0"
+
+
+def refresh_backends() -> None:
+    """Discover installed backends again (after installing a plugin in a running process)."""
+    default_registry().refresh()
+
+
+__all__ = [
+    "EMPTY", "FULL", "PARTIAL",
+    "AndMask", "AttentionInputs", "AttentionRequest", "AttnShardingRules", "BackendInfo",
+    "BackendUnavailableError", "BrokenPlugin", "CausalMask", "ChunkedCausalMask", "DenseMask",
+    "FullMask", "Hardware", "Mask", "MaskParts", "NoBackendError", "OperationImpl",
+    "OperationMetadata", "OrMask", "PagedAttentionInputs", "PagedLayout", "PartitionAxis",
+    "Registry", "Rejection", "SegmentMask", "Selection", "SlidingWindowMask", "Support",
+    "attention", "broken_plugins", "default_registry", "explain", "hardware", "hookimpl",
+    "hookspec", "list_backends", "mask_parts", "paged_attention", "refresh_backends", "select",
+    "select_request", "set_tuning_cache", "use_backend",
+]

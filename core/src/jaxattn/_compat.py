@@ -1,0 +1,28 @@
+"""Every difference between the JAX versions we support, in one place.
+
+Supported: jax 0.10.x (the newest on Python 3.11, CPU CI) through 0.11.x and later
+(the GPU machine). Other modules import these names instead of testing versions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+JAX_VERSION: tuple[int, ...] = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+
+def shard_map(fn: Callable[..., Any], *, mesh: Any, in_specs: Any, out_specs: Any) -> Callable[..., Any]:
+    """`jax.shard_map` without replication checks (kernels inside are opaque to them)."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map as legacy  # jax < 0.7
+
+    return legacy(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def is_tracer(x: Any) -> bool:
+    """True for abstract values (inside jit/grad), whose contents cannot be inspected."""
+    return isinstance(x, jax.core.Tracer)

@@ -1,0 +1,1 @@
+"""Backends that ship with the core: only `xla`, the reference that runs everywhere."""

@@ -1,0 +1,206 @@
+"""Run-time configuration shared by all backends, and the sharding rules derived from it.
+
+`OperationMetadata` holds what is not an array: dtypes, the softmax scale, the device
+mesh with the mapping of logical axes to mesh axes (`PartitionAxis`), and per-backend
+configs (block sizes...). `get_shardings` turns it into `AttnShardingRules`, the
+`PartitionSpec`s a backend is run with under `shard_map`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from .request import MODES
+
+AxisNames = str | tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class PartitionAxis:
+    """Which mesh axes each logical axis of attention is sharded over.
+
+    Axes missing from the mesh are ignored, so one `PartitionAxis` serves meshes of
+    different shapes. Sequence axes are never sharded by `attention` (that would need
+    ring attention); batch and heads are.
+    """
+
+    batch_axis: AxisNames = ("dp", "fsdp")
+    head_axis: AxisNames = "tp"
+    kv_head_axis: AxisNames = "tp"
+
+
+def _names(axes: AxisNames) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+class AttnShardingRules(NamedTuple):
+    """PartitionSpecs for every array of an attention call, in DESIGN.md layout.
+
+    query/key/value/output: `[batch, seq, heads, dim]`; bias and mask:
+    `[batch, heads, q, kv]`; segment ids and sequence lengths: `[batch, ...]`;
+    softmax_aux (sinks): `[q_heads]`; lse: `[batch, q_heads, q_len]`.
+    `kv_repeat` > 1 means K/V heads are repeated that many times before sharding,
+    because the tensor axis has more shards than there are K/V heads (GQA).
+    """
+
+    query: P
+    key: P
+    value: P
+    bias: P
+    mask: P
+    output: P
+    q_segment_ids: P
+    kv_segment_ids: P
+    softmax_aux: P
+    lse: P
+    seq_lengths: P
+    kv_repeat: int = 1
+
+
+@dataclass(frozen=True)
+class OperationMetadata:
+    """Configuration of an attention call beyond its arrays.
+
+    * `runtime_dtype`: cast query/key/value to this before the kernel (None: keep).
+    * `runtime_softmax_dtype`: dtype of the softmax (float32 by default).
+    * `softmax_scale`: used when the call gives no `scale` (None: 1/sqrt(head_dim)).
+    * `mesh` / `partition_axis`: run the backend under `shard_map` over this mesh.
+    * `operation_configs`: per-backend settings, e.g. `{"flash": {"block_q": 128}}`.
+    * `mode` / `needs_grad`: override the inferred mode ("train" unless q_len == 1).
+    """
+
+    runtime_dtype: Any = None
+    runtime_softmax_dtype: Any = jnp.float32
+    softmax_scale: float | None = None
+    mesh: Mesh | None = None
+    partition_axis: PartitionAxis = field(default_factory=PartitionAxis)
+    operation_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    mode: str | None = None
+    needs_grad: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"metadata.mode must be one of {MODES} or None, got {self.mode!r}")
+        if self.mesh is not None and not isinstance(self.mesh, Mesh):
+            raise ValueError(f"metadata.mesh must be a jax.sharding.Mesh, got {type(self.mesh).__name__}")
+        if not isinstance(self.operation_configs, Mapping):
+            raise ValueError("metadata.operation_configs must map backend names to dicts")
+
+    @classmethod
+    def from_config(cls, config: Any = None, **overrides: Any) -> OperationMetadata:
+        """Build from a dict or any object with matching attributes (a model config).
+
+        Recognized keys: the field names of this class, plus the common aliases
+        `attn_dtype` (runtime_dtype), `attn_softmax_dtype` (runtime_softmax_dtype),
+        `softmax_scale`, `mesh`, `partition_axis`, `attn_configs` (operation_configs).
+        Keyword arguments win over the config.
+        """
+        aliases = {
+            "attn_dtype": "runtime_dtype",
+            "attn_softmax_dtype": "runtime_softmax_dtype",
+            "attn_configs": "operation_configs",
+        }
+        names = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        if config is not None:
+            get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+            for key in list(names) + list(aliases):
+                value = get(key, None)
+                if value is not None:
+                    values[aliases.get(key, key)] = value
+        values.update(overrides)
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"OperationMetadata.from_config: unknown keys {sorted(unknown)}")
+        return cls(**values)
+
+    def get_operation_config(self, name: str) -> dict[str, Any]:
+        """The settings for backend `name` (a copy; empty when none are given)."""
+        return dict(self.operation_configs.get(name, {}))
+
+    def mesh_axis_size(self, axes: AxisNames) -> int:
+        if self.mesh is None:
+            return 1
+        return math.prod(self.mesh.shape[a] for a in _names(axes) if a in self.mesh.shape)
+
+    def _present(self, axes: AxisNames) -> tuple[str, ...]:
+        if self.mesh is None:
+            return ()
+        return tuple(a for a in _names(axes) if a in self.mesh.shape and self.mesh.shape[a] > 1)
+
+    def get_shardings(
+        self,
+        mode: str = "train",
+        layout: str = "bshd",
+        *,
+        batch: int | None = None,
+        num_q_heads: int | None = None,
+        num_kv_heads: int | None = None,
+    ) -> AttnShardingRules:
+        """The PartitionSpecs for a call of `mode` in `layout` ("bshd" or "paged").
+
+        Given the sizes, an axis that does not divide its dimension is left unsharded
+        (replicated) rather than failing inside `shard_map`. K/V heads are repeated when
+        the tensor axis exceeds them (`kv_repeat`), so each shard holds the K/V heads of
+        its own query heads.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if layout not in ("bshd", "paged"):
+            raise ValueError(f"layout must be 'bshd' or 'paged', got {layout!r}")
+        pa = self.partition_axis
+        batch_axes = self._present(pa.batch_axis)
+        head_axes = self._present(pa.head_axis)
+        if batch is not None and batch % self.mesh_axis_size(batch_axes):
+            batch_axes = ()
+        tp = self.mesh_axis_size(head_axes)
+        kv_repeat = 1
+        if num_q_heads is not None and num_q_heads % tp:
+            head_axes = ()
+        elif num_kv_heads is not None and head_axes and num_kv_heads % tp:
+            if tp % num_kv_heads or (num_q_heads is not None and num_q_heads % tp):
+                head_axes = ()
+            else:
+                kv_repeat = tp // num_kv_heads
+        if layout == "paged" and kv_repeat > 1:
+            head_axes, kv_repeat = (), 1  # never copy a whole KV cache to shard it
+        b = _spec_entry(batch_axes)
+        h = _spec_entry(head_axes)
+        if layout == "paged":
+            tokens = P(None, h, None)
+            pages = P(None, None, h, None)
+            return AttnShardingRules(
+                query=tokens, key=pages, value=pages, bias=P(), mask=P(), output=tokens,
+                q_segment_ids=P(), kv_segment_ids=P(), softmax_aux=P(h), lse=P(h, None),
+                seq_lengths=P(), kv_repeat=kv_repeat,
+            )
+        bshd = P(b, None, h, None)
+        return AttnShardingRules(
+            query=bshd,
+            key=bshd,
+            value=bshd,
+            bias=P(b, h, None, None),
+            mask=P(b, h, None, None),
+            output=bshd,
+            q_segment_ids=P(b, None),
+            kv_segment_ids=P(b, None),
+            softmax_aux=P(h),
+            lse=P(b, h, None),
+            seq_lengths=P(b),
+            kv_repeat=kv_repeat,
+        )
+
+
+def _spec_entry(axes: tuple[str, ...]) -> str | tuple[str, ...] | None:
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else axes

@@ -1,0 +1,94 @@
+"""`OperationImpl`: the base class of every attention backend.
+
+A backend subclasses it, sets the class attributes, implements `supports()` and at
+least one `forward_*` method. Calling the instance runs the `forward_*` of the platform
+the call runs on: `forward_cuda`/`forward_rocm` on those GPUs, else `forward_gpu`,
+`forward_tpu`, `forward_cpu`, and `forward_native` when the platform has no method of
+its own. Each returns `(out, lse)`; `lse` may be None when `inputs.return_lse` is False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+
+from .hardware import Hardware
+from .inputs import AttentionInputs, PagedAttentionInputs
+from .metadata import OperationMetadata
+from .request import OPS, AttentionRequest
+from .support import Support
+
+Inputs = AttentionInputs | PagedAttentionInputs
+Output = tuple[jax.Array, jax.Array | None]
+
+
+class OperationImpl:
+    """One attention backend.
+
+    Class attributes:
+      name: the registry name (`backend="name"`).
+      aliases: other names it answers to.
+      op: "attention" or "paged_attention".
+      platforms: the platforms it can run on ("cpu", "gpu", "tpu").
+      priority: per-platform rank for `auto` (higher wins), e.g. {"gpu": 100}.
+    """
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    op: ClassVar[str] = "attention"
+    platforms: ClassVar[tuple[str, ...]] = ()
+    priority: ClassVar[Mapping[str, int]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.op not in OPS:
+            raise ValueError(f"{cls.__name__}.op must be one of {OPS}, got {cls.op!r}")
+
+    # -- what a backend declares ------------------------------------------------------
+    def is_available(self, hardware: Hardware) -> Support:
+        """Can this backend run on this machine at all (independent of any request)?"""
+        if hardware.platform not in self.platforms:
+            wanted = " or ".join(p.upper() for p in self.platforms) or "no platform"
+            return Support.no(f"{self.name} needs {wanted}; this machine is {hardware.platform}")
+        return Support.yes()
+
+    def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
+        """Can this backend serve `request` on `hardware`? Say every reason it cannot."""
+        raise NotImplementedError(f"{type(self).__name__} must implement supports()")
+
+    def priority_on(self, platform: str) -> int:
+        return int(self.priority.get(platform, 0))
+
+    # -- what a backend computes ------------------------------------------------------
+    def forward_native(self, inputs: Any, metadata: OperationMetadata) -> Output:
+        raise NotImplementedError(f"{self.name} has no implementation for this platform")
+
+    def forward_cpu(self, inputs: Any, metadata: OperationMetadata) -> Output:
+        return self.forward_native(inputs, metadata)
+
+    def forward_gpu(self, inputs: Any, metadata: OperationMetadata) -> Output:
+        return self.forward_native(inputs, metadata)
+
+    def forward_cuda(self, inputs: Any, metadata: OperationMetadata) -> Output:
+        return self.forward_gpu(inputs, metadata)
+
+    def forward_rocm(self, inputs: Any, metadata: OperationMetadata) -> Output:
+        return self.forward_gpu(inputs, metadata)
+
+    def forward_tpu(self, inputs: Any, metadata: OperationMetadata) -> Output:
+        return self.forward_native(inputs, metadata)
+
+    def __call__(self, inputs: Inputs, metadata: OperationMetadata, hardware: Hardware) -> Output:
+        """Run the `forward_*` method for `hardware`'s platform."""
+        if hardware.platform == "gpu":
+            if hardware.is_rocm:
+                return self.forward_rocm(inputs, metadata)
+            return self.forward_cuda(inputs, metadata)
+        if hardware.platform == "tpu":
+            return self.forward_tpu(inputs, metadata)
+        return self.forward_cpu(inputs, metadata)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} op={self.op}>"

@@ -1,0 +1,150 @@
+"""`AttentionRequest`: the static facts about a call that `supports()` checks.
+
+Built from shapes and dtypes only (never array values), so selection happens at trace
+time and costs nothing under `jax.jit`. Requests are hashable: selections are cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .inputs import AttentionInputs, PagedAttentionInputs
+
+MODES = ("train", "prefill", "decode")
+OPS = ("attention", "paged_attention")
+
+
+@dataclass(frozen=True)
+class PagedLayout:
+    """Shape of a paged KV cache: `[num_pages, page_size, kv_heads, head_dim]` pages."""
+
+    num_pages: int
+    page_size: int
+    pages_per_seq: int
+    num_seqs: int
+    ragged: bool  # True when queries come as a ragged batch with cu_q_lens
+
+
+@dataclass(frozen=True)
+class AttentionRequest:
+    """What a backend must be able to do to serve one call.
+
+    `mask_kinds` names the mask kinds involved ("causal", "sliding_window",
+    "chunked_causal", "segment", "dense", "full"; "or" when masks are combined with `|`).
+    `needs_grad` is True in mode "train" unless the metadata says otherwise.
+    """
+
+    op: str = "attention"
+    batch: int = 1
+    q_len: int = 1
+    kv_len: int = 1
+    num_q_heads: int = 1
+    num_kv_heads: int = 1
+    head_dim: int = 64
+    value_head_dim: int = 64
+    dtype: str = "float32"
+    kv_dtype: str = "float32"
+    mask_kinds: frozenset[str] = frozenset()
+    has_bias: bool = False
+    logits_soft_cap: bool = False
+    has_sinks: bool = False
+    dropout: bool = False
+    q_seq_lengths: bool = False
+    kv_seq_lengths: bool = False
+    return_lse: bool = False
+    needs_grad: bool = False
+    mode: str = "train"
+    paged: PagedLayout | None = None
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    @property
+    def is_gqa(self) -> bool:
+        return self.num_kv_heads != self.num_q_heads
+
+    @property
+    def has_segments(self) -> bool:
+        return "segment" in self.mask_kinds
+
+    @property
+    def is_causal(self) -> bool:
+        return "causal" in self.mask_kinds
+
+    def describe(self) -> str:
+        """One line: shapes, dtype and features, for explanations and tables."""
+        shape = (
+            f"{self.op} b={self.batch} q={self.q_len} kv={self.kv_len} "
+            f"hq={self.num_q_heads} hkv={self.num_kv_heads} d={self.head_dim}"
+        )
+        if self.value_head_dim != self.head_dim:
+            shape += f" dv={self.value_head_dim}"
+        flags = sorted(self.mask_kinds)
+        for name in ("has_bias", "logits_soft_cap", "has_sinks", "dropout", "q_seq_lengths",
+                     "kv_seq_lengths", "return_lse", "needs_grad"):
+            if getattr(self, name):
+                flags.append(name.removeprefix("has_"))
+        if self.paged:
+            flags.append(f"page_size={self.paged.page_size}")
+            flags.append("ragged" if self.paged.ragged else "decode")
+        return f"{shape} {self.dtype} mode={self.mode} [{', '.join(flags) or 'no mask'}]"
+
+    @classmethod
+    def from_inputs(
+        cls, inputs: AttentionInputs, *, mode: str | None = None, needs_grad: bool | None = None
+    ) -> AttentionRequest:
+        b, q_len, hq, d = inputs.query.shape
+        _, kv_len, hkv, _ = inputs.key.shape
+        mode = mode or ("decode" if q_len == 1 else "train")
+        return cls(
+            op="attention",
+            batch=b,
+            q_len=q_len,
+            kv_len=kv_len,
+            num_q_heads=hq,
+            num_kv_heads=hkv,
+            head_dim=d,
+            value_head_dim=inputs.value.shape[-1],
+            dtype=str(inputs.query.dtype),
+            kv_dtype=str(inputs.key.dtype),
+            mask_kinds=inputs.mask.kinds() if inputs.mask is not None else frozenset(),
+            has_bias=inputs.bias is not None,
+            logits_soft_cap=inputs.logits_soft_cap is not None,
+            has_sinks=inputs.sinks is not None,
+            dropout=inputs.dropout_rate > 0.0,
+            q_seq_lengths=inputs.q_seq_lengths is not None,
+            kv_seq_lengths=inputs.kv_seq_lengths is not None,
+            return_lse=inputs.return_lse,
+            needs_grad=(mode == "train") if needs_grad is None else needs_grad,
+            mode=mode,
+        )
+
+    @classmethod
+    def from_paged_inputs(cls, inputs: PagedAttentionInputs, *, mode: str | None = None) -> AttentionRequest:
+        tokens, hq, d = inputs.query.shape
+        num_pages, page_size, hkv, _ = inputs.key_pages.shape
+        num_seqs, pages_per_seq = inputs.page_indices.shape
+        ragged = inputs.cu_q_lens is not None
+        kinds = {"causal"} | ({"sliding_window"} if inputs.sliding_window else set())
+        return cls(
+            op="paged_attention",
+            batch=num_seqs,
+            q_len=tokens,
+            kv_len=pages_per_seq * page_size,
+            num_q_heads=hq,
+            num_kv_heads=hkv,
+            head_dim=d,
+            value_head_dim=inputs.value_pages.shape[-1],
+            dtype=str(inputs.query.dtype),
+            kv_dtype=str(inputs.key_pages.dtype),
+            mask_kinds=frozenset(kinds),
+            logits_soft_cap=inputs.logits_soft_cap is not None,
+            has_sinks=inputs.sinks is not None,
+            kv_seq_lengths=True,
+            needs_grad=False,
+            mode=mode or ("prefill" if ragged else "decode"),
+            paged=PagedLayout(num_pages, page_size, pages_per_seq, num_seqs, ragged),
+        )

@@ -1,0 +1,207 @@
+"""Choosing the backend for a call: `auto` ranking, explicit overrides, and why.
+
+For a request, every registered backend of the right op answers `supports()`. The usable
+ones are ranked: first those a tuning cache measured fastest for this request and
+hardware (a seam for `jaxattn bench`'s cache), then by declared per-platform priority,
+then by name. Overrides, strongest first: `backend=` in the call, the context manager
+`use_backend(...)`, the environment variable `JAXATTN_BACKEND` (a comma-separated
+preference list). A forced backend that cannot serve the request is an error with its
+reasons, never a silent fallback. All of this runs at trace time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .hardware import Hardware
+from .operation import OperationImpl
+from .registry import Registry, default_registry
+from .request import AttentionRequest
+
+ENV_VAR = "JAXATTN_BACKEND"
+
+
+class BackendUnavailableError(ValueError):
+    """A forced backend (or every backend of a forced list) cannot serve the request."""
+
+
+class NoBackendError(RuntimeError):
+    """No installed backend can serve the request under `auto`."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    backend: str
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen backend for a request, and why every other one was not chosen."""
+
+    backend: OperationImpl
+    request: AttentionRequest
+    hardware: Hardware
+    source: str  # "auto", "backend=", "use_backend", or ENV_VAR
+    ranking: tuple[str, ...]  # usable backends, best first (the choice included)
+    rejected: tuple[Rejection, ...]
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def explain(self) -> str:
+        """Human-readable: the request, the choice, then every rejection with its reasons."""
+        lines = [
+            f"request:  {self.request.describe()}",
+            f"hardware: {self.hardware.platform} ({self.hardware.device_kind})",
+            f"chosen:   {self.name} (by {self.source})",
+        ]
+        others = [n for n in self.ranking if n != self.name]
+        if others:
+            lines.append(f"also usable, ranked: {', '.join(others)}")
+        for rejection in self.rejected:
+            lines.append(f"rejected: {rejection.backend}")
+            lines.extend(f"  - {reason}" for reason in rejection.reasons)
+        return "\n".join(lines)
+
+
+class TuningCache(Protocol):
+    """Measured preferences: backend names fastest first for a request (may be empty)."""
+
+    def ranking(self, request: AttentionRequest, hardware: Hardware) -> Sequence[str]: ...
+
+
+class _NoMeasurements:
+    def ranking(self, request: AttentionRequest, hardware: Hardware) -> Sequence[str]:
+        return ()
+
+
+_tuning_cache: TuningCache = _NoMeasurements()
+_forced: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "jaxattn_forced_backend", default=None
+)
+_cache: dict[tuple[object, ...], Selection] = {}
+
+
+def set_tuning_cache(cache: TuningCache | None) -> None:
+    """Install measured preferences that `auto` consults before declared priorities."""
+    global _tuning_cache
+    _tuning_cache = cache if cache is not None else _NoMeasurements()
+    _cache.clear()
+
+
+def _names(value: str | Sequence[str], what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        names = tuple(n.strip() for n in value.split(",") if n.strip())
+    elif isinstance(value, Sequence) and all(isinstance(n, str) for n in value):
+        names = tuple(value)
+    else:
+        raise ValueError(f"{what}: expected a backend name or a list of names, got {value!r}")
+    if not names:
+        raise ValueError(f"{what}: expected at least one backend name, got {value!r}")
+    return names
+
+
+@contextlib.contextmanager
+def use_backend(name_or_names: str | Sequence[str]) -> Iterator[None]:
+    """Force a backend (or a preference list) for the calls inside the block."""
+    token = _forced.set(_names(name_or_names, "use_backend"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _override(backend: str | Sequence[str] | None) -> tuple[tuple[str, ...] | None, str]:
+    if backend is not None and backend != "auto":
+        return _names(backend, "backend"), "backend="
+    forced = _forced.get()
+    if forced is not None and forced != ("auto",):
+        return forced, "use_backend"
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env and env != "auto":
+        return _names(env, ENV_VAR), ENV_VAR
+    return None, "auto"
+
+
+def _verdict(impl: OperationImpl, request: AttentionRequest, hardware: Hardware) -> tuple[str, ...]:
+    if impl.op != request.op:
+        return (f"{impl.name} implements {impl.op}, not {request.op}",)
+    available = impl.is_available(hardware)
+    if not available:
+        return available.reasons
+    try:
+        support = impl.supports(request, hardware)
+    except Exception as err:  # noqa: BLE001 - a crashing supports() is a rejection, not a crash
+        return (f"supports() raised {type(err).__name__}: {err}",)
+    return support.reasons
+
+
+def select(
+    request: AttentionRequest,
+    hardware: Hardware,
+    backend: str | Sequence[str] | None = "auto",
+    registry: Registry | None = None,
+) -> Selection:
+    """Choose the backend for `request` on `hardware` (see the module docstring)."""
+    registry = registry or default_registry()
+    registry.records()  # discover first: the cache key holds the registry's generation
+    forced, source = _override(backend)
+    key = (request, hardware, forced, source, id(registry), registry.generation, id(_tuning_cache))
+    if key not in _cache:
+        if forced is not None:
+            _cache[key] = _select_forced(request, hardware, forced, source, registry)
+        else:
+            _cache[key] = _select_auto(request, hardware, registry)
+    return _cache[key]
+
+
+def _select_auto(request: AttentionRequest, hardware: Hardware, registry: Registry) -> Selection:
+    usable: list[OperationImpl] = []
+    rejected: list[Rejection] = []
+    for impl in registry.backends(request.op):
+        reasons = _verdict(impl, request, hardware)
+        if reasons:
+            rejected.append(Rejection(impl.name, reasons))
+        else:
+            usable.append(impl)
+    if not usable:
+        detail = "; ".join(f"{r.backend}: {' / '.join(r.reasons)}" for r in rejected) or "none installed"
+        raise NoBackendError(f"no backend can serve {request.describe()} ({detail})")
+    measured = list(_tuning_cache.ranking(request, hardware))
+    order = {name: i for i, name in enumerate(measured)}
+    usable.sort(key=lambda b: (order.get(b.name, len(order)), -b.priority_on(hardware.platform), b.name))
+    return Selection(usable[0], request, hardware, "auto", tuple(b.name for b in usable), tuple(rejected))
+
+
+def _select_forced(
+    request: AttentionRequest,
+    hardware: Hardware,
+    names: tuple[str, ...],
+    source: str,
+    registry: Registry,
+) -> Selection:
+    rejected: list[Rejection] = []
+    chosen: OperationImpl | None = None
+    usable: list[str] = []
+    for name in names:
+        impl = registry.get(name, request.op)  # unknown names: ValueError naming what is installed
+        reasons = _verdict(impl, request, hardware)
+        if reasons:
+            rejected.append(Rejection(impl.name, reasons))
+        else:
+            usable.append(impl.name)
+            chosen = chosen or impl
+    if chosen is None:
+        detail = "; ".join(f"{r.backend} cannot: {' / '.join(r.reasons)}" for r in rejected)
+        raise BackendUnavailableError(
+            f"{source} asked for {', '.join(names)} for {request.describe()}, but {detail}"
+        )
+    # Backends of the list after the choice are only "also usable"; those before were rejected.
+    return Selection(chosen, request, hardware, source, tuple(usable), tuple(rejected))
