@@ -309,11 +309,14 @@ class DenseMask(Mask):
     kind: ClassVar[str] = "dense"
 
     def __post_init__(self) -> None:
-        ndim = getattr(self.array, "ndim", None)
-        if ndim is None or not 2 <= ndim <= 4:
+        # JAX rebuilds pytrees with placeholder leaves (and shard_map with specs): only
+        # real arrays are checked.
+        if not (hasattr(self.array, "shape") and hasattr(self.array, "dtype")):
+            return
+        if not 2 <= self.array.ndim <= 4:
             raise ValueError(
                 "mask: a dense mask must be a boolean array of rank 2 to 4 broadcastable to "
-                f"[batch, heads, q_len, kv_len], got {getattr(self.array, 'shape', self.array)!r}"
+                f"[batch, heads, q_len, kv_len], got shape {tuple(self.array.shape)}"
             )
         if self.array.dtype != jnp.bool_:
             raise ValueError(f"mask: a dense mask must be boolean (True = attend), got {self.array.dtype}")

@@ -39,17 +39,10 @@ def _mask_specs(mask: Mask | None, rules: AttnShardingRules) -> Any:
         return SegmentMask(rules.q_segment_ids, rules.kv_segment_ids)  # type: ignore[arg-type]
     if isinstance(mask, DenseMask):
         spec = _broadcast_spec(rules.mask, tuple(mask.array.shape))
-        return _replace_leaf(mask, spec)
+        return DenseMask(spec)  # type: ignore[arg-type]
     if isinstance(mask, (AndMask, OrMask)):
         return type(mask)(_mask_specs(mask.a, rules), _mask_specs(mask.b, rules))
     return mask  # structural masks hold no arrays
-
-
-def _replace_leaf(mask: DenseMask, spec: P) -> DenseMask:
-    # Bypass DenseMask's array checks: this object only carries a PartitionSpec.
-    clone = object.__new__(DenseMask)
-    object.__setattr__(clone, "array", spec)
-    return clone
 
 
 def _attention_specs(inputs: AttentionInputs, rules: AttnShardingRules) -> AttentionInputs:
