@@ -1,0 +1,206 @@
+"""The `jaxattn` command: list-backends, explain, bench, check."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import hardware as _hardware
+from .hardware import Hardware
+from .listing import broken_plugins, list_backends
+from .request import AttentionRequest, PagedLayout
+from .selector import BackendUnavailableError, NoBackendError, select
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _hardware_from(args: argparse.Namespace) -> Hardware:
+    platform = getattr(args, "platform", None)
+    if not platform:
+        return _hardware.current()
+    if platform == "gpu":
+        cc = tuple(int(x) for x in args.compute_capability.split("."))
+        return Hardware.nvidia(compute_capability=(cc[0], cc[1] if len(cc) > 1 else 0),
+                               cudnn_version=args.cudnn_version)
+    if platform == "tpu":
+        return Hardware.tpu(generation=args.tpu_generation)
+    return Hardware.cpu()
+
+
+def cmd_list_backends(args: argparse.Namespace) -> int:
+    hw = _hardware_from(args)
+    infos = list_backends(hw)
+    broken = broken_plugins()
+    if args.json:
+        print(json.dumps({
+            "hardware": {"platform": hw.platform, "device_kind": hw.device_kind},
+            "backends": [i.to_dict() for i in infos],
+            "broken": [{"plugin": b.plugin, "distribution": b.distribution, "version": b.version,
+                        "error": b.error} for b in broken],
+        }, indent=2))
+        return 0
+    rows = [("name", "aliases", "op", "distribution", "platforms", "priority", "usable here")]
+    for i in infos:
+        rows.append((i.name, ",".join(i.aliases) or "-", i.op, f"{i.distribution} {i.version}",
+                     ",".join(i.platforms), str(i.priority.get(hw.platform, 0)),
+                     "yes" if i.usable else f"no: {i.reason}"))
+    print(f"backends on {hw.platform} ({hw.device_kind}):")
+    print(_table(rows))
+    if broken:
+        print("\nbroken plugins:")
+        for b in broken:
+            print(f"  {b.plugin} ({b.distribution} {b.version}): {b.error}")
+    return 0
+
+
+def _window(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = [int(p) for p in text.split(",")]
+    return (parts[0], parts[-1])
+
+
+def request_from_args(args: argparse.Namespace) -> AttentionRequest:
+    kinds: set[str] = set()
+    if args.causal:
+        kinds.add("causal")
+    if args.window:
+        kinds.add("sliding_window")
+    if args.chunk:
+        kinds.add("chunked_causal")
+    if args.segments:
+        kinds.add("segment")
+    if args.dense_mask:
+        kinds.add("dense")
+    paged = None
+    q_len = args.q_len
+    if args.paged:
+        kinds.add("causal")
+        pages_per_seq = -(-args.kv_len // args.page_size)
+        paged = PagedLayout(num_pages=args.batch * pages_per_seq, page_size=args.page_size,
+                            pages_per_seq=pages_per_seq, num_seqs=args.batch, ragged=q_len > 1)
+        q_len = args.batch * q_len
+    mode = args.mode or ("decode" if args.q_len == 1 else "train")
+    return AttentionRequest(
+        op="paged_attention" if args.paged else "attention",
+        batch=args.batch, q_len=q_len, kv_len=args.kv_len or args.q_len,
+        num_q_heads=args.q_heads, num_kv_heads=args.kv_heads or args.q_heads,
+        head_dim=args.head_dim, value_head_dim=args.head_dim, dtype=args.dtype, kv_dtype=args.dtype,
+        mask_kinds=frozenset(kinds), has_bias=args.bias, logits_soft_cap=args.soft_cap,
+        has_sinks=args.sinks, dropout=args.dropout, kv_seq_lengths=args.kv_lengths or args.paged,
+        q_seq_lengths=args.q_lengths, return_lse=args.return_lse,
+        needs_grad=(mode == "train") and not args.paged, mode=mode, paged=paged,
+    )
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    request = request_from_args(args)
+    try:
+        selection = select(request, _hardware_from(args), args.backend)
+    except (BackendUnavailableError, NoBackendError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(selection.explain())
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchShape, format_results, run_bench
+
+    shape = BenchShape(args.batch, args.q_len, args.kv_len or args.q_len, args.q_heads,
+                       args.kv_heads or args.q_heads, args.head_dim, args.causal, args.dtype)
+    backends = args.backends.split(",") if args.backends else None
+    results = run_bench([shape], backends, train=not args.forward_only, repeats=args.repeats,
+                        inner=args.inner)
+    print(f"device: {_hardware.current().device_kind}")
+    print(format_results(results))
+    return 1 if any(r.error for r in results) else 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .testing import run_conformance
+
+    report = run_conformance(
+        args.backend, op=args.op, dtypes=args.dtype or None, grads=not args.no_grad,
+        cases=args.cases.split(",") if args.cases else None,
+    )
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+def _shape_args(p: argparse.ArgumentParser, seq: int, heads: int, dim: int) -> None:
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--q-len", type=int, default=seq)
+    p.add_argument("--kv-len", type=int, default=None, help="default: q-len")
+    p.add_argument("--q-heads", type=int, default=heads)
+    p.add_argument("--kv-heads", type=int, default=None, help="default: q-heads")
+    p.add_argument("--head-dim", type=int, default=dim)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--causal", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxattn", description="Attention backends for JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    what_if = argparse.ArgumentParser(add_help=False)
+    what_if.add_argument("--platform", choices=["cpu", "gpu", "tpu"], help="what-if: pretend this platform")
+    what_if.add_argument("--compute-capability", default="9.0")
+    what_if.add_argument("--cudnn-version", type=int, default=90800)
+    what_if.add_argument("--tpu-generation", type=int, default=5)
+
+    p = sub.add_parser("list-backends", parents=[what_if], help="installed backends and whether they run here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list_backends)
+
+    p = sub.add_parser("explain", parents=[what_if], help="which backend a call would use, and why not the others")
+    _shape_args(p, 1024, 8, 128)
+    p.add_argument("--window", help="sliding window: W or LEFT,RIGHT")
+    p.add_argument("--chunk", type=int, help="chunked-causal chunk size")
+    p.add_argument("--segments", action="store_true")
+    p.add_argument("--dense-mask", action="store_true")
+    p.add_argument("--bias", action="store_true")
+    p.add_argument("--soft-cap", action="store_true")
+    p.add_argument("--sinks", action="store_true")
+    p.add_argument("--dropout", action="store_true")
+    p.add_argument("--q-lengths", action="store_true")
+    p.add_argument("--kv-lengths", action="store_true")
+    p.add_argument("--return-lse", action="store_true")
+    p.add_argument("--mode", choices=["train", "prefill", "decode"])
+    p.add_argument("--paged", action="store_true", help="paged_attention (kv-len per sequence)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--backend", default="auto")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("bench", help="time every usable backend on this device")
+    _shape_args(p, 1024, 8, 64)
+    p.add_argument("--backends", help="comma-separated names (default: every usable one)")
+    p.add_argument("--forward-only", action="store_true")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--inner", type=int, default=10)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("check", help="run the conformance suite on one backend")
+    p.add_argument("backend")
+    p.add_argument("--op", default="attention", choices=["attention", "paged_attention"])
+    p.add_argument("--dtype", action="append", help="dtype(s) (default: float32 on CPU, bf16+fp16 elsewhere)")
+    p.add_argument("--cases", help="comma-separated case names (default: all)")
+    p.add_argument("--no-grad", action="store_true", help="forward only")
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "window", None):
+        args.window = _window(args.window)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
