@@ -112,8 +112,19 @@ class Registry:
         manager = pluggy.PluginManager(PROJECT)
         manager.add_hookspecs(BackendSpecs)
         sources: dict[str, tuple[str, str]] = {}
-        loaded_builtin = False
-        for ep in sorted(importlib_metadata.entry_points(group=self.group), key=lambda e: e.name):
+        if self.group == ENTRY_POINT_GROUP and not any(
+            ep.value == BUILTIN_MODULE for ep in importlib_metadata.entry_points(group=self.group)
+        ):
+            # Running from a source tree without the core's entry points installed: the
+            # built-in backend still registers through the same hook.
+            from .backends import xla
+
+            manager.register(xla, name="xla")
+            sources["xla"] = (PROJECT, _core_version())
+        # The core's own backend registers first: a plugin cannot take its names.
+        entry_points = sorted(importlib_metadata.entry_points(group=self.group),
+                              key=lambda e: (e.value != BUILTIN_MODULE, e.name))
+        for ep in entry_points:
             dist, version = _dist_of(ep)
             if ep.name in sources:
                 self._broken.append(BrokenPlugin(ep.name, dist, version,
@@ -127,21 +138,16 @@ class Registry:
                                                  traceback.format_exc()))
                 continue
             sources[ep.name] = (dist, version)
-            loaded_builtin |= getattr(plugin, "__name__", "") == BUILTIN_MODULE
-        if not loaded_builtin and self.group == ENTRY_POINT_GROUP:
-            # Running from a source tree without the core's entry points installed: the
-            # built-in backend still registers through the same hook.
-            from .backends import xla
-
-            manager.register(xla, name="xla")
-            sources["xla"] = (PROJECT, _core_version())
         for plugin, name, dist, version in self._extra:
             try:
                 manager.register(plugin, name=name)
                 sources[name] = (dist, version)
             except Exception as err:  # noqa: BLE001
                 self._broken.append(BrokenPlugin(name, dist, version, _one_line(err), traceback.format_exc()))
-        for hook in manager.hook.jaxattn_register_backends.get_hookimpls():
+        order = {name: i for i, name in enumerate(sources)}
+        hooks = sorted(manager.hook.jaxattn_register_backends.get_hookimpls(),
+                       key=lambda h: order.get(h.plugin_name, len(order)))
+        for hook in hooks:
             dist, version = sources.get(hook.plugin_name, ("?", "?"))
             try:
                 produced = hook.function()
