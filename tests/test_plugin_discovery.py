@@ -23,7 +23,7 @@ class DoubleScale(jaxattn.OperationImpl):
     aliases = ("tp_attn",)
     op = "attention"
     platforms = ("cpu", "gpu")
-    priority = {"cpu": 50}
+    priority = {"cpu": 50, "gpu": 50}
 
     def supports(self, request, hardware):
         reasons = []
@@ -38,10 +38,10 @@ class DoubleScale(jaxattn.OperationImpl):
         q, k, v = inputs.query, inputs.key, inputs.value
         g = q.shape[2] // k.shape[2]
         k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * inputs.scale
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") * inputs.scale
         if inputs.mask is not None:
             s = jnp.where(inputs.mask.materialize(q.shape[1], k.shape[1]), s, -jnp.inf)
-        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v), None
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v, precision="highest"), None
 
 @jaxattn.hookimpl
 def jaxattn_register_backends():
@@ -89,12 +89,12 @@ def test_third_party_backend_is_discovered_selected_and_correct(installed_plugin
     infos = {(i.name, i.op): i for i in jaxattn.list_backends()}
     info = infos[("thirdparty", "attention")]
     assert (info.distribution, info.version, info.aliases) == ("thirdparty-attn", "1.2.3", ("tp_attn",))
-    assert info.usable and info.priority == {"cpu": 50}
+    assert info.usable and info.priority == {"cpu": 50, "gpu": 50}
 
     q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 4, 8)), jnp.float32)
     kv = jnp.asarray(np.random.default_rng(1).standard_normal((1, 16, 2, 8)), jnp.float32)
     selection = jaxattn.select(q, kv, kv, is_causal=True)
-    assert selection.name == "thirdparty"  # priority 50 beats xla's 10 on CPU
+    assert selection.name == "thirdparty"  # priority 50 beats xla's 10 on CPU, 0 on GPU
     out = jaxattn.attention(q, kv, kv, is_causal=True, backend="tp_attn")
     ref = jaxattn.attention(q, kv, kv, is_causal=True, backend="xla")
     assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 1e-5

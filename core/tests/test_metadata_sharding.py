@@ -14,11 +14,11 @@ from jax.sharding import PartitionSpec as P
 import jaxattn
 from jaxattn import OperationMetadata, PartitionAxis
 
-needs8 = pytest.mark.skipif(len(jax.devices("cpu")) < 8, reason="needs 8 host devices (see conftest.py)")
+needs8 = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (on CPU: see conftest.py)")
 
 
 def mesh(shape, names):
-    devices = np.array(jax.devices("cpu")[: int(np.prod(shape))]).reshape(shape)
+    devices = np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape)
     return Mesh(devices, names)
 
 

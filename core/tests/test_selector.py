@@ -55,11 +55,13 @@ class Plugin:
 
 @pytest.fixture(autouse=True)
 def fakes(monkeypatch):
+    """Fake backends, on a pretend CPU machine (so the ranking is the same on a GPU)."""
     monkeypatch.delenv("JAXATTN_BACKEND", raising=False)
     reg = jaxattn.default_registry()
     reg.add_plugin(Plugin(), "fakes")
     Fake.calls = 0
-    yield
+    with jaxattn.hardware.override(Hardware.cpu()):
+        yield
     reg.remove_plugin("fakes")
 
 

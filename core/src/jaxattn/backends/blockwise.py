@@ -27,6 +27,8 @@ from ..inputs import AttentionInputs
 from ..masks import Mask
 
 NEG_INF = -jnp.inf
+# The reference must be exact in float32 on every platform (GPUs default to TF32 dots).
+PRECISION = lax.Precision.HIGHEST
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class TileConfig:
 
 def tile_logits(cfg: TileConfig, q: jax.Array, k: jax.Array, bias: jax.Array | None) -> jax.Array:
     """`scale·q·kᵀ (+bias)`, soft-capped: q `[B,bq,Hkv,G,D]`, k `[B,bk,Hkv,D]` -> `[B,Hkv,G,bq,bk]`."""
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32, precision=PRECISION)
     s = s.astype(cfg.softmax_dtype) * jnp.asarray(cfg.scale, cfg.softmax_dtype)
     if bias is not None:
         s = s + bias.astype(cfg.softmax_dtype)
@@ -141,7 +143,8 @@ def online_softmax(
         l = alpha * l + p.sum(axis=-1)
         if keep is not None:
             p = p * keep
-        pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                        precision=PRECISION)
         acc = alpha[..., None] * acc + pv
         return (acc, m_new, l), None
 
@@ -247,12 +250,12 @@ def _attention_bwd(cfg, residuals, cotangents):
                                   k_j.astype(jnp.float32), bias_ij)
             allowed = _allowed_tile(mask, q_lens, kv_lens, cfg, i, j, hkv) & live_i[..., None]
             p = jnp.where(allowed, jnp.exp(s - lse_i[..., None]), 0.0)
-            dp = jnp.einsum("bhgqd,bkhd->bhgqk", do_i, v_j.astype(jnp.float32))
+            dp = jnp.einsum("bhgqd,bkhd->bhgqk", do_i, v_j.astype(jnp.float32), precision=PRECISION)
             p_dropped = p
             if cfg.dropout_rate > 0.0:
                 keep = _keep(rng, i, j, cfg.dropout_rate, s.shape) / (1.0 - cfg.dropout_rate)
                 p_dropped, dp = p * keep, dp * keep
-            dv_j = jnp.einsum("bhgqk,bhgqd->bkhd", p_dropped, do_i)
+            dv_j = jnp.einsum("bhgqk,bhgqd->bkhd", p_dropped, do_i, precision=PRECISION)
             ds = p * (dp - delta_i[..., None] + dlse_i[..., None])
             dq_t, dk_j, dbias_ij = tile_vjp(ds.astype(s.dtype))
             return dq_i + dq_t, (dk_j, dv_j, dbias_ij)
