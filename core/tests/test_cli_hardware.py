@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import jax
-import pytest
-
 import jaxattn
+import pytest
 from jaxattn import Hardware
 from jaxattn.cli import main
 

@@ -26,7 +26,7 @@ import numpy as np
 from .. import hardware as _hardware
 from ..backends.xla import XlaAttention, XlaPagedAttention
 from ..hardware import Hardware
-from ..inputs import AttentionInputs, PagedAttentionInputs
+from ..inputs import AttentionInputs
 from ..metadata import OperationMetadata
 from ..operation import OperationImpl
 from ..registry import default_registry
