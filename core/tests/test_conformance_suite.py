@@ -51,9 +51,15 @@ class LowPrecisionGrad(XlaAttention):
 
 
 def test_reference_passes_every_case():
-    report = run_conformance(XlaAttention(), shape=SMALL, expect_supported="*", dtypes=["float32", "bfloat16"])
+    report = run_conformance(XlaAttention(), shape=SMALL, expect_supported="*", dtypes=["float32"])
     assert report.ok, report.table()
     assert {r.case for r in report.results} == {c.name for c in all_cases()}
+
+
+def test_reference_in_bf16_is_within_the_bf16_tolerance():
+    report = run_conformance(XlaAttention(), shape=SMALL, dtypes=["bfloat16"], cases=["causal", "gqa", "sinks"])
+    assert report.ok, report.table()
+    assert all(1e-5 < r.errors["out"] < 1e-2 for r in report.results)  # really rounded, and not too much
 
 
 def test_paged_reference_passes_every_case():
