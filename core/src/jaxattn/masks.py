@@ -24,7 +24,8 @@ the last query with the last key unless given an explicit `offset`, as the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -357,25 +358,24 @@ class DenseMask(Mask):
 
 
 @dataclass(frozen=True, eq=False)
-class AndMask(Mask):
-    """Attend where both masks allow (`a & b`)."""
+class _Combination(Mask):
+    """Two masks joined elementwise by `combine` (tiles by `combine_tiles`)."""
 
     a: Mask
     b: Mask
-    kind: ClassVar[str] = "and"
+    combine: ClassVar[Callable[[jax.Array, jax.Array], jax.Array]]
+    combine_tiles: ClassVar[Callable[[np.ndarray, np.ndarray], np.ndarray]]
 
     def allowed(self, q_idx: jax.Array, kv_idx: jax.Array, q_len: int, kv_len: int) -> jax.Array:
-        return self.a.allowed(q_idx, kv_idx, q_len, kv_len) & self.b.allowed(q_idx, kv_idx, q_len, kv_len)
+        args = (q_idx, kv_idx, q_len, kv_len)
+        return type(self).combine(self.a.allowed(*args), self.b.allowed(*args))
 
     def block_structure(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.ndarray:
         args = (q_len, kv_len, block_q, block_kv)
-        return np.minimum(self.a.block_structure(*args), self.b.block_structure(*args))
+        return type(self).combine_tiles(self.a.block_structure(*args), self.b.block_structure(*args))
 
     def kinds(self) -> frozenset[str]:
         return self.a.kinds() | self.b.kinds()
-
-    def conjuncts(self) -> tuple[Mask, ...]:
-        return self.a.conjuncts() + self.b.conjuncts()
 
     def validate(self, batch: int, num_heads: int, q_len: int, kv_len: int) -> None:
         self.a.validate(batch, num_heads, q_len, kv_len)
@@ -383,26 +383,27 @@ class AndMask(Mask):
 
 
 @dataclass(frozen=True, eq=False)
-class OrMask(Mask):
-    """Attend where either mask allows (`a | b`)."""
+class AndMask(_Combination):
+    """Attend where both masks allow (`a & b`). A tile is EMPTY if either is, FULL if both are."""
 
-    a: Mask
-    b: Mask
+    kind: ClassVar[str] = "and"
+    combine = staticmethod(operator.and_)
+    combine_tiles = staticmethod(np.minimum)
+
+    def conjuncts(self) -> tuple[Mask, ...]:
+        return self.a.conjuncts() + self.b.conjuncts()
+
+
+@dataclass(frozen=True, eq=False)
+class OrMask(_Combination):
+    """Attend where either mask allows (`a | b`). A tile is FULL if either is, EMPTY if both are."""
+
     kind: ClassVar[str] = "or"
-
-    def allowed(self, q_idx: jax.Array, kv_idx: jax.Array, q_len: int, kv_len: int) -> jax.Array:
-        return self.a.allowed(q_idx, kv_idx, q_len, kv_len) | self.b.allowed(q_idx, kv_idx, q_len, kv_len)
-
-    def block_structure(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.ndarray:
-        args = (q_len, kv_len, block_q, block_kv)
-        return np.maximum(self.a.block_structure(*args), self.b.block_structure(*args))
+    combine = staticmethod(operator.or_)
+    combine_tiles = staticmethod(np.maximum)
 
     def kinds(self) -> frozenset[str]:
-        return self.a.kinds() | self.b.kinds() | {"or"}
-
-    def validate(self, batch: int, num_heads: int, q_len: int, kv_len: int) -> None:
-        self.a.validate(batch, num_heads, q_len, kv_len)
-        self.b.validate(batch, num_heads, q_len, kv_len)
+        return super().kinds() | {"or"}
 
 
 for _cls, _data in (
