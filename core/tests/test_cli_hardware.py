@@ -76,3 +76,13 @@ def test_tpu_generation_is_parsed_from_device_kind():
     assert _tpu_generation("TPU v5 lite") == 5
     assert _tpu_generation("TPU v4") == 4
     assert _tpu_generation("TPU7x") is None or _tpu_generation("TPU7x") == 7
+
+
+def test_pytest_plugin_runs_the_suite_for_a_named_backend():
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "jaxattn.testing.suite",
+         "--jaxattn-backend", "xla", "--jaxattn-dtype", "float32", "-k", "causal or segment_ids"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "5 passed" in result.stdout  # causal, causal_q_lt_kv, causal_top_left, chunked_causal, segment_ids

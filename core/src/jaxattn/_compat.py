@@ -26,3 +26,20 @@ def shard_map(fn: Callable[..., Any], *, mesh: Any, in_specs: Any, out_specs: An
 def is_tracer(x: Any) -> bool:
     """True for abstract values (inside jit/grad), whose contents cannot be inspected."""
     return isinstance(x, jax.core.Tracer)
+
+
+def cudnn_version() -> int | None:
+    """The loaded cuDNN's version as an int (9.8.0 -> 90800), or None without cuDNN.
+
+    JAX reports it only through a private module, whose location may move between releases.
+    """
+    try:
+        from jax._src.lib import cuda_versions
+    except ImportError:
+        return None
+    if cuda_versions is None:
+        return None
+    try:
+        return int(cuda_versions.cudnn_get_version())
+    except Exception:  # noqa: BLE001 - no cuDNN loaded is an answer, not an error
+        return None

@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 
 import jax
 
+from ._compat import cudnn_version
+
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 
@@ -77,19 +79,6 @@ class Hardware:
         return cls(platform="tpu", device_kind=device_kind, tpu_generation=generation)
 
 
-def _cudnn_version() -> int | None:
-    try:
-        from jax._src.lib import cuda_versions  # private: the only place JAX reports it
-    except ImportError:
-        return None
-    if cuda_versions is None:
-        return None
-    try:
-        return int(cuda_versions.cudnn_get_version())
-    except Exception:  # noqa: BLE001 - no cuDNN loaded is an answer, not an error
-        return None
-
-
 def _tpu_generation(device_kind: str) -> int | None:
     match = re.search(r"v(\d+)", device_kind.lower())
     return int(match.group(1)) if match else None
@@ -114,7 +103,7 @@ def detect() -> Hardware:
             device_count=len(devices),
             gpu_vendor=vendor,
             compute_capability=capability,
-            cudnn_version=_cudnn_version() if vendor == "nvidia" else None,
+            cudnn_version=cudnn_version() if vendor == "nvidia" else None,
         )
     if platform == "tpu":
         return Hardware(
