@@ -1,0 +1,305 @@
+"""Pallas (Triton lowering) kernel for attention over a paged KV cache.
+
+One kernel serves decode (one query per sequence) and ragged batches that mix prefill
+chunks and decode tokens in one launch. The grid is `(work items, kv heads, kv splits)`:
+
+* A work item is a block of up to `block_q` consecutive query tokens of one sequence
+  (decode: exactly one token). Items are built on the device from `cu_q_lens`, so the
+  grid is static (an upper bound, `ceil(tokens / block_q) + num_seqs`) and items past
+  the real count do nothing.
+* All `G = q_heads / kv_heads` query heads of one kv head are processed together: the
+  program's query tile has `block_q * G` rows (padded to at least 16 for the tensor
+  cores), so each K/V tile is read from memory once for all of them (GQA).
+* Keys are visited in steps of `block_kv` tokens: several whole pages gathered through
+  the page table per step (`block_kv >= page_size`), or a slice of one page
+  (`block_kv < page_size`). Only the steps a query block can see are visited (causal
+  end, sliding-window start).
+* Split-KV (flash-decoding): the visible steps of an item are cut into `num_splits`
+  ranges run by different programs; each writes its normalized partial output and
+  log-sum-exp, and `merge_splits` combines them. Few long sequences still fill the GPU.
+
+Semantics (DESIGN.md): `scale * q.k`, optional soft-cap `c * tanh(x / c)`, causal by
+position (queries are the last positions of their sequence), sliding window
+`pos - left <= key`, softmax in float32; sinks join the denominator in the epilogue.
+Rows with no visible key give zeros and an lse of -inf.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._compat import masked_store, num_sms, pl, triton_params
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+NEG = -1e30  # finite "minus infinity" for running maxima (no inf - inf = NaN)
+MIN_ROWS = 16  # tensor-core tiles need at least 16 rows
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Static launch configuration.
+
+    block_q: query tokens per program (ragged batches; decode always uses 1).
+    block_kv: key/value tokens per loop step (a power of two).
+    num_splits: KV splits per work item; 0 chooses from the grid size and the GPU.
+    num_warps, num_stages: Triton settings (warps per program, pipelining depth).
+    """
+
+    block_q: int = 16
+    block_kv: int = 128
+    num_splits: int = 0
+    num_warps: int = 4
+    num_stages: int = 3
+    target_programs: int = 0  # 0: 4 programs per SM
+
+    def replace(self, **changes: int) -> KernelConfig:
+        return KernelConfig(**{**self.__dict__, **changes})
+
+
+DECODE_CONFIG = KernelConfig(block_q=1, block_kv=128, num_warps=4, num_stages=3)
+RAGGED_CONFIG = KernelConfig(block_q=16, block_kv=64, num_warps=4, num_stages=3)
+
+
+def _work_items(kv_lengths, cu_q_lens, tokens: int, block_q: int, block_kv: int,
+                window_left: int | None, num_splits: int):
+    """Per-item metadata `[W, 8]` int32: seq, q0, n, p0, kv_len, blk_lo, per_split, blk_hi.
+
+    q0: first query token of the item; n: its real tokens (0 = nothing to do); p0: the
+    sequence position of token q0; [blk_lo, blk_hi): the KV steps it can see;
+    per_split: steps per split.
+    """
+    kv_lengths = kv_lengths.astype(jnp.int32)
+    num_seqs = kv_lengths.shape[0]
+    if cu_q_lens is None:  # decode: item s is the one query of sequence s
+        seq = jnp.arange(num_seqs, dtype=jnp.int32)
+        q0 = seq
+        n = (kv_lengths > 0).astype(jnp.int32)
+        p0 = kv_lengths - 1
+        kv_len = kv_lengths
+    else:
+        cu = cu_q_lens.astype(jnp.int32)
+        q_lens = cu[1:] - cu[:-1]
+        nb = (q_lens + block_q - 1) // block_q
+        ends = jnp.cumsum(nb)
+        starts = ends - nb
+        num_items = -(-tokens // block_q) + num_seqs
+        w = jnp.arange(num_items, dtype=jnp.int32)
+        seq = jnp.clip(jnp.searchsorted(ends, w, side="right"), 0, num_seqs - 1).astype(jnp.int32)
+        real = w < ends[-1]
+        b = w - starts[seq]
+        n = jnp.where(real, jnp.clip(q_lens[seq] - b * block_q, 0, block_q), 0)
+        q0 = jnp.where(real, cu[seq] + b * block_q, 0)
+        kv_len = kv_lengths[seq]
+        p0 = kv_len - q_lens[seq] + b * block_q
+    kv_hi = jnp.minimum(kv_len, p0 + n)  # causal: keys <= last query position
+    kv_lo = jnp.zeros_like(kv_hi) if window_left is None else jnp.maximum(p0 - window_left, 0)
+    blk_lo = kv_lo // block_kv
+    blk_hi = jnp.where(n > 0, (kv_hi + block_kv - 1) // block_kv, blk_lo)
+    blk_hi = jnp.maximum(blk_hi, blk_lo)
+    per = (blk_hi - blk_lo + num_splits - 1) // num_splits
+    return jnp.stack([seq, q0, n, p0, kv_len, blk_lo, per, blk_hi], axis=1).astype(jnp.int32)
+
+
+def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, rows: int, group: int,
+            page_size: int, block_kv: int, scale: float, soft_cap: float | None,
+            window_left: int | None, precision):
+    w = pl.program_id(0)
+    split = pl.program_id(2)
+    seq = meta_ref[w, 0]
+    q0 = meta_ref[w, 1]
+    n = meta_ref[w, 2]
+    p0 = meta_ref[w, 3]
+    blk_lo = meta_ref[w, 5]
+    per = meta_ref[w, 6]
+    blk_hi = meta_ref[w, 7]
+    lo = blk_lo + split * per
+    hi = jnp.minimum(blk_hi, lo + per)
+
+    q = q_ref[pl.ds(q0 * group, rows), :]  # [rows, D]: block_q tokens x G heads
+    row_tok = lax.broadcasted_iota(jnp.int32, (rows,), 0) // group
+    row_pos = p0 + row_tok  # sequence position of each row's query
+    dv = v_ref.shape[-1]
+    d = k_ref.shape[-1]
+    whole_pages = block_kv >= page_size
+    pages_per_step = block_kv // page_size if whole_pages else 1
+    qk_scale = scale if soft_cap is None else scale / soft_cap
+    out_scale = LOG2E if soft_cap is None else soft_cap * LOG2E
+
+    def body(j, carry):
+        acc, m_i, l_i = carry
+        if whole_pages:
+            pages = pt_ref[seq, pl.ds(j * pages_per_step, pages_per_step)]
+            k = k_ref[pages].reshape(block_kv, d)
+            v = v_ref[pages].reshape(block_kv, dv)
+        else:
+            start = j * block_kv
+            page = pt_ref[seq, start // page_size]
+            off = start % page_size
+            k = k_ref[page, pl.ds(off, block_kv), :]
+            v = v_ref[page, pl.ds(off, block_kv), :]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32)  # [rows, block_kv]
+        s = s * qk_scale
+        if soft_cap is not None:
+            s = jnp.tanh(s)
+        s = s * out_scale  # log2 domain
+        k_pos = j * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
+        visible = k_pos[None, :] <= row_pos[:, None]
+        if window_left is not None:
+            visible = visible & (k_pos[None, :] >= row_pos[:, None] - window_left)
+        s = jnp.where(visible, s, NEG)
+        m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.where(visible, jnp.exp2(s - m_new[:, None]), 0.0)
+        l_new = l_i * alpha + jnp.sum(p, axis=1)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+        return acc * alpha[:, None] + pv, m_new, l_new
+
+    acc = jnp.zeros((rows, dv), jnp.float32)
+    m_i = jnp.full((rows,), NEG, jnp.float32)
+    l_i = jnp.zeros((rows,), jnp.float32)
+    acc, m_i, l_i = lax.fori_loop(lo, hi, body, (acc, m_i, l_i))
+
+    has_key = l_i > 0.0
+    l_safe = jnp.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = jnp.where(has_key, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
+    keep = row_tok < n
+    masked_store(o_ref.at[pl.ds(q0 * group, rows), :], out.astype(o_ref.dtype), keep[:, None])
+    masked_store(lse_ref.at[pl.ds(q0 * group, rows)], lse, keep)
+
+
+def choose_splits(items: int, kv_heads: int, max_steps: int, cfg: KernelConfig) -> int:
+    if cfg.num_splits > 0:
+        return max(1, min(cfg.num_splits, max_steps))
+    target = cfg.target_programs or 4 * num_sms()
+    programs = items * kv_heads
+    if programs >= target:
+        return 1
+    return max(1, min(-(-target // programs), max_steps))
+
+
+def paged_attention_kernel(query, key_pages, value_pages, kv_lengths, page_indices, cu_q_lens, *,
+                           scale: float, window_left: int | None = None, soft_cap: float | None = None,
+                           sinks=None, config: KernelConfig = RAGGED_CONFIG, interpret: bool = False):
+    """`out [tokens, Hq, Dv]` (query dtype) and `lse [Hq, tokens]` float32.
+
+    Layout and semantics as `jaxattn.paged_attention` (DESIGN.md); `cu_q_lens=None` is
+    decode (one query per sequence).
+    """
+    tokens, hq, d = query.shape
+    num_pages, page_size, hkv, _ = key_pages.shape
+    dv = value_pages.shape[-1]
+    num_seqs, pages_per_seq = page_indices.shape
+    group = hq // hkv
+    block_q = 1 if cu_q_lens is None else config.block_q
+    gp = max(next_pow2(group), -(-MIN_ROWS // block_q))
+    rows = block_q * gp
+    block_kv = config.block_kv
+    if not (is_pow2(block_kv) and is_pow2(page_size)):
+        raise ValueError(f"block_kv ({block_kv}) and page_size ({page_size}) must be powers of two")
+    if block_kv < page_size and page_size % block_kv:
+        raise ValueError("block_kv must divide page_size")
+
+    max_steps = -(-(pages_per_seq * page_size) // block_kv)
+    items = tokens if cu_q_lens is None else -(-tokens // block_q) + num_seqs
+    splits = choose_splits(items, hkv, max_steps, config)
+    meta = _work_items(kv_lengths, cu_q_lens, tokens, block_q, block_kv, window_left, splits)
+
+    # Page table padded so that the last step's gather stays in bounds.
+    table = page_indices.astype(jnp.int32)
+    if block_kv > page_size:
+        pps = block_kv // page_size
+        table = jnp.pad(table, ((0, 0), (0, max_steps * pps - pages_per_seq)))
+
+    # Queries as [Hkv, (tokens + block_q) * Gp, D]: the rows of one item are contiguous.
+    cache_dtype = key_pages.dtype
+    q = query.astype(cache_dtype).reshape(tokens, hkv, group, d)
+    q = jnp.pad(q, ((0, block_q), (0, 0), (0, gp - group), (0, 0)))
+    q = q.transpose(1, 0, 2, 3).reshape(hkv, (tokens + block_q) * gp, d)
+    total_rows = (tokens + block_q) * gp
+
+    out_dtype = query.dtype if splits == 1 else jnp.float32
+    precision = lax.Precision.HIGHEST if cache_dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _kernel, rows=rows, group=gp, page_size=page_size, block_kv=block_kv, scale=float(scale),
+        soft_cap=soft_cap, window_left=window_left, precision=precision)
+    grid = (meta.shape[0], hkv, splits)
+    full = lambda shape: pl.BlockSpec(shape, lambda i, h, s: (0,) * len(shape))  # noqa: E731
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[
+            full(meta.shape),
+            full(table.shape),
+            pl.BlockSpec((None, total_rows, d), lambda i, h, s: (h, 0, 0)),
+            pl.BlockSpec((num_pages, page_size, None, d), lambda i, h, s: (0, 0, h, 0)),
+            pl.BlockSpec((num_pages, page_size, None, dv), lambda i, h, s: (0, 0, h, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, total_rows, dv), lambda i, h, s: (s, h, 0, 0)),
+            pl.BlockSpec((None, None, total_rows), lambda i, h, s: (s, h, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((splits, hkv, total_rows, dv), out_dtype),
+            jax.ShapeDtypeStruct((splits, hkv, total_rows), jnp.float32),
+        ],
+        compiler_params=None if interpret else triton_params(config.num_warps, config.num_stages),
+        interpret=interpret,
+        name=f"jaxattn_paged_bq{block_q}_bk{block_kv}_s{splits}",
+    )(meta, table, q, key_pages, value_pages)
+
+    o = o.reshape(splits, hkv, tokens + block_q, gp, dv)[:, :, :tokens, :group]
+    lse = lse.reshape(splits, hkv, tokens + block_q, gp)[:, :, :tokens, :group]
+    out, lse = merge_splits(o, lse)  # [Hkv, T, G, Dv], [Hkv, T, G]
+    if sinks is not None:
+        sink = sinks.astype(jnp.float32).reshape(hkv, 1, group)
+        has_key = jnp.isfinite(lse)
+        total = jnp.logaddexp(jnp.where(has_key, lse, 0.0), sink)
+        out = out * jnp.where(has_key, jnp.exp(lse - total), 0.0)[..., None]
+        lse = jnp.where(has_key, total, -jnp.inf)
+    valid = _valid_tokens(kv_lengths, cu_q_lens, tokens)
+    out = jnp.where(valid[None, :, None, None], out, 0.0)
+    lse = jnp.where(valid[None, :, None], lse, -jnp.inf)
+    out = out.transpose(1, 0, 2, 3).reshape(tokens, hq, dv).astype(query.dtype)
+    lse = lse.transpose(0, 2, 1).reshape(hq, tokens)
+    return out, lse
+
+
+def merge_splits(o, lse):
+    """Combine split-KV partials: `o [S, ...rows, Dv]` normalized, `lse [S, ...rows]`."""
+    if o.shape[0] == 1:
+        return o[0].astype(jnp.float32), lse[0]
+    m = jnp.max(lse, axis=0)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - m_safe[None]), 0.0)
+    total = jnp.sum(w, axis=0)
+    has_key = total > 0
+    out = jnp.sum(w[..., None] * o.astype(jnp.float32), axis=0) / jnp.where(has_key, total, 1.0)[..., None]
+    out_lse = jnp.where(has_key, m_safe + jnp.log(jnp.where(has_key, total, 1.0)), -jnp.inf)
+    return out, out_lse
+
+
+def _valid_tokens(kv_lengths, cu_q_lens, tokens: int):
+    """Query tokens that belong to a sequence (decode: sequences with a key)."""
+    kv_lengths = kv_lengths.astype(jnp.int32)
+    if cu_q_lens is None:
+        return kv_lengths > 0
+    cu = cu_q_lens.astype(jnp.int32)
+    return jnp.arange(tokens, dtype=jnp.int32) < cu[-1]

@@ -1,0 +1,178 @@
+"""The backends this plugin registers for op "paged_attention".
+
+* `ragged_paged` (aliases `ragged_page_attention_v3`, `page_attention`): decode and
+  ragged prefill+decode batches, one Pallas (Triton) launch on NVIDIA GPUs.
+* `decode` (alias `autoregressive_decodeattn`): the same kernel in its decode layout (one
+  query token per program, all query heads of a kv head in one tile, split-KV), for
+  decode calls only (no `cu_q_lens`).
+
+Both take `interpret=True` to run the kernel in the Pallas interpreter: then they accept
+CPU (for tests; far too slow for real work). jax's TPU ragged paged attention kernel is
+wrapped in `forward_tpu` but off by default (`enable_tpu=True` turns it on): jax 0.10.2's
+TPU interpreter cannot run it on CPU, so CI cannot check it.
+
+Settings (`metadata.operation_configs["ragged_paged"]` or `["decode"]`): `block_q`,
+`block_kv`, `num_splits` (0 = auto), `num_warps`, `num_stages`, `target_programs`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jaxattn
+from jaxattn import Hardware, OperationImpl, OperationMetadata, Support
+from jaxattn.inputs import PagedAttentionInputs
+from jaxattn.request import AttentionRequest
+
+from .kernel import DECODE_CONFIG, RAGGED_CONFIG, KernelConfig, is_pow2, paged_attention_kernel
+from .tpu import tpu_paged_attention
+
+KV_DTYPES = ("bfloat16", "float16", "float32")
+Q_DTYPES = ("bfloat16", "float16", "float32")
+MIN_PAGE, MAX_PAGE = 8, 1024
+MIN_DIM, MAX_DIM = 16, 256
+MAX_GROUP = 64
+_CONFIG_KEYS = {"block_q", "block_kv", "num_splits", "num_warps", "num_stages", "target_programs"}
+
+
+def _config(metadata: OperationMetadata, name: str, base: KernelConfig) -> KernelConfig:
+    raw = metadata.get_operation_config(name)
+    unknown = set(raw) - _CONFIG_KEYS
+    if unknown:
+        raise ValueError(f"metadata.operation_configs[{name!r}]: unknown keys {sorted(unknown)}; "
+                         f"expected some of {sorted(_CONFIG_KEYS)}")
+    return base.replace(**{k: int(v) for k, v in raw.items()})
+
+
+def _window_left(inputs: PagedAttentionInputs) -> int | None:
+    return None if inputs.sliding_window is None else int(inputs.sliding_window[0])
+
+
+class RaggedPagedAttention(OperationImpl):
+    """Paged-KV-cache attention in one Pallas (Triton) launch: decode and ragged prefill+decode."""
+
+    name: ClassVar[str] = "ragged_paged"
+    aliases: ClassVar[tuple[str, ...]] = ("ragged_page_attention_v3", "page_attention")
+    op: ClassVar[str] = "paged_attention"
+    platforms: ClassVar[tuple[str, ...]] = ("gpu", "tpu")
+    priority: ClassVar[dict[str, int]] = {"gpu": 100, "tpu": 100}
+    decode_only: ClassVar[bool] = False
+
+    def __init__(self, *, interpret: bool = False, enable_tpu: bool = False,
+                 config: KernelConfig | None = None, tpu_kernel: Any = None) -> None:
+        self.interpret = interpret
+        self.enable_tpu = enable_tpu
+        self.config = config
+        self.tpu_kernel = tpu_kernel  # tests pass jax's reference implementation here
+
+    # -- what it declares -------------------------------------------------------------
+    def is_available(self, hardware: Hardware) -> Support:
+        if self.interpret:
+            return Support.yes()
+        if hardware.platform == "cpu":
+            return Support.no(f"{self.name} runs Pallas GPU kernels (and jax's TPU kernel); on CPU it runs only "
+                              f"in the Pallas interpreter for tests ({type(self).__name__}(interpret=True)), far "
+                              "too slow for real work: use backend 'xla'")
+        if hardware.platform == "tpu" and not self.enable_tpu:
+            return Support.no(f"{self.name}: jax's TPU ragged paged attention kernel is wrapped but unverified: "
+                              "jax 0.10.2's TPU interpreter cannot run it on CPU (ReshapeTransform unsupported), "
+                              f"so CI cannot check it; use backend 'xla' or {type(self).__name__}(enable_tpu=True)")
+        if hardware.platform == "gpu" and not hardware.is_cuda:
+            return Support.no(f"{self.name}: the Pallas Triton kernel is only built and tested for NVIDIA GPUs")
+        return Support.yes()
+
+    def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
+        reasons = list(self.is_available(hardware).reasons)
+        if request.op != "paged_attention" or request.paged is None:
+            return Support.no(f"{self.name} serves op 'paged_attention' only")
+        if request.needs_grad:
+            reasons.append(f"{self.name} has no backward pass")
+        paged = request.paged
+        if self.decode_only and paged.ragged:
+            reasons.append(f"{self.name} serves decode calls (one query per sequence, no cu_q_lens); "
+                           "use 'ragged_paged' for ragged prefill+decode batches")
+        extra = set(request.mask_kinds) - {"causal", "sliding_window"}
+        if extra:
+            reasons.append(f"{self.name}: masks {sorted(extra)} are not part of paged attention")
+        if request.has_bias or request.dropout:
+            reasons.append(f"{self.name}: no bias or dropout in paged attention")
+        if request.kv_dtype not in KV_DTYPES:
+            reasons.append(f"{self.name}: cache dtype {request.kv_dtype} unsupported (supported: {', '.join(KV_DTYPES)})")
+        if request.dtype not in Q_DTYPES:
+            reasons.append(f"{self.name}: query dtype {request.dtype} unsupported (supported: {', '.join(Q_DTYPES)})")
+        if hardware.platform == "tpu" and not self.interpret:
+            reasons += self._tpu_reasons(request)
+        else:
+            reasons += self._gpu_reasons(request, hardware)
+        return Support.from_reasons(reasons)
+
+    def _gpu_reasons(self, request: AttentionRequest, hardware: Hardware) -> list[str]:
+        reasons = []
+        paged = request.paged
+        assert paged is not None
+        ps = paged.page_size
+        if not (is_pow2(ps) and MIN_PAGE <= ps <= MAX_PAGE):
+            reasons.append(f"{self.name}: page_size {ps} unsupported (a power of two from {MIN_PAGE} to {MAX_PAGE})")
+        for label, dim in (("head_dim", request.head_dim), ("value head_dim", request.value_head_dim)):
+            if not (is_pow2(dim) and MIN_DIM <= dim <= MAX_DIM):
+                reasons.append(f"{self.name}: {label} {dim} unsupported (a power of two from {MIN_DIM} to {MAX_DIM})")
+        group = request.num_q_heads // max(1, request.num_kv_heads)
+        if group > MAX_GROUP:
+            reasons.append(f"{self.name}: {group} query heads per kv head unsupported (at most {MAX_GROUP})")
+        if hardware.platform == "gpu" and hardware.compute_capability is not None and hardware.compute_capability < (8, 0):
+            reasons.append(f"{self.name}: needs compute capability >= 8.0 (bf16 tensor cores), got "
+                           f"{hardware.compute_capability}")
+        return reasons
+
+    def _tpu_reasons(self, request: AttentionRequest) -> list[str]:
+        reasons = []
+        if request.has_sinks:
+            reasons.append(f"{self.name} on TPU: jax's ragged paged attention kernel has no sinks")
+        if request.value_head_dim != request.head_dim:
+            reasons.append(f"{self.name} on TPU: value head_dim must equal head_dim (combined K/V pages)")
+        if request.head_dim % 128:
+            reasons.append(f"{self.name} on TPU: head_dim must be a multiple of 128, got {request.head_dim}")
+        if request.kv_dtype == "float32" or request.kv_dtype != request.dtype:
+            reasons.append(f"{self.name} on TPU: query and cache must share one 16-bit dtype")
+        return reasons
+
+    # -- what it computes -------------------------------------------------------------
+    def _run_kernel(self, inputs: PagedAttentionInputs, metadata: OperationMetadata):
+        decode = inputs.cu_q_lens is None
+        cfg = self.config or _config(metadata, self.name, DECODE_CONFIG if decode else RAGGED_CONFIG)
+        return paged_attention_kernel(
+            inputs.query, inputs.key_pages, inputs.value_pages, inputs.kv_lengths, inputs.page_indices,
+            inputs.cu_q_lens, scale=inputs.scale, window_left=_window_left(inputs),
+            soft_cap=inputs.logits_soft_cap, sinks=inputs.sinks, config=cfg, interpret=self.interpret)
+
+    def forward_gpu(self, inputs: PagedAttentionInputs, metadata: OperationMetadata) -> Any:
+        return self._run_kernel(inputs, metadata)
+
+    def forward_cpu(self, inputs: PagedAttentionInputs, metadata: OperationMetadata) -> Any:
+        if not self.interpret:
+            raise RuntimeError(str(self.is_available(Hardware.cpu())))
+        return self._run_kernel(inputs, metadata)
+
+    def forward_tpu(self, inputs: PagedAttentionInputs, metadata: OperationMetadata) -> Any:
+        if inputs.sinks is not None:
+            raise NotImplementedError(f"{self.name} on TPU: jax's kernel has no sinks")
+        raw = metadata.get_operation_config(self.name + "_tpu")
+        out = tpu_paged_attention(
+            inputs.query, inputs.key_pages, inputs.value_pages, inputs.kv_lengths, inputs.page_indices,
+            inputs.cu_q_lens, scale=inputs.scale, window_left=_window_left(inputs),
+            soft_cap=inputs.logits_soft_cap, kernel=self.tpu_kernel, **raw)
+        return out, None
+
+
+class DecodeAttention(RaggedPagedAttention):
+    """The paged kernel's decode layout: one query per sequence, split-KV; decode calls only."""
+
+    name: ClassVar[str] = "decode"
+    aliases: ClassVar[tuple[str, ...]] = ("autoregressive_decodeattn",)
+    priority: ClassVar[dict[str, int]] = {"gpu": 90, "tpu": 90}
+    decode_only: ClassVar[bool] = True
+
+
+@jaxattn.hookimpl
+def jaxattn_register_backends() -> list[OperationImpl]:
+    return [RaggedPagedAttention(), DecodeAttention()]
