@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -47,8 +48,13 @@ def test_check_runs_the_conformance_suite(capsys):
     assert "pass     causal" in text and "2 pass" in text
 
 
+# Child processes run on the CPU: on a GPU the parent already holds most of its memory.
+CHILD_ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
 def test_console_script_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "jaxattn.cli", "list-backends"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "jaxattn.cli", "list-backends"], capture_output=True, text=True,
+                            env=CHILD_ENV)
     assert result.returncode == 0, result.stderr
     assert "xla" in result.stdout
 
@@ -82,7 +88,7 @@ def test_pytest_plugin_runs_the_suite_for_a_named_backend():
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "jaxattn.testing.suite",
          "--jaxattn-backend", "xla", "--jaxattn-dtype", "float32", "-k", "causal or segment_ids"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env=CHILD_ENV,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "5 passed" in result.stdout  # causal, causal_q_lt_kv, causal_top_left, chunked_causal, segment_ids
