@@ -1,0 +1,13 @@
+"""jaxattn-flash: FlashAttention-2 kernels written in Pallas (Triton lowering) for jaxattn.
+
+    import jaxattn
+    out = jaxattn.attention(q, k, v, is_causal=True, backend="flash")
+
+`FlashAttention(interpret=True)` runs the same kernels through the Pallas interpreter
+(CPU tests).
+"""
+
+from .backend import FlashAttention, flash_attention
+
+__all__ = ["FlashAttention", "flash_attention"]
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""The `flash` backend: what it accepts, and how a call reaches the kernels."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax.numpy as jnp
+from jax import lax
+
+from jaxattn import (
+    AttentionInputs,
+    AttentionRequest,
+    Hardware,
+    OperationImpl,
+    OperationMetadata,
+    Support,
+    mask_parts,
+)
+
+from . import config as _config
+from .triton_kernels import KernelSpec, flash
+
+DTYPES = ("float16", "bfloat16", "float32")
+MAX_HEAD_DIM = 256
+MIN_CAPABILITY = (8, 0)
+
+
+def _pad_axis(x, axis: int, size: int, value=0):
+    pad = size - x.shape[axis]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, interpret: bool = False):
+    """Run the kernels on `inputs`: `(out [B,Sq,Hq,Dv], lse [B,Hq,Sq])`."""
+    if inputs.bias is not None:
+        raise NotImplementedError("flash: an additive bias is not supported")
+    if inputs.dropout_rate > 0.0:
+        raise NotImplementedError("flash: dropout is not supported")
+    q, k, v = inputs.query, inputs.key, inputs.value
+    b, sq, hq, d = q.shape
+    _, skv, hkv, dv = v.shape
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if inputs.mask is not None and "or" in inputs.mask.kinds():
+        raise NotImplementedError("flash: masks combined with `|` are not supported")
+    parts = mask_parts(inputs.mask, sq, skv)
+    if parts.dense is not None:
+        raise NotImplementedError("flash: dense boolean masks are not supported")
+
+    tiles = _config.resolve(metadata.get_operation_config("flash"), max(d, dv), sq, skv)
+    q_mult = max(t.block_q for t in tiles.values())
+    kv_mult = max(t.block_kv for t in tiles.values())
+    q_pad, kv_pad = _round_up(sq, q_mult), _round_up(skv, kv_mult)
+    dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)
+
+    qp = _pad_axis(_pad_axis(q, 1, q_pad), 3, dp)
+    kp = _pad_axis(_pad_axis(k, 1, kv_pad), 3, dp)
+    vp = _pad_axis(_pad_axis(v, 1, kv_pad), 3, dvp)
+    q_seg = kv_seg = None
+    if parts.q_segment_ids is not None:
+        q_seg = _pad_axis(parts.q_segment_ids.astype(jnp.int32), 1, q_pad)
+        kv_seg = _pad_axis(parts.kv_segment_ids.astype(jnp.int32), 1, kv_pad)
+    q_lens = None if inputs.q_seq_lengths is None else inputs.q_seq_lengths.astype(jnp.int32)
+    kv_lens = None if inputs.kv_seq_lengths is None else inputs.kv_seq_lengths.astype(jnp.int32)
+
+    band_lo, band_hi = parts.band_lo, parts.band_hi
+    spec = KernelSpec(
+        q_len=sq, kv_len=skv, q_pad=q_pad, kv_pad=kv_pad, group=hq // hkv,
+        scale=float(inputs.scale),
+        soft_cap=None if inputs.logits_soft_cap is None else float(inputs.logits_soft_cap),
+        band_lo=band_lo, band_hi=band_hi,
+        chunk_size=parts.chunk_size, chunk_offset=int(parts.chunk_offset),
+        segments=q_seg is not None, q_lens=q_lens is not None, kv_lens=kv_lens is not None,
+        sinks=inputs.sinks is not None,
+        fwd=tiles["fwd"], dq=tiles["dq"], dkdv=tiles["dkv"],
+        exact=jnp.dtype(q.dtype) == jnp.float32,
+        interpret=interpret,
+    )
+    out, lse = flash(spec, qp, kp, vp, inputs.sinks, q_seg, kv_seg, q_lens, kv_lens)
+    out = lax.slice(out, (0, 0, 0, 0), (b, sq, hq, dv))
+    lse = lax.slice(lse, (0, 0, 0), (b, hq, sq))
+    return out, lse
+
+
+class FlashAttention(OperationImpl):
+    """FlashAttention-2 in Pallas (Triton lowering), forward and backward.
+
+    `FlashAttention(interpret=True)` runs the same kernels through the Pallas
+    interpreter on any platform (CPU tests); the registered instance needs a GPU.
+    """
+
+    name: ClassVar[str] = "flash"
+    aliases: ClassVar[tuple[str, ...]] = ("flash_attn2",)
+    op: ClassVar[str] = "attention"
+    platforms: ClassVar[tuple[str, ...]] = ("gpu",)
+    priority: ClassVar[dict[str, int]] = {"gpu": 100}
+
+    def __init__(self, interpret: bool = False) -> None:
+        self.interpret = bool(interpret)
+
+    def is_available(self, hardware: Hardware) -> Support:
+        if self.interpret:
+            return Support.yes()
+        if hardware.platform == "cpu":
+            return Support.no(
+                "flash needs a GPU or TPU (this machine is cpu; its TPU path is not written yet, "
+                "and on CPU its kernels run only in the Pallas interpreter: FlashAttention(interpret=True))"
+            )
+        if hardware.platform == "tpu":
+            return Support.no("flash has no TPU kernels yet (its Pallas kernels use the Triton lowering)")
+        if not hardware.is_cuda:
+            return Support.no(f"flash's Triton kernels are built and tested for NVIDIA GPUs, "
+                              f"not {hardware.gpu_vendor or 'this'} GPUs")
+        cc = hardware.compute_capability
+        if cc is not None and tuple(cc) < MIN_CAPABILITY:
+            return Support.no(f"flash needs compute capability >= 8.0 (bf16 tensor cores); "
+                              f"this GPU has {cc[0]}.{cc[1]}")
+        return Support.yes()
+
+    def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
+        reasons = list(self.is_available(hardware).reasons)
+        if request.op != "attention" or request.paged is not None:
+            reasons.append("flash serves dense attention only (no paged KV cache)")
+        if request.dtype not in DTYPES:
+            reasons.append(f"flash takes float16, bfloat16 or float32 inputs, not {request.dtype}")
+        if request.kv_dtype != request.dtype:
+            reasons.append(f"flash needs key/value in the query's dtype ({request.dtype}), got {request.kv_dtype}")
+        if request.head_dim > MAX_HEAD_DIM or request.value_head_dim > MAX_HEAD_DIM:
+            reasons.append(f"flash supports head_dim up to {MAX_HEAD_DIM} "
+                           f"(got {request.head_dim}/{request.value_head_dim})")
+        if request.has_bias:
+            reasons.append("flash has no additive bias (use cudnn or xla)")
+        if request.dropout:
+            reasons.append("flash has no dropout (use xla)")
+        if "dense" in request.mask_kinds:
+            reasons.append("flash takes structural masks only (causal, sliding window, chunked, segment ids), "
+                           "not a dense boolean mask")
+        if "or" in request.mask_kinds:
+            reasons.append("flash cannot combine masks with `|` (only `&`)")
+        return Support.from_reasons(reasons)
+
+    def _run(self, inputs: AttentionInputs, metadata: OperationMetadata):
+        out, lse = flash_attention(inputs, metadata, interpret=self.interpret)
+        return out, (lse if inputs.return_lse else None)
+
+    def forward_native(self, inputs: AttentionInputs, metadata: OperationMetadata):
+        if not self.interpret:
+            raise NotImplementedError("flash runs on NVIDIA GPUs; on other platforms use FlashAttention(interpret=True)")
+        return self._run(inputs, metadata)
+
+    def forward_gpu(self, inputs: AttentionInputs, metadata: OperationMetadata):
+        return self._run(inputs, metadata)
+
+    def __repr__(self) -> str:
+        extra = " interpret" if self.interpret else ""
+        return f"<FlashAttention {self.name!r}{extra}>"

@@ -1,0 +1,584 @@
+"""FlashAttention-2 in Pallas with the Triton lowering: forward, dq and dk/dv kernels.
+
+Layout is jaxattn's `[batch, seq, heads, head_dim]`; kernels read it in place (strided
+block specs), never transposing or repeating K/V. Grouped-query attention reads the K/V
+head `h // group` in the forward and dq kernels; the dk/dv kernel of one K/V head loops
+over the `group` query heads that share it and accumulates their gradients in registers,
+so no K/V head is ever copied and no reduction over heads is needed afterwards.
+
+Masks arrive as `jaxattn.mask_parts`: a band `band_lo <= j - i <= band_hi` (causal,
+sliding window, q_len != kv_len), a chunk rule, segment ids. For each q block (k/v block
+in the dk/dv kernel) the kernel computes from the band and chunk the range of tiles that
+can hold a visible pair and never visits the others; inside that range the tiles that
+are entirely visible run a loop without any mask arithmetic, only the partial tiles at
+its two ends apply the mask. Sequence lengths shorten the ranges at run time.
+
+Numerics: logits in float32, softmax in base 2 (`exp2`, the scale folded with log2(e)),
+running max initialised to a finite floor so masked (-inf) logits never form `-inf -
+-inf`. A row without visible keys gives out 0 and lse -inf. In the backward pass such
+rows (and padding rows) get an lse of +inf, which makes every probability of the row 0,
+so they need no mask of their own. float32 inputs use IEEE float32 dots (precision
+HIGHEST); bf16/fp16 use the tensor cores with float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from ._compat import multiple_of, triton_params
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+M_FLOOR = -1e30  # initial running max (log2 units): finite, below any real logit
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and Triton launch settings of one kernel."""
+
+    block_q: int
+    block_kv: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything static about one attention call (hashable: a custom_vjp static arg).
+
+    `q_len`/`kv_len` are the real lengths, `q_pad`/`kv_pad` the padded ones the arrays
+    have. Band/chunk follow `jaxattn.MaskParts`.
+    """
+
+    q_len: int
+    kv_len: int
+    q_pad: int
+    kv_pad: int
+    group: int
+    scale: float
+    soft_cap: float | None
+    band_lo: int | None
+    band_hi: int | None
+    chunk_size: int | None
+    chunk_offset: int
+    segments: bool
+    q_lens: bool
+    kv_lens: bool
+    sinks: bool
+    fwd: Tiles
+    dq: Tiles
+    dkdv: Tiles
+    exact: bool  # float32 inputs: IEEE float32 dots
+    interpret: bool = False
+
+    @property
+    def precision(self):
+        return lax.Precision.HIGHEST if self.exact else None
+
+    @property
+    def reverse_q(self) -> bool:
+        """Start the heavy q blocks first when the band makes the last ones heavier."""
+        return self.band_hi is not None and self.band_lo is None
+
+
+# -- scalar helpers (traced int32, Triton-friendly: only truncating division on values >= 0)
+
+
+def _i32(x):
+    return jnp.asarray(x, jnp.int32)
+
+
+def _max(a, b):
+    return jnp.maximum(_i32(a), _i32(b))
+
+
+def _min(a, b):
+    return jnp.minimum(_i32(a), _i32(b))
+
+
+def _div(a, b: int):
+    """floor(a / b) for a >= 0."""
+    return lax.div(_i32(a), jnp.int32(b))
+
+
+def _cdiv(a, b: int):
+    """ceil(a / b) for a >= 0."""
+    return lax.div(_i32(a) + (b - 1), jnp.int32(b))
+
+
+def _dot(a, b, spec: KernelSpec, *, trans_a: bool = False, trans_b: bool = False):
+    dims = (((0,) if trans_a else (1,)), ((1,) if trans_b else (0,)))
+    return lax.dot_general(a, b, (dims, ((), ())), precision=spec.precision,
+                           preferred_element_type=jnp.float32)
+
+
+def _logits(s, spec: KernelSpec):
+    """Raw q·k (float32) -> (logits in log2 units, tanh term or None)."""
+    if spec.soft_cap is None:
+        return s * (spec.scale * LOG2E), None
+    t = jnp.tanh(s * (spec.scale / spec.soft_cap))
+    return t * (spec.soft_cap * LOG2E), t
+
+
+# -- visit ranges -----------------------------------------------------------------------
+
+
+def _key_ranges(spec: KernelSpec, r0, block_q: int, block_kv: int, kv_end):
+    """For rows [r0, r0 + block_q): kv blocks [start, full_start) masked, [full_start,
+    full_end) unmasked, [full_end, end) masked; every other kv block is empty."""
+    r1 = r0 + (block_q - 1)
+    klo, khi = _i32(0), _i32(kv_end)
+    flo, fhi = _i32(0), _i32(kv_end)
+    if spec.band_lo is not None:
+        klo = _max(klo, r0 + spec.band_lo)
+        flo = _max(flo, r1 + spec.band_lo)
+    if spec.band_hi is not None:
+        khi = _min(khi, r1 + spec.band_hi + 1)
+        fhi = _min(fhi, r0 + spec.band_hi + 1)
+    if spec.chunk_size is not None:
+        c, off = spec.chunk_size, spec.chunk_offset
+        c0 = _div(_max(r0 + off, 0), c)
+        c1 = _div(_max(r1 + off, 0), c)
+        klo = _max(klo, c0 * c)
+        khi = _min(khi, c1 * c + c)
+        flo = _max(flo, c0 * c)
+        fhi = jnp.where(c0 == c1, _min(fhi, c0 * c + c), flo)
+    if spec.segments:
+        fhi = flo
+    klo = _max(klo, 0)
+    khi = _max(khi, klo)
+    start = _div(klo, block_kv)
+    end = _max(_cdiv(khi, block_kv), start)
+    fs = _min(_max(_cdiv(_max(flo, 0), block_kv), start), end)
+    fe = _min(_max(_div(_max(fhi, 0), block_kv), fs), end)
+    return start, fs, fe, end
+
+
+def _query_ranges(spec: KernelSpec, c0, block_q: int, block_kv: int, q_end, kv_end):
+    """For keys [c0, c0 + block_kv): q blocks [start, fs) masked, [fs, fe) unmasked,
+    [fe, end) masked (the dk/dv kernel's loop)."""
+    c1 = c0 + (block_kv - 1)
+    qlo, qhi = _i32(0), _i32(q_end)
+    flo, fhi = _i32(0), _i32(q_end)
+    if spec.band_hi is not None:  # i >= j - hi
+        qlo = _max(qlo, c0 - spec.band_hi)
+        flo = _max(flo, c1 - spec.band_hi)
+    if spec.band_lo is not None:  # i <= j - lo
+        qhi = _min(qhi, c1 - spec.band_lo + 1)
+        fhi = _min(fhi, c0 - spec.band_lo + 1)
+    if spec.chunk_size is not None:
+        c, off = spec.chunk_size, spec.chunk_offset
+        k0, k1 = _div(c0, c), _div(c1, c)
+        qlo = _max(qlo, k0 * c - off)
+        qhi = _min(qhi, k1 * c + c - off)
+        flo = _max(flo, k0 * c - off)
+        fhi = jnp.where(k0 == k1, _min(fhi, k0 * c + c - off), flo)
+    if spec.segments:
+        fhi = flo
+    # keys past the end: a tile holding one is partial; a block entirely past it is empty
+    fhi = jnp.where(c1 < kv_end, fhi, flo)
+    qhi = jnp.where(c0 < kv_end, qhi, qlo)
+    qlo = _max(qlo, 0)
+    qhi = _max(qhi, qlo)
+    start = _div(qlo, block_q)
+    end = _max(_cdiv(qhi, block_q), start)
+    fs = _min(_max(_cdiv(_max(flo, 0), block_q), start), end)
+    fe = _min(_max(_div(_max(fhi, 0), block_q), fs), end)
+    return start, fs, fe, end
+
+
+def _visible(spec: KernelSpec, q_pos, k_pos, kv_end, q_seg=None, kv_seg=None):
+    """Boolean [bq, bk]: the mask on a partial tile (band, chunk, segments, key end)."""
+    ok = (k_pos < kv_end)[None, :]
+    d = k_pos[None, :] - q_pos[:, None]
+    if spec.band_lo is not None:
+        ok = ok & (d >= spec.band_lo)
+    if spec.band_hi is not None:
+        ok = ok & (d <= spec.band_hi)
+    if spec.chunk_size is not None:
+        c = jnp.int32(spec.chunk_size)
+        qc = lax.div(jnp.maximum(q_pos + spec.chunk_offset, 0), c)
+        ok = ok & (lax.div(k_pos, c)[None, :] == qc[:, None])
+    if q_seg is not None:
+        ok = ok & (q_seg[:, None] == kv_seg[None, :])
+    return ok
+
+
+def _loop3(ranges, body, carry):
+    start, fs, fe, end = ranges
+    carry = lax.fori_loop(start, fs, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(fs, fe, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(fe, end, functools.partial(body, masked=True), carry)
+
+
+# -- forward ----------------------------------------------------------------------------
+
+
+def _fwd_kernel(*refs, spec: KernelSpec):
+    refs = list(refs)
+    q_ref, k_ref, v_ref = refs[:3]
+    rest = refs[3:]
+    q_seg_ref = kv_seg_ref = q_len_ref = kv_len_ref = sink_ref = None
+    if spec.segments:
+        q_seg_ref, kv_seg_ref, *rest = rest
+    if spec.q_lens:
+        q_len_ref, *rest = rest
+    if spec.kv_lens:
+        kv_len_ref, *rest = rest
+    if spec.sinks:
+        sink_ref, *rest = rest
+    o_ref, lse_ref = rest
+
+    bq, bk = spec.fwd.block_q, spec.fwd.block_kv
+    nq = spec.q_pad // bq
+    pid = pl.program_id(0)
+    i = (nq - 1 - pid) if spec.reverse_q else pid
+    r0 = i * bq
+    kv_end = _i32(spec.kv_len)
+    if kv_len_ref is not None:
+        kv_end = _min(kv_len_ref[0], spec.kv_len)
+    ranges = _key_ranges(spec, r0, bq, bk, kv_end)
+    q_valid_end = _i32(spec.q_len)
+    if q_len_ref is not None:
+        q_valid_end = _min(q_len_ref[0], spec.q_len)
+        start, fs, fe, end = ranges
+        end = jnp.where(r0 < q_valid_end, end, start)
+        ranges = (start, _min(fs, end), _min(fe, end), end)
+
+    q = q_ref[...]
+    q_pos = r0 + jnp.arange(bq, dtype=jnp.int32)
+    q_seg = q_seg_ref[...] if q_seg_ref is not None else None
+    dv = v_ref.shape[-1]
+
+    def body(jb, carry, *, masked):
+        acc, m, l = carry
+        start = multiple_of(jb * bk, bk)
+        k = k_ref[pl.ds(start, bk), :]
+        s, _ = _logits(_dot(q, k, spec, trans_b=True), spec)
+        if masked:
+            k_pos = start + jnp.arange(bk, dtype=jnp.int32)
+            kv_seg = kv_seg_ref[pl.ds(start, bk)] if kv_seg_ref is not None else None
+            s = jnp.where(_visible(spec, q_pos, k_pos, kv_end, q_seg, kv_seg), s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        v = v_ref[pl.ds(start, bk), :]
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, spec)
+        return acc, m_new, l
+
+    init = (jnp.zeros((bq, dv), jnp.float32), jnp.full((bq,), M_FLOOR, jnp.float32),
+            jnp.zeros((bq,), jnp.float32))
+    acc, m, l = _loop3(ranges, body, init)
+
+    has = (l > 0.0) & (q_pos < q_valid_end)
+    if sink_ref is not None:
+        sink = sink_ref[0].astype(jnp.float32) * LOG2E
+        m_all = jnp.maximum(m, sink)
+        corr = jnp.exp2(m - m_all)
+        l = l * corr + jnp.exp2(sink - m_all)
+        acc = acc * corr[:, None]
+        m = m_all
+    l_safe = jnp.where(has, l, 1.0)
+    out = acc * (1.0 / l_safe)[:, None]
+    out = jnp.where(has[:, None], out, 0.0)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(has, m * LN2 + jnp.log(l_safe), -jnp.inf)
+
+
+def _common_specs(spec: KernelSpec, q_seg, kv_seg, q_lens, kv_lens, *, rows, batch_of):
+    """Block specs and arrays of the optional inputs (segments, lengths) of the
+    row-parallel kernels (forward, dq)."""
+    specs, arrays = [], []
+    if spec.segments:
+        specs += [rows, pl.BlockSpec((None, spec.kv_pad), lambda *g: (batch_of(*g), 0))]
+        arrays += [q_seg, kv_seg]
+    if spec.q_lens:
+        specs.append(pl.BlockSpec((1,), lambda *g: (batch_of(*g),)))
+        arrays.append(q_lens)
+    if spec.kv_lens:
+        specs.append(pl.BlockSpec((1,), lambda *g: (batch_of(*g),)))
+        arrays.append(kv_lens)
+    return specs, arrays
+
+
+def forward(spec: KernelSpec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens):
+    """Padded inputs -> (out `[B, Sq', Hq, Dv']` in q.dtype, lse `[B, Hq, Sq']` natural log)."""
+    b, _, hq, d = q.shape
+    dv = v.shape[-1]
+    t = spec.fwd
+    nq = spec.q_pad // t.block_q
+    g = spec.group
+
+    def qi(i):
+        return (nq - 1 - i) if spec.reverse_q else i
+
+    in_specs = [
+        pl.BlockSpec((None, t.block_q, None, d), lambda i, bb, h: (bb, qi(i), h, 0)),
+        pl.BlockSpec((None, spec.kv_pad, None, d), lambda i, bb, h: (bb, 0, lax.div(h, g), 0)),
+        pl.BlockSpec((None, spec.kv_pad, None, dv), lambda i, bb, h: (bb, 0, lax.div(h, g), 0)),
+    ]
+    arrays = [q, k, v]
+    extra_specs, extra = _common_specs(
+        spec, q_seg, kv_seg, q_lens, kv_lens,
+        rows=pl.BlockSpec((None, t.block_q), lambda i, bb, h: (bb, qi(i))),
+        batch_of=lambda i, bb, h: bb)
+    in_specs += extra_specs
+    arrays += extra
+    if spec.sinks:
+        in_specs.append(pl.BlockSpec((1,), lambda i, bb, h: (h,)))
+        arrays.append(sinks.astype(jnp.float32))
+    out_specs = [
+        pl.BlockSpec((None, t.block_q, None, dv), lambda i, bb, h: (bb, qi(i), h, 0)),
+        pl.BlockSpec((None, None, t.block_q), lambda i, bb, h: (bb, h, qi(i))),
+    ]
+    out_shape = [jax.ShapeDtypeStruct((b, spec.q_pad, hq, dv), q.dtype),
+                 jax.ShapeDtypeStruct((b, hq, spec.q_pad), jnp.float32)]
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, spec=spec),
+        grid=(nq, b, hq),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=triton_params(t.num_warps, t.num_stages),
+        interpret=spec.interpret,
+        name="flash_fwd",
+    )(*arrays)
+
+
+# -- backward: dq -------------------------------------------------------------------------
+
+
+def _dq_kernel(*refs, spec: KernelSpec):
+    refs = list(refs)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
+    rest = refs[6:]
+    q_seg_ref = kv_seg_ref = kv_len_ref = None
+    if spec.segments:
+        q_seg_ref, kv_seg_ref, *rest = rest
+    if spec.q_lens:
+        _, *rest = rest
+    if spec.kv_lens:
+        kv_len_ref, *rest = rest
+    (dq_ref,) = rest
+
+    bq, bk = spec.dq.block_q, spec.dq.block_kv
+    nq = spec.q_pad // bq
+    pid = pl.program_id(0)
+    i = (nq - 1 - pid) if spec.reverse_q else pid
+    r0 = i * bq
+    kv_end = _i32(spec.kv_len)
+    if kv_len_ref is not None:
+        kv_end = _min(kv_len_ref[0], spec.kv_len)
+    ranges = _key_ranges(spec, r0, bq, bk, kv_end)
+
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+    q_pos = r0 + jnp.arange(bq, dtype=jnp.int32)
+    q_seg = q_seg_ref[...] if q_seg_ref is not None else None
+
+    def body(jb, dq, *, masked):
+        start = multiple_of(jb * bk, bk)
+        k = k_ref[pl.ds(start, bk), :]
+        v = v_ref[pl.ds(start, bk), :]
+        s, t = _logits(_dot(q, k, spec, trans_b=True), spec)
+        if masked:
+            k_pos = start + jnp.arange(bk, dtype=jnp.int32)
+            kv_seg = kv_seg_ref[pl.ds(start, bk)] if kv_seg_ref is not None else None
+            s = jnp.where(_visible(spec, q_pos, k_pos, kv_end, q_seg, kv_seg), s, -jnp.inf)
+        p = jnp.exp2(s - lse[:, None])
+        dp = _dot(do, v, spec, trans_b=True)
+        ds = p * (dp - delta[:, None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)
+        return dq + _dot(ds.astype(k.dtype), k, spec)
+
+    dq = _loop3(ranges, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
+
+
+def backward_dq(spec: KernelSpec, q, k, v, do, lse2, delta, q_seg, kv_seg, q_lens, kv_lens):
+    b, _, hq, d = q.shape
+    dv = v.shape[-1]
+    t = spec.dq
+    nq = spec.q_pad // t.block_q
+    g = spec.group
+
+    def qi(i):
+        return (nq - 1 - i) if spec.reverse_q else i
+
+    row_block = pl.BlockSpec((None, t.block_q, None, d), lambda i, bb, h: (bb, qi(i), h, 0))
+    in_specs = [
+        row_block,
+        pl.BlockSpec((None, spec.kv_pad, None, d), lambda i, bb, h: (bb, 0, lax.div(h, g), 0)),
+        pl.BlockSpec((None, spec.kv_pad, None, dv), lambda i, bb, h: (bb, 0, lax.div(h, g), 0)),
+        pl.BlockSpec((None, t.block_q, None, dv), lambda i, bb, h: (bb, qi(i), h, 0)),
+        pl.BlockSpec((None, None, t.block_q), lambda i, bb, h: (bb, h, qi(i))),
+        pl.BlockSpec((None, None, t.block_q), lambda i, bb, h: (bb, h, qi(i))),
+    ]
+    arrays = [q, k, v, do, lse2, delta]
+    extra_specs, extra = _common_specs(
+        spec, q_seg, kv_seg, q_lens, kv_lens,
+        rows=pl.BlockSpec((None, t.block_q), lambda i, bb, h: (bb, qi(i))),
+        batch_of=lambda i, bb, h: bb)
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, spec=spec),
+        grid=(nq, b, hq),
+        in_specs=in_specs + extra_specs,
+        out_specs=row_block,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=triton_params(t.num_warps, t.num_stages),
+        interpret=spec.interpret,
+        name="flash_bwd_dq",
+    )(*arrays, *extra)
+
+
+# -- backward: dk, dv ---------------------------------------------------------------------
+
+
+def _dkdv_kernel(*refs, spec: KernelSpec):
+    refs = list(refs)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
+    rest = refs[6:]
+    q_seg_ref = kv_seg_ref = q_len_ref = kv_len_ref = None
+    if spec.segments:
+        q_seg_ref, kv_seg_ref, *rest = rest
+    if spec.q_lens:
+        q_len_ref, *rest = rest
+    if spec.kv_lens:
+        kv_len_ref, *rest = rest
+    dk_ref, dv_ref = rest
+
+    bq, bk = spec.dkdv.block_q, spec.dkdv.block_kv
+    j = pl.program_id(0)
+    c0 = j * bk
+    kv_end = _i32(spec.kv_len)
+    if kv_len_ref is not None:
+        kv_end = _min(kv_len_ref[0], spec.kv_len)
+    q_end = _i32(spec.q_len)
+    if q_len_ref is not None:
+        q_end = _min(q_len_ref[0], spec.q_len)
+    ranges = _query_ranges(spec, c0, bq, bk, q_end, kv_end)
+
+    k = k_ref[...]
+    v = v_ref[...]
+    k_pos = c0 + jnp.arange(bk, dtype=jnp.int32)
+    kv_seg = kv_seg_ref[...] if kv_seg_ref is not None else None
+
+    def head(gi, carry):
+        def body(ib, carry, *, masked):
+            dk, dv = carry
+            start = multiple_of(ib * bq, bq)
+            q = q_ref[pl.ds(start, bq), gi, :]
+            do = do_ref[pl.ds(start, bq), gi, :]
+            lse = lse_ref[gi, pl.ds(start, bq)]
+            delta = delta_ref[gi, pl.ds(start, bq)]
+            s, t = _logits(_dot(q, k, spec, trans_b=True), spec)
+            if masked:
+                q_pos = start + jnp.arange(bq, dtype=jnp.int32)
+                q_seg = q_seg_ref[pl.ds(start, bq)] if q_seg_ref is not None else None
+                s = jnp.where(_visible(spec, q_pos, k_pos, kv_end, q_seg, kv_seg), s, -jnp.inf)
+            p = jnp.exp2(s - lse[:, None])
+            dv = dv + _dot(p.astype(do.dtype), do, spec, trans_a=True)
+            dp = _dot(do, v, spec, trans_b=True)
+            ds = p * (dp - delta[:, None])
+            if t is not None:
+                ds = ds * (1.0 - t * t)
+            dk = dk + _dot(ds.astype(q.dtype), q, spec, trans_a=True)
+            return dk, dv
+
+        return _loop3(ranges, body, carry)
+
+    init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    if spec.group == 1:
+        dk, dv = head(0, init)
+    else:
+        dk, dv = lax.fori_loop(0, spec.group, head, init)
+    dk_ref[...] = (dk * spec.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def backward_dkdv(spec: KernelSpec, q, k, v, do, lse2, delta, q_seg, kv_seg, q_lens, kv_lens):
+    b, _, hq, d = q.shape
+    _, _, hkv, dv = v.shape
+    t = spec.dkdv
+    nk = spec.kv_pad // t.block_kv
+    g = spec.group
+    kv_block = lambda dim: pl.BlockSpec((None, t.block_kv, None, dim), lambda j, bb, h: (bb, j, h, 0))  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((None, spec.q_pad, g, d), lambda j, bb, h: (bb, 0, h, 0)),
+        kv_block(d),
+        kv_block(dv),
+        pl.BlockSpec((None, spec.q_pad, g, dv), lambda j, bb, h: (bb, 0, h, 0)),
+        pl.BlockSpec((None, g, spec.q_pad), lambda j, bb, h: (bb, h, 0)),
+        pl.BlockSpec((None, g, spec.q_pad), lambda j, bb, h: (bb, h, 0)),
+    ]
+    arrays = [q, k, v, do, lse2, delta]
+    extra_specs, extra = [], []
+    if spec.segments:
+        extra_specs += [pl.BlockSpec((None, spec.q_pad), lambda j, bb, h: (bb, 0)),
+                        pl.BlockSpec((None, t.block_kv), lambda j, bb, h: (bb, j))]
+        extra += [q_seg, kv_seg]
+    if spec.q_lens:
+        extra_specs.append(pl.BlockSpec((1,), lambda j, bb, h: (bb,)))
+        extra.append(q_lens)
+    if spec.kv_lens:
+        extra_specs.append(pl.BlockSpec((1,), lambda j, bb, h: (bb,)))
+        extra.append(kv_lens)
+    return pl.pallas_call(
+        functools.partial(_dkdv_kernel, spec=spec),
+        grid=(nk, b, hkv),
+        in_specs=in_specs + extra_specs,
+        out_specs=[kv_block(d), kv_block(dv)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=triton_params(t.num_warps, t.num_stages),
+        interpret=spec.interpret,
+        name="flash_bwd_dkdv",
+    )(*arrays, *extra)
+
+
+# -- custom_vjp -------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def flash(spec: KernelSpec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens):
+    """Padded attention: (out, lse) with lse natural-log `[B, Hq, Sq']`, -inf on empty rows."""
+    return forward(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens)
+
+
+def _flash_fwd(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens):
+    out, lse = forward(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens)
+    return (out, lse), (q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens, out, lse)
+
+
+def _flash_bwd(spec, residuals, cotangents):
+    q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens, out, lse = residuals
+    d_out, d_lse = cotangents
+    live = jnp.isfinite(lse)
+    d_lse = jnp.where(live, d_lse.astype(jnp.float32), 0.0)
+    # delta_i = sum_d dO·O  (minus dlse: the lse's own cotangent enters dS the same way)
+    delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    delta_eff = delta - d_lse
+    lse2 = jnp.where(live, lse * LOG2E, jnp.inf)  # dead rows: every probability is 0
+    do = d_out.astype(q.dtype)
+    dq = backward_dq(spec, q, k, v, do, lse2, delta_eff, q_seg, kv_seg, q_lens, kv_lens)
+    dk, dv = backward_dkdv(spec, q, k, v, do, lse2, delta_eff, q_seg, kv_seg, q_lens, kv_lens)
+    d_sinks = None
+    if sinks is not None:
+        hq = q.shape[2]
+        sink = sinks.astype(jnp.float32).reshape(1, hq, 1)
+        p_sink = jnp.where(live, jnp.exp(sink - jnp.where(live, lse, 0.0)), 0.0)
+        d_sinks = jnp.sum(p_sink * -delta_eff, axis=(0, 2)).astype(sinks.dtype)
+    return dq, dk, dv, d_sinks, None, None, None, None
+
+
+flash.defvjp(_flash_fwd, _flash_bwd)
