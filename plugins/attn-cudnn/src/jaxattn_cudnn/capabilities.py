@@ -1,0 +1,127 @@
+"""What cuDNN fused attention can do on a given machine, as reasons for a "no".
+
+Read from `jaxattn.Hardware` (compute capability, cuDNN version) and from the request's
+shapes and features. The numbers are those JAX's own cuDNN path checks
+(`jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention`) plus cuDNN's
+release notes for the features JAX does not check itself:
+
+* fused flash attention: compute capability >= 8.0 and cuDNN >= 8.9.4;
+* head_dim (and value head_dim) a multiple of 8, at most 128 before Hopper, 256 from 9.0;
+* value head_dim != head_dim ("MLA"): cuDNN >= 9.10 and compute capability >= 9.0;
+* sliding window: cuDNN >= 9.2;
+* compute capability 10.3: cuDNN >= 9.11;
+* bias in training: even q_len and kv_len;
+* float16 / bfloat16 only.
+
+Versions are cuDNN's integers: 8.9.4 -> 8904, 9.2.0 -> 90200 (cuDNN 9 uses
+major*10000 + minor*100 + patch, cuDNN 8 major*1000 + minor*100 + patch).
+"""
+
+from __future__ import annotations
+
+from jaxattn import AttentionRequest, Hardware
+
+from . import _compat
+
+MIN_COMPUTE_CAPABILITY = (8, 0)
+MIN_CUDNN = 8904
+MIN_CUDNN_SLIDING_WINDOW = 90200
+MIN_CUDNN_MLA = 91000
+MIN_CUDNN_CC_10_3 = 91100
+DTYPES = ("bfloat16", "float16")
+
+
+def version_str(version: int) -> str:
+    """cuDNN's integer version as text: 90800 -> "9.8.0", 8904 -> "8.9.4"."""
+    if version >= 10000:
+        return f"{version // 10000}.{version // 100 % 100}.{version % 100}"
+    return f"{version // 1000}.{version // 100 % 10}.{version % 100}"
+
+
+def hardware_reasons(hardware: Hardware) -> list[str]:
+    """Why cuDNN fused attention cannot run on this machine at all (empty: it can)."""
+    if not hardware.is_cuda:
+        where = hardware.platform if hardware.platform != "gpu" else f"a {hardware.gpu_vendor or 'non-NVIDIA'} GPU"
+        return [f"cudnn needs an NVIDIA GPU with CUDA; this machine is {where}"]
+    reasons = []
+    cc = hardware.compute_capability
+    if cc is None:
+        reasons.append("the GPU's compute capability is unknown (cuDNN flash attention needs >= 8.0)")
+    elif tuple(cc) < MIN_COMPUTE_CAPABILITY:
+        reasons.append(f"cuDNN flash attention needs compute capability >= 8.0 (Ampere); "
+                       f"this GPU ({hardware.device_kind}) has {cc[0]}.{cc[1]}")
+    version = hardware.cudnn_version
+    if version is None:
+        reasons.append("no cuDNN library was found (JAX reports no cuDNN version)")
+    elif version < MIN_CUDNN:
+        reasons.append(f"cuDNN {version_str(version)} has no fused flash attention (needs >= {version_str(MIN_CUDNN)})")
+    elif cc is not None and tuple(cc) == (10, 3) and version < MIN_CUDNN_CC_10_3:
+        reasons.append(f"compute capability 10.3 needs cuDNN >= {version_str(MIN_CUDNN_CC_10_3)}, "
+                       f"found {version_str(version)}")
+    return reasons
+
+
+def _head_dim_limit(hardware: Hardware) -> int:
+    cc = hardware.compute_capability or (0, 0)
+    return 256 if tuple(cc) >= (9, 0) else 128
+
+
+def request_reasons(request: AttentionRequest, hardware: Hardware, *, check_dtype: bool = True,
+                    alignment: str = _compat.CAUSAL_ALIGNMENT) -> list[str]:
+    """Why this request cannot go to cuDNN on `hardware` (empty: it can)."""
+    r = request
+    reasons: list[str] = []
+    if r.op != "attention":
+        return [f"cudnn serves op 'attention', not {r.op!r}"]
+    if check_dtype:
+        if r.dtype not in DTYPES:
+            reasons.append(f"cuDNN flash attention takes float16 or bfloat16 inputs, got {r.dtype}")
+        elif r.kv_dtype != r.dtype:
+            reasons.append(f"query and key/value dtypes must match for cuDNN, got {r.dtype} and {r.kv_dtype}")
+    cc = tuple(hardware.compute_capability or (0, 0))
+    version = hardware.cudnn_version
+    limit = _head_dim_limit(hardware)
+    for name, dim in (("head_dim", r.head_dim), ("value head_dim", r.value_head_dim)):
+        if dim % 8 or dim > limit:
+            reasons.append(f"cuDNN needs {name} a multiple of 8 and at most {limit} on compute capability "
+                           f"{cc[0]}.{cc[1]}, got {dim}")
+    if r.value_head_dim != r.head_dim:
+        if cc < (9, 0) or (version is not None and version < MIN_CUDNN_MLA):
+            reasons.append(f"value head_dim != head_dim needs cuDNN >= {version_str(MIN_CUDNN_MLA)} and "
+                           "compute capability >= 9.0")
+    if r.logits_soft_cap:
+        reasons.append("cuDNN fused attention (as JAX exposes it) has no logit soft-cap")
+    if r.has_sinks:
+        reasons.append("cuDNN fused attention (as JAX exposes it) has no attention sinks")
+    if r.dropout:
+        reasons.append("cuDNN's dropout (as JAX exposes it) takes a seed fixed at compile time, so it cannot "
+                       "follow dropout_rng (every step would reuse one mask)")
+    if r.return_lse and r.needs_grad:
+        reasons.append("JAX's cuDNN backward pass ignores the cotangent of the softmax statistics, so "
+                       "gradients through the returned lse would be wrong (return_lse is forward-only)")
+    kinds = r.mask_kinds
+    if "or" in kinds:
+        reasons.append("masks combined with | cannot be expressed by cuDNN's masks")
+    if "chunked_causal" in kinds:
+        reasons.append("cuDNN has no chunked-causal mask")
+    bias_path = r.has_bias or "dense" in kinds or "segment" in kinds
+    band = {"causal", "sliding_window"} & kinds
+    if band and r.q_len > 1 and not bias_path:
+        # The request carries mask kinds, not offsets: judge by what is_causal/sliding_window
+        # produce (bottom-right aligned), as jaxattn.attention builds them.
+        if "sliding_window" in kinds and "causal" not in kinds:
+            reasons.append("a sliding window without is_causal may reach right of the diagonal, which "
+                           "cuDNN's left-only window cannot express")
+        elif alignment == "top_left" and r.q_len < r.kv_len:
+            reasons.append(f"cuDNN's causal mask is aligned top-left (as JAX drives it), so the "
+                           f"bottom-right causal mask of q_len={r.q_len} < kv_len={r.kv_len} cannot be "
+                           "expressed")
+        elif alignment == "bottom_right" and r.q_len > r.kv_len:  # pragma: no cover - other alignment
+            reasons.append("cuDNN's causal mask is aligned bottom-right; this band cannot be expressed")
+        if "sliding_window" in kinds and version is not None and version < MIN_CUDNN_SLIDING_WINDOW:
+            reasons.append(f"cuDNN's sliding window needs cuDNN >= {version_str(MIN_CUDNN_SLIDING_WINDOW)}, "
+                           f"found {version_str(version)}")
+    if bias_path and r.needs_grad and (r.q_len % 2 or r.kv_len % 2):
+        reasons.append(f"cuDNN's backward pass with a bias or mask needs even q_len and kv_len, got "
+                       f"{r.q_len} and {r.kv_len}")
+    return reasons
