@@ -97,7 +97,8 @@ class RaggedPagedAttention(OperationImpl):
         if request.has_bias or request.dropout:
             reasons.append(f"{self.name}: no bias or dropout in paged attention")
         if request.kv_dtype not in KV_DTYPES:
-            reasons.append(f"{self.name}: cache dtype {request.kv_dtype} unsupported (supported: {', '.join(KV_DTYPES)})")
+            reasons.append(f"{self.name}: cache dtype {request.kv_dtype} unsupported "
+                           f"(supported: {', '.join(KV_DTYPES)})")
         if request.dtype not in Q_DTYPES:
             reasons.append(f"{self.name}: query dtype {request.dtype} unsupported (supported: {', '.join(Q_DTYPES)})")
         if hardware.platform == "tpu" and not self.interpret:
@@ -119,7 +120,8 @@ class RaggedPagedAttention(OperationImpl):
         group = request.num_q_heads // max(1, request.num_kv_heads)
         if group > MAX_GROUP:
             reasons.append(f"{self.name}: {group} query heads per kv head unsupported (at most {MAX_GROUP})")
-        if hardware.platform == "gpu" and hardware.compute_capability is not None and hardware.compute_capability < (8, 0):
+        capability = hardware.compute_capability
+        if hardware.platform == "gpu" and capability is not None and capability < (8, 0):
             reasons.append(f"{self.name}: needs compute capability >= 8.0 (bf16 tensor cores), got "
                            f"{hardware.compute_capability}")
         return reasons
@@ -140,6 +142,8 @@ class RaggedPagedAttention(OperationImpl):
     def _run_kernel(self, inputs: PagedAttentionInputs, metadata: OperationMetadata):
         decode = inputs.cu_q_lens is None
         cfg = self.config or _config(metadata, self.name, DECODE_CONFIG if decode else RAGGED_CONFIG)
+        if self.interpret and cfg.num_splits == 0:  # the interpreter runs programs one by one: no auto split
+            cfg = cfg.replace(num_splits=1)
         return paged_attention_kernel(
             inputs.query, inputs.key_pages, inputs.value_pages, inputs.kv_lengths, inputs.page_indices,
             inputs.cu_q_lens, scale=inputs.scale, window_left=_window_left(inputs),

@@ -47,4 +47,6 @@ def tpu_paged_attention(query: jax.Array, key_pages: jax.Array, value_pages: jax
     out = kernel(query, kv, lens, page_indices.astype(jnp.int32), cu, jnp.array([num_seqs], jnp.int32),
                  sm_scale=float(scale), sliding_window=None if window_left is None else window_left + 1,
                  soft_cap=soft_cap, **block_sizes)
+    if out.shape[0] < tokens:  # jax's reference implementation returns only the real tokens
+        out = jnp.pad(out, ((0, tokens - out.shape[0]), (0, 0), (0, 0)))
     return jnp.where(valid[:, None, None], out, 0).astype(query.dtype)

@@ -1,0 +1,140 @@
+"""Registration, supports() reasons, selection, the conformance suite, the TPU wrapper, the GPU path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import jaxattn
+import numpy as np
+import pytest
+from jaxattn import AttentionRequest, Hardware
+from jaxattn.request import PagedLayout
+from jaxattn.testing import run_conformance
+from jaxattn_ragged import DecodeAttention, RaggedPagedAttention
+from jaxattn_ragged._testing import assert_close, paged_problem, reference, run_impl
+
+H100 = Hardware.nvidia()
+
+
+def request(**kw):
+    paged = PagedLayout(num_pages=64, page_size=kw.pop("page_size", 16), pages_per_seq=8, num_seqs=4,
+                        ragged=kw.pop("ragged", True))
+    base = dict(op="paged_attention", batch=4, q_len=32, kv_len=128, num_q_heads=8, num_kv_heads=2,
+                head_dim=128, value_head_dim=128, dtype="bfloat16", kv_dtype="bfloat16",
+                mask_kinds=frozenset({"causal"}), kv_seq_lengths=True, needs_grad=False, mode="prefill",
+                paged=paged)
+    base.update(kw)
+    return AttentionRequest(**base)
+
+
+def test_registered_through_entry_points():
+    infos = {(b.name, b.op): b for b in jaxattn.list_backends()}
+    assert ("ragged_paged", "paged_attention") in infos
+    assert ("decode", "paged_attention") in infos
+    assert set(infos[("ragged_paged", "paged_attention")].aliases) == {"ragged_page_attention_v3", "page_attention"}
+    assert "autoregressive_decodeattn" in infos[("decode", "paged_attention")].aliases
+
+
+def test_supports_reasons():
+    impl = RaggedPagedAttention()
+    assert impl.supports(request(), H100)
+    cpu = impl.supports(request(), Hardware.cpu())
+    assert not cpu and "interpret" in str(cpu) and "xla" in str(cpu)
+    tpu = impl.supports(request(), Hardware.tpu())
+    assert not tpu and "interpreter" in str(tpu)
+    bad = impl.supports(request(page_size=12, head_dim=96, kv_dtype="float8_e4m3fn", needs_grad=True), H100)
+    text = str(bad)
+    for word in ("page_size 12", "head_dim 96", "float8_e4m3fn", "backward"):
+        assert word in text, text
+    assert len(bad.reasons) == 4
+    assert not impl.supports(request(), Hardware.nvidia(compute_capability=(7, 5)))
+    assert not impl.supports(request(), Hardware(platform="gpu", device_kind="MI300", gpu_vendor="amd"))
+    # the decode backend serves decode calls only
+    assert DecodeAttention().supports(request(ragged=False, mode="decode"), H100)
+    assert "ragged_paged" in str(DecodeAttention().supports(request(), H100))
+    # interpret mode accepts the CPU; the TPU wrapper, when enabled, names its own limits
+    assert RaggedPagedAttention(interpret=True).supports(request(), Hardware.cpu())
+    tpu_on = RaggedPagedAttention(enable_tpu=True).supports(request(has_sinks=True, head_dim=64, value_head_dim=64),
+                                                            Hardware.tpu())
+    assert "sinks" in str(tpu_on) and "multiple of 128" in str(tpu_on)
+
+
+def test_auto_picks_the_kernel_on_a_gpu():
+    args = paged_problem(0, [20, 7], [3, 1])
+    sel = jaxattn.select(*(args[k] for k in ("query", "key_pages", "value_pages", "kv_lengths", "page_indices")),
+                         cu_q_lens=args["cu_q_lens"], op="paged_attention", hardware=H100)
+    assert sel.name == "ragged_paged"
+    sel = jaxattn.select(*(args[k] for k in ("query", "key_pages", "value_pages", "kv_lengths", "page_indices")),
+                         cu_q_lens=args["cu_q_lens"], op="paged_attention", hardware=Hardware.cpu())
+    assert sel.name == "xla"
+
+
+def test_conformance_ragged_paged():
+    report = run_conformance(RaggedPagedAttention(interpret=True), hardware=Hardware.cpu(),
+                             dtypes=["float32"], expect_supported="*")
+    report.assert_ok()
+
+
+def test_conformance_decode():
+    report = run_conformance(DecodeAttention(interpret=True), hardware=Hardware.cpu(), dtypes=["bfloat16"],
+                             cases=["paged_decode", "paged_soft_cap"], expect_supported="*")
+    report.assert_ok()
+
+
+def _tpu_reference_kernel():
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_paged_attention
+
+    def kernel(q, kv, lens, table, cu, num_seqs, **kw):
+        return ref_ragged_paged_attention(q, kv, lens, table, cu, num_seqs, **kw)
+    return kernel
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_tpu_wrapper_layout(ragged):
+    """The TPU path's conversions (combined K/V pages, window, decode/padding) checked with jax's own
+    reference of the TPU kernel: the kernel itself cannot run in jax 0.10.2's TPU interpreter."""
+    impl = RaggedPagedAttention(enable_tpu=True, tpu_kernel=_tpu_reference_kernel())
+    if ragged:
+        args = paged_problem(7, [40, 0, 23], [12, 0, 1], pad_tokens=3)
+        kw = dict(sliding_window=9, logits_soft_cap=3.0)
+    else:
+        args = paged_problem(8, [40, 0, 23])
+        kw = {}
+    from jaxattn import OperationMetadata
+    from jaxattn.validation import build_paged_inputs
+    inputs = build_paged_inputs(*(args[k] for k in ("query", "key_pages", "value_pages", "kv_lengths",
+                                                    "page_indices")), cu_q_lens=args.get("cu_q_lens"),
+                                scale=None, sinks=None, metadata=OperationMetadata(),
+                                sliding_window=kw.get("sliding_window"), logits_soft_cap=kw.get("logits_soft_cap"))
+    out, lse = impl(inputs, OperationMetadata(), Hardware.tpu())  # eager: jax's reference loops in Python
+    assert lse is None
+    assert_close(out, reference(args, **kw), jnp.float32)
+
+
+def test_tpu_kernel_is_not_interpretable_here():
+    """Documents why TPU is off by default; if a JAX makes this pass, turn the TPU path on."""
+    from jaxattn_ragged._compat import tpu_interpret_mode
+    from jaxattn_ragged.tpu import combine_kv_pages, tpu_paged_attention
+    args = paged_problem(9, [40, 17], [10, 1], hq=4, hkv=2, d=128)
+    with pytest.raises(Exception):  # noqa: B017 - any failure of the interpreter
+        with tpu_interpret_mode():
+            out = tpu_paged_attention(args["query"], args["key_pages"], args["value_pages"], args["kv_lengths"],
+                                      args["page_indices"], args["cu_q_lens"], scale=0.1, window_left=None,
+                                      soft_cap=None, num_kv_pages_per_block=2, num_queries_per_block=8)
+            jax.block_until_ready(out)
+    assert combine_kv_pages(args["key_pages"], args["value_pages"]).shape[2] == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_gpu_conformance_and_api():
+    for impl in (RaggedPagedAttention(), DecodeAttention()):
+        run_conformance(impl, hardware=Hardware.nvidia(), dtypes=["bfloat16", "float16", "float32"]).assert_ok()
+    args = paged_problem(10, [300, 41, 0, 1000], [64, 1, 0, 1], hq=32, hkv=8, d=128, dtype=jnp.bfloat16,
+                         page_size=16, pad_tokens=7)
+    out = jaxattn.paged_attention(**args, backend="ragged_paged", sliding_window=100, logits_soft_cap=20.0)
+    assert_close(out, reference(args, sliding_window=100, logits_soft_cap=20.0), jnp.bfloat16)
+    dec = paged_problem(11, [5000, 1, 77], hq=32, hkv=8, d=128, dtype=jnp.bfloat16, page_size=64)
+    assert_close(jaxattn.paged_attention(**dec, backend="decode"), reference(dec), jnp.bfloat16)
+    out2 = run_impl(RaggedPagedAttention(), dec, hardware=Hardware.nvidia())[0]
+    assert np.isfinite(np.asarray(out2, np.float32)).all()

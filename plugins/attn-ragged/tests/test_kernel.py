@@ -1,0 +1,73 @@
+"""The Pallas kernel (interpret mode) against the core's xla paged reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import jaxattn
+import numpy as np
+import pytest
+from jaxattn.backends.paged import paged_attention_reference
+from jaxattn.validation import build_paged_inputs
+from jaxattn_ragged import KernelConfig, RaggedPagedAttention, paged_attention_kernel
+from jaxattn_ragged._testing import assert_close, paged_problem, reference, run_impl
+
+B16 = KernelConfig(block_q=4, block_kv=16)
+
+
+def run(args, config=B16, **kw):
+    return run_impl(RaggedPagedAttention(interpret=True, config=config), args, **kw)[0]
+
+
+@pytest.mark.parametrize("page_size,block_kv", [(8, 32), (16, 16), (32, 8)], ids=["gather", "one-page", "sub-page"])
+def test_decode_page_layouts(page_size, block_kv):
+    # shuffled pages, lengths not multiples of the page size, an empty sequence
+    args = paged_problem(1, [45, 0, 3 * page_size + 1, page_size], page_size=page_size)
+    out = run(args, KernelConfig(block_q=1, block_kv=block_kv))
+    assert_close(out, reference(args), jnp.float32)
+    assert np.all(np.asarray(out[1]) == 0.0)  # the empty sequence gives zeros
+
+
+def test_ragged_prefill_and_decode_bf16():
+    # whole prefill, a chunk, decodes, an empty sequence, a sequence with no queries, padding
+    args = paged_problem(2, [37, 70, 40, 0, 21, 9], [37, 13, 1, 0, 0, 1], dtype=jnp.bfloat16, pad_tokens=5)
+    out = run(args)
+    assert_close(out, reference(args), jnp.bfloat16)
+    assert np.all(np.asarray(out[-5:], np.float32) == 0.0)  # padding tokens
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_window_soft_cap_sinks_and_lse(splits):
+    args = paged_problem(3, [50, 33, 17], [20, 1, 17], pad_tokens=2)
+    sinks = jax.random.normal(jax.random.PRNGKey(9), (4,), jnp.float32)
+    inputs = build_paged_inputs(
+        args["query"], args["key_pages"], args["value_pages"], args["kv_lengths"], args["page_indices"],
+        cu_q_lens=args["cu_q_lens"], scale=None, sliding_window=(11, 0), logits_soft_cap=2.5, sinks=sinks,
+        metadata=jaxattn.OperationMetadata())
+    ref_out, ref_lse = paged_attention_reference(inputs)
+    out, lse = paged_attention_kernel(
+        inputs.query, inputs.key_pages, inputs.value_pages, inputs.kv_lengths, inputs.page_indices,
+        inputs.cu_q_lens, scale=inputs.scale, window_left=11, soft_cap=2.5, sinks=sinks,
+        config=KernelConfig(block_q=4, block_kv=8, num_splits=splits), interpret=True)
+    assert_close(out, ref_out, jnp.float32)
+    fin = np.isfinite(np.asarray(ref_lse))
+    assert np.array_equal(np.isfinite(np.asarray(lse)), fin)
+    np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(ref_lse)[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_head_groups_and_value_dim():
+    # G = 3 query heads per kv head (padded to 4 in the kernel), value head_dim != head_dim
+    args = paged_problem(4, [30, 5], [7, 1], hq=6, hkv=2, d=32, dv=16)
+    assert_close(run(args), reference(args), jnp.float32)
+    # MQA (one kv head) in decode
+    args = paged_problem(5, [19, 40], hq=4, hkv=1)
+    assert_close(run(args, KernelConfig(block_q=1, block_kv=16)), reference(args), jnp.float32)
+
+
+def test_random_tables_many_splits_under_jit():
+    rng = np.random.default_rng(6)
+    lengths = [int(x) for x in rng.integers(0, 90, size=5)]
+    counts = [int(min(c, n)) for c, n in zip(rng.integers(0, 6, size=5), lengths)]
+    args = paged_problem(6, lengths, counts, dtype=jnp.float16, pad_tokens=3)
+    out = run(args, KernelConfig(block_q=2, block_kv=16, num_splits=4))
+    assert_close(out, reference(args), jnp.float16)
