@@ -256,11 +256,10 @@ def main():
     dec_var = {"": {}}
     if args.tune:
         dec_var.update({
-            "bk64 w4 s3": dict(block_kv=64), "bk64 w4 s4": dict(block_kv=64, num_stages=4),
-            "bk128 w4 s4": dict(num_stages=4), "bk128 w8 s3": dict(num_warps=8),
-            "bk256 w8 s2": dict(block_kv=256, num_warps=8, num_stages=2),
-            "bk128 splits=1": dict(num_splits=1), "bk128 splits=2": dict(num_splits=2),
-            "bk128 tp=8/SM": dict(target_programs=8 * 132),
+            "gather3d (reshape)": dict(gather2d=0), "no mask split": dict(mask_split=0),
+            "bk64": dict(block_kv=64), "bk64 s4": dict(block_kv=64, num_stages=4),
+            "s4": dict(num_stages=4), "s2": dict(num_stages=2), "w8": dict(num_warps=8),
+            "splits=1": dict(num_splits=1), "tp=8/SM": dict(target_programs=8 * 132),
         })
     if "decode" in sections:
         for b, kv in [(32, 8192), (64, 4096)]:
@@ -269,7 +268,8 @@ def main():
         long_var = {"": {}}
         if args.tune:
             long_var.update({"splits=32": dict(num_splits=32), "splits=128": dict(num_splits=128),
-                             "bk64": dict(block_kv=64), "bk256 w8 s2": dict(block_kv=256, num_warps=8, num_stages=2)})
+                             "bk64": dict(block_kv=64), "bk64 splits=32": dict(block_kv=64, num_splits=32),
+                             "gather3d": dict(gather2d=0)})
         bench_long(sz(131072), cfgs(DECODE_CONFIG, long_var))
     if "pages" in sections:
         for ps in (64, 256):
@@ -278,8 +278,11 @@ def main():
     if "ragged" in sections:
         rag_var = {"": {}}
         if args.tune:
-            rag_var.update({"bq16 bk128": dict(block_kv=128), "bq32 bk64": dict(block_q=32),
-                            "bq16 bk64 w8": dict(num_warps=8), "bq8 bk64": dict(block_q=8)})
+            rag_var.update({"bq32": dict(block_q=32), "bq32 w8": dict(block_q=32, num_warps=8),
+                            "bq32 bk128 w8": dict(block_q=32, block_kv=128, num_warps=8),
+                            "bq32 s2": dict(block_q=32, num_stages=2),
+                            "one tile size (old)": dict(two_tiles=0), "no mask split": dict(mask_split=0),
+                            "gather3d": dict(gather2d=0)})
         if SMOKE:
             bench_ragged(cfgs(RAGGED_CONFIG, rag_var), DECODE_CONFIG, n_prefill=2, chunk=32, context=16, n_decode=3,
                          decode_kv=64)

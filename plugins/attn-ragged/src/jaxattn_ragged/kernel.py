@@ -54,10 +54,17 @@ def is_pow2(x: int) -> bool:
 class KernelConfig:
     """Static launch configuration.
 
-    block_q: query tokens per program (ragged batches; decode always uses 1).
+    block_q: query tokens per program for prefill chunks of ragged batches (decode calls
+      always use 1). Sequences with few queries (at most `16 / G`, e.g. decode tokens in
+      a ragged batch) get small tiles of their own in the same launch (`two_tiles`).
     block_kv: key/value tokens per loop step (a power of two).
     num_splits: KV splits per work item; 0 chooses from the grid size and the GPU.
     num_warps, num_stages: Triton settings (warps per program, pipelining depth).
+    target_programs: programs the automatic split aims at (0: 4 per SM).
+    gather2d: gather whole pages as one `[block_kv, D]` tile (1) or as `[pages, page_size,
+      D]` reshaped (0).
+    mask_split: run the fully visible KV steps without the mask computation (1).
+    two_tiles: ragged batches use small tiles for short sequences (1).
     """
 
     block_q: int = 16
@@ -65,7 +72,10 @@ class KernelConfig:
     num_splits: int = 0
     num_warps: int = 4
     num_stages: int = 3
-    target_programs: int = 0  # 0: 4 programs per SM
+    target_programs: int = 0
+    gather2d: int = 1
+    mask_split: int = 1
+    two_tiles: int = 1
 
     def replace(self, **changes: int) -> KernelConfig:
         return KernelConfig(**{**self.__dict__, **changes})
@@ -76,12 +86,14 @@ RAGGED_CONFIG = KernelConfig(block_q=16, block_kv=64, num_warps=4, num_stages=3)
 
 
 def _work_items(kv_lengths, cu_q_lens, tokens: int, block_q: int, block_kv: int,
-                window_left: int | None, num_splits: int):
+                window_left: int | None, num_splits: int, num_items: int | None = None,
+                take=None):
     """Per-item metadata `[W, 8]` int32: seq, q0, n, p0, kv_len, blk_lo, per_split, blk_hi.
 
     q0: first query token of the item; n: its real tokens (0 = nothing to do); p0: the
     sequence position of token q0; [blk_lo, blk_hi): the KV steps it can see;
-    per_split: steps per split.
+    per_split: steps per split. `take(q_lens) -> bool [S]` limits a ragged batch to
+    some sequences (the others get no items here).
     """
     kv_lengths = kv_lengths.astype(jnp.int32)
     num_seqs = kv_lengths.shape[0]
@@ -94,15 +106,17 @@ def _work_items(kv_lengths, cu_q_lens, tokens: int, block_q: int, block_kv: int,
     else:
         cu = cu_q_lens.astype(jnp.int32)
         q_lens = cu[1:] - cu[:-1]
-        nb = (q_lens + block_q - 1) // block_q
+        mine = q_lens if take is None else jnp.where(take(q_lens), q_lens, 0)
+        nb = (mine + block_q - 1) // block_q
         ends = jnp.cumsum(nb)
         starts = ends - nb
-        num_items = -(-tokens // block_q) + num_seqs
+        if num_items is None:
+            num_items = -(-tokens // block_q) + num_seqs
         w = jnp.arange(num_items, dtype=jnp.int32)
         seq = jnp.clip(jnp.searchsorted(ends, w, side="right"), 0, num_seqs - 1).astype(jnp.int32)
         real = w < ends[-1]
         b = w - starts[seq]
-        n = jnp.where(real, jnp.clip(q_lens[seq] - b * block_q, 0, block_q), 0)
+        n = jnp.where(real, jnp.clip(mine[seq] - b * block_q, 0, block_q), 0)
         q0 = jnp.where(real, cu[seq] + b * block_q, 0)
         kv_len = kv_lengths[seq]
         p0 = kv_len - q_lens[seq] + b * block_q
@@ -115,11 +129,28 @@ def _work_items(kv_lengths, cu_q_lens, tokens: int, block_q: int, block_kv: int,
     return jnp.stack([seq, q0, n, p0, kv_len, blk_lo, per, blk_hi], axis=1).astype(jnp.int32)
 
 
-def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, rows: int, group: int,
+def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, classes, group: int,
             page_size: int, block_kv: int, scale: float, soft_cap: float | None,
-            window_left: int | None, precision):
-    w = pl.program_id(0)
+            window_left: int | None, precision, gather2d: bool, mask_split: bool):
+    """`classes`: static ((first item, end item, rows), ...): item ranges with their tile rows."""
+    w = pl.program_id(0)  # read here: the interpreter cannot read program ids inside a branch
     split = pl.program_id(2)
+    if len(classes) == 1:
+        _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, rows=classes[0][2], group=group,
+                 page_size=page_size, block_kv=block_kv, scale=scale, soft_cap=soft_cap,
+                 window_left=window_left, precision=precision, gather2d=gather2d, mask_split=mask_split)
+        return
+    for start, end, rows in classes:
+        @pl.when((w >= start) & (w < end))
+        def _(rows=rows):
+            _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, rows=rows, group=group,
+                     page_size=page_size, block_kv=block_kv, scale=scale, soft_cap=soft_cap,
+                     window_left=window_left, precision=precision, gather2d=gather2d, mask_split=mask_split)
+
+
+def _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, rows: int, group: int,
+             page_size: int, block_kv: int, scale: float, soft_cap: float | None,
+             window_left: int | None, precision, gather2d: bool, mask_split: bool):
     seq = meta_ref[w, 0]
     q0 = meta_ref[w, 1]
     n = meta_ref[w, 2]
@@ -130,7 +161,7 @@ def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, rows: int,
     lo = blk_lo + split * per
     hi = jnp.minimum(blk_hi, lo + per)
 
-    q = q_ref[pl.ds(q0 * group, rows), :]  # [rows, D]: block_q tokens x G heads
+    q = q_ref[pl.ds(q0 * group, rows), :]  # [rows, D]: tokens x G heads
     row_tok = lax.broadcasted_iota(jnp.int32, (rows,), 0) // group
     row_pos = p0 + row_tok  # sequence position of each row's query
     dv = v_ref.shape[-1]
@@ -139,42 +170,64 @@ def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, rows: int,
     pages_per_step = block_kv // page_size if whole_pages else 1
     qk_scale = scale if soft_cap is None else scale / soft_cap
     out_scale = LOG2E if soft_cap is None else soft_cap * LOG2E
+    tok = lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
 
-    def body(j, carry):
-        acc, m_i, l_i = carry
+    def load_kv(j):
+        if whole_pages and gather2d:
+            pages = pt_ref[seq, j * pages_per_step + tok // page_size]  # [block_kv] page of each key
+            slots = tok % page_size
+            return k_ref[pages, slots, :], v_ref[pages, slots, :]
         if whole_pages:
             pages = pt_ref[seq, pl.ds(j * pages_per_step, pages_per_step)]
-            k = k_ref[pages].reshape(block_kv, d)
-            v = v_ref[pages].reshape(block_kv, dv)
-        else:
-            start = j * block_kv
-            page = pt_ref[seq, start // page_size]
-            off = start % page_size
-            k = k_ref[page, pl.ds(off, block_kv), :]
-            v = v_ref[page, pl.ds(off, block_kv), :]
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                            preferred_element_type=jnp.float32)  # [rows, block_kv]
-        s = s * qk_scale
-        if soft_cap is not None:
-            s = jnp.tanh(s)
-        s = s * out_scale  # log2 domain
-        k_pos = j * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
-        visible = k_pos[None, :] <= row_pos[:, None]
-        if window_left is not None:
-            visible = visible & (k_pos[None, :] >= row_pos[:, None] - window_left)
-        s = jnp.where(visible, s, NEG)
-        m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m_i - m_new)
-        p = jnp.where(visible, jnp.exp2(s - m_new[:, None]), 0.0)
-        l_new = l_i * alpha + jnp.sum(p, axis=1)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32)
-        return acc * alpha[:, None] + pv, m_new, l_new
+            return k_ref[pages].reshape(block_kv, d), v_ref[pages].reshape(block_kv, dv)
+        start = j * block_kv
+        page = pt_ref[seq, start // page_size]
+        off = start % page_size
+        return k_ref[page, pl.ds(off, block_kv), :], v_ref[page, pl.ds(off, block_kv), :]
 
-    acc = jnp.zeros((rows, dv), jnp.float32)
-    m_i = jnp.full((rows,), NEG, jnp.float32)
-    l_i = jnp.zeros((rows,), jnp.float32)
-    acc, m_i, l_i = lax.fori_loop(lo, hi, body, (acc, m_i, l_i))
+    def step(masked):
+        def body(j, carry):
+            acc, m_i, l_i = carry
+            k, v = load_kv(j)
+            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                                preferred_element_type=jnp.float32)  # [rows, block_kv]
+            s = s * qk_scale
+            if soft_cap is not None:
+                s = jnp.tanh(s)
+            s = s * out_scale  # log2 domain
+            if masked:
+                k_pos = j * block_kv + tok
+                visible = k_pos[None, :] <= row_pos[:, None]
+                if window_left is not None:
+                    visible = visible & (k_pos[None, :] >= row_pos[:, None] - window_left)
+                s = jnp.where(visible, s, NEG)
+            m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - m_new[:, None])
+            if masked:
+                p = jnp.where(visible, p, 0.0)
+            l_new = l_i * alpha + jnp.sum(p, axis=1)
+            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32)
+            return acc * alpha[:, None] + pv, m_new, l_new
+        return body
+
+    carry = (jnp.zeros((rows, dv), jnp.float32), jnp.full((rows,), NEG, jnp.float32),
+             jnp.zeros((rows,), jnp.float32))
+    if mask_split:
+        # Steps whose keys every real row sees: all keys <= p0 (the first row's position) and,
+        # with a window, >= the last row's window start. Those skip the mask arithmetic.
+        full_hi = (p0 + 1) // block_kv
+        full_lo = 0 if window_left is None else (jnp.maximum(p0 + n - 1 - window_left, 0) + block_kv - 1) // block_kv
+        a = jnp.clip(full_lo, lo, hi)
+        b = jnp.clip(full_hi, a, hi)
+        if window_left is not None:
+            carry = lax.fori_loop(lo, a, step(True), carry)
+        carry = lax.fori_loop(a, b, step(False), carry)
+        carry = lax.fori_loop(b, hi, step(True), carry)
+    else:
+        carry = lax.fori_loop(lo, hi, step(True), carry)
+    acc, m_i, l_i = carry
 
     has_key = l_i > 0.0
     l_safe = jnp.where(has_key, l_i, 1.0)
@@ -208,8 +261,15 @@ def paged_attention_kernel(query, key_pages, value_pages, kv_lengths, page_indic
     dv = value_pages.shape[-1]
     num_seqs, pages_per_seq = page_indices.shape
     group = hq // hkv
-    block_q = 1 if cu_q_lens is None else config.block_q
-    gp = max(next_pow2(group), -(-MIN_ROWS // block_q))
+    g2 = next_pow2(group)
+    if cu_q_lens is None:
+        block_q, small_q = 1, 0
+    else:
+        block_q = max(1, min(config.block_q, max(1, 128 // g2)))  # at most 128 rows per tile
+        small_q = max(1, MIN_ROWS // g2)  # a 16-row tile: decode tokens, short sequences
+        if not config.two_tiles or small_q >= block_q:
+            small_q = 0
+    gp = max(g2, -(-MIN_ROWS // block_q))
     rows = block_q * gp
     block_kv = config.block_kv
     if not (is_pow2(block_kv) and is_pow2(page_size)):
@@ -218,9 +278,25 @@ def paged_attention_kernel(query, key_pages, value_pages, kv_lengths, page_indic
         raise ValueError("block_kv must divide page_size")
 
     max_steps = -(-(pages_per_seq * page_size) // block_kv)
-    items = tokens if cu_q_lens is None else -(-tokens // block_q) + num_seqs
+    if cu_q_lens is None:
+        items = tokens
+    elif small_q:
+        big_items = -(-tokens // block_q) + min(num_seqs, tokens // (small_q + 1))
+        small_items = min(num_seqs, tokens)
+        items = big_items + small_items
+    else:
+        items = -(-tokens // block_q) + num_seqs
     splits = choose_splits(items, hkv, max_steps, config)
-    meta = _work_items(kv_lengths, cu_q_lens, tokens, block_q, block_kv, window_left, splits)
+    if small_q:
+        big = _work_items(kv_lengths, cu_q_lens, tokens, block_q, block_kv, window_left, splits, big_items,
+                          take=lambda ql: ql > small_q)
+        small = _work_items(kv_lengths, cu_q_lens, tokens, small_q, block_kv, window_left, splits, small_items,
+                            take=lambda ql: ql <= small_q)
+        meta = jnp.concatenate([big, small])
+        classes = ((0, big_items, rows), (big_items, items, small_q * gp))
+    else:
+        meta = _work_items(kv_lengths, cu_q_lens, tokens, block_q, block_kv, window_left, splits)
+        classes = ((0, items, rows),)
 
     # Page table padded so that the last step's gather stays in bounds.
     table = page_indices.astype(jnp.int32)
@@ -238,8 +314,9 @@ def paged_attention_kernel(query, key_pages, value_pages, kv_lengths, page_indic
     out_dtype = query.dtype if splits == 1 else jnp.float32
     precision = lax.Precision.HIGHEST if cache_dtype == jnp.float32 else None
     kernel = functools.partial(
-        _kernel, rows=rows, group=gp, page_size=page_size, block_kv=block_kv, scale=float(scale),
-        soft_cap=soft_cap, window_left=window_left, precision=precision)
+        _kernel, classes=classes, group=gp, page_size=page_size, block_kv=block_kv, scale=float(scale),
+        soft_cap=soft_cap, window_left=window_left, precision=precision, gather2d=bool(config.gather2d),
+        mask_split=bool(config.mask_split))
     grid = (meta.shape[0], hkv, splits)
     full = lambda shape: pl.BlockSpec(shape, lambda i, h, s: (0,) * len(shape))  # noqa: E731
     o, lse = pl.pallas_call(
