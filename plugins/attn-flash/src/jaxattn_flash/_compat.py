@@ -14,7 +14,7 @@ from jax.experimental.pallas import triton as plgpu
 
 JAX_VERSION: tuple[int, ...] = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
-_TritonParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+_TritonParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
 
 
 def triton_params(num_warps: int, num_stages: int) -> Any:

@@ -6,7 +6,6 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 from jax import lax
-
 from jaxattn import (
     AttentionInputs,
     AttentionRequest,

@@ -218,6 +218,23 @@ def _loop3(ranges, body, carry):
     return lax.fori_loop(fe, end, functools.partial(body, masked=True), carry)
 
 
+def _loop3_heads(ranges, body, carry, group: int):
+    """`_loop3` over q blocks for each of `group` query heads, as one flat loop per
+    phase (head-major), so the software pipeline runs on across heads."""
+    if group == 1:
+        return _loop3(ranges, lambda ib, c, masked: body(0, ib, c, masked=masked), carry)
+    start, fs, fe, end = ranges
+    for lo, hi, masked in ((start, fs, True), (fs, fe, False), (fe, end, True)):
+        n = hi - lo
+
+        def step(it, c, lo=lo, n=n, masked=masked):
+            gi = lax.div(it, n)
+            return body(gi, lo + (it - gi * n), c, masked=masked)
+
+        carry = lax.fori_loop(0, n * group, step, carry)
+    return carry
+
+
 # -- forward ----------------------------------------------------------------------------
 
 
@@ -474,35 +491,29 @@ def _dkdv_kernel(*refs, spec: KernelSpec):
     k_pos = c0 + jnp.arange(bk, dtype=jnp.int32)
     kv_seg = kv_seg_ref[...] if kv_seg_ref is not None else None
 
-    def head(gi, carry):
-        def body(ib, carry, *, masked):
-            dk, dv = carry
-            start = multiple_of(ib * bq, bq)
-            q = q_ref[pl.ds(start, bq), gi, :]
-            do = do_ref[pl.ds(start, bq), gi, :]
-            lse = lse_ref[gi, pl.ds(start, bq)]
-            delta = delta_ref[gi, pl.ds(start, bq)]
-            s, t = _logits(_dot(q, k, spec, trans_b=True), spec)
-            if masked:
-                q_pos = start + jnp.arange(bq, dtype=jnp.int32)
-                q_seg = q_seg_ref[pl.ds(start, bq)] if q_seg_ref is not None else None
-                s = jnp.where(_visible(spec, q_pos, k_pos, kv_end, q_seg, kv_seg), s, -jnp.inf)
-            p = jnp.exp2(s - lse[:, None])
-            dv = dv + _dot(p.astype(do.dtype), do, spec, trans_a=True)
-            dp = _dot(do, v, spec, trans_b=True)
-            ds = p * (dp - delta[:, None])
-            if t is not None:
-                ds = ds * (1.0 - t * t)
-            dk = dk + _dot(ds.astype(q.dtype), q, spec, trans_a=True)
-            return dk, dv
-
-        return _loop3(ranges, body, carry)
+    def body(gi, ib, carry, *, masked):
+        dk, dv = carry
+        start = multiple_of(ib * bq, bq)
+        q = q_ref[pl.ds(start, bq), gi, :]
+        do = do_ref[pl.ds(start, bq), gi, :]
+        lse = lse_ref[gi, pl.ds(start, bq)]
+        delta = delta_ref[gi, pl.ds(start, bq)]
+        s, t = _logits(_dot(q, k, spec, trans_b=True), spec)
+        if masked:
+            q_pos = start + jnp.arange(bq, dtype=jnp.int32)
+            q_seg = q_seg_ref[pl.ds(start, bq)] if q_seg_ref is not None else None
+            s = jnp.where(_visible(spec, q_pos, k_pos, kv_end, q_seg, kv_seg), s, -jnp.inf)
+        p = jnp.exp2(s - lse[:, None])
+        dv = dv + _dot(p.astype(do.dtype), do, spec, trans_a=True)
+        dp = _dot(do, v, spec, trans_b=True)
+        ds = p * (dp - delta[:, None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)
+        dk = dk + _dot(ds.astype(q.dtype), q, spec, trans_a=True)
+        return dk, dv
 
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    if spec.group == 1:
-        dk, dv = head(0, init)
-    else:
-        dk, dv = lax.fori_loop(0, spec.group, head, init)
+    dk, dv = _loop3_heads(ranges, body, init, spec.group)
     dk_ref[...] = (dk * spec.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
