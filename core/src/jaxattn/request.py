@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .inputs import AttentionInputs, PagedAttentionInputs
+from .masks import Mask, mask_parts
 
 MODES = ("train", "prefill", "decode")
 OPS = ("attention", "paged_attention")
@@ -32,6 +33,10 @@ class AttentionRequest:
     `mask_kinds` names the mask kinds involved ("causal", "sliding_window",
     "chunked_causal", "segment", "dense", "full"; "or" when masks are combined with `|`).
     `needs_grad` is True in mode "train" unless the metadata says otherwise.
+    `band` is `(lo, hi)`, the static range of `j - i` that the mask's structural parts
+    (causal, window, chunked) allow (None for an unbounded side), and `chunk` is
+    `(chunk_size, offset)`; both None when the mask has no such part or uses `|`.
+    They let `supports()` judge exact offsets (e.g. top-left vs bottom-right causal).
     """
 
     op: str = "attention"
@@ -55,6 +60,8 @@ class AttentionRequest:
     needs_grad: bool = False
     mode: str = "train"
     paged: PagedLayout | None = None
+    band: tuple[int | None, int | None] | None = None
+    chunk: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -99,6 +106,7 @@ class AttentionRequest:
         b, q_len, hq, d = inputs.query.shape
         _, kv_len, hkv, _ = inputs.key.shape
         mode = mode or ("decode" if q_len == 1 else "train")
+        band, chunk = _static_band(inputs.mask, q_len, kv_len)
         return cls(
             op="attention",
             batch=b,
@@ -120,6 +128,8 @@ class AttentionRequest:
             return_lse=inputs.return_lse,
             needs_grad=(mode == "train") if needs_grad is None else needs_grad,
             mode=mode,
+            band=band,
+            chunk=chunk,
         )
 
     @classmethod
@@ -148,3 +158,18 @@ class AttentionRequest:
             mode=mode or ("prefill" if ragged else "decode"),
             paged=PagedLayout(num_pages, page_size, pages_per_seq, num_seqs, ragged),
         )
+
+
+def _static_band(mask: Mask | None, q_len: int, kv_len: int) -> tuple[tuple[int | None, int | None] | None,
+                                                                      tuple[int, int] | None]:
+    """The structural band and chunk of `mask`, or (None, None) where there is none or `|` is used."""
+    if mask is None or "or" in mask.kinds():
+        return None, None
+    if not mask.kinds() & {"causal", "sliding_window", "chunked_causal"}:
+        return None, None
+    try:
+        parts = mask_parts(mask, q_len, kv_len)
+    except ValueError:
+        return None, None
+    chunk = (parts.chunk_size, parts.chunk_offset) if parts.chunk_size is not None else None
+    return (parts.band_lo, parts.band_hi), chunk
