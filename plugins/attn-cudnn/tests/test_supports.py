@@ -19,6 +19,8 @@ def req(**kw) -> AttentionRequest:
                 value_head_dim=128, dtype="bfloat16", kv_dtype="bfloat16", mask_kinds=frozenset({"causal"}),
                 needs_grad=True)
     base.update(kw)
+    if "band" not in kw and "causal" in base["mask_kinds"]:  # what is_causal=True builds: bottom-right
+        base["band"] = (None, base["kv_len"] - base["q_len"])
     if "head_dim" in kw and "value_head_dim" not in kw:
         base["value_head_dim"] = kw["head_dim"]
     return AttentionRequest(**base)
@@ -80,10 +82,20 @@ def test_value_head_dim_differs(hw: Hardware, ok: bool) -> None:
 
 @pytest.mark.parametrize("version, ok", [(90100, False), (90200, True)])
 def test_sliding_window_needs_cudnn_9_2(version: int, ok: bool) -> None:
-    got, why = verdict(req(mask_kinds=frozenset({"causal", "sliding_window"})), Hardware.nvidia((9, 0), version))
+    got, why = verdict(req(mask_kinds=frozenset({"causal", "sliding_window"}), band=(-128, 0)),
+                       Hardware.nvidia((9, 0), version))
     assert got == ok, why
     if not ok:
         assert "sliding window needs cuDNN >= 9.2.0" in why
+
+
+def test_exact_band_lets_a_top_left_causal_mask_through() -> None:
+    # CausalMask(0) with q_len < kv_len: the band (None, 0) is cuDNN's own after slicing keys.
+    got, why = verdict(req(q_len=512, band=(None, 0)), H100)
+    assert got, why
+    # the bottom-right causal mask of the same shape is not
+    got, why = verdict(req(q_len=512, band=(None, 512)), H100)
+    assert not got and "aligned top-left" in why
 
 
 @pytest.mark.parametrize("changes, fragment", [
@@ -96,7 +108,7 @@ def test_sliding_window_needs_cudnn_9_2(version: int, ok: bool) -> None:
     (dict(mask_kinds=frozenset({"or", "causal", "sliding_window"})), "combined with |"),
     (dict(mask_kinds=frozenset({"chunked_causal"})), "chunked-causal"),
     (dict(q_len=512), "aligned top-left"),
-    (dict(mask_kinds=frozenset({"sliding_window"})), "left-only window"),
+    (dict(mask_kinds=frozenset({"sliding_window"}), band=(-128, 128)), "-128 <= j - i <= 128"),
     (dict(has_bias=True, q_len=1023, kv_len=1023), "even q_len and kv_len"),
     (dict(op="paged_attention"), "paged_attention"),
 ])

@@ -22,6 +22,7 @@ from __future__ import annotations
 from jaxattn import AttentionRequest, Hardware
 
 from . import _compat
+from .translate import Untranslatable, plan_band
 
 MIN_COMPUTE_CAPABILITY = (8, 0)
 MIN_CUDNN = 8904
@@ -105,22 +106,16 @@ def request_reasons(request: AttentionRequest, hardware: Hardware, *, check_dtyp
     if "chunked_causal" in kinds:
         reasons.append("cuDNN has no chunked-causal mask")
     bias_path = r.has_bias or "dense" in kinds or "segment" in kinds
-    band = {"causal", "sliding_window"} & kinds
-    if band and r.q_len > 1 and not bias_path:
-        # The request carries mask kinds, not offsets: judge by what is_causal/sliding_window
-        # produce (bottom-right aligned), as jaxattn.attention builds them.
-        if "sliding_window" in kinds and "causal" not in kinds:
-            reasons.append("a sliding window without is_causal may reach right of the diagonal, which "
-                           "cuDNN's left-only window cannot express")
-        elif alignment == "top_left" and r.q_len < r.kv_len:
-            reasons.append(f"cuDNN's causal mask is aligned top-left (as JAX drives it), so the "
-                           f"bottom-right causal mask of q_len={r.q_len} < kv_len={r.kv_len} cannot be "
-                           "expressed")
-        elif alignment == "bottom_right" and r.q_len > r.kv_len:  # pragma: no cover - other alignment
-            reasons.append("cuDNN's causal mask is aligned bottom-right; this band cannot be expressed")
-        if "sliding_window" in kinds and version is not None and version < MIN_CUDNN_SLIDING_WINDOW:
-            reasons.append(f"cuDNN's sliding window needs cuDNN >= {version_str(MIN_CUDNN_SLIDING_WINDOW)}, "
-                           f"found {version_str(version)}")
+    if r.band is not None:
+        # The request carries the exact band: plan it as translate() will, and say why not.
+        try:
+            plan = plan_band(*r.band, r.q_len, r.kv_len, bias_available=bias_path, alignment=alignment)
+        except Untranslatable as err:
+            reasons.append(str(err))
+        else:
+            if plan.window is not None and version is not None and version < MIN_CUDNN_SLIDING_WINDOW:
+                reasons.append(f"cuDNN's sliding window needs cuDNN >= {version_str(MIN_CUDNN_SLIDING_WINDOW)}, "
+                               f"found {version_str(version)}")
     if bias_path and r.needs_grad and (r.q_len % 2 or r.kv_len % 2):
         reasons.append(f"cuDNN's backward pass with a bias or mask needs even q_len and kv_len, got "
                        f"{r.q_len} and {r.kv_len}")
