@@ -18,6 +18,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+
 import jaxattn
 from jaxattn.bench import attention_flops, time_call
 

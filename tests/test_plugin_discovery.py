@@ -8,9 +8,10 @@ import sys
 import textwrap
 
 import jax.numpy as jnp
-import jaxattn
 import numpy as np
 import pytest
+
+import jaxattn
 from jaxattn.cli import main
 
 GOOD = '''

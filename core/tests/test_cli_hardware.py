@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import jax
-import jaxattn
 import pytest
+
+import jaxattn
 from jaxattn import Hardware
 from jaxattn.cli import main
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import pytest
+
 from jaxattn import Support
 from jaxattn.backends.xla import XlaAttention
 from jaxattn.testing import Shape, all_cases, run_conformance

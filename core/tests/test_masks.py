@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import jaxattn
 import numpy as np
 import pytest
+from numpy_reference import Rules, allowed
+
+import jaxattn
 from jaxattn import EMPTY, FULL, PARTIAL
 from jaxattn.masks import (
     CausalMask,
@@ -17,7 +19,6 @@ from jaxattn.masks import (
     SlidingWindowMask,
     mask_parts,
 )
-from numpy_reference import Rules, allowed
 
 SHAPES = [(16, 16), (12, 20), (20, 12), (1, 33)]
 

@@ -6,11 +6,12 @@ from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
-import jaxattn
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+import jaxattn
 from jaxattn import OperationMetadata, PartitionAxis
 
 needs8 = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (on CPU: see conftest.py)")

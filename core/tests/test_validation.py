@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import jaxattn
 import numpy as np
 import pytest
+
+import jaxattn
 
 q = jnp.ones((2, 8, 4, 16)) * 0.5
 k = jnp.ones((2, 10, 2, 16)) * 0.25

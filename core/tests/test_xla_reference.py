@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import jaxattn
 import numpy as np
 import pytest
 from numpy_reference import Rules, attention, backward, paged
+
+import jaxattn
 
 B, SQ, SKV, HQ, D = 2, 24, 40, 4, 8
 FWD_TOL = 1e-5

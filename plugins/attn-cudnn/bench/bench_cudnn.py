@@ -23,8 +23,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import jaxattn
 import numpy as np
+
+import jaxattn
 
 SHAPES = [(4, 4096, 32, 32, 128), (4, 4096, 32, 8, 128), (1, 16384, 16, 16, 128), (8, 2048, 16, 16, 64)]
 DECODE = [(32, 8192, 32, 8, 128), (64, 4096, 32, 8, 128)]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from jaxattn import CausalMask, DenseMask, Hardware, OperationMetadata, SlidingWindowMask
 from jaxattn.backends.xla import XlaAttention
 from jaxattn.testing import build_inputs, relative_error, run_conformance

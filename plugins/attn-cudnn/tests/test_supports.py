@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import pytest
+
 from jaxattn import AttentionRequest, Hardware, list_backends, select
 from jaxattn_cudnn import CudnnAttention
 from jaxattn_cudnn.capabilities import version_str

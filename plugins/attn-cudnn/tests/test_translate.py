@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from jaxattn import (
     CausalMask,
     ChunkedCausalMask,

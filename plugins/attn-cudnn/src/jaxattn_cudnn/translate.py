@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+
 from jaxattn import AttentionInputs, mask_parts
 
 from . import _compat
