@@ -244,6 +244,7 @@ def cfgs(base: KernelConfig, variants: dict[str, dict]) -> list[tuple[str, Kerne
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true", help="time several block/warp/stage/split variants")
+    ap.add_argument("--final", action="store_true", help="defaults plus the few variants BENCHMARKS.md cites")
     ap.add_argument("--json", default=None)
     ap.add_argument("--sections", default="decode,long,ragged,pages")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, Pallas interpreter (CPU check)")
@@ -261,11 +262,15 @@ def main():
             "s4": dict(num_stages=4), "s2": dict(num_stages=2), "w8": dict(num_warps=8),
             "splits=1": dict(num_splits=1), "tp=8/SM": dict(target_programs=8 * 132),
         })
+    if args.final:
+        dec_var.update({"splits=1": dict(num_splits=1), "splits=3": dict(num_splits=3)})
     if "decode" in sections:
         for b, kv in [(32, 8192), (64, 4096)]:
             bench_decode(b if not SMOKE else 2, sz(kv), 16, cfgs(DECODE_CONFIG, dec_var))
     if "long" in sections:
         long_var = {"": {}}
+        if args.final:
+            long_var.update({"splits=64": dict(num_splits=64)})
         if args.tune:
             long_var.update({"splits=32": dict(num_splits=32), "splits=128": dict(num_splits=128),
                              "bk64": dict(block_kv=64), "bk64 splits=32": dict(block_kv=64, num_splits=32),
@@ -277,6 +282,8 @@ def main():
             bench_decode(b, kv, ps, cfgs(DECODE_CONFIG, {"": {}}), peers=False, section="pagesize")
     if "ragged" in sections:
         rag_var = {"": {}}
+        if args.final:
+            rag_var.update({"one tile size": dict(two_tiles=0), "bq16": dict(block_q=16)})
         if args.tune:
             rag_var.update({"bq32": dict(block_q=32), "bq32 w8": dict(block_q=32, num_warps=8),
                             "bq32 bk128 w8": dict(block_q=32, block_kv=128, num_warps=8),

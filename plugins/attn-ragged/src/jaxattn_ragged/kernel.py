@@ -82,7 +82,8 @@ class KernelConfig:
 
 
 DECODE_CONFIG = KernelConfig(block_q=1, block_kv=128, num_warps=4, num_stages=3)
-RAGGED_CONFIG = KernelConfig(block_q=16, block_kv=64, num_warps=4, num_stages=3)
+RAGGED_CONFIG = KernelConfig(block_q=32, block_kv=64, num_warps=4, num_stages=3)
+MIN_STEPS_PER_SPLIT = 32  # automatic splits beyond 4 keep at least this many KV steps each
 
 
 def _work_items(kv_lengths, cu_q_lens, tokens: int, block_q: int, block_kv: int,
@@ -245,7 +246,8 @@ def choose_splits(items: int, kv_heads: int, max_steps: int, cfg: KernelConfig) 
     programs = items * kv_heads
     if programs >= target:
         return 1
-    return max(1, min(-(-target // programs), max_steps))
+    splits = min(-(-target // programs), max(4, max_steps // MIN_STEPS_PER_SPLIT))
+    return max(1, min(splits, max_steps))
 
 
 def paged_attention_kernel(query, key_pages, value_pages, kv_lengths, page_indices, cu_q_lens, *,
