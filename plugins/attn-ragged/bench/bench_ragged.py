@@ -25,6 +25,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from jaxattn_ragged.kernel import DECODE_CONFIG, RAGGED_CONFIG, KernelConfig, paged_attention_kernel
 
 HQ, HKV, D = 32, 8, 128

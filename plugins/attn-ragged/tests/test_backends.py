@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import jaxattn
 import numpy as np
 import pytest
+
+import jaxattn
 from jaxattn import AttentionRequest, Hardware
 from jaxattn.request import PagedLayout
 from jaxattn.testing import run_conformance

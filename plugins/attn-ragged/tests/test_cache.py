@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from jaxattn_ragged import update_paged_kv_cache
 from jaxattn_ragged._testing import paged_problem
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import jaxattn
 import numpy as np
 import pytest
+
+import jaxattn
 from jaxattn.backends.paged import paged_attention_reference
 from jaxattn.validation import build_paged_inputs
 from jaxattn_ragged import KernelConfig, RaggedPagedAttention, paged_attention_kernel
@@ -71,3 +72,20 @@ def test_random_tables_many_splits_under_jit():
     args = paged_problem(6, lengths, counts, dtype=jnp.float16, pad_tokens=3)
     out = run(args, KernelConfig(block_q=2, block_kv=16, num_splits=4))
     assert_close(out, reference(args), jnp.float16)
+
+
+def test_split_choice_and_settings():
+    from jaxattn_ragged.kernel import DECODE_CONFIG, choose_splits
+    cfg = DECODE_CONFIG.replace(target_programs=528)
+    assert choose_splits(32, 8, 64, cfg) == 3  # 256 programs -> 3 splits
+    assert choose_splits(1, 8, 1024, cfg) == 32  # one long sequence: >= 32 steps per split
+    assert choose_splits(600, 8, 64, cfg) == 1  # the grid fills the GPU
+    assert choose_splits(1, 8, 2, cfg) == 2  # never more splits than steps
+    assert choose_splits(1, 8, 64, cfg.replace(num_splits=5)) == 5
+    args = paged_problem(12, [9, 3])
+    bad = jaxattn.OperationMetadata(operation_configs={"ragged_paged": {"block_k": 64}})
+    inputs = build_paged_inputs(*(args[k] for k in ("query", "key_pages", "value_pages", "kv_lengths",
+                                                    "page_indices")), cu_q_lens=None, scale=None, sinks=None,
+                                sliding_window=None, logits_soft_cap=None, metadata=bad)
+    with pytest.raises(ValueError, match="block_k"):
+        RaggedPagedAttention(interpret=True)(inputs, bad, jaxattn.Hardware.cpu())

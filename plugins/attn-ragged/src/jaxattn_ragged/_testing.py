@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import jaxattn
 import numpy as np
+
+import jaxattn
 from jaxattn.testing.conformance import relative_error
 
 TOL = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
