@@ -61,3 +61,10 @@ else:  # pragma: no cover
     process_mask = process_mask_dkv = process_dynamic_mask = process_dynamic_mask_dkv = None
     SplashMask = object  # type: ignore[assignment,misc]
     ComputableMaskBase = object
+
+try:  # the TPU-faithful Pallas interpreter (simulated memory spaces, DMAs, uninitialized memory)
+    from jax.experimental.pallas import tpu as _pltpu
+
+    InterpretParams: Any = getattr(_pltpu, "InterpretParams", None)
+except ImportError:  # pragma: no cover
+    InterpretParams = None

@@ -20,6 +20,7 @@ kernel runs without them and they are applied exactly afterwards from the lse:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import jax
@@ -224,8 +225,13 @@ def _attention(inputs: AttentionInputs, metadata: OperationMetadata, interpret: 
         return kernel.splash_attention(st, fwd_i, dq_i, dkv_i, q1, k1, v1, seg1, sinks)
 
     fwd_info, dq_info, dkv_info = infos
-    out, lse = jax.vmap(one, in_axes=(info_axis, info_axis, info_axis, 0, 0, 0, 0 if seg is not None else None))(
-        fwd_info, dq_info, dkv_info, qt, kt, vt, seg)
+    if b == 1 and info_axis is None:  # no vmap: also what pltpu.InterpretParams can run
+        first = functools.partial(jax.tree_util.tree_map, lambda x: x[0])
+        out, lse = one(fwd_info, dq_info, dkv_info, qt[0], kt[0], vt[0], None if seg is None else first(seg))
+        out, lse = out[None], lse[None]
+    else:
+        out, lse = jax.vmap(one, in_axes=(info_axis, info_axis, info_axis, 0, 0, 0, 0 if seg is not None else None))(
+            fwd_info, dq_info, dkv_info, qt, kt, vt, seg)
     out, lse = out[:, :, :sq], lse[:, :, :sq]  # [B, Hq, Sq, Dv], [B, Hq, Sq]
 
     if not every_row_has_a_key:
