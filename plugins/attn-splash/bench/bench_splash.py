@@ -169,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     fn = _raw_splash_fn(shape, args.interpret, train)
                 try:
-                    seconds = time_call(lambda fn=fn: fn(q, k, v), **timing)
-                    note = ""
-                    if not train and ref is not None:
-                        note = f" (err {_rel(fn(q, k, v), ref):.0e})"
-                    cells.append(f"{flops / seconds / 1e12:.1f}{note}")
+                    seconds = time_call(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v), **timing)
+                    note = f" ({seconds * 1e3:.3g} ms"
+                    if not train and ref is not None and column != "xla":
+                        note += f", err {_rel(fn(q, k, v), ref):.0e}"
+                    cells.append(f"{flops / seconds / 1e12:.1f}{note})")
                 except Exception as err:  # noqa: BLE001 - report and go on
                     cells.append(f"fails: {type(err).__name__}")
                     print(f"  {column} {shape.label()}: {err}", file=sys.stderr)
@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| (batch, seq, q heads, kv heads, head_dim) mask | pass | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
     print("\n".join(rows))
-    print("\nTFLOP/s (visible pairs; fwd+bwd counts 3.5x the forward); (err) = forward relative error vs xla.")
+    print("\nTFLOP/s (visible pairs; fwd+bwd counts 3.5x the forward), (time per call, forward relative "
+          "error vs xla).")
     return 0
 
 

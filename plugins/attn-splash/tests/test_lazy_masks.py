@@ -8,6 +8,7 @@ import tracemalloc
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from jaxattn import CausalMask, ChunkedCausalMask, DenseMask, FullMask, SegmentMask, SlidingWindowMask
 from jaxattn_splash import _compat, lazy
 from jaxattn_splash.mask_info import lazy_mask_info

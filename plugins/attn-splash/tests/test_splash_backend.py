@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+
 from jaxattn import (
     AttentionRequest,
     CausalMask,

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from jaxattn import AttentionInputs, AttentionRequest, Hardware, OperationImpl, OperationMetadata, Support
 from jaxattn.masks import Mask
 
