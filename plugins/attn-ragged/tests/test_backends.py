@@ -135,6 +135,14 @@ def test_gpu_conformance_and_api():
                          page_size=16, pad_tokens=7)
     out = jaxattn.paged_attention(**args, backend="ragged_paged", sliding_window=100, logits_soft_cap=20.0)
     assert_close(out, reference(args, sliding_window=100, logits_soft_cap=20.0), jnp.bfloat16)
+    # other head dims and page sizes that supports() accepts
+    for seed, (d, ps, hq, hkv) in enumerate([(256, 8, 16, 2), (64, 128, 8, 8), (128, 32, 64, 1), (32, 256, 4, 4)]):
+        for counts in (None, [33, 1, 0]):
+            args = paged_problem(20 + seed, [700, 3, 129], counts, hq=hq, hkv=hkv, d=d, dtype=jnp.float16,
+                                 page_size=ps, pad_tokens=2 if counts else 0)
+            for name in ("ragged_paged",) + (("decode",) if counts is None else ()):
+                out = jaxattn.paged_attention(**args, backend=name, sliding_window=300)
+                assert_close(out, reference(args, sliding_window=300), jnp.float16)
     dec = paged_problem(11, [5000, 1, 77], hq=32, hkv=8, d=128, dtype=jnp.bfloat16, page_size=64)
     assert_close(jaxattn.paged_attention(**dec, backend="decode"), reference(dec), jnp.bfloat16)
     out2 = run_impl(RaggedPagedAttention(), dec, hardware=Hardware.nvidia())[0]

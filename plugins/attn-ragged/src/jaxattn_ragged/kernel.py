@@ -274,6 +274,10 @@ def paged_attention_kernel(query, key_pages, value_pages, kv_lengths, page_indic
     gp = max(g2, -(-MIN_ROWS // block_q))
     rows = block_q * gp
     block_kv = config.block_kv
+    num_stages = config.num_stages
+    if max(d, dv) > 128:  # keep the pipelined K/V tiles inside shared memory
+        block_kv = min(block_kv, 64)
+        num_stages = min(num_stages, 2)
     if not (is_pow2(block_kv) and is_pow2(page_size)):
         raise ValueError(f"block_kv ({block_kv}) and page_size ({page_size}) must be powers of two")
     if block_kv < page_size and page_size % block_kv:
@@ -339,7 +343,7 @@ def paged_attention_kernel(query, key_pages, value_pages, kv_lengths, page_indic
             jax.ShapeDtypeStruct((splits, hkv, total_rows, dv), out_dtype),
             jax.ShapeDtypeStruct((splits, hkv, total_rows), jnp.float32),
         ],
-        compiler_params=None if interpret else triton_params(config.num_warps, config.num_stages),
+        compiler_params=None if interpret else triton_params(config.num_warps, num_stages),
         interpret=interpret,
         name=f"jaxattn_paged_bq{block_q}_bk{block_kv}_s{splits}",
     )(meta, table, q, key_pages, value_pages)

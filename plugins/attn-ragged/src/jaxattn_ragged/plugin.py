@@ -62,6 +62,8 @@ class RaggedPagedAttention(OperationImpl):
                  config: KernelConfig | None = None, tpu_kernel: Any = None) -> None:
         self.interpret = interpret
         self.enable_tpu = enable_tpu
+        if not enable_tpu:  # listed platforms: the TPU path is opt-in (see is_available)
+            self.platforms = ("gpu",)  # type: ignore[misc]
         self.config = config
         self.tpu_kernel = tpu_kernel  # tests pass jax's reference implementation here
 
