@@ -227,3 +227,34 @@ def test_block_sizes_clamped_and_checked():
 def test_describe_mask_says_when_dense_is_used():
     assert describe_mask(CausalMask() & SlidingWindowMask(8, 0), 256, 256) == "lazy"
     assert "last resort" in describe_mask(DenseMask(jnp.ones((256, 256), bool)), 256, 256)
+
+
+def test_traces_reuse_mask_info_and_32k_never_builds_a_dense_mask(impl):
+    """Tracing the backend (what jit does) at 32k tokens with causal + window: no q x kv array
+    is allocated, and a second trace (another layer, a re-jit) reuses the cached MaskInfo."""
+    import tracemalloc
+
+    from jaxattn import AttentionInputs
+    from jaxattn_splash.mask_info import lazy_mask_info
+
+    n = 32768
+    spec = jax.ShapeDtypeStruct((1, n, 2, 128), jnp.bfloat16)
+    mask = CausalMask() & SlidingWindowMask(1024, 0)
+    metadata = OperationMetadata(operation_configs={"splash": {"block_q": 512, "block_kv": 512}})
+
+    def step(q, k, v):
+        inputs = AttentionInputs(q, k, v, mask=mask, scale=0.1, return_lse=True)
+        return jax.grad(lambda q: impl(inputs.replace(query=q), metadata, CPU)[0].astype(jnp.float32).sum())(q)
+
+    lazy_mask_info.cache_clear()
+    tracemalloc.start()
+    try:
+        jax.eval_shape(step, spec, spec, spec)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 128 * 2**20, f"peak {peak / 2**20:.0f} MiB"  # a 32k x 32k bool mask is 1 GiB
+    built = lazy_mask_info.cache_info().misses
+    assert built == 2  # forward and dQ (same blocks: one entry), and dK/dV
+    jax.eval_shape(step, spec, spec, spec)
+    assert lazy_mask_info.cache_info().misses == built
