@@ -89,3 +89,21 @@ def test_split_choice_and_settings():
                                 sliding_window=None, logits_soft_cap=None, metadata=bad)
     with pytest.raises(ValueError, match="block_k"):
         RaggedPagedAttention(interpret=True)(inputs, bad, jaxattn.Hardware.cpu())
+
+
+def test_unwritten_slots_holding_nan_do_not_leak():
+    lengths = [21, 9]
+    args = paged_problem(13, lengths, [5, 1], page_size=8, pad_tokens=1)
+    kp, vp = np.array(args["key_pages"]), np.array(args["value_pages"])
+    table = np.asarray(args["page_indices"])
+    clean_k, clean_v = kp.copy(), vp.copy()
+    for s, n in enumerate(lengths):  # poison every slot past each sequence's end, and the spare pages
+        for pos in range(n, table.shape[1] * 8):
+            kp[table[s, pos // 8], pos % 8] = np.nan
+            vp[table[s, pos // 8], pos % 8] = np.nan
+            clean_k[table[s, pos // 8], pos % 8] = 0.0
+            clean_v[table[s, pos // 8], pos % 8] = 0.0
+    out = run({**args, "key_pages": jnp.asarray(kp), "value_pages": jnp.asarray(vp)})
+    ref = reference({**args, "key_pages": jnp.asarray(clean_k), "value_pages": jnp.asarray(clean_v)})
+    assert np.isfinite(np.asarray(out)).all()
+    assert_close(out, ref, jnp.float32)

@@ -156,6 +156,7 @@ def _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
     q0 = meta_ref[w, 1]
     n = meta_ref[w, 2]
     p0 = meta_ref[w, 3]
+    kv_len = meta_ref[w, 4]
     blk_lo = meta_ref[w, 5]
     per = meta_ref[w, 6]
     blk_hi = meta_ref[w, 7]
@@ -207,6 +208,8 @@ def _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
             p = jnp.exp2(s - m_new[:, None])
             if masked:
                 p = jnp.where(visible, p, 0.0)
+                # slots past the sequence's end may hold anything (NaN in never-written pages): 0 * NaN
+                v = jnp.where((k_pos < kv_len)[:, None], v, jnp.zeros_like(v))
             l_new = l_i * alpha + jnp.sum(p, axis=1)
             pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32)
