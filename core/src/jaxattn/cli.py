@@ -123,11 +123,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .testing import run_conformance
+    from .testing import Shape, run_conformance
 
+    shape = Shape(batch=args.batch, seq=args.seq, num_heads=args.heads, head_dim=args.head_dim,
+                  page_size=args.page_size)
     report = run_conformance(
         args.backend, op=args.op, dtypes=args.dtype or None, grads=not args.no_grad,
-        cases=args.cases.split(",") if args.cases else None,
+        cases=args.cases.split(",") if args.cases else None, shape=shape,
     )
     print(report.table())
     return 0 if report.ok else 1
@@ -191,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", action="append", help="dtype(s) (default: float32 on CPU, bf16+fp16 elsewhere)")
     p.add_argument("--cases", help="comma-separated case names (default: all)")
     p.add_argument("--no-grad", action="store_true", help="forward only")
+    p.add_argument("--batch", type=int, default=2, help="base shape of the cases (default 2)")
+    p.add_argument("--seq", type=int, default=128, help="base sequence length (default 128)")
+    p.add_argument("--heads", type=int, default=4, help="query heads (default 4; GQA cases use fewer kv heads)")
+    p.add_argument("--head-dim", type=int, default=32, help="head_dim (default 32)")
+    p.add_argument("--page-size", type=int, default=16, help="page size of the paged cases (default 16)")
     p.set_defaults(func=cmd_check)
     return parser
 

@@ -80,7 +80,7 @@ class Hardware:
 
 
 def _tpu_generation(device_kind: str) -> int | None:
-    match = re.search(r"v(\d+)", device_kind.lower())
+    match = re.search(r"tpu\s*v?(\d+)", device_kind.lower())  # "TPU v5 lite", "TPU v6e", "TPU7x"
     return int(match.group(1)) if match else None
 
 

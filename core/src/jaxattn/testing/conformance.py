@@ -164,16 +164,21 @@ _GRAD_LABELS = {"query": "dq", "key": "dk", "value": "dv", "bias": "dbias", "sin
 
 def _gradients(impl: OperationImpl, inputs: AttentionInputs, metadata: OperationMetadata,
                hardware: Hardware, d_out: jax.Array, d_lse: jax.Array | None) -> dict[str, Any]:
-    primals = {n: getattr(inputs, n) for n in _DIFF if getattr(inputs, n) is not None}
+    """VJP w.r.t. query, key, value, bias and sinks; every array is a jit argument (no constants to fold)."""
+    with_lse = d_lse is not None
 
-    def f(p: dict[str, Any]) -> Any:
-        out, lse = impl(inputs.replace(**p), metadata, hardware)
-        return (out, lse) if d_lse is not None else out
+    def grads(inputs: AttentionInputs, cotangent: Any) -> dict[str, Any]:
+        primals = {n: getattr(inputs, n) for n in _DIFF if getattr(inputs, n) is not None}
 
-    _, vjp = jax.vjp(f, primals)
-    cot = (d_out.astype(inputs.value.dtype), d_lse) if d_lse is not None else d_out.astype(inputs.value.dtype)
-    (grads,) = jax.jit(vjp)(cot)
-    return grads
+        def f(p: dict[str, Any]) -> Any:
+            out, lse = impl(inputs.replace(**p), metadata, hardware)
+            return (out, lse) if with_lse else out
+
+        _, vjp = jax.vjp(f, primals)
+        return vjp(cotangent)[0]
+
+    d_out = d_out.astype(inputs.value.dtype)
+    return jax.jit(grads)(inputs, (d_out, d_lse) if with_lse else d_out)
 
 
 def check_case(impl: OperationImpl, case: Case, *, hardware: Hardware, dtype: Any,
