@@ -18,8 +18,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import jaxattn
 import numpy as np
+
+import jaxattn
 from jaxattn import OperationMetadata
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -133,15 +134,15 @@ def check():
                                   ((1, 16384, 16, 16, 128), True, 1024)):
         q, k, v, do = inputs(shape)
         f = flash_fn(causal, window)
-        ref = jax.jit(lambda q, k, v: jaxattn.attention(q, k, v, is_causal=causal, sliding_window=window,
-                                                         backend="xla"))
+        ref = jax.jit(lambda q, k, v, causal=causal, window=window: jaxattn.attention(
+            q, k, v, is_causal=causal, sliding_window=window, backend="xla"))
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
         out = jax.jit(f)(q, k, v)
         r = ref(*f32)
         log(f"real {shape} causal={causal} window={window}: out err {rel(out, r):.2e}")
         if shape[1] <= 4096:
-            g = jax.jit(lambda q, k, v: jax.vjp(f, q, k, v)[1](do))(q, k, v)
-            gr = jax.jit(lambda q, k, v: jax.vjp(ref, q, k, v)[1](do.astype(jnp.float32)))(*f32)
+            g = jax.jit(lambda q, k, v, f=f, do=do: jax.vjp(f, q, k, v)[1](do))(q, k, v)
+            gr = jax.jit(lambda q, k, v, ref=ref, do=do: jax.vjp(ref, q, k, v)[1](do.astype(jnp.float32)))(*f32)
             log("   grads err " + " ".join(f"{n}={rel(a, b):.2e}" for n, a, b in zip(("dq", "dk", "dv"), g, gr)))
 
 
@@ -192,12 +193,14 @@ def tune(kernel, variants, shapes=None):
                     dt, _ = timeit(jax.jit(fn), q, k, v, n=10, reps=3)
                     tf = flops / dt / 1e12
                 else:
-                    dt, _ = timeit(jax.jit(lambda q, k, v, fn=fn: jax.vjp(fn, q, k, v)[1](do)), q, k, v, n=10, reps=3)
+                    dt, _ = timeit(jax.jit(lambda q, k, v, fn=fn, do=do: jax.vjp(fn, q, k, v)[1](do)),
+                                   q, k, v, n=10, reps=3)
                     tf = 3.5 * flops / dt / 1e12
                 log(f"  {json.dumps(cfg):100s} {dt * 1e3:8.3f} ms {tf:7.1f} TFLOP/s")
                 rows.append(dict(shape=shape, causal=causal, kernel=kernel, config=cfg, ms=dt * 1e3, tflops=tf))
             except Exception as e:  # noqa: BLE001
-                log(f"  {json.dumps(cfg):100s} FAIL {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+                msg = str(e).splitlines()[0][:300] if str(e) else ""
+                log(f"  {json.dumps(cfg):100s} FAIL {type(e).__name__}: {msg}")
     with open(os.path.join(OUT, f"tune_{kernel}.json"), "a") as fh:
         json.dump(rows, fh)
     return rows

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 from jax import lax
+
 from jaxattn import (
     AttentionInputs,
     AttentionRequest,
@@ -152,7 +153,8 @@ class FlashAttention(OperationImpl):
 
     def forward_native(self, inputs: AttentionInputs, metadata: OperationMetadata):
         if not self.interpret:
-            raise NotImplementedError("flash runs on NVIDIA GPUs; on other platforms use FlashAttention(interpret=True)")
+            raise NotImplementedError(
+                "flash runs on NVIDIA GPUs; on other platforms use FlashAttention(interpret=True)")
         return self._run(inputs, metadata)
 
     def forward_gpu(self, inputs: AttentionInputs, metadata: OperationMetadata):
