@@ -82,9 +82,13 @@ def paged_attention_reference(
             k_j = inputs.key_pages[pages].reshape(bt, bk, hkv, d)
             v_j = inputs.value_pages[pages].reshape(bt, bk, hkv, dv)
             k_pos = j * bk + jnp.arange(bk)
-            ok = (k_pos[None, :] <= pos_t[:, None]) & (k_pos[None, :] < len_t[:, None]) & valid_t[:, None]
+            written = k_pos[None, :] < len_t[:, None]
+            ok = (k_pos[None, :] <= pos_t[:, None]) & written & valid_t[:, None]
             if window is not None:
                 ok &= k_pos[None, :] >= pos_t[:, None] - window[0]
+            # Slots past a sequence's end were never written and may hold anything, NaN
+            # included: 0 * NaN would poison the output, so they are zeroed, not just masked.
+            v_j = jnp.where(written[:, :, None, None], v_j, jnp.zeros((), v_j.dtype))
             return tile_logits(cfg, q_t, k_j, None), ok[:, None, None, None, :], v_j, None
 
         acc, m, l = online_softmax(num_blocks, tile, (bt, hkv, g, 1, dv), cfg.softmax_dtype)

@@ -148,16 +148,27 @@ def _page_table(key: jax.Array, num_seqs: int, pages_per_seq: int) -> tuple[jax.
     return jnp.asarray(perm[: num_seqs * pages_per_seq].reshape(num_seqs, pages_per_seq), jnp.int32), num_pages
 
 
-def _paged_base(key: jax.Array, dtype: Any, s: Shape, kv_lengths: list[int], tokens: int) -> dict[str, Any]:
+def _paged_base(key: jax.Array, dtype: Any, s: Shape, kv_lengths: list[int], tokens: int,
+                group: int | None = None) -> dict[str, Any]:
+    """A paged problem; slots past each sequence's end hold NaN (never written, never read)."""
     num_seqs = len(kv_lengths)
     pages_per_seq = -(-max(kv_lengths + [1]) // s.page_size) + 1
     kq, kk, kv, kp = jax.random.split(key, 4)
     table, num_pages = _page_table(kp, num_seqs, pages_per_seq)
     hkv = max(1, s.num_heads // 2)
+    hq = hkv * group if group else s.num_heads
+    key_pages = np.array(_normal(kk, (num_pages, s.page_size, hkv, s.head_dim), dtype))
+    value_pages = np.array(_normal(kv, (num_pages, s.page_size, hkv, s.head_dim), dtype))
+    written = np.zeros((num_pages, s.page_size), bool)
+    for seq, length in enumerate(kv_lengths):
+        for t in range(length):
+            written[int(table[seq, t // s.page_size]), t % s.page_size] = True
+    key_pages[~written] = np.nan
+    value_pages[~written] = np.nan
     return {
-        "query": _normal(kq, (tokens, s.num_heads, s.head_dim), dtype),
-        "key_pages": _normal(kk, (num_pages, s.page_size, hkv, s.head_dim), dtype),
-        "value_pages": _normal(kv, (num_pages, s.page_size, hkv, s.head_dim), dtype),
+        "query": _normal(kq, (tokens, hq, s.head_dim), dtype),
+        "key_pages": jnp.asarray(key_pages, dtype),
+        "value_pages": jnp.asarray(value_pages, dtype),
         "kv_lengths": jnp.asarray(kv_lengths, jnp.int32),
         "page_indices": table,
     }
@@ -168,11 +179,11 @@ def _decode(key: jax.Array, dtype: Any, s: Shape) -> dict[str, Any]:
     return _paged_base(key, dtype, s, lengths, tokens=len(lengths))
 
 
-def _ragged(key: jax.Array, dtype: Any, s: Shape) -> dict[str, Any]:
+def _ragged(key: jax.Array, dtype: Any, s: Shape, group: int | None = None) -> dict[str, Any]:
     lengths = [2 * s.page_size + 9, 5 * s.page_size + 3, 40, 0, s.page_size + 1]
     q_counts = [2 * s.page_size + 9, 17, 1, 0, 1]  # a whole prefill, a chunk, decodes, empty
     cu = np.concatenate([[0], np.cumsum(q_counts)]).astype(np.int32)
-    args = _paged_base(key, dtype, s, lengths, tokens=int(cu[-1]) + 6)  # 6 padding tokens
+    args = _paged_base(key, dtype, s, lengths, tokens=int(cu[-1]) + 6, group=group)  # 6 padding tokens
     return {**args, "cu_q_lens": jnp.asarray(cu)}
 
 
@@ -189,6 +200,11 @@ def paged_cases() -> list[Case]:
         Case("paged_soft_cap", "paged_attention",
              lambda k, d, s: {**_decode(k, d, s), "logits_soft_cap": 3.0}, False,
              "decode with logits_soft_cap=3"),
+        Case("paged_group3", "paged_attention", lambda k, d, s: _ragged(k, d, s, group=3), False,
+             "ragged batch with 3 query heads per kv head (not a power of two)"),
+        Case("paged_long", "paged_attention",
+             lambda k, d, s: _paged_base(k, d, s, [40 * s.page_size + 3, 7, 33 * s.page_size], tokens=3), False,
+             "decode over long sequences (tens of pages: split-KV territory) beside a short one"),
         Case("paged_sinks", "paged_attention",
              lambda k, d, s: {**_ragged(k, d, s),
                               "sinks": _normal(_sub(k, 5), (s.num_heads,), jnp.float32)}, False,

@@ -220,6 +220,8 @@ def _compare(impl: OperationImpl, case: Case, inputs: Any, metadata: OperationMe
     errors = {"out": relative_error(out, ref_out)}
     if case.op == "attention" and inputs.return_lse:
         errors["lse"] = float("inf") if lse is None else lse_error(lse, ref_lse)
+    elif case.op == "paged_attention" and lse is not None:  # paged backends may return one
+        errors["lse"] = lse_error(lse, ref_lse)
     if errors["out"] > tol or errors.get("lse", 0.0) > tol:
         return CaseResult(case.name, dtype_name, "fail", errors, tol, want_grad)
     if want_grad:
