@@ -26,7 +26,9 @@ class CudnnAttention(OperationImpl):
     aliases: ClassVar[tuple[str, ...]] = ("cudnn_flash", "cudnn_sdpa")
     op: ClassVar[str] = "attention"
     platforms: ClassVar[tuple[str, ...]] = ("gpu",)
-    priority: ClassVar[dict[str, int]] = {"gpu": 100}
+    # Above flash (100): on every shape of the H100 peers table cuDNN is the faster kernel
+    # (BENCHMARKS.md); flash serves what cuDNN cannot (soft-cap, sinks, chunked masks...).
+    priority: ClassVar[dict[str, int]] = {"gpu": 120}
 
     def __init__(self, *, emulate: bool = False) -> None:
         self.emulate = emulate
