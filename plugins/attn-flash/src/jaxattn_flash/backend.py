@@ -18,6 +18,7 @@ from jaxattn import (
 )
 
 from . import config as _config
+from .tpu import tpu_flash_attention, tpu_reasons
 from .triton_kernels import KernelSpec, flash
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -100,8 +101,8 @@ class FlashAttention(OperationImpl):
     name: ClassVar[str] = "flash"
     aliases: ClassVar[tuple[str, ...]] = ("flash_attn2",)
     op: ClassVar[str] = "attention"
-    platforms: ClassVar[tuple[str, ...]] = ("gpu",)
-    priority: ClassVar[dict[str, int]] = {"gpu": 100}
+    platforms: ClassVar[tuple[str, ...]] = ("gpu", "tpu")
+    priority: ClassVar[dict[str, int]] = {"gpu": 100, "tpu": 50}
 
     def __init__(self, interpret: bool = False) -> None:
         self.interpret = bool(interpret)
@@ -111,11 +112,11 @@ class FlashAttention(OperationImpl):
             return Support.yes()
         if hardware.platform == "cpu":
             return Support.no(
-                "flash needs a GPU or TPU (this machine is cpu; its TPU path is not written yet, "
-                "and on CPU its kernels run only in the Pallas interpreter: FlashAttention(interpret=True))"
+                "flash needs a GPU or TPU (this machine is cpu; on CPU its kernels run only in the "
+                "Pallas interpreter: FlashAttention(interpret=True))"
             )
         if hardware.platform == "tpu":
-            return Support.no("flash has no TPU kernels yet (its Pallas kernels use the Triton lowering)")
+            return Support.yes()
         if not hardware.is_cuda:
             return Support.no(f"flash's Triton kernels are built and tested for NVIDIA GPUs, "
                               f"not {hardware.gpu_vendor or 'this'} GPUs")
@@ -145,6 +146,8 @@ class FlashAttention(OperationImpl):
                            "not a dense boolean mask")
         if "or" in request.mask_kinds:
             reasons.append("flash cannot combine masks with `|` (only `&`)")
+        if hardware.platform == "tpu":
+            reasons += [r for r in tpu_reasons(request) if r not in reasons]
         return Support.from_reasons(reasons)
 
     def _run(self, inputs: AttentionInputs, metadata: OperationMetadata):
@@ -159,6 +162,10 @@ class FlashAttention(OperationImpl):
 
     def forward_gpu(self, inputs: AttentionInputs, metadata: OperationMetadata):
         return self._run(inputs, metadata)
+
+    def forward_tpu(self, inputs: AttentionInputs, metadata: OperationMetadata):
+        """jax's Pallas TPU flash-attention kernel, wrapped (see `tpu.py`)."""
+        return tpu_flash_attention(inputs, interpret=self.interpret)
 
     def __repr__(self) -> str:
         extra = " interpret" if self.interpret else ""
