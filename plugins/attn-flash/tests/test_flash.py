@@ -102,31 +102,6 @@ def test_supports_on_gpus():
     assert "NVIDIA" in str(impl.supports(_request(), amd))
 
 
-def test_supports_on_tpu():
-    impl = FlashAttention()
-    tpu = Hardware.tpu()
-    assert impl.supports(_request(), tpu)
-    assert impl.supports(_request(mask_kinds=frozenset({"segment", "causal"}), dtype="float32", kv_dtype="float32"), tpu)
-    verdict = impl.supports(_request(mask_kinds=frozenset({"sliding_window"}), has_sinks=True, return_lse=True,
-                                     dtype="float16", kv_dtype="float16", q_len=1000), tpu)
-    for word in ("sliding_window", "sinks", "return_lse", "float16", "q_len"):
-        assert word in str(verdict), word
-
-
-TPU_DECLARED = ["full", "causal", "gqa", "mqa", "segment_ids"]
-
-
-def test_tpu_path_conformance_interpret():
-    """jax's TPU flash kernel, wrapped, through the Pallas TPU interpreter."""
-    report = run_conformance(
-        FlashAttention(interpret=True), hardware=Hardware.tpu(), dtypes=["float32"],
-        cases=TPU_DECLARED + ["sliding_window", "sinks"], expect_supported=TPU_DECLARED,
-    )
-    print(report.table())
-    report.assert_ok()
-    assert all(r.backward for r in report.results if r.status == "pass")
-
-
 def test_supports_collects_every_reason():
     impl = FlashAttention()
     verdict = impl.supports(_request(has_bias=True, dropout=True, mask_kinds=frozenset({"dense", "or"}),
