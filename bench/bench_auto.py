@@ -6,7 +6,9 @@ Run on the GPU machine with the core and every plugin installed:
 
 For each shape of ../shared/bench/H100-peers.md (bf16) it prints the backend `auto` picks
 for training (forward+backward) and for inference (forward only), the TFLOP/s of each,
-and jax.nn.dot_product_attention(implementation="cudnn") measured in the same run.
+and jax.nn.dot_product_attention(implementation="cudnn") measured in the same run; then
+rows with a feature (soft-cap, which cuDNN lacks; a 1024 window at 16k) to show what
+`auto` picks there, and paged decode (bandwidth beside cudnn on the same data made dense).
 Method: jaxattn.bench.time_call (median of 5 x 10 calls after 2 warm-ups).
 """
 
@@ -78,6 +80,47 @@ def row(shape, causal: bool) -> str:
             f"{train_choice} | {cells[2]} | {cells[3]} |")
 
 
+def feature_row(label: str, shape, **kwargs) -> str:
+    """auto on a causal request with a feature: which backend, and its TFLOP/s (visible keys only)."""
+    q, k, v = inputs(*shape)
+    train = jaxattn.OperationMetadata(mode="train")
+    infer = jaxattn.OperationMetadata(mode="prefill")
+    fwd = jax.jit(lambda q, k, v: jaxattn.attention(q, k, v, is_causal=True, metadata=infer, **kwargs))
+    grad = jax.jit(jax.grad(lambda q, k, v: jaxattn.attention(q, k, v, is_causal=True, metadata=train, **kwargs)
+                            .astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+    seconds = [time_call(functools.partial(f, q, k, v)) for f in (fwd, grad)]
+    choice = jaxattn.select(q, k, v, is_causal=True, metadata=train, **kwargs).name
+    window = kwargs.get("sliding_window")
+    b, s, hq, _, d = shape
+    # visible keys per query: a causal band of `window + 1` keys (minus the first rows' shortfall)
+    flops = (4.0 * b * hq * d * sum(min(i, window) + 1 for i in range(s)) if window
+             else attention_flops(b, s, s, hq, d, True))
+    return (f"| {label} {shape} | {choice} | {seconds[0] * 1e3:.3f} ms, {flops / seconds[0] / 1e12:.0f} TFLOP/s | "
+            f"{seconds[1] * 1e3:.3f} ms, {3.5 * flops / seconds[1] / 1e12:.0f} TFLOP/s |")
+
+
+def decode_row(batch: int, kv_len: int, page_size: int = 16) -> str:
+    """auto on paged decode (32 q / 8 kv heads, head_dim 128) beside cudnn on the dense cache."""
+    hq, hkv, d = 32, 8, 128
+    pages_per_seq = kv_len // page_size
+    ks = jax.random.split(jax.random.PRNGKey(1), 4)
+    q = jax.random.normal(ks[0], (batch, hq, d), jnp.bfloat16)
+    k_pages = jax.random.normal(ks[1], (batch * pages_per_seq, page_size, hkv, d), jnp.bfloat16)
+    v_pages = jax.random.normal(ks[2], (batch * pages_per_seq, page_size, hkv, d), jnp.bfloat16)
+    table = jax.random.permutation(ks[3], batch * pages_per_seq).reshape(batch, pages_per_seq).astype(jnp.int32)
+    lengths = jnp.full((batch,), kv_len, jnp.int32)
+    paged = jax.jit(lambda q, kp, vp, n, t: jaxattn.paged_attention(q, kp, vp, n, t))
+    k_dense = k_pages[table].reshape(batch, kv_len, hkv, d)
+    v_dense = v_pages[table].reshape(batch, kv_len, hkv, d)
+    dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q[:, None], k, v, implementation="cudnn"))
+    t_ours = time_call(functools.partial(paged, q, k_pages, v_pages, lengths, table))
+    t_peer = time_call(functools.partial(dense, q, k_dense, v_dense))
+    choice = jaxattn.select(q, k_pages, v_pages, lengths, table, op="paged_attention").name
+    nbytes = 2 * batch * kv_len * hkv * d * 2
+    return (f"| ({batch}, {kv_len}), pages of {page_size} | {choice} | {nbytes / t_ours / 1e12:.2f} TB/s "
+            f"({t_ours * 1e6:.0f} µs) | {nbytes / t_peer / 1e12:.2f} TB/s ({t_peer * 1e6:.0f} µs) |")
+
+
 def main() -> None:
     hw = jaxattn.hardware.current()
     print(f"# auto on {hw.device_kind}, jax {jax.__version__}, {datetime.date.today()}\n")
@@ -88,6 +131,24 @@ def main() -> None:
         for causal in (False, True):
             print(row(shape, causal))
             sys.stdout.flush()
+    print("\n| causal, with a feature (b, s, hq, hkv, d) | auto picks | fwd | fwd+bwd |")
+    print("|---|---|---|---|")
+    for label, shape, kwargs in (("soft-cap 30", (4, 4096, 32, 8, 128), {"logits_soft_cap": 30.0}),
+                                 ("window 1024", (1, 16384, 16, 16, 128),
+                                  {"sliding_window": 1024})):
+        try:
+            print(feature_row(label, shape, **kwargs))
+        except Exception as err:  # noqa: BLE001
+            print(f"| {label} {shape} | fails: {type(err).__name__}: {err} | | |")
+        sys.stdout.flush()
+    print("\n| paged decode (batch, kv_len) | auto picks | auto | jax.nn cudnn on the dense cache |")
+    print("|---|---|---|---|")
+    for batch, kv_len in ((32, 8192), (64, 4096)):
+        try:
+            print(decode_row(batch, kv_len))
+        except Exception as err:  # noqa: BLE001
+            print(f"| ({batch}, {kv_len}) | fails: {type(err).__name__}: {err} | | |")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
