@@ -26,3 +26,40 @@ def multiple_of(x: Any, m: int) -> Any:
     """Alignment hint for a traced index (a no-op where Pallas lacks it)."""
     fn = getattr(pl, "multiple_of", None)
     return fn(x, m) if fn is not None else x
+
+
+# -- Pallas TPU (Mosaic) ----------------------------------------------------------------
+
+from jax.experimental.pallas import tpu as pltpu  # noqa: E402
+
+_TpuParams = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
+
+
+def tpu_compiler_params(dimension_semantics: tuple[str, ...]) -> Any:
+    """Mosaic compiler parameters (`TPUCompilerParams` before the rename)."""
+    return _TpuParams(dimension_semantics=tuple(dimension_semantics))
+
+
+def tpu_prefetch_grid_spec(num_scalar_prefetch: int, grid, in_specs, out_specs, scratch_shapes) -> Any:
+    return pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=num_scalar_prefetch, grid=grid, in_specs=in_specs,
+                                        out_specs=out_specs, scratch_shapes=scratch_shapes)
+
+
+def tpu_vmem(shape: tuple[int, ...], dtype: Any = None) -> Any:
+    """A float32 (or `dtype`) VMEM scratch buffer."""
+    import jax.numpy as jnp
+
+    return pltpu.VMEM(shape, dtype or jnp.float32)
+
+
+def tpu_smem() -> Any:
+    """The SMEM memory space (for `BlockSpec(memory_space=...)`)."""
+    return pltpu.SMEM
+
+
+def tpu_interpret() -> Any:
+    """The `interpret=` value that runs Pallas TPU kernels on CPU: the TPU interpreter
+    (`InterpretParams`: simulated VMEM/SMEM and DMAs, NaN-filled scratch) where jax has
+    it, else the generic interpreter."""
+    params = getattr(pltpu, "InterpretParams", None)
+    return params() if params is not None else True

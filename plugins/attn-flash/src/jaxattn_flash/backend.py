@@ -164,8 +164,8 @@ class FlashAttention(OperationImpl):
         return self._run(inputs, metadata)
 
     def forward_tpu(self, inputs: AttentionInputs, metadata: OperationMetadata):
-        """jax's Pallas TPU flash-attention kernel, wrapped (see `tpu.py`)."""
-        return tpu_flash_attention(inputs, interpret=self.interpret)
+        """flash's own Pallas TPU kernels (see `tpu.py`, `tpu_kernels.py`)."""
+        return tpu_flash_attention(inputs, metadata, interpret=self.interpret)
 
     def __repr__(self) -> str:
         extra = " interpret" if self.interpret else ""

@@ -1,138 +1,247 @@
-"""The TPU path: jax's Pallas TPU flash-attention kernel, wrapped.
+"""flash on TPU: our Pallas TPU kernels (`tpu_kernels.py`) behind jaxattn's inputs.
 
-`jax.experimental.pallas.ops.tpu.flash_attention` covers full and causal attention
-(q_len == kv_len), segment ids, forward and backward, in `[B, H, S, D]` layout with equal
-head counts. This module maps jaxattn inputs onto it; `tpu_reasons` lists what it does
-not cover, so `supports()` rejects those requests on a TPU. Grouped K/V heads are
-repeated for this kernel (it has no GQA). No TPU was available to measure or compile
-it: it is tested on CPU through the Pallas TPU interpreter (`interpret=True`).
+Every feature flash has on a GPU: native GQA/MQA, causal (any offset, q_len != kv_len),
+sliding windows (symmetric or not), chunked causal, segment ids, query and key/value
+sequence lengths, logits soft-cap, sinks (with their gradient), `return_lse`, a value
+head_dim different from the query/key one, bfloat16 and float32. Not float16 (TPU
+matrix units take bf16/f32) and, as on GPUs, no bias, dropout, dense or `|` masks.
+
+TPU shape rules are met by padding: head_dim to a multiple of 128 (lanes), sequences to
+a multiple of the blocks; blocks are powers of two >= 128, except a query sequence of at
+most 128 tokens, which is one block rounded up to 16 rows (bf16 sublane packing).
+Inputs are transposed to `[B, H, S, D]` for the kernels (one XLA transpose each way).
+
+Block sizes: `metadata.operation_configs["flash"]` keys `block_q`, `block_kv` (forward),
+`block_q_dq`, `block_kv_dq`, `block_q_dkv`, `block_kv_dkv` (the GPU's `num_warps*` /
+`num_stages*` keys are ignored here). Defaults per TPU generation are in
+`TPU_DEFAULTS`; they are NOT measured (no TPU was available): they follow jax's TPU
+kernels' usual sizes, and `block_q` is halved until the kernel's VMEM footprint fits
+`VMEM_BUDGET`. Nothing here was compiled for a real TPU; the kernels are tested on CPU
+through the Pallas TPU interpreter.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any
 
-import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-from jaxattn import AttentionInputs, AttentionRequest, mask_parts
+from jaxattn import EMPTY, FULL, PARTIAL, AttentionInputs, AttentionRequest, Mask, OperationMetadata, mask_parts
+from jaxattn import hardware as _hardware
+
+from . import config as _gpu_config
+from ._compat import tpu_interpret
+from .tpu_kernels import Plan, TpuSpec, attend
 
 TPU_DTYPES = ("bfloat16", "float32")
+LANES = 128
+MIN_BLOCK = 128
+Q_SUBLANES = 16  # rows of a single short query block (bf16 packs 16 rows per vreg)
+VMEM_BUDGET = 16 * 1024 * 1024  # the default scoped VMEM limit of v4/v5 Mosaic kernels
+KERNELS = ("fwd", "dq", "dkv")
+_SUFFIX = {"fwd": "", "dq": "_dq", "dkv": "_dkv"}
+
+INTERPRETER = "tpu"
+"""What `FlashAttention(interpret=True)` runs the TPU kernels through: "tpu", the Pallas
+TPU interpreter (`pltpu.InterpretParams`: simulated VMEM/SMEM and DMAs, scratch filled
+with NaN, out-of-bounds reads raise), or "generic", Pallas's HLO interpreter (about
+twice as fast to compile and run, less faithful)."""
+
+# TPU generation -> kernel -> (block_q, block_kv). Unmeasured defaults (see module doc).
+TPU_DEFAULTS: dict[int, dict[str, tuple[int, int]]] = {
+    4: {"fwd": (256, 512), "dq": (256, 256), "dkv": (256, 256)},
+    5: {"fwd": (256, 512), "dq": (256, 256), "dkv": (256, 256)},
+    6: {"fwd": (512, 512), "dq": (256, 512), "dkv": (512, 256)},
+}
 
 
-def _block(length: int) -> int | None:
-    """The kernel's block along a sequence: 512/256/128 dividing it, or the whole of a short one."""
-    if length <= 128:
-        return length
-    for b in (512, 256, 128):
-        if length % b == 0:
-            return b
-    return None
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _defaults(generation: int | None) -> dict[str, tuple[int, int]]:
+    known = [g for g in TPU_DEFAULTS if generation is not None and g <= generation]
+    return TPU_DEFAULTS[max(known)] if known else TPU_DEFAULTS[5]
+
+
+def vmem_bytes(kernel: str, *, group: int, block_q: int, block_kv: int, head_dim: int, value_head_dim: int,
+               itemsize: int) -> int:
+    """Estimated VMEM of one kernel: double-buffered blocks, scratch, float32 tile temporaries."""
+    g, bq, bk = group, block_q, block_kv
+    d, dv = _round_up(head_dim, LANES), _round_up(value_head_dim, LANES)
+    tiles = 4 * 4 * bq * bk
+    if kernel == "fwd":
+        blocks = g * bq * d + bk * d + bk * dv + g * bq * dv
+        return 2 * itemsize * blocks + 4 * (g * bq * dv + 2 * g * bq * LANES) + tiles
+    if kernel == "dq":
+        blocks = 2 * g * bq * d + bk * d + bk * dv + g * bq * dv
+        return 2 * itemsize * blocks + 4 * g * bq * d + tiles
+    blocks = g * bq * d + g * bq * dv + 2 * bk * d + 2 * bk * dv
+    return 2 * itemsize * blocks + 4 * bk * (d + dv) + tiles
+
+
+def _block_value(config: Mapping[str, Any], key: str, default: int) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_BLOCK or value & (value - 1):
+        raise ValueError(f"metadata.operation_configs['flash'][{key!r}] must be a power of two >= {MIN_BLOCK} "
+                         f"on TPU (blocks tile the 128-lane axis), got {value!r}")
+    return value
+
+
+def tpu_config(config: Mapping[str, Any], *, generation: int | None, head_dim: int, value_head_dim: int,
+               group: int, q_len: int, kv_len: int, itemsize: int) -> dict[str, tuple[int, int]]:
+    """`{kernel: (block_q, block_kv)}` for one call: config or generation defaults, clipped
+    to the sequences, `block_q` halved (not below 128) until the VMEM estimate fits."""
+    unknown = set(config) - _gpu_config.KEYS
+    if unknown:
+        raise ValueError(f"metadata.operation_configs['flash']: unknown keys {sorted(unknown)}; "
+                         f"known: {sorted(_gpu_config.KEYS)}")
+    table = _defaults(generation)
+    short_q = q_len <= MIN_BLOCK
+    blocks = {}
+    for kernel in KERNELS:
+        sfx = _SUFFIX[kernel]
+        bq = _block_value(config, f"block_q{sfx}", table[kernel][0])
+        bk = _block_value(config, f"block_kv{sfx}", table[kernel][1])
+        bk = min(bk, max(MIN_BLOCK, _next_pow2(kv_len)))
+        if short_q:
+            bq = _round_up(max(q_len, 1), Q_SUBLANES)
+        else:
+            bq = min(bq, _next_pow2(q_len))
+            sizes = dict(group=group, head_dim=head_dim, value_head_dim=value_head_dim, itemsize=itemsize)
+            while bq > MIN_BLOCK and vmem_bytes(kernel, block_q=bq, block_kv=bk, **sizes) > VMEM_BUDGET:
+                bq //= 2
+        blocks[kernel] = (bq, bk)
+    return blocks
+
+
+def _plan(mask: Mask | None, q_len: int, kv_len: int, q_pad: int, kv_pad: int, bq: int, bk: int,
+          *, outer_kv: bool) -> Plan:
+    """The tile table of one kernel from the core mask's block structure (keys past
+    kv_len make the last kv block partial; blocks that are all padding are empty)."""
+    nq, nk = q_pad // bq, kv_pad // bk
+    classes = np.full((nq, nk), EMPTY, np.int8)
+    real = (-(-q_len // bq), -(-kv_len // bk))
+    if mask is None:
+        classes[: real[0], : real[1]] = FULL
+    else:
+        classes[: real[0], : real[1]] = mask.block_structure(q_len, kv_len, bq, bk)
+    if kv_len % bk:
+        last = classes[:, real[1] - 1]
+        classes[:, real[1] - 1] = np.where(last == FULL, PARTIAL, last)
+    if outer_kv:
+        classes = classes.T
+    rows = []
+    for row in classes:
+        inner = np.nonzero(row != EMPTY)[0]
+        rows.append([int(b) * 2 + int(row[b] == PARTIAL) for b in inner])
+    steps = max(1, max(len(r) for r in rows))
+    table = []
+    for r in rows:
+        table += r + [r[-1] if r else 0] * (steps - len(r))
+    return Plan(block_q=bq, block_kv=bk, table=tuple(table), counts=tuple(len(r) for r in rows), steps=steps)
 
 
 def tpu_reasons(request: AttentionRequest) -> list[str]:
-    """What the wrapped TPU kernel cannot do for `request`."""
+    """What flash's TPU kernels cannot do for `request` (beyond what flash rejects everywhere)."""
     reasons = []
     if request.dtype not in TPU_DTYPES:
-        reasons.append(f"flash on TPU takes bfloat16 or float32, not {request.dtype}")
-    kinds = request.mask_kinds - {"full"}
-    for kind in sorted(kinds - {"causal", "segment", "dense", "or"}):  # dense/or: rejected on every platform
-        reasons.append(f"flash on TPU has no {kind} mask (jax's TPU kernel knows causal and segment ids)")
-    if "causal" in kinds and request.q_len != request.kv_len:
-        reasons.append("flash on TPU needs q_len == kv_len for causal masks")
-    for flag, what in (("logits_soft_cap", "logits soft-cap"), ("has_sinks", "sinks"),
-                       ("q_seq_lengths", "query sequence lengths"), ("kv_seq_lengths", "key/value sequence lengths"),
-                       ("return_lse", "return_lse")):
-        if getattr(request, flag):
-            reasons.append(f"flash on TPU has no {what}")
-    if request.value_head_dim != request.head_dim:
-        reasons.append("flash on TPU needs value head_dim == head_dim")
-    for name, length in (("q_len", request.q_len), ("kv_len", request.kv_len)):
-        if _block(length) is None:
-            reasons.append(f"flash on TPU needs {name} <= 128 or a multiple of 128, got {length}")
+        reasons.append(f"flash on TPU takes bfloat16 or float32, not {request.dtype} "
+                       "(TPU matrix units have no float16 path in Pallas TPU kernels; cast to bfloat16)")
+    group = max(1, request.num_q_heads // max(1, request.num_kv_heads))
+    itemsize = 2 if request.dtype != "float32" else 4
+    bq = _round_up(request.q_len, Q_SUBLANES) if request.q_len <= MIN_BLOCK else MIN_BLOCK
+    need = max(vmem_bytes(k, group=group, block_q=bq, block_kv=MIN_BLOCK, head_dim=request.head_dim,
+                          value_head_dim=request.value_head_dim, itemsize=itemsize) for k in KERNELS)
+    if need > VMEM_BUDGET:
+        reasons.append(f"flash on TPU keeps the {group} query heads of a kv head in one block: with head_dim "
+                       f"{request.head_dim}/{request.value_head_dim} even {bq}x{MIN_BLOCK} tiles need "
+                       f"~{need >> 20} MiB of VMEM (> {VMEM_BUDGET >> 20} MiB)")
     return reasons
 
 
-@dataclass(frozen=True)
-class _TpuCall:
-    causal: bool
-    scale: float
-    block_q: int
-    block_kv: int
-    interpret: bool
+def _pad(x, axis: int, size: int):
+    pad = size - x.shape[axis]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
 
 
-def _context(cfg: _TpuCall):
-    if not cfg.interpret:
-        return contextlib.nullcontext()
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pltpu.force_tpu_interpret_mode()
-
-
-def _kernel(cfg: _TpuCall, q, k, v, q_seg, kv_seg):
-    from jax.experimental.pallas.ops.tpu import flash_attention as tfa
-
-    bq, bk = cfg.block_q, cfg.block_kv
-    sizes = tfa.BlockSizes(
-        block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
-        block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq,
-        block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq,
-    )
-    seg = None if q_seg is None else tfa.SegmentIds(q=q_seg, kv=kv_seg)
-    return tfa.flash_attention(q, k, v, None, seg, causal=cfg.causal, sm_scale=cfg.scale, block_sizes=sizes)
+def _interpret_value(interpret: bool) -> Any:
+    if not interpret:
+        return False
+    if INTERPRETER not in ("tpu", "generic"):
+        raise ValueError(f"jaxattn_flash.tpu.INTERPRETER must be 'tpu' or 'generic', got {INTERPRETER!r}")
+    return tpu_interpret() if INTERPRETER == "tpu" else True
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _interpreted(cfg: _TpuCall, q, k, v, q_seg, kv_seg):
-    """The kernel under the TPU interpreter, forward and backward (each pass enters the
-    interpreter itself: JAX traces the backward after the forward's context has closed)."""
-    with _context(cfg):
-        return _kernel(cfg, q, k, v, q_seg, kv_seg)
+def _generation() -> int | None:
+    hw = _hardware.current()
+    return hw.tpu_generation if hw.platform == "tpu" else None
 
 
-def _interpreted_fwd(cfg, q, k, v, q_seg, kv_seg):
-    return _interpreted(cfg, q, k, v, q_seg, kv_seg), (q, k, v, q_seg, kv_seg)
+def tpu_flash_attention(inputs: AttentionInputs, metadata: OperationMetadata | None = None, *,
+                        interpret: bool = False):
+    """`(out [B, Sq, Hq, Dv], lse [B, Hq, Sq] or None)` through flash's Pallas TPU kernels.
 
-
-def _interpreted_bwd(cfg, residuals, d_out):
-    q, k, v, q_seg, kv_seg = residuals
-    with _context(cfg):
-        _, vjp = jax.vjp(lambda q, k, v: _kernel(cfg, q, k, v, q_seg, kv_seg), q, k, v)
-        dq, dk, dv = vjp(d_out)
-    return dq, dk, dv, None, None
-
-
-_interpreted.defvjp(_interpreted_fwd, _interpreted_bwd)
-
-
-def tpu_flash_attention(inputs: AttentionInputs, *, interpret: bool = False):
-    """`(out [B, Sq, Hq, D], None)` through jax's TPU flash-attention kernel."""
+    `interpret=True` runs them through the Pallas TPU interpreter (any platform)."""
     request = AttentionRequest.from_inputs(inputs)
     reasons = tpu_reasons(request)
     if inputs.bias is not None or inputs.dropout_rate > 0.0:
-        reasons.append("flash on TPU has no bias or dropout")
-    q, k, v = inputs.query, inputs.key, inputs.value
-    b, sq, hq, d = q.shape
-    skv, hkv = k.shape[1], k.shape[2]
-    parts = mask_parts(inputs.mask, sq, skv)
-    causal = parts.band_hi is not None
-    if parts.band_lo is not None or (causal and parts.band_hi != 0) or parts.chunk_size or parts.dense is not None:
-        reasons.append("flash on TPU covers full and causal (q_len == kv_len) masks only")
+        reasons.append("flash has no additive bias or dropout")
+    kinds = inputs.mask.kinds() if inputs.mask is not None else frozenset()
+    if kinds & {"dense", "or"}:
+        reasons.append("flash takes structural masks combined with `&` only (no dense mask, no `|`)")
     if reasons:
         raise NotImplementedError("; ".join(reasons))
-    if hkv != hq:  # jax's TPU kernel has equal head counts
-        k = jnp.repeat(k, hq // hkv, axis=2)
-        v = jnp.repeat(v, hq // hkv, axis=2)
-    cfg = _TpuCall(causal=causal, scale=float(inputs.scale), block_q=_block(sq), block_kv=_block(skv),
-                   interpret=interpret)
+    metadata = metadata or OperationMetadata()
+    q, k, v = inputs.query, inputs.key, inputs.value
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+    b, sq, hq, d = q.shape
+    _, skv, hkv, dv = v.shape
+    parts = mask_parts(inputs.mask, sq, skv)
+    blocks = tpu_config(metadata.get_operation_config("flash"), generation=_generation(), head_dim=d,
+                        value_head_dim=dv, group=hq // hkv, q_len=sq, kv_len=skv,
+                        itemsize=jnp.dtype(q.dtype).itemsize)
+    q_pad = _round_up(sq, max(bq for bq, _ in blocks.values()))
+    kv_pad = _round_up(skv, max(bk for _, bk in blocks.values()))
+    plans = {kernel: _plan(inputs.mask, sq, skv, q_pad, kv_pad, *blocks[kernel], outer_kv=kernel == "dkv")
+             for kernel in KERNELS}
+    spec = TpuSpec(
+        q_len=sq, kv_len=skv, q_pad=q_pad, kv_pad=kv_pad, group=hq // hkv, scale=float(inputs.scale),
+        soft_cap=None if inputs.logits_soft_cap is None else float(inputs.logits_soft_cap),
+        band_lo=parts.band_lo, band_hi=parts.band_hi,
+        chunk_size=parts.chunk_size, chunk_offset=int(parts.chunk_offset),
+        segments=parts.q_segment_ids is not None, kv_lens=inputs.kv_seq_lengths is not None,
+        sinks=inputs.sinks is not None, exact=jnp.dtype(q.dtype) == jnp.float32,
+        fwd=plans["fwd"], dq=plans["dq"], dkv=plans["dkv"],
+        interpret=_interpret_value(interpret),
+    )
+    dp, dvp = _round_up(d, LANES), _round_up(dv, LANES)
+    qt = _pad(_pad(q.transpose(0, 2, 1, 3), 2, q_pad), 3, dp)
+    kt = _pad(_pad(k.transpose(0, 2, 1, 3), 2, kv_pad), 3, dp)
+    vt = _pad(_pad(v.transpose(0, 2, 1, 3), 2, kv_pad), 3, dvp)
     q_seg = kv_seg = None
-    if parts.q_segment_ids is not None:
-        q_seg = parts.q_segment_ids.astype(jnp.int32)
-        kv_seg = parts.kv_segment_ids.astype(jnp.int32)
-    args = [x.transpose(0, 2, 1, 3) for x in (q, k, v)]
-    fn = _interpreted if interpret else _kernel
-    out = fn(cfg, *args, q_seg, kv_seg)
-    return out.transpose(0, 2, 1, 3), None
+    if spec.segments:
+        q_seg = _pad(parts.q_segment_ids.astype(jnp.int32), 1, q_pad)[:, None, :]
+        kv_seg = _pad(parts.kv_segment_ids.astype(jnp.int32), 1, kv_pad)[:, None, :]
+    q_end = jnp.full((b,), sq, jnp.int32)
+    if inputs.q_seq_lengths is not None:
+        q_end = jnp.clip(inputs.q_seq_lengths.astype(jnp.int32), 0, sq)
+    kv_end = jnp.full((b,), skv, jnp.int32)
+    if inputs.kv_seq_lengths is not None:
+        kv_end = jnp.clip(inputs.kv_seq_lengths.astype(jnp.int32), 0, skv)
+    out, lse = attend(spec, qt, kt, vt, inputs.sinks, q_seg, kv_seg, q_end, kv_end)
+    out = lax.slice(out, (0, 0, 0, 0), (b, hq, sq, dv)).transpose(0, 2, 1, 3)
+    lse = lax.slice(lse, (0, 0, 0, 0), (b, hq, 1, sq))[:, :, 0, :]
+    return out, (lse if inputs.return_lse else None)
