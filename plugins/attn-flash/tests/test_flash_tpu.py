@@ -33,11 +33,12 @@ TPU_DECLARED = [
 ]
 REJECTED = ["bias", "bool_mask", "or_mask", "dropout"]
 FULL_MATRIX = os.environ.get("JAXATTN_FLASH_TPU_FULL") == "1"
-# the CI subset: every distinct code path (band offsets, lo/hi, chunk ids, segments, GQA and
-# MQA groups, soft-cap, sinks, -inf rows with lse, dv != d, a short query block)
-CI_FLOAT32 = ["causal_q_lt_kv", "gqa", "mqa", "sliding_window_asym", "chunked_causal", "segment_ids",
-              "soft_cap", "sinks", "fully_masked_rows", "value_head_dim", "decode"]
-CI_BFLOAT16 = ["gqa", "sinks"]
+# the CI subset: every distinct code path (band offsets, lo/hi, chunk ids, segments, run-time
+# lengths, soft-cap, sinks, -inf rows with lse, a short query block); GQA/MQA groups in both
+# dtypes; value head_dim != head_dim in the odd-shapes test below
+CI_FLOAT32 = ["causal_q_lt_kv", "gqa", "sliding_window_asym", "chunked_causal", "segment_ids", "seq_lengths",
+              "soft_cap", "sinks", "fully_masked_rows", "decode"]
+CI_BFLOAT16 = ["mqa", "sinks"]
 
 
 @pytest.fixture
@@ -65,12 +66,6 @@ def test_tpu_conformance_bfloat16(generic_interpreter):
     _conformance(TPU_DECLARED if FULL_MATRIX else CI_BFLOAT16, "bfloat16")
 
 
-def test_tpu_interpreter_seq_lengths():
-    """Run-time counts and re-pointed index maps under the TPU interpreter (which raises on
-    out-of-bounds reads and fills scratch with NaN)."""
-    _conformance(["seq_lengths"], "float32")
-
-
 def _inputs(q, k, v, **kw):
     md = OperationMetadata()
     args = dict(scale=None, is_causal=False, sliding_window=None, segment_ids=None, query_seq_lengths=None,
@@ -86,33 +81,36 @@ def _rel(x, ref):
 
 
 def test_tpu_interpreter_odd_shapes_mixed_blocks():
-    """Odd lengths (q 200, kv 300), head_dim 40 / value 24 (padded to 128 lanes), GQA 2,
-    a chunked causal & window mask, different blocks per kernel; forward, lse and grads."""
+    """Through the TPU interpreter: odd lengths (q 200, kv 300), head_dim 40 / value 24
+    (padded to 128 lanes), GQA 2, a chunked causal & window mask, sequence lengths (one
+    example with no key at all), different blocks per kernel; forward, lse and gradients."""
     k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(3), 4)
-    q = jax.random.normal(k1, (1, 200, 4, 40), jnp.float32)
-    k = jax.random.normal(k2, (1, 300, 2, 40), jnp.float32)
-    v = jax.random.normal(k3, (1, 300, 2, 24), jnp.float32)
-    d_out = jax.random.normal(k4, (1, 200, 4, 24), jnp.float32)
+    q = jax.random.normal(k1, (2, 200, 4, 40), jnp.float32)
+    k = jax.random.normal(k2, (2, 300, 2, 40), jnp.float32)
+    v = jax.random.normal(k3, (2, 300, 2, 24), jnp.float32)
+    d_out = jax.random.normal(k4, (2, 200, 4, 24), jnp.float32)
+    lengths = dict(query_seq_lengths=jnp.array([200, 70]), key_value_seq_lengths=jnp.array([260, 0]))
     mask = ChunkedCausalMask(96) & SlidingWindowMask(70, 0)
     md = OperationMetadata(operation_configs={"flash": {
         "block_q": 128, "block_kv": 256, "block_q_dq": 256, "block_kv_dq": 128,
         "block_q_dkv": 128, "block_kv_dkv": 128, "num_warps": 4}})  # GPU-only keys are ignored
-    impl = FlashAttention(interpret=True)
 
     def run(impl, md, hw):
         def f(q, k, v):
-            out, lse = impl(_inputs(q, k, v, mask=mask, return_lse=True), md, hw)
+            out, lse = impl(_inputs(q, k, v, mask=mask, return_lse=True, **lengths), md, hw)
             return jnp.sum(out * d_out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
         return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
 
-    grads, (out, lse) = run(impl, md, Hardware.tpu())
+    grads, (out, lse) = run(FlashAttention(interpret=True), md, Hardware.tpu())
     ref_grads, (ref, ref_lse) = run(jaxattn.default_registry().get("xla", "attention"), OperationMetadata(),
                                     Hardware.cpu())
     assert _rel(out, ref) < 1e-5
+    assert float(jnp.max(jnp.abs(out[1]))) == 0.0  # no key: zeros
     live = np.isfinite(np.asarray(ref_lse))
     assert np.array_equal(np.isfinite(np.asarray(lse)), live)
     assert float(jnp.max(jnp.abs(jnp.where(live, lse - ref_lse, 0.0)))) < 1e-4
     for g, r in zip(grads, ref_grads):
+        assert bool(jnp.all(jnp.isfinite(g)))
         assert _rel(g, r) < 1e-4
 
 
