@@ -66,6 +66,17 @@ def test_tpu_conformance_bfloat16(generic_interpreter):
     _conformance(TPU_DECLARED if FULL_MATRIX else CI_BFLOAT16, "bfloat16")
 
 
+@pytest.mark.skipif(not FULL_MATRIX, reason="JAXATTN_FLASH_TPU_FULL=1 runs it (CI time)")
+def test_tpu_group_of_16_heads(generic_interpreter):
+    """More than 8 query heads per kv head: the kernels loop over the group (fori_loop)."""
+    report = run_conformance(
+        FlashAttention(interpret=True), hardware=Hardware.tpu(), dtypes=["float32"], cases=["mqa", "decode"],
+        expect_supported="*", metadata=OperationMetadata(operation_configs=BLOCKS_128),
+        shape=Shape(batch=1, seq=256, num_heads=16, head_dim=64))
+    print(report.table())
+    report.assert_ok()
+
+
 def _inputs(q, k, v, **kw):
     md = OperationMetadata()
     args = dict(scale=None, is_causal=False, sliding_window=None, segment_ids=None, query_seq_lengths=None,
@@ -151,7 +162,7 @@ def test_tpu_config():
     assert blocks["fwd"] == flash_tpu.TPU_DEFAULTS[5]["fwd"]
     assert flash_tpu.tpu_config({}, q_len=4096, kv_len=4096, **{**sizes, "generation": 6})["fwd"] == (512, 512)
     short = flash_tpu.tpu_config({"block_q": 512}, q_len=5, kv_len=200, **sizes)
-    assert short["fwd"] == (16, 256) and short["dkv"][0] == 16  # one query block of 16 rows
+    assert short["fwd"] == (128, 256) and short["dkv"][0] == 128  # one (padded) query block of 128 rows
     big_group = flash_tpu.tpu_config({"block_q": 1024}, q_len=8192, kv_len=8192, **{**sizes, "group": 16})
     assert big_group["fwd"][0] < 1024  # halved to fit the VMEM budget
     for kernel, (bq, bk) in big_group.items():

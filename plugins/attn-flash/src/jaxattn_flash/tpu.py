@@ -7,8 +7,8 @@ head_dim different from the query/key one, bfloat16 and float32. Not float16 (TP
 matrix units take bf16/f32) and, as on GPUs, no bias, dropout, dense or `|` masks.
 
 TPU shape rules are met by padding: head_dim to a multiple of 128 (lanes), sequences to
-a multiple of the blocks; blocks are powers of two >= 128, except a query sequence of at
-most 128 tokens, which is one block rounded up to 16 rows (bf16 sublane packing).
+a multiple of the blocks; blocks are powers of two >= 128 on both sequences (so every
+tile, lse row and id row is (8, 128)-aligned; a decode query is one padded 128-row block).
 Inputs are transposed to `[B, H, S, D]` for the kernels (one XLA transpose each way).
 
 Block sizes: `metadata.operation_configs["flash"]` keys `block_q`, `block_kv` (forward),
@@ -39,7 +39,6 @@ from .tpu_kernels import Plan, TpuSpec, attend
 TPU_DTYPES = ("bfloat16", "float32")
 LANES = 128
 MIN_BLOCK = 128
-Q_SUBLANES = 16  # rows of a single short query block (bf16 packs 16 rows per vreg)
 VMEM_BUDGET = 16 * 1024 * 1024  # the default scoped VMEM limit of v4/v5 Mosaic kernels
 KERNELS = ("fwd", "dq", "dkv")
 _SUFFIX = {"fwd": "", "dq": "_dq", "dkv": "_dkv"}
@@ -98,26 +97,25 @@ def _block_value(config: Mapping[str, Any], key: str, default: int) -> int:
 def tpu_config(config: Mapping[str, Any], *, generation: int | None, head_dim: int, value_head_dim: int,
                group: int, q_len: int, kv_len: int, itemsize: int) -> dict[str, tuple[int, int]]:
     """`{kernel: (block_q, block_kv)}` for one call: config or generation defaults, clipped
-    to the sequences, `block_q` halved (not below 128) until the VMEM estimate fits."""
+    to the sequences, then `block_q`, then `block_kv` halved (not below 128) until the VMEM
+    estimate fits `VMEM_BUDGET`."""
     unknown = set(config) - _gpu_config.KEYS
     if unknown:
         raise ValueError(f"metadata.operation_configs['flash']: unknown keys {sorted(unknown)}; "
                          f"known: {sorted(_gpu_config.KEYS)}")
     table = _defaults(generation)
-    short_q = q_len <= MIN_BLOCK
+    sizes = dict(group=group, head_dim=head_dim, value_head_dim=value_head_dim, itemsize=itemsize)
     blocks = {}
     for kernel in KERNELS:
         sfx = _SUFFIX[kernel]
         bq = _block_value(config, f"block_q{sfx}", table[kernel][0])
         bk = _block_value(config, f"block_kv{sfx}", table[kernel][1])
+        bq = min(bq, max(MIN_BLOCK, _next_pow2(q_len)))
         bk = min(bk, max(MIN_BLOCK, _next_pow2(kv_len)))
-        if short_q:
-            bq = _round_up(max(q_len, 1), Q_SUBLANES)
-        else:
-            bq = min(bq, _next_pow2(q_len))
-            sizes = dict(group=group, head_dim=head_dim, value_head_dim=value_head_dim, itemsize=itemsize)
-            while bq > MIN_BLOCK and vmem_bytes(kernel, block_q=bq, block_kv=bk, **sizes) > VMEM_BUDGET:
-                bq //= 2
+        while bq > MIN_BLOCK and vmem_bytes(kernel, block_q=bq, block_kv=bk, **sizes) > VMEM_BUDGET:
+            bq //= 2
+        while bk > MIN_BLOCK and vmem_bytes(kernel, block_q=bq, block_kv=bk, **sizes) > VMEM_BUDGET:
+            bk //= 2
         blocks[kernel] = (bq, bk)
     return blocks
 
@@ -157,7 +155,7 @@ def tpu_reasons(request: AttentionRequest) -> list[str]:
                        "(TPU matrix units have no float16 path in Pallas TPU kernels; cast to bfloat16)")
     group = max(1, request.num_q_heads // max(1, request.num_kv_heads))
     itemsize = 2 if request.dtype != "float32" else 4
-    bq = _round_up(request.q_len, Q_SUBLANES) if request.q_len <= MIN_BLOCK else MIN_BLOCK
+    bq = MIN_BLOCK
     need = max(vmem_bytes(k, group=group, block_q=bq, block_kv=MIN_BLOCK, head_dim=request.head_dim,
                           value_head_dim=request.value_head_dim, itemsize=itemsize) for k in KERNELS)
     if need > VMEM_BUDGET:
