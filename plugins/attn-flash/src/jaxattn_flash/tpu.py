@@ -4,7 +4,8 @@ Every feature flash has on a GPU: native GQA/MQA, causal (any offset, q_len != k
 sliding windows (symmetric or not), chunked causal, segment ids, query and key/value
 sequence lengths, logits soft-cap, sinks (with their gradient), `return_lse`, a value
 head_dim different from the query/key one, bfloat16 and float32. Not float16 (TPU
-matrix units take bf16/f32) and, as on GPUs, no bias, dropout, dense or `|` masks.
+matrix units take bf16/f32; an f16 lowering is not something we could verify) and, as
+on GPUs, no bias, dropout, dense or `|` masks.
 
 TPU shape rules are met by padding: head_dim to a multiple of 128 (lanes), sequences to
 a multiple of the blocks; blocks are powers of two >= 128 on both sequences (so every
@@ -15,9 +16,9 @@ Block sizes: `metadata.operation_configs["flash"]` keys `block_q`, `block_kv` (f
 `block_q_dq`, `block_kv_dq`, `block_q_dkv`, `block_kv_dkv` (the GPU's `num_warps*` /
 `num_stages*` keys are ignored here). Defaults per TPU generation are in
 `TPU_DEFAULTS`; they are NOT measured (no TPU was available): they follow jax's TPU
-kernels' usual sizes, and `block_q` is halved until the kernel's VMEM footprint fits
-`VMEM_BUDGET`. Nothing here was compiled for a real TPU; the kernels are tested on CPU
-through the Pallas TPU interpreter.
+kernels' usual sizes, and `block_q` (then `block_kv`) is halved until the kernel's
+estimated VMEM footprint fits `VMEM_BUDGET`. Nothing here was compiled for a real TPU;
+the kernels are tested on CPU through the Pallas interpreters (`INTERPRETER`).
 """
 
 from __future__ import annotations
