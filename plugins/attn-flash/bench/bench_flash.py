@@ -1,7 +1,10 @@
 """Check and time the `flash` backend on one GPU, beside jax's Pallas mha and cuDNN.
 
     python3 bench/bench_flash.py check            # conformance (bf16/fp16/fp32) + real shapes vs xla fp32
-    python3 bench/bench_flash.py bench            # peers-table shapes, GQA vs MHA, window vs causal
+    python3 bench/bench_flash.py bench [--fwd-peers] [--no-peers]
+                                                  # peers-table shapes: flash (Mosaic GPU forward and Triton
+                                                  # forward, each with the Triton backward) beside jax's Pallas
+                                                  # mha and cuDNN; window vs causal
     python3 bench/bench_flash.py tune KERNEL JSON # KERNEL fwd|bwd; JSON: list of config dicts
 
 Timing as in /work/shared/bench: median of 5 repetitions of 20 back-to-back calls after
@@ -89,8 +92,8 @@ def peer_fns(shape, causal):
     return {"jax_pallas_mha": mha, "cudnn": cudnn}
 
 
-def time_modes(name, fn, q, k, v, do, flops, row):
-    for mode in ("fwd", "fwdbwd"):
+def time_modes(name, fn, q, k, v, do, flops, row, modes=("fwd", "fwdbwd")):
+    for mode in modes:
         try:
             if mode == "fwd":
                 dt, _ = timeit(jax.jit(fn), q, k, v)
@@ -149,7 +152,10 @@ def check():
 # -- bench ------------------------------------------------------------------------------
 
 
-def bench(peers=True):
+KERNELS = {"flash_mosaic": {"gpu_kernel": "mosaic"}, "flash_triton": {"gpu_kernel": "triton"}}
+
+
+def bench(peers=True, peer_modes=("fwd", "fwdbwd")):
     rows = []
     for shape in SHAPES:
         for causal in (False, True):
@@ -158,10 +164,11 @@ def bench(peers=True):
             flops = 4 * b * hq * s * s * d * (0.5 if causal else 1.0)
             log(f"{shape} causal={causal}")
             row = {"shape": shape, "causal": causal}
-            time_modes("flash", flash_fn(causal), q, k, v, do, flops, row)
+            for name, cfg in KERNELS.items():
+                time_modes(name, flash_fn(causal, config=cfg), q, k, v, do, flops, row)
             if peers:
                 for name, fn in peer_fns(shape, causal).items():
-                    time_modes(name, fn, q, k, v, do, flops, row)
+                    time_modes(name, fn, q, k, v, do, flops, row, peer_modes)
             rows.append(row)
     # sliding window 1024 vs full causal at 16k (FLOPs: those of full causal, so the ratio is the speed-up)
     shape = (1, 16384, 16, 16, 128)
@@ -169,7 +176,8 @@ def bench(peers=True):
     flops = 4 * 16 * 16384 * 16384 * 128 * 0.5
     row = {"shape": shape, "causal": "window1024"}
     log(f"{shape} causal + sliding_window=1024 (TFLOP/s counted as full causal)")
-    time_modes("flash", flash_fn(True, window=(1024, 0)), q, k, v, do, flops, row)
+    for name, cfg in KERNELS.items():
+        time_modes(name, flash_fn(True, window=(1024, 0), config=cfg), q, k, v, do, flops, row)
     rows.append(row)
     json.dump(rows, open(os.path.join(OUT, "bench.json"), "w"), indent=1)
     return rows
@@ -212,7 +220,8 @@ if __name__ == "__main__":
     if what == "check":
         check()
     elif what == "bench":
-        bench(peers="--no-peers" not in sys.argv)
+        bench(peers="--no-peers" not in sys.argv,
+              peer_modes=("fwd",) if "--fwd-peers" in sys.argv else ("fwd", "fwdbwd"))
     elif what == "tune":
         arg = sys.argv[3]
         shapes = [(tuple(sh), bool(c)) for sh, c in json.loads(sys.argv[4])] if len(sys.argv) > 4 else None

@@ -1,4 +1,4 @@
-"""jaxattn-flash: FlashAttention-2 kernels written in Pallas (Triton lowering) for jaxattn.
+"""jaxattn-flash: FlashAttention kernels written in Pallas (Triton lowering; Mosaic GPU forward on Hopper).
 
     import jaxattn
     out = jaxattn.attention(q, k, v, is_causal=True, backend="flash")

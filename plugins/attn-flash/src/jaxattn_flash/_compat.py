@@ -28,6 +28,50 @@ def multiple_of(x: Any, m: int) -> Any:
     return fn(x, m) if fn is not None else x
 
 
+# -- Mosaic GPU (the Hopper forward path) ----------------------------------------------------
+# Imported only when that path is asked about or used: CPU CI never needs it to work.
+
+_MOSAIC: dict[str, Any] = {}
+
+
+def mosaic_gpu() -> Any:
+    """`jax.experimental.pallas.mosaic_gpu`, imported on first use (ImportError if it cannot be)."""
+    if "module" not in _MOSAIC:
+        try:
+            from jax.experimental.pallas import mosaic_gpu as plgpu_mosaic
+
+            _MOSAIC["module"] = plgpu_mosaic
+        except Exception as e:  # noqa: BLE001 - any failure means "no Mosaic GPU here"
+            _MOSAIC["module"] = None
+            _MOSAIC["error"] = f"{type(e).__name__}: {e}"
+    if _MOSAIC["module"] is None:
+        raise ImportError(f"jax.experimental.pallas.mosaic_gpu cannot be imported ({_MOSAIC['error']})")
+    return _MOSAIC["module"]
+
+
+def mosaic_import_error() -> str | None:
+    """Why Mosaic GPU cannot be imported here, or None when it can."""
+    try:
+        mosaic_gpu()
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def mosaic_params(plgpu_mosaic: Any) -> Any:
+    """Compiler parameters of our Mosaic GPU kernels. The default lowering semantics changed from
+    Lane (jax 0.10) to Warpgroup (jax 0.11); we name Warpgroup on both."""
+    return plgpu_mosaic.CompilerParams(
+        approx_math=True, lowering_semantics=plgpu_mosaic.LoweringSemantics.Warpgroup)
+
+
+def ref_transpose(plgpu_mosaic: Any, ref: Any) -> Any:
+    """A 2-D shared-memory ref seen transposed (`transpose_ref` is deprecated from jax 0.11)."""
+    if JAX_VERSION >= (0, 11):
+        return ref.transpose((1, 0))
+    return plgpu_mosaic.transpose_ref(ref, (1, 0))
+
+
 # -- Pallas TPU (Mosaic) ----------------------------------------------------------------
 
 from jax.experimental.pallas import tpu as pltpu  # noqa: E402

@@ -16,8 +16,10 @@ from jaxattn import (
     Support,
     mask_parts,
 )
+from jaxattn import hardware as _hardware
 
 from . import config as _config
+from . import gpu_path
 from .tpu import tpu_flash_attention, tpu_reasons
 from .triton_kernels import KernelSpec, flash
 
@@ -39,8 +41,12 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, interpret: bool = False):
-    """Run the kernels on `inputs`: `(out [B,Sq,Hq,Dv], lse [B,Hq,Sq])`."""
+def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, interpret: bool = False,
+                    hardware: Hardware | None = None):
+    """Run the kernels on `inputs`: `(out [B,Sq,Hq,Dv], lse [B,Hq,Sq])`.
+
+    The forward kernel is the one `gpu_path.choose` names for this call on `hardware`
+    (default: the detected one); the backward is always the Triton kernels."""
     if inputs.bias is not None:
         raise NotImplementedError("flash: an additive bias is not supported")
     if inputs.dropout_rate > 0.0:
@@ -56,7 +62,10 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
     if parts.dense is not None:
         raise NotImplementedError("flash: dense boolean masks are not supported")
 
-    tiles = _config.resolve(metadata.get_operation_config("flash"), max(d, dv), sq, skv)
+    config = metadata.get_operation_config("flash")
+    request = AttentionRequest.from_inputs(inputs)
+    path = gpu_path.choose(request, hardware or _hardware.current(), config, interpret=interpret)
+    tiles = _config.resolve(config, max(d, dv), sq, skv)
     q_mult = max(t.block_q for t in tiles.values())
     kv_mult = max(t.block_kv for t in tiles.values())
     q_pad, kv_pad = _round_up(sq, q_mult), _round_up(skv, kv_mult)
@@ -85,6 +94,13 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
         exact=jnp.dtype(q.dtype) == jnp.float32,
         interpret=interpret,
     )
+    if path.kernel == "mosaic":
+        from .mosaic_kernels import MosaicSpec
+
+        block_kv, stages = _config.mosaic_tiles(config, d)
+        mspec = MosaicSpec(scale=float(inputs.scale), band_lo=band_lo, band_hi=band_hi,
+                           block_kv=block_kv, stages=stages)
+        return gpu_path.flash_mosaic(spec, mspec, q, k, v)
     out, lse = flash(spec, qp, kp, vp, inputs.sinks, q_seg, kv_seg, q_lens, kv_lens)
     out = lax.slice(out, (0, 0, 0, 0), (b, sq, hq, dv))
     lse = lax.slice(lse, (0, 0, 0), (b, hq, sq))
@@ -150,9 +166,21 @@ class FlashAttention(OperationImpl):
             reasons += [r for r in tpu_reasons(request) if r not in reasons]
         return Support.from_reasons(reasons)
 
-    def _run(self, inputs: AttentionInputs, metadata: OperationMetadata):
-        out, lse = flash_attention(inputs, metadata, interpret=self.interpret)
+    def gpu_kernel_for(self, request: AttentionRequest, hardware: Hardware,
+                       metadata: OperationMetadata | None = None) -> gpu_path.PathChoice:
+        """Which forward kernel (Triton or Mosaic GPU) `request` takes on `hardware`, and why.
+        Raises ValueError when the config forces "mosaic" on a call it cannot serve."""
+        config = (metadata or OperationMetadata()).get_operation_config("flash")
+        return gpu_path.choose(request, hardware, config, interpret=self.interpret)
+
+    def _run(self, inputs: AttentionInputs, metadata: OperationMetadata, hardware: Hardware | None = None):
+        out, lse = flash_attention(inputs, metadata, interpret=self.interpret, hardware=hardware)
         return out, (lse if inputs.return_lse else None)
+
+    def __call__(self, inputs, metadata: OperationMetadata, hardware: Hardware):
+        if hardware.platform == "gpu" and not hardware.is_rocm:
+            return self._run(inputs, metadata, hardware)  # the GPU path choice needs the hardware
+        return super().__call__(inputs, metadata, hardware)
 
     def forward_native(self, inputs: AttentionInputs, metadata: OperationMetadata):
         if not self.interpret:

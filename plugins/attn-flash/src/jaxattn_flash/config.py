@@ -5,6 +5,9 @@
 * forward: `block_q`, `block_kv`, `num_warps`, `num_stages`
 * dq kernel: `block_q_dq`, `block_kv_dq`, `num_warps_dq`, `num_stages_dq`
 * dk/dv kernel: `block_q_dkv`, `block_kv_dkv`, `num_warps_dkv`, `num_stages_dkv`
+* which GPU forward kernel: `gpu_kernel` = "auto" (default), "triton" or "mosaic"
+  (see `gpu_path.py`); the Mosaic GPU forward's `mosaic_block_kv` (64, 128 or 256)
+  and `mosaic_stages` (K/V shared-memory slots, 2 to 4)
 
 Blocks are powers of two >= 16; each is clipped to the (padded) sequence it tiles.
 The defaults were measured on an H100 (see BENCHMARKS.md); other GPUs use them too.
@@ -19,9 +22,11 @@ from .triton_kernels import Tiles
 
 KERNELS = ("fwd", "dq", "dkv")
 _SUFFIX = {"fwd": "", "dq": "_dq", "dkv": "_dkv"}
+GPU_KERNELS = ("auto", "triton", "mosaic")
+MOSAIC_KEYS = frozenset({"mosaic_block_kv", "mosaic_stages"})
 KEYS = frozenset(
     f"{name}{_SUFFIX[k]}" for k in KERNELS for name in ("block_q", "block_kv", "num_warps", "num_stages")
-)
+) | {"gpu_kernel"} | MOSAIC_KEYS
 
 # head_dim (padded to a power of two) -> kernel -> (block_q, block_kv, num_warps, num_stages)
 DEFAULTS: dict[int, dict[str, tuple[int, int, int, int]]] = {
@@ -31,6 +36,14 @@ DEFAULTS: dict[int, dict[str, tuple[int, int, int, int]]] = {
     128: {"fwd": (128, 128, 8, 3), "dq": (64, 64, 4, 2), "dkv": (64, 64, 4, 2)},
     256: {"fwd": (64, 64, 8, 2), "dq": (64, 32, 8, 2), "dkv": (32, 64, 8, 2)},
 }
+
+
+# head_dim -> (block_kv, stages) of the Mosaic GPU forward (measured on an H100, BENCHMARKS.md:
+# head_dim 128: 128 x 2 stages 584-643 TFLOP/s, 64 x 3-4 stages 465-538; head_dim 64: 128 x 2
+# best causal, 256 x 2 +6% full / -7% causal; head_dim 256: 64 x 2 fits, untimed).
+# Shared memory: Q/O 2*64*d, K and V stages*block_kv*d each (2 bytes), under 227 KiB.
+MOSAIC_DEFAULTS: dict[int, tuple[int, int]] = {64: (128, 2), 128: (128, 2), 256: (64, 2)}
+MOSAIC_SMEM_BYTES = 227 * 1024 - 4096  # what the kernel's tiles may take (barriers, reductions apart)
 
 
 def next_pow2(n: int) -> int:
@@ -58,6 +71,36 @@ def validate(config: Mapping[str, Any]) -> None:
     if unknown:
         raise ValueError(f"metadata.operation_configs['flash']: unknown keys {sorted(unknown)}; "
                          f"known: {sorted(KEYS)}")
+
+
+def gpu_kernel(config: Mapping[str, Any]) -> str:
+    """The `gpu_kernel` key: "auto", "triton" or "mosaic"."""
+    validate(config)
+    value = config.get("gpu_kernel", "auto")
+    if value not in GPU_KERNELS:
+        raise ValueError(f"metadata.operation_configs['flash']['gpu_kernel'] must be one of {GPU_KERNELS}, "
+                         f"got {value!r}")
+    return value
+
+
+def mosaic_tiles(config: Mapping[str, Any], head_dim: int) -> tuple[int, int]:
+    """(block_kv, stages) of the Mosaic GPU forward for this head_dim (defaults or the config's)."""
+    validate(config)
+    bk, stages = MOSAIC_DEFAULTS.get(head_dim, (64, 2))
+    bk = config.get("mosaic_block_kv", bk)
+    if isinstance(bk, bool) or not isinstance(bk, int) or bk not in (64, 128, 256):
+        raise ValueError(f"metadata.operation_configs['flash']['mosaic_block_kv'] must be 64, 128 or 256, "
+                         f"got {bk!r}")
+    stages = config.get("mosaic_stages", stages)
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 2 <= stages <= 4:
+        raise ValueError(f"metadata.operation_configs['flash']['mosaic_stages'] must be an int from 2 to 4, "
+                         f"got {stages!r}")
+    return bk, stages
+
+
+def mosaic_smem_bytes(head_dim: int, block_kv: int, stages: int, itemsize: int = 2) -> int:
+    """Shared memory the Mosaic forward's tiles take: Q/O of both consumers, K and V slots."""
+    return itemsize * head_dim * (2 * 64 + 2 * stages * block_kv) + 2 * 64 * 4
 
 
 def resolve(config: Mapping[str, Any], head_dim: int, q_len: int, kv_len: int) -> dict[str, Tiles]:

@@ -1,0 +1,290 @@
+"""The Hopper forward kernel: Pallas with the Mosaic GPU lowering (wgmma, TMA, warp specialization).
+
+Imported only on a GPU path that chose it (`dispatch.py` decides); CPU CI never imports it.
+
+One CUDA block serves `2 * block_q` query rows of one (batch, query head) with three
+warpgroups:
+
+* warpgroup 2, the producer, gives up registers (`setmaxnreg` 40) and streams the key and
+  value tiles of the block's key range into a ring of `stages` shared-memory slots with
+  the bulk tensor copy engine (TMA), one mbarrier per slot for "loaded" and one for
+  "free"; K/V head `h // group` is read in place (native GQA, nothing repeated);
+* warpgroups 0 and 1, the consumers (`setmaxnreg` 232), each own `block_q` rows: Q is
+  copied once into shared memory, then for every key tile S = Q·Kᵀ and O += P·V run as
+  `wgmma` with float32 accumulators in registers, the online softmax in base 2 between.
+
+Ping-pong (as FlashAttention-3 does it): two named hardware barriers (ids 8 and 9; Mosaic
+uses 0-4) order the consumers so that one warpgroup's softmax runs while the other's
+matrix products occupy the tensor cores. Each consumer, per tile: issues its Q·Kᵀ, lets
+the other warpgroup go (`bar.arrive` on the other's barrier), finishes its softmax, waits
+for its turn (`bar.sync` on its own barrier), issues P·V. Warpgroup 1 starts with one
+wait, warpgroup 0 ends with one extra arrive, so both see the same count.
+
+Masks: a static band `band_lo <= j - i <= band_hi` (full attention: no band; causal with
+any offset, q_len != kv_len; sliding windows). The block visits only the key tiles
+that hold a visible pair for one of its rows; inside that range each consumer runs the
+tiles that are fully visible for its rows without any mask arithmetic, and applies the
+band only on its partial tiles (both consumers visit the same tiles: they share the
+K/V slots). The running max starts at a finite floor and masked logits are -inf, so a
+row with no visible key keeps l = 0 and gives out 0, lse -inf.
+
+The lse (natural log, `[B, Hq, Sq]`, float32) is what the Triton backward kernels read.
+Sequence lengths must be multiples of the tiles (`dispatch.py` checks).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from ._compat import mosaic_gpu, mosaic_params, ref_transpose
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+M_FLOOR = -1e30  # initial running max (log2 units): finite, below any real logit
+CONSUMERS = 2
+SCHEDULE_BARRIER = 8  # named barriers 8 (warpgroup 0) and 9 (warpgroup 1)
+
+
+@dataclass(frozen=True)
+class MosaicSpec:
+    """Static facts of one call of the Mosaic kernel (hashable)."""
+
+    scale: float
+    band_lo: int | None
+    band_hi: int | None
+    block_q: int = 64  # rows per consumer warpgroup (one wgmma M of 64)
+    block_kv: int = 128
+    stages: int = 2
+    pingpong: bool = True
+    fence: bool = False  # optimization barrier after the softmax (measured slower on an H100)
+
+    @property
+    def rows(self) -> int:
+        return CONSUMERS * self.block_q
+
+
+def _i32(x):
+    return jnp.asarray(x, jnp.int32)
+
+
+def _div(a, b: int):
+    """floor(a / b) for a >= 0 (clamped)."""
+    return lax.div(jnp.maximum(_i32(a), 0), jnp.int32(b))
+
+
+def _cdiv(a, b: int):
+    """ceil(a / b) for a >= 0 (clamped)."""
+    return lax.div(jnp.maximum(_i32(a), 0) + (b - 1), jnp.int32(b))
+
+
+def block_range(spec: MosaicSpec, r0, num_kv_tiles: int):
+    """Key tiles [lb, ub) that hold a visible pair for rows [r0, r0 + rows)."""
+    lb, ub = _i32(0), _i32(num_kv_tiles)
+    if spec.band_hi is not None:
+        ub = jnp.minimum(ub, _cdiv(r0 + spec.rows + spec.band_hi, spec.block_kv))
+    if spec.band_lo is not None:
+        lb = jnp.maximum(lb, _div(r0 + spec.band_lo, spec.block_kv))
+    return lb, jnp.maximum(ub, lb)
+
+
+def full_range(spec: MosaicSpec, r0, lb, ub):
+    """Of [lb, ub), the tiles [fs, fe) fully visible for rows [r0, r0 + block_q)."""
+    fs, fe = lb, ub
+    if spec.band_lo is not None:
+        fs = jnp.maximum(fs, _cdiv(r0 + spec.block_q - 1 + spec.band_lo, spec.block_kv))
+    if spec.band_hi is not None:
+        fe = jnp.minimum(fe, _div(r0 + spec.band_hi + 1, spec.block_kv))
+    fs = jnp.minimum(fs, ub)
+    return fs, jnp.maximum(fe, fs)
+
+
+def _named_barrier(plgpu, op: str, own: bool) -> None:
+    """`bar.<op>` on a consumer's own schedule barrier (8 + wg) or the other's (9 - wg)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    @plgpu.inline_mgpu()
+    def emit(_ctx):
+        i32 = ir.IntegerType.get_signless(32)
+        wg = mgpu_utils.warpgroup_idx(sync=False)
+        if own:
+            bid = arith.addi(wg, arith.constant(i32, SCHEDULE_BARRIER))
+        else:
+            bid = arith.subi(arith.constant(i32, SCHEDULE_BARRIER + 1), wg)
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [bid], f"bar.{op} $0, {2 * 128};", "r",
+                        has_side_effects=True)
+
+    emit()
+
+
+def _swizzled(plgpu, shape, dtype):
+    elem_bytes = jnp.dtype(dtype).itemsize
+    swizzle = 128 if shape[-1] * elem_bytes >= 128 else shape[-1] * elem_bytes
+    transforms = (plgpu.TilingTransform((8, swizzle // elem_bytes)), plgpu.SwizzleTransform(swizzle))
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def mosaic_forward(spec: MosaicSpec, q, k, v):
+    """q `[B, Sq, Hq, D]`, k/v `[B, Skv, Hkv, D]` (bf16/fp16, Sq % rows == 0, Skv % block_kv == 0)
+    -> (out `[B, Sq, Hq, D]`, lse `[B, Hq, Sq]` natural log, -inf on rows without keys)."""
+    plgpu = mosaic_gpu()
+    b, sq, hq, d = q.shape
+    _, skv, hkv, dv = v.shape
+    group = hq // hkv
+    bq, bk = spec.block_q, spec.block_kv
+    rows = spec.rows
+    nq, nk = sq // rows, skv // bk
+    stages = max(1, min(spec.stages, nk))
+    dtype = q.dtype
+    c = spec.scale * LOG2E
+    # causal-like bands: later query blocks have more keys; start them first
+    reverse = spec.band_hi is not None and spec.band_lo is None
+    wgmma_layout = plgpu.Layout.WGMMA
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+    def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref,
+               qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free):
+        bi = lax.axis_index("b")
+        hi = lax.axis_index("h")
+        ti = lax.axis_index("q")
+        wg = lax.axis_index("wg")
+        qi = (nq - 1 - ti) if reverse else ti
+        block_r0 = qi * rows
+        lb, ub = block_range(spec, block_r0, nk)
+
+        @pl.when(wg < CONSUMERS)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            r0 = block_r0 + wg * bq
+            qo = qo_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(r0, bq), hi], qo, q_bar.at[wg])
+            fs, fe = full_range(spec, r0, lb, ub)
+            acc = plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), wgmma_layout)
+            m = plgpu.layout_cast(jnp.full((bq,), M_FLOOR, jnp.float32), row_layout)
+            l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
+            plgpu.barrier_wait(q_bar.at[wg])
+
+            @pl.when(ub > lb)
+            def _():
+                plgpu.barrier_wait(k_bar.at[lax.rem(lb, stages)])
+
+            if spec.pingpong:
+                pl.when(wg == 1)(lambda: _named_barrier(plgpu, "sync", own=True))
+
+            def step(ki, carry, *, masked):
+                acc, m, l = carry
+                slot = lax.rem(ki, stages)
+
+                def qk(s_ref):
+                    plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[slot]))
+                    if spec.pingpong:
+                        _named_barrier(plgpu, "arrive", own=False)
+                    return s_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                if masked:
+                    i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma_layout)
+                    j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
+                    diff = (j + ki * bk) - (i + r0)
+                    ok = None
+                    if spec.band_lo is not None:
+                        ok = diff >= spec.band_lo
+                    if spec.band_hi is not None:
+                        ok = (diff <= spec.band_hi) if ok is None else ok & (diff <= spec.band_hi)
+                    if ok is not None:
+                        s = jnp.where(ok, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=1) * c)
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                l = l * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p16 = p.astype(dtype)
+                if spec.fence:
+                    acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                plgpu.barrier_wait(v_bar.at[slot])
+                if spec.pingpong:
+                    _named_barrier(plgpu, "sync", own=True)
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+                    @pl.when(ki + 1 < ub)
+                    def _():
+                        plgpu.barrier_wait(k_bar.at[lax.rem(ki + 1, stages)])
+
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l
+
+            carry = lax.fori_loop(lb, fs, functools.partial(step, masked=True), (acc, m, l))
+            carry = lax.fori_loop(fs, fe, functools.partial(step, masked=False), carry)
+            acc, m, l = lax.fori_loop(fe, ub, functools.partial(step, masked=True), carry)
+            if spec.pingpong:
+                pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
+
+            live = l > 0.0
+            l_safe = jnp.where(live, l, 1.0)
+            inv = jnp.where(live, 1.0 / l_safe, 0.0)
+            qo[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+            lse_smem.at[wg][...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo, o_ref.at[bi, pl.ds(r0, bq), hi])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(r0, bq)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        @pl.when(wg == CONSUMERS)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            kvh = lax.div(hi, jnp.int32(group))
+
+            def load(ref, smem, bar, tile, slot):
+                plgpu.copy_gmem_to_smem(ref.at[bi, pl.ds(tile * bk, bk), kvh], smem.at[slot], bar.at[slot])
+
+            for i in range(stages):
+                tile = lb + i
+
+                @pl.when(tile < ub)
+                def _(tile=tile):
+                    slot = lax.rem(tile, stages)
+                    load(k_ref, k_smem, k_bar, tile, slot)
+                    load(v_ref, v_smem, v_bar, tile, slot)
+
+            @pl.loop(lb, ub - stages)
+            def _(ki):
+                slot = lax.rem(ki, stages)
+                plgpu.barrier_wait(k_free.at[slot])
+                load(k_ref, k_smem, k_bar, ki + stages, slot)
+                plgpu.barrier_wait(v_free.at[slot])
+                load(v_ref, v_smem, v_bar, ki + stages, slot)
+
+    scratch = (
+        _swizzled(plgpu, (CONSUMERS, bq, d), dtype),  # Q, then O, of each consumer
+        _swizzled(plgpu, (stages, bk, d), dtype),
+        _swizzled(plgpu, (stages, bk, dv), dtype),
+        plgpu.SMEM((CONSUMERS, bq), jnp.float32),
+        plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+    )
+    out, lse = plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct((b, sq, hq, dv), dtype), jax.ShapeDtypeStruct((b, hq, sq), jnp.float32)),
+        scratch_types=scratch,
+        grid=(b, hq, nq),
+        grid_names=("b", "h", "q"),
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=mosaic_params(plgpu),
+    )(q, k, v)
+    return out, lse

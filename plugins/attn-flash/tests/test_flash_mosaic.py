@@ -1,0 +1,148 @@
+"""The Hopper forward path (Mosaic GPU): which calls take it, and (on an H100) that it is right.
+
+The CPU tests only ask `gpu_path.choose` (through `FlashAttention.gpu_kernel_for`) with
+injected hardware: Mosaic GPU kernels cannot run in the interpreter. The GPU test runs
+the conformance cases the Mosaic path serves, forced onto it, forward and gradients
+(the backward is the Triton kernels), bf16 and fp16, against the xla reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+import jaxattn
+from jaxattn import AttentionRequest, Hardware, OperationMetadata
+from jaxattn.testing import Shape, run_conformance
+from jaxattn_flash import FlashAttention, gpu_path
+from jaxattn_flash import config as flash_config
+
+H100 = Hardware.nvidia()
+A100 = Hardware.nvidia(compute_capability=(8, 0), device_kind="NVIDIA A100-SXM4-80GB")
+MOSAIC = OperationMetadata(operation_configs={"flash": {"gpu_kernel": "mosaic"}})
+MOSAIC_CASES = ["full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa", "mqa", "sliding_window",
+                "sliding_window_asym", "fully_masked_rows", "return_lse"]
+
+
+@pytest.fixture
+def mosaic_importable(monkeypatch):
+    monkeypatch.setattr(gpu_path._compat, "mosaic_import_error", lambda: None)
+
+
+def _request(**kw):
+    base = dict(batch=4, q_len=4096, kv_len=4096, num_q_heads=32, num_kv_heads=8, head_dim=128,
+                value_head_dim=128, dtype="bfloat16", kv_dtype="bfloat16", mask_kinds=frozenset({"causal"}),
+                needs_grad=True)
+    base.update(kw)
+    return AttentionRequest(**base)
+
+
+def _md(**config):
+    return OperationMetadata(operation_configs={"flash": config})
+
+
+def test_auto_takes_mosaic_on_hopper_only(mosaic_importable):
+    impl = FlashAttention()
+    for kinds in ({"causal"}, set(), {"full"}, {"causal", "sliding_window"}):
+        choice = impl.gpu_kernel_for(_request(mask_kinds=frozenset(kinds)), H100)
+        assert choice.kernel == "mosaic", choice
+    assert impl.gpu_kernel_for(_request(dtype="float16", kv_dtype="float16", head_dim=64, value_head_dim=64),
+                               H100).kernel == "mosaic"
+    on_a100 = impl.gpu_kernel_for(_request(), A100)
+    assert on_a100.kernel == "triton" and "compute capability 9.x" in on_a100.reason and "8.0" in on_a100.reason
+    assert impl.gpu_kernel_for(_request(), H100, _md(gpu_kernel="triton")).kernel == "triton"
+    # what auto cannot give to Mosaic goes to Triton, with the reason
+    soft = impl.gpu_kernel_for(_request(logits_soft_cap=True), H100)
+    assert soft.kernel == "triton" and "soft-cap" in soft.reason
+
+
+def test_auto_without_mosaic_gpu(monkeypatch):
+    monkeypatch.setattr(gpu_path._compat, "mosaic_import_error", lambda: "ImportError: no mosaic here")
+    choice = FlashAttention().gpu_kernel_for(_request(), H100)
+    assert choice.kernel == "triton" and "no mosaic here" in choice.reason
+
+
+def test_auto_follows_the_measured_rule(mosaic_importable, monkeypatch):
+    monkeypatch.setitem(gpu_path.AUTO_MOSAIC, (128, "band"), False)
+    choice = FlashAttention().gpu_kernel_for(_request(), H100)
+    assert choice.kernel == "triton" and "AUTO_MOSAIC" in choice.reason
+    assert FlashAttention().gpu_kernel_for(_request(), H100, _md(gpu_kernel="mosaic")).kernel == "mosaic"
+
+
+def test_forced_mosaic_says_every_reason(mosaic_importable):
+    impl = FlashAttention()
+    with pytest.raises(ValueError, match="compute capability 9.x"):
+        impl.gpu_kernel_for(_request(), A100, _md(gpu_kernel="mosaic"))
+    bad = _request(dtype="float32", kv_dtype="float32", head_dim=96, value_head_dim=96, q_len=200,
+                   mask_kinds=frozenset({"causal", "segment", "chunked_causal"}), logits_soft_cap=True,
+                   has_sinks=True, q_seq_lengths=True, kv_seq_lengths=True)
+    with pytest.raises(ValueError) as err:
+        impl.gpu_kernel_for(bad, H100, _md(gpu_kernel="mosaic"))
+    text = str(err.value)
+    for word in ("gpu_kernel='mosaic'", "float32", "head_dim", "chunked_causal, segment", "soft-cap", "sinks",
+                 "query sequence lengths", "key/value sequence lengths"):
+        assert word in text, word
+    with pytest.raises(ValueError, match="q_len a multiple of 128"):
+        impl.gpu_kernel_for(_request(q_len=200), H100, _md(gpu_kernel="mosaic"))
+    with pytest.raises(ValueError, match="does not fit in shared memory"):
+        impl.gpu_kernel_for(_request(), H100, _md(gpu_kernel="mosaic", mosaic_stages=4))
+
+
+def test_interpreter_never_takes_mosaic():
+    impl = FlashAttention(interpret=True)
+    assert impl.gpu_kernel_for(_request(), H100).kernel == "triton"
+    with pytest.raises(ValueError, match="interpreter"):
+        impl.gpu_kernel_for(_request(), H100, _md(gpu_kernel="mosaic"))
+    q = jax.numpy.ones((1, 128, 2, 64), jax.numpy.float32)
+    inputs = jaxattn.validation.build_attention_inputs(
+        q, q, q, None, None, metadata=MOSAIC, scale=None, is_causal=True, sliding_window=None, segment_ids=None,
+        query_seq_lengths=None, key_value_seq_lengths=None, logits_soft_cap=None, sinks=None, dropout_rate=0.0,
+        dropout_rng=None, return_lse=False)
+    with pytest.raises(ValueError, match="interpreter"):
+        impl(inputs, MOSAIC, Hardware.cpu())  # the call itself refuses, before any kernel runs
+
+
+def test_gpu_kernel_config_keys():
+    assert flash_config.gpu_kernel({}) == "auto"
+    with pytest.raises(ValueError, match="gpu_kernel"):
+        flash_config.gpu_kernel({"gpu_kernel": "cuda"})
+    assert flash_config.mosaic_tiles({}, 128) == flash_config.MOSAIC_DEFAULTS[128]
+    assert flash_config.mosaic_tiles({"mosaic_block_kv": 64, "mosaic_stages": 3}, 128) == (64, 3)
+    with pytest.raises(ValueError, match="mosaic_block_kv"):
+        flash_config.mosaic_tiles({"mosaic_block_kv": 96}, 128)
+    with pytest.raises(ValueError, match="mosaic_stages"):
+        flash_config.mosaic_tiles({"mosaic_stages": 5}, 128)
+    with pytest.raises(ValueError, match="unknown keys"):
+        flash_config.gpu_kernel({"gpu_kernels": "auto"})
+    # the Triton tiles still resolve with the new keys present
+    assert flash_config.resolve({"gpu_kernel": "triton", "mosaic_stages": 2}, 64, 256, 256)["fwd"].block_q == 128
+
+
+def _on_hopper() -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    cc = jaxattn.hardware.current().compute_capability
+    return cc is not None and cc[0] == 9
+
+
+GPU_RUNS = {  # name: (dtype, head_dim, cases, gradients)
+    "d64-bf16": ("bfloat16", 64, MOSAIC_CASES, True),
+    "d64-fp16": ("float16", 64, ["causal", "gqa", "fully_masked_rows"], True),
+    "d128-bf16": ("bfloat16", 128, ["causal", "sliding_window_asym"], True),
+    # head_dim 256: forward only (the Triton backward's 256 tiles are unmeasured)
+    "d256-bf16": ("bfloat16", 256, ["causal", "gqa"], False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("run", list(GPU_RUNS))
+def test_mosaic_conformance_gpu(run):
+    dtype, head_dim, cases, grads = GPU_RUNS[run]
+    impl = FlashAttention()
+    assert impl.gpu_kernel_for(_request(head_dim=head_dim, value_head_dim=head_dim),
+                               jaxattn.hardware.current()).kernel == ("mosaic" if head_dim <= 128 else "triton")
+    report = run_conformance(impl, dtypes=[dtype], cases=cases, expect_supported="*", metadata=MOSAIC,
+                             grads=grads, shape=Shape(batch=2, seq=256, num_heads=4, head_dim=head_dim))
+    print(report.table())
+    report.assert_ok()
