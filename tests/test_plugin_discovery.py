@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import jaxattn
+from jaxattn import Hardware
 from jaxattn.cli import main
 
 GOOD = '''
@@ -93,14 +94,16 @@ def test_third_party_backend_is_discovered_selected_and_correct(installed_plugin
 
     q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 4, 8)), jnp.float32)
     kv = jnp.asarray(np.random.default_rng(1).standard_normal((1, 16, 2, 8)), jnp.float32)
-    selection = jaxattn.select(q, kv, kv, is_causal=True)
-    assert selection.name == "thirdparty"  # priority 50 beats xla's 10 on CPU, 0 on GPU
+    # On the CPU (pinned: on a GPU the installed first-party kernels outrank it)
+    cpu = Hardware.cpu()
+    selection = jaxattn.select(q, kv, kv, is_causal=True, hardware=cpu)
+    assert selection.name == "thirdparty"  # priority 50 beats xla's 10
     out = jaxattn.attention(q, kv, kv, is_causal=True, backend="tp_attn")
     ref = jaxattn.attention(q, kv, kv, is_causal=True, backend="xla")
     assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 1e-5
 
     # what it does not support goes to xla, and the reason is shown
-    selection = jaxattn.select(q, kv, kv, sliding_window=4)
+    selection = jaxattn.select(q, kv, kv, sliding_window=4, hardware=cpu)
     assert selection.name == "xla"
     assert "thirdparty only knows causal masks" in selection.explain()
 

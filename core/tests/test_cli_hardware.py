@@ -26,7 +26,7 @@ def test_list_backends_table_and_json(capsys):
 
 
 def test_explain_shows_choice_and_rejections(capsys):
-    assert main(["explain", "--causal", "--window", "128,0", "--kv-heads", "2", "--segments"]) == 0
+    assert main(["explain", "--causal", "--window", "128,0", "--kv-heads", "2", "--segments", "--platform", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "chosen:   xla" in text and "sliding_window" in text and "segment" in text
     assert main(["explain", "--backend", "nope"]) == 1
@@ -37,7 +37,7 @@ def test_explain_shows_choice_and_rejections(capsys):
 
 def test_bench_prints_a_table(capsys):
     assert main(["bench", "--q-len", "64", "--q-heads", "2", "--head-dim", "16", "--dtype", "float32",
-                 "--repeats", "1", "--inner", "1"]) == 0
+                 "--repeats", "1", "--inner", "1", "--backends", "xla"]) == 0
     out = capsys.readouterr()
     assert "fwd+bwd TFLOP/s" in out.out and "xla" in out.out
     assert "1/1" in out.err  # progress indicator

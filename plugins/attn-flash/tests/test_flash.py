@@ -134,7 +134,14 @@ def test_config_resolution():
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 def test_conformance_gpu():
-    report = run_conformance("flash", dtypes=["bfloat16", "float16", "float32"],
-                             expect_supported=DECLARED, shape=Shape(batch=2, seq=256, num_heads=4, head_dim=64))
+    # Every case compiles its own kernels (3-18 s each on an H100): the whole matrix in
+    # bfloat16, the other dtypes on the cases that change the kernels' arithmetic.
+    shape = Shape(batch=2, seq=256, num_heads=4, head_dim=64)
+    report = run_conformance("flash", dtypes=["bfloat16"], expect_supported=DECLARED, shape=shape)
+    print(report.table())
+    report.assert_ok()
+    arithmetic = ["causal", "gqa", "segment_ids", "soft_cap", "sinks", "return_lse", "decode"]
+    report = run_conformance("flash", dtypes=["float16", "float32"], cases=arithmetic,
+                             expect_supported=arithmetic, shape=shape)
     print(report.table())
     report.assert_ok()
