@@ -34,13 +34,14 @@ DEFAULTS: dict[int, dict[str, tuple[int, int, int, int]]] = {
     32: {"fwd": (128, 64, 4, 3), "dq": (64, 64, 4, 2), "dkv": (64, 64, 4, 2)},
     64: {"fwd": (128, 64, 4, 3), "dq": (64, 64, 4, 2), "dkv": (64, 64, 4, 2)},
     128: {"fwd": (128, 128, 8, 3), "dq": (64, 64, 4, 2), "dkv": (64, 64, 4, 2)},
-    256: {"fwd": (64, 64, 8, 2), "dq": (64, 32, 8, 2), "dkv": (32, 64, 8, 2)},
+    256: {"fwd": (128, 64, 8, 2), "dq": (32, 64, 4, 2), "dkv": (64, 32, 4, 2)},
 }
 
 
 # head_dim -> (block_kv, stages) of the Mosaic GPU forward (measured on an H100, BENCHMARKS.md:
 # head_dim 128: 128 x 2 stages 584-643 TFLOP/s, 64 x 3-4 stages 465-538; head_dim 64: 128 x 2
-# best causal, 256 x 2 +6% full / -7% causal; head_dim 256: 64 x 2 fits, untimed).
+# best causal, 256 x 2 +6% full / -7% causal; head_dim 256: 64 x 2 is the only fit, 651 full /
+# 559 causal at (2, 4096, 16, 16)). Triton defaults of head_dim 256: bench/results/tune_d256.log.
 # Shared memory: Q/O 2*64*d, K and V stages*block_kv*d each (2 bytes), under 227 KiB.
 MOSAIC_DEFAULTS: dict[int, tuple[int, int]] = {64: (128, 2), 128: (128, 2), 256: (64, 2)}
 MOSAIC_SMEM_BYTES = 227 * 1024 - 4096  # what the kernel's tiles may take (barriers, reductions apart)

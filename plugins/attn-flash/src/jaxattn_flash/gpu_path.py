@@ -39,10 +39,12 @@ ROWS = 128  # query rows per CUDA block of the Mosaic kernel (2 warpgroups x 64)
 # Measured 2026-11-23 on an H100 (BENCHMARKS.md, bench/results/bench_mosaic_final.log), forward
 # TFLOP/s Mosaic vs Triton: head_dim 128 full 588-613 vs 444-499, causal 533-632 vs 405-463,
 # causal + window 1024 at 16k 0.295 vs 0.436 ms; head_dim 64 full 387 vs 332, causal 325 vs
-# 259. head_dim 256 is served when forced (correct on the H100) but was not timed: Triton.
+# 259; head_dim 256 at (2, 4096, 16, 16) full 651 vs 230, causal 559 vs 203, GQA 16/4 causal
+# 549 vs 217 (bench/results/tune_d256.log; Triton with its old 64x64 tiles; 128x64: 433/362/396).
 AUTO_MOSAIC: dict[tuple[int, str], bool] = {
     (64, "full"): True, (64, "band"): True,
     (128, "full"): True, (128, "band"): True,
+    (256, "full"): True, (256, "band"): True,
 }
 
 
