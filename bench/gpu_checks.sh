@@ -3,6 +3,8 @@
 #   bash bench/gpu_checks.sh [OUTDIR]
 # installs the core and all plugins (no network needed), lists the backends, runs every
 # test marked `gpu`, then bench/bench_auto.py. Logs go to OUTDIR (default ./gpu-logs).
+# On an H100 the tests take ~10 min (flash ~5, its Mosaic tests ~3: every case compiles its
+# kernels) and bench_auto ~1 min: more than one 10-minute device call; split it there.
 set -o pipefail
 out="${1:-gpu-logs}"
 mkdir -p "$out"
