@@ -1,6 +1,7 @@
 """Check and time the `flash` backend on one GPU, beside jax's Pallas mha and cuDNN.
 
-    python3 bench/bench_flash.py check            # conformance (bf16/fp16/fp32) + real shapes vs xla fp32
+    python3 bench/bench_flash.py check [real]     # conformance (bf16/fp16/fp32) + real shapes vs xla fp32
+                                                  # ("real": only the real shapes, one short device call)
     python3 bench/bench_flash.py bench [--fwd-peers] [--no-peers]
                                                   # peers-table shapes: flash (Mosaic GPU forward and Triton
                                                   # forward, each with the Triton backward) beside jax's Pallas
@@ -111,7 +112,8 @@ def time_modes(name, fn, q, k, v, do, flops, row, modes=("fwd", "fwdbwd")):
 # -- check ------------------------------------------------------------------------------
 
 
-def check():
+def check_cases():
+    """Conformance cases on small shapes (the GPU tests run the whole matrix)."""
     from jaxattn.testing import Shape, all_cases, check_case
     from jaxattn_flash import FlashAttention
 
@@ -132,9 +134,16 @@ def check():
         t = time.time()
         r = check_case(impl, cases[name], hardware=hw, dtype=dtype, shape=shape)
         log(f"{r.line()}  [d={shape.head_dim} seq={shape.seq}, {time.time() - t:.1f} s]")
-    # real shapes, bf16 vs the xla backend in float32
-    for shape, causal, window in (((4, 4096, 32, 8, 128), True, None), ((8, 2048, 16, 16, 64), False, None),
-                                  ((1, 16384, 16, 16, 128), True, 1024)):
+
+
+def check_real():
+    """Real shapes through `auto`'s path, bf16 against the xla backend in float32 (forward; and
+    gradients up to 4096 tokens)."""
+    log("hardware", jaxattn.hardware.current())
+    for shape, causal, window in (((4, 4096, 32, 8, 128), True, None), ((4, 4096, 32, 32, 128), False, None),
+                                  ((8, 2048, 16, 16, 64), False, None), ((8, 2048, 16, 16, 64), True, None),
+                                  ((2, 4096, 16, 4, 256), True, None), ((1, 16384, 16, 16, 128), True, 1024)):
+        t = time.time()
         q, k, v, do = inputs(shape)
         f = flash_fn(causal, window)
         ref = jax.jit(lambda q, k, v, causal=causal, window=window: jaxattn.attention(
@@ -147,6 +156,7 @@ def check():
             g = jax.jit(lambda q, k, v, f=f, do=do: jax.vjp(f, q, k, v)[1](do))(q, k, v)
             gr = jax.jit(lambda q, k, v, ref=ref, do=do: jax.vjp(ref, q, k, v)[1](do.astype(jnp.float32)))(*f32)
             log("   grads err " + " ".join(f"{n}={rel(a, b):.2e}" for n, a, b in zip(("dq", "dk", "dv"), g, gr)))
+        log(f"   [{time.time() - t:.1f} s]")
 
 
 # -- bench ------------------------------------------------------------------------------
@@ -218,7 +228,9 @@ if __name__ == "__main__":
     log("jax", jax.__version__, jax.devices())
     what = sys.argv[1] if len(sys.argv) > 1 else "bench"
     if what == "check":
-        check()
+        if sys.argv[2:3] != ["real"]:
+            check_cases()
+        check_real()
     elif what == "bench":
         bench(peers="--no-peers" not in sys.argv,
               peer_modes=("fwd",) if "--fwd-peers" in sys.argv else ("fwd", "fwdbwd"))
