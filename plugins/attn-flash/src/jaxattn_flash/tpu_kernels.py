@@ -39,6 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import tpu_compiler_params, tpu_prefetch_grid_spec, tpu_smem, tpu_vmem
+from .lse_grads import live_rows, sinks_grad
 
 LANES = 128
 M_FLOOR = -1e30  # initial running max: finite, below any real logit
@@ -133,21 +134,50 @@ def _for_heads(group: int, body) -> None:
         lax.fori_loop(0, group, lambda gi, c: (body(gi), c)[1], 0)
 
 
-def _entry(tab_ref, cnt_ref, plan: Plan, n_outer: int, b, o, t):
-    """(inner block, partial flag, count) of step `t` of outer block `o` of example `b`."""
-    n = cnt_ref[b * n_outer + o]
-    e = tab_ref[o * plan.steps + jnp.maximum(jnp.minimum(t, n - 1), 0)]
-    return jnp.right_shift(e, 1), jnp.bitwise_and(e, 1) == 1, n
+def _table_entry(tab, cnt, plan: Plan, n_outer: int, b, o, t):
+    """(table entry, count) of step `t` of outer block `o` of example `b`; steps past the
+    count repeat the last visited entry (its block is already in VMEM: no DMA)."""
+    n = cnt[b * n_outer + o]
+    return tab[o * plan.steps + jnp.maximum(jnp.minimum(t, n - 1), 0)], n
+
+
+def _step_tile(spec: TpuSpec, plan: Plan, tab_ref, cnt_ref, kv_end_ref, n_outer: int, b, o, t, *,
+               outer_kv: bool = False):
+    """(inner block, partial flag, count, key end) of step `t` of outer block `o`; with
+    sequence lengths a key block reaching past the example's key end is partial too."""
+    e, n = _table_entry(tab_ref, cnt_ref, plan, n_outer, b, o, t)
+    blk, partial = jnp.right_shift(e, 1), jnp.bitwise_and(e, 1) == 1
+    kv_end = kv_end_ref[b]
+    if spec.kv_lens:
+        partial = partial | (((o if outer_kv else blk) + 1) * plan.block_kv > kv_end)
+    return blk, partial, n, kv_end
+
+
+def _tile_visible(spec: TpuSpec, q_block, kv_block, bq: int, bk: int, kv_end, ids, *, keys_major: bool = False):
+    """Visibility of one (query block, key block) tile: rows are queries, or keys when
+    `keys_major` (the dk/dv kernel's transposed tile)."""
+    shape, q_axis = ((bk, bq), 1) if keys_major else ((bq, bk), 0)
+    q_pos = q_block * bq + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+    k_pos = kv_block * bk + lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
+    if keys_major:
+        pairs = [(q_ids[...], _column(kv_ids[0])) for q_ids, kv_ids in ids]
+    else:
+        pairs = [(_column(q_ids[0]), kv_ids[...]) for q_ids, kv_ids in ids]
+    return _visible(spec, q_pos, k_pos, kv_end, pairs)
+
+
+def _run_steps(t, n, partial, step) -> None:
+    """Run `step(masked)` on the live steps, with the mask on partial tiles only."""
+    run = t < n
+    pl.when(run & partial)(functools.partial(step, True))
+    pl.when(run & jnp.logical_not(partial))(functools.partial(step, False))
 
 
 def _inner_block(plan: Plan, n_outer: int):
-    """index_map helper: the inner block of step `t` (steps past the count re-point to the
-    last visited block, which is already in VMEM: no DMA)."""
+    """index_map helper: the inner block of step `t`."""
 
     def inner(b, h, o, t, tab, cnt, q_end, kv_end):
-        n = cnt[b * n_outer + o]
-        e = tab[o * plan.steps + jnp.maximum(jnp.minimum(t, n - 1), 0)]
-        return jnp.right_shift(e, 1)
+        return jnp.right_shift(_table_entry(tab, cnt, plan, n_outer, b, o, t)[0], 1)
 
     return inner
 
@@ -209,10 +239,7 @@ def _fwd_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, *r
     bq, bk = plan.block_q, plan.block_kv
     nq = spec.q_pad // bq
     b, h, i, t = (pl.program_id(a) for a in range(4))
-    blk, partial, n = _entry(tab_ref, cnt_ref, plan, nq, b, i, t)
-    kv_end = kv_end_ref[b]
-    if spec.kv_lens:
-        partial = partial | ((blk + 1) * bk > kv_end)
+    blk, partial, n, kv_end = _step_tile(spec, plan, tab_ref, cnt_ref, kv_end_ref, nq, b, i, t)
 
     @pl.when(t == 0)
     def _init():
@@ -223,11 +250,7 @@ def _fwd_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, *r
     def step(masked: bool):
         k = k_ref[...]
         v = v_ref[...]
-        vis = None
-        if masked:
-            q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-            k_pos = blk * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            vis = _visible(spec, q_pos, k_pos, kv_end, [(_column(a[0]), b_[...]) for a, b_ in ids])
+        vis = _tile_visible(spec, i, blk, bq, bk, kv_end, ids) if masked else None
 
         def head(gi):
             x, _ = _logits(_dot(q_ref[gi], k, NT, spec), spec)
@@ -243,9 +266,7 @@ def _fwd_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, *r
 
         _for_heads(g, head)
 
-    run = t < n
-    pl.when(run & partial)(functools.partial(step, True))
-    pl.when(run & jnp.logical_not(partial))(functools.partial(step, False))
+    _run_steps(t, n, partial, step)
 
     @pl.when(t == plan.steps - 1)
     def _finish():
@@ -321,10 +342,7 @@ def _dq_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, do_
     bq, bk = plan.block_q, plan.block_kv
     nq = spec.q_pad // bq
     b, _, i, t = (pl.program_id(a) for a in range(4))
-    blk, partial, n = _entry(tab_ref, cnt_ref, plan, nq, b, i, t)
-    kv_end = kv_end_ref[b]
-    if spec.kv_lens:
-        partial = partial | ((blk + 1) * bk > kv_end)
+    blk, partial, n, kv_end = _step_tile(spec, plan, tab_ref, cnt_ref, kv_end_ref, nq, b, i, t)
 
     @pl.when(t == 0)
     def _init():
@@ -333,11 +351,7 @@ def _dq_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, do_
     def step(masked: bool):
         k = k_ref[...]
         v = v_ref[...]
-        vis = None
-        if masked:
-            q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-            k_pos = blk * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            vis = _visible(spec, q_pos, k_pos, kv_end, [(_column(a[0]), b_[...]) for a, b_ in ids])
+        vis = _tile_visible(spec, i, blk, bq, bk, kv_end, ids) if masked else None
 
         def head(gi):
             x, tanh = _logits(_dot(q_ref[gi], k, NT, spec), spec)
@@ -352,9 +366,7 @@ def _dq_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, do_
 
         _for_heads(g, head)
 
-    run = t < n
-    pl.when(run & partial)(functools.partial(step, True))
-    pl.when(run & jnp.logical_not(partial))(functools.partial(step, False))
+    _run_steps(t, n, partial, step)
 
     @pl.when(t == plan.steps - 1)
     def _finish():
@@ -401,10 +413,7 @@ def _dkv_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, do
     bq, bk = plan.block_q, plan.block_kv
     nk = spec.kv_pad // bk
     b, _, j, t = (pl.program_id(a) for a in range(4))
-    blk, partial, n = _entry(tab_ref, cnt_ref, plan, nk, b, j, t)
-    kv_end = kv_end_ref[b]
-    if spec.kv_lens:
-        partial = partial | ((j + 1) * bk > kv_end)
+    blk, partial, n, kv_end = _step_tile(spec, plan, tab_ref, cnt_ref, kv_end_ref, nk, b, j, t, outer_kv=True)
 
     @pl.when(t == 0)
     def _init():
@@ -414,11 +423,7 @@ def _dkv_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, do
     def step(masked: bool):
         k = k_ref[...]
         v = v_ref[...]
-        vis = None
-        if masked:  # transposed tile: rows are keys, columns are queries
-            k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
-            q_pos = blk * bq + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
-            vis = _visible(spec, q_pos, k_pos, kv_end, [(a[...], _column(b_[0])) for a, b_ in ids])
+        vis = _tile_visible(spec, blk, j, bq, bk, kv_end, ids, keys_major=True) if masked else None
 
         def head(gi):
             q = q_ref[gi]
@@ -435,9 +440,7 @@ def _dkv_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, do
 
         _for_heads(g, head)
 
-    run = t < n
-    pl.when(run & partial)(functools.partial(step, True))
-    pl.when(run & jnp.logical_not(partial))(functools.partial(step, False))
+    _run_steps(t, n, partial, step)
 
     @pl.when(t == plan.steps - 1)
     def _finish():
@@ -488,19 +491,14 @@ def _attend_fwd(spec, q, k, v, sinks, q_seg, kv_seg, q_end, kv_end):
 def _attend_bwd(spec, residuals, cotangents):
     q, k, v, sinks, q_seg, kv_seg, q_end, kv_end, out, lse = residuals
     d_out, d_lse = cotangents
-    live = jnp.isfinite(lse)
-    d_lse = jnp.where(live, d_lse.astype(jnp.float32), 0.0)
+    live, d_lse = live_rows(lse, d_lse)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, :, None, :]
     delta = jnp.where(live, delta - d_lse, 0.0)  # the lse's cotangent enters dS like -delta
     lse_b = jnp.where(live, lse, jnp.inf)  # dead rows: every probability is 0
     do = d_out.astype(q.dtype)
     dq = backward_dq(spec, q, k, v, do, lse_b, delta, q_seg, kv_seg, q_end, kv_end)
     dk, dv = backward_dkv(spec, q, k, v, do, lse_b, delta, q_seg, kv_seg, q_end, kv_end)
-    d_sinks = None
-    if sinks is not None:
-        sink = sinks.astype(jnp.float32).reshape(1, -1, 1, 1)
-        p_sink = jnp.where(live, jnp.exp(sink - jnp.where(live, lse, 0.0)), 0.0)
-        d_sinks = jnp.sum(p_sink * -delta, axis=(0, 2, 3)).astype(sinks.dtype)
+    d_sinks = None if sinks is None else sinks_grad(sinks, lse, live, delta)
     return dq, dk, dv, d_sinks, None, None, None, None
 
 

@@ -33,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import multiple_of, triton_params
+from .lse_grads import live_rows, sinks_grad
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -574,8 +575,7 @@ def _flash_fwd(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens):
 def _flash_bwd(spec, residuals, cotangents):
     q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens, out, lse = residuals
     d_out, d_lse = cotangents
-    live = jnp.isfinite(lse)
-    d_lse = jnp.where(live, d_lse.astype(jnp.float32), 0.0)
+    live, d_lse = live_rows(lse, d_lse)
     # delta_i = sum_d dO·O  (minus dlse: the lse's own cotangent enters dS the same way)
     delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
     delta_eff = delta - d_lse
@@ -583,12 +583,7 @@ def _flash_bwd(spec, residuals, cotangents):
     do = d_out.astype(q.dtype)
     dq = backward_dq(spec, q, k, v, do, lse2, delta_eff, q_seg, kv_seg, q_lens, kv_lens)
     dk, dv = backward_dkdv(spec, q, k, v, do, lse2, delta_eff, q_seg, kv_seg, q_lens, kv_lens)
-    d_sinks = None
-    if sinks is not None:
-        hq = q.shape[2]
-        sink = sinks.astype(jnp.float32).reshape(1, hq, 1)
-        p_sink = jnp.where(live, jnp.exp(sink - jnp.where(live, lse, 0.0)), 0.0)
-        d_sinks = jnp.sum(p_sink * -delta_eff, axis=(0, 2)).astype(sinks.dtype)
+    d_sinks = None if sinks is None else sinks_grad(sinks, lse, live, delta_eff)
     return dq, dk, dv, d_sinks, None, None, None, None
 
 
