@@ -35,19 +35,26 @@ def log(*a):
     print(*a, flush=True)
 
 
-def timeit(f, *args, n=20, reps=5):
+def round_timer(f, *args, n=20):
+    """Two warm-up calls, then (a function timing one round of `n` back-to-back calls, output)."""
+    jax.block_until_ready(f(*args))
     out = f(*args)
     jax.block_until_ready(out)
-    out = f(*args)
-    jax.block_until_ready(out)
-    ts = []
-    for _ in range(reps):
+
+    def once():
         t = time.perf_counter()
         for _ in range(n):
-            out = f(*args)
-        jax.block_until_ready(out)
-        ts.append((time.perf_counter() - t) / n)
-    return float(np.median(ts)), out
+            res = f(*args)
+        jax.block_until_ready(res)
+        return (time.perf_counter() - t) / n
+
+    return once, out
+
+
+def timeit(f, *args, n=20, reps=5):
+    """Median seconds per call over `reps` rounds, and the output."""
+    once, out = round_timer(f, *args, n=n)
+    return float(np.median([once() for _ in range(reps)])), out
 
 
 def inputs(shape, dtype=jnp.bfloat16, seed=0):

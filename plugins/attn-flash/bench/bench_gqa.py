@@ -12,25 +12,10 @@ flash's forward (what `auto` runs on Hopper), forward+backward, and cuDNN's forw
 from __future__ import annotations
 
 import sys
-import time
 
 import jax
 import numpy as np
-from bench_flash import flash_fn, inputs, log
-
-
-def _timer(fn, q, k, v, n=20):
-    jax.block_until_ready(fn(q, k, v))
-    jax.block_until_ready(fn(q, k, v))
-
-    def once():
-        t = time.perf_counter()
-        for _ in range(n):
-            out = fn(q, k, v)
-        jax.block_until_ready(out)
-        return (time.perf_counter() - t) / n
-
-    return once
+from bench_flash import flash_fn, inputs, log, round_timer
 
 
 def compare(name, make, causal, rounds):
@@ -38,7 +23,7 @@ def compare(name, make, causal, rounds):
     timers = {}
     for key, shape in shapes.items():
         q, k, v, do = inputs(shape)
-        timers[key] = _timer(make(do), q, k, v)
+        timers[key] = round_timer(make(do), q, k, v)[0]
     times = {"mha": [], "gqa": []}
     for r in range(rounds):
         order = ("mha", "gqa") if r % 2 == 0 else ("gqa", "mha")
