@@ -66,8 +66,7 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
     request = AttentionRequest.from_inputs(inputs)
     path = gpu_path.choose(request, hardware or _hardware.current(), config, interpret=interpret)
     tiles = _config.resolve(config, max(d, dv), sq, skv)
-    q_mult = max(t.block_q for t in tiles.values())
-    kv_mult = max(t.block_kv for t in tiles.values())
+    q_mult, kv_mult = _config.pad_multiples(tiles)
     q_pad, kv_pad = _round_up(sq, q_mult), _round_up(skv, kv_mult)
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)
 

@@ -121,3 +121,8 @@ def resolve(config: Mapping[str, Any], head_dim: int, q_len: int, kv_len: int) -
         stages = _positive(config.get(f"num_stages{sfx}", stages), f"num_stages{sfx}")
         tiles[kernel] = Tiles(min(bq, q_cap), min(bk, kv_cap), warps, stages)
     return tiles
+
+
+def pad_multiples(tiles: Mapping[str, Tiles]) -> tuple[int, int]:
+    """(query, key) lengths the three kernels need the sequences padded to a multiple of."""
+    return max(t.block_q for t in tiles.values()), max(t.block_kv for t in tiles.values())

@@ -92,9 +92,7 @@ def mosaic_reasons(request: AttentionRequest, hardware: Hardware, config: Mappin
             reasons.append(f"the Mosaic GPU kernel needs q_len a multiple of {ROWS} and kv_len a multiple of "
                            f"{bk} (got {request.q_len}, {request.kv_len})")
         else:
-            tiles = _config.resolve(config, d, request.q_len, request.kv_len)
-            q_mult = max(t.block_q for t in tiles.values())
-            kv_mult = max(t.block_kv for t in tiles.values())
+            q_mult, kv_mult = _config.pad_multiples(_config.resolve(config, d, request.q_len, request.kv_len))
             if request.q_len % q_mult or request.kv_len % kv_mult:
                 reasons.append(f"the Triton backward's tiles ({q_mult}, {kv_mult}) would pad this call "
                                f"({request.q_len}, {request.kv_len})")
