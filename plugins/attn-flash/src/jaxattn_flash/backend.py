@@ -20,25 +20,13 @@ from jaxattn import hardware as _hardware
 
 from . import config as _config
 from . import gpu_path
+from .padding import pad_axis, round_up
 from .tpu import tpu_flash_attention, tpu_reasons
 from .triton_kernels import KernelSpec, flash
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_HEAD_DIM = 256
 MIN_CAPABILITY = (8, 0)
-
-
-def _pad_axis(x, axis: int, size: int, value=0):
-    pad = size - x.shape[axis]
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, constant_values=value)
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, interpret: bool = False,
@@ -67,16 +55,16 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
     path = gpu_path.choose(request, hardware or _hardware.current(), config, interpret=interpret)
     tiles = _config.resolve(config, max(d, dv), sq, skv)
     q_mult, kv_mult = _config.pad_multiples(tiles)
-    q_pad, kv_pad = _round_up(sq, q_mult), _round_up(skv, kv_mult)
+    q_pad, kv_pad = round_up(sq, q_mult), round_up(skv, kv_mult)
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)
 
-    qp = _pad_axis(_pad_axis(q, 1, q_pad), 3, dp)
-    kp = _pad_axis(_pad_axis(k, 1, kv_pad), 3, dp)
-    vp = _pad_axis(_pad_axis(v, 1, kv_pad), 3, dvp)
+    qp = pad_axis(pad_axis(q, 1, q_pad), 3, dp)
+    kp = pad_axis(pad_axis(k, 1, kv_pad), 3, dp)
+    vp = pad_axis(pad_axis(v, 1, kv_pad), 3, dvp)
     q_seg = kv_seg = None
     if parts.q_segment_ids is not None:
-        q_seg = _pad_axis(parts.q_segment_ids.astype(jnp.int32), 1, q_pad)
-        kv_seg = _pad_axis(parts.kv_segment_ids.astype(jnp.int32), 1, kv_pad)
+        q_seg = pad_axis(parts.q_segment_ids.astype(jnp.int32), 1, q_pad)
+        kv_seg = pad_axis(parts.kv_segment_ids.astype(jnp.int32), 1, kv_pad)
     q_lens = None if inputs.q_seq_lengths is None else inputs.q_seq_lengths.astype(jnp.int32)
     kv_lens = None if inputs.kv_seq_lengths is None else inputs.kv_seq_lengths.astype(jnp.int32)
 

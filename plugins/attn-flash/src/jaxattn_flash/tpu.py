@@ -35,6 +35,7 @@ from jaxattn import hardware as _hardware
 
 from . import config as _gpu_config
 from ._compat import tpu_interpret
+from .padding import pad_axis, round_up
 from .tpu_kernels import Plan, TpuSpec, attend
 
 TPU_DTYPES = ("bfloat16", "float32")
@@ -58,14 +59,6 @@ TPU_DEFAULTS: dict[int, dict[str, tuple[int, int]]] = {
 }
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _defaults(generation: int | None) -> dict[str, tuple[int, int]]:
     known = [g for g in TPU_DEFAULTS if generation is not None and g <= generation]
     return TPU_DEFAULTS[max(known)] if known else TPU_DEFAULTS[5]
@@ -75,7 +68,7 @@ def vmem_bytes(kernel: str, *, group: int, block_q: int, block_kv: int, head_dim
                itemsize: int) -> int:
     """Estimated VMEM of one kernel: double-buffered blocks, scratch, float32 tile temporaries."""
     g, bq, bk = group, block_q, block_kv
-    d, dv = _round_up(head_dim, LANES), _round_up(value_head_dim, LANES)
+    d, dv = round_up(head_dim, LANES), round_up(value_head_dim, LANES)
     tiles = 4 * 4 * bq * bk
     if kernel == "fwd":
         blocks = g * bq * d + bk * d + bk * dv + g * bq * dv
@@ -111,8 +104,8 @@ def tpu_config(config: Mapping[str, Any], *, generation: int | None, head_dim: i
         sfx = _SUFFIX[kernel]
         bq = _block_value(config, f"block_q{sfx}", table[kernel][0])
         bk = _block_value(config, f"block_kv{sfx}", table[kernel][1])
-        bq = min(bq, max(MIN_BLOCK, _next_pow2(q_len)))
-        bk = min(bk, max(MIN_BLOCK, _next_pow2(kv_len)))
+        bq = min(bq, max(MIN_BLOCK, _gpu_config.next_pow2(q_len)))
+        bk = min(bk, max(MIN_BLOCK, _gpu_config.next_pow2(kv_len)))
         while bq > MIN_BLOCK and vmem_bytes(kernel, block_q=bq, block_kv=bk, **sizes) > VMEM_BUDGET:
             bq //= 2
         while bk > MIN_BLOCK and vmem_bytes(kernel, block_q=bq, block_kv=bk, **sizes) > VMEM_BUDGET:
@@ -166,15 +159,6 @@ def tpu_reasons(request: AttentionRequest) -> list[str]:
     return reasons
 
 
-def _pad(x, axis: int, size: int):
-    pad = size - x.shape[axis]
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths)
-
-
 def _interpret_value(interpret: bool) -> Any:
     if not interpret:
         return False
@@ -212,8 +196,8 @@ def tpu_flash_attention(inputs: AttentionInputs, metadata: OperationMetadata | N
     blocks = tpu_config(metadata.get_operation_config("flash"), generation=_generation(), head_dim=d,
                         value_head_dim=dv, group=hq // hkv, q_len=sq, kv_len=skv,
                         itemsize=jnp.dtype(q.dtype).itemsize)
-    q_pad = _round_up(sq, max(bq for bq, _ in blocks.values()))
-    kv_pad = _round_up(skv, max(bk for _, bk in blocks.values()))
+    q_pad = round_up(sq, max(bq for bq, _ in blocks.values()))
+    kv_pad = round_up(skv, max(bk for _, bk in blocks.values()))
     plans = {kernel: _plan(inputs.mask, sq, skv, q_pad, kv_pad, *blocks[kernel], outer_kv=kernel == "dkv")
              for kernel in KERNELS}
     spec = TpuSpec(
@@ -226,14 +210,14 @@ def tpu_flash_attention(inputs: AttentionInputs, metadata: OperationMetadata | N
         fwd=plans["fwd"], dq=plans["dq"], dkv=plans["dkv"],
         interpret=_interpret_value(interpret),
     )
-    dp, dvp = _round_up(d, LANES), _round_up(dv, LANES)
-    qt = _pad(_pad(q.transpose(0, 2, 1, 3), 2, q_pad), 3, dp)
-    kt = _pad(_pad(k.transpose(0, 2, 1, 3), 2, kv_pad), 3, dp)
-    vt = _pad(_pad(v.transpose(0, 2, 1, 3), 2, kv_pad), 3, dvp)
+    dp, dvp = round_up(d, LANES), round_up(dv, LANES)
+    qt = pad_axis(pad_axis(q.transpose(0, 2, 1, 3), 2, q_pad), 3, dp)
+    kt = pad_axis(pad_axis(k.transpose(0, 2, 1, 3), 2, kv_pad), 3, dp)
+    vt = pad_axis(pad_axis(v.transpose(0, 2, 1, 3), 2, kv_pad), 3, dvp)
     q_seg = kv_seg = None
     if spec.segments:
-        q_seg = _pad(parts.q_segment_ids.astype(jnp.int32), 1, q_pad)[:, None, :]
-        kv_seg = _pad(parts.kv_segment_ids.astype(jnp.int32), 1, kv_pad)[:, None, :]
+        q_seg = pad_axis(parts.q_segment_ids.astype(jnp.int32), 1, q_pad)[:, None, :]
+        kv_seg = pad_axis(parts.kv_segment_ids.astype(jnp.int32), 1, kv_pad)[:, None, :]
     q_end = jnp.full((b,), sq, jnp.int32)
     if inputs.q_seq_lengths is not None:
         q_end = jnp.clip(inputs.q_seq_lengths.astype(jnp.int32), 0, sq)
