@@ -12,18 +12,14 @@ import jax.numpy as jnp
 import pytest
 
 import jaxattn
-from jaxattn import AttentionRequest, Hardware, OperationMetadata
+from jaxattn import Hardware, OperationMetadata
 from jaxattn.testing import Shape, run_conformance
 from jaxattn_flash import FlashAttention
 from jaxattn_flash import config as flash_config
+from jaxattn_flash._testing import DECLARED, REJECTED
+from jaxattn_flash._testing import request as _request
 
 SMALL_BLOCKS = {"flash": {f"{b}{s}": 32 for b in ("block_q", "block_kv") for s in ("", "_dq", "_dkv")}}
-DECLARED = [
-    "full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa", "mqa", "sliding_window",
-    "sliding_window_asym", "chunked_causal", "segment_ids", "seq_lengths", "soft_cap", "sinks",
-    "fully_masked_rows", "return_lse", "value_head_dim", "decode",
-]
-REJECTED = ["bias", "bool_mask", "or_mask", "dropout"]
 
 
 def test_conformance_float32_interpret():
@@ -68,14 +64,6 @@ def test_odd_lengths_default_blocks_and_padded_head_dim():
 
 
 # -- declarations ---------------------------------------------------------------------------
-
-
-def _request(**kw):
-    base = dict(batch=2, q_len=1024, kv_len=1024, num_q_heads=8, num_kv_heads=2, head_dim=128,
-                value_head_dim=128, dtype="bfloat16", kv_dtype="bfloat16", mask_kinds=frozenset({"causal"}),
-                needs_grad=True)
-    base.update(kw)
-    return AttentionRequest(**base)
 
 
 def test_registered_instance_not_usable_on_cpu():

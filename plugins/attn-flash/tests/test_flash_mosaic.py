@@ -12,10 +12,11 @@ import jax
 import pytest
 
 import jaxattn
-from jaxattn import AttentionRequest, Hardware, OperationMetadata
+from jaxattn import Hardware, OperationMetadata
 from jaxattn.testing import Shape, run_conformance
 from jaxattn_flash import FlashAttention, gpu_path
 from jaxattn_flash import config as flash_config
+from jaxattn_flash._testing import request
 
 H100 = Hardware.nvidia()
 A100 = Hardware.nvidia(compute_capability=(8, 0), device_kind="NVIDIA A100-SXM4-80GB")
@@ -30,11 +31,8 @@ def mosaic_importable(monkeypatch):
 
 
 def _request(**kw):
-    base = dict(batch=4, q_len=4096, kv_len=4096, num_q_heads=32, num_kv_heads=8, head_dim=128,
-                value_head_dim=128, dtype="bfloat16", kv_dtype="bfloat16", mask_kinds=frozenset({"causal"}),
-                needs_grad=True)
-    base.update(kw)
-    return AttentionRequest(**base)
+    """The peers-table shape (4, 4096, 32 q / 8 kv heads, 128)."""
+    return request(**{"batch": 4, "q_len": 4096, "kv_len": 4096, "num_q_heads": 32, "num_kv_heads": 8, **kw})
 
 
 def _md(**config):

@@ -23,15 +23,12 @@ from jaxattn import CausalMask, ChunkedCausalMask, Hardware, OperationMetadata, 
 from jaxattn.testing import Shape, run_conformance
 from jaxattn_flash import FlashAttention
 from jaxattn_flash import tpu as flash_tpu
+from jaxattn_flash._testing import DECLARED as TPU_DECLARED
+from jaxattn_flash._testing import REJECTED
+from jaxattn_flash._testing import request as _request
 
 BLOCKS_128 = {"flash": {f"{b}{s}": 128 for b in ("block_q", "block_kv") for s in ("", "_dq", "_dkv")}}
 SHAPE = Shape(batch=2, seq=256, num_heads=4, head_dim=32)
-TPU_DECLARED = [
-    "full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa", "mqa", "sliding_window",
-    "sliding_window_asym", "chunked_causal", "segment_ids", "seq_lengths", "soft_cap", "sinks",
-    "fully_masked_rows", "return_lse", "value_head_dim", "decode",
-]
-REJECTED = ["bias", "bool_mask", "or_mask", "dropout"]
 FULL_MATRIX = os.environ.get("JAXATTN_FLASH_TPU_FULL") == "1"
 # the CI subset: every distinct code path (band offsets, lo/hi, chunk ids, segments, run-time
 # lengths, soft-cap, sinks, -inf rows with lse, one query block); GQA/MQA groups in both
@@ -126,14 +123,6 @@ def test_tpu_interpreter_odd_shapes_mixed_blocks():
 
 
 # -- declarations, configuration, tile tables (no kernels run) ------------------------------
-
-
-def _request(**kw):
-    base = dict(batch=2, q_len=1024, kv_len=1024, num_q_heads=8, num_kv_heads=2, head_dim=128,
-                value_head_dim=128, dtype="bfloat16", kv_dtype="bfloat16", mask_kinds=frozenset({"causal"}),
-                needs_grad=True)
-    base.update(kw)
-    return jaxattn.AttentionRequest(**base)
 
 
 def test_supports_on_tpu():

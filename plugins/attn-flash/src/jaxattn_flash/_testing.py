@@ -1,0 +1,25 @@
+"""Test helpers (used by this plugin's tests): the conformance cases flash declares, and
+requests for `supports()`/path checks without building arrays."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxattn import AttentionRequest
+
+# Every platform (GPU Triton, TPU) declares the same cases.
+DECLARED = [
+    "full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa", "mqa", "sliding_window",
+    "sliding_window_asym", "chunked_causal", "segment_ids", "seq_lengths", "soft_cap", "sinks",
+    "fully_masked_rows", "return_lse", "value_head_dim", "decode",
+]
+REJECTED = ["bias", "bool_mask", "or_mask", "dropout"]
+
+
+def request(**fields: Any) -> AttentionRequest:
+    """A bf16 causal GQA training request (2, 1024, 8 q / 2 kv heads, 128), `fields` changed."""
+    base: dict[str, Any] = dict(
+        batch=2, q_len=1024, kv_len=1024, num_q_heads=8, num_kv_heads=2, head_dim=128, value_head_dim=128,
+        dtype="bfloat16", kv_dtype="bfloat16", mask_kinds=frozenset({"causal"}), needs_grad=True)
+    base.update(fields)
+    return AttentionRequest(**base)
