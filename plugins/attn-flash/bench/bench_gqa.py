@@ -1,35 +1,54 @@
 """GQA (32 q / 8 kv heads) against MHA (32 / 32) at (4, 4096, ·, 128), timed in alternation.
 
-    python3 bench/bench_gqa.py [ROUNDS]
+    python3 bench/bench_gqa.py [ROUNDS]            # whole calls: flash fwd, fwd+bwd, Triton fwd; cuDNN fwd
+    python3 bench/bench_gqa.py kernels [ROUNDS]    # each Triton kernel alone (fwd, dq, dk/dv)
 
 Run-to-run spread on the H100 (~5%) is larger than the GQA/MHA difference the issue's bar
 asks about, so both shapes are timed in one process, alternating: each round times 20
 back-to-back calls of MHA, then of GQA (then the reverse order, to cancel drift). Prints the
 median TFLOP/s of each and the median and spread of the per-round ratio GQA / MHA, for
 flash's forward (what `auto` runs on Hopper), forward+backward, and cuDNN's forward beside it.
+`kernels` times the Triton forward, dq and dk/dv kernels one by one on the same inputs, to
+show which kernel carries a GQA/MHA difference of the backward.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from bench_flash import flash_fn, inputs, log, round_timer
 
+import jaxattn
+from jaxattn_flash import config as flash_config
+from jaxattn_flash import triton_kernels as tk
 
-def compare(name, make, causal, rounds):
-    shapes = {"mha": (4, 4096, 32, 32, 128), "gqa": (4, 4096, 32, 8, 128)}
+NONE4 = (None,) * 4  # no segment ids, no lengths
+SHAPES = {"mha": (4, 4096, 32, 32, 128), "gqa": (4, 4096, 32, 8, 128)}
+
+
+def compare(name, make, causal, rounds, shapes=SHAPES):
+    """`make(do)` -> a jitted f(q, k, v); both shapes timed in alternation."""
     timers = {}
     for key, shape in shapes.items():
         q, k, v, do = inputs(shape)
         timers[key] = round_timer(make(do), q, k, v)[0]
+    alternate(name, timers, causal, rounds, shapes)
+
+
+def alternate(name, timers, causal, rounds, shapes=SHAPES):
     times = {"mha": [], "gqa": []}
     for r in range(rounds):
         order = ("mha", "gqa") if r % 2 == 0 else ("gqa", "mha")
         for key in order:
             times[key].append(timers[key]())
-    flops = 4 * 4 * 32 * 4096 * 4096 * 128 * (0.5 if causal else 1.0) * (3.5 if "bwd" in name else 1.0)
+    b, sq, hq, _, d = shapes["mha"]
+    # the kernels' own matmuls: dq recomputes S and dP (3 matmuls: 1.5x the forward), dk/dv 4 (2x)
+    share = 3.5 if "bwd" in name else 2.0 if "dkv" in name else 1.5 if "dq" in name else 1.0
+    flops = 4 * b * hq * sq * sq * d * (0.5 if causal else 1.0) * share
     mha, gqa = np.array(times["mha"]), np.array(times["gqa"])
     ratio = mha / gqa  # > 1: GQA faster
     log(f"{name:28s} causal={causal!s:5s} mha {flops / np.median(mha) / 1e12:6.1f}  gqa "
@@ -37,7 +56,43 @@ def compare(name, make, causal, rounds):
         f"[min {ratio.min():.4f}, max {ratio.max():.4f}] over {rounds} rounds")
 
 
+def kernel_spec(shape, causal, interpret=False):
+    """The KernelSpec flash builds for an unpadded call of `shape` with default tiles."""
+    b, s, hq, hk, d = shape
+    tiles = flash_config.resolve({}, d, s, s)
+    parts = jaxattn.mask_parts(jaxattn.CausalMask() if causal else None, s, s)
+    return tk.KernelSpec(
+        q_len=s, kv_len=s, q_pad=s, kv_pad=s, group=hq // hk, scale=1 / math.sqrt(d), soft_cap=None,
+        band_lo=parts.band_lo, band_hi=parts.band_hi, chunk_size=None, chunk_offset=0,
+        segments=False, q_lens=False, kv_lens=False, sinks=False,
+        fwd=tiles["fwd"], dq=tiles["dq"], dkdv=tiles["dkv"], exact=False, interpret=interpret)
+
+
+def kernels(rounds, shapes=SHAPES, interpret=False):
+    """Each Triton kernel alone, MHA and GQA in alternation."""
+    for causal in (False, True):
+        timers = {"fwd": {}, "dq": {}, "dkv": {}}
+        for key, shape in shapes.items():
+            spec = kernel_spec(shape, causal, interpret)
+            q, k, v, do = inputs(shape)
+            out, lse = jax.jit(lambda q, k, v, spec=spec: tk.forward(spec, q, k, v, None, *NONE4))(q, k, v)
+            delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
+            lse2 = lse * tk.LOG2E
+            fwd = jax.jit(lambda q, k, v, spec=spec: tk.forward(spec, q, k, v, None, *NONE4))
+            dq = jax.jit(lambda q, k, v, spec=spec, do=do, lse2=lse2, delta=delta:
+                         tk.backward_dq(spec, q, k, v, do, lse2, delta, *NONE4))
+            dkv = jax.jit(lambda q, k, v, spec=spec, do=do, lse2=lse2, delta=delta:
+                          tk.backward_dkdv(spec, q, k, v, do, lse2, delta, *NONE4))
+            for name, f in (("fwd", fwd), ("dq", dq), ("dkv", dkv)):
+                timers[name][key] = round_timer(f, q, k, v)[0]
+        for name, t in timers.items():
+            alternate(f"triton {name} kernel", t, causal, rounds, shapes)
+
+
 def main():
+    if sys.argv[1:2] == ["kernels"]:
+        kernels(int(sys.argv[2]) if len(sys.argv) > 2 else 15)
+        return
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 15
     log("jax", jax.__version__, jax.devices()[0].device_kind)
     for causal in (False, True):
