@@ -94,12 +94,19 @@ def _dot(a, b, dims, spec: TpuSpec):
     return lax.dot_general(a, b, dims, precision=spec.precision, preferred_element_type=jnp.float32)
 
 
-def _logits(raw, spec: TpuSpec):
-    """Raw q·k (float32) -> (logits, tanh term of the soft-cap or None)."""
+def _logits(a, b, vis, spec: TpuSpec):
+    """a·bᵀ (float32) -> (logits, tanh term of the soft-cap or None); logits -inf where the
+    boolean tile `vis` is False (`vis` None: a tile without masked entries)."""
+    raw = _dot(a, b, NT, spec)
+    t = None
     if spec.soft_cap is None:
-        return raw * spec.scale, None
-    t = jnp.tanh(raw * (spec.scale / spec.soft_cap))
-    return t * spec.soft_cap, t
+        x = raw * spec.scale
+    else:
+        t = jnp.tanh(raw * (spec.scale / spec.soft_cap))
+        x = t * spec.soft_cap
+    if vis is not None:
+        x = jnp.where(vis, x, -jnp.inf)
+    return x, t
 
 
 def _visible(spec: TpuSpec, q_pos, k_pos, kv_end, id_pairs):
@@ -253,9 +260,7 @@ def _fwd_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, *r
         vis = _tile_visible(spec, i, blk, bq, bk, kv_end, ids) if masked else None
 
         def head(gi):
-            x, _ = _logits(_dot(q_ref[gi], k, NT, spec), spec)
-            if vis is not None:
-                x = jnp.where(vis, x, -jnp.inf)
+            x, _ = _logits(q_ref[gi], k, vis, spec)
             m_prev = m_ref[gi]
             m_next = jnp.maximum(m_prev, jnp.max(x, axis=1, keepdims=True))
             alpha = jnp.exp(m_prev - m_next)
@@ -354,9 +359,7 @@ def _dq_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, do_
         vis = _tile_visible(spec, i, blk, bq, bk, kv_end, ids) if masked else None
 
         def head(gi):
-            x, tanh = _logits(_dot(q_ref[gi], k, NT, spec), spec)
-            if vis is not None:
-                x = jnp.where(vis, x, -jnp.inf)
+            x, tanh = _logits(q_ref[gi], k, vis, spec)
             p = jnp.exp(x - _column(lse_ref[gi, 0]))
             dp = _dot(do_ref[gi], v, NT, spec)
             ds = p * (dp - _column(delta_ref[gi, 0]))
@@ -428,9 +431,7 @@ def _dkv_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, do
         def head(gi):
             q = q_ref[gi]
             do = do_ref[gi]
-            x, tanh = _logits(_dot(k, q, NT, spec), spec)
-            if vis is not None:
-                x = jnp.where(vis, x, -jnp.inf)
+            x, tanh = _logits(k, q, vis, spec)
             p = jnp.exp(x - lse_ref[gi])
             dv_acc[...] += _dot(p.astype(do.dtype), do, NN, spec)
             ds = p * (_dot(v, do, NT, spec) - delta_ref[gi])
