@@ -75,10 +75,10 @@ def kernels(rounds, shapes=SHAPES, interpret=False):
         for key, shape in shapes.items():
             spec = kernel_spec(shape, causal, interpret)
             q, k, v, do = inputs(shape)
-            out, lse = jax.jit(lambda q, k, v, spec=spec: tk.forward(spec, q, k, v, None, *NONE4))(q, k, v)
+            fwd = jax.jit(lambda q, k, v, spec=spec: tk.forward(spec, q, k, v, None, *NONE4))
+            out, lse = fwd(q, k, v)
             delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
             lse2 = lse * tk.LOG2E
-            fwd = jax.jit(lambda q, k, v, spec=spec: tk.forward(spec, q, k, v, None, *NONE4))
             dq = jax.jit(lambda q, k, v, spec=spec, do=do, lse2=lse2, delta=delta:
                          tk.backward_dq(spec, q, k, v, do, lse2, delta, *NONE4))
             dkv = jax.jit(lambda q, k, v, spec=spec, do=do, lse2=lse2, delta=delta:

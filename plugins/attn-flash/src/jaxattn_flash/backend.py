@@ -56,11 +56,7 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
     tiles = _config.resolve(config, max(d, dv), sq, skv)
     q_mult, kv_mult = _config.pad_multiples(tiles)
     q_pad, kv_pad = round_up(sq, q_mult), round_up(skv, kv_mult)
-    dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)
 
-    qp = pad_axis(pad_axis(q, 1, q_pad), 3, dp)
-    kp = pad_axis(pad_axis(k, 1, kv_pad), 3, dp)
-    vp = pad_axis(pad_axis(v, 1, kv_pad), 3, dvp)
     q_seg = kv_seg = None
     if parts.q_segment_ids is not None:
         q_seg = pad_axis(parts.q_segment_ids.astype(jnp.int32), 1, q_pad)
@@ -87,7 +83,11 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
         block_kv, stages = _config.mosaic_tiles(config, d)
         mspec = MosaicSpec(scale=float(inputs.scale), band_lo=band_lo, band_hi=band_hi,
                            block_kv=block_kv, stages=stages)
-        return gpu_path.flash_mosaic(spec, mspec, q, k, v)
+        return gpu_path.flash_mosaic(spec, mspec, q, k, v)  # unpadded: the Mosaic path takes no padding
+    dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)
+    qp = pad_axis(pad_axis(q, 1, q_pad), 3, dp)
+    kp = pad_axis(pad_axis(k, 1, kv_pad), 3, dp)
+    vp = pad_axis(pad_axis(v, 1, kv_pad), 3, dvp)
     out, lse = flash(spec, qp, kp, vp, inputs.sinks, q_seg, kv_seg, q_lens, kv_lens)
     out = lax.slice(out, (0, 0, 0, 0), (b, sq, hq, dv))
     lse = lax.slice(lse, (0, 0, 0), (b, hq, sq))
