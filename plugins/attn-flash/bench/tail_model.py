@@ -1,0 +1,62 @@
+"""A model of the causal dk/dv kernel's launch tail: why GQA loses to MHA there.
+
+    python3 bench/tail_model.py
+
+The dk/dv grid is `(kv blocks, batch, kv heads)`; the GPU starts programs in that order (the
+kv-block axis fastest) and gives the next one to whichever slot frees first. Under a causal
+mask, kv block j of n sees the query blocks j..n-1 of each of the `group` query heads, so a
+program's work is `(n - j) * group` tiles. With GQA (group 4) there are 4x fewer, 4x longer
+programs than with MHA, and the launch ends on the heaviest programs of the last (batch, head):
+slots idle while those finish. This model (greedy list scheduling, no memory effects) prints
+the kernel time over the ideal `total work / slots` for the launch order the kernel uses and
+for "passes": every (batch, head)'s heaviest half of the blocks in pass 1, half of what is left
+in pass 2, and so on, so that the last launched programs are light. Slots = SMs (132 on an
+H100) times the programs one SM holds at once (1 or 2 for the 64x64 dk/dv tiles).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+SHAPES = {"mha (4, 4096, 32/32, 128)": (4, 32, 1), "gqa (4, 4096, 32/8, 128)": (4, 8, 4)}
+N_BLOCKS = 4096 // 64
+
+
+def pass_bounds(n: int, passes: int) -> list[int]:
+    """Cut points: pass k launches blocks [bounds[k], bounds[k+1]) of every (batch, head)."""
+    bounds, lo = [0], 0
+    for _ in range(passes - 1):
+        if n - lo < 2:
+            break
+        lo += (n - lo) // 2
+        bounds.append(lo)
+    return bounds + [n]
+
+
+def launch_works(batch: int, heads: int, group: int, n: int, passes: int) -> list[int]:
+    """Tiles of work of each program, in launch order."""
+    bounds = pass_bounds(n, passes)
+    return [(n - j) * group
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+            for _ in range(batch * heads)
+            for j in range(lo, hi)]
+
+
+def span_over_ideal(works: list[int], slots: int) -> float:
+    free_at = [0] * slots
+    for w in works:
+        heapq.heappush(free_at, heapq.heappop(free_at) + w)
+    return max(free_at) / (sum(works) / slots)
+
+
+def main():
+    print(f"{'shape':28s} {'slots':>5s}  " + "  ".join(f"passes={p}" for p in (1, 2, 3, 4)))
+    for name, (batch, heads, group) in SHAPES.items():
+        for slots in (132, 264):
+            spans = [span_over_ideal(launch_works(batch, heads, group, N_BLOCKS, p), slots)
+                     for p in (1, 2, 3, 4)]
+            print(f"{name:28s} {slots:5d}  " + "  ".join(f"{s:8.3f}" for s in spans))
+
+
+if __name__ == "__main__":
+    main()
