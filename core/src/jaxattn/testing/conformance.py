@@ -151,23 +151,30 @@ def _call(impl: OperationImpl, metadata: OperationMetadata, hardware: Hardware) 
     return jax.jit(lambda inputs: impl(inputs, metadata, hardware))
 
 
+@jax.jit
+def _reference_call(inputs: Any) -> tuple[jax.Array, jax.Array]:
+    """The xla reference, jitted once per process: every backend's run of a case (and its
+    bf16 and float32 runs, cast to float32 here) reuses one compilation."""
+    impl = XlaAttention() if isinstance(inputs, AttentionInputs) else XlaPagedAttention()
+    return impl(inputs, OperationMetadata(), Hardware.cpu())
+
+
 def _reference(inputs: Any) -> tuple[jax.Array, jax.Array]:
-    ref_impl = XlaAttention() if isinstance(inputs, AttentionInputs) else XlaPagedAttention()
     if isinstance(inputs, AttentionInputs):
         inputs = inputs.replace(return_lse=True)
-    return _call(ref_impl, OperationMetadata(), Hardware.cpu())(_to_float32(inputs))
+    return _reference_call(_to_float32(inputs))
 
 
 _DIFF = ("query", "key", "value", "bias", "sinks")
 _GRAD_LABELS = {"query": "dq", "key": "dk", "value": "dv", "bias": "dbias", "sinks": "dsinks"}
 
 
-def _gradients(impl: OperationImpl, inputs: AttentionInputs, metadata: OperationMetadata,
-               hardware: Hardware, d_out: jax.Array, d_lse: jax.Array | None) -> dict[str, Any]:
-    """VJP w.r.t. query, key, value, bias and sinks; every array is a jit argument (no constants to fold)."""
-    with_lse = d_lse is not None
+def _vjp_of(impl: OperationImpl, metadata: OperationMetadata, hardware: Hardware) -> Any:
+    """(inputs, cotangent) -> gradients w.r.t. query, key, value, bias and sinks; a
+    cotangent pair (d_out, d_lse) differentiates the lse too."""
 
     def grads(inputs: AttentionInputs, cotangent: Any) -> dict[str, Any]:
+        with_lse = isinstance(cotangent, tuple)
         primals = {n: getattr(inputs, n) for n in _DIFF if getattr(inputs, n) is not None}
 
         def f(p: dict[str, Any]) -> Any:
@@ -177,8 +184,20 @@ def _gradients(impl: OperationImpl, inputs: AttentionInputs, metadata: Operation
         _, vjp = jax.vjp(f, primals)
         return vjp(cotangent)[0]
 
+    return grads
+
+
+_reference_vjp = jax.jit(_vjp_of(XlaAttention(), OperationMetadata(), Hardware.cpu()))
+
+
+def _gradients(impl: OperationImpl | None, inputs: AttentionInputs, metadata: OperationMetadata,
+               hardware: Hardware, d_out: jax.Array, d_lse: jax.Array | None) -> dict[str, Any]:
+    """VJP of `impl` (None: the xla reference, compiled once per process); every array is
+    a jit argument (no constants to fold)."""
     d_out = d_out.astype(inputs.value.dtype)
-    return jax.jit(grads)(inputs, (d_out, d_lse) if with_lse else d_out)
+    cotangent = d_out if d_lse is None else (d_out, d_lse)
+    run = _reference_vjp if impl is None else jax.jit(_vjp_of(impl, metadata, hardware))
+    return run(inputs, cotangent)
 
 
 def check_case(impl: OperationImpl, case: Case, *, hardware: Hardware, dtype: Any,
@@ -231,7 +250,7 @@ def _compare(impl: OperationImpl, case: Case, inputs: Any, metadata: OperationMe
             d_lse = jnp.where(jnp.isfinite(ref_lse),
                               jax.random.normal(jax.random.fold_in(key, 98), ref_lse.shape), 0.0)
         got = _gradients(impl, inputs, metadata, hardware, d_out, d_lse)
-        ref = _gradients(XlaAttention(), _to_float32(inputs), OperationMetadata(), Hardware.cpu(), d_out, d_lse)
+        ref = _gradients(None, _to_float32(inputs), OperationMetadata(), Hardware.cpu(), d_out, d_lse)
         gtol = GRAD_TOL.get(dtype_name, 2e-2)
         for name in got:
             errors[_GRAD_LABELS[name]] = relative_error(got[name], ref[name])
