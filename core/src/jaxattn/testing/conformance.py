@@ -153,8 +153,8 @@ def _call(impl: OperationImpl, metadata: OperationMetadata, hardware: Hardware) 
 
 @jax.jit
 def _reference_call(inputs: Any) -> tuple[jax.Array, jax.Array]:
-    """The xla reference, jitted once per process: every backend's run of a case (and its
-    bf16 and float32 runs, cast to float32 here) reuses one compilation."""
+    """The xla reference, jitted once per process: runs of one case on one shape share one
+    compilation, whatever the dtype (the reference always gets float32 inputs)."""
     impl = XlaAttention() if isinstance(inputs, AttentionInputs) else XlaPagedAttention()
     return impl(inputs, OperationMetadata(), Hardware.cpu())
 
@@ -190,14 +190,21 @@ def _vjp_of(impl: OperationImpl, metadata: OperationMetadata, hardware: Hardware
 _reference_vjp = jax.jit(_vjp_of(XlaAttention(), OperationMetadata(), Hardware.cpu()))
 
 
-def _gradients(impl: OperationImpl | None, inputs: AttentionInputs, metadata: OperationMetadata,
-               hardware: Hardware, d_out: jax.Array, d_lse: jax.Array | None) -> dict[str, Any]:
-    """VJP of `impl` (None: the xla reference, compiled once per process); every array is
-    a jit argument (no constants to fold)."""
+def _cotangent(inputs: AttentionInputs, d_out: jax.Array, d_lse: jax.Array | None) -> Any:
     d_out = d_out.astype(inputs.value.dtype)
-    cotangent = d_out if d_lse is None else (d_out, d_lse)
-    run = _reference_vjp if impl is None else jax.jit(_vjp_of(impl, metadata, hardware))
-    return run(inputs, cotangent)
+    return d_out if d_lse is None else (d_out, d_lse)
+
+
+def _gradients(impl: OperationImpl, inputs: AttentionInputs, metadata: OperationMetadata,
+               hardware: Hardware, d_out: jax.Array, d_lse: jax.Array | None) -> dict[str, Any]:
+    """VJP of `impl`; every array is a jit argument (no constants to fold)."""
+    return jax.jit(_vjp_of(impl, metadata, hardware))(inputs, _cotangent(inputs, d_out, d_lse))
+
+
+def _reference_gradients(inputs: AttentionInputs, d_out: jax.Array, d_lse: jax.Array | None) -> dict[str, Any]:
+    """VJP of the xla reference in float32 (compiled once per process, like `_reference`)."""
+    inputs = _to_float32(inputs)
+    return _reference_vjp(inputs, _cotangent(inputs, d_out, d_lse))
 
 
 def check_case(impl: OperationImpl, case: Case, *, hardware: Hardware, dtype: Any,
@@ -250,7 +257,7 @@ def _compare(impl: OperationImpl, case: Case, inputs: Any, metadata: OperationMe
             d_lse = jnp.where(jnp.isfinite(ref_lse),
                               jax.random.normal(jax.random.fold_in(key, 98), ref_lse.shape), 0.0)
         got = _gradients(impl, inputs, metadata, hardware, d_out, d_lse)
-        ref = _gradients(None, _to_float32(inputs), OperationMetadata(), Hardware.cpu(), d_out, d_lse)
+        ref = _reference_gradients(inputs, d_out, d_lse)
         gtol = GRAD_TOL.get(dtype_name, 2e-2)
         for name in got:
             errors[_GRAD_LABELS[name]] = relative_error(got[name], ref[name])
