@@ -2,6 +2,7 @@
 
     python3 bench/bench_gqa.py [ROUNDS]            # whole calls: flash fwd, fwd+bwd, Triton fwd; cuDNN fwd
     python3 bench/bench_gqa.py kernels [ROUNDS]    # each Triton kernel alone (fwd, dq, dk/dv)
+    python3 bench/bench_gqa.py passes [ROUNDS]     # causal: dk/dv launch passes 1-4, kernel alone and fwd+bwd
 
 Run-to-run spread on the H100 (~5%) is larger than the GQA/MHA difference the issue's bar
 asks about, so both shapes are timed in one process, alternating: each round times 20
@@ -9,11 +10,14 @@ back-to-back calls of MHA, then of GQA (then the reverse order, to cancel drift)
 median TFLOP/s of each and the median and spread of the per-round ratio GQA / MHA, for
 flash's forward (what `auto` runs on Hopper), forward+backward, and cuDNN's forward beside it.
 `kernels` times the Triton forward, dq and dk/dv kernels one by one on the same inputs, to
-show which kernel carries a GQA/MHA difference of the backward.
+show which kernel carries a GQA/MHA difference of the backward. `passes` times the causal
+dk/dv kernel and the whole fwd+bwd with 1 to 4 launch passes (`launch_passes_dkv`) on MHA,
+GQA and MQA shapes, each against 1 pass in alternation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
@@ -65,7 +69,8 @@ def kernel_spec(shape, causal, interpret=False):
         q_len=s, kv_len=s, q_pad=s, kv_pad=s, group=hq // hk, scale=1 / math.sqrt(d), soft_cap=None,
         band_lo=parts.band_lo, band_hi=parts.band_hi, chunk_size=None, chunk_offset=0,
         segments=False, q_lens=False, kv_lens=False, sinks=False,
-        fwd=tiles["fwd"], dq=tiles["dq"], dkdv=tiles["dkv"], exact=False, interpret=interpret)
+        fwd=tiles["fwd"], dq=tiles["dq"], dkdv=tiles["dkv"], exact=False, interpret=interpret,
+        dkdv_passes=flash_config.dkv_passes({}, hq // hk, parts.band_lo, parts.band_hi))
 
 
 def kernels(rounds, shapes=SHAPES, interpret=False):
@@ -89,9 +94,46 @@ def kernels(rounds, shapes=SHAPES, interpret=False):
             alternate(f"triton {name} kernel", t, causal, rounds, shapes)
 
 
+PASSES_SHAPES = {"mha": (4, 4096, 32, 32, 128), "gqa": (4, 4096, 32, 8, 128), "mqa": (4, 4096, 32, 1, 128),
+                 "gqa d64": (8, 2048, 16, 4, 64), "gqa d256": (4, 4096, 32, 8, 256), "gqa 16k": (1, 16384, 32, 8, 128)}
+
+
+def passes(rounds, shapes=PASSES_SHAPES, counts=(1, 2, 3, 4), interpret=False):
+    """Causal dk/dv kernel and fwd+bwd with `counts` launch passes, alternated round by round."""
+    log("jax", jax.__version__, jax.devices()[0].device_kind)
+    timers = {}
+    for key, shape in shapes.items():
+        q, k, v, do = inputs(shape)
+        spec = kernel_spec(shape, True, interpret)
+        out, lse = jax.jit(lambda q, k, v, spec=spec: tk.forward(spec, q, k, v, None, *NONE4))(q, k, v)
+        delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
+        for n in counts:
+            spec_n = dataclasses.replace(spec, dkdv_passes=n)
+            dkv = jax.jit(lambda q, k, v, s=spec_n, do=do, lse2=lse * tk.LOG2E, delta=delta:
+                          tk.backward_dkdv(s, q, k, v, do, lse2, delta, *NONE4))
+            timers[(key, "dk/dv", n)] = round_timer(dkv, q, k, v)[0]
+            if not interpret:
+                f = flash_fn(True, config={"launch_passes_dkv": n})
+                timers[(key, "fwd+bwd", n)] = round_timer(
+                    jax.jit(lambda q, k, v, f=f, do=do: jax.vjp(f, q, k, v)[1](do)), q, k, v)[0]
+    times = {key: [] for key in timers}
+    for r in range(rounds):
+        for key in (list(timers) if r % 2 == 0 else list(timers)[::-1]):
+            times[key].append(timers[key]())
+    for (key, what, n), t in times.items():
+        b, s, hq, _, d = shapes[key]
+        flops = 4 * b * hq * s * s * d * 0.5 * (2.0 if what == "dk/dv" else 3.5)
+        speed = np.array(times[(key, what, counts[0])]) / np.array(t)
+        log(f"{key:9s} causal {what:7s} passes {n}: {flops / np.median(t) / 1e12:6.1f} TFLOP/s  speed vs "
+            f"{counts[0]} pass median {np.median(speed):.3f} [min {speed.min():.3f}, max {speed.max():.3f}]")
+
+
 def main():
     if sys.argv[1:2] == ["kernels"]:
         kernels(int(sys.argv[2]) if len(sys.argv) > 2 else 15)
+        return
+    if sys.argv[1:2] == ["passes"]:
+        passes(int(sys.argv[2]) if len(sys.argv) > 2 else 8)
         return
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 15
     log("jax", jax.__version__, jax.devices()[0].device_kind)

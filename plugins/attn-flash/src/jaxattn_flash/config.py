@@ -8,6 +8,7 @@
 * which GPU forward kernel: `gpu_kernel` = "auto" (default), "triton" or "mosaic"
   (see `gpu_path.py`); the Mosaic GPU forward's `mosaic_block_kv` (64, 128 or 256)
   and `mosaic_stages` (K/V shared-memory slots, 2 to 4)
+* dk/dv launch order: `launch_passes_dkv` (1 to 8; see `launch_order.py`)
 
 Blocks are powers of two >= 16; each is clipped to the (padded) sequence it tiles.
 The defaults were measured on an H100 (see BENCHMARKS.md); other GPUs use them too.
@@ -26,7 +27,7 @@ GPU_KERNELS = ("auto", "triton", "mosaic")
 MOSAIC_KEYS = frozenset({"mosaic_block_kv", "mosaic_stages"})
 KEYS = frozenset(
     f"{name}{_SUFFIX[k]}" for k in KERNELS for name in ("block_q", "block_kv", "num_warps", "num_stages")
-) | {"gpu_kernel"} | MOSAIC_KEYS
+) | {"gpu_kernel", "launch_passes_dkv"} | MOSAIC_KEYS
 
 # head_dim (padded to a power of two) -> kernel -> (block_q, block_kv, num_warps, num_stages)
 DEFAULTS: dict[int, dict[str, tuple[int, int, int, int]]] = {
@@ -45,6 +46,13 @@ DEFAULTS: dict[int, dict[str, tuple[int, int, int, int]]] = {
 # Shared memory: Q/O 2*64*d, K and V stages*block_kv*d each (2 bytes), under 227 KiB.
 MOSAIC_DEFAULTS: dict[int, tuple[int, int]] = {64: (128, 2), 128: (128, 2), 256: (64, 2)}
 MOSAIC_SMEM_BYTES = 227 * 1024 - 4096  # what the kernel's tiles may take (barriers, reductions apart)
+
+
+# Launch passes of the dk/dv grid when a causal band makes its first k/v blocks the heavy
+# ones and the query heads are grouped (measured on an H100, BENCHMARKS.md "launch passes":
+# 4 passes take causal GQA/MQA dk/dv from -1% to +21%, fwd+bwd from +0% to +9%; MHA's dk/dv
+# loses 13%, full masks gain nothing). Everything else keeps the plain order (1 pass).
+DKV_PASSES_GROUPED_CAUSAL = 4
 
 
 def next_pow2(n: int) -> int:
@@ -97,6 +105,18 @@ def mosaic_tiles(config: Mapping[str, Any], head_dim: int) -> tuple[int, int]:
         raise ValueError(f"metadata.operation_configs['flash']['mosaic_stages'] must be an int from 2 to 4, "
                          f"got {stages!r}")
     return bk, stages
+
+
+def dkv_passes(config: Mapping[str, Any], group: int, band_lo: int | None, band_hi: int | None) -> int:
+    """Launch passes of the dk/dv kernel for one call (`launch_passes_dkv` or the measured default)."""
+    validate(config)
+    heavy_first = band_hi is not None and band_lo is None  # the first k/v blocks see the most queries
+    default = DKV_PASSES_GROUPED_CAUSAL if group > 1 and heavy_first else 1
+    passes = config.get("launch_passes_dkv", default)
+    if isinstance(passes, bool) or not isinstance(passes, int) or not 1 <= passes <= 8:
+        raise ValueError(f"metadata.operation_configs['flash']['launch_passes_dkv'] must be an int from 1 to 8, "
+                         f"got {passes!r}")
+    return passes
 
 
 def mosaic_smem_bytes(head_dim: int, block_kv: int, stages: int, itemsize: int = 2) -> int:

@@ -4,7 +4,8 @@ Layout is jaxattn's `[batch, seq, heads, head_dim]`; kernels read it in place (s
 block specs), never transposing or repeating K/V. Grouped-query attention reads the K/V
 head `h // group` in the forward and dq kernels; the dk/dv kernel of one K/V head loops
 over the `group` query heads that share it and accumulates their gradients in registers,
-so no K/V head is ever copied and no reduction over heads is needed afterwards.
+so no K/V head is ever copied and no reduction over heads is needed afterwards. Its grid
+may launch in passes (`launch_order.py`) so that a causal launch does not end on heavy programs.
 
 Masks arrive as `jaxattn.mask_parts`: a band `band_lo <= j - i <= band_hi` (causal,
 sliding window, q_len != kv_len), a chunk rule, segment ids. For each q block (k/v block
@@ -33,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import multiple_of, triton_params
+from .launch_order import launch_order, ordered
 from .lse_grads import live_rows, sinks_grad
 
 LOG2E = math.log2(math.e)
@@ -78,6 +80,7 @@ class KernelSpec:
     dkdv: Tiles
     exact: bool  # float32 inputs: IEEE float32 dots
     interpret: bool = False
+    dkdv_passes: int = 1  # launch passes of the dk/dv grid (launch_order.py)
 
     @property
     def precision(self):
@@ -477,7 +480,8 @@ def _dkdv_kernel(*refs, spec: KernelSpec):
     dk_ref, dv_ref = rest
 
     bq, bk = spec.dkdv.block_q, spec.dkdv.block_kv
-    j = pl.program_id(0)
+    j, _, _ = launch_order(pl.program_id(0), pl.program_id(1), pl.program_id(2), spec.kv_pad // bk,
+                           pl.num_programs(1), pl.num_programs(2), spec.dkdv_passes)
     c0 = j * bk
     kv_end = _i32(spec.kv_len)
     if kv_len_ref is not None:
@@ -525,26 +529,30 @@ def backward_dkdv(spec: KernelSpec, q, k, v, do, lse2, delta, q_seg, kv_seg, q_l
     t = spec.dkdv
     nk = spec.kv_pad // t.block_kv
     g = spec.group
-    kv_block = lambda dim: pl.BlockSpec((None, t.block_kv, None, dim), lambda j, bb, h: (bb, j, h, 0))  # noqa: E731
+
+    def block(shape, index_map):
+        return pl.BlockSpec(shape, ordered(index_map, nk, b, hkv, spec.dkdv_passes))
+
+    kv_block = lambda dim: block((None, t.block_kv, None, dim), lambda j, bb, h: (bb, j, h, 0))  # noqa: E731
     in_specs = [
-        pl.BlockSpec((None, spec.q_pad, g, d), lambda j, bb, h: (bb, 0, h, 0)),
+        block((None, spec.q_pad, g, d), lambda j, bb, h: (bb, 0, h, 0)),
         kv_block(d),
         kv_block(dv),
-        pl.BlockSpec((None, spec.q_pad, g, dv), lambda j, bb, h: (bb, 0, h, 0)),
-        pl.BlockSpec((None, g, spec.q_pad), lambda j, bb, h: (bb, h, 0)),
-        pl.BlockSpec((None, g, spec.q_pad), lambda j, bb, h: (bb, h, 0)),
+        block((None, spec.q_pad, g, dv), lambda j, bb, h: (bb, 0, h, 0)),
+        block((None, g, spec.q_pad), lambda j, bb, h: (bb, h, 0)),
+        block((None, g, spec.q_pad), lambda j, bb, h: (bb, h, 0)),
     ]
     arrays = [q, k, v, do, lse2, delta]
     extra_specs, extra = [], []
     if spec.segments:
-        extra_specs += [pl.BlockSpec((None, spec.q_pad), lambda j, bb, h: (bb, 0)),
-                        pl.BlockSpec((None, t.block_kv), lambda j, bb, h: (bb, j))]
+        extra_specs += [block((None, spec.q_pad), lambda j, bb, h: (bb, 0)),
+                        block((None, t.block_kv), lambda j, bb, h: (bb, j))]
         extra += [q_seg, kv_seg]
     if spec.q_lens:
-        extra_specs.append(pl.BlockSpec((1,), lambda j, bb, h: (bb,)))
+        extra_specs.append(block((1,), lambda j, bb, h: (bb,)))
         extra.append(q_lens)
     if spec.kv_lens:
-        extra_specs.append(pl.BlockSpec((1,), lambda j, bb, h: (bb,)))
+        extra_specs.append(block((1,), lambda j, bb, h: (bb,)))
         extra.append(kv_lens)
     return pl.pallas_call(
         functools.partial(_dkdv_kernel, spec=spec),
