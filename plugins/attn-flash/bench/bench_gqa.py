@@ -70,7 +70,7 @@ def kernel_spec(shape, causal, interpret=False):
         band_lo=parts.band_lo, band_hi=parts.band_hi, chunk_size=None, chunk_offset=0,
         segments=False, q_lens=False, kv_lens=False, sinks=False,
         fwd=tiles["fwd"], dq=tiles["dq"], dkdv=tiles["dkv"], exact=False, interpret=interpret,
-        dkdv_passes=flash_config.dkv_passes({}, hq // hk, parts.band_lo, parts.band_hi))
+        dkdv_passes=flash_config.dkv_passes({}, hq // hk, parts))
 
 
 def kernels(rounds, shapes=SHAPES, interpret=False):

@@ -57,18 +57,24 @@ def test_one_pass_is_the_identity_without_arithmetic():
 
 def test_default_passes_only_for_grouped_heads_under_a_causal_band():
     grouped = flash_config.DKV_PASSES_GROUPED_CAUSAL
-    assert flash_config.dkv_passes({}, 4, None, 0) == grouped  # GQA, causal
-    assert flash_config.dkv_passes({}, 32, None, 128) == grouped  # MQA, causal with an offset
-    assert flash_config.dkv_passes({}, 1, None, 0) == 1  # MHA: the plain order is faster
-    assert flash_config.dkv_passes({}, 4, None, None) == 1  # no band: every block is as heavy
-    assert flash_config.dkv_passes({}, 4, -1024, 0) == 1  # sliding window: even work
-    assert flash_config.dkv_passes({"launch_passes_dkv": 2}, 1, None, None) == 2
+
+    def passes(group, mask, q_len=256, kv_len=256, config=None):
+        return flash_config.dkv_passes(config or {}, group, jaxattn.mask_parts(mask, q_len, kv_len))
+
+    assert passes(4, jaxattn.CausalMask()) == grouped  # GQA, causal
+    assert passes(32, jaxattn.CausalMask(), q_len=128) == grouped  # MQA, causal with an offset
+    assert passes(4, jaxattn.CausalMask() & jaxattn.SegmentMask(*[jnp.zeros((1, 256), jnp.int32)] * 2)) == grouped
+    assert passes(1, jaxattn.CausalMask()) == 1  # MHA: the plain order is faster
+    assert passes(4, None) == 1  # no band: every block is as heavy
+    assert passes(4, jaxattn.SlidingWindowMask(64, 0)) == 1  # a window bounds the work of every block
+    assert passes(4, jaxattn.ChunkedCausalMask(64)) == 1  # so does a chunk
+    assert passes(1, None, config={"launch_passes_dkv": 2}) == 2
 
 
 @pytest.mark.parametrize("bad", [0, 9, True, "4", 2.0])
 def test_launch_passes_key_rejects_bad_values(bad):
     with pytest.raises(ValueError, match=r"\['launch_passes_dkv'\] must be an int from 1 to 8"):
-        flash_config.dkv_passes({"launch_passes_dkv": bad}, 4, None, 0)
+        flash_config.dkv_passes({"launch_passes_dkv": bad}, 4, jaxattn.mask_parts(jaxattn.CausalMask(), 64, 64))
 
 
 def test_gradients_do_not_depend_on_the_launch_order():

@@ -76,7 +76,7 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
         fwd=tiles["fwd"], dq=tiles["dq"], dkdv=tiles["dkv"],
         exact=jnp.dtype(q.dtype) == jnp.float32,
         interpret=interpret,
-        dkdv_passes=_config.dkv_passes(config, hq // hkv, band_lo, band_hi),
+        dkdv_passes=_config.dkv_passes(config, hq // hkv, parts),
     )
     if path.kernel == "mosaic":
         from .mosaic_kernels import MosaicSpec

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from jaxattn import MaskParts
+
 from .triton_kernels import Tiles
 
 KERNELS = ("fwd", "dq", "dkv")
@@ -107,10 +109,11 @@ def mosaic_tiles(config: Mapping[str, Any], head_dim: int) -> tuple[int, int]:
     return bk, stages
 
 
-def dkv_passes(config: Mapping[str, Any], group: int, band_lo: int | None, band_hi: int | None) -> int:
+def dkv_passes(config: Mapping[str, Any], group: int, parts: MaskParts) -> int:
     """Launch passes of the dk/dv kernel for one call (`launch_passes_dkv` or the measured default)."""
     validate(config)
-    heavy_first = band_hi is not None and band_lo is None  # the first k/v blocks see the most queries
+    # the first k/v blocks see the most queries: a causal band, no window or chunk bounding it
+    heavy_first = parts.band_hi is not None and parts.band_lo is None and parts.chunk_size is None
     default = DKV_PASSES_GROUPED_CAUSAL if group > 1 and heavy_first else 1
     passes = config.get("launch_passes_dkv", default)
     if isinstance(passes, bool) or not isinstance(passes, int) or not 1 <= passes <= 8:
