@@ -107,9 +107,10 @@ def passes(rounds, shapes=PASSES_SHAPES, counts=(1, 2, 3, 4), interpret=False):
         spec = kernel_spec(shape, True, interpret)
         out, lse = jax.jit(lambda q, k, v, spec=spec: tk.forward(spec, q, k, v, None, *NONE4))(q, k, v)
         delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
+        lse2 = lse * tk.LOG2E
         for n in counts:
             spec_n = dataclasses.replace(spec, dkdv_passes=n)
-            dkv = jax.jit(lambda q, k, v, s=spec_n, do=do, lse2=lse * tk.LOG2E, delta=delta:
+            dkv = jax.jit(lambda q, k, v, s=spec_n, do=do, lse2=lse2, delta=delta:
                           tk.backward_dkdv(s, q, k, v, do, lse2, delta, *NONE4))
             timers[(key, "dk/dv", n)] = round_timer(dkv, q, k, v)[0]
             if not interpret:

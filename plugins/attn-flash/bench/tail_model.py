@@ -18,19 +18,10 @@ from __future__ import annotations
 
 import heapq
 
+from jaxattn_flash.launch_order import pass_bounds  # the cut points the kernel launches by
+
 SHAPES = {"mha (4, 4096, 32/32, 128)": (4, 32, 1), "gqa (4, 4096, 32/8, 128)": (4, 8, 4)}
 N_BLOCKS = 4096 // 64
-
-
-def pass_bounds(n: int, passes: int) -> list[int]:
-    """Cut points: pass k launches blocks [bounds[k], bounds[k+1]) of every (batch, head)."""
-    bounds, lo = [0], 0
-    for _ in range(passes - 1):
-        if n - lo < 2:
-            break
-        lo += (n - lo) // 2
-        bounds.append(lo)
-    return bounds + [n]
 
 
 def launch_works(batch: int, heads: int, group: int, n: int, passes: int) -> list[int]:
