@@ -28,6 +28,7 @@ from typing import Any
 
 import pluggy
 
+from .mechanisms import provider_hint
 from .operation import OperationImpl
 
 PROJECT = "jaxattn"
@@ -222,10 +223,17 @@ class Registry:
         other = [o for o in ("attention", "paged_attention") if o != op and self._lookup(name, o)]
         known = ", ".join(sorted(n for o, n in records if o == op)) or "none"
         hint = f"; {name!r} implements {other[0]}, not {op}" if other else ""
+        if not other:
+            hint += provider_hint(name)
         broken = [b.plugin for b in self._broken]
         if broken:
             hint += f"; broken plugins: {', '.join(broken)}"
         raise ValueError(f"backend: no {op} backend named {name!r} (installed: {known}{hint})")
+
+    def has(self, name: str, op: str = "attention") -> bool:
+        """Is a backend called `name` (or with that alias) registered for `op`?"""
+        self._ensure()
+        return self._lookup(name, op) is not None
 
     def get(self, name: str, op: str = "attention") -> OperationImpl:
         return self.record(name, op).impl

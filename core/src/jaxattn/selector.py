@@ -5,8 +5,9 @@ ones are ranked: first those a tuning cache measured fastest for this request an
 hardware (a seam for `jaxattn bench`'s cache), then by declared per-platform priority,
 then by name. Overrides, strongest first: `backend=` in the call, the context manager
 `use_backend(...)`, the environment variable `JAXATTN_BACKEND` (a comma-separated
-preference list). A forced backend that cannot serve the request is an error with its
-reasons, never a silent fallback. All of this runs at trace time.
+preference list). Each of them also takes EasyDeL's mechanism names, which stand for
+preference lists (`mechanisms.py`). A forced backend that cannot serve the request is an
+error with its reasons, never a silent fallback. All of this runs at trace time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .hardware import Hardware
+from .mechanisms import backends_for, provider_hint
 from .operation import OperationImpl
 from .registry import Registry, default_registry
 from .request import AttentionRequest
@@ -190,7 +192,10 @@ def _select_forced(
     rejected: list[Rejection] = []
     chosen: OperationImpl | None = None
     usable: list[str] = []
-    for name in names:
+    for name, via in _expand(names, request.op):
+        if via is not None and not registry.has(name, request.op):
+            rejected.append(Rejection(name, (f"not installed (named by the mechanism {via!r}){provider_hint(name)}",)))
+            continue
         impl = registry.get(name, request.op)  # unknown names: ValueError naming what is installed
         reasons = _verdict(impl, request, hardware)
         if reasons:
@@ -205,3 +210,15 @@ def _select_forced(
         )
     # Backends of the list after the choice are only "also usable"; those before were rejected.
     return Selection(chosen, request, hardware, source, tuple(usable), tuple(rejected))
+
+
+def _expand(names: tuple[str, ...], op: str) -> list[tuple[str, str | None]]:
+    """Backend names with EasyDeL mechanism names replaced by their preference lists:
+    `(backend, mechanism it came from or None)`, each backend once."""
+    out: list[tuple[str, str | None]] = []
+    for name in names:
+        listed = backends_for(name, op)
+        for backend, via in ([(name, None)] if listed is None else [(b, str(name)) for b in listed]):
+            if all(backend != seen for seen, _ in out):
+                out.append((backend, via))
+    return out
