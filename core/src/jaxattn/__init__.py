@@ -6,13 +6,16 @@
     with jaxattn.use_backend("xla"): ...                      # force one
 
 Backends are plugins found through the `jaxattn.backends` entry-point group; the
-built-in `xla` backend runs everywhere and is the numerical reference.
+built-in `xla` backend runs everywhere and is the numerical reference. `jaxattn.compat`
+is a drop-in for `jax.nn.dot_product_attention`; `jaxattn.flax` (needs flax, imported only
+there) holds Flax's `attention_fn` and the `FlexibleAttention` modules.
 """
 
 from __future__ import annotations
 
-from . import hardware
-from .api import attention, explain, paged_attention, select, select_request
+from . import compat, hardware
+from .api import CONTEXT_NAME, attention, explain, paged_attention, select, select_request
+from .cache import KVCache, cached_attention
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
 from .listing import BackendInfo, broken_plugins, list_backends
@@ -28,10 +31,13 @@ from .masks import (
     Mask,
     MaskParts,
     OrMask,
+    QueryPositionMask,
     SegmentMask,
     SlidingWindowMask,
     mask_parts,
 )
+from .mechanisms import AttentionMechanisms
+from .merge import merge_attention
 from .metadata import AttnShardingRules, OperationMetadata, PartitionAxis
 from .operation import OperationImpl
 from .registry import BrokenPlugin, Registry, default_registry, hookimpl, hookspec
@@ -55,13 +61,13 @@ def refresh_backends() -> None:
 
 
 __all__ = [
-    "EMPTY", "FULL", "PARTIAL",
-    "AndMask", "AttentionInputs", "AttentionRequest", "AttnShardingRules", "BackendInfo",
+    "CONTEXT_NAME", "EMPTY", "FULL", "PARTIAL",
+    "AndMask", "AttentionInputs", "AttentionMechanisms", "AttentionRequest", "AttnShardingRules", "BackendInfo",
     "BackendUnavailableError", "BrokenPlugin", "CausalMask", "ChunkedCausalMask", "DenseMask",
-    "FullMask", "Hardware", "Mask", "MaskParts", "NoBackendError", "OperationImpl",
+    "FullMask", "Hardware", "KVCache", "Mask", "MaskParts", "NoBackendError", "OperationImpl",
     "OperationMetadata", "OrMask", "PagedAttentionInputs", "PagedLayout", "PartitionAxis",
-    "Registry", "Rejection", "SegmentMask", "Selection", "SlidingWindowMask", "Support",
-    "attention", "broken_plugins", "default_registry", "explain", "hardware", "hookimpl",
-    "hookspec", "list_backends", "mask_parts", "paged_attention", "refresh_backends", "select",
+    "QueryPositionMask", "Registry", "Rejection", "SegmentMask", "Selection", "SlidingWindowMask", "Support",
+    "attention", "broken_plugins", "cached_attention", "compat", "default_registry", "explain", "hardware", "hookimpl",
+    "hookspec", "list_backends", "mask_parts", "merge_attention", "paged_attention", "refresh_backends", "select",
     "select_request", "set_tuning_cache", "use_backend",
 ]

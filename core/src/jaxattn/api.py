@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 
 from . import hardware as _hardware
 from .hardware import Hardware
@@ -23,6 +24,8 @@ from .sharding import run_sharded
 from .validation import build_attention_inputs, build_paged_inputs
 
 Backend = str | Sequence[str]
+CONTEXT_NAME = "context"
+"""`attention`'s output carries this `checkpoint_name`, for remat policies that save or drop it."""
 
 
 def _metadata(metadata: Any) -> OperationMetadata:
@@ -90,7 +93,9 @@ def attention(
     lengths), softmax in float32 with optional `sinks`, dropout. Grouped-query attention
     by fewer key/value heads. A query row with nothing to attend to returns zeros.
     With `return_lse`, returns `(out, lse)`, lse `[batch, q_heads, q_len]` float32.
-    `backend` is "auto", a name or alias, or a list of names in order of preference.
+    `backend` is "auto", a name or alias, an EasyDeL mechanism name (`AttentionMechanisms`),
+    or a list of names in order of preference. `out` is named "context" for remat
+    policies (`jax.checkpoint_policies.save_only_these_names("context")`).
     """
     selection, inputs, metadata = _prepare_attention(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
@@ -100,6 +105,7 @@ def attention(
         backend=backend, metadata=metadata,
     )
     out, lse = _run(selection, inputs, metadata)
+    out = checkpoint_name(out, CONTEXT_NAME)
     if return_lse:
         if lse is None:
             raise RuntimeError(f"backend {selection.name!r} returned no lse although return_lse=True")
