@@ -150,6 +150,9 @@ def test_no_usable_backend_is_an_error():
         def supports(self, request, hardware):
             return Support.no("never")
 
+        def forward_native(self, inputs, metadata):
+            raise AssertionError("never selected")
+
     reg = jaxattn.Registry(group="jaxattn.no-such-group")
     reg.add_plugin(type("P", (), {"jaxattn_register_backends": jaxattn.hookimpl(lambda self: [Nothing()])})(), "n")
     from jaxattn.selector import select
