@@ -37,6 +37,7 @@ from .operation import OperationImpl
 from .registry import BrokenPlugin, Registry, default_registry, hookimpl, hookspec
 from .request import AttentionRequest, PagedLayout
 from .selector import (
+    BackendFailedError,
     BackendUnavailableError,
     NoBackendError,
     Rejection,
@@ -50,14 +51,15 @@ __version__ = "0.1.0"
 
 
 def refresh_backends() -> None:
-    """Discover installed backends again (after installing a plugin in a running process)."""
+    """Discover installed backends again (after installing a plugin, or changing
+    `JAXATTN_DISABLE_PLUGINS`, in a running process)."""
     default_registry().refresh()
 
 
 __all__ = [
     "EMPTY", "FULL", "PARTIAL",
-    "AndMask", "AttentionInputs", "AttentionRequest", "AttnShardingRules", "BackendInfo",
-    "BackendUnavailableError", "BrokenPlugin", "CausalMask", "ChunkedCausalMask", "DenseMask",
+    "AndMask", "AttentionInputs", "AttentionRequest", "AttnShardingRules", "BackendFailedError",
+    "BackendInfo", "BackendUnavailableError", "BrokenPlugin", "CausalMask", "ChunkedCausalMask", "DenseMask",
     "FullMask", "Hardware", "Mask", "MaskParts", "NoBackendError", "OperationImpl",
     "OperationMetadata", "OrMask", "PagedAttentionInputs", "PagedLayout", "PartitionAxis",
     "Registry", "Rejection", "SegmentMask", "Selection", "SlidingWindowMask", "Support",
