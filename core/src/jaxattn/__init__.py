@@ -43,6 +43,7 @@ from .operation import OperationImpl
 from .registry import BrokenPlugin, Registry, default_registry, hookimpl, hookspec
 from .request import AttentionRequest, PagedLayout
 from .selector import (
+    BackendFailedError,
     BackendUnavailableError,
     NoBackendError,
     Rejection,
@@ -56,15 +57,17 @@ __version__ = "0.1.0"
 
 
 def refresh_backends() -> None:
-    """Discover installed backends again (after installing a plugin in a running process)."""
+    """Discover installed backends again (after installing a plugin, or changing
+    `JAXATTN_DISABLE_PLUGINS`, in a running process)."""
     default_registry().refresh()
 
 
 __all__ = [
     "CONTEXT_NAME", "EMPTY", "FULL", "PARTIAL",
-    "AndMask", "AttentionInputs", "AttentionMechanisms", "AttentionRequest", "AttnShardingRules", "BackendInfo",
-    "BackendUnavailableError", "BrokenPlugin", "CausalMask", "ChunkedCausalMask", "DenseMask",
-    "FullMask", "Hardware", "KVCache", "Mask", "MaskParts", "NoBackendError", "OperationImpl",
+    "AndMask", "AttentionInputs", "AttentionMechanisms", "AttentionRequest", "AttnShardingRules",
+    "BackendFailedError", "BackendInfo", "BackendUnavailableError", "BrokenPlugin", "CausalMask",
+    "ChunkedCausalMask", "DenseMask", "FullMask", "Hardware", "KVCache", "Mask", "MaskParts", "NoBackendError",
+    "OperationImpl",
     "OperationMetadata", "OrMask", "PagedAttentionInputs", "PagedLayout", "PartitionAxis",
     "QueryPositionMask", "Registry", "Rejection", "SegmentMask", "Selection", "SlidingWindowMask", "Support",
     "attention", "broken_plugins", "cached_attention", "compat", "default_registry", "explain", "hardware", "hookimpl",

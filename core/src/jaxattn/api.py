@@ -2,7 +2,11 @@
 
 Each call validates its arguments, builds an `AttentionRequest` from shapes alone,
 selects a backend (cached; free under `jax.jit`), and runs it, under `shard_map` when
-`metadata.mesh` is set.
+`metadata.mesh` is set. When the backend `auto` chose raises while it runs (other than a
+`ValueError`, which says the input or a config is bad), the call raises
+`BackendFailedError` naming it and how to run without it (no silent fallback: the
+user's choice of backend must not change behind their back); a backend the user forced
+raises its own error unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from . import hardware as _hardware
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
 from .metadata import OperationMetadata
+from .operation import Output
 from .request import AttentionRequest
 from .selector import Selection
 from .selector import select as _select
@@ -72,9 +77,19 @@ def _prepare_paged(
 
 
 def _run(selection: Selection, inputs: Any, metadata: OperationMetadata) -> tuple[jax.Array, jax.Array | None]:
+    def backend(inputs: Any, metadata: OperationMetadata, hardware: Hardware) -> Output:
+        try:
+            return selection.backend(inputs, metadata, hardware)
+        except (jax.errors.JaxRuntimeError, ValueError):
+            raise  # the device failed (out of memory, ...), or the input or config is bad: not a fault
+        except Exception as err:
+            if selection.source != "auto":
+                raise
+            raise selection.failed(err) from err
+
     if metadata.mesh is not None:
-        return run_sharded(selection.backend, inputs, selection.request, metadata, selection.hardware)
-    return selection.backend(inputs, metadata, selection.hardware)
+        return run_sharded(backend, inputs, selection.request, metadata, selection.hardware)
+    return backend(inputs, metadata, selection.hardware)
 
 
 def attention(
