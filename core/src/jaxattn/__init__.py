@@ -40,6 +40,7 @@ from .mechanisms import AttentionMechanisms
 from .merge import merge_attention
 from .metadata import AttnShardingRules, OperationMetadata, PartitionAxis
 from .operation import OperationImpl
+from .parallel import load_balance, unload_balance
 from .registry import BrokenPlugin, Registry, default_registry, hookimpl, hookspec
 from .request import AttentionRequest, PagedLayout
 from .selector import (
@@ -71,6 +72,6 @@ __all__ = [
     "OperationMetadata", "OrMask", "PagedAttentionInputs", "PagedLayout", "PartitionAxis",
     "QueryPositionMask", "Registry", "Rejection", "SegmentMask", "Selection", "SlidingWindowMask", "Support",
     "attention", "broken_plugins", "cached_attention", "compat", "default_registry", "explain", "hardware", "hookimpl",
-    "hookspec", "list_backends", "mask_parts", "merge_attention", "paged_attention", "refresh_backends", "select",
-    "select_request", "set_tuning_cache", "use_backend",
+    "hookspec", "list_backends", "load_balance", "mask_parts", "merge_attention", "paged_attention",
+    "refresh_backends", "select", "select_request", "set_tuning_cache", "unload_balance", "use_backend",
 ]

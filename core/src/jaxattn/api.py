@@ -11,6 +11,7 @@ raises its own error unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,12 +19,14 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 
 from . import hardware as _hardware
+from . import parallel
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
+from .mechanisms import context_parallel_of
 from .metadata import OperationMetadata
 from .operation import Output
 from .request import AttentionRequest
-from .selector import Selection
+from .selector import Selection, forced_names
 from .selector import select as _select
 from .sharding import run_sharded
 from .validation import build_attention_inputs, build_paged_inputs
@@ -49,6 +52,9 @@ def _prepare_attention(
     backend: Backend = "auto", metadata: Any = None, hardware: Hardware | None = None,
 ) -> tuple[Selection, AttentionInputs, OperationMetadata]:
     metadata = _metadata(metadata)
+    scheme = context_parallel_of(forced_names(backend))
+    if scheme is not None and metadata.context_parallel == "auto":
+        metadata = dataclasses.replace(metadata, context_parallel=scheme)  # e.g. EasyDeL's "ring"
     inputs = build_attention_inputs(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
         sliding_window=sliding_window, segment_ids=segment_ids,
@@ -76,7 +82,8 @@ def _prepare_paged(
     return selection, inputs, metadata
 
 
-def _run(selection: Selection, inputs: Any, metadata: OperationMetadata) -> tuple[jax.Array, jax.Array | None]:
+def _run(selection: Selection, inputs: Any, metadata: OperationMetadata,
+         backend_arg: Backend = "auto") -> tuple[jax.Array, jax.Array | None]:
     def backend(inputs: Any, metadata: OperationMetadata, hardware: Hardware) -> Output:
         try:
             return selection.backend(inputs, metadata, hardware)
@@ -87,6 +94,9 @@ def _run(selection: Selection, inputs: Any, metadata: OperationMetadata) -> tupl
                 raise
             raise selection.failed(err) from err
 
+    if metadata.mesh is not None and isinstance(inputs, AttentionInputs) and parallel.sequence_shards(metadata) > 1:
+        # each shard selects for its own piece, by the user's `backend` argument
+        return parallel.run_context_parallel(inputs, selection.request, metadata, backend_arg, selection.hardware)
     if metadata.mesh is not None:
         return run_sharded(backend, inputs, selection.request, metadata, selection.hardware)
     return backend(inputs, metadata, selection.hardware)
@@ -119,7 +129,7 @@ def attention(
         dropout_rate=dropout_rate, dropout_rng=dropout_rng, return_lse=return_lse,
         backend=backend, metadata=metadata,
     )
-    out, lse = _run(selection, inputs, metadata)
+    out, lse = _run(selection, inputs, metadata, backend)
     out = checkpoint_name(out, CONTEXT_NAME)
     if return_lse:
         if lse is None:
@@ -155,10 +165,31 @@ def select(*args: Any, op: str = "attention", hardware: Hardware | None = None, 
     """The `Selection` that `attention(*args, **kwargs)` (or `paged_attention`, with
     `op="paged_attention"`) would make. `hardware` asks "what if I ran on this?"."""
     if op == "attention":
-        return _prepare_attention(*args, hardware=hardware, **kwargs)[0]
-    if op == "paged_attention":
-        return _prepare_paged(*args, hardware=hardware, **kwargs)[0]
-    raise ValueError(f"op: expected 'attention' or 'paged_attention', got {op!r}")
+        selection, inputs, metadata = _prepare_attention(*args, hardware=hardware, **kwargs)
+    elif op == "paged_attention":
+        selection, inputs, metadata = _prepare_paged(*args, hardware=hardware, **kwargs)
+    else:
+        raise ValueError(f"op: expected 'attention' or 'paged_attention', got {op!r}")
+    return dataclasses.replace(selection, split=_split(selection, inputs, metadata))
+
+
+def _split(selection: Selection, inputs: Any, metadata: OperationMetadata) -> str:
+    """How a call is split over devices, for `explain`."""
+    if metadata.mesh is None:
+        return ""
+    if isinstance(inputs, AttentionInputs) and parallel.sequence_shards(metadata) > 1:
+        return parallel.describe(selection.request, inputs, metadata)
+    request = selection.request
+    rules = metadata.get_shardings(request.mode, "paged" if request.paged else "bshd",
+                                   batch=None if request.paged else request.batch,
+                                   num_q_heads=request.num_q_heads, num_kv_heads=request.num_kv_heads)
+    batch = rules.query[0] if not request.paged else None
+    heads = rules.query[1 if request.paged else 2]
+    parts = [f"batch over {batch!r}" if batch else "batch replicated",
+             f"heads over {heads!r}" if heads else "heads replicated"]
+    if rules.kv_repeat > 1:
+        parts.append(f"K/V heads repeated {rules.kv_repeat}x to match the head shards")
+    return f"shard_map over metadata.mesh: {', '.join(parts)}; the backend runs on each shard"
 
 
 def explain(*args: Any, op: str = "attention", hardware: Hardware | None = None, **kwargs: Any) -> str:

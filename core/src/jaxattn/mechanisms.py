@@ -28,6 +28,7 @@ class AttentionMechanisms(str, enum.Enum):
     CUDNN = "cudnn"
     BLOCKSPARSE = "blocksparse"
     SPLASH = "blocksparse"  # EasyDeL's alias of BLOCKSPARSE
+    RING = "ring"
     RAGGED_PAGE_ATTENTION_V2 = "ragged_page_attention_v2"
     RAGGED_PAGE_ATTENTION_V3 = "ragged_page_attention_v3"
     PAGED_ATTENTION = "page_attention"
@@ -41,13 +42,16 @@ class AttentionMechanisms(str, enum.Enum):
 class Mechanism:
     """What one mechanism name means: backend preference lists per operation.
 
-    `attention` / `paged_attention`: backend names in order of preference, or None when
-    the mechanism does not serve that operation.
+    `attention` / `paged_attention`: backend names in order of preference (`("auto",)`:
+    the usual ranking), or None when the mechanism does not serve that operation.
+    `context_parallel`: the context-parallel scheme the mechanism stands for (EasyDeL's
+    `ring`), used when the mesh shards the sequence.
     """
 
     attention: tuple[str, ...] | None
     paged_attention: tuple[str, ...] | None
     description: str = ""
+    context_parallel: str | None = None
 
 
 MECHANISMS: dict[str, Mechanism] = {
@@ -60,6 +64,8 @@ MECHANISMS: dict[str, Mechanism] = {
     "cudnn": Mechanism(("cudnn",), None, description="cuDNN fused attention"),
     "blocksparse": Mechanism(("splash", "flash"), None,
                              description="block-sparse kernels that skip empty tiles: splash (TPU), flash"),
+    "ring": Mechanism(("auto",), None, "ring attention over the sequence axis (any backend, chosen by auto)",
+                      context_parallel="ring"),
     "ragged_page_attention_v2": Mechanism(None, ("ragged_paged",), description="ragged paged attention"),
     "ragged_page_attention_v3": Mechanism(None, ("ragged_paged",), description="ragged paged attention"),
     "page_attention": Mechanism(None, ("ragged_paged", "decode"), description="paged-cache attention"),
@@ -100,3 +106,12 @@ def backends_for(name: str, op: str) -> tuple[str, ...] | None:
         raise ValueError(f"backend: the mechanism {str(name)!r} ({found.description}) does not serve {op}; "
                          f"use it with {other}")
     return names
+
+
+def context_parallel_of(names: tuple[str, ...] | None) -> str | None:
+    """The context-parallel scheme the first mechanism of `names` that names one stands for."""
+    for name in names or ():
+        found = mechanism(name)
+        if found is not None and found.context_parallel is not None:
+            return found.context_parallel
+    return None

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from .request import MODES
 
 AxisNames = str | tuple[str, ...] | None
+CONTEXT_PARALLEL = ("auto", "ring", "ulysses", "all_gather")
 
 
 @dataclass(frozen=True)
@@ -27,13 +28,15 @@ class PartitionAxis:
     """Which mesh axes each logical axis of attention is sharded over.
 
     Axes missing from the mesh are ignored, so one `PartitionAxis` serves meshes of
-    different shapes. Sequence axes are never sharded by `attention` (that would need
-    ring attention); batch and heads are.
+    different shapes. Batch and heads are sharded as given; the sequence is sharded over
+    `sequence_axis` (one mesh axis) by context parallelism (`jaxattn.parallel`) when that
+    axis has more than one device.
     """
 
     batch_axis: AxisNames = ("dp", "fsdp")
     head_axis: AxisNames = "tp"
     kv_head_axis: AxisNames = "tp"
+    sequence_axis: str | None = "sp"
 
 
 def _names(axes: AxisNames) -> tuple[str, ...]:
@@ -76,6 +79,10 @@ class OperationMetadata:
     * `mesh` / `partition_axis`: run the backend under `shard_map` over this mesh.
     * `operation_configs`: per-backend settings, e.g. `{"flash": {"block_q": 128}}`.
     * `mode` / `needs_grad`: override the inferred mode ("train" unless q_len == 1).
+    * `context_parallel`: how a sequence sharded over `partition_axis.sequence_axis` is
+      attended: "ring", "ulysses", "all_gather" or "auto" (see `jaxattn.parallel`).
+    * `load_balanced`: the sequence is in `jaxattn.load_balance` order (causal work even
+      across the sequence shards).
     """
 
     runtime_dtype: Any = None
@@ -86,8 +93,15 @@ class OperationMetadata:
     operation_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     mode: str | None = None
     needs_grad: bool | None = None
+    context_parallel: str = "auto"
+    load_balanced: bool = False
 
     def __post_init__(self) -> None:
+        if self.context_parallel not in CONTEXT_PARALLEL:
+            raise ValueError(f"metadata.context_parallel must be one of {CONTEXT_PARALLEL}, "
+                             f"got {self.context_parallel!r}")
+        if not isinstance(self.load_balanced, bool):
+            raise ValueError(f"metadata.load_balanced must be a bool, got {self.load_balanced!r}")
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"metadata.mode must be one of {MODES} or None, got {self.mode!r}")
         if self.mesh is not None and not isinstance(self.mesh, Mesh):

@@ -66,6 +66,7 @@ class Selection:
     ranking: tuple[str, ...]  # usable backends, best first (the choice included)
     rejected: tuple[Rejection, ...]
     broken: tuple[BrokenPlugin, ...] = ()  # plugins and backends of this op left out as broken
+    split: str = ""  # how the call is split over devices (set by the API for a mesh), or ""
 
     @property
     def name(self) -> str:
@@ -78,6 +79,8 @@ class Selection:
             f"hardware: {self.hardware.platform} ({self.hardware.device_kind})",
             f"chosen:   {self.name} (by {self.source})",
         ]
+        if self.split:
+            lines.append(f"split:    {self.split}")
         others = [n for n in self.ranking if n != self.name]
         if others:
             lines.append(f"also usable, ranked: {', '.join(others)}")
@@ -158,6 +161,11 @@ def _override(backend: str | Sequence[str] | None) -> tuple[tuple[str, ...] | No
     return None, "auto"
 
 
+def forced_names(backend: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """The backend names the user forced (by `backend=`, `use_backend` or the environment), or None."""
+    return _override(backend)[0]
+
+
 def _verdict(impl: OperationImpl, request: AttentionRequest, hardware: Hardware,
              registry: Registry) -> tuple[str, ...] | PluginFault:
     """Why `impl` cannot serve `request` (empty: it can), or its fault (it is now broken)."""
@@ -195,6 +203,8 @@ def select(
     registry = registry or default_registry()
     registry.records()  # discover first: the cache key holds the registry's generation
     forced, source = _override(backend)
+    if forced is not None and all(backends_for(n, request.op) == ("auto",) for n in forced):
+        forced = None  # mechanisms such as "ring" leave the backend to auto (the scheme is the API's)
     key = (request, hardware, forced, source, id(registry), registry.generation, id(_tuning_cache))
     if key not in _cache:
         if forced is not None:

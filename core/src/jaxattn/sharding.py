@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from ._compat import shard_map
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
-from .masks import AndMask, DenseMask, Mask, OrMask, SegmentMask
+from .masks import AndMask, DenseMask, Mask, OrMask, QueryPositionMask, SegmentMask
 from .metadata import AttnShardingRules, OperationMetadata
 from .operation import Output
 from .request import AttentionRequest
@@ -41,12 +41,14 @@ def _mask_specs(mask: Mask | None, rules: AttnShardingRules) -> Any:
     if isinstance(mask, DenseMask):
         spec = _broadcast_spec(rules.mask, tuple(mask.array.shape))
         return DenseMask(spec)  # type: ignore[arg-type]
+    if isinstance(mask, QueryPositionMask):
+        return dataclasses.replace(mask, positions=rules.q_segment_ids)  # [batch, q_len], as query segment ids
     if isinstance(mask, (AndMask, OrMask)):
         return type(mask)(_mask_specs(mask.a, rules), _mask_specs(mask.b, rules))
     return mask  # structural masks hold no arrays
 
 
-def _attention_specs(inputs: AttentionInputs, rules: AttnShardingRules) -> AttentionInputs:
+def attention_specs(inputs: AttentionInputs, rules: AttnShardingRules) -> AttentionInputs:
     def maybe(x: Any, spec: P) -> Any:
         return None if x is None else spec
 
@@ -109,7 +111,7 @@ def run_sharded(
                 key=jnp.repeat(inputs.key, rules.kv_repeat, axis=2),
                 value=jnp.repeat(inputs.value, rules.kv_repeat, axis=2),
             )
-        in_specs = _attention_specs(inputs, rules)
+        in_specs = attention_specs(inputs, rules)
         out_specs = (rules.output, rules.lse)
     return_lse = paged or inputs.return_lse
 
