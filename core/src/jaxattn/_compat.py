@@ -48,6 +48,11 @@ def vary_like(x: Any, like: Any) -> Any:
     return jax.lax.pvary(x, missing)  # jax releases before pcast
 
 
+def is_batched(x: Any) -> bool:
+    """True for values being traced by `jax.vmap` (batching tracers have no public type)."""
+    return isinstance(x, jax.core.Tracer) and type(x).__name__ == "BatchTracer"
+
+
 def is_tracer(x: Any) -> bool:
     """True for abstract values (inside jit/grad), whose contents cannot be inspected."""
     return isinstance(x, jax.core.Tracer)

@@ -20,11 +20,13 @@ from jax.ad_checkpoint import checkpoint_name
 
 from . import hardware as _hardware
 from . import parallel
+from ._compat import is_batched
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
 from .mechanisms import context_parallel_of
 from .metadata import OperationMetadata
 from .operation import Output
+from .partitioning import run_partitioned
 from .request import AttentionRequest
 from .selector import Selection, forced_names
 from .selector import select as _select
@@ -86,6 +88,8 @@ def _run(selection: Selection, inputs: Any, metadata: OperationMetadata,
          backend_arg: Backend = "auto") -> tuple[jax.Array, jax.Array | None]:
     def backend(inputs: Any, metadata: OperationMetadata, hardware: Hardware) -> Output:
         try:
+            if _partitioned(selection.backend, inputs, metadata):
+                return run_partitioned(selection.backend, inputs, metadata, hardware)
             return selection.backend(inputs, metadata, hardware)
         except (jax.errors.JaxRuntimeError, ValueError):
             raise  # the device failed (out of memory, ...), or the input or config is bad: not a fault
@@ -100,6 +104,14 @@ def _run(selection: Selection, inputs: Any, metadata: OperationMetadata,
     if metadata.mesh is not None:
         return run_sharded(backend, inputs, selection.request, metadata, selection.hardware)
     return backend(inputs, metadata, selection.hardware)
+
+
+def _partitioned(impl: Any, inputs: Any, metadata: OperationMetadata) -> bool:
+    """Whether `impl` runs shard by shard under plain jit (`partitioning.py`): a "shard"
+    backend, no explicit mesh, several devices, and not under `vmap` (custom_partitioning
+    has no batching rule; a batched call runs as one)."""
+    return (getattr(impl, "partitioning", "xla") == "shard" and metadata.mesh is None and jax.device_count() > 1
+            and not any(is_batched(x) for x in jax.tree_util.tree_leaves(inputs)))
 
 
 def attention(

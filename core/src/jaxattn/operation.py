@@ -42,6 +42,11 @@ class OperationImpl:
     op: ClassVar[str] = "attention"
     platforms: ClassVar[tuple[str, ...]] = ()
     priority: ClassVar[Mapping[str, int]] = {}
+    partitioning: ClassVar[str] = "xla"
+    """How the backend runs under plain `jax.jit` with sharded inputs: "xla" (XLA partitions
+    its operations itself: pure jax.numpy, or custom calls that come with sharding rules) or
+    "shard" (opaque kernels, e.g. Pallas: jaxattn runs it per batch/head shard, see
+    `jaxattn.partitioning`)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -81,6 +86,14 @@ class OperationImpl:
 
     def forward_tpu(self, inputs: Any, metadata: OperationMetadata) -> Output:
         return self.forward_native(inputs, metadata)
+
+    def backward(self, inputs: AttentionInputs, out: jax.Array, lse: jax.Array, d_out: jax.Array,
+                 d_lse: jax.Array, metadata: OperationMetadata, hardware: Hardware) -> dict[str, jax.Array] | None:
+        """Optional: gradients `{"query": dq, "key": dk, "value": dv, "bias": ..., "sinks": ...}`
+        (one entry per differentiable input present) from the forward's `out` and `lse`,
+        without running the forward again. Used when a "shard" backend runs partitioned under
+        plain jit; None (the default) makes jaxattn recompute the forward on each shard."""
+        return None
 
     def __call__(self, inputs: Inputs, metadata: OperationMetadata, hardware: Hardware) -> Output:
         """Run the `forward_*` method for `hardware`'s platform."""
