@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -22,19 +24,39 @@ from . import config as _config
 from . import gpu_path
 from .padding import pad_axis, round_up
 from .tpu import tpu_flash_attention, tpu_reasons
-from .triton_kernels import KernelSpec, flash
+from .triton_kernels import KernelSpec, _flash_bwd, flash
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_HEAD_DIM = 256
 MIN_CAPABILITY = (8, 0)
 
 
-def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, interpret: bool = False,
-                    hardware: Hardware | None = None):
-    """Run the kernels on `inputs`: `(out [B,Sq,Hq,Dv], lse [B,Hq,Sq])`.
+@dataclass(frozen=True)
+class _Call:
+    """One call, ready for the kernels: the static spec and path, and the (padded) arrays."""
 
-    The forward kernel is the one `gpu_path.choose` names for this call on `hardware`
-    (default: the detected one); the backward is always the Triton kernels."""
+    spec: KernelSpec
+    mosaic: Any  # the MosaicSpec when the Mosaic GPU forward runs, else None
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    sinks: jax.Array | None
+    q_seg: jax.Array | None
+    kv_seg: jax.Array | None
+    q_lens: jax.Array | None
+    kv_lens: jax.Array | None
+
+    def residuals(self, out: jax.Array, lse: jax.Array) -> tuple:
+        """What the Triton backward takes: the forward's inputs, out and lse (padded like them)."""
+        if self.mosaic is not None:  # the Mosaic path takes no padding and no optional inputs
+            return (self.q, self.k, self.v, None, None, None, None, None, out, lse)
+        rows, dim = self.spec.q_pad, self.v.shape[-1]
+        out = pad_axis(pad_axis(out, 1, rows), 3, dim)
+        lse = jnp.pad(lse, ((0, 0), (0, 0), (0, rows - lse.shape[2])), constant_values=-jnp.inf)
+        return (self.q, self.k, self.v, self.sinks, self.q_seg, self.kv_seg, self.q_lens, self.kv_lens, out, lse)
+
+
+def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bool, hardware: Hardware | None) -> _Call:
     if inputs.bias is not None:
         raise NotImplementedError("flash: an additive bias is not supported")
     if inputs.dropout_rate > 0.0:
@@ -84,15 +106,53 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
         block_kv, stages = _config.mosaic_tiles(config, d)
         mspec = MosaicSpec(scale=float(inputs.scale), band_lo=band_lo, band_hi=band_hi,
                            block_kv=block_kv, stages=stages)
-        return gpu_path.flash_mosaic(spec, mspec, q, k, v)  # unpadded: the Mosaic path takes no padding
+        return _Call(spec, mspec, q, k, v, None, None, None, None, None)  # unpadded
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)
     qp = pad_axis(pad_axis(q, 1, q_pad), 3, dp)
     kp = pad_axis(pad_axis(k, 1, kv_pad), 3, dp)
     vp = pad_axis(pad_axis(v, 1, kv_pad), 3, dvp)
-    out, lse = flash(spec, qp, kp, vp, inputs.sinks, q_seg, kv_seg, q_lens, kv_lens)
+    return _Call(spec, None, qp, kp, vp, inputs.sinks, q_seg, kv_seg, q_lens, kv_lens)
+
+
+def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, interpret: bool = False,
+                    hardware: Hardware | None = None):
+    """Run the kernels on `inputs`: `(out [B,Sq,Hq,Dv], lse [B,Hq,Sq])`.
+
+    The forward kernel is the one `gpu_path.choose` names for this call on `hardware`
+    (default: the detected one); the backward is always the Triton kernels."""
+    call = _prepare(inputs, metadata, interpret, hardware)
+    if call.mosaic is not None:
+        return gpu_path.flash_mosaic(call.spec, call.mosaic, call.q, call.k, call.v)
+    b, sq, hq, _ = inputs.query.shape
+    dv = inputs.value.shape[-1]
+    out, lse = flash(call.spec, call.q, call.k, call.v, call.sinks, call.q_seg, call.kv_seg, call.q_lens,
+                     call.kv_lens)
     out = lax.slice(out, (0, 0, 0, 0), (b, sq, hq, dv))
     lse = lax.slice(lse, (0, 0, 0), (b, hq, sq))
     return out, lse
+
+
+def flash_backward(inputs: AttentionInputs, out: jax.Array, lse: jax.Array, d_out: jax.Array, d_lse: jax.Array,
+                   metadata: OperationMetadata, *, interpret: bool = False,
+                   hardware: Hardware | None = None) -> dict[str, jax.Array]:
+    """The gradients of `flash_attention` from its `out` and `lse` (the Triton backward
+    kernels; no second forward), for the partitioned plain-jit path."""
+    call = _prepare(inputs, metadata, interpret, hardware)
+    b, sq, hq, d = inputs.query.shape
+    _, skv, hkv, dv = inputs.value.shape
+    cotangents = (d_out, d_lse)
+    if call.mosaic is None:
+        cotangents = (pad_axis(pad_axis(d_out, 1, call.spec.q_pad), 3, call.v.shape[-1]),
+                      pad_axis(d_lse, 2, call.spec.q_pad))
+    dq, dk, dv_, d_sinks, *_ = _flash_bwd(call.spec, call.residuals(out, lse), cotangents)
+    grads = {
+        "query": lax.slice(dq, (0, 0, 0, 0), (b, sq, hq, d)).astype(inputs.query.dtype),
+        "key": lax.slice(dk, (0, 0, 0, 0), (b, skv, hkv, d)).astype(inputs.key.dtype),
+        "value": lax.slice(dv_, (0, 0, 0, 0), (b, skv, hkv, dv)).astype(inputs.value.dtype),
+    }
+    if inputs.sinks is not None:
+        grads["sinks"] = d_sinks
+    return grads
 
 
 class FlashAttention(OperationImpl):
@@ -107,6 +167,7 @@ class FlashAttention(OperationImpl):
     op: ClassVar[str] = "attention"
     platforms: ClassVar[tuple[str, ...]] = ("gpu", "tpu")
     priority: ClassVar[dict[str, int]] = {"gpu": 100, "tpu": 50}
+    partitioning: ClassVar[str] = "shard"  # Pallas kernels: run per batch/head shard under plain jit
 
     def __init__(self, interpret: bool = False) -> None:
         self.interpret = bool(interpret)
@@ -172,6 +233,12 @@ class FlashAttention(OperationImpl):
         if hardware.platform == "gpu" and not hardware.is_rocm:
             return self._run(inputs, metadata, hardware)  # the GPU path choice needs the hardware
         return super().__call__(inputs, metadata, hardware)
+
+    def backward(self, inputs, out, lse, d_out, d_lse, metadata, hardware):
+        if hardware.platform == "tpu":
+            return None  # the TPU kernels keep their own residuals: recompute on each shard
+        return flash_backward(inputs, out, lse, d_out, d_lse, metadata, interpret=self.interpret,
+                              hardware=hardware if hardware.platform == "gpu" else None)
 
     def forward_native(self, inputs: AttentionInputs, metadata: OperationMetadata):
         if not self.interpret:

@@ -56,6 +56,7 @@ class RaggedPagedAttention(OperationImpl):
     op: ClassVar[str] = "paged_attention"
     platforms: ClassVar[tuple[str, ...]] = ("gpu", "tpu")
     priority: ClassVar[dict[str, int]] = {"gpu": 100, "tpu": 100}
+    partitioning: ClassVar[str] = "shard"  # Pallas kernels: run per shard under plain jit
     decode_only: ClassVar[bool] = False
 
     def __init__(self, *, interpret: bool = False, enable_tpu: bool = False,
@@ -176,6 +177,7 @@ class DecodeAttention(RaggedPagedAttention):
     name: ClassVar[str] = "decode"
     aliases: ClassVar[tuple[str, ...]] = ("autoregressive_decodeattn",)
     priority: ClassVar[dict[str, int]] = {"gpu": 90, "tpu": 90}
+    partitioning: ClassVar[str] = "shard"  # Pallas kernels: run per shard under plain jit
     decode_only: ClassVar[bool] = True
 
 

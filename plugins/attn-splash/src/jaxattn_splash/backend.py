@@ -52,6 +52,7 @@ class SplashAttention(OperationImpl):
     op: ClassVar[str] = "attention"
     platforms: ClassVar[tuple[str, ...]] = ("tpu",)
     priority: ClassVar[dict[str, int]] = {"tpu": 100}
+    partitioning: ClassVar[str] = "shard"  # Pallas kernels: run per shard under plain jit
 
     def __init__(self, interpret: Any = False) -> None:
         self.interpret = interpret
