@@ -6,13 +6,16 @@
     with jaxattn.use_backend("xla"): ...                      # force one
 
 Backends are plugins found through the `jaxattn.backends` entry-point group; the
-built-in `xla` backend runs everywhere and is the numerical reference.
+built-in `xla` backend runs everywhere and is the numerical reference. `auto` ranks the
+usable ones by measurement where a tuning table covers the call (`jaxattn tune`,
+`jaxattn.tuning`), else by declared priority.
 """
 
 from __future__ import annotations
 
-from . import hardware
+from . import hardware, tuning
 from .api import attention, explain, paged_attention, select, select_request
+from .backend_config import BackendConfig
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
 from .listing import BackendInfo, broken_plugins, list_backends
@@ -37,10 +40,13 @@ from .operation import OperationImpl
 from .registry import BrokenPlugin, Registry, default_registry, hookimpl, hookspec
 from .request import AttentionRequest, PagedLayout
 from .selector import (
+    NO_MEASUREMENTS,
     BackendUnavailableError,
+    MeasuredRanking,
     NoBackendError,
     Rejection,
     Selection,
+    TuningCache,
     set_tuning_cache,
     use_backend,
 )
@@ -55,13 +61,13 @@ def refresh_backends() -> None:
 
 
 __all__ = [
-    "EMPTY", "FULL", "PARTIAL",
-    "AndMask", "AttentionInputs", "AttentionRequest", "AttnShardingRules", "BackendInfo",
+    "EMPTY", "FULL", "NO_MEASUREMENTS", "PARTIAL",
+    "AndMask", "AttentionInputs", "AttentionRequest", "AttnShardingRules", "BackendConfig", "BackendInfo",
     "BackendUnavailableError", "BrokenPlugin", "CausalMask", "ChunkedCausalMask", "DenseMask",
-    "FullMask", "Hardware", "Mask", "MaskParts", "NoBackendError", "OperationImpl",
+    "FullMask", "Hardware", "Mask", "MaskParts", "MeasuredRanking", "NoBackendError", "OperationImpl",
     "OperationMetadata", "OrMask", "PagedAttentionInputs", "PagedLayout", "PartitionAxis",
-    "Registry", "Rejection", "SegmentMask", "Selection", "SlidingWindowMask", "Support",
+    "Registry", "Rejection", "SegmentMask", "Selection", "SlidingWindowMask", "Support", "TuningCache",
     "attention", "broken_plugins", "default_registry", "explain", "hardware", "hookimpl",
     "hookspec", "list_backends", "mask_parts", "paged_attention", "refresh_backends", "select",
-    "select_request", "set_tuning_cache", "use_backend",
+    "select_request", "set_tuning_cache", "tuning", "use_backend",
 ]

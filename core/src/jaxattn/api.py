@@ -1,8 +1,9 @@
 """The public entry points: `attention`, `paged_attention`, `select`, `explain`.
 
 Each call validates its arguments, builds an `AttentionRequest` from shapes alone,
-selects a backend (cached; free under `jax.jit`), and runs it, under `shard_map` when
-`metadata.mesh` is set.
+selects a backend (cached; free under `jax.jit`), and runs it (`dispatch.py`: under
+`shard_map` when `metadata.mesh` is set; with a forward-only choice and a differentiated
+one when `auto` made two).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import jax
 
+from . import dispatch
 from . import hardware as _hardware
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
@@ -19,7 +21,6 @@ from .metadata import OperationMetadata
 from .request import AttentionRequest
 from .selector import Selection
 from .selector import select as _select
-from .sharding import run_sharded
 from .validation import build_attention_inputs, build_paged_inputs
 
 Backend = str | Sequence[str]
@@ -68,12 +69,6 @@ def _prepare_paged(
     return selection, inputs, metadata
 
 
-def _run(selection: Selection, inputs: Any, metadata: OperationMetadata) -> tuple[jax.Array, jax.Array | None]:
-    if metadata.mesh is not None:
-        return run_sharded(selection.backend, inputs, selection.request, metadata, selection.hardware)
-    return selection.backend(inputs, metadata, selection.hardware)
-
-
 def attention(
     query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array | None = None,
     mask: Any = None, *, scale: float | None = None, is_causal: bool = False,
@@ -91,6 +86,8 @@ def attention(
     by fewer key/value heads. A query row with nothing to attend to returns zeros.
     With `return_lse`, returns `(out, lse)`, lse `[batch, q_heads, q_len]` float32.
     `backend` is "auto", a name or alias, or a list of names in order of preference.
+    Under "auto", a call that is differentiated and one that is not may run different
+    backends, each the one measured (or declared) best for its kind of call.
     """
     selection, inputs, metadata = _prepare_attention(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
@@ -99,7 +96,7 @@ def attention(
         dropout_rate=dropout_rate, dropout_rng=dropout_rng, return_lse=return_lse,
         backend=backend, metadata=metadata,
     )
-    out, lse = _run(selection, inputs, metadata)
+    out, lse = dispatch.run(selection, inputs, metadata)
     if return_lse:
         if lse is None:
             raise RuntimeError(f"backend {selection.name!r} returned no lse although return_lse=True")
@@ -126,7 +123,7 @@ def paged_attention(
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, sinks=sinks,
         backend=backend, metadata=metadata,
     )
-    out, _ = _run(selection, inputs, metadata)
+    out, _ = dispatch.run(selection, inputs, metadata)
     return out
 
 
@@ -141,7 +138,8 @@ def select(*args: Any, op: str = "attention", hardware: Hardware | None = None, 
 
 
 def explain(*args: Any, op: str = "attention", hardware: Hardware | None = None, **kwargs: Any) -> str:
-    """Human-readable: the backend that would be chosen, and why each other was not."""
+    """Human-readable: the backend(s) that would be chosen (for differentiated and forward-only
+    calls), how (measured, and by how much, or declared priority), and why each other was not."""
     return select(*args, op=op, hardware=hardware, **kwargs).explain()
 
 

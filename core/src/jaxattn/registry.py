@@ -11,6 +11,14 @@ and `my_package.plugin` holds a function marked with `jaxattn.hookimpl`::
     def jaxattn_register_backends():
         return [MyBackend()]
 
+A plugin may also ship measured tuning tables (JSON files in the format `jaxattn tune
+--json-out` writes, as package data) so that `auto` ranks by measurement before a user
+runs `jaxattn tune`; it returns their locations from a second hook in the same module::
+
+    @jaxattn.hookimpl
+    def jaxattn_tuning_tables():
+        return jaxattn.tuning.package_tables("my_package")   # my_package/tuning/*.json
+
 Discovery runs once, lazily, on first use, and again on `refresh()`. A plugin that fails
 to import, fails to register, or registers a name already taken is recorded as a
 `BrokenPlugin` (shown by `jaxattn list-backends`); it never stops the other backends.
@@ -23,12 +31,16 @@ import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
+from os import PathLike
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from .operation import OperationImpl
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 PROJECT = "jaxattn"
 ENTRY_POINT_GROUP = "jaxattn.backends"
@@ -45,12 +57,26 @@ class BackendSpecs:
     def jaxattn_register_backends(self) -> Sequence[OperationImpl | type[OperationImpl]]:  # type: ignore[empty-body]
         """Return the backends this plugin provides (instances, or classes to instantiate)."""
 
+    @hookspec
+    def jaxattn_tuning_tables(self) -> Sequence[str | PathLike[str] | Traversable]:  # type: ignore[empty-body]
+        """Return the measured tuning tables this plugin ships (paths or package resources)."""
+
 
 @dataclass(frozen=True)
 class BackendRecord:
     """A registered backend and where it came from."""
 
     impl: OperationImpl
+    plugin: str
+    distribution: str
+    version: str
+
+
+@dataclass(frozen=True)
+class TableRecord:
+    """A tuning table a plugin ships, and where it came from."""
+
+    location: str | PathLike[str] | Traversable
     plugin: str
     distribution: str
     version: str
@@ -90,6 +116,7 @@ class Registry:
         self._records: dict[tuple[str, str], BackendRecord] | None = None  # (op, name)
         self._aliases: dict[tuple[str, str], str] = {}  # (op, alias) -> name
         self._broken: list[BrokenPlugin] = []
+        self._tables: list[TableRecord] = []
         self._extra: list[tuple[Any, str, str, str]] = []
         self.generation = 0  # bumped by each discovery; selection caches key on it
 
@@ -108,7 +135,7 @@ class Registry:
 
     def _discover(self) -> None:
         self.generation += 1
-        self._records, self._aliases, self._broken = {}, {}, []
+        self._records, self._aliases, self._broken, self._tables = {}, {}, [], []
         manager = pluggy.PluginManager(PROJECT)
         manager.add_hookspecs(BackendSpecs)
         sources: dict[str, tuple[str, str]] = {}
@@ -158,6 +185,21 @@ class Registry:
                 continue
             for impl in impls:
                 self._add(BackendRecord(impl, hook.plugin_name, dist, version))
+        self._collect_tables(manager, sources, order)
+
+    def _collect_tables(self, manager: pluggy.PluginManager, sources: dict[str, tuple[str, str]],
+                        order: dict[str, int]) -> None:
+        hooks = sorted(manager.hook.jaxattn_tuning_tables.get_hookimpls(),
+                       key=lambda h: order.get(h.plugin_name, len(order)))
+        for hook in hooks:
+            dist, version = sources.get(hook.plugin_name, ("?", "?"))
+            try:
+                locations = list(hook.function() or ())
+            except Exception as err:  # noqa: BLE001 - recorded like a failing registration
+                self._broken.append(BrokenPlugin(hook.plugin_name, dist, version, _one_line(err),
+                                                 traceback.format_exc()))
+                continue
+            self._tables.extend(TableRecord(loc, hook.plugin_name, dist, version) for loc in locations)
 
     def _add(self, record: BackendRecord) -> None:
         assert self._records is not None
@@ -207,6 +249,11 @@ class Registry:
 
     def backends(self, op: str | None = None) -> list[OperationImpl]:
         return [r.impl for r in self.records(op)]
+
+    def tuning_tables(self) -> list[TableRecord]:
+        """The tuning tables plugins ship, in discovery order (the core's first)."""
+        self._ensure()
+        return list(self._tables)
 
     @property
     def broken(self) -> list[BrokenPlugin]:

@@ -1,0 +1,69 @@
+"""Running a `Selection`: tuned settings, `shard_map`, and the forward-only/training split.
+
+Whether a call will be differentiated is not known when it is traced: `jax.grad` traces
+the same function as a plain call. So when `auto` chose differently for the two kinds of
+call (`Selection.splits`), the call runs as a `jax.custom_vjp` whose primal runs the
+forward-only choice and whose forward and backward rules run the differentiated choice's
+own forward and `jax.vjp`. A plain (or `jit`-ed) call then only ever runs the forward-only
+backend; under `jax.grad`/`jax.vjp`, JAX calls the rules instead of the primal, so the
+differentiated backend runs its forward and its backward, exactly as if it had been
+chosen alone. Both give the same values up to rounding (the conformance suite holds each
+backend to the `xla` reference). Forward-mode autodiff (`jax.jvp`) of a split call is
+not defined, as for any `custom_vjp`.
+
+Settings: a backend's tuned settings (`Selection.config`) apply unless the call's
+metadata gives that backend settings of its own; either is validated against the
+backend's typed `config_class` before it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from .metadata import OperationMetadata
+from .selector import Selection
+from .sharding import run_sharded
+
+Output = tuple[jax.Array, jax.Array | None]
+
+
+def _settings(selection: Selection, metadata: OperationMetadata) -> OperationMetadata:
+    """`metadata` with the tuned settings of the chosen backend, unless it gives its own."""
+    name = selection.name
+    if selection.config and name not in metadata.operation_configs:
+        metadata = metadata.with_operation_config(name, selection.config)
+    selection.backend.validate_config(metadata)
+    return metadata
+
+
+def _run_one(selection: Selection, inputs: Any, metadata: OperationMetadata) -> Output:
+    metadata = _settings(selection, metadata)
+    if metadata.mesh is not None:
+        out, lse = run_sharded(selection.backend, inputs, selection.request, metadata, selection.hardware)
+    else:
+        out, lse = selection.backend(inputs, metadata, selection.hardware)
+    return out, (lse if getattr(inputs, "return_lse", False) else None)
+
+
+def run(selection: Selection, inputs: Any, metadata: OperationMetadata) -> Output:
+    """Run the call `selection` was made for: `(out, lse or None)`."""
+    forward_only = selection.forward_only
+    if forward_only is None or not selection.splits:
+        return _run_one(selection, inputs, metadata)
+    _settings(forward_only, metadata)  # both kinds of call validate their settings up front
+    _settings(selection, metadata)
+
+    @jax.custom_vjp
+    def call(inputs: Any) -> Output:
+        return _run_one(forward_only, inputs, metadata)
+
+    def call_fwd(inputs: Any) -> tuple[Output, Any]:
+        return jax.vjp(lambda x: _run_one(selection, x, metadata), inputs)
+
+    def call_bwd(vjp: Any, cotangent: Output) -> tuple[Any]:
+        return vjp(cotangent)
+
+    call.defvjp(call_fwd, call_bwd)
+    return call(inputs)
