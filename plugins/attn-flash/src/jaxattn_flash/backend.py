@@ -1,8 +1,10 @@
-"""The `flash` backend: what it accepts, and how a call reaches the kernels."""
+"""The `flash` backend: what it accepts, its settings (`FlashConfig`) and what `jaxattn tune`
+tries of them, and how a call reaches the kernels."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 from jax import lax
@@ -10,6 +12,7 @@ from jax import lax
 from jaxattn import (
     AttentionInputs,
     AttentionRequest,
+    BackendConfig,
     Hardware,
     OperationImpl,
     OperationMetadata,
@@ -107,6 +110,7 @@ class FlashAttention(OperationImpl):
     op: ClassVar[str] = "attention"
     platforms: ClassVar[tuple[str, ...]] = ("gpu", "tpu")
     priority: ClassVar[dict[str, int]] = {"gpu": 100, "tpu": 50}
+    config_class: ClassVar[type[BackendConfig] | None] = _config.FlashConfig
 
     def __init__(self, interpret: bool = False) -> None:
         self.interpret = bool(interpret)
@@ -153,6 +157,14 @@ class FlashAttention(OperationImpl):
         if hardware.platform == "tpu":
             reasons += [r for r in tpu_reasons(request) if r not in reasons]
         return Support.from_reasons(reasons)
+
+    def tuning_space(self, request: AttentionRequest, hardware: Hardware) -> Sequence[Mapping[str, Any]]:
+        """On an NVIDIA GPU: the defaults, the Triton forward where Mosaic is the default, and the
+        plain dk/dv launch order where 4 passes are (`config.tuning_space`); elsewhere the defaults."""
+        if not hardware.is_cuda or self.interpret:
+            return ({},)
+        mosaic = gpu_path.choose(request, hardware, {}).kernel == "mosaic"
+        return _config.tuning_space(request, mosaic_by_default=mosaic)
 
     def gpu_kernel_for(self, request: AttentionRequest, hardware: Hardware,
                        metadata: OperationMetadata | None = None) -> gpu_path.PathChoice:
