@@ -117,3 +117,45 @@ def test_calls_the_user_marks_run_one_backend():
     unmeasured = jaxattn.select(q[:, :4], k, v, is_causal=True)  # no entry near it: declared priority
     assert unmeasured.forward_only is not None and not unmeasured.splits
     assert "for differentiated and forward-only calls (by auto: declared priority" in unmeasured.explain()
+
+
+class ByKind:
+    """A tuning cache that prefers `trainfast` for differentiated calls, `fwdfast` otherwise."""
+
+    def ranking(self, request, hardware):
+        return ("trainfast",) if request.needs_grad else ("fwdfast",)
+
+
+@pytest.mark.parametrize("features", [
+    dict(sliding_window=(3, 2)),
+    dict(segment_ids=np.repeat(np.arange(4), 8)[None].repeat(2, 0)),
+    dict(mask=np.tril(np.ones((32, 32), bool))),
+    dict(logits_soft_cap=5.0, sinks=np.linspace(-1, 1, 2, dtype=np.float32)),
+    dict(dropout_rate=0.25, dropout_rng=jax.random.PRNGKey(3)),
+    dict(query_seq_lengths=np.array([32, 20]), key_value_seq_lengths=np.array([30, 9])),
+])
+def test_split_passes_every_kind_of_input_through(features):
+    jaxattn.set_tuning_cache(ByKind())
+    q, k, v = qkv()
+    bias = jax.random.normal(jax.random.PRNGKey(4), (2, 2, 32, 32))
+    split = lambda q, k, v, b: jaxattn.attention(q, k, v, b, **features)  # noqa: E731
+    ref = lambda q, k, v, b: jaxattn.attention(q, k, v, b, backend="xla", **features)  # noqa: E731
+    assert jaxattn.select(q, k, v, bias, **features).splits
+    close(jax.jit(split)(q, k, v, bias), ref(q, k, v, bias))
+    grads = jax.grad(loss(lambda *a: split(*a, bias)), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(grads, jax.grad(loss(lambda *a: ref(*a, bias)), argnums=(0, 1, 2))(q, k, v)):
+        close(g, r)
+    close(jax.grad(lambda b: loss(lambda *a: split(*a, b))(q, k, v))(bias),
+          jax.grad(lambda b: loss(lambda *a: ref(*a, b))(q, k, v))(bias))
+    assert FwdFast.calls == 1 and TrainFast.calls == 2
+
+
+def test_split_under_a_mesh():
+    jaxattn.set_tuning_cache(ByKind())
+    devices = np.array(jax.devices()[:4]).reshape(2, 2)
+    meta = jaxattn.OperationMetadata(mesh=jax.sharding.Mesh(devices, ("dp", "tp")))
+    q, k, v = qkv()
+    split = lambda q, k, v: jaxattn.attention(q, k, v, is_causal=True, metadata=meta)  # noqa: E731
+    close(jax.jit(split)(q, k, v), reference(q, k, v))
+    close(jax.jit(jax.grad(loss(split)))(q, k, v), jax.grad(loss(reference))(q, k, v))
+    assert FwdFast.calls == 1 and TrainFast.calls == 1

@@ -55,15 +55,19 @@ def run(selection: Selection, inputs: Any, metadata: OperationMetadata) -> Outpu
     _settings(forward_only, metadata)  # both kinds of call validate their settings up front
     _settings(selection, metadata)
 
-    @jax.custom_vjp
-    def call(inputs: Any) -> Output:
-        return _run_one(forward_only, inputs, metadata)
+    # The arrays go in as a flat list, so that JAX never rebuilds an input object (a mask)
+    # around the zero cotangents (float0) of its integer and boolean arrays.
+    leaves, treedef = jax.tree_util.tree_flatten(inputs)
 
-    def call_fwd(inputs: Any) -> tuple[Output, Any]:
-        return jax.vjp(lambda x: _run_one(selection, x, metadata), inputs)
+    @jax.custom_vjp
+    def call(leaves: list[Any]) -> Output:
+        return _run_one(forward_only, treedef.unflatten(leaves), metadata)
+
+    def call_fwd(leaves: list[Any]) -> tuple[Output, Any]:
+        return jax.vjp(lambda xs: _run_one(selection, treedef.unflatten(xs), metadata), leaves)
 
     def call_bwd(vjp: Any, cotangent: Output) -> tuple[Any]:
         return vjp(cotangent)
 
     call.defvjp(call_fwd, call_bwd)
-    return call(inputs)
+    return call(leaves)
