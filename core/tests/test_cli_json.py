@@ -59,7 +59,7 @@ def test_tune_json_and_json_out(capsys, tmp_path, monkeypatch):
     assert main(["tune", *TINY]) == 2
     assert "JAXATTN_TUNING_CACHE=off" in capsys.readouterr().err
     assert main(["tune", "--preset", "nope"]) == 2
-    assert "preset: expected one of ['llm', 'smoke']" in capsys.readouterr().err
+    assert "preset: expected one of ['llm', 'serve', 'smoke']" in capsys.readouterr().err
 
 
 def test_tune_writes_the_cache_that_auto_reads(capsys, tmp_path, monkeypatch):

@@ -224,3 +224,17 @@ def test_measured_tables_reads_each_file_once(tuning_backends):
     first = tables.sources(Hardware.cpu())
     tuning_backends.write_text("garbage")
     assert tables.sources(Hardware.cpu()) is first
+
+
+def test_tune_times_paged_calls_forward_only(tuning_backends):
+    shape = BenchShape(2, 1, 64, 4, 2, 16, True, "float32", page_size=16)
+    table = tune([shape], ["xla"], repeats=1, inner=1, progress=False)
+    (record,) = table.entries[0].measurements
+    assert record.forward_s > 0 and record.train_s is None and not record.error
+    assert "decode" in table.entries[0].case.features and "page_size=16" in table.entries[0].case.features
+    save(table, tuning_backends)
+    request = AttentionRequest(op="paged_attention", batch=2, q_len=2, kv_len=64, num_q_heads=4, num_kv_heads=2,
+                               head_dim=16, value_head_dim=16, mask_kinds=frozenset({"causal"}), kv_seq_lengths=True,
+                               mode="decode", paged=jaxattn.PagedLayout(8, 16, 4, 2, False))
+    sel = jaxattn.select_request(request)
+    assert sel.name == "xla" and sel.measured is not None and "exact shape" in sel.why()

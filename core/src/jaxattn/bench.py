@@ -22,9 +22,10 @@ from typing import Any, TextIO
 import jax
 import jax.numpy as jnp
 
-from .api import attention, select
+from .api import attention, paged_attention, select
 from .metadata import OperationMetadata
 from .request import AttentionRequest
+from .selector import Selection
 
 
 def time_call(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5, inner: int = 10) -> float:
@@ -53,7 +54,12 @@ def attention_flops(batch: int, q_len: int, kv_len: int, q_heads: int, head_dim:
 @dataclass(frozen=True)
 class BenchShape:
     """One timed call: shapes, dtype, causal, and a sliding window (`window` keys to the left;
-    to both sides when not causal)."""
+    to both sides when not causal).
+
+    With a `page_size`, the call is `paged_attention` over a full cache: `batch` sequences of
+    `kv_len` cached tokens each, `q_len` new queries per sequence (1: decode; more: a ragged
+    batch with `cu_q_lens`), always causal; it is timed forward-only.
+    """
 
     batch: int
     q_len: int
@@ -64,10 +70,14 @@ class BenchShape:
     causal: bool = False
     dtype: str = "bfloat16"
     window: int | None = None
+    page_size: int | None = None
 
     def describe(self) -> str:
         causal = " causal" if self.causal else ""
         window = f" window {self.window}" if self.window is not None else ""
+        if self.page_size is not None:
+            return (f"paged ({self.batch} seqs, {self.q_len} q x {self.kv_len} kv, {self.q_heads}/{self.kv_heads} "
+                    f"heads, d={self.head_dim}, pages of {self.page_size}) {self.dtype}{window}")
         return (f"({self.batch}, {self.q_len}x{self.kv_len}, {self.q_heads}/{self.kv_heads} heads, "
                 f"d={self.head_dim}) {self.dtype}{causal}{window}")
 
@@ -91,7 +101,7 @@ class BenchShape:
             elif f.name == "causal":
                 ok = isinstance(value, bool)
             else:
-                ok = (value is None and f.name == "window") or (_is_int(value) and value >= 0)
+                ok = (value is None and f.name in ("window", "page_size")) or (_is_int(value) and value >= 0)
             if not ok:
                 raise ValueError(f"shape[{f.name!r}]: expected {f.type}, got {value!r}")
             kwargs[f.name] = value
@@ -152,44 +162,76 @@ class BenchJob:
     train: bool = True
 
 
-def _inputs(shape: BenchShape, seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
-    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+def _arrays(shape: BenchShape, seed: int = 0) -> tuple[jax.Array, ...]:
+    """Random inputs of `shape`: (q, k, v), or the paged call's (query, key_pages, value_pages,
+    kv_lengths, page_indices[, cu_q_lens]) with every sequence's cache full and its pages shuffled."""
+    kq, kk, kv, kp = jax.random.split(jax.random.PRNGKey(seed), 4)
     dtype = jnp.dtype(shape.dtype)
-    q = jax.random.normal(kq, (shape.batch, shape.q_len, shape.q_heads, shape.head_dim), dtype)
-    k = jax.random.normal(kk, (shape.batch, shape.kv_len, shape.kv_heads, shape.head_dim), dtype)
-    v = jax.random.normal(kv, (shape.batch, shape.kv_len, shape.kv_heads, shape.head_dim), dtype)
-    return q, k, v
+    if shape.page_size is None:
+        q = jax.random.normal(kq, (shape.batch, shape.q_len, shape.q_heads, shape.head_dim), dtype)
+        k = jax.random.normal(kk, (shape.batch, shape.kv_len, shape.kv_heads, shape.head_dim), dtype)
+        v = jax.random.normal(kv, (shape.batch, shape.kv_len, shape.kv_heads, shape.head_dim), dtype)
+        return q, k, v
+    pages_per_seq = -(-shape.kv_len // shape.page_size)
+    num_pages = shape.batch * pages_per_seq
+    pages = (num_pages, shape.page_size, shape.kv_heads, shape.head_dim)
+    arrays = (
+        jax.random.normal(kq, (shape.batch * shape.q_len, shape.q_heads, shape.head_dim), dtype),
+        jax.random.normal(kk, pages, dtype),
+        jax.random.normal(kv, pages, dtype),
+        jnp.full((shape.batch,), shape.kv_len, jnp.int32),
+        jax.random.permutation(kp, num_pages).reshape(shape.batch, pages_per_seq).astype(jnp.int32),
+    )
+    if shape.q_len == 1:
+        return arrays  # decode: one query per sequence
+    return (*arrays, jnp.arange(shape.batch + 1, dtype=jnp.int32) * shape.q_len)
 
 
-def _call(shape: BenchShape, train: bool, backend: str = "auto", config: Mapping[str, Any] | None = None,
-          ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+def _call(shape: BenchShape, train: bool, backend: str = "auto",
+          config: Mapping[str, Any] | None = None) -> Callable[..., jax.Array]:
+    """The call `shape` times, on `_arrays(shape)`, with `config` as `backend`'s settings."""
     configs = {backend: dict(config)} if config else {}
+    if shape.page_size is not None:
+        meta = OperationMetadata(operation_configs=configs)
+
+        def paged(q: jax.Array, kp: jax.Array, vp: jax.Array, lengths: jax.Array, table: jax.Array,
+                  cu_q_lens: jax.Array | None = None) -> jax.Array:
+            return paged_attention(q, kp, vp, lengths, table, cu_q_lens=cu_q_lens, sliding_window=shape.window,
+                                   backend=backend, metadata=meta)
+
+        return paged
     meta = OperationMetadata(needs_grad=train, operation_configs=configs)
     return lambda q, k, v: attention(q, k, v, is_causal=shape.causal, sliding_window=shape.window,
                                      backend=backend, metadata=meta)
 
 
-def requests(shape: BenchShape) -> tuple[AttentionRequest, AttentionRequest]:
-    """The (forward-only, forward+backward) requests of `shape`, as `attention` builds them."""
-    q, k, v = _inputs(shape)
-    forward = select(q, k, v, is_causal=shape.causal, sliding_window=shape.window,
-                     metadata=OperationMetadata(needs_grad=False))
-    train = select(q, k, v, is_causal=shape.causal, sliding_window=shape.window,
-                   metadata=OperationMetadata(needs_grad=True))
-    return forward.request, train.request
+def _selection(shape: BenchShape, train: bool) -> Selection:
+    arrays = _arrays(shape)
+    if shape.page_size is not None:
+        q, kp, vp, lengths, table, *cu_q_lens = arrays
+        return select(q, kp, vp, lengths, table, op="paged_attention", sliding_window=shape.window,
+                      cu_q_lens=cu_q_lens[0] if cu_q_lens else None)
+    return select(*arrays, is_causal=shape.causal, sliding_window=shape.window,
+                  metadata=OperationMetadata(needs_grad=train))
+
+
+def requests(shape: BenchShape) -> tuple[AttentionRequest, AttentionRequest | None]:
+    """The (forward-only, forward+backward) requests of `shape`, as the API builds them
+    (None for forward+backward of a paged call: paged attention is never differentiated)."""
+    train = None if shape.page_size is not None else _selection(shape, True).request
+    return _selection(shape, False).request, train
 
 
 def usable_backends(shape: BenchShape, train: bool) -> list[str]:
     """The backends `auto` ranks as usable for `shape` (forward+backward when `train`), best first."""
-    q, k, v = _inputs(shape)
-    meta = OperationMetadata(needs_grad=train)
-    return list(select(q, k, v, is_causal=shape.causal, sliding_window=shape.window, metadata=meta).ranking)
+    return list(_selection(shape, train).ranking)
 
 
 def bench_backend(name: str, shape: BenchShape, *, config: Mapping[str, Any] | None = None, forward: bool = True,
                   train: bool = True, repeats: int = 5, inner: int = 10) -> BenchResult:
-    """Time `name` on `shape` (with `config` as its settings): forward-only, and forward+backward."""
-    q, k, v = _inputs(shape)
+    """Time `name` on `shape` (with `config` as its settings): forward-only, and forward+backward
+    (never for a paged shape)."""
+    arrays = _arrays(shape)
     fwd = jax.jit(_call(shape, False, name, config))
     call = _call(shape, True, name, config)
 
@@ -197,9 +239,10 @@ def bench_backend(name: str, shape: BenchShape, *, config: Mapping[str, Any] | N
         return call(q, k, v).astype(jnp.float32).sum()
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    train = train and shape.page_size is None
     try:
-        forward_s = time_call(lambda: fwd(q, k, v), repeats=repeats, inner=inner) if forward else None
-        train_s = time_call(lambda: step(q, k, v), repeats=repeats, inner=inner) if train else None
+        forward_s = time_call(lambda: fwd(*arrays), repeats=repeats, inner=inner) if forward else None
+        train_s = time_call(lambda: step(*arrays), repeats=repeats, inner=inner) if train else None
     except Exception as err:  # noqa: BLE001 - one failing backend must not stop the table
         message = str(err).splitlines()[0] if str(err) else ""
         return BenchResult(name, shape, None, None, f"{type(err).__name__}: {message}", dict(config or {}))

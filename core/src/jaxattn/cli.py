@@ -142,7 +142,8 @@ def _bench_shape(args: argparse.Namespace) -> BenchShape:
     from .bench import BenchShape
 
     return BenchShape(args.batch, args.q_len, args.kv_len or args.q_len, args.q_heads,
-                      args.kv_heads or args.q_heads, args.head_dim, args.causal, args.dtype, args.window)
+                      args.kv_heads or args.q_heads, args.head_dim, args.causal or args.paged, args.dtype,
+                      args.window, args.page_size if args.paged else None)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -209,6 +210,9 @@ def _shape_args(p: argparse.ArgumentParser, seq: int, heads: int, dim: int) -> N
 def _timing_args(p: argparse.ArgumentParser) -> None:
     _shape_args(p, 1024, 8, 64)
     p.add_argument("--window", type=int, help="sliding window: keys to the left (and right when not causal)")
+    p.add_argument("--paged", action="store_true", help="paged_attention: --batch sequences of --kv-len cached "
+                                                        "tokens, --q-len queries each (1: decode); forward only")
+    p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--backends", help="comma-separated names (default: every usable one)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--inner", type=int, default=10)
@@ -256,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="measure every usable backend per call kind; write the tuning cache auto reads")
     _timing_args(p)
-    p.add_argument("--preset", help="a set of common model shapes instead of the shape flags: "
-                                    "llm (bf16, for a GPU/TPU) or smoke (tiny, float32)")
+    p.add_argument("--preset", help="a set of common model shapes instead of the shape flags: llm (bf16 "
+                                    "attention), serve (bf16 paged decode and prefill) or smoke (tiny, float32)")
     p.add_argument("--part", help="with --preset: only the K-th of N slices of its shapes, e.g. 1/3")
     p.add_argument("--no-search", action="store_true", help="time each backend's defaults only")
     p.add_argument("--json-out", help="write the table to this file (e.g. a plugin's tuning/ folder) "

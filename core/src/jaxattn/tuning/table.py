@@ -15,7 +15,9 @@ One JSON object (`SCHEMA`, `SCHEMA_VERSION` 1)::
 was true for those versions and that jax. A case is what the selector knows of a call
 (its `AttentionRequest`), reduced to what decides speed; `features` are the mask kinds
 and options (bias, soft-cap, sinks, lse...), `window` the width of a sliding window's
-band. The same file is the user's cache and a plugin's shipped table.
+band; a paged call adds its page size and "ragged" or "decode" (its `batch` is the number
+of sequences, `q_len` the query tokens of all of them, `kv_len` each one's cache capacity).
+The same file is the user's cache and a plugin's shipped table.
 
 Matching (`TuningTable.lookup`): a call matches an entry of the same op, dtype, head
 dims, features, window-or-not and decode-or-not (q_len == 1). An entry of exactly its
@@ -72,6 +74,8 @@ class Case:
     @classmethod
     def of(cls, request: AttentionRequest) -> Case:
         features = set(request.mask_kinds) | {f.removeprefix("has_") for f in FLAGS if getattr(request, f)}
+        if request.paged is not None:
+            features |= {f"page_size={request.paged.page_size}", "ragged" if request.paged.ragged else "decode"}
         band = request.band
         window = None
         if "sliding_window" in request.mask_kinds and band is not None and None not in band:

@@ -1,12 +1,12 @@
 """`jaxattn tune`: time every usable backend per call kind, and write the tuning table.
 
-For each shape, the forward-only request and the forward+backward request are built
-as `attention` builds them; every backend usable for either is timed for the kinds it
-can serve (`bench.run_jobs`, the one timing helper), once per entry of its declared
-`tuning_space` (its defaults first). All records go into the table, not only the
-winners: `auto` ranks from them per call kind, and a later look can tell by how much.
-`save` writes a table to the user's cache (merging with a compatible one) or to any
-file: the same file is what a plugin ships (`package_tables`).
+For each shape, the forward-only request and the forward+backward request are built as
+`attention` builds them (a paged shape: `paged_attention`'s, forward-only); every backend
+usable for either is timed for the kinds it can serve (`bench.run_jobs`, the one timing
+helper), once per entry of its declared `tuning_space` (its defaults first). All records
+go into the table, not only the winners: `auto` ranks from them per call kind, and a
+later look can tell by how much. `save` writes a table to the user's cache (merging with
+a compatible one) or to any file: the same file is what a plugin ships (`package_tables`).
 """
 
 from __future__ import annotations
@@ -40,9 +40,13 @@ _LLM = [
 ]
 PRESETS: dict[str, tuple[BenchShape, ...]] = {
     "llm": tuple(BenchShape(b, q, kv, hq, hkv, d, causal, "bfloat16", w) for b, q, kv, hq, hkv, d, causal, w in _LLM),
+    # paged KV cache (pages of 16): decode batches, one long sequence (split-KV), a ragged prefill chunk
+    "serve": tuple(BenchShape(b, q, kv, 32, 8, 128, True, "bfloat16", page_size=16) for b, q, kv in
+                   ((32, 1, 8192), (8, 1, 4096), (128, 1, 2048), (1, 1, 131072), (4, 256, 4096))),
     # tiny float32 shapes: a minute on a CPU, to try the command and its output
     "smoke": (BenchShape(1, 128, 128, 2, 2, 32, True, "float32"),
-              BenchShape(2, 256, 256, 4, 2, 64, False, "float32")),
+              BenchShape(2, 256, 256, 4, 2, 64, False, "float32"),
+              BenchShape(4, 1, 256, 4, 2, 32, True, "float32", page_size=16)),
 }
 
 
@@ -65,16 +69,17 @@ def _jobs(shape: BenchShape, backends: Sequence[str] | None, search: bool,
           registry: Registry) -> tuple[Case, list[BenchJob]]:
     hw = _hardware.current()
     forward_request, train_request = requests(shape)
+    request = train_request or forward_request  # a paged call has no forward+backward request
     forward_ok = selector.usable_backends(forward_request, hw, registry)
-    train_ok = selector.usable_backends(train_request, hw, registry)
+    train_ok = [] if train_request is None else selector.usable_backends(train_request, hw, registry)
     names = [n for n in dict.fromkeys(forward_ok + train_ok) if backends is None or n in backends]
     jobs = []
     for name in names:
-        impl = registry.get(name, "attention")
-        space = impl.tuning_space(train_request, hw) if search else ({},)
+        impl = registry.get(name, request.op)
+        space = impl.tuning_space(request, hw) if search else ({},)
         for config in space:
             jobs.append(BenchJob(name, shape, dict(config), forward=name in forward_ok, train=name in train_ok))
-    return Case.of(train_request), jobs
+    return Case.of(request), jobs
 
 
 def tune(shapes: Sequence[BenchShape], backends: Sequence[str] | None = None, *, search: bool = True,
@@ -97,7 +102,7 @@ def tune(shapes: Sequence[BenchShape], backends: Sequence[str] | None = None, *,
         start += count
     versions = {"jaxattn": installed_versions(["jaxattn"])["jaxattn"] or "source"}
     for job in all_jobs:
-        record = registry.record(job.backend, "attention")
+        record = registry.record(job.backend, "attention" if job.shape.page_size is None else "paged_attention")
         versions[record.distribution] = record.version
     hw = _hardware.current()
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -13,6 +13,7 @@ TPU interpreter cannot run it on CPU, so CI cannot check it.
 
 Settings (`metadata.operation_configs["ragged_paged"]` or `["decode"]`): `block_q`,
 `block_kv`, `num_splits` (0 = auto), `num_warps`, `num_stages`, `target_programs`.
+Measured tables (`tuning/*.json`, package data) are shipped through `jaxattn_tuning_tables`.
 """
 
 from __future__ import annotations
@@ -182,3 +183,11 @@ class DecodeAttention(RaggedPagedAttention):
 @jaxattn.hookimpl
 def jaxattn_register_backends() -> list[OperationImpl]:
     return [RaggedPagedAttention(), DecodeAttention()]
+
+
+@jaxattn.hookimpl
+def jaxattn_tuning_tables() -> list:
+    """The measured tables this package ships (`jaxattn_ragged/tuning/*.json`, one per device
+    kind, written by `jaxattn tune --preset serve --json-out ...`): `auto` ranks by them until
+    the user's own `jaxattn tune` cache covers a call."""
+    return jaxattn.tuning.package_tables("jaxattn_ragged")
