@@ -23,6 +23,8 @@ class Rules:
     q_lengths: np.ndarray | None = None  # [B]
     kv_lengths: np.ndarray | None = None  # [B]
     dense: np.ndarray | None = None  # bool, broadcastable to [B, H, Sq, Skv]
+    positions: np.ndarray | None = None  # [B, Sq]: query i stands at p; p - left <= j <= p + right
+    positions_window: tuple[int | None, int] = (None, 0)  # (left, right); left None = unbounded
 
 
 def allowed(rules: Rules, b: int, h: int, q_len: int, kv_len: int) -> np.ndarray:
@@ -38,6 +40,10 @@ def allowed(rules: Rules, b: int, h: int, q_len: int, kv_len: int) -> np.ndarray
                 ok[i, j] = False
             if rules.q_segments is not None and rules.q_segments[b, i] != rules.kv_segments[b, j]:
                 ok[i, j] = False
+            if rules.positions is not None:
+                p, (left, right) = rules.positions[b, i], rules.positions_window
+                if j > p + right or (left is not None and j < p - left):
+                    ok[i, j] = False
             if rules.q_lengths is not None and i >= rules.q_lengths[b]:
                 ok[i, j] = False
             if rules.kv_lengths is not None and j >= rules.kv_lengths[b]:

@@ -15,6 +15,7 @@ from jaxattn.masks import (
     ChunkedCausalMask,
     DenseMask,
     FullMask,
+    QueryPositionMask,
     SegmentMask,
     SlidingWindowMask,
     mask_parts,
@@ -65,7 +66,24 @@ def random_masks(rng):
         CausalMask(16) & SlidingWindowMask(8, 0),
         CausalMask(16) | ChunkedCausalMask(6),
         (SlidingWindowMask(3, 3) | SegmentMask(q_ids, kv_ids)) & CausalMask(20),
+        QueryPositionMask(POSITIONS),
+        QueryPositionMask(POSITIONS, left=4, right=2),
+        QueryPositionMask(POSITIONS[:, ::-1].copy(), left=9) & CausalMask(30),
     ]
+
+
+POSITIONS = jnp.asarray(np.stack([np.arange(24) + 3, np.arange(24) + 14]), jnp.int32)
+
+
+def test_query_positions_follow_their_rule():
+    """Query i of row b sees key j iff p - left <= j <= p + right, p = positions[b, i]."""
+    for left, right in ((None, 0), (4, 2), (0, 0)):
+        got = dense(QueryPositionMask(POSITIONS, left=left, right=right), 24, 40)
+        for b in range(2):
+            rules = Rules(positions=np.asarray(POSITIONS), positions_window=(left, right))
+            np.testing.assert_array_equal(got[b, 0], allowed(rules, b, 0, 24, 40))
+    grid = QueryPositionMask(POSITIONS).block_structure(24, 40, 8, 8)
+    assert (grid == EMPTY).any() and (grid == FULL).any()  # the tiles of a cache prefill are skipped
 
 
 @pytest.mark.parametrize("block", [(8, 8), (5, 7), (24, 40), (1, 1)])
@@ -148,6 +166,8 @@ def test_mask_parts_reduces_a_conjunction_to_a_band():
     (lambda: SlidingWindowMask(1, 2.5), "right must be an int >= 0"),
     (lambda: ChunkedCausalMask(0), "chunk_size must be an int > 0"),
     (lambda: CausalMask(1.5), "offset must be an int"),
+    (lambda: QueryPositionMask(POSITIONS, left=-1), "left must be an int >= 0 or None"),
+    (lambda: QueryPositionMask(POSITIONS, right=-2), "right must be an int >= 0"),
     (lambda: DenseMask(jnp.ones((4, 4), jnp.float32)), "must be boolean"),
     (lambda: DenseMask(jnp.ones((4,), bool)), "rank 2 to 4"),
 ])
@@ -174,8 +194,13 @@ def test_mask_validate_checks_fit():
     with pytest.raises(ValueError, match="not broadcastable"):
         DenseMask(jnp.ones((3, 8, 8), bool)).validate(2, 4, 8, 8)
     DenseMask(jnp.ones((1, 4, 8, 1), bool)).validate(2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"positions must have shape \[batch, q_len\] = \(2, 8\)"):
+        QueryPositionMask(jnp.zeros((2, 9), jnp.int32)).validate(2, 4, 8, 8)
+    with pytest.raises(ValueError, match="positions must be integers"):
+        QueryPositionMask(jnp.zeros((2, 8))).validate(2, 4, 8, 8)
 
 
 def test_every_kind_is_exposed_at_top_level():
-    for name in ("CausalMask", "FullMask", "SlidingWindowMask", "ChunkedCausalMask", "SegmentMask", "DenseMask"):
+    for name in ("CausalMask", "FullMask", "SlidingWindowMask", "ChunkedCausalMask", "SegmentMask", "DenseMask",
+                 "QueryPositionMask"):
         assert issubclass(getattr(jaxattn, name), jaxattn.Mask)

@@ -150,6 +150,9 @@ def test_no_usable_backend_is_an_error():
         def supports(self, request, hardware):
             return Support.no("never")
 
+        def forward_native(self, inputs, metadata):
+            raise AssertionError("never selected")
+
     reg = jaxattn.Registry(group="jaxattn.no-such-group")
     reg.add_plugin(type("P", (), {"jaxattn_register_backends": jaxattn.hookimpl(lambda self: [Nothing()])})(), "n")
     from jaxattn.selector import select
@@ -172,7 +175,7 @@ def test_tuning_cache_seam_puts_measured_backends_first():
     assert jaxattn.select(q, k, v).name == "fake"
 
 
-def test_a_crashing_supports_is_a_rejection():
+def test_a_crashing_supports_marks_the_backend_broken():
     class Crashy(Fake):
         name, aliases = "crashy", ()
 
@@ -184,7 +187,10 @@ def test_a_crashing_supports_is_a_rejection():
     try:
         q, k, v = qkv()
         sel = jaxattn.select(q, k, v)
-        assert ("crashy", ("supports() raised RuntimeError: boom",)) in [(r.backend, r.reasons) for r in sel.rejected]
+        assert sel.name == "fake" and "crashy" not in [r.backend for r in sel.rejected]
+        assert "broken:   backend crashy of plugin crashy (local 0) in supports(): RuntimeError: boom" in sel.explain()
+        with pytest.raises(ValueError, match="attention backend 'crashy' is broken"):
+            jaxattn.select(q, k, v, backend="crashy")
     finally:
         reg.remove_plugin("crashy")
 

@@ -43,6 +43,7 @@ SEG_KV = segments(RNG, SKV, [[11, 30], [20]])
 DENSE = RNG.random((B, 1, SQ, SKV)) < 0.6
 BIAS = RNG.standard_normal((B, HQ, SQ, SKV)).astype(np.float32)
 SINKS = RNG.standard_normal(HQ).astype(np.float32)
+POSITIONS = np.stack([np.arange(SQ) + 3, np.arange(SQ) + SKV - SQ - 2]).astype(np.int32)  # a ragged KV cache
 
 # name: (shape overrides, jaxattn kwargs, numpy rules, numpy extras)
 CASES = {
@@ -72,6 +73,11 @@ CASES = {
                                 "key_value_seq_lengths": jnp.asarray([33, 20])},
                    Rules(causal_offset=SKV - SQ, window=(9, 0), kv_lengths=np.array([33, 20])),
                    {"bias": BIAS, "soft_cap": 1.5, "sinks": SINKS}),
+    "query_positions": ({}, {"mask": jaxattn.QueryPositionMask(jnp.asarray(POSITIONS)),
+                             "key_value_seq_lengths": jnp.asarray(POSITIONS[:, -1] + 1)},
+                        Rules(positions=POSITIONS, kv_lengths=POSITIONS[:, -1] + 1), {}),
+    "query_positions_window": ({}, {"mask": jaxattn.QueryPositionMask(jnp.asarray(POSITIONS), left=6, right=1)},
+                               Rules(positions=POSITIONS, positions_window=(6, 1)), {}),
     "value_head_dim": ({"dv": 2 * D}, {"is_causal": True}, Rules(causal_offset=SKV - SQ), {}),
     "scale": ({}, {"scale": 0.05}, Rules(), {"scale": 0.05}),
 }

@@ -6,16 +6,19 @@
     with jaxattn.use_backend("xla"): ...                      # force one
 
 Backends are plugins found through the `jaxattn.backends` entry-point group; the
-built-in `xla` backend runs everywhere and is the numerical reference. `auto` ranks the
-usable ones by measurement where a tuning table covers the call (`jaxattn tune`,
+built-in `xla` backend runs everywhere and is the numerical reference. `jaxattn.compat`
+is a drop-in for `jax.nn.dot_product_attention`; `jaxattn.flax` (needs flax, imported only
+there) holds Flax's `attention_fn` and the `FlexibleAttention` modules. `auto` ranks
+the usable backends by measurement where a tuning table covers the call (`jaxattn tune`,
 `jaxattn.tuning`), else by declared priority.
 """
 
 from __future__ import annotations
 
-from . import hardware, tuning
-from .api import attention, explain, paged_attention, select, select_request
+from . import compat, hardware, tuning
+from .api import CONTEXT_NAME, attention, explain, paged_attention, select, select_request
 from .backend_config import BackendConfig
+from .cache import KVCache, cached_attention
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
 from .listing import BackendInfo, broken_plugins, list_backends
@@ -31,16 +34,20 @@ from .masks import (
     Mask,
     MaskParts,
     OrMask,
+    QueryPositionMask,
     SegmentMask,
     SlidingWindowMask,
     mask_parts,
 )
+from .mechanisms import AttentionMechanisms
+from .merge import merge_attention
 from .metadata import AttnShardingRules, OperationMetadata, PartitionAxis
 from .operation import OperationImpl
 from .registry import BrokenPlugin, Registry, default_registry, hookimpl, hookspec
 from .request import AttentionRequest, PagedLayout
 from .selector import (
     NO_MEASUREMENTS,
+    BackendFailedError,
     BackendUnavailableError,
     MeasuredRanking,
     NoBackendError,
@@ -56,18 +63,21 @@ __version__ = "0.1.0"
 
 
 def refresh_backends() -> None:
-    """Discover installed backends again (after installing a plugin in a running process)."""
+    """Discover installed backends again (after installing a plugin, or changing
+    `JAXATTN_DISABLE_PLUGINS`, in a running process)."""
     default_registry().refresh()
 
 
 __all__ = [
-    "EMPTY", "FULL", "NO_MEASUREMENTS", "PARTIAL",
-    "AndMask", "AttentionInputs", "AttentionRequest", "AttnShardingRules", "BackendConfig", "BackendInfo",
-    "BackendUnavailableError", "BrokenPlugin", "CausalMask", "ChunkedCausalMask", "DenseMask",
-    "FullMask", "Hardware", "Mask", "MaskParts", "MeasuredRanking", "NoBackendError", "OperationImpl",
+    "CONTEXT_NAME", "EMPTY", "FULL", "NO_MEASUREMENTS", "PARTIAL",
+    "AndMask", "AttentionInputs", "AttentionMechanisms", "AttentionRequest", "AttnShardingRules",
+    "BackendConfig", "BackendFailedError", "BackendInfo", "BackendUnavailableError", "BrokenPlugin", "CausalMask",
+    "ChunkedCausalMask", "DenseMask", "FullMask", "Hardware", "KVCache", "Mask", "MaskParts", "MeasuredRanking",
+    "NoBackendError", "OperationImpl",
     "OperationMetadata", "OrMask", "PagedAttentionInputs", "PagedLayout", "PartitionAxis",
-    "Registry", "Rejection", "SegmentMask", "Selection", "SlidingWindowMask", "Support", "TuningCache",
-    "attention", "broken_plugins", "default_registry", "explain", "hardware", "hookimpl",
-    "hookspec", "list_backends", "mask_parts", "paged_attention", "refresh_backends", "select",
+    "QueryPositionMask", "Registry", "Rejection", "SegmentMask", "Selection", "SlidingWindowMask", "Support",
+    "TuningCache",
+    "attention", "broken_plugins", "cached_attention", "compat", "default_registry", "explain", "hardware", "hookimpl",
+    "hookspec", "list_backends", "mask_parts", "merge_attention", "paged_attention", "refresh_backends", "select",
     "select_request", "set_tuning_cache", "tuning", "use_backend",
 ]

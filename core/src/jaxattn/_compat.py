@@ -23,6 +23,31 @@ def shard_map(fn: Callable[..., Any], *, mesh: Any, in_specs: Any, out_specs: An
     return legacy(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
+def _varying(x: Any) -> frozenset:
+    """The manual mesh axes `x` varies over (jax 0.10 keeps them in `aval.mat.varying`, other
+    releases in `aval.vma`); empty outside `shard_map`."""
+    if not hasattr(jax, "typeof"):
+        return frozenset()
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
+def vary_like(x: Any, like: Any) -> Any:
+    """`x` marked as varying over the manual mesh axes `like` varies over.
+
+    Inside a user's `shard_map` (with its default `check_vma=True`), a `lax.scan` whose
+    carry starts as a constant (zeros) but is updated from sharded inputs fails to type
+    check; the initial carry must vary like the inputs. Outside `shard_map` this is `x`.
+    """
+    missing = tuple(sorted(_varying(like) - _varying(x)))
+    if not missing:
+        return x
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, missing, to="varying")
+    return jax.lax.pvary(x, missing)  # jax releases before pcast
+
+
 def is_tracer(x: Any) -> bool:
     """True for abstract values (inside jit/grad), whose contents cannot be inspected."""
     return isinstance(x, jax.core.Tracer)

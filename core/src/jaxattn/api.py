@@ -3,7 +3,11 @@
 Each call validates its arguments, builds an `AttentionRequest` from shapes alone,
 selects a backend (cached; free under `jax.jit`), and runs it (`dispatch.py`: under
 `shard_map` when `metadata.mesh` is set; with a forward-only choice and a differentiated
-one when `auto` made two).
+one when `auto` made two). When the backend `auto` chose raises while it runs (other than a
+`ValueError`, which says the input or a config is bad), the call raises
+`BackendFailedError` naming it and how to run without it (no silent fallback: the
+user's choice of backend must not change behind their back); a backend the user forced
+raises its own error unchanged.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 
 from . import dispatch
 from . import hardware as _hardware
@@ -24,6 +29,8 @@ from .selector import select as _select
 from .validation import build_attention_inputs, build_paged_inputs
 
 Backend = str | Sequence[str]
+CONTEXT_NAME = "context"
+"""`attention`'s output carries this `checkpoint_name`, for remat policies that save or drop it."""
 
 
 def _metadata(metadata: Any) -> OperationMetadata:
@@ -85,9 +92,11 @@ def attention(
     lengths), softmax in float32 with optional `sinks`, dropout. Grouped-query attention
     by fewer key/value heads. A query row with nothing to attend to returns zeros.
     With `return_lse`, returns `(out, lse)`, lse `[batch, q_heads, q_len]` float32.
-    `backend` is "auto", a name or alias, or a list of names in order of preference.
-    Under "auto", a call that is differentiated and one that is not may run different
-    backends, each the one measured (or declared) best for its kind of call.
+    `backend` is "auto", a name or alias, an EasyDeL mechanism name (`AttentionMechanisms`),
+    or a list of names in order of preference. Under "auto", a call that is differentiated
+    and one that is not may run different backends, each the one measured (or declared)
+    best for its kind of call. `out` is named "context" for remat policies
+    (`jax.checkpoint_policies.save_only_these_names("context")`).
     """
     selection, inputs, metadata = _prepare_attention(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
@@ -97,6 +106,7 @@ def attention(
         backend=backend, metadata=metadata,
     )
     out, lse = dispatch.run(selection, inputs, metadata)
+    out = checkpoint_name(out, CONTEXT_NAME)
     if return_lse:
         if lse is None:
             raise RuntimeError(f"backend {selection.name!r} returned no lse although return_lse=True")

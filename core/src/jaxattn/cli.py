@@ -2,6 +2,9 @@
 
 Every command that reports something takes `--json` (one JSON document on stdout; the
 progress of `bench` and `tune` goes to stderr), so scripts never parse tables.
+`list-backends` shows, beside the working backends, every broken plugin or backend (where
+it failed and why) and what `JAXATTN_DISABLE_PLUGINS` skipped, so that a user whose
+program misbehaves after installing a plugin can see it at once.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from . import hardware as _hardware
 from .hardware import Hardware
 from .listing import broken_plugins, list_backends
 from .masks import CausalMask, ChunkedCausalMask, Mask, SlidingWindowMask
+from .registry import DISABLE_ENV_VAR, default_registry
 from .request import AttentionRequest, PagedLayout, static_band
 from .selector import BackendUnavailableError, NoBackendError, select
 
@@ -45,12 +49,13 @@ def cmd_list_backends(args: argparse.Namespace) -> int:
     hw = _hardware_from(args)
     infos = list_backends(hw)
     broken = broken_plugins()
+    disabled = default_registry().disabled
     if args.json:
         print(json.dumps({
             "hardware": {"platform": hw.platform, "device_kind": hw.device_kind},
             "backends": [i.to_dict() for i in infos],
-            "broken": [{"plugin": b.plugin, "distribution": b.distribution, "version": b.version,
-                        "error": b.error} for b in broken],
+            "broken": [b.to_dict() for b in broken],
+            "disabled": [{"name": name, "skipped": what} for name, what in disabled.items()],
         }, indent=2))
         return 0
     rows = [("name", "aliases", "op", "distribution", "platforms", "priority", "usable here")]
@@ -63,7 +68,11 @@ def cmd_list_backends(args: argparse.Namespace) -> int:
     if broken:
         print("\nbroken plugins:")
         for b in broken:
-            print(f"  {b.plugin} ({b.distribution} {b.version}): {b.error}")
+            print(f"  {b.describe()}")
+    if disabled:
+        print(f"\ndisabled by {DISABLE_ENV_VAR}:")
+        for name, what in disabled.items():
+            print(f"  {name}: {what}")
     return 0
 
 

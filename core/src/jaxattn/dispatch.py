@@ -14,6 +14,10 @@ not defined, as for any `custom_vjp`.
 Settings: a backend's tuned settings (`Selection.config`) apply unless the call's
 metadata gives that backend settings of its own; either is validated against the
 backend's typed `config_class` before it runs.
+
+Failures: a backend `auto` chose that raises while it runs (other than a `ValueError`, bad
+input or config, or a device error) raises `BackendFailedError` naming it and how to run
+without it (`Selection.failed`); a backend the user forced raises its own error unchanged.
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ from typing import Any
 
 import jax
 
+from .hardware import Hardware
 from .metadata import OperationMetadata
+from .operation import Output
 from .selector import Selection
 from .sharding import run_sharded
-
-Output = tuple[jax.Array, jax.Array | None]
 
 
 def _settings(selection: Selection, metadata: OperationMetadata) -> OperationMetadata:
@@ -39,11 +43,21 @@ def _settings(selection: Selection, metadata: OperationMetadata) -> OperationMet
 
 
 def _run_one(selection: Selection, inputs: Any, metadata: OperationMetadata) -> Output:
+    def backend(inputs: Any, metadata: OperationMetadata, hardware: Hardware) -> Output:
+        try:
+            return selection.backend(inputs, metadata, hardware)
+        except (jax.errors.JaxRuntimeError, ValueError):
+            raise  # the device failed (out of memory, ...), or the input or config is bad: not a fault
+        except Exception as err:
+            if selection.source != "auto":
+                raise
+            raise selection.failed(err) from err
+
     metadata = _settings(selection, metadata)
     if metadata.mesh is not None:
-        out, lse = run_sharded(selection.backend, inputs, selection.request, metadata, selection.hardware)
+        out, lse = run_sharded(backend, inputs, selection.request, metadata, selection.hardware)
     else:
-        out, lse = selection.backend(inputs, metadata, selection.hardware)
+        out, lse = backend(inputs, metadata, selection.hardware)
     return out, (lse if getattr(inputs, "return_lse", False) else None)
 
 

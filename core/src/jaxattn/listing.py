@@ -1,12 +1,18 @@
-"""`list_backends()`: what is installed, where it came from, and whether it can run here."""
+"""`list_backends()`: what is installed, where it came from, and whether it can run here.
+
+`is_available()` is plugin code: a backend whose answer raises (or is not a `Support`) is
+marked broken and left out of the list; `broken_plugins()` then shows it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 from . import hardware as _hardware
+from .faults import PluginFault, call_plugin
 from .hardware import Hardware
 from .registry import BrokenPlugin, Registry, default_registry
+from .support import Support
 
 
 @dataclass(frozen=True)
@@ -28,13 +34,17 @@ class BackendInfo:
 
 
 def list_backends(hardware: Hardware | None = None, registry: Registry | None = None) -> list[BackendInfo]:
-    """Every registered backend, sorted by op then name, with its usability on `hardware`."""
+    """Every working backend, sorted by op then name, with its usability on `hardware`."""
     hardware = hardware or _hardware.current()
     registry = registry or default_registry()
     infos = []
     for record in registry.records():
         impl = record.impl
-        available = impl.is_available(hardware)
+        try:
+            available = call_plugin("is_available()", impl.is_available, hardware, returns=Support)
+        except PluginFault as fault:
+            registry.mark_broken(impl, fault)
+            continue
         infos.append(BackendInfo(
             name=impl.name,
             aliases=tuple(impl.aliases),
@@ -50,5 +60,5 @@ def list_backends(hardware: Hardware | None = None, registry: Registry | None = 
 
 
 def broken_plugins(registry: Registry | None = None) -> list[BrokenPlugin]:
-    """Plugins that failed to load or register, with their errors."""
+    """Plugins, and backends of plugins, that failed to load, register or answer, with their errors."""
     return (registry or default_registry()).broken

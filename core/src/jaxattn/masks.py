@@ -354,6 +354,60 @@ class DenseMask(Mask):
             )
 
 
+@dataclass(frozen=True, eq=False)
+class QueryPositionMask(Mask):
+    """Causal (optionally windowed) attention from explicit query positions.
+
+    Query `i` of example `b` stands at key position `p = positions[b, i]` and sees key `j`
+    iff `p - left <= j <= p + right` (`left=None`: no left bound). The default
+    `(left=None, right=0)` is causal. This is how attention over a KV cache sees exactly
+    the keys written up to each query, whatever each sequence's length (`jaxattn.KVCache`):
+    the alignment of `is_causal` (last query on last key) is one offset for the whole
+    batch, a cache needs one per sequence.
+    """
+
+    positions: jax.Array
+    left: int | None = None
+    right: int = 0
+    kind: ClassVar[str] = "query_positions"
+
+    def __post_init__(self) -> None:
+        if self.left is not None and (not isinstance(self.left, (int, np.integer)) or self.left < 0):
+            raise ValueError(f"QueryPositionMask left must be an int >= 0 or None, got {self.left!r}")
+        if not isinstance(self.right, (int, np.integer)) or self.right < 0:
+            raise ValueError(f"QueryPositionMask right must be an int >= 0, got {self.right!r}")
+
+    def allowed(self, q_idx: jax.Array, kv_idx: jax.Array, q_len: int, kv_len: int) -> jax.Array:
+        p = jnp.take(self.positions, q_idx, axis=1, mode="clip")[:, :, None]  # [B, nq, 1]
+        d = kv_idx[None, None, :] - p
+        ok = d <= self.right
+        if self.left is not None:
+            ok &= d >= -self.left
+        return ok[:, None]
+
+    def block_structure(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.ndarray:
+        nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
+        if not _is_concrete(self.positions):
+            return np.full((nq, nk), PARTIAL, dtype=np.int8)
+        p_lo, p_hi = _block_minmax(np.asarray(self.positions, np.int64), block_q)  # [B, nq]
+        k0, k1 = _blocks(kv_len, block_kv)
+        hi_lo, hi_hi = p_lo[:, :, None] + self.right, p_hi[:, :, None] + self.right
+        empty = k0[None, None, :] > hi_hi
+        full = k1[None, None, :] <= hi_lo
+        if self.left is not None:
+            empty |= k1[None, None, :] < p_lo[:, :, None] - self.left
+            full &= k0[None, None, :] >= p_hi[:, :, None] - self.left
+        return _batch_verdict(empty, full)
+
+    def validate(self, batch: int, num_heads: int, q_len: int, kv_len: int) -> None:
+        shape = tuple(getattr(self.positions, "shape", ()))
+        if shape != (batch, q_len):
+            raise ValueError(f"mask: QueryPositionMask positions must have shape [batch, q_len] = "
+                             f"{(batch, q_len)}, got {shape}")
+        if not jnp.issubdtype(self.positions.dtype, jnp.integer):
+            raise ValueError(f"mask: QueryPositionMask positions must be integers, got {self.positions.dtype}")
+
+
 # -- combinations ----------------------------------------------------------------------
 
 
@@ -413,6 +467,7 @@ for _cls, _data in (
     (ChunkedCausalMask, ()),
     (SegmentMask, ("q_segment_ids", "kv_segment_ids")),
     (DenseMask, ("array",)),
+    (QueryPositionMask, ("positions",)),
     (AndMask, ("a", "b")),
     (OrMask, ("a", "b")),
 ):

@@ -1,10 +1,12 @@
 """`OperationImpl`: the base class of every attention backend.
 
-A backend subclasses it, sets the class attributes, implements `supports()` and at
-least one `forward_*` method. Calling the instance runs the `forward_*` of the platform
-the call runs on: `forward_cuda`/`forward_rocm` on those GPUs, else `forward_gpu`,
-`forward_tpu`, `forward_cpu`, and `forward_native` when the platform has no method of
-its own. Each returns `(out, lse)`; `lse` may be None when `inputs.return_lse` is False.
+A backend subclasses it, sets the class attributes, implements `supports()` and a
+`forward_*` method for each platform it declares (or `forward_native`); registration
+checks all of these (`faults.declaration_problems`) and reports a backend that gets them
+wrong as broken. Calling the instance runs the `forward_*` of the platform the call runs
+on: `forward_cuda`/`forward_rocm` on those GPUs, else `forward_gpu`, `forward_tpu`,
+`forward_cpu`, and `forward_native` when the platform has no method of its own. Each
+returns `(out, lse)`; `lse` may be None when `inputs.return_lse` is False.
 
 Optionally a backend declares its settings as a typed `config_class` (a `BackendConfig`;
 the core validates `metadata.operation_configs[name]` against it before the backend runs)

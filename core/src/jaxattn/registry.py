@@ -19,16 +19,27 @@ runs `jaxattn tune`; it returns their locations from a second hook in the same m
     def jaxattn_tuning_tables():
         return jaxattn.tuning.package_tables("my_package")   # my_package/tuning/*.json
 
-Discovery runs once, lazily, on first use, and again on `refresh()`. A plugin that fails
-to import, fails to register, or registers a name already taken is recorded as a
-`BrokenPlugin` (shown by `jaxattn list-backends`); it never stops the other backends.
+Discovery runs once, lazily, on first use, and again on `refresh()`. Plugin code is
+third-party code, so every call into it goes through `faults.call_plugin`: a plugin that
+fails to import (even with `sys.exit()`), has no marked hook, fails in its hook, returns
+something that is not a backend, declares wrong attributes (`faults.declaration_problems`)
+or registers a name already taken is recorded as a `BrokenPlugin` (shown by `jaxattn
+list-backends`); a backend that later fails when the selector asks it something is moved
+there too (`mark_broken`). None of it stops the other backends, and the built-in `xla`
+registers first, so it is always there.
+
+`JAXATTN_DISABLE_PLUGINS` (comma-separated plugin or backend names) is the way out of a
+plugin that misbehaves in ways the core cannot see (a kernel that fails when it runs):
+discovery skips what it names, without importing a skipped plugin; `xla` cannot be
+skipped. It is read at each discovery (`jaxattn.refresh_backends()` re-reads it).
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import threading
-import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from os import PathLike
@@ -37,6 +48,8 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from .faults import PluginFault, call_plugin, declaration_problems
+from .mechanisms import provider_hint
 from .operation import OperationImpl
 
 if TYPE_CHECKING:
@@ -45,6 +58,8 @@ if TYPE_CHECKING:
 PROJECT = "jaxattn"
 ENTRY_POINT_GROUP = "jaxattn.backends"
 BUILTIN_MODULE = "jaxattn.backends.xla"
+DISABLE_ENV_VAR = "JAXATTN_DISABLE_PLUGINS"
+NO_HOOK = "no `jaxattn_register_backends` hook implementation: missing `@jaxattn.hookimpl`?"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -84,13 +99,46 @@ class TableRecord:
 
 @dataclass(frozen=True)
 class BrokenPlugin:
-    """A plugin (or one backend of it) that could not be registered, and why."""
+    """A plugin (or one backend of it) that could not be registered or failed when asked.
+
+    `backend` is empty when the whole plugin failed; `origin` says where it failed (the
+    import, the hook, registration, or the backend method that raised); `detail` holds
+    the traceback when there was an exception.
+    """
 
     plugin: str
     distribution: str
     version: str
     error: str
     detail: str = ""
+    backend: str = ""
+    op: str = ""
+    origin: str = ""
+
+    def describe(self) -> str:
+        who = f"backend {self.backend} of plugin {self.plugin}" if self.backend else self.plugin
+        where = f" in {self.origin}" if self.origin else ""
+        return f"{who} ({self.distribution} {self.version}){where}: {self.error}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"plugin": self.plugin, "backend": self.backend, "op": self.op, "distribution": self.distribution,
+                "version": self.version, "origin": self.origin, "error": self.error, "traceback": self.detail}
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A plugin to load: its name, how to get its module (or object), where it comes from."""
+
+    name: str
+    load: Callable[[], Any]
+    origin: str  # what loading it runs, for the report
+    distribution: str
+    version: str
+    builtin: bool = False
+
+    def broken(self, error: str, detail: str = "", backend: str = "", op: str = "",
+               origin: str = "") -> BrokenPlugin:
+        return BrokenPlugin(self.name, self.distribution, self.version, error, detail, backend, op, origin)
 
 
 def _dist_of(entry_point: importlib_metadata.EntryPoint) -> tuple[str, str]:
@@ -107,6 +155,11 @@ def _core_version() -> str:
         return "source"
 
 
+def disabled_names() -> frozenset[str]:
+    """The plugin and backend names in `JAXATTN_DISABLE_PLUGINS`."""
+    return frozenset(n.strip() for n in os.environ.get(DISABLE_ENV_VAR, "").split(",") if n.strip())
+
+
 class Registry:
     """The set of backends of this process, found through entry points."""
 
@@ -117,8 +170,9 @@ class Registry:
         self._aliases: dict[tuple[str, str], str] = {}  # (op, alias) -> name
         self._broken: list[BrokenPlugin] = []
         self._tables: list[TableRecord] = []
+        self._disabled: dict[str, str] = {}  # name in JAXATTN_DISABLE_PLUGINS -> what it skipped
         self._extra: list[tuple[Any, str, str, str]] = []
-        self.generation = 0  # bumped by each discovery; selection caches key on it
+        self.generation = 0  # bumped by each discovery and each mark_broken; selection caches key on it
 
     # -- discovery --------------------------------------------------------------------
     def refresh(self) -> None:
@@ -135,91 +189,115 @@ class Registry:
 
     def _discover(self) -> None:
         self.generation += 1
-        self._records, self._aliases, self._broken, self._tables = {}, {}, [], []
-        manager = pluggy.PluginManager(PROJECT)
-        manager.add_hookspecs(BackendSpecs)
-        sources: dict[str, tuple[str, str]] = {}
-        if self.group == ENTRY_POINT_GROUP and not any(
-            ep.value == BUILTIN_MODULE for ep in importlib_metadata.entry_points(group=self.group)
-        ):
+        self._records, self._aliases, self._broken, self._disabled, self._tables = {}, {}, [], {}, []
+        try:
+            self._load_all()
+        except BaseException:
+            self._records = None  # a real interrupt: discover again on next use, never half-empty
+            raise
+
+    def _sources(self) -> list[_Source]:
+        sources = []
+        entry_points = importlib_metadata.entry_points(group=self.group)
+        if self.group == ENTRY_POINT_GROUP and not any(ep.value == BUILTIN_MODULE for ep in entry_points):
             # Running from a source tree without the core's entry points installed: the
             # built-in backend still registers through the same hook.
-            from .backends import xla
-
-            manager.register(xla, name="xla")
-            sources["xla"] = (PROJECT, _core_version())
+            sources.append(_Source("xla", lambda: importlib.import_module(BUILTIN_MODULE),
+                                   f"import {BUILTIN_MODULE}", PROJECT, _core_version(), builtin=True))
         # The core's own backend registers first: a plugin cannot take its names.
-        entry_points = sorted(importlib_metadata.entry_points(group=self.group),
-                              key=lambda e: (e.value != BUILTIN_MODULE, e.name))
-        for ep in entry_points:
-            dist, version = _dist_of(ep)
-            if ep.name in sources:
-                self._broken.append(BrokenPlugin(ep.name, dist, version,
-                                                 f"entry point name {ep.name!r} is declared twice"))
-                continue
-            try:
-                plugin = ep.load()
-                manager.register(plugin, name=ep.name)
-            except Exception as err:  # noqa: BLE001 - any failure is recorded, never raised
-                self._broken.append(BrokenPlugin(ep.name, dist, version, _one_line(err),
-                                                 traceback.format_exc()))
-                continue
-            sources[ep.name] = (dist, version)
+        for ep in sorted(entry_points, key=lambda e: (e.value != BUILTIN_MODULE, e.name)):
+            sources.append(_Source(ep.name, ep.load, f"import {ep.value}", *_dist_of(ep),
+                                   builtin=ep.value == BUILTIN_MODULE))
         for plugin, name, dist, version in self._extra:
-            try:
-                manager.register(plugin, name=name)
-                sources[name] = (dist, version)
-            except Exception as err:  # noqa: BLE001
-                self._broken.append(BrokenPlugin(name, dist, version, _one_line(err), traceback.format_exc()))
-        order = {name: i for i, name in enumerate(sources)}
-        hooks = sorted(manager.hook.jaxattn_register_backends.get_hookimpls(),
-                       key=lambda h: order.get(h.plugin_name, len(order)))
-        for hook in hooks:
-            dist, version = sources.get(hook.plugin_name, ("?", "?"))
-            try:
-                produced = hook.function()
-                impls = list(_instances(produced))
-            except Exception as err:  # noqa: BLE001
-                self._broken.append(BrokenPlugin(hook.plugin_name, dist, version, _one_line(err),
-                                                 traceback.format_exc()))
-                continue
-            for impl in impls:
-                self._add(BackendRecord(impl, hook.plugin_name, dist, version))
-        self._collect_tables(manager, sources, order)
+            sources.append(_Source(name, lambda plugin=plugin: plugin, "add_plugin", dist, version))
+        return sources
 
-    def _collect_tables(self, manager: pluggy.PluginManager, sources: dict[str, tuple[str, str]],
-                        order: dict[str, int]) -> None:
-        hooks = sorted(manager.hook.jaxattn_tuning_tables.get_hookimpls(),
-                       key=lambda h: order.get(h.plugin_name, len(order)))
-        for hook in hooks:
-            dist, version = sources.get(hook.plugin_name, ("?", "?"))
-            try:
-                locations = list(hook.function() or ())
-            except Exception as err:  # noqa: BLE001 - recorded like a failing registration
-                self._broken.append(BrokenPlugin(hook.plugin_name, dist, version, _one_line(err),
-                                                 traceback.format_exc()))
-                continue
-            self._tables.extend(TableRecord(loc, hook.plugin_name, dist, version) for loc in locations)
+    def _load_all(self) -> None:
+        manager = pluggy.PluginManager(PROJECT)
+        manager.add_hookspecs(BackendSpecs)
+        disabled = disabled_names()
+        seen: set[str] = set()
+        for source in self._sources():
+            if source.name in seen:
+                self._broken.append(source.broken(f"plugin name {source.name!r} is declared twice",
+                                                  origin="discovery"))
+            elif source.name in disabled and not source.builtin:
+                self._disabled[source.name] = f"plugin from {source.distribution} {source.version}"
+            else:
+                self._load(manager, source, disabled)
+            seen.add(source.name)
+        for name in sorted(disabled - set(self._disabled)):
+            self._disabled[name] = "matches no installed plugin or backend"
 
-    def _add(self, record: BackendRecord) -> None:
-        assert self._records is not None
-        impl = record.impl
-        problem = None
-        if not impl.name:
-            problem = f"{type(impl).__name__} has no name"
-        else:
-            for label in (impl.name, *impl.aliases):
-                owner = self._lookup(label, impl.op)
-                if owner is not None:
-                    problem = (f"backend name {label!r} for {impl.op} is already taken by "
-                               f"{owner.impl.name!r} from {owner.distribution} {owner.version}")
-                    break
-        if problem:
-            self._broken.append(BrokenPlugin(record.plugin, record.distribution, record.version, problem))
+    def _load(self, manager: pluggy.PluginManager, source: _Source, disabled: frozenset[str]) -> None:
+        try:
+            plugin = call_plugin(source.origin, source.load)
+            call_plugin("hook registration", manager.register, plugin, source.name)
+        except PluginFault as fault:
+            self._broken.append(source.broken(fault.error, fault.detail, origin=fault.origin))
             return
-        self._records[(impl.op, impl.name)] = record
+        hooks = [h for h in manager.hook.jaxattn_register_backends.get_hookimpls() if h.plugin_name == source.name]
+        tables = [h for h in manager.hook.jaxattn_tuning_tables.get_hookimpls() if h.plugin_name == source.name]
+        if not hooks and not tables:
+            self._broken.append(source.broken(NO_HOOK, origin="registration"))
+        for hook in tables:
+            try:
+                found = call_plugin("jaxattn_tuning_tables()", lambda f=hook.function: list(f() or ()))
+            except PluginFault as fault:
+                self._broken.append(source.broken(fault.error, fault.detail, origin=fault.origin))
+                continue
+            self._tables.extend(TableRecord(loc, source.name, source.distribution, source.version) for loc in found)
+        for hook in hooks:
+            try:
+                produced = call_plugin("jaxattn_register_backends()", lambda f=hook.function: list(f() or ()))
+            except PluginFault as fault:
+                self._broken.append(source.broken(fault.error, fault.detail, origin=fault.origin))
+                continue
+            for item in produced:
+                self._register(item, source, disabled)
+
+    def _register(self, item: Any, source: _Source, disabled: frozenset[str]) -> None:
+        try:
+            impl, problems = call_plugin("registration", _checked, item)
+        except PluginFault as fault:
+            self._broken.append(source.broken(fault.error, fault.detail, origin=fault.origin))
+            return
+        label = impl.name if isinstance(impl.name, str) and impl.name else f"<{type(impl).__name__}>"
+        op = impl.op if isinstance(impl.op, str) else ""
+        if not problems:
+            for name in (impl.name, *impl.aliases):
+                owner = self._lookup(name, impl.op)
+                if owner is not None:
+                    problems = [f"backend name {name!r} for {impl.op} is already taken by "
+                                f"{owner.impl.name!r} from {owner.distribution} {owner.version}"]
+                    break
+        if problems:
+            self._broken.append(source.broken("; ".join(problems), backend=label, op=op, origin="registration"))
+            return
+        skipped = {impl.name, *impl.aliases} & disabled
+        for name in skipped:
+            self._disabled[name] = ("built in: never disabled" if source.builtin
+                                    else f"backend {impl.name} ({op}) of plugin {source.name}")
+        if skipped and not source.builtin:
+            return
+        assert self._records is not None
+        self._records[(impl.op, impl.name)] = BackendRecord(impl, source.name, source.distribution, source.version)
         for alias in impl.aliases:
             self._aliases[(impl.op, alias)] = impl.name
+
+    def mark_broken(self, impl: OperationImpl, fault: PluginFault) -> None:
+        """Record that a registered backend failed when asked (`fault`); selection and
+        listing stop asking it until the next discovery."""
+        with self._lock:
+            record = (self._records or {}).get((impl.op, impl.name))
+            if record is None or record.impl is not impl:
+                return  # already marked (or rediscovered since)
+            assert self._records is not None
+            del self._records[(impl.op, impl.name)]
+            self._aliases = {k: v for k, v in self._aliases.items() if (k[0], v) != (impl.op, impl.name)}
+            self._broken.append(BrokenPlugin(record.plugin, record.distribution, record.version, fault.error,
+                                             fault.detail, impl.name, impl.op, fault.origin))
+            self.generation += 1
 
     def _lookup(self, name: str, op: str) -> BackendRecord | None:
         assert self._records is not None
@@ -244,7 +322,8 @@ class Registry:
 
     # -- queries ----------------------------------------------------------------------
     def records(self, op: str | None = None) -> list[BackendRecord]:
-        records = self._ensure().values()
+        with self._lock:
+            records = list(self._ensure().values())
         return [r for r in records if op is None or r.impl.op == op]
 
     def backends(self, op: str | None = None) -> list[OperationImpl]:
@@ -252,43 +331,61 @@ class Registry:
 
     def tuning_tables(self) -> list[TableRecord]:
         """The tuning tables plugins ship, in discovery order (the core's first)."""
-        self._ensure()
-        return list(self._tables)
+        with self._lock:
+            self._ensure()
+            return list(self._tables)
 
     @property
     def broken(self) -> list[BrokenPlugin]:
-        self._ensure()
-        return list(self._broken)
+        with self._lock:
+            self._ensure()
+            return list(self._broken)
+
+    @property
+    def disabled(self) -> dict[str, str]:
+        """The names in `JAXATTN_DISABLE_PLUGINS` at discovery, and what each one skipped."""
+        with self._lock:
+            self._ensure()
+            return dict(self._disabled)
 
     def record(self, name: str, op: str = "attention") -> BackendRecord:
         """The backend called `name` (or with that alias) for `op`; ValueError if none."""
-        records = self._ensure()
-        found = self._lookup(name, op)
-        if found is not None:
-            return found
-        other = [o for o in ("attention", "paged_attention") if o != op and self._lookup(name, o)]
-        known = ", ".join(sorted(n for o, n in records if o == op)) or "none"
-        hint = f"; {name!r} implements {other[0]}, not {op}" if other else ""
-        broken = [b.plugin for b in self._broken]
-        if broken:
-            hint += f"; broken plugins: {', '.join(broken)}"
-        raise ValueError(f"backend: no {op} backend named {name!r} (installed: {known}{hint})")
+        with self._lock:
+            records = self._ensure()
+            found = self._lookup(name, op)
+            if found is not None:
+                return found
+            broken = [b for b in self._broken if b.backend == name and b.op == op]
+            if broken:
+                raise ValueError(f"backend: {op} backend {name!r} is broken ({broken[-1].describe()}); "
+                                 "see `jaxattn list-backends`")
+            if name in self._disabled:
+                raise ValueError(f"backend: {name!r} is disabled by {DISABLE_ENV_VAR}")
+            other = [o for o in ("attention", "paged_attention") if o != op and self._lookup(name, o)]
+            known = ", ".join(sorted(n for o, n in records if o == op)) or "none"
+            hint = f"; {name!r} implements {other[0]}, not {op}" if other else ""
+            if not other:
+                hint += provider_hint(name)
+            broken_names = sorted({b.backend or b.plugin for b in self._broken})
+            if broken_names:
+                hint += f"; broken plugins: {', '.join(broken_names)}"
+            raise ValueError(f"backend: no {op} backend named {name!r} (installed: {known}{hint})")
+
+    def has(self, name: str, op: str = "attention") -> bool:
+        """Is a backend called `name` (or with that alias) registered for `op`?"""
+        self._ensure()
+        return self._lookup(name, op) is not None
 
     def get(self, name: str, op: str = "attention") -> OperationImpl:
         return self.record(name, op).impl
 
 
-def _instances(produced: Iterable[Any] | None) -> Iterable[OperationImpl]:
-    for item in produced or ():
-        if isinstance(item, type) and issubclass(item, OperationImpl):
-            item = item()
-        if not isinstance(item, OperationImpl):
-            raise TypeError(f"jaxattn_register_backends returned {item!r}, not an OperationImpl")
-        yield item
-
-
-def _one_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}".splitlines()[0]
+def _checked(item: Any) -> tuple[OperationImpl, list[str]]:
+    """The backend a hook returned (a class is instantiated) and what is wrong with it."""
+    impl = item() if isinstance(item, type) and issubclass(item, OperationImpl) else item
+    if not isinstance(impl, OperationImpl):
+        raise TypeError(f"jaxattn_register_backends returned {item!r}, not an OperationImpl")
+    return impl, declaration_problems(impl)
 
 
 _default = Registry()

@@ -11,8 +11,17 @@ which call is which: the `Selection` itself serves differentiated calls, and its
 `needs_grad`, ranked by forward-only measurements). `dispatch.py` runs each where it
 belongs. Overrides, strongest first: `backend=` in the call, the context manager
 `use_backend(...)`, the environment variable `JAXATTN_BACKEND` (a comma-separated
-preference list); a forced backend serves both kinds of call. A forced backend that
-cannot serve the request is an error with its reasons, never a silent fallback.
+preference list). Each of them also takes EasyDeL's mechanism names, which stand for
+preference lists (`mechanisms.py`); a forced backend serves both kinds of call. A forced
+backend that cannot serve the request is an error with its reasons, never a silent
+fallback.
+
+`is_available`, `supports` and `priority_on` are plugin code: each call goes through
+`faults.call_plugin`, and a backend that raises (or answers with the wrong type) is marked
+broken in the registry and left out, so one buggy plugin cannot fail every `auto` call;
+`Selection.explain()` lists what is broken. A chosen backend that fails when it runs is
+not replaced by another: the call raises `BackendFailedError`, which names the backend and
+how to run without it.
 
 All of this runs at trace time. Selections are cached (bounded, least recently used
 first out) and each new one is logged once on the `jaxattn` logger.
@@ -31,10 +40,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .faults import PluginFault, call_plugin
 from .hardware import Hardware
+from .mechanisms import backends_for
 from .operation import OperationImpl
-from .registry import Registry, default_registry
+from .registry import DISABLE_ENV_VAR, BrokenPlugin, Registry, default_registry
 from .request import AttentionRequest
+from .support import Support
 
 ENV_VAR = "JAXATTN_BACKEND"
 CACHE_SIZE = 1024  # selections kept (one per distinct request, hardware, override and registry state)
@@ -48,6 +60,10 @@ class BackendUnavailableError(ValueError):
 
 class NoBackendError(RuntimeError):
     """No installed backend can serve the request under `auto`."""
+
+
+class BackendFailedError(RuntimeError):
+    """The backend `auto` chose raised while running; the original error is its `__cause__`."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,7 @@ class Selection:
     source: str  # "auto", "backend=", "use_backend", or ENV_VAR
     ranking: tuple[str, ...]  # usable backends, best first (the choice included)
     rejected: tuple[Rejection, ...]
+    broken: tuple[BrokenPlugin, ...] = ()  # plugins and backends of this op left out as broken
     measured: MeasuredRanking | None = None
     forward_only: Selection | None = None
 
@@ -163,7 +180,19 @@ class Selection:
             only = " for differentiated calls" if rejection.backend in usable_forward else ""
             lines.append(f"rejected{only}: {rejection.backend}")
             lines.extend(f"  - {reason}" for reason in rejection.reasons)
+        for broken in self.broken:
+            lines.append(f"broken:   {broken.describe()}")
         return "\n".join(lines)
+
+    def failed(self, err: Exception) -> BackendFailedError:
+        """The error for the chosen backend failing with `err`: names it and the way out."""
+        other = next((n for n in self.ranking if n != self.name), "xla")
+        return BackendFailedError(
+            f"backend {self.name!r}, chosen by auto for {self.request.describe()}, failed: "
+            f"{type(err).__name__}: {err}\nauto does not fall back to another backend. To run without "
+            f"{self.name!r}, set {DISABLE_ENV_VAR}={self.name} (discovery skips it), or choose another: "
+            f"backend={other!r}, jaxattn.use_backend({other!r}) or {ENV_VAR}={other}."
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: what `jaxattn explain --json` prints."""
@@ -177,6 +206,7 @@ class Selection:
             "hardware": _jsonable(dataclasses.asdict(self.hardware)),
             "ranking": list(self.ranking),
             "rejected": [{"backend": r.backend, "reasons": list(r.reasons)} for r in self.rejected],
+            "broken": [b.to_dict() for b in self.broken],
             "measured": None if m is None else {
                 "seconds": dict(zip(m.names, m.seconds)), "configs": dict(zip(m.names, m.configs)),
                 "source": m.source, "match": m.match,
@@ -280,17 +310,31 @@ def _override(backend: str | Sequence[str] | None) -> tuple[tuple[str, ...] | No
     return None, "auto"
 
 
-def _verdict(impl: OperationImpl, request: AttentionRequest, hardware: Hardware) -> tuple[str, ...]:
+def _verdict(impl: OperationImpl, request: AttentionRequest, hardware: Hardware,
+             registry: Registry) -> tuple[str, ...] | PluginFault:
+    """Why `impl` cannot serve `request` (empty: it can), or its fault (it is now broken)."""
     if impl.op != request.op:
         return (f"{impl.name} implements {impl.op}, not {request.op}",)
-    available = impl.is_available(hardware)
-    if not available:
-        return available.reasons
     try:
-        support = impl.supports(request, hardware)
-    except Exception as err:  # noqa: BLE001 - a crashing supports() is a rejection, not a crash
-        return (f"supports() raised {type(err).__name__}: {err}",)
-    return support.reasons
+        available = call_plugin("is_available()", impl.is_available, hardware, returns=Support)
+        if not available:
+            return available.reasons
+        return call_plugin("supports()", impl.supports, request, hardware, returns=Support).reasons
+    except PluginFault as fault:
+        registry.mark_broken(impl, fault)
+        return fault
+
+
+def _priority(impl: OperationImpl, hardware: Hardware, registry: Registry) -> int | None:
+    try:
+        return call_plugin("priority_on()", impl.priority_on, hardware.platform, returns=int)
+    except PluginFault as fault:
+        registry.mark_broken(impl, fault)
+        return None
+
+
+def _broken(registry: Registry, op: str) -> tuple[BrokenPlugin, ...]:
+    return tuple(b for b in registry.broken if b.op in ("", op))
 
 
 def select(
@@ -341,15 +385,20 @@ def _measured(measurements: TuningCache, request: AttentionRequest, hardware: Ha
 
 
 def _sort_out(request: AttentionRequest, hardware: Hardware,
-              registry: Registry) -> tuple[list[OperationImpl], list[Rejection]]:
-    usable: list[OperationImpl] = []
+              registry: Registry) -> tuple[dict[OperationImpl, int], list[Rejection]]:
+    """The usable backends with their priorities, and the rejections (broken ones: neither)."""
+    usable: dict[OperationImpl, int] = {}
     rejected: list[Rejection] = []
     for impl in registry.backends(request.op):
-        reasons = _verdict(impl, request, hardware)
+        reasons = _verdict(impl, request, hardware, registry)
+        if isinstance(reasons, PluginFault):
+            continue  # broken now: listed in the selection's `broken`
         if reasons:
             rejected.append(Rejection(impl.name, reasons))
-        else:
-            usable.append(impl)
+            continue
+        priority = _priority(impl, hardware, registry)
+        if priority is not None:
+            usable[impl] = priority
     return usable, rejected
 
 
@@ -361,14 +410,16 @@ def usable_backends(request: AttentionRequest, hardware: Hardware, registry: Reg
 def _rank(request: AttentionRequest, hardware: Hardware, registry: Registry,
           measurements: TuningCache) -> Selection:
     usable, rejected = _sort_out(request, hardware, registry)
+    broken = _broken(registry, request.op)
     if not usable:
         detail = "; ".join(f"{r.backend}: {' / '.join(r.reasons)}" for r in rejected) or "none installed"
+        detail += "".join(f"; broken: {b.describe()}" for b in broken)
         raise NoBackendError(f"no backend can serve {request.describe()} ({detail})")
     measured = _measured(measurements, request, hardware)
     order = {name: i for i, name in enumerate(measured.names)}
-    usable.sort(key=lambda b: (order.get(b.name, len(order)), -b.priority_on(hardware.platform), b.name))
-    chosen = usable[0]
-    return Selection(chosen, request, hardware, "auto", tuple(b.name for b in usable), tuple(rejected),
+    ranked = sorted(usable, key=lambda b: (order.get(b.name, len(order)), -usable[b], b.name))
+    chosen = ranked[0]
+    return Selection(chosen, request, hardware, "auto", tuple(b.name for b in ranked), tuple(rejected), broken,
                      measured=measured if chosen.name in order else None)
 
 
@@ -382,9 +433,17 @@ def _select_forced(
     rejected: list[Rejection] = []
     chosen: OperationImpl | None = None
     usable: list[str] = []
-    for name in names:
-        impl = registry.get(name, request.op)  # unknown names: ValueError naming what is installed
-        reasons = _verdict(impl, request, hardware)
+    for name, via in _expand(names, request.op):
+        if via is not None and not registry.has(name, request.op):
+            try:  # a list entry named by a mechanism: not installed or broken is a rejection
+                registry.get(name, request.op)
+            except ValueError as err:
+                rejected.append(Rejection(name, (f"named by the mechanism {via!r}, but {err}",)))
+                continue
+        impl = registry.get(name, request.op)  # unknown or broken names: ValueError saying so
+        reasons = _verdict(impl, request, hardware, registry)
+        if isinstance(reasons, PluginFault):
+            reasons = (f"{impl.name} is broken: {reasons}",)
         if reasons:
             rejected.append(Rejection(impl.name, reasons))
         else:
@@ -396,4 +455,17 @@ def _select_forced(
             f"{source} asked for {', '.join(names)} for {request.describe()}, but {detail}"
         )
     # Backends of the list after the choice are only "also usable"; those before were rejected.
-    return Selection(chosen, request, hardware, source, tuple(usable), tuple(rejected))
+    return Selection(chosen, request, hardware, source, tuple(usable), tuple(rejected),
+                     _broken(registry, request.op))
+
+
+def _expand(names: tuple[str, ...], op: str) -> list[tuple[str, str | None]]:
+    """Backend names with EasyDeL mechanism names replaced by their preference lists:
+    `(backend, mechanism it came from or None)`, each backend once."""
+    out: list[tuple[str, str | None]] = []
+    for name in names:
+        listed = backends_for(name, op)
+        for backend, via in ([(name, None)] if listed is None else [(b, str(name)) for b in listed]):
+            if all(backend != seen for seen, _ in out):
+                out.append((backend, via))
+    return out

@@ -9,6 +9,7 @@ one pattern.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,7 +22,7 @@ from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
 from .masks import AndMask, DenseMask, Mask, OrMask, SegmentMask
 from .metadata import AttnShardingRules, OperationMetadata
-from .operation import OperationImpl, Output
+from .operation import Output
 from .request import AttentionRequest
 
 
@@ -82,13 +83,14 @@ def _fold_dropout(inputs: AttentionInputs, mesh: Any) -> AttentionInputs:
 
 
 def run_sharded(
-    impl: OperationImpl,
+    impl: Callable[[Any, OperationMetadata, Hardware], Output],
     inputs: AttentionInputs | PagedAttentionInputs,
     request: AttentionRequest,
     metadata: OperationMetadata,
     hardware: Hardware,
 ) -> Output:
-    """Run `impl` over `metadata.mesh` with the specs of `metadata.get_shardings`."""
+    """Run `impl` (a backend, or a function called as one) over `metadata.mesh` with the
+    specs of `metadata.get_shardings`."""
     mesh = metadata.mesh
     paged = isinstance(inputs, PagedAttentionInputs)
     rules = metadata.get_shardings(

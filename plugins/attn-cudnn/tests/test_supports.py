@@ -108,6 +108,7 @@ def test_exact_band_lets_a_top_left_causal_mask_through() -> None:
     (dict(return_lse=True), "cotangent of the softmax statistics"),
     (dict(mask_kinds=frozenset({"or", "causal", "sliding_window"})), "combined with |"),
     (dict(mask_kinds=frozenset({"chunked_causal"})), "chunked-causal"),
+    (dict(mask_kinds=frozenset({"query_positions"})), "a position per query"),
     (dict(q_len=512), "aligned top-left"),
     (dict(mask_kinds=frozenset({"sliding_window"}), band=(-128, 128)), "-128 <= j - i <= 128"),
     (dict(has_bias=True, q_len=1023, kv_len=1023), "even q_len and kv_len"),

@@ -92,10 +92,10 @@ def test_supports_on_gpus():
 
 def test_supports_collects_every_reason():
     impl = FlashAttention()
-    verdict = impl.supports(_request(has_bias=True, dropout=True, mask_kinds=frozenset({"dense", "or"}),
+    verdict = impl.supports(_request(has_bias=True, dropout=True, mask_kinds=frozenset({"dense", "or", "query_positions"}),
                                      head_dim=512, dtype="float64", kv_dtype="float16"), Hardware.nvidia())
     text = str(verdict)
-    for word in ("bias", "dropout", "dense", "`|`", "head_dim", "float64", "key/value"):
+    for word in ("bias", "dropout", "dense", "`|`", "head_dim", "float64", "key/value", "position per query"):
         assert word in text, word
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .._compat import vary_like
 from ..inputs import AttentionInputs
 from ..masks import Mask
 
@@ -124,8 +125,11 @@ def online_softmax(
     tile: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]],
     acc_shape: tuple[int, ...],
     dtype: Any,
+    like: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Scan key blocks; `tile(j)` gives `(logits, allowed, v, keep)` of block j.
+
+    `like`: an input whose `shard_map` variance the carries take (see `vary_like`).
 
     Returns the unnormalized output `acc` (float32, `acc_shape`), the running max `m`
     and the running sum `l` (both `acc_shape[:-1]`), with masked entries excluded.
@@ -153,6 +157,8 @@ def online_softmax(
         jnp.full(rows, NEG_INF, dtype),
         jnp.zeros(rows, dtype),
     )
+    if like is not None:
+        init = tuple(vary_like(x, like) for x in init)
     (acc, m, l), _ = lax.scan(step, init, jnp.arange(num_kv_blocks))
     return acc, m, l
 
@@ -206,7 +212,7 @@ def _forward(cfg, q, k, v, bias, sinks, mask, q_lens, kv_lens, rng):
             return s, allowed, v_j, keep
 
         acc, m, l = online_softmax(cfg.num_kv_blocks, tile, (b, hkv, g, cfg.block_q, dv),
-                                   cfg.softmax_dtype)
+                                   cfg.softmax_dtype, like=q_i)
         return finish(acc, m, l, sink_rows)
 
     out, lse = lax.map(q_block, jnp.arange(cfg.num_q_blocks))  # [nq, B, Hkv, G, bq, ...]
@@ -261,7 +267,7 @@ def _attention_bwd(cfg, residuals, cotangents):
             return dq_i + dq_t, (dk_j, dv_j, dbias_ij)
 
         dq_i, (dk_i, dv_i, dbias_i) = lax.scan(
-            kv_block, jnp.zeros(q_i.shape, jnp.float32), jnp.arange(cfg.num_kv_blocks))
+            kv_block, vary_like(jnp.zeros(q_i.shape, jnp.float32), q_i), jnp.arange(cfg.num_kv_blocks))
         dk_acc = dk_acc + _unblock(dk_i, 1)
         dv_acc = dv_acc + _unblock(dv_i, 1)
         row_grad = None
@@ -279,6 +285,7 @@ def _attention_bwd(cfg, residuals, cotangents):
         kv_extent = bias.shape[3]
         dbias_init = jnp.zeros(bias_tile_shape[:4] + (kv_extent,), jnp.float32)
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), dbias_init)
+    init = jax.tree_util.tree_map(lambda x: vary_like(x, d_out), init)
     (dk, dv, dbias_acc), (dq, dbias_rows) = lax.scan(q_block, init, jnp.arange(cfg.num_q_blocks))
     dq = _unblock(dq, 1)
     dbias = None

@@ -91,7 +91,7 @@ def paged_attention_reference(
             v_j = jnp.where(written[:, :, None, None], v_j, jnp.zeros((), v_j.dtype))
             return tile_logits(cfg, q_t, k_j, None), ok[:, None, None, None, :], v_j, None
 
-        acc, m, l = online_softmax(num_blocks, tile, (bt, hkv, g, 1, dv), cfg.softmax_dtype)
+        acc, m, l = online_softmax(num_blocks, tile, (bt, hkv, g, 1, dv), cfg.softmax_dtype, like=q_t)
         return finish(acc, m, l, sink_rows)
 
     out, lse = lax.map(token_block, jnp.arange(0, tokens + pad_t, bt))  # [nb, bt, Hkv, G, 1, ...]

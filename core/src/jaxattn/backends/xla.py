@@ -55,7 +55,6 @@ class XlaAttention(OperationImpl):
     """Blockwise online-softmax attention in `jax.numpy`, with a recomputing backward."""
 
     name: ClassVar[str] = "xla"
-    aliases: ClassVar[tuple[str, ...]] = ("vanilla", "sdpa")
     op: ClassVar[str] = "attention"
     platforms: ClassVar[tuple[str, ...]] = _ALL_PLATFORMS
     priority: ClassVar[dict[str, int]] = {"cpu": 10, "gpu": 0, "tpu": 0}
@@ -78,7 +77,6 @@ class XlaPagedAttention(OperationImpl):
     """Paged-cache attention (decode and ragged prefill+decode) in `jax.numpy`."""
 
     name: ClassVar[str] = "xla"
-    aliases: ClassVar[tuple[str, ...]] = ("vanilla", "sdpa")
     op: ClassVar[str] = "paged_attention"
     platforms: ClassVar[tuple[str, ...]] = _ALL_PLATFORMS
     priority: ClassVar[dict[str, int]] = {"cpu": 10, "gpu": 0, "tpu": 0}

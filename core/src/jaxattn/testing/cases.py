@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..masks import CausalMask, ChunkedCausalMask, SlidingWindowMask
+from ..masks import CausalMask, ChunkedCausalMask, QueryPositionMask, SlidingWindowMask
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,15 @@ def _sub(key: jax.Array, i: int) -> jax.Array:
     return jax.random.fold_in(key, 1000 + i)
 
 
+def _cache_positions(key: jax.Array, dtype: Any, s: Shape) -> dict[str, Any]:
+    """Half a base length of new tokens per row, written after 0, 5, ... tokens already cached."""
+    q_len = s.seq // 2
+    starts = jnp.asarray([(b * 5 + (s.seq // 3) * (b % 2)) % (s.seq - q_len + 1) for b in range(s.batch)], jnp.int32)
+    positions = starts[:, None] + jnp.arange(q_len, dtype=jnp.int32)[None, :]
+    return {**_qkv(key, dtype, s, q_len=q_len), "mask": QueryPositionMask(positions),
+            "key_value_seq_lengths": starts + q_len}
+
+
 def attention_cases() -> list[Case]:
     """Every feature of `jaxattn.attention`, one case each (plus combinations that matter)."""
 
@@ -133,6 +142,8 @@ def attention_cases() -> list[Case]:
     cases.append(case("or_mask", "SlidingWindowMask(8, 8) | ChunkedCausalMask(seq/4)")(
         lambda k, d, s: {**_qkv(k, d, s),
                          "mask": SlidingWindowMask(8, 8) | ChunkedCausalMask(max(1, s.seq // 4))}))
+    cases.append(case("query_positions", "QueryPositionMask: a ragged KV cache (each row written from its own "
+                      "position), with key/value lengths")(_cache_positions))
     cases.append(case("decode", "one query over a cache twice the base length, causal", grad=False)(
         lambda k, d, s: {**_qkv(k, d, s, q_len=1, kv_len=2 * s.seq), "is_causal": True}))
     cases.append(case("dropout", "dropout_rate=0.25: deterministic per key, differs from no dropout")(

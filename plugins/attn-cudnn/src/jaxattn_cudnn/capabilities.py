@@ -105,6 +105,8 @@ def request_reasons(request: AttentionRequest, hardware: Hardware, *, check_dtyp
         reasons.append("masks combined with | cannot be expressed by cuDNN's masks")
     if "chunked_causal" in kinds:
         reasons.append("cuDNN has no chunked-causal mask")
+    if "query_positions" in kinds:
+        reasons.append("cuDNN's causal mask has one offset per call, not a position per query (KV-cache prefill)")
     bias_path = r.has_bias or "dense" in kinds or "segment" in kinds
     if r.band is not None:
         # The request carries the exact band: plan it as translate() will, and say why not.

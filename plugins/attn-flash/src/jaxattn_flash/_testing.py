@@ -13,7 +13,7 @@ DECLARED = [
     "sliding_window_asym", "chunked_causal", "segment_ids", "seq_lengths", "soft_cap", "sinks",
     "fully_masked_rows", "return_lse", "value_head_dim", "decode",
 ]
-REJECTED = ["bias", "bool_mask", "or_mask", "dropout"]
+REJECTED = ["bias", "bool_mask", "or_mask", "dropout", "query_positions"]
 
 
 def request(**fields: Any) -> AttentionRequest:

@@ -154,6 +154,9 @@ class FlashAttention(OperationImpl):
                            "not a dense boolean mask")
         if "or" in request.mask_kinds:
             reasons.append("flash cannot combine masks with `|` (only `&`)")
+        if "query_positions" in request.mask_kinds:
+            reasons.append("flash's causal band has one offset per call, not a position per query "
+                           "(QueryPositionMask: KV-cache prefill)")
         if hardware.platform == "tpu":
             reasons += [r for r in tpu_reasons(request) if r not in reasons]
         return Support.from_reasons(reasons)
