@@ -183,7 +183,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return 2
     backends = args.backends.split(",") if args.backends else None
     table = tuning.tune(shapes, backends, search=not args.no_search, repeats=args.repeats, inner=args.inner)
-    action = tuning.save(table, path)
+    try:
+        action = tuning.save(table, path)
+    except OSError as err:
+        print(f"error: cannot write the tuning table to {path}: {err}", file=sys.stderr)
+        print(table.to_json(), end="")  # the measurements are not lost
+        return 1
     if args.json:
         print(table.to_json(), end="")
     else:
