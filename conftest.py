@@ -5,6 +5,8 @@
   of many small programs (interpreted Pallas kernels above all), which optimization does not
   repay at test shapes (flash's float32 interpret conformance: 93 s -> 56 s on 2 cores).
   It changes no arithmetic (fast-math stays off). Set the flag yourself to override it.
+* no user tuning cache (`JAXATTN_TUNING_CACHE=off`): what `auto` picks in a test never
+  depends on what `jaxattn tune` measured on this machine; tests that need a cache say so.
 """
 
 import os
@@ -13,3 +15,4 @@ _FLAGS = {"--xla_force_host_platform_device_count": "8", "--xla_backend_optimiza
 for _flag, _value in _FLAGS.items():
     if _flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_flag}={_value}").strip()
+os.environ.setdefault("JAXATTN_TUNING_CACHE", "off")

@@ -230,7 +230,7 @@ def test_every_fault_at_once(install, capsys, monkeypatch):
     with pytest.raises(jaxattn.BackendFailedError, match="JAXATTN_DISABLE_PLUGINS=forward_raises"):
         jaxattn.attention(q, k, v, backend="auto")
     explained = _cli(capsys, *EXPLAIN)
-    assert "chosen:   forward_raises (by auto)" in explained
+    assert "chosen:   forward_raises for differentiated and forward-only calls (by auto" in explained
     text = _cli(capsys, "list-backends")
     data = json.loads(_cli(capsys, "list-backends", "--json"))
     assert {b.plugin for b in jaxattn.broken_plugins()} == set(FAULTS)
@@ -241,5 +241,5 @@ def test_every_fault_at_once(install, capsys, monkeypatch):
     monkeypatch.setenv("JAXATTN_DISABLE_PLUGINS", "forward_raises")
     jaxattn.refresh_backends()
     _xla_serves_auto(run=True)
-    assert "chosen:   xla (by auto)" in _cli(capsys, *EXPLAIN)
+    assert "chosen:   xla for differentiated and forward-only calls (by auto" in _cli(capsys, *EXPLAIN)
     assert {d["plugin"] for d in json.loads(_cli(capsys, "list-backends", "--json"))["broken"]} == set(FAULTS)

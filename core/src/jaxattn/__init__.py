@@ -8,13 +8,16 @@
 Backends are plugins found through the `jaxattn.backends` entry-point group; the
 built-in `xla` backend runs everywhere and is the numerical reference. `jaxattn.compat`
 is a drop-in for `jax.nn.dot_product_attention`; `jaxattn.flax` (needs flax, imported only
-there) holds Flax's `attention_fn` and the `FlexibleAttention` modules.
+there) holds Flax's `attention_fn` and the `FlexibleAttention` modules. `auto` ranks
+the usable backends by measurement where a tuning table covers the call (`jaxattn tune`,
+`jaxattn.tuning`), else by declared priority.
 """
 
 from __future__ import annotations
 
-from . import compat, hardware
+from . import compat, hardware, tuning
 from .api import CONTEXT_NAME, attention, explain, paged_attention, select, select_request
+from .backend_config import BackendConfig
 from .cache import KVCache, cached_attention
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
@@ -44,11 +47,14 @@ from .parallel import load_balance, unload_balance
 from .registry import BrokenPlugin, Registry, default_registry, hookimpl, hookspec
 from .request import AttentionRequest, PagedLayout
 from .selector import (
+    NO_MEASUREMENTS,
     BackendFailedError,
     BackendUnavailableError,
+    MeasuredRanking,
     NoBackendError,
     Rejection,
     Selection,
+    TuningCache,
     set_tuning_cache,
     use_backend,
 )
@@ -64,14 +70,15 @@ def refresh_backends() -> None:
 
 
 __all__ = [
-    "CONTEXT_NAME", "EMPTY", "FULL", "PARTIAL",
+    "CONTEXT_NAME", "EMPTY", "FULL", "NO_MEASUREMENTS", "PARTIAL",
     "AndMask", "AttentionInputs", "AttentionMechanisms", "AttentionRequest", "AttnShardingRules",
-    "BackendFailedError", "BackendInfo", "BackendUnavailableError", "BrokenPlugin", "CausalMask",
-    "ChunkedCausalMask", "DenseMask", "FullMask", "Hardware", "KVCache", "Mask", "MaskParts", "NoBackendError",
-    "OperationImpl",
+    "BackendConfig", "BackendFailedError", "BackendInfo", "BackendUnavailableError", "BrokenPlugin", "CausalMask",
+    "ChunkedCausalMask", "DenseMask", "FullMask", "Hardware", "KVCache", "Mask", "MaskParts", "MeasuredRanking",
+    "NoBackendError", "OperationImpl",
     "OperationMetadata", "OrMask", "PagedAttentionInputs", "PagedLayout", "PartitionAxis",
     "QueryPositionMask", "Registry", "Rejection", "SegmentMask", "Selection", "SlidingWindowMask", "Support",
+    "TuningCache",
     "attention", "broken_plugins", "cached_attention", "compat", "default_registry", "explain", "hardware", "hookimpl",
     "hookspec", "list_backends", "load_balance", "mask_parts", "merge_attention", "paged_attention",
-    "refresh_backends", "select", "select_request", "set_tuning_cache", "unload_balance", "use_backend",
+    "refresh_backends", "select", "select_request", "set_tuning_cache", "tuning", "unload_balance", "use_backend",
 ]

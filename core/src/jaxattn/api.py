@@ -1,8 +1,9 @@
 """The public entry points: `attention`, `paged_attention`, `select`, `explain`.
 
 Each call validates its arguments, builds an `AttentionRequest` from shapes alone,
-selects a backend (cached; free under `jax.jit`), and runs it, under `shard_map` when
-`metadata.mesh` is set. When the backend `auto` chose raises while it runs (other than a
+selects a backend (cached; free under `jax.jit`), and runs it (`dispatch.py`: under
+`shard_map` when `metadata.mesh` is set; with a forward-only choice and a differentiated
+one when `auto` made two). When the backend `auto` chose raises while it runs (other than a
 `ValueError`, which says the input or a config is bad), the call raises
 `BackendFailedError` naming it and how to run without it (no silent fallback: the
 user's choice of backend must not change behind their back); a backend the user forced
@@ -18,19 +19,15 @@ from typing import Any
 import jax
 from jax.ad_checkpoint import checkpoint_name
 
+from . import dispatch, parallel
 from . import hardware as _hardware
-from . import parallel
-from ._compat import is_batched
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
 from .mechanisms import context_parallel_of
 from .metadata import OperationMetadata
-from .operation import Output
-from .partitioning import run_partitioned
 from .request import AttentionRequest
 from .selector import Selection, forced_names
 from .selector import select as _select
-from .sharding import run_sharded
 from .validation import build_attention_inputs, build_paged_inputs
 
 Backend = str | Sequence[str]
@@ -84,36 +81,6 @@ def _prepare_paged(
     return selection, inputs, metadata
 
 
-def _run(selection: Selection, inputs: Any, metadata: OperationMetadata,
-         backend_arg: Backend = "auto") -> tuple[jax.Array, jax.Array | None]:
-    def backend(inputs: Any, metadata: OperationMetadata, hardware: Hardware) -> Output:
-        try:
-            if _partitioned(selection.backend, inputs, metadata):
-                return run_partitioned(selection.backend, inputs, metadata, hardware)
-            return selection.backend(inputs, metadata, hardware)
-        except (jax.errors.JaxRuntimeError, ValueError):
-            raise  # the device failed (out of memory, ...), or the input or config is bad: not a fault
-        except Exception as err:
-            if selection.source != "auto":
-                raise
-            raise selection.failed(err) from err
-
-    if metadata.mesh is not None and isinstance(inputs, AttentionInputs) and parallel.sequence_shards(metadata) > 1:
-        # each shard selects for its own piece, by the user's `backend` argument
-        return parallel.run_context_parallel(inputs, selection.request, metadata, backend_arg, selection.hardware)
-    if metadata.mesh is not None:
-        return run_sharded(backend, inputs, selection.request, metadata, selection.hardware)
-    return backend(inputs, metadata, selection.hardware)
-
-
-def _partitioned(impl: Any, inputs: Any, metadata: OperationMetadata) -> bool:
-    """Whether `impl` runs shard by shard under plain jit (`partitioning.py`): a "shard"
-    backend, no explicit mesh, several devices, and not under `vmap` (custom_partitioning
-    has no batching rule; a batched call runs as one)."""
-    return (getattr(impl, "partitioning", "xla") == "shard" and metadata.mesh is None and jax.device_count() > 1
-            and not any(is_batched(x) for x in jax.tree_util.tree_leaves(inputs)))
-
-
 def attention(
     query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array | None = None,
     mask: Any = None, *, scale: float | None = None, is_causal: bool = False,
@@ -131,8 +98,10 @@ def attention(
     by fewer key/value heads. A query row with nothing to attend to returns zeros.
     With `return_lse`, returns `(out, lse)`, lse `[batch, q_heads, q_len]` float32.
     `backend` is "auto", a name or alias, an EasyDeL mechanism name (`AttentionMechanisms`),
-    or a list of names in order of preference. `out` is named "context" for remat
-    policies (`jax.checkpoint_policies.save_only_these_names("context")`).
+    or a list of names in order of preference. Under "auto", a call that is differentiated
+    and one that is not may run different backends, each the one measured (or declared)
+    best for its kind of call. `out` is named "context" for remat policies
+    (`jax.checkpoint_policies.save_only_these_names("context")`).
     """
     selection, inputs, metadata = _prepare_attention(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
@@ -141,7 +110,7 @@ def attention(
         dropout_rate=dropout_rate, dropout_rng=dropout_rng, return_lse=return_lse,
         backend=backend, metadata=metadata,
     )
-    out, lse = _run(selection, inputs, metadata, backend)
+    out, lse = dispatch.run(selection, inputs, metadata, backend)
     out = checkpoint_name(out, CONTEXT_NAME)
     if return_lse:
         if lse is None:
@@ -169,7 +138,7 @@ def paged_attention(
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, sinks=sinks,
         backend=backend, metadata=metadata,
     )
-    out, _ = _run(selection, inputs, metadata)
+    out, _ = dispatch.run(selection, inputs, metadata)
     return out
 
 
@@ -205,7 +174,8 @@ def _split(selection: Selection, inputs: Any, metadata: OperationMetadata) -> st
 
 
 def explain(*args: Any, op: str = "attention", hardware: Hardware | None = None, **kwargs: Any) -> str:
-    """Human-readable: the backend that would be chosen, and why each other was not."""
+    """Human-readable: the backend(s) that would be chosen (for differentiated and forward-only
+    calls), how (measured, and by how much, or declared priority), and why each other was not."""
     return select(*args, op=op, hardware=hardware, **kwargs).explain()
 
 

@@ -1,24 +1,31 @@
-"""Timing attention backends on this device: what `jaxattn bench` prints.
+"""Timing attention backends on this device: the one helper behind `jaxattn bench` and `tune`.
 
 Times are the median of several repetitions of back-to-back jitted calls after warm-up,
-wall clock around `block_until_ready` (the method of ../shared/bench). FLOPs follow the
-peers table: 4·B·Hq·Sq·Skv·D forward, halved when causal with q_len == kv_len; the
-backward pass counts 2.5× the forward.
+wall clock around `block_until_ready`. The forward-only and the forward+backward call
+are timed separately, each with the call kind's own request (`needs_grad` off and on),
+so a backend that only runs forward is timed for that alone. Every timing is a
+`BenchResult` record (`to_dict()` is what `--json` prints and the tuning cache stores);
+tables are made from records. FLOPs follow the peers table: 4·B·Hq·Sq·Skv·D forward,
+halved when causal with q_len == kv_len; the backward pass counts 2.5× the forward.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
 
-from .api import attention, select
+from .api import attention, paged_attention, select
+from .metadata import OperationMetadata
+from .request import AttentionRequest
+from .selector import Selection
 
 
 def time_call(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5, inner: int = 10) -> float:
@@ -35,6 +42,10 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5, inner
     return statistics.median(samples)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def attention_flops(batch: int, q_len: int, kv_len: int, q_heads: int, head_dim: int, causal: bool) -> float:
     flops = 4.0 * batch * q_heads * q_len * kv_len * head_dim
     return flops / 2 if causal and q_len == kv_len else flops
@@ -42,6 +53,14 @@ def attention_flops(batch: int, q_len: int, kv_len: int, q_heads: int, head_dim:
 
 @dataclass(frozen=True)
 class BenchShape:
+    """One timed call: shapes, dtype, causal, and a sliding window (`window` keys to the left;
+    to both sides when not causal).
+
+    With a `page_size`, the call is `paged_attention` over a full cache: `batch` sequences of
+    `kv_len` cached tokens each, `q_len` new queries per sequence (1: decode; more: a ragged
+    batch with `cu_q_lens`), always causal; it is timed forward-only.
+    """
+
     batch: int
     q_len: int
     kv_len: int
@@ -50,20 +69,55 @@ class BenchShape:
     head_dim: int
     causal: bool = False
     dtype: str = "bfloat16"
+    window: int | None = None
+    page_size: int | None = None
 
     def describe(self) -> str:
         causal = " causal" if self.causal else ""
+        window = f" window {self.window}" if self.window is not None else ""
+        if self.page_size is not None:
+            return (f"paged ({self.batch} seqs, {self.q_len} q x {self.kv_len} kv, {self.q_heads}/{self.kv_heads} "
+                    f"heads, d={self.head_dim}, pages of {self.page_size}) {self.dtype}{window}")
         return (f"({self.batch}, {self.q_len}x{self.kv_len}, {self.q_heads}/{self.kv_heads} heads, "
-                f"d={self.head_dim}) {self.dtype}{causal}")
+                f"d={self.head_dim}) {self.dtype}{causal}{window}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BenchShape:
+        """Read a `to_dict()`; ValueError naming the field on a bad one."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"shape: expected an object, got {type(data).__name__}")
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                if f.default is dataclasses.MISSING:
+                    raise ValueError(f"shape: missing {f.name!r}")
+                continue
+            value = data[f.name]
+            if f.name == "dtype":
+                ok = isinstance(value, str)
+            elif f.name == "causal":
+                ok = isinstance(value, bool)
+            else:
+                ok = (value is None and f.name in ("window", "page_size")) or (_is_int(value) and value >= 0)
+            if not ok:
+                raise ValueError(f"shape[{f.name!r}]: expected {f.type}, got {value!r}")
+            kwargs[f.name] = value
+        return cls(**kwargs)
 
 
 @dataclass(frozen=True)
 class BenchResult:
+    """One backend timed on one shape with one config; None where not timed (or failed)."""
+
     backend: str
     shape: BenchShape
     forward_s: float | None
     train_s: float | None
     error: str = ""
+    config: Mapping[str, Any] = field(default_factory=dict)
 
     def tflops(self, seconds: float | None, factor: float) -> float | None:
         if seconds is None:
@@ -71,71 +125,170 @@ class BenchResult:
         s = self.shape
         return attention_flops(s.batch, s.q_len, s.kv_len, s.q_heads, s.head_dim, s.causal) * factor / seconds / 1e12
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "shape": self.shape.to_dict(), "config": dict(self.config),
+                "forward_s": self.forward_s, "train_s": self.train_s, "error": self.error}
 
-def _inputs(shape: BenchShape, seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
-    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BenchResult:
+        """Read a `to_dict()`; ValueError naming the field on a bad one."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"measurement: expected an object, got {type(data).__name__}")
+        backend, config, error = data.get("backend"), data.get("config", {}), data.get("error", "")
+        if not isinstance(backend, str) or not backend:
+            raise ValueError(f"measurement['backend']: expected a backend name, got {backend!r}")
+        if not isinstance(config, Mapping) or not all(isinstance(k, str) for k in config):
+            raise ValueError(f"measurement['config']: expected an object, got {config!r}")
+        if not isinstance(error, str):
+            raise ValueError(f"measurement['error']: expected a string, got {error!r}")
+        times = []
+        for key in ("forward_s", "train_s"):
+            value = data.get(key)
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
+            if not ok:
+                raise ValueError(f"measurement[{key!r}]: expected seconds > 0 or null, got {value!r}")
+            times.append(None if value is None else float(value))
+        return cls(backend, BenchShape.from_dict(data.get("shape")), times[0], times[1], error, dict(config))
+
+
+@dataclass(frozen=True)
+class BenchJob:
+    """What to time: a backend on a shape with a config, forward-only and/or forward+backward."""
+
+    backend: str
+    shape: BenchShape
+    config: Mapping[str, Any] = field(default_factory=dict)
+    forward: bool = True
+    train: bool = True
+
+
+def _arrays(shape: BenchShape, seed: int = 0) -> tuple[jax.Array, ...]:
+    """Random inputs of `shape`: (q, k, v), or the paged call's (query, key_pages, value_pages,
+    kv_lengths, page_indices[, cu_q_lens]) with every sequence's cache full and its pages shuffled."""
+    kq, kk, kv, kp = jax.random.split(jax.random.PRNGKey(seed), 4)
     dtype = jnp.dtype(shape.dtype)
-    q = jax.random.normal(kq, (shape.batch, shape.q_len, shape.q_heads, shape.head_dim), dtype)
-    k = jax.random.normal(kk, (shape.batch, shape.kv_len, shape.kv_heads, shape.head_dim), dtype)
-    v = jax.random.normal(kv, (shape.batch, shape.kv_len, shape.kv_heads, shape.head_dim), dtype)
-    return q, k, v
+    if shape.page_size is None:
+        q = jax.random.normal(kq, (shape.batch, shape.q_len, shape.q_heads, shape.head_dim), dtype)
+        k = jax.random.normal(kk, (shape.batch, shape.kv_len, shape.kv_heads, shape.head_dim), dtype)
+        v = jax.random.normal(kv, (shape.batch, shape.kv_len, shape.kv_heads, shape.head_dim), dtype)
+        return q, k, v
+    pages_per_seq = -(-shape.kv_len // shape.page_size)
+    num_pages = shape.batch * pages_per_seq
+    pages = (num_pages, shape.page_size, shape.kv_heads, shape.head_dim)
+    arrays = (
+        jax.random.normal(kq, (shape.batch * shape.q_len, shape.q_heads, shape.head_dim), dtype),
+        jax.random.normal(kk, pages, dtype),
+        jax.random.normal(kv, pages, dtype),
+        jnp.full((shape.batch,), shape.kv_len, jnp.int32),
+        jax.random.permutation(kp, num_pages).reshape(shape.batch, pages_per_seq).astype(jnp.int32),
+    )
+    if shape.q_len == 1:
+        return arrays  # decode: one query per sequence
+    return (*arrays, jnp.arange(shape.batch + 1, dtype=jnp.int32) * shape.q_len)
+
+
+def _call(shape: BenchShape, train: bool, backend: str = "auto",
+          config: Mapping[str, Any] | None = None) -> Callable[..., jax.Array]:
+    """The call `shape` times, on `_arrays(shape)`, with `config` as `backend`'s settings."""
+    configs = {backend: dict(config)} if config else {}
+    if shape.page_size is not None:
+        meta = OperationMetadata(operation_configs=configs)
+
+        def paged(q: jax.Array, kp: jax.Array, vp: jax.Array, lengths: jax.Array, table: jax.Array,
+                  cu_q_lens: jax.Array | None = None) -> jax.Array:
+            return paged_attention(q, kp, vp, lengths, table, cu_q_lens=cu_q_lens, sliding_window=shape.window,
+                                   backend=backend, metadata=meta)
+
+        return paged
+    meta = OperationMetadata(needs_grad=train, operation_configs=configs)
+    return lambda q, k, v: attention(q, k, v, is_causal=shape.causal, sliding_window=shape.window,
+                                     backend=backend, metadata=meta)
+
+
+def _selection(shape: BenchShape, train: bool) -> Selection:
+    arrays = _arrays(shape)
+    if shape.page_size is not None:
+        q, kp, vp, lengths, table, *cu_q_lens = arrays
+        return select(q, kp, vp, lengths, table, op="paged_attention", sliding_window=shape.window,
+                      cu_q_lens=cu_q_lens[0] if cu_q_lens else None)
+    return select(*arrays, is_causal=shape.causal, sliding_window=shape.window,
+                  metadata=OperationMetadata(needs_grad=train))
+
+
+def requests(shape: BenchShape) -> tuple[AttentionRequest, AttentionRequest | None]:
+    """The (forward-only, forward+backward) requests of `shape`, as the API builds them
+    (None for forward+backward of a paged call: paged attention is never differentiated)."""
+    train = None if shape.page_size is not None else _selection(shape, True).request
+    return _selection(shape, False).request, train
 
 
 def usable_backends(shape: BenchShape, train: bool) -> list[str]:
-    """The backends `auto` ranks as usable for `shape`, best first."""
-    q, k, v = _inputs(shape)
-    from .metadata import OperationMetadata
-
-    meta = OperationMetadata(mode="train" if train else "prefill")
-    return list(select(q, k, v, is_causal=shape.causal, metadata=meta).ranking)
+    """The backends `auto` ranks as usable for `shape` (forward+backward when `train`), best first."""
+    return list(_selection(shape, train).ranking)
 
 
-def bench_backend(name: str, shape: BenchShape, *, train: bool = True, repeats: int = 5,
-                  inner: int = 10) -> BenchResult:
-    """Time `name` on `shape`: forward, and forward+backward when `train`."""
-    q, k, v = _inputs(shape)
-    fwd = jax.jit(lambda q, k, v: attention(q, k, v, is_causal=shape.causal, backend=name))
+def bench_backend(name: str, shape: BenchShape, *, config: Mapping[str, Any] | None = None, forward: bool = True,
+                  train: bool = True, repeats: int = 5, inner: int = 10) -> BenchResult:
+    """Time `name` on `shape` (with `config` as its settings): forward-only, and forward+backward
+    (never for a paged shape)."""
+    arrays = _arrays(shape)
+    fwd = jax.jit(_call(shape, False, name, config))
+    call = _call(shape, True, name, config)
 
-    def loss(q, k, v):
-        return attention(q, k, v, is_causal=shape.causal, backend=name).astype(jnp.float32).sum()
+    def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return call(q, k, v).astype(jnp.float32).sum()
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    train = train and shape.page_size is None
     try:
-        forward_s = time_call(lambda: fwd(q, k, v), repeats=repeats, inner=inner)
-        train_s = time_call(lambda: step(q, k, v), repeats=repeats, inner=inner) if train else None
+        forward_s = time_call(lambda: fwd(*arrays), repeats=repeats, inner=inner) if forward else None
+        train_s = time_call(lambda: step(*arrays), repeats=repeats, inner=inner) if train else None
     except Exception as err:  # noqa: BLE001 - one failing backend must not stop the table
-        return BenchResult(name, shape, None, None, f"{type(err).__name__}: {str(err).splitlines()[0]}")
-    return BenchResult(name, shape, forward_s, train_s)
+        message = str(err).splitlines()[0] if str(err) else ""
+        return BenchResult(name, shape, None, None, f"{type(err).__name__}: {message}", dict(config or {}))
+    return BenchResult(name, shape, forward_s, train_s, config=dict(config or {}))
+
+
+def run_jobs(jobs: Sequence[BenchJob], *, repeats: int = 5, inner: int = 10,
+             progress: TextIO | bool = True) -> list[BenchResult]:
+    """Time every job in order, with a progress line on `progress` (True: stderr; False: none)."""
+    stream = sys.stderr if progress is True else (progress or None)
+    results = []
+    for i, job in enumerate(jobs, 1):
+        if stream is not None:
+            bar = "#" * (20 * i // len(jobs))
+            settings = f" {dict(job.config)}" if job.config else ""
+            stream.write(f"\r[{bar:<20}] {i}/{len(jobs)} {job.backend}{settings} {job.shape.describe()}".ljust(100))
+            stream.flush()
+        results.append(bench_backend(job.backend, job.shape, config=job.config, forward=job.forward,
+                                     train=job.train, repeats=repeats, inner=inner))
+    if stream is not None:
+        stream.write("\n")
+    return results
 
 
 def run_bench(shapes: Sequence[BenchShape], backends: Sequence[str] | None = None, *, train: bool = True,
-              repeats: int = 5, inner: int = 10, progress: TextIO | None = sys.stderr) -> list[BenchResult]:
-    """Time every usable backend (or `backends`) on every shape, with a progress line."""
-    jobs = [(shape, name) for shape in shapes for name in (backends or usable_backends(shape, train))]
-    results = []
-    for i, (shape, name) in enumerate(jobs, 1):
-        if progress is not None:
-            bar = "#" * (20 * i // len(jobs))
-            progress.write(f"\r[{bar:<20}] {i}/{len(jobs)} {name} {shape.describe()}".ljust(100))
-            progress.flush()
-        results.append(bench_backend(name, shape, train=train, repeats=repeats, inner=inner))
-    if progress is not None:
-        progress.write("\n")
-    return results
+              repeats: int = 5, inner: int = 10, progress: TextIO | bool = True) -> list[BenchResult]:
+    """Time every usable backend (or `backends`) on every shape with its default settings."""
+    jobs = [BenchJob(name, shape, train=train)
+            for shape in shapes for name in (backends or usable_backends(shape, train))]
+    return run_jobs(jobs, repeats=repeats, inner=inner, progress=progress)
 
 
 def format_results(results: Sequence[BenchResult]) -> str:
     rows = [("backend", "shape", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s")]
     for r in results:
+        name = r.backend + (f" {dict(r.config)}" if r.config else "")
         if r.error:
-            rows.append((r.backend, r.shape.describe(), "error", r.error[:60], "", ""))
+            rows.append((name, r.shape.describe(), "error", r.error[:60], "", ""))
             continue
+        fwd_tflops, train_tflops = r.tflops(r.forward_s, 1.0), r.tflops(r.train_s, 3.5)
         rows.append((
-            r.backend, r.shape.describe(),
+            name, r.shape.describe(),
             f"{r.forward_s * 1e3:.3f}" if r.forward_s else "-",
-            f"{r.tflops(r.forward_s, 1.0):.2f}" if r.forward_s else "-",
+            f"{fwd_tflops:.2f}" if fwd_tflops else "-",
             f"{r.train_s * 1e3:.3f}" if r.train_s else "-",
-            f"{r.tflops(r.train_s, 3.5):.2f}" if r.train_s else "-",
+            f"{train_tflops:.2f}" if train_tflops else "-",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

@@ -1,5 +1,7 @@
-"""The `jaxattn` command: list-backends, explain, bench, check.
+"""The `jaxattn` command: list-backends, explain, bench, tune, check.
 
+Every command that reports something takes `--json` (one JSON document on stdout; the
+progress of `bench` and `tune` goes to stderr), so scripts never parse tables.
 `list-backends` shows, beside the working backends, every broken plugin or backend (where
 it failed and why) and what `JAXATTN_DISABLE_PLUGINS` skipped, so that a user whose
 program misbehaves after installing a plugin can see it at once.
@@ -11,13 +13,18 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import hardware as _hardware
 from .hardware import Hardware
 from .listing import broken_plugins, list_backends
+from .masks import CausalMask, ChunkedCausalMask, Mask, SlidingWindowMask
 from .registry import DISABLE_ENV_VAR, default_registry
-from .request import AttentionRequest, PagedLayout
+from .request import AttentionRequest, PagedLayout, static_band
 from .selector import BackendUnavailableError, NoBackendError, select
+
+if TYPE_CHECKING:
+    from .bench import BenchShape
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
@@ -97,6 +104,10 @@ def request_from_args(args: argparse.Namespace) -> AttentionRequest:
                             pages_per_seq=pages_per_seq, num_seqs=args.batch, ragged=q_len > 1)
         q_len = args.batch * q_len
     mode = args.mode or ("decode" if args.q_len == 1 else "train")
+    band, chunk = None, None
+    if not args.paged:  # as `attention` would see the same flags (the band decides measured matches)
+        band, chunk = static_band(_structural_mask(args, q_len, args.kv_len or args.q_len), q_len,
+                                  args.kv_len or args.q_len)
     return AttentionRequest(
         op="paged_attention" if args.paged else "attention",
         batch=args.batch, q_len=q_len, kv_len=args.kv_len or args.q_len,
@@ -105,8 +116,24 @@ def request_from_args(args: argparse.Namespace) -> AttentionRequest:
         mask_kinds=frozenset(kinds), has_bias=args.bias, logits_soft_cap=args.soft_cap,
         has_sinks=args.sinks, dropout=args.dropout, kv_seq_lengths=args.kv_lengths or args.paged,
         q_seq_lengths=args.q_lengths, return_lse=args.return_lse,
-        needs_grad=(mode == "train") and not args.paged, mode=mode, paged=paged,
+        needs_grad=(mode == "train") and not args.paged, mode=mode, paged=paged, band=band, chunk=chunk,
     )
+
+
+def _structural_mask(args: argparse.Namespace, q_len: int, kv_len: int) -> Mask | None:
+    masks: list[Mask] = []
+    if args.causal:
+        masks.append(CausalMask.bottom_right(q_len, kv_len))
+    if args.window:
+        masks.append(SlidingWindowMask(args.window[0], min(args.window[1], 0) if args.causal else args.window[1]))
+    if args.chunk:
+        masks.append(ChunkedCausalMask(args.chunk))
+    if not masks:
+        return None
+    combined = masks[0]
+    for mask in masks[1:]:
+        combined = combined & mask
+    return combined
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -116,21 +143,58 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except (BackendUnavailableError, NoBackendError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(selection.explain())
+    print(json.dumps(selection.to_dict(), indent=2) if args.json else selection.explain())
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchShape, format_results, run_bench
+def _bench_shape(args: argparse.Namespace) -> BenchShape:
+    from .bench import BenchShape
 
-    shape = BenchShape(args.batch, args.q_len, args.kv_len or args.q_len, args.q_heads,
-                       args.kv_heads or args.q_heads, args.head_dim, args.causal, args.dtype)
+    return BenchShape(args.batch, args.q_len, args.kv_len or args.q_len, args.q_heads,
+                      args.kv_heads or args.q_heads, args.head_dim, args.causal or args.paged, args.dtype,
+                      args.window, args.page_size if args.paged else None)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_results, run_bench
+
     backends = args.backends.split(",") if args.backends else None
-    results = run_bench([shape], backends, train=not args.forward_only, repeats=args.repeats,
+    results = run_bench([_bench_shape(args)], backends, train=not args.forward_only, repeats=args.repeats,
                         inner=args.inner)
-    print(f"device: {_hardware.current().device_kind}")
-    print(format_results(results))
+    device = _hardware.current().device_kind
+    if args.json:
+        print(json.dumps({"device_kind": device, "results": [r.to_dict() for r in results]}, indent=2))
+    else:
+        print(f"device: {device}")
+        print(format_results(results))
     return 1 if any(r.error for r in results) else 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from . import tuning
+
+    try:
+        shapes = tuning.preset(args.preset, args.part) if args.preset else (_bench_shape(args),)
+        path = args.json_out or tuning.default_cache_path(_hardware.current().device_kind)
+        if path is None:
+            raise ValueError(f"{tuning.ENV_VAR}=off: no tuning cache to write; pass --json-out FILE")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    backends = args.backends.split(",") if args.backends else None
+    table = tuning.tune(shapes, backends, search=not args.no_search, repeats=args.repeats, inner=args.inner)
+    try:
+        action = tuning.save(table, path)
+    except OSError as err:
+        print(f"error: cannot write the tuning table to {path}: {err}", file=sys.stderr)
+        print(table.to_json(), end="")  # the measurements are not lost
+        return 1
+    if args.json:
+        print(table.to_json(), end="")
+    else:
+        print(tuning.format_table(table))
+    print(action, file=sys.stderr)
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -142,7 +206,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         args.backend, op=args.op, dtypes=args.dtype or None, grads=not args.no_grad,
         cases=args.cases.split(",") if args.cases else None, shape=shape,
     )
-    print(report.table())
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0 if report.ok else 1
 
 
@@ -155,6 +219,18 @@ def _shape_args(p: argparse.ArgumentParser, seq: int, heads: int, dim: int) -> N
     p.add_argument("--head-dim", type=int, default=dim)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--causal", action="store_true")
+
+
+def _timing_args(p: argparse.ArgumentParser) -> None:
+    _shape_args(p, 1024, 8, 64)
+    p.add_argument("--window", type=int, help="sliding window: keys to the left (and right when not causal)")
+    p.add_argument("--paged", action="store_true", help="paged_attention: --batch sequences of --kv-len cached "
+                                                        "tokens, --q-len queries each (1: decode); forward only")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--backends", help="comma-separated names (default: every usable one)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--inner", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,15 +264,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paged", action="store_true", help="paged_attention (kv-len per sequence)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("bench", help="time every usable backend on this device")
-    _shape_args(p, 1024, 8, 64)
-    p.add_argument("--backends", help="comma-separated names (default: every usable one)")
+    _timing_args(p)
     p.add_argument("--forward-only", action="store_true")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--inner", type=int, default=10)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("tune", help="measure every usable backend per call kind; write the tuning cache auto reads")
+    _timing_args(p)
+    p.add_argument("--preset", help="a set of common model shapes instead of the shape flags: llm (bf16 "
+                                    "attention), serve (bf16 paged decode and prefill) or smoke (tiny, float32)")
+    p.add_argument("--part", help="with --preset: only the K-th of N slices of its shapes, e.g. 1/3")
+    p.add_argument("--no-search", action="store_true", help="time each backend's defaults only")
+    p.add_argument("--json-out", help="write the table to this file (e.g. a plugin's tuning/ folder) "
+                                      "instead of the tuning cache")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("check", help="run the conformance suite on one backend")
     p.add_argument("backend")
@@ -209,13 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4, help="query heads (default 4; GQA cases use fewer kv heads)")
     p.add_argument("--head-dim", type=int, default=32, help="head_dim (default 32)")
     p.add_argument("--page-size", type=int, default=16, help="page size of the paged cases (default 16)")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "window", None):
+    if args.command == "explain" and args.window:
         args.window = _window(args.window)
     return int(args.func(args))
 

@@ -2,22 +2,26 @@
 
 `OperationMetadata` holds what is not an array: dtypes, the softmax scale, the device
 mesh with the mapping of logical axes to mesh axes (`PartitionAxis`), and per-backend
-configs (block sizes...). `get_shardings` turns it into `AttnShardingRules`, the
-`PartitionSpec`s a backend is run with under `shard_map`.
+configs (block sizes...: a dict or the backend's typed `BackendConfig`). `get_shardings`
+turns it into `AttnShardingRules`, the `PartitionSpec`s a backend is run with under
+`shard_map`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, NamedTuple, TypeVar
 
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from .backend_config import BackendConfig
 from .request import MODES
+
+C = TypeVar("C", bound=BackendConfig)
 
 AxisNames = str | tuple[str, ...] | None
 CONTEXT_PARALLEL = ("auto", "ring", "ulysses", "all_gather")
@@ -77,7 +81,9 @@ class OperationMetadata:
     * `runtime_softmax_dtype`: dtype of the softmax (float32 by default).
     * `softmax_scale`: used when the call gives no `scale` (None: 1/sqrt(head_dim)).
     * `mesh` / `partition_axis`: run the backend under `shard_map` over this mesh.
-    * `operation_configs`: per-backend settings, e.g. `{"flash": {"block_q": 128}}`.
+    * `operation_configs`: per-backend settings, e.g. `{"flash": {"block_q": 128}}` or
+      `{"flash": FlashConfig(block_q=128)}` (the backend's typed config; dicts are checked
+      against it before the backend runs).
     * `mode` / `needs_grad`: override the inferred mode ("train" unless q_len == 1).
     * `context_parallel`: how a sequence sharded over `partition_axis.sequence_axis` is
       attended: "ring", "ulysses", "all_gather" or "auto" (see `jaxattn.parallel`).
@@ -90,7 +96,7 @@ class OperationMetadata:
     softmax_scale: float | None = None
     mesh: Mesh | None = None
     partition_axis: PartitionAxis = field(default_factory=PartitionAxis)
-    operation_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    operation_configs: Mapping[str, Mapping[str, Any] | BackendConfig] = field(default_factory=dict)
     mode: str | None = None
     needs_grad: bool | None = None
     context_parallel: str = "auto"
@@ -107,7 +113,11 @@ class OperationMetadata:
         if self.mesh is not None and not isinstance(self.mesh, Mesh):
             raise ValueError(f"metadata.mesh must be a jax.sharding.Mesh, got {type(self.mesh).__name__}")
         if not isinstance(self.operation_configs, Mapping):
-            raise ValueError("metadata.operation_configs must map backend names to dicts")
+            raise ValueError("metadata.operation_configs must map backend names to dicts or BackendConfigs")
+        for name, config in self.operation_configs.items():
+            if not isinstance(name, str) or not isinstance(config, (Mapping, BackendConfig)):
+                raise ValueError(f"metadata.operation_configs[{name!r}]: expected a dict or a BackendConfig, "
+                                 f"got {type(config).__name__}")
 
     @classmethod
     def from_config(cls, config: Any = None, **overrides: Any) -> OperationMetadata:
@@ -138,8 +148,17 @@ class OperationMetadata:
         return cls(**values)
 
     def get_operation_config(self, name: str) -> dict[str, Any]:
-        """The settings for backend `name` (a copy; empty when none are given)."""
-        return dict(self.operation_configs.get(name, {}))
+        """The settings for backend `name` as a dict (a copy; empty when none are given)."""
+        config = self.operation_configs.get(name, {})
+        return config.to_dict() if isinstance(config, BackendConfig) else dict(config)
+
+    def operation_config(self, name: str, config_class: type[C]) -> C:
+        """The settings for backend `name` as its typed config (validated; defaults when none)."""
+        return config_class.from_mapping(self.operation_configs.get(name))
+
+    def with_operation_config(self, name: str, config: Mapping[str, Any] | BackendConfig) -> OperationMetadata:
+        """A copy whose settings for backend `name` are `config` (the others kept)."""
+        return replace(self, operation_configs={**self.operation_configs, name: config})
 
     def mesh_axis_size(self, axes: AxisNames) -> int:
         if self.mesh is None:

@@ -7,15 +7,20 @@ wrong as broken. Calling the instance runs the `forward_*` of the platform the c
 on: `forward_cuda`/`forward_rocm` on those GPUs, else `forward_gpu`, `forward_tpu`,
 `forward_cpu`, and `forward_native` when the platform has no method of its own. Each
 returns `(out, lse)`; `lse` may be None when `inputs.return_lse` is False.
+
+Optionally a backend declares its settings as a typed `config_class` (a `BackendConfig`;
+the core validates `metadata.operation_configs[name]` against it before the backend runs)
+and a small `tuning_space`: the settings `jaxattn tune` tries besides the defaults.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
 
+from .backend_config import BackendConfig
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
 from .metadata import OperationMetadata
@@ -34,7 +39,9 @@ class OperationImpl:
       aliases: other names it answers to.
       op: "attention" or "paged_attention".
       platforms: the platforms it can run on ("cpu", "gpu", "tpu").
-      priority: per-platform rank for `auto` (higher wins), e.g. {"gpu": 100}.
+      priority: per-platform rank for `auto` (higher wins), e.g. {"gpu": 100}; a
+        measured tuning table, when it covers the call, ranks before this.
+      config_class: the typed settings (a `BackendConfig` subclass), or None (dicts unchecked).
     """
 
     name: ClassVar[str] = ""
@@ -47,6 +54,7 @@ class OperationImpl:
     its operations itself: pure jax.numpy, or custom calls that come with sharding rules) or
     "shard" (opaque kernels, e.g. Pallas: jaxattn runs it per batch/head shard, see
     `jaxattn.partitioning`)."""
+    config_class: ClassVar[type[BackendConfig] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -67,6 +75,16 @@ class OperationImpl:
 
     def priority_on(self, platform: str) -> int:
         return int(self.priority.get(platform, 0))
+
+    def tuning_space(self, request: AttentionRequest, hardware: Hardware) -> Sequence[Mapping[str, Any]]:
+        """The settings `jaxattn tune` times for `request` (`{}` = the defaults; keep it small:
+        every entry is compiled and timed). Keys are those of `config_class`."""
+        return ({},)
+
+    def validate_config(self, metadata: OperationMetadata) -> None:
+        """Raise ValueError naming the key when `metadata`'s settings for this backend are bad."""
+        if self.config_class is not None:
+            metadata.operation_config(self.name, self.config_class)
 
     # -- what a backend computes ------------------------------------------------------
     def forward_native(self, inputs: Any, metadata: OperationMetadata) -> Output:

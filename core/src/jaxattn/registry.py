@@ -11,6 +11,14 @@ and `my_package.plugin` holds a function marked with `jaxattn.hookimpl`::
     def jaxattn_register_backends():
         return [MyBackend()]
 
+A plugin may also ship measured tuning tables (JSON files in the format `jaxattn tune
+--json-out` writes, as package data) so that `auto` ranks by measurement before a user
+runs `jaxattn tune`; it returns their locations from a second hook in the same module::
+
+    @jaxattn.hookimpl
+    def jaxattn_tuning_tables():
+        return jaxattn.tuning.package_tables("my_package")   # my_package/tuning/*.json
+
 Discovery runs once, lazily, on first use, and again on `refresh()`. Plugin code is
 third-party code, so every call into it goes through `faults.call_plugin`: a plugin that
 fails to import (even with `sys.exit()`), has no marked hook, fails in its hook, returns
@@ -34,14 +42,18 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
+from os import PathLike
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from .faults import PluginFault, call_plugin, declaration_problems
 from .mechanisms import provider_hint
 from .operation import OperationImpl
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 PROJECT = "jaxattn"
 ENTRY_POINT_GROUP = "jaxattn.backends"
@@ -60,12 +72,26 @@ class BackendSpecs:
     def jaxattn_register_backends(self) -> Sequence[OperationImpl | type[OperationImpl]]:  # type: ignore[empty-body]
         """Return the backends this plugin provides (instances, or classes to instantiate)."""
 
+    @hookspec
+    def jaxattn_tuning_tables(self) -> Sequence[str | PathLike[str] | Traversable]:  # type: ignore[empty-body]
+        """Return the measured tuning tables this plugin ships (paths or package resources)."""
+
 
 @dataclass(frozen=True)
 class BackendRecord:
     """A registered backend and where it came from."""
 
     impl: OperationImpl
+    plugin: str
+    distribution: str
+    version: str
+
+
+@dataclass(frozen=True)
+class TableRecord:
+    """A tuning table a plugin ships, and where it came from."""
+
+    location: str | PathLike[str] | Traversable
     plugin: str
     distribution: str
     version: str
@@ -143,6 +169,7 @@ class Registry:
         self._records: dict[tuple[str, str], BackendRecord] | None = None  # (op, name)
         self._aliases: dict[tuple[str, str], str] = {}  # (op, alias) -> name
         self._broken: list[BrokenPlugin] = []
+        self._tables: list[TableRecord] = []
         self._disabled: dict[str, str] = {}  # name in JAXATTN_DISABLE_PLUGINS -> what it skipped
         self._extra: list[tuple[Any, str, str, str]] = []
         self.generation = 0  # bumped by each discovery and each mark_broken; selection caches key on it
@@ -162,7 +189,7 @@ class Registry:
 
     def _discover(self) -> None:
         self.generation += 1
-        self._records, self._aliases, self._broken, self._disabled = {}, {}, [], {}
+        self._records, self._aliases, self._broken, self._disabled, self._tables = {}, {}, [], {}, []
         try:
             self._load_all()
         except BaseException:
@@ -210,8 +237,16 @@ class Registry:
             self._broken.append(source.broken(fault.error, fault.detail, origin=fault.origin))
             return
         hooks = [h for h in manager.hook.jaxattn_register_backends.get_hookimpls() if h.plugin_name == source.name]
-        if not hooks:
+        tables = [h for h in manager.hook.jaxattn_tuning_tables.get_hookimpls() if h.plugin_name == source.name]
+        if not hooks and not tables:
             self._broken.append(source.broken(NO_HOOK, origin="registration"))
+        for hook in tables:
+            try:
+                found = call_plugin("jaxattn_tuning_tables()", lambda f=hook.function: list(f() or ()))
+            except PluginFault as fault:
+                self._broken.append(source.broken(fault.error, fault.detail, origin=fault.origin))
+                continue
+            self._tables.extend(TableRecord(loc, source.name, source.distribution, source.version) for loc in found)
         for hook in hooks:
             try:
                 produced = call_plugin("jaxattn_register_backends()", lambda f=hook.function: list(f() or ()))
@@ -293,6 +328,12 @@ class Registry:
 
     def backends(self, op: str | None = None) -> list[OperationImpl]:
         return [r.impl for r in self.records(op)]
+
+    def tuning_tables(self) -> list[TableRecord]:
+        """The tuning tables plugins ship, in discovery order (the core's first)."""
+        with self._lock:
+            self._ensure()
+            return list(self._tables)
 
     @property
     def broken(self) -> list[BrokenPlugin]:

@@ -106,7 +106,7 @@ class AttentionRequest:
         b, q_len, hq, d = inputs.query.shape
         _, kv_len, hkv, _ = inputs.key.shape
         mode = mode or ("decode" if q_len == 1 else "train")
-        band, chunk = _static_band(inputs.mask, q_len, kv_len)
+        band, chunk = static_band(inputs.mask, q_len, kv_len)
         return cls(
             op="attention",
             batch=b,
@@ -160,9 +160,10 @@ class AttentionRequest:
         )
 
 
-def _static_band(mask: Mask | None, q_len: int, kv_len: int) -> tuple[tuple[int | None, int | None] | None,
+def static_band(mask: Mask | None, q_len: int, kv_len: int) -> tuple[tuple[int | None, int | None] | None,
                                                                       tuple[int, int] | None]:
-    """The structural band and chunk of `mask`, or (None, None) where there is none or `|` is used."""
+    """The structural band and chunk of `mask`, or (None, None) where there is none or `|` is used
+    (`AttentionRequest.band` and `.chunk`)."""
     if mask is None or "or" in mask.kinds():
         return None, None
     if not mask.kinds() & {"causal", "sliding_window", "chunked_causal"}:

@@ -91,6 +91,17 @@ def test_split_choice_and_settings():
         RaggedPagedAttention(interpret=True)(inputs, bad, jaxattn.Hardware.cpu())
 
 
+def test_typed_settings_name_the_backend_and_key():
+    from jaxattn_ragged import DecodeAttention, DecodeConfig, RaggedConfig
+
+    assert RaggedConfig.from_mapping({"block_kv": 64, "num_splits": 0}).to_dict() == {"block_kv": 64, "num_splits": 0}
+    with pytest.raises(ValueError, match=r"\['ragged_paged'\]\['num_warps'\] must be an int >= 1, got 0"):
+        RaggedConfig(num_warps=0)
+    with pytest.raises(ValueError, match=r"\['decode'\]\['block_kv'\] must be a power of two >= 16, got 48"):
+        DecodeAttention().validate_config(jaxattn.OperationMetadata(operation_configs={"decode": {"block_kv": 48}}))
+    assert DecodeConfig(block_kv=32).backend == "decode"
+
+
 def test_unwritten_slots_holding_nan_do_not_leak():
     lengths = [21, 9]
     args = paged_problem(13, lengths, [5, 1], page_size=8, pad_tokens=1)

@@ -222,6 +222,10 @@ def test_block_sizes_clamped_and_checked():
         config.block_sizes({"block_z": 128}, None, 256, 256)
     with pytest.raises(ValueError, match="multiple of 128"):
         config.block_sizes({"block_q": 100}, None, 256, 256)
+    with pytest.raises(ValueError, match=r"\['splash'\]\['use_fused_bwd_kernel'\] must be one of True, False"):
+        config.SplashConfig(use_fused_bwd_kernel="yes")
+    typed = config.block_sizes(config.SplashConfig(block_q=256), Hardware.tpu(6, "TPU v6 lite"), 4096, 8192)
+    assert typed == config.block_sizes({"block_q": 256}, Hardware.tpu(6, "TPU v6 lite"), 4096, 8192)
 
 
 def test_describe_mask_says_when_dense_is_used():

@@ -123,6 +123,20 @@ class ConformanceReport:
         summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         return "\n".join([head, *(r.line() for r in self.results), summary])
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (what `jaxattn check --json` prints); a non-finite error is null."""
+        def finite(x: float) -> float | None:
+            return x if np.isfinite(x) else None
+
+        return {
+            "backend": self.backend, "ok": self.ok,
+            "hardware": {"platform": self.hardware.platform, "device_kind": self.hardware.device_kind},
+            "expected": list(self.expected),
+            "results": [{"case": r.case, "dtype": r.dtype, "status": r.status, "backward": r.backward,
+                         "errors": {k: finite(v) for k, v in r.errors.items()}, "tolerance": r.tolerance,
+                         "detail": r.detail} for r in self.results],
+        }
+
     def assert_ok(self) -> None:
         if not self.ok:
             lines = [r.line() + (" (expected to be supported)" if r.status == "rejected" else "")

@@ -8,6 +8,7 @@
 """
 
 from .backend import FlashAttention, flash_attention
+from .config import FlashConfig
 
-__all__ = ["FlashAttention", "flash_attention"]
+__all__ = ["FlashAttention", "FlashConfig", "flash_attention"]
 __version__ = "0.1.0"

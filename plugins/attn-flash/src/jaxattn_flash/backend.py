@@ -1,7 +1,9 @@
-"""The `flash` backend: what it accepts, and how a call reaches the kernels."""
+"""The `flash` backend: what it accepts, its settings (`FlashConfig`) and what `jaxattn tune`
+tries of them, and how a call reaches the kernels."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -12,6 +14,7 @@ from jax import lax
 from jaxattn import (
     AttentionInputs,
     AttentionRequest,
+    BackendConfig,
     Hardware,
     OperationImpl,
     OperationMetadata,
@@ -168,6 +171,7 @@ class FlashAttention(OperationImpl):
     platforms: ClassVar[tuple[str, ...]] = ("gpu", "tpu")
     priority: ClassVar[dict[str, int]] = {"gpu": 100, "tpu": 50}
     partitioning: ClassVar[str] = "shard"  # Pallas kernels: run per batch/head shard under plain jit
+    config_class: ClassVar[type[BackendConfig] | None] = _config.FlashConfig
 
     def __init__(self, interpret: bool = False) -> None:
         self.interpret = bool(interpret)
@@ -217,6 +221,14 @@ class FlashAttention(OperationImpl):
         if hardware.platform == "tpu":
             reasons += [r for r in tpu_reasons(request) if r not in reasons]
         return Support.from_reasons(reasons)
+
+    def tuning_space(self, request: AttentionRequest, hardware: Hardware) -> Sequence[Mapping[str, Any]]:
+        """On an NVIDIA GPU: the defaults, the Triton forward where Mosaic is the default, and the
+        plain dk/dv launch order where 4 passes are (`config.tuning_space`); elsewhere the defaults."""
+        if not hardware.is_cuda or self.interpret:
+            return ({},)
+        mosaic = gpu_path.choose(request, hardware, {}).kernel == "mosaic"
+        return _config.tuning_space(request, mosaic_by_default=mosaic)
 
     def gpu_kernel_for(self, request: AttentionRequest, hardware: Hardware,
                        metadata: OperationMetadata | None = None) -> gpu_path.PathChoice:

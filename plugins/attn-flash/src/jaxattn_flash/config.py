@@ -1,6 +1,7 @@
 """Tile sizes and launch settings: measured defaults per head_dim, overridable per call.
 
-`metadata.operation_configs["flash"]` may hold (all optional):
+`metadata.operation_configs["flash"]` is a `FlashConfig` or a dict of its keys (all
+optional; None or absent = the measured default), validated before the kernels run:
 
 * forward: `block_q`, `block_kv`, `num_warps`, `num_stages`
 * dq kernel: `block_q_dq`, `block_kv_dq`, `num_warps_dq`, `num_stages_dq`
@@ -12,24 +13,61 @@
 
 Blocks are powers of two >= 16; each is clipped to the (padded) sequence it tiles.
 The defaults were measured on an H100 (see BENCHMARKS.md); other GPUs use them too.
+`jaxattn tune` tries the few alternatives `tuning_space` names per call on a GPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from jaxattn import MaskParts
+from jaxattn import AttentionRequest, BackendConfig, MaskParts
 
 from .triton_kernels import Tiles
 
 KERNELS = ("fwd", "dq", "dkv")
 _SUFFIX = {"fwd": "", "dq": "_dq", "dkv": "_dkv"}
 GPU_KERNELS = ("auto", "triton", "mosaic")
-MOSAIC_KEYS = frozenset({"mosaic_block_kv", "mosaic_stages"})
-KEYS = frozenset(
-    f"{name}{_SUFFIX[k]}" for k in KERNELS for name in ("block_q", "block_kv", "num_warps", "num_stages")
-) | {"gpu_kernel", "launch_passes_dkv"} | MOSAIC_KEYS
+MOSAIC_BLOCK_KV = (64, 128, 256)
+
+
+@dataclass(frozen=True)
+class FlashConfig(BackendConfig):
+    """Settings of the `flash` backend (see the module docstring); None = the measured default."""
+
+    backend = "flash"
+    block_q: int | None = None
+    block_kv: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    block_q_dq: int | None = None
+    block_kv_dq: int | None = None
+    num_warps_dq: int | None = None
+    num_stages_dq: int | None = None
+    block_q_dkv: int | None = None
+    block_kv_dkv: int | None = None
+    num_warps_dkv: int | None = None
+    num_stages_dkv: int | None = None
+    gpu_kernel: str | None = None
+    launch_passes_dkv: int | None = None
+    mosaic_block_kv: int | None = None
+    mosaic_stages: int | None = None
+
+    def __post_init__(self) -> None:
+        for kernel in KERNELS:
+            sfx = _SUFFIX[kernel]
+            self.check_int(f"block_q{sfx}", minimum=16, power_of_two=True)
+            self.check_int(f"block_kv{sfx}", minimum=16, power_of_two=True)
+            self.check_int(f"num_warps{sfx}")
+            self.check_int(f"num_stages{sfx}")
+        self.check_choice("gpu_kernel", GPU_KERNELS)
+        self.check_int("launch_passes_dkv", minimum=1, maximum=8)
+        self.check_choice("mosaic_block_kv", MOSAIC_BLOCK_KV)
+        self.check_int("mosaic_stages", minimum=2, maximum=4)
+
+
+KEYS = frozenset(FlashConfig.keys())
 
 # head_dim (padded to a power of two) -> kernel -> (block_q, block_kv, num_warps, num_stages)
 DEFAULTS: dict[int, dict[str, tuple[int, int, int, int]]] = {
@@ -65,61 +103,48 @@ def padded_dim(d: int) -> int:
     return max(16, next_pow2(d))
 
 
-def _pow2(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
-        raise ValueError(f"metadata.operation_configs['flash'][{key!r}] must be a power of two >= 16, got {value!r}")
-    return value
-
-
-def _positive(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"metadata.operation_configs['flash'][{key!r}] must be an int >= 1, got {value!r}")
-    return value
-
-
-def validate(config: Mapping[str, Any]) -> None:
-    unknown = set(config) - KEYS
-    if unknown:
-        raise ValueError(f"metadata.operation_configs['flash']: unknown keys {sorted(unknown)}; "
-                         f"known: {sorted(KEYS)}")
+def validate(config: Mapping[str, Any] | FlashConfig) -> FlashConfig:
+    """`config` as a `FlashConfig`: ValueError naming the key when one is unknown or bad."""
+    return FlashConfig.from_mapping(config)
 
 
 def gpu_kernel(config: Mapping[str, Any]) -> str:
     """The `gpu_kernel` key: "auto", "triton" or "mosaic"."""
-    validate(config)
-    value = config.get("gpu_kernel", "auto")
-    if value not in GPU_KERNELS:
-        raise ValueError(f"metadata.operation_configs['flash']['gpu_kernel'] must be one of {GPU_KERNELS}, "
-                         f"got {value!r}")
-    return value
+    return validate(config).gpu_kernel or "auto"
 
 
 def mosaic_tiles(config: Mapping[str, Any], head_dim: int) -> tuple[int, int]:
     """(block_kv, stages) of the Mosaic GPU forward for this head_dim (defaults or the config's)."""
-    validate(config)
+    cfg = validate(config)
     bk, stages = MOSAIC_DEFAULTS.get(head_dim, (64, 2))
-    bk = config.get("mosaic_block_kv", bk)
-    if isinstance(bk, bool) or not isinstance(bk, int) or bk not in (64, 128, 256):
-        raise ValueError(f"metadata.operation_configs['flash']['mosaic_block_kv'] must be 64, 128 or 256, "
-                         f"got {bk!r}")
-    stages = config.get("mosaic_stages", stages)
-    if isinstance(stages, bool) or not isinstance(stages, int) or not 2 <= stages <= 4:
-        raise ValueError(f"metadata.operation_configs['flash']['mosaic_stages'] must be an int from 2 to 4, "
-                         f"got {stages!r}")
-    return bk, stages
+    return cfg.mosaic_block_kv or bk, cfg.mosaic_stages or stages
+
+
+def heavy_first(band_lo: int | None, band_hi: int | None, chunk_size: int | None) -> bool:
+    """The first k/v blocks see the most queries: a causal band, no window or chunk bounding it."""
+    return band_hi is not None and band_lo is None and chunk_size is None
 
 
 def dkv_passes(config: Mapping[str, Any], group: int, parts: MaskParts) -> int:
     """Launch passes of the dk/dv kernel for one call (`launch_passes_dkv` or the measured default)."""
-    validate(config)
-    # the first k/v blocks see the most queries: a causal band, no window or chunk bounding it
-    heavy_first = parts.band_hi is not None and parts.band_lo is None and parts.chunk_size is None
-    default = DKV_PASSES_GROUPED_CAUSAL if group > 1 and heavy_first else 1
-    passes = config.get("launch_passes_dkv", default)
-    if isinstance(passes, bool) or not isinstance(passes, int) or not 1 <= passes <= 8:
-        raise ValueError(f"metadata.operation_configs['flash']['launch_passes_dkv'] must be an int from 1 to 8, "
-                         f"got {passes!r}")
-    return passes
+    cfg = validate(config)
+    if cfg.launch_passes_dkv is not None:
+        return cfg.launch_passes_dkv
+    grouped_causal = group > 1 and heavy_first(parts.band_lo, parts.band_hi, parts.chunk_size)
+    return DKV_PASSES_GROUPED_CAUSAL if grouped_causal else 1
+
+
+def tuning_space(request: AttentionRequest, mosaic_by_default: bool) -> list[dict[str, Any]]:
+    """What `jaxattn tune` tries on a GPU besides the defaults: the Triton forward where the
+    Mosaic one is the default, and the plain dk/dv launch order where 4 passes are."""
+    space: list[dict[str, Any]] = [{}]
+    if mosaic_by_default:
+        space.append({"gpu_kernel": "triton"})
+    band = request.band or (None, None)
+    chunk = request.chunk[0] if request.chunk else None
+    if request.needs_grad and request.is_gqa and heavy_first(band[0], band[1], chunk):
+        space.append({"launch_passes_dkv": 1})
+    return space
 
 
 def mosaic_smem_bytes(head_dim: int, block_kv: int, stages: int, itemsize: int = 2) -> int:
@@ -129,7 +154,7 @@ def mosaic_smem_bytes(head_dim: int, block_kv: int, stages: int, itemsize: int =
 
 def resolve(config: Mapping[str, Any], head_dim: int, q_len: int, kv_len: int) -> dict[str, Tiles]:
     """The tiles of the three kernels for one call (blocks clipped to the sequences)."""
-    validate(config)
+    cfg = validate(config)
     d = padded_dim(head_dim)
     table = DEFAULTS.get(d, DEFAULTS[256])
     q_cap = max(16, next_pow2(q_len))
@@ -138,10 +163,10 @@ def resolve(config: Mapping[str, Any], head_dim: int, q_len: int, kv_len: int) -
     for kernel in KERNELS:
         bq, bk, warps, stages = table[kernel]
         sfx = _SUFFIX[kernel]
-        bq = _pow2(config.get(f"block_q{sfx}", bq), f"block_q{sfx}")
-        bk = _pow2(config.get(f"block_kv{sfx}", bk), f"block_kv{sfx}")
-        warps = _positive(config.get(f"num_warps{sfx}", warps), f"num_warps{sfx}")
-        stages = _positive(config.get(f"num_stages{sfx}", stages), f"num_stages{sfx}")
+        bq = getattr(cfg, f"block_q{sfx}") or bq
+        bk = getattr(cfg, f"block_kv{sfx}") or bk
+        warps = getattr(cfg, f"num_warps{sfx}") or warps
+        stages = getattr(cfg, f"num_stages{sfx}") or stages
         tiles[kernel] = Tiles(min(bq, q_cap), min(bk, kv_cap), warps, stages)
     return tiles
 

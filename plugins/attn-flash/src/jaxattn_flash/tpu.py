@@ -93,10 +93,7 @@ def tpu_config(config: Mapping[str, Any], *, generation: int | None, head_dim: i
     """`{kernel: (block_q, block_kv)}` for one call: config or generation defaults, clipped
     to the sequences, then `block_q`, then `block_kv` halved (not below 128) until the VMEM
     estimate fits `VMEM_BUDGET`."""
-    unknown = set(config) - _gpu_config.KEYS
-    if unknown:
-        raise ValueError(f"metadata.operation_configs['flash']: unknown keys {sorted(unknown)}; "
-                         f"known: {sorted(_gpu_config.KEYS)}")
+    _gpu_config.validate(config)  # every key known and of its form; the TPU's own limits below
     table = _defaults(generation)
     sizes = dict(group=group, head_dim=head_dim, value_head_dim=value_head_dim, itemsize=itemsize)
     blocks = {}

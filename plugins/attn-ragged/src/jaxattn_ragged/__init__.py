@@ -6,11 +6,12 @@ Pallas launch) and `decode` (its decode layout). Cache helper: `update_paged_kv_
 
 from .cache import token_slots, update_paged_kv_cache
 from .kernel import DECODE_CONFIG, RAGGED_CONFIG, KernelConfig, paged_attention_kernel
-from .plugin import DecodeAttention, RaggedPagedAttention
+from .plugin import DecodeAttention, DecodeConfig, RaggedConfig, RaggedPagedAttention
 from .tpu import combine_kv_pages, tpu_paged_attention
 
 __all__ = [
-    "DECODE_CONFIG", "RAGGED_CONFIG", "DecodeAttention", "KernelConfig", "RaggedPagedAttention",
+    "DECODE_CONFIG", "RAGGED_CONFIG", "DecodeAttention", "DecodeConfig", "KernelConfig", "RaggedConfig",
+    "RaggedPagedAttention",
     "combine_kv_pages", "paged_attention_kernel", "token_slots", "tpu_paged_attention",
     "update_paged_kv_cache",
 ]

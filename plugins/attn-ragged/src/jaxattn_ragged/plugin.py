@@ -11,16 +11,20 @@ CPU (for tests; far too slow for real work). jax's TPU ragged paged attention ke
 wrapped in `forward_tpu` but off by default (`enable_tpu=True` turns it on): jax 0.10.2's
 TPU interpreter cannot run it on CPU, so CI cannot check it.
 
-Settings (`metadata.operation_configs["ragged_paged"]` or `["decode"]`): `block_q`,
-`block_kv`, `num_splits` (0 = auto), `num_warps`, `num_stages`, `target_programs`.
+Settings (`metadata.operation_configs["ragged_paged"]` or `["decode"]`: a `RaggedConfig` /
+`DecodeConfig` or a dict of its keys): `block_q`, `block_kv`, `num_splits` (0 = auto),
+`num_warps`, `num_stages`, `target_programs`, and the switches `gather2d`, `mask_split`,
+`two_tiles` (1/0).
+Measured tables (`tuning/*.json`, package data) are shipped through `jaxattn_tuning_tables`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import jaxattn
-from jaxattn import Hardware, OperationImpl, OperationMetadata, Support
+from jaxattn import BackendConfig, Hardware, OperationImpl, OperationMetadata, Support
 from jaxattn.inputs import PagedAttentionInputs
 from jaxattn.request import AttentionRequest
 
@@ -32,16 +36,42 @@ Q_DTYPES = ("bfloat16", "float16", "float32")
 MIN_PAGE, MAX_PAGE = 8, 1024
 MIN_DIM, MAX_DIM = 16, 256
 MAX_GROUP = 64
-_CONFIG_KEYS = {"block_q", "block_kv", "num_splits", "num_warps", "num_stages", "target_programs"}
+@dataclass(frozen=True)
+class RaggedConfig(BackendConfig):
+    """Settings of `ragged_paged` (None: the kernel's default; see `kernel.KernelConfig`)."""
+
+    backend = "ragged_paged"
+    block_q: int | None = None
+    block_kv: int | None = None
+    num_splits: int | None = None  # 0: chosen from the grid and the GPU
+    num_warps: int | None = None
+    num_stages: int | None = None
+    target_programs: int | None = None  # 0: 4 per SM
+    gather2d: int | None = None  # switches, 1 or 0
+    mask_split: int | None = None
+    two_tiles: int | None = None
+
+    def __post_init__(self) -> None:
+        self.check_int("block_q", power_of_two=True)
+        self.check_int("block_kv", minimum=16, power_of_two=True)
+        for key in ("num_splits", "target_programs"):
+            self.check_int(key, minimum=0)
+        for key in ("num_warps", "num_stages"):
+            self.check_int(key)
+        for key in ("gather2d", "mask_split", "two_tiles"):
+            self.check_choice(key, (0, 1))
 
 
-def _config(metadata: OperationMetadata, name: str, base: KernelConfig) -> KernelConfig:
-    raw = metadata.get_operation_config(name)
-    unknown = set(raw) - _CONFIG_KEYS
-    if unknown:
-        raise ValueError(f"metadata.operation_configs[{name!r}]: unknown keys {sorted(unknown)}; "
-                         f"expected some of {sorted(_CONFIG_KEYS)}")
-    return base.replace(**{k: int(v) for k, v in raw.items()})
+@dataclass(frozen=True)
+class DecodeConfig(RaggedConfig):
+    """Settings of `decode`: the same keys as `ragged_paged`."""
+
+    backend = "decode"
+
+
+def _config(metadata: OperationMetadata, impl: OperationImpl, base: KernelConfig) -> KernelConfig:
+    config_class = impl.config_class or RaggedConfig
+    return base.replace(**metadata.operation_config(impl.name, config_class).to_dict())
 
 
 def _window_left(inputs: PagedAttentionInputs) -> int | None:
@@ -57,6 +87,7 @@ class RaggedPagedAttention(OperationImpl):
     platforms: ClassVar[tuple[str, ...]] = ("gpu", "tpu")
     priority: ClassVar[dict[str, int]] = {"gpu": 100, "tpu": 100}
     partitioning: ClassVar[str] = "shard"  # Pallas kernels: run per shard under plain jit
+    config_class: ClassVar[type[BackendConfig] | None] = RaggedConfig
     decode_only: ClassVar[bool] = False
 
     def __init__(self, *, interpret: bool = False, enable_tpu: bool = False,
@@ -144,7 +175,7 @@ class RaggedPagedAttention(OperationImpl):
     # -- what it computes -------------------------------------------------------------
     def _run_kernel(self, inputs: PagedAttentionInputs, metadata: OperationMetadata):
         decode = inputs.cu_q_lens is None
-        cfg = self.config or _config(metadata, self.name, DECODE_CONFIG if decode else RAGGED_CONFIG)
+        cfg = self.config or _config(metadata, self, DECODE_CONFIG if decode else RAGGED_CONFIG)
         if self.interpret and cfg.num_splits == 0:  # the interpreter runs programs one by one: no auto split
             cfg = cfg.replace(num_splits=1)
         return paged_attention_kernel(
@@ -178,9 +209,18 @@ class DecodeAttention(RaggedPagedAttention):
     aliases: ClassVar[tuple[str, ...]] = ("autoregressive_decodeattn",)
     priority: ClassVar[dict[str, int]] = {"gpu": 90, "tpu": 90}
     partitioning: ClassVar[str] = "shard"  # Pallas kernels: run per shard under plain jit
+    config_class: ClassVar[type[BackendConfig] | None] = DecodeConfig
     decode_only: ClassVar[bool] = True
 
 
 @jaxattn.hookimpl
 def jaxattn_register_backends() -> list[OperationImpl]:
     return [RaggedPagedAttention(), DecodeAttention()]
+
+
+@jaxattn.hookimpl
+def jaxattn_tuning_tables() -> list:
+    """The measured tables this package ships (`jaxattn_ragged/tuning/*.json`, one per device
+    kind, written by `jaxattn tune --preset serve --json-out ...`): `auto` ranks by them until
+    the user's own `jaxattn tune` cache covers a call."""
+    return jaxattn.tuning.package_tables("jaxattn_ragged")

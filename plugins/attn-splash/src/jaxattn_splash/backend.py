@@ -27,7 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn import AttentionInputs, AttentionRequest, Hardware, OperationImpl, OperationMetadata, Support
+from jaxattn import (
+    AttentionInputs,
+    AttentionRequest,
+    BackendConfig,
+    Hardware,
+    OperationImpl,
+    OperationMetadata,
+    Support,
+)
 from jaxattn.masks import Mask
 
 from . import _compat, config, kernel, lazy, translate
@@ -53,6 +61,7 @@ class SplashAttention(OperationImpl):
     platforms: ClassVar[tuple[str, ...]] = ("tpu",)
     priority: ClassVar[dict[str, int]] = {"tpu": 100}
     partitioning: ClassVar[str] = "shard"  # Pallas kernels: run per shard under plain jit
+    config_class: ClassVar[type[BackendConfig] | None] = config.SplashConfig
 
     def __init__(self, interpret: Any = False) -> None:
         self.interpret = interpret

@@ -1,5 +1,5 @@
-"""Block sizes: defaults per TPU generation, overridden by `metadata.get_operation_config("splash")`,
-clamped to the (padded) sequence lengths.
+"""Block sizes: defaults per TPU generation, overridden by `metadata.operation_configs["splash"]`
+(a `SplashConfig` or a dict of its keys), clamped to the (padded) sequence lengths.
 
 Keys (all optional): `block_q`, `block_kv`, `block_kv_compute` (forward); `block_q_dkv`,
 `block_kv_dkv`, `block_kv_dkv_compute` (dK/dV kernel); `block_q_dq`, `block_kv_dq` (dQ
@@ -13,9 +13,10 @@ BENCHMARKS.md). Tune them per model with `bench/bench_splash.py`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from jaxattn import Hardware
+from jaxattn import BackendConfig, Hardware
 
 from . import _compat
 
@@ -42,17 +43,25 @@ def default_blocks(hardware: Hardware | None) -> dict[str, Any]:
     return dict(_BASE, use_fused_bwd_kernel=False)
 
 
-def check_config(config: dict[str, Any]) -> list[str]:
-    """Problems with a user's `operation_configs["splash"]`, as messages."""
-    problems = []
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        problems.append(f"metadata.operation_configs['splash']: unknown keys {unknown} (known: {list(CONFIG_KEYS)})")
-    for key in BLOCK_KEYS:
-        if key in config and (not isinstance(config[key], int) or config[key] <= 0 or config[key] % LANES):
-            problems.append(f"metadata.operation_configs['splash'][{key!r}] must be a positive multiple of "
-                            f"{LANES}, got {config[key]!r}")
-    return problems
+@dataclass(frozen=True)
+class SplashConfig(BackendConfig):
+    """Settings of the `splash` backend (None: the default of the TPU generation)."""
+
+    backend = "splash"
+    block_q: int | None = None
+    block_kv: int | None = None
+    block_kv_compute: int | None = None
+    block_q_dkv: int | None = None
+    block_kv_dkv: int | None = None
+    block_kv_dkv_compute: int | None = None
+    block_q_dq: int | None = None
+    block_kv_dq: int | None = None
+    use_fused_bwd_kernel: bool | None = None
+
+    def __post_init__(self) -> None:
+        for key in BLOCK_KEYS:
+            self.check_int(key, minimum=LANES, multiple_of=LANES)
+        self.check_choice("use_fused_bwd_kernel", (True, False))
 
 
 def padded(length: int) -> int:
@@ -69,12 +78,9 @@ def _fit(block: int, length: int) -> int:
     return best
 
 
-def block_sizes(config: dict[str, Any], hardware: Hardware | None, q_len: int, kv_len: int) -> Any:
+def block_sizes(config: dict[str, Any] | SplashConfig, hardware: Hardware | None, q_len: int, kv_len: int) -> Any:
     """A splash `BlockSizes` for padded lengths `q_len`, `kv_len` (multiples of 128)."""
-    problems = check_config(config)
-    if problems:
-        raise ValueError("; ".join(problems))
-    merged = {**default_blocks(hardware), **config}
+    merged = {**default_blocks(hardware), **SplashConfig.from_mapping(config).to_dict()}
     fused = bool(merged.pop("use_fused_bwd_kernel"))
     bq = _fit(merged["block_q"], q_len)
     bkv = _fit(merged["block_kv"], kv_len)

@@ -1,0 +1,54 @@
+"""`FlashConfig`: flash's typed settings (dicts still accepted) and what `jaxattn tune` tries."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from jaxattn import AttentionRequest, Hardware, OperationMetadata
+from jaxattn_flash import FlashAttention, FlashConfig
+from jaxattn_flash import config as flash_config
+
+
+def test_dicts_and_configs_are_the_same_settings():
+    assert FlashConfig.from_mapping({"block_q": 64, "gpu_kernel": "triton"}) == FlashConfig(block_q=64,
+                                                                                          gpu_kernel="triton")
+    typed = OperationMetadata(operation_configs={"flash": FlashConfig(block_q=64, num_warps_dkv=2)})
+    assert typed.get_operation_config("flash") == {"block_q": 64, "num_warps_dkv": 2}
+    tiles = flash_config.resolve(typed.get_operation_config("flash"), 64, 4096, 4096)
+    assert tiles["fwd"].block_q == 64 and tiles["dkv"].num_warps == 2
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"block_q": 48}, r"\['flash'\]\['block_q'\] must be a power of two >= 16, got 48"),
+    ({"num_stages_dq": 0}, r"\['flash'\]\['num_stages_dq'\] must be an int >= 1, got 0"),
+    ({"gpu_kernel": "cuda"}, r"\['flash'\]\['gpu_kernel'\] must be one of 'auto', 'triton', 'mosaic'"),
+    ({"mosaic_block_kv": True}, r"\['mosaic_block_kv'\] must be one of 64, 128, 256, got True"),
+    ({"blockq": 64}, r"\['flash'\]: unknown keys \['blockq'\]"),
+])
+def test_bad_settings_name_the_key(bad, message):
+    with pytest.raises(ValueError, match=message):
+        FlashConfig.from_mapping(bad)
+    with pytest.raises(ValueError, match=message):
+        FlashAttention().validate_config(OperationMetadata(operation_configs={"flash": bad}))
+
+
+def _request(**changes):
+    base = AttentionRequest(batch=4, q_len=4096, kv_len=4096, num_q_heads=32, num_kv_heads=8, head_dim=128,
+                            value_head_dim=128, dtype="bfloat16", kv_dtype="bfloat16",
+                            mask_kinds=frozenset({"causal"}), needs_grad=True, band=(None, 0))
+    return dataclasses.replace(base, **changes)
+
+
+def test_tuning_space_is_small_and_per_call():
+    space = flash_config.tuning_space(_request(), mosaic_by_default=True)
+    assert space == [{}, {"gpu_kernel": "triton"}, {"launch_passes_dkv": 1}]
+    assert flash_config.tuning_space(_request(num_kv_heads=32), mosaic_by_default=False) == [{}]  # MHA
+    assert flash_config.tuning_space(_request(needs_grad=False), mosaic_by_default=False) == [{}]
+    assert flash_config.tuning_space(_request(mask_kinds=frozenset(), band=None), mosaic_by_default=False) == [{}]
+    assert FlashAttention().tuning_space(_request(), Hardware.cpu()) == ({},)
+    for settings in flash_config.tuning_space(_request(), mosaic_by_default=True):
+        FlashConfig.from_mapping(settings)  # every entry is valid
+    h100_space = FlashAttention().tuning_space(_request(), Hardware.nvidia())
+    assert h100_space[0] == {} and {"launch_passes_dkv": 1} in h100_space
