@@ -3,6 +3,7 @@
     python3 bench/bench_distributed.py check          # correctness on 2 GPUs vs 1 (small shapes)
     python3 bench/bench_distributed.py plain          # dp / tp sharded inputs, (8, 4096, 32/8, 128) causal
     python3 bench/bench_distributed.py cp 32768 65536 131072   # context parallel, each scheme, +- balancing
+    python3 bench/bench_distributed.py cp 131072 --schemes=ulysses,auto       # some schemes only
 
 `plain` times forward+backward of every backend on one GPU, then with batch (dp) or head
 (tp) sharded inputs under plain `jax.jit` (no metadata) and with `metadata.mesh`, and
@@ -118,7 +119,7 @@ def plain() -> list[dict]:
     return rows
 
 
-def cp(lengths: list[int]) -> list[dict]:
+def cp(lengths: list[int], schemes: tuple[str, ...] = ("ring", "all_gather", "ulysses", "auto")) -> list[dict]:
     devs = jax.devices()
     n = len(devs)
     hq, hkv, d = 32, 8, 128
@@ -137,7 +138,7 @@ def cp(lengths: list[int]) -> list[dict]:
         except Exception as err:  # noqa: BLE001 - a sequence one GPU cannot hold is a result too
             t1 = None
             print(f"seq {s:6d} 1 GPU failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}", flush=True)
-        for scheme in ("ring", "all_gather", "ulysses", "auto"):
+        for scheme in schemes:
             for balanced in (False, True):
                 md = jaxattn.OperationMetadata(mesh=mesh, context_parallel=scheme, load_balanced=balanced)
                 sharding = NamedSharding(mesh, P(None, "sp"))
@@ -165,7 +166,10 @@ def cp(lengths: list[int]) -> list[dict]:
 def main(argv: list[str]) -> None:
     part = argv[0] if argv else "check"
     print(f"# {part}: {len(jax.devices())} x {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-    rows = {"check": check, "plain": plain}.get(part, lambda: cp([int(s) for s in argv[1:]] or [32768]))()
+    lengths = [int(a) for a in argv[1:] if a.isdigit()] or [32768]
+    schemes = next((a.split("=", 1)[1].split(",") for a in argv[1:] if a.startswith("--schemes=")), None)
+    rows = {"check": check, "plain": plain}.get(
+        part, lambda: cp(lengths, tuple(schemes) if schemes else ("ring", "all_gather", "ulysses", "auto")))()
     path = os.path.join(os.environ.get("OUT", "."), f"distributed-{part}.json")
     with open(path, "w") as f:
         json.dump({"device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "jax": jax.__version__,

@@ -140,7 +140,9 @@ def test_explain_says_how_the_call_is_split(mesh):
     md = OperationMetadata(mesh=mesh, load_balanced=True)
     text = jaxattn.explain(Q, K, V, is_causal=True, metadata=md)
     assert "split:    context parallel: the sequence is split over mesh axis 'sp' (2 shards, load balanced)" in text
-    assert "by all_gather (chosen by auto)" in text  # grouped-query: K/V are small
+    assert "by ulysses (chosen by auto)" in text  # the heads divide
+    text = jaxattn.explain(jnp.ones((B, S, 2, D)), K[:, :, :1], V[:, :, :1], is_causal=True, metadata=md)
+    assert "by ring (chosen by auto)" in text  # one head per tensor shard: ulysses cannot split it
     text = jaxattn.explain(Q, K, V, is_causal=True, backend="ring", metadata=OperationMetadata(mesh=mesh))
     assert "by ring (metadata.context_parallel)" in text  # EasyDeL's "ring" mechanism
     flat = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("dp", "tp"))
