@@ -86,6 +86,8 @@ PAGES = jnp.ones((6, 4, 2, 16)) * 0.5
 TABLE = jnp.array([[0, 1], [2, 3]], jnp.int32)
 LENS = jnp.array([5, 7], jnp.int32)
 PQ = jnp.ones((2, 4, 16))
+I8 = PAGES.astype(jnp.int8)
+F8 = PAGES.astype(jnp.float8_e4m3fn)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -104,6 +106,18 @@ PQ = jnp.ones((2, 4, 16))
     ({"key_pages": jnp.ones((6, 4, 3, 16)), "value_pages": jnp.ones((6, 4, 3, 16))}, r"key_pages: query heads \(4\) must be a multiple of kv heads \(3\)"),
     ({"sliding_window": (2, -1)}, r"sliding_window"),
     ({"sinks": jnp.ones((3,))}, r"sinks: expected shape \[q_heads\]"),
+    # quantized pages: their scales are required, and must fit [num_pages, page_size, kv_heads]
+    ({"key_pages": I8, "value_pages": I8}, r"k_scale/v_scale: key_pages/value_pages are int8, so their scales"),
+    ({"key_pages": F8, "value_pages": F8, "k_scale": 0.5}, r"^v_scale: .* are float8_e4m3fn"),
+    ({"key_pages": PAGES.astype(jnp.float8_e5m2), "value_pages": PAGES.astype(jnp.float8_e5m2), "k_scale": 1.0,
+      "v_scale": 1.0}, r"one-byte pages must be int8 or float8_e4m3fn, got float8_e5m2"),
+    ({"key_pages": PAGES.astype(jnp.int16), "value_pages": PAGES.astype(jnp.int16)},
+     r"key_pages: expected floating-point, int8 or float8_e4m3fn pages, got int16"),
+    ({"key_pages": I8, "value_pages": I8, "k_scale": jnp.ones((6, 4, 3)), "v_scale": 1.0},
+     r"k_scale: expected a scalar or an array broadcastable to \[num_pages, page_size, kv_heads\] = \(6, 4, 2\)"),
+    ({"key_pages": I8, "value_pages": I8, "k_scale": 1.0, "v_scale": jnp.ones((6, 4, 2), jnp.int32)},
+     r"v_scale: expected a floating-point array"),
+    ({"key_pages": I8, "value_pages": I8, "k_scale": "1", "v_scale": 1.0}, r"k_scale: expected a number"),
 ])
 def test_bad_paged_input_is_rejected_with_its_name(kwargs, match):
     args = {"query": PQ, "key_pages": PAGES, "value_pages": PAGES, "kv_lengths": LENS,
@@ -118,3 +132,26 @@ def test_page_values_are_not_checked_under_jit_but_shapes_are():
     assert np.all(np.isfinite(np.asarray(f(TABLE))))
     with pytest.raises(ValueError, match="page_indices: expected rank 2"):
         jax.jit(lambda table: jaxattn.paged_attention(PQ, PAGES, PAGES, LENS, table[0]))(TABLE)
+
+
+def test_scales_are_normalized_and_seen_by_the_request():
+    from jaxattn.request import AttentionRequest
+    from jaxattn.validation import build_paged_inputs
+
+    def build(**kw):
+        return build_paged_inputs(PQ, I8, I8, LENS, TABLE, cu_q_lens=None, scale=None, sliding_window=None,
+                                  logits_soft_cap=None, sinks=None, metadata=jaxattn.OperationMetadata(), **kw)
+
+    per_head = build(k_scale=jnp.full((2,), 0.5), v_scale=2.0)  # [kv_heads] broadcasts; a number is a scalar
+    assert per_head.k_scale.shape == (6, 4, 2) and per_head.v_scale.shape == ()
+    request = AttentionRequest.from_paged_inputs(per_head)
+    assert request.kv_dtype == "int8" and request.kv_scale == "per_token"
+    assert "kv int8" in request.describe() and "kv_scale=per_token" in request.describe()
+    assert AttentionRequest.from_paged_inputs(build(k_scale=1.0, v_scale=jnp.ones((1,)))).kv_scale == "scalar"
+    floats = build_paged_inputs(PQ, PAGES, PAGES, LENS, TABLE, cu_q_lens=None, scale=None, sliding_window=None,
+                                logits_soft_cap=None, sinks=None, metadata=jaxattn.OperationMetadata())
+    assert AttentionRequest.from_paged_inputs(floats).kv_scale == "none"
+    # scales on float pages multiply them, as on quantized pages
+    out = jaxattn.paged_attention(PQ, PAGES, PAGES, LENS, TABLE, v_scale=3.0, backend="xla")
+    np.testing.assert_allclose(np.asarray(out), 3 * np.asarray(jaxattn.paged_attention(PQ, PAGES, PAGES, LENS, TABLE)),
+                               rtol=1e-6)

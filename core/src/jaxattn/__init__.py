@@ -10,7 +10,9 @@ built-in `xla` backend runs everywhere and is the numerical reference. `jaxattn.
 is a drop-in for `jax.nn.dot_product_attention`; `jaxattn.flax` (needs flax, imported only
 there) holds Flax's `attention_fn` and the `FlexibleAttention` modules. `auto` ranks
 the usable backends by measurement where a tuning table covers the call (`jaxattn tune`,
-`jaxattn.tuning`), else by declared priority.
+`jaxattn.tuning`), else by declared priority. A paged KV cache is written with
+`update_paged_cache`, and may be stored quantized (`quantize_kv`: int8 or float8_e4m3fn
+with per token and head scales) for `paged_attention`'s `k_scale`/`v_scale`.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from .mechanisms import AttentionMechanisms
 from .merge import merge_attention
 from .metadata import AttnShardingRules, OperationMetadata, PartitionAxis
 from .operation import OperationImpl
+from .paged_cache import update_paged_cache
 from .parallel import load_balance, unload_balance
+from .quant import dequantize_kv, quantize_kv
 from .registry import BrokenPlugin, Registry, default_registry, hookimpl, hookspec
 from .request import AttentionRequest, PagedLayout
 from .selector import (
@@ -78,7 +82,8 @@ __all__ = [
     "OperationMetadata", "OrMask", "PagedAttentionInputs", "PagedLayout", "PartitionAxis",
     "QueryPositionMask", "Registry", "Rejection", "SegmentMask", "Selection", "SlidingWindowMask", "Support",
     "TuningCache",
-    "attention", "broken_plugins", "cached_attention", "compat", "default_registry", "explain", "hardware", "hookimpl",
-    "hookspec", "list_backends", "load_balance", "mask_parts", "merge_attention", "paged_attention",
-    "refresh_backends", "select", "select_request", "set_tuning_cache", "tuning", "unload_balance", "use_backend",
+    "attention", "broken_plugins", "cached_attention", "compat", "default_registry", "dequantize_kv", "explain",
+    "hardware", "hookimpl", "hookspec", "list_backends", "load_balance", "mask_parts", "merge_attention",
+    "paged_attention", "quantize_kv", "refresh_backends", "select", "select_request", "set_tuning_cache", "tuning",
+    "unload_balance", "update_paged_cache", "use_backend",
 ]

@@ -69,12 +69,14 @@ def _prepare_attention(
 def _prepare_paged(
     query: Any, key_pages: Any, value_pages: Any, kv_lengths: Any, page_indices: Any, *,
     cu_q_lens: Any = None, scale: Any = None, sliding_window: Any = None, logits_soft_cap: Any = None,
-    sinks: Any = None, backend: Backend = "auto", metadata: Any = None, hardware: Hardware | None = None,
+    sinks: Any = None, k_scale: Any = None, v_scale: Any = None, backend: Backend = "auto", metadata: Any = None,
+    hardware: Hardware | None = None,
 ) -> tuple[Selection, PagedAttentionInputs, OperationMetadata]:
     metadata = _metadata(metadata)
     inputs = build_paged_inputs(
         query, key_pages, value_pages, kv_lengths, page_indices, cu_q_lens=cu_q_lens, scale=scale,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, sinks=sinks, metadata=metadata,
+        k_scale=k_scale, v_scale=v_scale,
     )
     request = AttentionRequest.from_paged_inputs(inputs, mode=metadata.mode)
     selection = _select(request, hardware or _hardware.current(), backend)
@@ -123,7 +125,8 @@ def paged_attention(
     query: jax.Array, key_pages: jax.Array, value_pages: jax.Array, kv_lengths: jax.Array,
     page_indices: jax.Array, *, cu_q_lens: jax.Array | None = None, scale: float | None = None,
     sliding_window: int | tuple[int, int] | None = None, logits_soft_cap: float | None = None,
-    sinks: jax.Array | None = None, backend: Backend = "auto", metadata: OperationMetadata | None = None,
+    sinks: jax.Array | None = None, k_scale: jax.Array | float | None = None,
+    v_scale: jax.Array | float | None = None, backend: Backend = "auto", metadata: OperationMetadata | None = None,
 ) -> jax.Array:
     """Attention over a paged KV cache: decode, or a ragged mix of prefill and decode.
 
@@ -132,11 +135,18 @@ def paged_attention(
     `cu_q_lens`, `query` is `[num_seqs, q_heads, head_dim]`, one decode token per
     sequence; with it, `query` is `[total_tokens, q_heads, head_dim]` and the queries of
     sequence `s` are its last `cu_q_lens[s+1] - cu_q_lens[s]` positions, causal.
+
+    Quantized cache: `key_pages`/`value_pages` may be int8 or float8_e4m3fn, with
+    `k_scale`/`v_scale` (required then) broadcastable to `[num_pages, page_size, kv_heads]`
+    (per token and head, as `jaxattn.quantize_kv` makes them) or a scalar: the keys are
+    `key_pages * k_scale[..., None]`, likewise the values. Kernels dequantize tile by tile,
+    never the whole cache. Scales given with float pages are applied the same way (as
+    multipliers). The output has the query's dtype.
     """
     selection, inputs, metadata = _prepare_paged(
         query, key_pages, value_pages, kv_lengths, page_indices, cu_q_lens=cu_q_lens, scale=scale,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, sinks=sinks,
-        backend=backend, metadata=metadata,
+        k_scale=k_scale, v_scale=v_scale, backend=backend, metadata=metadata,
     )
     out, _ = dispatch.run(selection, inputs, metadata)
     return out

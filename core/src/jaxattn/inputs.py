@@ -51,6 +51,9 @@ class PagedAttentionInputs:
     `cu_q_lens` is None for decode (one query per sequence, `query` `[num_seqs, H, D]`),
     or `[num_seqs + 1]` cumulative query counts for a ragged batch (`query`
     `[total_tokens, H, D]`). `sliding_window` is None or `(left, right)`.
+    `k_scale`/`v_scale` are None, a scalar array (one scale for the whole cache) or
+    `[num_pages, page_size, kv_heads]` (per token and head): the keys are
+    `key_pages * k_scale[..., None]` (int8/float8_e4m3fn pages always have them; float pages may).
     """
 
     query: jax.Array
@@ -60,6 +63,8 @@ class PagedAttentionInputs:
     page_indices: jax.Array
     cu_q_lens: jax.Array | None = None
     sinks: jax.Array | None = None
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
     scale: float = 1.0
     sliding_window: tuple[int, int] | None = None
     logits_soft_cap: float | None = None
@@ -80,6 +85,7 @@ jax.tree_util.register_dataclass(
     PagedAttentionInputs,
     data_fields=[
         "query", "key_pages", "value_pages", "kv_lengths", "page_indices", "cu_q_lens", "sinks",
+        "k_scale", "v_scale",
     ],
     meta_fields=["scale", "sliding_window", "logits_soft_cap"],
 )

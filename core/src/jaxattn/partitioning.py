@@ -58,11 +58,17 @@ def _roles(inputs: AttentionInputs | PagedAttentionInputs) -> list[tuple[str | N
         tree = dataclasses.replace(
             inputs, query=P(seqs, "hq", "d"), key_pages=P("p", "ps", "hk", "d"), value_pages=P("p", "ps", "hk", "dv"),
             kv_lengths=P("b"), page_indices=P("b", "pp"),
-            cu_q_lens=None if inputs.cu_q_lens is None else P("c"), sinks=None if inputs.sinks is None else P("hq"))
+            cu_q_lens=None if inputs.cu_q_lens is None else P("c"), sinks=None if inputs.sinks is None else P("hq"),
+            k_scale=_scale_role(inputs.k_scale), v_scale=_scale_role(inputs.v_scale))
     specs = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, P))
     leaves = jax.tree_util.tree_leaves(inputs)
     return [tuple(spec)[len(tuple(spec)) - leaf.ndim:] if leaf.ndim <= len(tuple(spec)) else (None,) * leaf.ndim
             for spec, leaf in zip(specs, leaves)]
+
+
+def _scale_role(scale: Any) -> Any:
+    """Per token and head scales split like their pages' heads; a scalar is not split."""
+    return None if scale is None else P("p", "ps", "hk")  # trimmed to a scalar's () below
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ from .masks import Mask, mask_parts
 
 MODES = ("train", "prefill", "decode")
 OPS = ("attention", "paged_attention")
+KV_SCALES = ("none", "scalar", "per_token")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class AttentionRequest:
     (causal, window, chunked) allow (None for an unbounded side), and `chunk` is
     `(chunk_size, offset)`; both None when the mask has no such part or uses `|`.
     They let `supports()` judge exact offsets (e.g. top-left vs bottom-right causal).
+    `kv_scale` says how a paged cache is scaled: "none", "scalar" (one scale for the
+    whole cache) or "per_token" (per token and head; the finer of `k_scale`/`v_scale`);
+    with `kv_dtype` ("int8", "float8_e4m3fn", ...) it tells a backend what it must dequantize.
     """
 
     op: str = "attention"
@@ -62,12 +66,15 @@ class AttentionRequest:
     paged: PagedLayout | None = None
     band: tuple[int | None, int | None] | None = None
     chunk: tuple[int, int] | None = None
+    kv_scale: str = "none"
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.kv_scale not in KV_SCALES:
+            raise ValueError(f"kv_scale must be one of {KV_SCALES}, got {self.kv_scale!r}")
 
     @property
     def is_gqa(self) -> bool:
@@ -94,10 +101,13 @@ class AttentionRequest:
                      "kv_seq_lengths", "return_lse", "needs_grad"):
             if getattr(self, name):
                 flags.append(name.removeprefix("has_"))
+        if self.kv_scale != "none":
+            flags.append(f"kv_scale={self.kv_scale}")
         if self.paged:
             flags.append(f"page_size={self.paged.page_size}")
             flags.append("ragged" if self.paged.ragged else "decode")
-        return f"{shape} {self.dtype} mode={self.mode} [{', '.join(flags) or 'no mask'}]"
+        dtype = self.dtype if self.kv_dtype == self.dtype else f"{self.dtype}/kv {self.kv_dtype}"
+        return f"{shape} {dtype} mode={self.mode} [{', '.join(flags) or 'no mask'}]"
 
     @classmethod
     def from_inputs(
@@ -157,7 +167,15 @@ class AttentionRequest:
             needs_grad=False,
             mode=mode or ("prefill" if ragged else "decode"),
             paged=PagedLayout(num_pages, page_size, pages_per_seq, num_seqs, ragged),
+            kv_scale=_scale_kind(inputs.k_scale, inputs.v_scale),
         )
+
+
+def _scale_kind(*scales: object) -> str:
+    ndims = [getattr(s, "ndim", 0) for s in scales if s is not None]
+    if not ndims:
+        return "none"
+    return "per_token" if max(ndims) > 0 else "scalar"
 
 
 def static_band(mask: Mask | None, q_len: int, kv_len: int) -> tuple[tuple[int | None, int | None] | None,

@@ -72,7 +72,16 @@ def _paged_specs(inputs: PagedAttentionInputs, rules: AttnShardingRules) -> Page
         kv_lengths=P(), page_indices=P(),
         cu_q_lens=None if inputs.cu_q_lens is None else P(),
         sinks=None if inputs.sinks is None else rules.softmax_aux,
+        k_scale=_scale_spec(inputs.k_scale, rules.key), v_scale=_scale_spec(inputs.v_scale, rules.value),
     )
+
+
+def _scale_spec(scale: Any, pages: P) -> P | None:
+    """Per token and head scales `[num_pages, page_size, kv_heads]` shard like their pages'
+    first three dims; a scalar is replicated."""
+    if scale is None:
+        return None
+    return P(*tuple(pages)[:3]) if scale.ndim else P()
 
 
 def _fold_dropout(inputs: AttentionInputs, mesh: Any) -> AttentionInputs:

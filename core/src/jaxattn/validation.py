@@ -19,6 +19,7 @@ from ._compat import is_tracer
 from .inputs import AttentionInputs, PagedAttentionInputs
 from .masks import CausalMask, DenseMask, Mask, SegmentMask, SlidingWindowMask
 from .metadata import OperationMetadata
+from .quant import QUANT_DTYPES, check_scale, is_quantized
 
 
 def _shape(x: Any, name: str) -> tuple[int, ...]:
@@ -200,7 +201,7 @@ def build_attention_inputs(
 def build_paged_inputs(
     query: Any, key_pages: Any, value_pages: Any, kv_lengths: Any, page_indices: Any, *,
     cu_q_lens: Any, scale: Any, sliding_window: Any, logits_soft_cap: Any, sinks: Any,
-    metadata: OperationMetadata,
+    metadata: OperationMetadata, k_scale: Any = None, v_scale: Any = None,
 ) -> PagedAttentionInputs:
     """Check every argument of `jaxattn.paged_attention` and normalize them."""
     tokens, hq, d = _rank(query, "query", 3, "[tokens, q_heads, head_dim]")
@@ -214,12 +215,12 @@ def build_paged_inputs(
         raise ValueError(f"key_pages: head_dim must equal query's ({d}), got {kd}")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"key_pages: query heads ({hq}) must be a multiple of kv heads ({hkv})")
-    for name, x in (("query", query), ("key_pages", key_pages), ("value_pages", value_pages)):
-        _floating(x, name)
+    _floating(query, "query")
     if metadata.runtime_dtype is not None:
         query = jnp.asarray(query).astype(metadata.runtime_dtype)
     if key_pages.dtype != value_pages.dtype:
         raise ValueError(f"key_pages/value_pages: dtypes must match, got {key_pages.dtype} and {value_pages.dtype}")
+    k_scale, v_scale = _page_scales(key_pages, k_scale, v_scale, (num_pages, page_size, hkv))
     num_seqs, pages_per_seq = _rank(page_indices, "page_indices", 2, "[num_seqs, pages_per_seq]")
     _integer(page_indices, "page_indices")
     if _shape(kv_lengths, "kv_lengths") != (num_seqs,):
@@ -244,10 +245,30 @@ def build_paged_inputs(
         kv_lengths=jnp.asarray(kv_lengths), page_indices=jnp.asarray(page_indices),
         cu_q_lens=None if cu_q_lens is None else jnp.asarray(cu_q_lens),
         sinks=None if sinks is None else jnp.asarray(sinks),
+        k_scale=k_scale, v_scale=v_scale,
         scale=resolve_scale(scale, d, metadata),
         sliding_window=window_pair(sliding_window),
         logits_soft_cap=_positive_or_none(logits_soft_cap, "logits_soft_cap"),
     )
+
+
+def _page_scales(key_pages: Any, k_scale: Any, v_scale: Any,
+                 shape: tuple[int, int, int]) -> tuple[jax.Array | None, jax.Array | None]:
+    """Page dtypes and their scales: one-byte pages (int8, float8_e4m3fn) need both scales;
+    float pages take them as multipliers."""
+    dtype = key_pages.dtype
+    if is_quantized(dtype):
+        if dtype.name not in QUANT_DTYPES:
+            raise ValueError(f"key_pages/value_pages: one-byte pages must be int8 or float8_e4m3fn, got {dtype}")
+        missing = [n for n, s in (("k_scale", k_scale), ("v_scale", v_scale)) if s is None]
+        if missing:
+            raise ValueError(f"{'/'.join(missing)}: key_pages/value_pages are {dtype}, so their scales are "
+                             "required: a scalar or an array broadcastable to [num_pages, page_size, kv_heads] "
+                             f"= {shape} (jaxattn.quantize_kv returns them)")
+    elif not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"key_pages: expected floating-point, int8 or float8_e4m3fn pages, got {dtype}")
+    form = "[num_pages, page_size, kv_heads]"
+    return check_scale(k_scale, "k_scale", shape, form), check_scale(v_scale, "v_scale", shape, form)
 
 
 def _check_page_values(page_indices: Any, kv_lengths: Any, cu_q_lens: Any, num_pages: int,

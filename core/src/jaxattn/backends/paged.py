@@ -3,7 +3,8 @@
 Each query token attends to the keys of its own sequence, gathered page by page from
 the cache in blocks of keys with the same online softmax as dense attention, so no
 sequence is ever copied out of the cache whole. Decode is the ragged case with one
-query per sequence.
+query per sequence. A quantized cache (int8/fp8 pages with `k_scale`/`v_scale`) is
+dequantized the same way, one gathered block at a time, in float32.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..inputs import PagedAttentionInputs
+from ..quant import is_quantized
 from .blockwise import TileConfig, finish, online_softmax, tile_logits
 
 
@@ -79,8 +81,8 @@ def paged_attention_reference(
 
         def tile(j):
             pages = lax.dynamic_slice_in_dim(page_table[seq_t], j * pages_per_block, pages_per_block, axis=1)
-            k_j = inputs.key_pages[pages].reshape(bt, bk, hkv, d)
-            v_j = inputs.value_pages[pages].reshape(bt, bk, hkv, dv)
+            k_j = _dequantize(inputs.key_pages, inputs.k_scale, pages).reshape(bt, bk, hkv, d)
+            v_j = _dequantize(inputs.value_pages, inputs.v_scale, pages).reshape(bt, bk, hkv, dv)
             k_pos = j * bk + jnp.arange(bk)
             written = k_pos[None, :] < len_t[:, None]
             ok = (k_pos[None, :] <= pos_t[:, None]) & written & valid_t[:, None]
@@ -95,6 +97,16 @@ def paged_attention_reference(
         return finish(acc, m, l, sink_rows)
 
     out, lse = lax.map(token_block, jnp.arange(0, tokens + pad_t, bt))  # [nb, bt, Hkv, G, 1, ...]
-    out = out.reshape(-1, hq, dv)[:tokens].astype(inputs.value_pages.dtype)
+    out_dtype = q.dtype if is_quantized(inputs.value_pages.dtype) else inputs.value_pages.dtype
+    out = out.reshape(-1, hq, dv)[:tokens].astype(out_dtype)
     lse = lse.reshape(-1, hq)[:tokens].T
     return out, lse
+
+
+def _dequantize(pages: jax.Array, scale: jax.Array | None, index: jax.Array) -> jax.Array:
+    """The gathered pages `pages[index]`, times their scales (float32) when there are scales."""
+    tile = pages[index]
+    if scale is None:
+        return tile
+    s = scale.astype(jnp.float32)
+    return tile.astype(jnp.float32) * (s[index][..., None] if s.ndim else s)

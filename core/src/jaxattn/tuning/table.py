@@ -76,6 +76,10 @@ class Case:
         features = set(request.mask_kinds) | {f.removeprefix("has_") for f in FLAGS if getattr(request, f)}
         if request.paged is not None:
             features |= {f"page_size={request.paged.page_size}", "ragged" if request.paged.ragged else "decode"}
+        if request.kv_dtype != request.dtype:  # a quantized cache is a different kernel
+            features.add(f"kv_dtype={request.kv_dtype}")
+        if request.kv_scale != "none":
+            features.add(f"kv_scale={request.kv_scale}")
         band = request.band
         window = None
         if "sliding_window" in request.mask_kinds and band is not None and None not in band:
