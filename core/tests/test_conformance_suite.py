@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxattn import Support
-from jaxattn.backends.xla import XlaAttention
+from jaxattn.backends.xla import XlaAttention, XlaPagedAttention
 from jaxattn.testing import Shape, all_cases, run_conformance
 
 SMALL = Shape(batch=2, seq=32, num_heads=4, head_dim=16, page_size=4)
@@ -63,9 +63,30 @@ def test_reference_in_bf16_is_within_the_bf16_tolerance():
     assert all(1e-5 < r.errors["out"] < 1e-2 for r in report.results)  # really rounded, and not too much
 
 
+class IgnoresValueScales(XlaPagedAttention):
+    """Reads quantized pages but drops the per token value scales (uses their mean): the suite must notice."""
+
+    name = "ignores_value_scales"
+
+    def forward_native(self, inputs, metadata):
+        v_scale = inputs.v_scale
+        if v_scale is not None and v_scale.ndim:
+            v_scale = jnp.nanmean(v_scale)
+        return super().forward_native(inputs.replace(v_scale=v_scale), metadata)
+
+
 def test_paged_reference_passes_every_case():
     report = run_conformance("xla", op="paged_attention", shape=SMALL, expect_supported="*")
     assert report.ok, report.table()
+    loss = {r.case: r.errors.get("vs_unquantized") for r in report.results}
+    assert 1e-3 < loss["paged_int8"] < 2e-2 and 1e-2 < loss["paged_fp8"] < 5e-2, loss  # what a user loses
+    assert loss["paged_decode"] is None and "vs_unquantized=" in report.table()
+
+
+def test_quantized_cases_catch_a_backend_that_drops_scales():
+    report = run_conformance(IgnoresValueScales(), cases=["paged_int8", "paged_fp8_per_tensor"], shape=SMALL,
+                             dtypes=["float32"])
+    assert [r.status for r in report.results] == ["fail", "pass"], report.table()
 
 
 @pytest.mark.parametrize("impl,case,needle", [

@@ -17,6 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..masks import CausalMask, ChunkedCausalMask, QueryPositionMask, SlidingWindowMask
+from ..quant import QUANT_DTYPES, quantize_kv
+
+UNQUANTIZED = "unquantized_pages"
+"""Key of a quantized case's arguments holding the float `(key_pages, value_pages)` it was
+quantized from (not an argument of the call: the suite pops it to measure what is lost)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,21 @@ def _ragged(key: jax.Array, dtype: Any, s: Shape, group: int | None = None) -> d
     return {**args, "cu_q_lens": jnp.asarray(cu)}
 
 
+def _quantized(args: dict[str, Any], dtype: str, per_tensor: bool = False) -> dict[str, Any]:
+    """`args` with its pages quantized to `dtype` (per token and head, or one scale per tensor),
+    the float pages kept under `UNQUANTIZED`. Never-written slots (NaN) get NaN scales."""
+    out = {**args, UNQUANTIZED: (args["key_pages"], args["value_pages"])}
+    for pages, scale in (("key_pages", "k_scale"), ("value_pages", "v_scale")):
+        x = args[pages].astype(jnp.float32)
+        if per_tensor:
+            s = jnp.nanmax(jnp.abs(x)) / QUANT_DTYPES[dtype]
+            y = jnp.clip(jnp.nan_to_num(x) / s, -QUANT_DTYPES[dtype], QUANT_DTYPES[dtype])
+            out[pages], out[scale] = (jnp.round(y) if dtype == "int8" else y).astype(dtype), s
+        else:
+            out[pages], out[scale] = quantize_kv(x, dtype)
+    return out
+
+
 def paged_cases() -> list[Case]:
     """Every feature of `jaxattn.paged_attention`."""
     return [
@@ -220,6 +240,16 @@ def paged_cases() -> list[Case]:
              lambda k, d, s: {**_ragged(k, d, s),
                               "sinks": _normal(_sub(k, 5), (s.num_heads,), jnp.float32)}, False,
              "ragged batch with sinks"),
+        Case("paged_int8", "paged_attention",
+             lambda k, d, s: {**_quantized(_ragged(k, d, s), "int8"), "sliding_window": s.page_size + 3,
+                              "sinks": _normal(_sub(k, 6), (s.num_heads,), jnp.float32)}, False,
+             "int8 pages, per token and head scales: ragged batch with a window and sinks"),
+        Case("paged_fp8", "paged_attention",
+             lambda k, d, s: {**_quantized(_decode(k, d, s), "float8_e4m3fn"), "logits_soft_cap": 3.0}, False,
+             "float8_e4m3fn pages, per token and head scales: decode with logits_soft_cap=3"),
+        Case("paged_fp8_per_tensor", "paged_attention",
+             lambda k, d, s: _quantized(_ragged(k, d, s, group=3), "float8_e4m3fn", per_tensor=True), False,
+             "float8_e4m3fn pages with one scalar scale each for K and V: ragged batch, 3 heads per kv head"),
     ]
 
 

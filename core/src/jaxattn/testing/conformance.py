@@ -10,6 +10,13 @@ failures, so a plugin's tests pin what it claims.
 Tolerances (DESIGN.md): float32 1e-4; bf16/fp16 1e-2 forward. Gradients of bf16/fp16
 inputs get 2e-2: the probabilities and dS tiles are rounded to the input dtype before
 their matrix products, which costs about twice the forward error.
+
+Quantized pages (int8, float8_e4m3fn with scales) are held to the same tolerance against
+the reference run on the *dequantized* cache (what the backend was given), and their
+error against the unquantized cache they were made from is recorded as `vs_unquantized`
+(what a user of a quantized cache loses), bounded by `QUANT_TOL`: int8 2e-2; float8_e4m3fn
+5e-2, since its 3 mantissa bits alone cost about 3% on random normal data (the format,
+not the kernel: the `xla` reference loses the same).
 """
 
 from __future__ import annotations
@@ -32,10 +39,11 @@ from ..operation import OperationImpl
 from ..registry import default_registry
 from ..request import AttentionRequest
 from ..validation import build_attention_inputs, build_paged_inputs
-from .cases import Case, Shape, all_cases
+from .cases import UNQUANTIZED, Case, Shape, all_cases
 
 FORWARD_TOL = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
 GRAD_TOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
+QUANT_TOL = {"int8": 2e-2, "float8_e4m3fn": 5e-2}
 NEG_INF_LIMIT = -1e20  # an lse at or below this counts as -inf (kernels may use a finite floor)
 
 _ATTENTION_DEFAULTS: dict[str, Any] = dict(
@@ -228,7 +236,9 @@ def check_case(impl: OperationImpl, case: Case, *, hardware: Hardware, dtype: An
     metadata = metadata or OperationMetadata()
     dtype_name = jnp.dtype(dtype).name
     key = jax.random.PRNGKey(seed + zlib.crc32(case.name.encode()))
-    inputs = build_inputs(case.op, case.build(key, jnp.dtype(dtype), shape), metadata)
+    args = case.build(key, jnp.dtype(dtype), shape)
+    unquantized = args.pop(UNQUANTIZED, None)
+    inputs = build_inputs(case.op, args, metadata)
     if case.op == "attention":
         want_grad = grads and case.grad
         request = AttentionRequest.from_inputs(inputs, mode="train" if want_grad else "prefill",
@@ -246,16 +256,17 @@ def check_case(impl: OperationImpl, case: Case, *, hardware: Hardware, dtype: An
     try:
         if case.name == "dropout":
             return _check_dropout(impl, case, inputs, metadata, hardware, dtype_name, want_grad)
-        return _compare(impl, case, inputs, metadata, hardware, dtype_name, want_grad, key)
+        return _compare(impl, case, inputs, metadata, hardware, dtype_name, want_grad, key, unquantized)
     except Exception as err:  # noqa: BLE001 - a crash is a result, not the end of the suite
         return CaseResult(case.name, dtype_name, "error", backward=want_grad,
                           detail=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
 
 
 def _compare(impl: OperationImpl, case: Case, inputs: Any, metadata: OperationMetadata,
-             hardware: Hardware, dtype_name: str, want_grad: bool, key: jax.Array) -> CaseResult:
+             hardware: Hardware, dtype_name: str, want_grad: bool, key: jax.Array,
+             unquantized: tuple[Any, Any] | None = None) -> CaseResult:
     out, lse = _call(impl, metadata, hardware)(inputs)
-    ref_out, ref_lse = _reference(inputs)
+    ref_out, ref_lse = _reference(inputs)  # quantized pages: the dequantized reference
     tol = FORWARD_TOL.get(dtype_name, 1e-2)
     errors = {"out": relative_error(out, ref_out)}
     if case.op == "attention" and inputs.return_lse:
@@ -264,6 +275,11 @@ def _compare(impl: OperationImpl, case: Case, inputs: Any, metadata: OperationMe
         errors["lse"] = lse_error(lse, ref_lse)
     if errors["out"] > tol or errors.get("lse", 0.0) > tol:
         return CaseResult(case.name, dtype_name, "fail", errors, tol, want_grad)
+    if unquantized is not None:
+        errors["vs_unquantized"], bar = _quantization_loss(out, inputs, unquantized)
+        if errors["vs_unquantized"] > bar:
+            return CaseResult(case.name, dtype_name, "fail", errors, tol, want_grad,
+                              f"vs_unquantized over its bar {bar:.0e}")
     if want_grad:
         d_out = jax.random.normal(jax.random.fold_in(key, 99), ref_out.shape, jnp.float32)
         d_lse = None
@@ -278,6 +294,14 @@ def _compare(impl: OperationImpl, case: Case, inputs: Any, metadata: OperationMe
         if any(v > gtol for k, v in errors.items() if k not in ("out", "lse")):
             return CaseResult(case.name, dtype_name, "fail", errors, gtol, True)
     return CaseResult(case.name, dtype_name, "pass", errors, tol, want_grad)
+
+
+def _quantization_loss(out: jax.Array, inputs: Any, unquantized: tuple[Any, Any]) -> tuple[float, float]:
+    """The backend's output against the reference on the float cache the quantized one was
+    made from (`vs_unquantized`), and its bar (`QUANT_TOL`)."""
+    plain = inputs.replace(key_pages=unquantized[0], value_pages=unquantized[1], k_scale=None, v_scale=None)
+    ref_out, _ = _reference(plain)
+    return relative_error(out, ref_out), QUANT_TOL.get(inputs.key_pages.dtype.name, 2e-2)
 
 
 def _check_dropout(impl: OperationImpl, case: Case, inputs: AttentionInputs, metadata: OperationMetadata,
