@@ -109,8 +109,8 @@ def test_overflow_and_bad_arguments_raise():
         cache.append(k[:, :, :1], v)
     with pytest.raises(ValueError, match="max_len: expected an int > 0"):
         KVCache.create(B, 0, HKV, D)
-    with pytest.raises(ValueError, match="int8/fp8 storage"):
-        KVCache.create(B, 8, HKV, D, jnp.int8)
+    with pytest.raises(ValueError, match="int8 or float8_e4m3fn storage, got int16"):
+        KVCache.create(B, 8, HKV, D, jnp.int16)
     with pytest.raises(ValueError, match="cache: expected a jaxattn.KVCache"):
         cached_attention(k, k, v, object())
 
@@ -121,3 +121,22 @@ def test_overflow_under_jit_drops_tokens_and_stops_at_max_len():
     full = jax.jit(KVCache.append)(cache, k, v)
     np.testing.assert_array_equal(full.lengths, [8, 8])
     np.testing.assert_array_equal(full.key[:, 4:], k[:, :4])  # the first 4 fit, the rest are dropped
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.float8_e4m3fn])
+def test_quantized_cache_stores_scales_and_attends_like_the_float_cache(dtype):
+    q, k, v = tokens(6, 12)
+    cache = KVCache.create(B, 16, HKV, D, dtype)
+    assert cache.quantized and cache.key.dtype == dtype and cache.key_scale.shape == (B, 16, HKV)
+    assert len(jax.tree_util.tree_leaves(cache)) == 5  # values, lengths and the two scales
+    out, cache = jax.jit(cached_attention)(q[:, :8], k[:, :8], v[:, :8], cache)
+    out2, cache = cached_attention(q[:, 8:], k[:, 8:], v[:, 8:], cache, num_new=jnp.asarray([4, 1]))
+    np.testing.assert_array_equal(cache.lengths, [12, 9])
+    keys, values = cache.dequantized(jnp.float32)
+    want_k, _ = jaxattn.quantize_kv(k[0, :12], dtype)
+    np.testing.assert_array_equal(np.asarray(cache.key[0, :12], np.float32), np.asarray(want_k, np.float32))
+    bound = 1e-2 if dtype == jnp.int8 else 7e-2  # per token and head: a fraction of the largest |x|
+    assert rel(keys[0, :12], k[0, :12]) < bound and rel(values[1, :9], jnp.concatenate([v[1, :8], v[1, 8:9]])) < bound
+    full = jaxattn.attention(q, k, v, is_causal=True)
+    assert rel(out, full[:, :8]) < 2 * bound  # what the user loses against a float cache
+    assert rel(out2[0], full[0, 8:]) < 2 * bound

@@ -11,7 +11,15 @@ which every backend with `key_value_seq_lengths` serves.
 
 It is a JAX pytree (a frozen dataclass), so it passes through `jax.jit`, `lax.scan` and
 Flax's transforms, and each `append` returns a new cache (donate the old one under jit to
-update it in place). int8/fp8 storage with scales is not part of it yet.
+update it in place).
+
+int8/float8_e4m3fn storage (`KVCache.create(..., dtype=jnp.int8)`) keeps a float32 scale
+per token and head beside the values (`key_scale`/`value_scale` `[B, max_len, Hkv]`,
+written by `append` through `jaxattn.quantize_kv`): half the memory of bf16. Attention over
+it (`cached_attention`) runs on a dequantized copy of the cache in the query's dtype, so
+it saves memory where the cache is kept, not the bandwidth of attention itself: for decode
+speed use the paged cache, whose kernels read the int8/fp8 pages directly
+(`paged_attention(..., k_scale=, v_scale=)`).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from ._compat import is_tracer
 from .api import Backend, attention
 from .masks import QueryPositionMask
 from .metadata import OperationMetadata
+from .quant import QUANT_DTYPES, dequantize_kv, quantize_kv
 from .validation import window_pair
 
 
@@ -42,34 +51,57 @@ class KVCache:
     """Dense KV cache: `key` `[B, max_len, Hkv, D]`, `value` `[B, max_len, Hkv, Dv]`, `lengths` `[B]`.
 
     Slots at or past `lengths[b]` are unwritten: attention through `cached_attention`
-    never reads them.
+    never reads them. A quantized cache (int8/float8_e4m3fn `key`/`value`) also holds
+    `key_scale`/`value_scale` `[B, max_len, Hkv]` float32 (None otherwise): the keys are
+    `key * key_scale[..., None]` (`dequantized`).
     """
 
     key: jax.Array
     value: jax.Array
     lengths: jax.Array
+    key_scale: jax.Array | None = None
+    value_scale: jax.Array | None = None
 
     @classmethod
     def create(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype: Any = jnp.bfloat16, *,
                value_head_dim: int | None = None) -> KVCache:
-        """An empty cache (every length 0) of `max_len` slots per sequence."""
+        """An empty cache (every length 0) of `max_len` slots per sequence.
+
+        `dtype`: float16, bfloat16 or float32, or int8/float8_e4m3fn (with per token and head
+        scales beside the values)."""
         batch = _positive_int(batch, "batch")
         max_len = _positive_int(max_len, "max_len")
         kv_heads = _positive_int(kv_heads, "kv_heads")
         head_dim = _positive_int(head_dim, "head_dim")
         value_head_dim = head_dim if value_head_dim is None else _positive_int(value_head_dim, "value_head_dim")
+        forms = "float16, bfloat16, float32, int8 or float8_e4m3fn"
         try:
             dtype = jnp.dtype(dtype)
         except TypeError as err:
-            raise ValueError(f"dtype: expected a floating-point dtype, got {dtype!r}") from err
-        if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 2:
-            raise ValueError(f"dtype: expected float16, bfloat16 or float32 storage, got {dtype} "
-                             "(int8/fp8 storage with scales is not supported yet)")
+            raise ValueError(f"dtype: expected {forms}, got {dtype!r}") from err
+        quantized = dtype.name in QUANT_DTYPES
+        if not quantized and (not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 2):
+            raise ValueError(f"dtype: expected {forms} storage, got {dtype}")
+        scales = jnp.ones((batch, max_len, kv_heads), jnp.float32) if quantized else None
         return cls(
             key=jnp.zeros((batch, max_len, kv_heads, head_dim), dtype),
             value=jnp.zeros((batch, max_len, kv_heads, value_head_dim), dtype),
             lengths=jnp.zeros((batch,), jnp.int32),
+            key_scale=scales,
+            value_scale=scales,
         )
+
+    @property
+    def quantized(self) -> bool:
+        """True when the values are int8/float8_e4m3fn with scales."""
+        return self.key_scale is not None
+
+    def dequantized(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        """`(key, value)` in `dtype`: the scaled values of a quantized cache (a copy of the
+        whole cache), or the stored arrays cast to `dtype`."""
+        if not self.quantized:
+            return self.key.astype(dtype), self.value.astype(dtype)
+        return dequantize_kv(self.key, self.key_scale, dtype), dequantize_kv(self.value, self.value_scale, dtype)
 
     @property
     def batch(self) -> int:
@@ -85,8 +117,9 @@ class KVCache:
         `num_new` `[B]` (default: `n` for every sequence) says how many of the `n` rows of
         each sequence are real: sequence `b` writes its first `num_new[b]` tokens at
         positions `lengths[b], lengths[b] + 1, ...`. New values are cast to the cache's
-        dtype. Writing past `max_len` is an error when the lengths are concrete; under
-        `jax.jit` the tokens past the end are dropped and the length stops at `max_len`.
+        dtype (quantized, with their scales, in an int8/fp8 cache). Writing past `max_len`
+        is an error when the lengths are concrete; under `jax.jit` the tokens past the end
+        are dropped and the length stops at `max_len`.
         """
         n = self._check_new(key, "key", self.key)
         if self._check_new(value, "value", self.value) != n:
@@ -101,11 +134,18 @@ class KVCache:
         slot = self.lengths[:, None] + step
         slot = jnp.where(step < counts[:, None], slot, self.max_len)  # padding rows: out of range, dropped
         rows = jnp.arange(self.batch, dtype=jnp.int32)[:, None]
-        return KVCache(
-            key=self.key.at[rows, slot].set(key.astype(self.key.dtype), mode="drop"),
-            value=self.value.at[rows, slot].set(value.astype(self.value.dtype), mode="drop"),
-            lengths=jnp.minimum(self.lengths + counts, self.max_len),
-        )
+
+        def write(stored: jax.Array, scales: jax.Array | None, new: jax.Array) -> tuple[jax.Array, Any]:
+            if scales is None:
+                return stored.at[rows, slot].set(new.astype(stored.dtype), mode="drop"), None
+            values, new_scales = quantize_kv(new, stored.dtype)
+            return (stored.at[rows, slot].set(values, mode="drop"),
+                    scales.at[rows, slot].set(new_scales, mode="drop"))
+
+        key_values, key_scale = write(self.key, self.key_scale, key)
+        value_values, value_scale = write(self.value, self.value_scale, value)
+        return KVCache(key=key_values, value=value_values, lengths=jnp.minimum(self.lengths + counts, self.max_len),
+                       key_scale=key_scale, value_scale=value_scale)
 
     def _check_new(self, x: Any, name: str, stored: jax.Array) -> int:
         shape = tuple(getattr(x, "shape", ()))
@@ -131,7 +171,8 @@ class KVCache:
         return dataclasses.replace(self, **changes)
 
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["key", "value", "lengths"], meta_fields=[])
+jax.tree_util.register_dataclass(KVCache, data_fields=["key", "value", "lengths", "key_scale", "value_scale"],
+                                 meta_fields=[])
 
 
 def cached_attention(
@@ -148,7 +189,8 @@ def cached_attention(
     sees the keys `j <= p`; `sliding_window=w` (or `(left, right)`, right capped at 0)
     limits that to `p - left <= j`. The other keywords are those of `jaxattn.attention`
     (`bias` is `[B|1, Hq|1, n, max_len]`). Returns `(out, new_cache)`, or
-    `((out, lse), new_cache)` with `return_lse`.
+    `((out, lse), new_cache)` with `return_lse`. An int8/fp8 cache is attended through a
+    dequantized copy in the query's dtype (`KVCache.dequantized`; see the module docstring).
     """
     if not isinstance(cache, KVCache):
         raise ValueError(f"cache: expected a jaxattn.KVCache, got {type(cache).__name__}")
@@ -162,8 +204,9 @@ def cached_attention(
     if n > 1 or window is not None:
         positions = cache.lengths[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
         mask = QueryPositionMask(positions, left=None if window is None else window[0], right=0)
+    keys, values = (new_cache.key, new_cache.value) if not new_cache.quantized else new_cache.dequantized(query.dtype)
     out = attention(
-        query, new_cache.key, new_cache.value, bias, mask, scale=scale,
+        query, keys, values, bias, mask, scale=scale,
         query_seq_lengths=None if num_new is None else jnp.asarray(num_new, jnp.int32),
         key_value_seq_lengths=new_cache.lengths, logits_soft_cap=logits_soft_cap, sinks=sinks,
         dropout_rate=dropout_rate, dropout_rng=dropout_rng, return_lse=return_lse,
