@@ -60,6 +60,21 @@ def test_supports_reasons():
     assert "sinks" in str(tpu_on) and "multiple of 128" in str(tpu_on)
 
 
+def test_supports_quantized_pages():
+    impl = RaggedPagedAttention()
+    for kv in ("int8", "float8_e4m3fn"):
+        for scale in ("per_token", "scalar"):
+            assert impl.supports(request(kv_dtype=kv, kv_scale=scale), H100)
+            assert DecodeAttention().supports(request(kv_dtype=kv, kv_scale=scale, ragged=False, mode="decode"), H100)
+        assert "need their scales (k_scale/v_scale)" in str(impl.supports(request(kv_dtype=kv), H100))
+    a100 = Hardware.nvidia(compute_capability=(8, 0), device_kind="NVIDIA A100")
+    assert impl.supports(request(kv_dtype="int8", kv_scale="per_token"), a100)
+    assert ">= 8.9" in str(impl.supports(request(kv_dtype="float8_e4m3fn", kv_scale="per_token"), a100))
+    assert "float8_e5m2" in str(impl.supports(request(kv_dtype="float8_e5m2", kv_scale="scalar"), H100))
+    tpu = RaggedPagedAttention(enable_tpu=True).supports(request(kv_dtype="int8", kv_scale="per_token"), Hardware.tpu())
+    assert "k_scale/v_scale" in str(tpu) and "no quantized cache" in str(tpu)
+
+
 def test_auto_picks_the_kernel_on_a_gpu():
     args = paged_problem(0, [20, 7], [3, 1])
     sel = jaxattn.select(*(args[k] for k in ("query", "key_pages", "value_pages", "kv_lengths", "page_indices")),
@@ -78,7 +93,7 @@ def test_conformance_ragged_paged():
 
 def test_conformance_decode():
     report = run_conformance(DecodeAttention(interpret=True), hardware=Hardware.cpu(), dtypes=["bfloat16"],
-                             cases=["paged_decode", "paged_soft_cap"], expect_supported="*")
+                             cases=["paged_decode", "paged_soft_cap", "paged_fp8"], expect_supported="*")
     report.assert_ok()
 
 
@@ -145,5 +160,13 @@ def test_gpu_conformance_and_api():
                 assert_close(out, reference(args, sliding_window=300), jnp.float16)
     dec = paged_problem(11, [5000, 1, 77], hq=32, hkv=8, d=128, dtype=jnp.bfloat16, page_size=64)
     assert_close(jaxattn.paged_attention(**dec, backend="decode"), reference(dec), jnp.bfloat16)
+    # quantized pages through the public API (auto picks the kernel): the dequantized reference
+    for dtype in (jnp.int8, jnp.float8_e4m3fn):
+        k, ks = jaxattn.quantize_kv(dec["key_pages"], dtype)
+        v, vs = jaxattn.quantize_kv(dec["value_pages"], dtype)
+        quant = {**dec, "key_pages": k, "value_pages": v}
+        for name in ("ragged_paged", "decode"):
+            out = jaxattn.paged_attention(**quant, k_scale=ks, v_scale=vs, backend=name, sliding_window=3000)
+            assert_close(out, reference(quant, k_scale=ks, v_scale=vs, sliding_window=3000), jnp.bfloat16)
     out2 = run_impl(RaggedPagedAttention(), dec, hardware=Hardware.nvidia())[0]
     assert np.isfinite(np.asarray(out2, np.float32)).all()

@@ -1,4 +1,5 @@
-"""update_paged_kv_cache: new tokens land in the page/slot DESIGN.md assigns; nothing else changes."""
+"""update_paged_kv_cache (an alias of jaxattn.update_paged_cache): new tokens land in the page/slot
+DESIGN.md assigns; nothing else changes. Quantized writes are tested in the core (test_quant.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn_ragged import update_paged_kv_cache
+import jaxattn
+from jaxattn_ragged import token_slots, update_paged_kv_cache
 from jaxattn_ragged._testing import paged_problem
 
 
@@ -48,3 +50,9 @@ def test_decode_write_skips_empty_sequences():
     np.testing.assert_array_equal(np.asarray(kp), want)
     want_v = _expected(args["value_pages"], np.asarray(k_new), lengths, [1, 0, 1], table, 8, decode=True)
     np.testing.assert_array_equal(np.asarray(vp), want_v)
+
+
+def test_the_plugin_names_are_the_cores():
+    from jaxattn.paged_cache import token_slots as core_slots
+
+    assert update_paged_kv_cache is jaxattn.update_paged_cache and token_slots is core_slots

@@ -118,3 +118,34 @@ def test_unwritten_slots_holding_nan_do_not_leak():
     ref = reference({**args, "key_pages": jnp.asarray(clean_k), "value_pages": jnp.asarray(clean_v)})
     assert np.isfinite(np.asarray(out)).all()
     assert_close(out, ref, jnp.float32)
+
+
+def _quantized(args, dtype):
+    """`args` with int8/fp8 pages, and the per token and head scales (kwargs of paged_attention)."""
+    kq, ks = jaxattn.quantize_kv(args["key_pages"], dtype)
+    vq, vs = jaxattn.quantize_kv(args["value_pages"], dtype)
+    return {**args, "key_pages": kq, "value_pages": vq}, {"k_scale": ks, "v_scale": vs}
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
+def test_quantized_decode_page_layouts(dtype):
+    """Every way a step loads pages (2-D gather, 3-D gather, a slice of one page) loads the scales alike;
+    the result equals the reference on the dequantized cache."""
+    for page_size, cfg in ((8, KernelConfig(block_q=1, block_kv=16)), (8, KernelConfig(block_q=1, block_kv=16,
+                                                                                         gather2d=0)),
+                           (16, KernelConfig(block_q=1, block_kv=8, num_splits=2))):
+        args, scales = _quantized(paged_problem(14, [45, 0, 17], page_size=page_size), dtype)
+        assert_close(run(args, cfg, **scales), reference(args, **scales), jnp.float32)
+
+
+def test_quantized_ragged_with_window_soft_cap_sinks_and_bf16_queries():
+    args = paged_problem(15, [50, 33, 17], [20, 1, 17], pad_tokens=2, hq=6, hkv=2, dtype=jnp.bfloat16)
+    args, scales = _quantized(args, jnp.int8)
+    sinks = jax.random.normal(jax.random.PRNGKey(16), (6,), jnp.float32)
+    kw = dict(sliding_window=11, logits_soft_cap=2.5, sinks=sinks, **scales)
+    out = run(args, KernelConfig(block_q=4, block_kv=8, num_splits=2), **kw)
+    assert out.dtype == jnp.bfloat16  # the query's dtype, not the cache's
+    assert_close(out, reference(args, **kw), jnp.bfloat16)
+    # a scalar scale and a per-kv-head scale (broadcast to [num_pages, page_size, kv_heads])
+    kw = dict(k_scale=jnp.asarray([0.02, 0.03]), v_scale=0.05)
+    assert_close(run(args, **kw), reference(args, **kw), jnp.bfloat16)

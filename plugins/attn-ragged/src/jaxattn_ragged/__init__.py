@@ -1,7 +1,8 @@
 """jaxattn-ragged: paged-KV-cache attention backends for jaxattn.
 
 Backends (op "paged_attention"): `ragged_paged` (decode and ragged prefill+decode in one
-Pallas launch) and `decode` (its decode layout). Cache helper: `update_paged_kv_cache`.
+Pallas launch) and `decode` (its decode layout), for 16-bit and quantized (int8, fp8)
+caches. Cache writer: `update_paged_kv_cache`, an alias of `jaxattn.update_paged_cache`.
 """
 
 from .cache import token_slots, update_paged_kv_cache

@@ -53,6 +53,7 @@ def run_impl(impl, args, hardware=None, **kw):
     inputs = build_paged_inputs(
         args["query"], args["key_pages"], args["value_pages"], args["kv_lengths"], args["page_indices"],
         cu_q_lens=args.get("cu_q_lens"), scale=kw.get("scale"), sliding_window=kw.get("sliding_window"),
-        logits_soft_cap=kw.get("logits_soft_cap"), sinks=kw.get("sinks"), metadata=OperationMetadata())
+        logits_soft_cap=kw.get("logits_soft_cap"), sinks=kw.get("sinks"), metadata=OperationMetadata(),
+        k_scale=kw.get("k_scale"), v_scale=kw.get("v_scale"))
     hardware = hardware or Hardware.cpu()
     return jax.jit(lambda i: impl(i, OperationMetadata(), hardware))(inputs)

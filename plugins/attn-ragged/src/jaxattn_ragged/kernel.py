@@ -22,6 +22,15 @@ Semantics (DESIGN.md): `scale * q.k`, optional soft-cap `c * tanh(x / c)`, causa
 position (queries are the last positions of their sequence), sliding window
 `pos - left <= key`, softmax in float32; sinks join the denominator in the epilogue.
 Rows with no visible key give zeros and an lse of -inf.
+
+Quantized pages (int8, float8_e4m3fn; `k_scale`/`v_scale` per token and head): decode is
+bound by reading the cache, so the kernel reads one byte per value and does the least
+work per byte. Each loaded tile is converted to the query's dtype in registers (exact:
+|int8| <= 127, and every e4m3 value is a bf16/fp16 value) and the dots run as for a
+16-bit cache; the scales never touch a tile: a key's scale multiplies its column of the
+logits (`[rows, block_kv]`, once per key for all query rows of the tile), a value's
+scale multiplies its column of the probabilities before the second dot. A scalar scale
+costs nothing in the loop: the key's folds into the query, the value's into the output.
 """
 
 from __future__ import annotations
@@ -130,27 +139,24 @@ def _work_items(kv_lengths, cu_q_lens, tokens: int, block_q: int, block_kv: int,
     return jnp.stack([seq, q0, n, p0, kv_len, blk_lo, per, blk_hi], axis=1).astype(jnp.int32)
 
 
-def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, classes, group: int,
-            page_size: int, block_kv: int, scale: float, soft_cap: float | None,
-            window_left: int | None, precision, gather2d: bool, mask_split: bool):
-    """`classes`: static ((first item, end item, rows), ...): item ranges with their tile rows."""
+def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, o_ref, lse_ref, *, classes, **static):
+    """`classes`: static ((first item, end item, rows), ...): item ranges with their tile rows.
+
+    `ks_ref`/`vs_ref`: per token scales `[num_pages, page_size]` of this kv head, or None."""
     w = pl.program_id(0)  # read here: the interpreter cannot read program ids inside a branch
     split = pl.program_id(2)
+    refs = (meta_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, o_ref, lse_ref)
     if len(classes) == 1:
-        _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, rows=classes[0][2], group=group,
-                 page_size=page_size, block_kv=block_kv, scale=scale, soft_cap=soft_cap,
-                 window_left=window_left, precision=precision, gather2d=gather2d, mask_split=mask_split)
+        _program(w, split, *refs, rows=classes[0][2], **static)
         return
     for start, end, rows in classes:
         @pl.when((w >= start) & (w < end))
         def _(rows=rows):
-            _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, rows=rows, group=group,
-                     page_size=page_size, block_kv=block_kv, scale=scale, soft_cap=soft_cap,
-                     window_left=window_left, precision=precision, gather2d=gather2d, mask_split=mask_split)
+            _program(w, split, *refs, rows=rows, **static)
 
 
-def _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, rows: int, group: int,
-             page_size: int, block_kv: int, scale: float, soft_cap: float | None,
+def _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, o_ref, lse_ref, *, rows: int,
+             group: int, page_size: int, block_kv: int, scale: float, soft_cap: float | None,
              window_left: int | None, precision, gather2d: bool, mask_split: bool):
     seq = meta_ref[w, 0]
     q0 = meta_ref[w, 1]
@@ -167,33 +173,36 @@ def _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
     row_tok = lax.broadcasted_iota(jnp.int32, (rows,), 0) // group
     row_pos = p0 + row_tok  # sequence position of each row's query
     dv = v_ref.shape[-1]
-    d = k_ref.shape[-1]
     whole_pages = block_kv >= page_size
     pages_per_step = block_kv // page_size if whole_pages else 1
     qk_scale = scale if soft_cap is None else scale / soft_cap
     out_scale = LOG2E if soft_cap is None else soft_cap * LOG2E
     tok = lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
 
-    def load_kv(j):
+    def load(j, ref):
+        """Step j's `[block_kv, ...]` tile of a `[num_pages, page_size, ...]` ref (None stays None)."""
+        if ref is None:
+            return None
         if whole_pages and gather2d:
             pages = pt_ref[seq, j * pages_per_step + tok // page_size]  # [block_kv] page of each key
-            slots = tok % page_size
-            return k_ref[pages, slots, :], v_ref[pages, slots, :]
+            return ref[pages, tok % page_size]
         if whole_pages:
-            pages = pt_ref[seq, pl.ds(j * pages_per_step, pages_per_step)]
-            return k_ref[pages].reshape(block_kv, d), v_ref[pages].reshape(block_kv, dv)
+            tile = ref[pt_ref[seq, pl.ds(j * pages_per_step, pages_per_step)]]
+            return tile.reshape(block_kv, *tile.shape[2:])
         start = j * block_kv
-        page = pt_ref[seq, start // page_size]
-        off = start % page_size
-        return k_ref[page, pl.ds(off, block_kv), :], v_ref[page, pl.ds(off, block_kv), :]
+        return ref[pt_ref[seq, start // page_size], pl.ds(start % page_size, block_kv)]
 
     def step(masked):
         def body(j, carry):
             acc, m_i, l_i = carry
-            k, v = load_kv(j)
+            k = load(j, k_ref).astype(q.dtype)  # one-byte pages: converted in registers
+            v = load(j, v_ref).astype(q.dtype)
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                 preferred_element_type=jnp.float32)  # [rows, block_kv]
-            s = s * qk_scale
+            if ks_ref is None:
+                s = s * qk_scale
+            else:  # each key's scale multiplies its column of the logits
+                s = s * (load(j, ks_ref).astype(jnp.float32) * qk_scale)[None, :]
             if soft_cap is not None:
                 s = jnp.tanh(s)
             s = s * out_scale  # log2 domain
@@ -211,7 +220,13 @@ def _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                 # slots past the sequence's end may hold anything (NaN in never-written pages): 0 * NaN
                 v = jnp.where((k_pos < kv_len)[:, None], v, jnp.zeros_like(v))
             l_new = l_i * alpha + jnp.sum(p, axis=1)
-            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+            pw = p
+            if vs_ref is not None:  # each value's scale multiplies its column of the probabilities
+                v_s = load(j, vs_ref).astype(jnp.float32)
+                if masked:  # never-written slots may hold NaN scales
+                    v_s = jnp.where(k_pos < kv_len, v_s, 0.0)
+                pw = p * v_s[None, :]
+            pv = lax.dot_general(pw.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32)
             return acc * alpha[:, None] + pv, m_new, l_new
         return body
@@ -255,11 +270,13 @@ def choose_splits(items: int, kv_heads: int, max_steps: int, cfg: KernelConfig) 
 
 def paged_attention_kernel(query, key_pages, value_pages, kv_lengths, page_indices, cu_q_lens, *,
                            scale: float, window_left: int | None = None, soft_cap: float | None = None,
-                           sinks=None, config: KernelConfig = RAGGED_CONFIG, interpret: bool = False):
+                           sinks=None, k_scale=None, v_scale=None, config: KernelConfig = RAGGED_CONFIG,
+                           interpret: bool = False):
     """`out [tokens, Hq, Dv]` (query dtype) and `lse [Hq, tokens]` float32.
 
     Layout and semantics as `jaxattn.paged_attention` (DESIGN.md); `cu_q_lens=None` is
-    decode (one query per sequence).
+    decode (one query per sequence). `k_scale`/`v_scale`: None, a scalar, or per token and
+    head `[num_pages, page_size, kv_heads]` (keys are `key_pages * k_scale[..., None]`).
     """
     tokens, hq, d = query.shape
     num_pages, page_size, hkv, _ = key_pages.shape
@@ -313,15 +330,22 @@ def paged_attention_kernel(query, key_pages, value_pages, kv_lengths, page_indic
         pps = block_kv // page_size
         table = jnp.pad(table, ((0, 0), (0, max_steps * pps - pages_per_seq)))
 
+    # The dots run in the cache's dtype, or the query's for one-byte pages (converted per tile).
+    compute_dtype = query.dtype if key_pages.dtype.itemsize == 1 else key_pages.dtype
+    k_scale, v_scale = (None if x is None else jnp.asarray(x) for x in (k_scale, v_scale))
+    if k_scale is not None and k_scale.ndim == 0:  # one scale for every key: fold it into the queries
+        query = (query.astype(jnp.float32) * k_scale.astype(jnp.float32)).astype(query.dtype)
     # Queries as [Hkv, (tokens + block_q) * Gp, D]: the rows of one item are contiguous.
-    cache_dtype = key_pages.dtype
-    q = query.astype(cache_dtype).reshape(tokens, hkv, group, d)
+    q = query.astype(compute_dtype).reshape(tokens, hkv, group, d)
     q = jnp.pad(q, ((0, block_q), (0, 0), (0, gp - group), (0, 0)))
     q = q.transpose(1, 0, 2, 3).reshape(hkv, (tokens + block_q) * gp, d)
     total_rows = (tokens + block_q) * gp
 
     out_dtype = query.dtype if splits == 1 else jnp.float32
-    precision = lax.Precision.HIGHEST if cache_dtype == jnp.float32 else None
+    precision = lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
+    per_token = [x if x is not None and x.ndim else None for x in (k_scale, v_scale)]
+    scale_specs = [None if x is None else pl.BlockSpec((num_pages, page_size, None), lambda i, h, s: (0, 0, h))
+                   for x in per_token]
     kernel = functools.partial(
         _kernel, classes=classes, group=gp, page_size=page_size, block_kv=block_kv, scale=float(scale),
         soft_cap=soft_cap, window_left=window_left, precision=precision, gather2d=bool(config.gather2d),
@@ -337,6 +361,7 @@ def paged_attention_kernel(query, key_pages, value_pages, kv_lengths, page_indic
             pl.BlockSpec((None, total_rows, d), lambda i, h, s: (h, 0, 0)),
             pl.BlockSpec((num_pages, page_size, None, d), lambda i, h, s: (0, 0, h, 0)),
             pl.BlockSpec((num_pages, page_size, None, dv), lambda i, h, s: (0, 0, h, 0)),
+            *scale_specs,
         ],
         out_specs=[
             pl.BlockSpec((None, None, total_rows, dv), lambda i, h, s: (s, h, 0, 0)),
@@ -349,11 +374,13 @@ def paged_attention_kernel(query, key_pages, value_pages, kv_lengths, page_indic
         compiler_params=None if interpret else triton_params(config.num_warps, num_stages),
         interpret=interpret,
         name=f"jaxattn_paged_bq{block_q}_bk{block_kv}_s{splits}",
-    )(meta, table, q, key_pages, value_pages)
+    )(meta, table, q, key_pages, value_pages, *per_token)
 
     o = o.reshape(splits, hkv, tokens + block_q, gp, dv)[:, :, :tokens, :group]
     lse = lse.reshape(splits, hkv, tokens + block_q, gp)[:, :, :tokens, :group]
     out, lse = merge_splits(o, lse)  # [Hkv, T, G, Dv], [Hkv, T, G]
+    if v_scale is not None and v_scale.ndim == 0:  # one scale for every value: it scales the output
+        out = out * v_scale.astype(jnp.float32)
     if sinks is not None:
         sink = sinks.astype(jnp.float32).reshape(hkv, 1, group)
         has_key = jnp.isfinite(lse)

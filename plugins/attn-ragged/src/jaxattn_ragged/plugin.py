@@ -16,6 +16,10 @@ Settings (`metadata.operation_configs["ragged_paged"]` or `["decode"]`: a `Ragge
 `num_warps`, `num_stages`, `target_programs`, and the switches `gather2d`, `mask_split`,
 `two_tiles` (1/0).
 Measured tables (`tuning/*.json`, package data) are shipped through `jaxattn_tuning_tables`.
+
+Quantized caches (int8 or float8_e4m3fn pages with `k_scale`/`v_scale`, per token and head
+or scalar) run in the same GPU kernel, dequantized tile by tile (fp8 needs compute
+capability 8.9). The TPU path takes 16-bit caches only.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from jaxattn.request import AttentionRequest
 from .kernel import DECODE_CONFIG, RAGGED_CONFIG, KernelConfig, is_pow2, paged_attention_kernel
 from .tpu import tpu_paged_attention
 
-KV_DTYPES = ("bfloat16", "float16", "float32")
+KV_DTYPES = ("bfloat16", "float16", "float32", "int8", "float8_e4m3fn")
 Q_DTYPES = ("bfloat16", "float16", "float32")
+QUANT_DTYPES = ("int8", "float8_e4m3fn")
+FP8_CAPABILITY = (8, 9)  # Triton converts float8_e4m3fn on Ada/Hopper and later
 MIN_PAGE, MAX_PAGE = 8, 1024
 MIN_DIM, MAX_DIM = 16, 256
 MAX_GROUP = 64
@@ -133,6 +139,8 @@ class RaggedPagedAttention(OperationImpl):
         if request.kv_dtype not in KV_DTYPES:
             reasons.append(f"{self.name}: cache dtype {request.kv_dtype} unsupported "
                            f"(supported: {', '.join(KV_DTYPES)})")
+        elif request.kv_dtype in QUANT_DTYPES and request.kv_scale == "none":
+            reasons.append(f"{self.name}: {request.kv_dtype} pages need their scales (k_scale/v_scale)")
         if request.dtype not in Q_DTYPES:
             reasons.append(f"{self.name}: query dtype {request.dtype} unsupported (supported: {', '.join(Q_DTYPES)})")
         if hardware.platform == "tpu" and not self.interpret:
@@ -158,6 +166,10 @@ class RaggedPagedAttention(OperationImpl):
         if hardware.platform == "gpu" and capability is not None and capability < (8, 0):
             reasons.append(f"{self.name}: needs compute capability >= 8.0 (bf16 tensor cores), got "
                            f"{hardware.compute_capability}")
+        elif (request.kv_dtype == "float8_e4m3fn" and hardware.platform == "gpu" and capability is not None
+              and capability < FP8_CAPABILITY):
+            reasons.append(f"{self.name}: float8_e4m3fn pages need compute capability >= 8.9 (Triton's fp8 "
+                           f"conversion), got {capability}; use int8 pages")
         return reasons
 
     def _tpu_reasons(self, request: AttentionRequest) -> list[str]:
@@ -169,7 +181,9 @@ class RaggedPagedAttention(OperationImpl):
         if request.head_dim % 128:
             reasons.append(f"{self.name} on TPU: head_dim must be a multiple of 128, got {request.head_dim}")
         if request.kv_dtype == "float32" or request.kv_dtype != request.dtype:
-            reasons.append(f"{self.name} on TPU: query and cache must share one 16-bit dtype")
+            reasons.append(f"{self.name} on TPU: query and cache must share one 16-bit dtype (no quantized cache)")
+        if request.kv_scale != "none":
+            reasons.append(f"{self.name} on TPU: no k_scale/v_scale (jax's kernel is wrapped for 16-bit caches)")
         return reasons
 
     # -- what it computes -------------------------------------------------------------
@@ -181,7 +195,8 @@ class RaggedPagedAttention(OperationImpl):
         return paged_attention_kernel(
             inputs.query, inputs.key_pages, inputs.value_pages, inputs.kv_lengths, inputs.page_indices,
             inputs.cu_q_lens, scale=inputs.scale, window_left=_window_left(inputs),
-            soft_cap=inputs.logits_soft_cap, sinks=inputs.sinks, config=cfg, interpret=self.interpret)
+            soft_cap=inputs.logits_soft_cap, sinks=inputs.sinks, k_scale=inputs.k_scale, v_scale=inputs.v_scale,
+            config=cfg, interpret=self.interpret)
 
     def forward_gpu(self, inputs: PagedAttentionInputs, metadata: OperationMetadata) -> Any:
         return self._run_kernel(inputs, metadata)
@@ -194,6 +209,8 @@ class RaggedPagedAttention(OperationImpl):
     def forward_tpu(self, inputs: PagedAttentionInputs, metadata: OperationMetadata) -> Any:
         if inputs.sinks is not None:
             raise NotImplementedError(f"{self.name} on TPU: jax's kernel has no sinks")
+        if inputs.k_scale is not None or inputs.v_scale is not None:
+            raise NotImplementedError(f"{self.name} on TPU: no quantized cache (k_scale/v_scale)")
         raw = metadata.get_operation_config(self.name + "_tpu")
         out = tpu_paged_attention(
             inputs.query, inputs.key_pages, inputs.value_pages, inputs.kv_lengths, inputs.page_indices,
