@@ -5,6 +5,8 @@
 #     flash    flash's conformance on the compiled kernels (tests/test_flash.py; ~6.5 min on an H100)
 #     mosaic   flash's Mosaic GPU path (tests/test_flash_mosaic.py; ~3 min)
 #     rest     the cudnn and ragged GPU tests (ragged ~1 min), then bench/bench_auto.py (~1 min)
+#     quant    the ragged GPU tests (quantized pages included), then the quantized-cache benchmark
+#              (bench_ragged.py --sections quant: bf16 vs int8 vs fp8 pages beside cuDNN; JSON in OUTDIR)
 #     all      the three in order (more than one device call)
 # Every part installs the core and all plugins (no network needed) and lists the backends.
 # Logs go to OUTDIR (default ./gpu-logs); the exit status is that of the tests.
@@ -12,8 +14,8 @@ set -o pipefail
 part="${1:-}"
 out="${2:-gpu-logs}"
 case "$part" in
-  flash|mosaic|rest|all) ;;
-  *) echo "usage: bash bench/gpu_checks.sh flash|mosaic|rest|all [OUTDIR]" >&2; exit 2 ;;
+  flash|mosaic|rest|quant|all) ;;
+  *) echo "usage: bash bench/gpu_checks.sh flash|mosaic|rest|quant|all [OUTDIR]" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -37,5 +39,10 @@ fi
 if [ "$part" = rest ] || [ "$part" = all ]; then
   run_tests rest plugins/attn-cudnn/tests/test_gpu.py plugins/attn-ragged/tests/test_backends.py
   python3 bench/bench_auto.py 2>&1 | tee "$out/auto.md"
+fi
+if [ "$part" = quant ]; then
+  run_tests ragged plugins/attn-ragged/tests/test_backends.py
+  python3 plugins/attn-ragged/bench/bench_ragged.py --sections quant --json "$out/bench_ragged_quant.json" 2>&1 \
+    | tee "$out/bench_ragged_quant.log"
 fi
 exit $status

@@ -3,6 +3,9 @@
 Run on the device from the repository root:
 
     python3 plugins/attn-ragged/bench/bench_ragged.py [--tune] [--json OUT.json]
+    python3 plugins/attn-ragged/bench/bench_ragged.py --sections quant   # bf16 vs int8 vs fp8 pages
+
+JSON goes to `--json`, else to `$OUT/bench_ragged_<sections>.json` when `OUT` is set.
 
 Shapes: 32 query heads, 8 kv heads, head_dim 128, bf16, pages of 16 tokens (plus a page
 size sweep), shuffled page tables. Effective bandwidth = K and V bytes the call must read
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -26,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jaxattn
 from jaxattn_ragged.kernel import DECODE_CONFIG, RAGGED_CONFIG, KernelConfig, paged_attention_kernel
 
 HQ, HKV, D = 32, 8, 128
@@ -94,9 +99,9 @@ def reference(q, k, v, q_pos, kv_len):
 
 
 def kernel_fn(cfg, cu=False):
-    def f(q, kp, vp, lens, table, cu_q_lens=None):
+    def f(q, kp, vp, lens, table, cu_q_lens=None, k_scale=None, v_scale=None):
         out, _ = paged_attention_kernel(q, kp, vp, lens, table, cu_q_lens, scale=1 / np.sqrt(D), config=cfg,
-                                        interpret=SMOKE)
+                                        k_scale=k_scale, v_scale=v_scale, interpret=SMOKE)
         return out
     return jax.jit(f)
 
@@ -183,28 +188,35 @@ def bench_long(kv, configs):
             fail("long", shape, name, e)
 
 
-def bench_ragged(configs, decode_cfg, n_prefill=8, chunk=512, context=1536, n_decode=56, decode_kv=4096):
-    """8 prefill chunks of 512 tokens (on `context` earlier tokens) + 56 decode tokens."""
-    page_size = 16
+def ragged_problem(n_prefill=8, chunk=512, context=1536, n_decode=56, decode_kv=4096):
+    """`n_prefill` chunks of `chunk` tokens (on `context` earlier tokens) + `n_decode` decode tokens:
+    q, pages, table, lens, cu, the lengths, and `ref(kd, vd)`, the float32 reference on dense K/V."""
     key = jax.random.PRNGKey(5)
     pre_len = context + chunk
     lengths = [pre_len] * n_prefill + [decode_kv] * n_decode
-    kp, vp, table = make_cache(key, lengths, page_size)
+    kp, vp, table = make_cache(key, lengths, 16)
     q_counts = [chunk] * n_prefill + [1] * n_decode
     cu_np = np.concatenate([[0], np.cumsum(q_counts)]).astype(np.int32)
     tokens = int(cu_np[-1])
     q = jax.random.normal(jax.random.fold_in(key, 1), (tokens, HQ, D), jnp.float32).astype(DT)
     lens = jnp.asarray(lengths, jnp.int32)
-    cu = jnp.asarray(cu_np)
-    kd, vd = dense_kv(kp, table), dense_kv(vp, table)
     n_pre_tok = n_prefill * chunk
     pos_pre = jnp.broadcast_to(jnp.arange(context, pre_len)[None], (n_prefill, chunk))
-    ref_pre = reference(q[:n_pre_tok].reshape(n_prefill, chunk, HQ, D), kd[:n_prefill], vd[:n_prefill],
-                        pos_pre, lens[:n_prefill]).reshape(n_pre_tok, HQ, D)
-    ref_dec = reference(q[n_pre_tok:, None], kd[n_prefill:], vd[n_prefill:], (lens[n_prefill:] - 1)[:, None],
-                        lens[n_prefill:])[:, 0]
-    ref = jnp.concatenate([ref_pre, ref_dec])
-    del kd, vd
+
+    def ref(kd, vd):
+        ref_pre = reference(q[:n_pre_tok].reshape(n_prefill, chunk, HQ, D), kd[:n_prefill], vd[:n_prefill],
+                            pos_pre, lens[:n_prefill]).reshape(n_pre_tok, HQ, D)
+        ref_dec = reference(q[n_pre_tok:, None], kd[n_prefill:], vd[n_prefill:], (lens[n_prefill:] - 1)[:, None],
+                            lens[n_prefill:])[:, 0]
+        return jnp.concatenate([ref_pre, ref_dec])
+    return q, kp, vp, table, lens, jnp.asarray(cu_np), lengths, ref
+
+
+def bench_ragged(configs, decode_cfg, n_prefill=8, chunk=512, context=1536, n_decode=56, decode_kv=4096):
+    """8 prefill chunks of 512 tokens (on `context` earlier tokens) + 56 decode tokens."""
+    q, kp, vp, table, lens, cu, lengths, ref_fn = ragged_problem(n_prefill, chunk, context, n_decode, decode_kv)
+    ref = ref_fn(dense_kv(kp, table), dense_kv(vp, table))
+    n_pre_tok = n_prefill * chunk
     byts = sum(2 * n * HKV * D * 2 for n in lengths)
     shape = f"({n_prefill}x{chunk} prefill + {n_decode} decode)"
     # separate calls: the prefill sequences (ragged) and the decode sequences (decode layout)
@@ -234,6 +246,125 @@ def bench_ragged(configs, decode_cfg, n_prefill=8, chunk=512, context=1536, n_de
             traceback.print_exc()
 
 
+# -- quantized cache: bf16 vs int8 vs fp8 pages ------------------------------------------------
+
+QUANT_DTYPES = ("bfloat16", "int8", "float8_e4m3fn")
+QUANT_BAR = 1.7  # int8 and fp8 decode must reach this multiple of the bf16 cache's tokens/s
+QUANT_VARIANTS = {"bk64": dict(block_kv=64), "bk256": dict(block_kv=256), "w8": dict(num_warps=8),
+                  "s4": dict(num_stages=4), "s2": dict(num_stages=2)}
+
+
+def quantized(kp, vp, dtype):
+    """Pages in `dtype` with their per token and head scales (bf16: the pages, no scales)."""
+    if dtype == "bfloat16":
+        return kp, vp, (None, None)
+    k, ks = jaxattn.quantize_kv(kp, dtype)
+    v, vs = jaxattn.quantize_kv(vp, dtype)
+    return k, v, (ks, vs)
+
+
+def dequantized_dense(pages, scale, table):
+    return dense_kv(pages if scale is None else jaxattn.dequantize_kv(pages, scale), table)
+
+
+def cache_bytes(tokens, dtype):
+    """K and V bytes read for `tokens` cached tokens: the values, and a float32 scale per token and head."""
+    per_head = 2 * D if dtype == "bfloat16" else D + 4
+    return 2 * tokens * HKV * per_head
+
+
+def record_quant(section, shape, dtype, name, dt, tokens, byts, err, err_deq):
+    ROWS.append(dict(section=section, shape=shape, dtype=dtype, impl=name, us=dt * 1e6, tokens_per_s=tokens / dt,
+                     tbs=byts / dt / 1e12, err=err, err_vs_dequantized=err_deq))
+    print(f"{section:7s} {shape:34s} {dtype:14s} {name:30s} {dt * 1e6:8.1f} us {tokens / dt:11.0f} tok/s "
+          f"{byts / dt / 1e12:5.2f} TB/s err={err:.1e} (vs dequantized {err_deq:.1e})", flush=True)
+
+
+def quant_cases(section, shape, tokens, q, kp, vp, table, lens, cu, ref_of, configs):
+    """Time every dtype x config on one problem; `ref_of(kd, vd)` is the float32 reference on dense K/V."""
+    ref = ref_of(dense_kv(kp, table), dense_kv(vp, table))
+    byts_of = {dt: cache_bytes(int(jnp.sum(lens)), dt) for dt in QUANT_DTYPES}
+    times = {}
+    for dtype in QUANT_DTYPES:
+        k, v, (ks, vs) = quantized(kp, vp, dtype)
+        deq = ref if ks is None else ref_of(dequantized_dense(k, ks, table), dequantized_dense(v, vs, table))
+        for name, cfg in configs:
+            try:
+                dt, out = timeit(kernel_fn(cfg), q, k, v, lens, table, cu, ks, vs)
+                record_quant(section, shape, dtype, name, dt, tokens, byts_of[dtype], rel_err(out, ref),
+                             rel_err(out, deq))
+                times[(dtype, name)] = dt
+            except Exception as e:  # noqa: BLE001
+                fail(section, shape, f"{dtype} {name}", e)
+        del k, v, ks, vs, deq
+    return ref, times
+
+
+def quant_bars(section, shape, times, default, bar=QUANT_BAR):
+    """tokens/s of int8 and fp8 pages over bf16 pages (default configs, and each dtype's best), judged
+    against `bar` (None: reported only)."""
+    for dtype in QUANT_DTYPES[1:]:
+        if (dtype, default) not in times or ("bfloat16", default) not in times:
+            continue
+        ratio = times[("bfloat16", default)] / times[(dtype, default)]
+        best_name = min((n for d, n in times if d == dtype), key=lambda n: times[(dtype, n)])
+        best = min(t for (d, _), t in times.items() if d == "bfloat16") / times[(dtype, best_name)]
+        ok = None if bar is None else ratio >= bar
+        ROWS.append(dict(section=section + "-bar", shape=shape, dtype=dtype, speedup_vs_bf16=ratio,
+                         best_config=best_name, best_speedup_vs_best_bf16=best, bar=bar, ok=ok))
+        print(f"BAR     {shape:34s} {dtype:14s} tokens/s vs bf16 pages: {ratio:.2f}x ({_verdict(bar, ok)}); "
+              f"best {best_name}: {best:.2f}x the best bf16", flush=True)
+
+
+def _verdict(bar, ok):
+    return "no bar" if bar is None else f"bar {bar}x: {'pass' if ok else 'FAIL'}"
+
+
+def bench_quant(tune=False):
+    """Decode (32 x 8192, 64 x 4096, 1 x 131072) and a ragged mix, bf16 vs int8 vs fp8 pages (32 q / 8 kv
+    heads, head_dim 128, pages of 16), beside cuDNN on a dense bf16 cache."""
+    default = "ragged_paged (default)"
+    shapes = [(2, 64), (2, 32), (1, 256)] if SMOKE else [(32, 8192), (64, 4096), (1, 131072)]
+    for i, (b, kv) in enumerate(shapes):
+        key = jax.random.PRNGKey(b * 7 + kv)
+        kp, vp, table = make_cache(key, [kv] * b, 16)
+        q = jax.random.normal(jax.random.fold_in(key, 1), (b, HQ, D), jnp.float32).astype(DT)
+        lens = jnp.asarray([kv] * b, jnp.int32)
+        shape = f"decode (b={b}, kv={kv}, ps=16)"
+        variants = {"": {}, **(QUANT_VARIANTS if (tune or i == 0) and not SMOKE else {})}
+        ref, times = quant_cases("quant", shape, b, q, kp, vp, table, lens, None,
+                                 lambda kd, vd, q=q, lens=lens: reference(q[:, None], kd, vd, (lens - 1)[:, None],
+                                                                          lens)[:, 0],
+                                 cfgs(DECODE_CONFIG, variants))
+        if not SMOKE:
+            kd, vd = dense_kv(kp, table), dense_kv(vp, table)
+            try:
+                fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q[:, None], k, v, implementation="cudnn"))
+                dt, out = timeit(fn, q, kd, vd)
+                record_quant("quant", shape, "bfloat16 dense", "jax.nn cudnn", dt, b, cache_bytes(b * kv, "bfloat16"),
+                             rel_err(out[:, 0], ref), 0.0)
+            except Exception as e:  # noqa: BLE001
+                fail("quant", shape, "jax.nn cudnn (dense)", e)
+            del kd, vd
+        quant_bars("quant", shape, times, default)
+        del kp, vp
+    args = dict(n_prefill=2, chunk=32, context=16, n_decode=3, decode_kv=64) if SMOKE else {}
+    q, kp, vp, table, lens, cu, _, ref_of = ragged_problem(**args)
+    shape = "ragged ({}x{} prefill + {} decode)".format(*((2, 32, 3) if SMOKE else (8, 512, 56)))
+    variants = {"": {}, **({"bq16": dict(block_q=16), "w8": dict(num_warps=8)} if tune else {})}
+    _, times = quant_cases("quant", shape, int(q.shape[0]), q, kp, vp, table, lens, cu, ref_of,
+                           cfgs(RAGGED_CONFIG, variants))
+    quant_bars("quant", shape, times, default, bar=None)  # the bar is for decode; prefill is not bound by the cache
+    print("\nQUANT SUMMARY (tokens/s: decode tokens, or query tokens of the ragged call)")
+    for r in ROWS:
+        if "tokens_per_s" in r:
+            print(f"{r['shape']:34s} {r['dtype']:14s} {r['impl']:30s} {r['us']:8.1f}us {r['tokens_per_s']:11.0f} "
+                  f"tok/s {r['tbs']:5.2f}TB/s err={r['err']:.1e}")
+        elif "speedup_vs_bf16" in r:
+            print(f"{r['shape']:34s} {r['dtype']:14s} {r['speedup_vs_bf16']:.2f}x bf16 ({_verdict(r['bar'], r['ok'])}; "
+                  f"best {r['best_config']} {r['best_speedup_vs_best_bf16']:.2f}x)")
+
+
 def cfgs(base: KernelConfig, variants: dict[str, dict]) -> list[tuple[str, KernelConfig]]:
     out = []
     for name, ch in variants.items():
@@ -247,7 +378,8 @@ def main():
     ap.add_argument("--tune", action="store_true", help="time several block/warp/stage/split variants")
     ap.add_argument("--final", action="store_true", help="defaults plus the few variants BENCHMARKS.md cites")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--sections", default="decode,long,ragged,pages")
+    ap.add_argument("--sections", default="decode,long,ragged,pages",
+                    help="comma-separated: decode, long, ragged, pages, quant (bf16 vs int8 vs fp8 pages)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, Pallas interpreter (CPU check)")
     args = ap.parse_args()
     global SMOKE
@@ -296,11 +428,17 @@ def main():
                          decode_kv=64)
         else:
             bench_ragged(cfgs(RAGGED_CONFIG, rag_var), DECODE_CONFIG)
+    if "quant" in sections:
+        bench_quant(tune=args.tune)
+    if args.json is None and os.environ.get("OUT"):
+        args.json = os.path.join(os.environ["OUT"], f"bench_ragged_{'_'.join(sections)}.json")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind), rows=ROWS), fh, indent=1)
     print("\nSUMMARY")
     for r in ROWS:
+        if "tokens_per_s" in r or "speedup_vs_bf16" in r:
+            continue  # the quant section prints its own summary
         if "fail" in r:
             print(f"{r['section']:8s} {r['shape']:34s} {r['impl']:44s} FAIL")
         else:
