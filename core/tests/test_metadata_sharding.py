@@ -116,6 +116,11 @@ def test_sharded_paged_attention_matches():
     want = jaxattn.paged_attention(q, pages, pages, lens, table)
     got = jaxattn.paged_attention(q, pages, pages, lens, table, metadata=OperationMetadata(mesh=m))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    f8, scale = jaxattn.quantize_kv(pages, jnp.float8_e4m3fn)  # scales follow their pages' head shards
+    want = jaxattn.paged_attention(q, f8, f8, lens, table, k_scale=scale, v_scale=scale)
+    got = jaxattn.paged_attention(q, f8, f8, lens, table, k_scale=scale, v_scale=scale,
+                                  metadata=OperationMetadata(mesh=m))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 @needs8

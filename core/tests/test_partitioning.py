@@ -133,6 +133,16 @@ def test_paged_decode_shards_sequences_and_heads(mesh):
     assert (4, 2, 8) in RecordingPaged.shapes
     assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("dp", "tp")), 3)
     assert rel(out, ref) < TOL
+    # int8 pages: per token and head scales split over heads like their pages; a scalar is replicated
+    q8, k_scale = jaxattn.quantize_kv(pages, jnp.int8)
+    ref = jaxattn.paged_attention(query, q8, q8, lengths, table, k_scale=k_scale, v_scale=0.5, backend="xla")
+    RecordingPaged.shapes.clear()
+    out = jax.jit(lambda q, p, s, lens, t: jaxattn.paged_attention(q, p, p, lens, t, k_scale=s, v_scale=0.5,
+                                                                   backend="shard_test"))(
+        args[0], jax.device_put(q8, NamedSharding(mesh, P(None, None, "tp"))),
+        jax.device_put(k_scale, NamedSharding(mesh, P(None, None, "tp"))), args[3], args[4])
+    assert (4, 2, 8) in RecordingPaged.shapes
+    assert rel(out, ref) < TOL
 
 
 def test_explicit_mesh_gives_the_same_result(mesh):
