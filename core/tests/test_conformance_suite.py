@@ -83,6 +83,19 @@ def test_paged_reference_passes_every_case():
     assert loss["paged_decode"] is None and "vs_unquantized=" in report.table()
 
 
+class NoScales(XlaPagedAttention):
+    """A paged backend from before quantized caches: it never declared kv_scales."""
+
+    name = "no_scales"
+    kv_scales = False
+
+
+def test_a_backend_that_does_not_declare_kv_scales_is_not_given_them():
+    report = run_conformance(NoScales(), cases=["paged_decode", "paged_int8"], shape=SMALL, dtypes=["float32"])
+    assert [r.status for r in report.results] == ["pass", "rejected"], report.table()
+    assert "declares kv_scales = True" in report.results[1].detail
+
+
 def test_quantized_cases_catch_a_backend_that_drops_scales():
     report = run_conformance(IgnoresValueScales(), cases=["paged_int8", "paged_fp8_per_tensor"], shape=SMALL,
                              dtypes=["float32"])

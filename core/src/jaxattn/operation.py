@@ -42,6 +42,9 @@ class OperationImpl:
       priority: per-platform rank for `auto` (higher wins), e.g. {"gpu": 100}; a
         measured tuning table, when it covers the call, ranks before this.
       config_class: the typed settings (a `BackendConfig` subclass), or None (dicts unchecked).
+      kv_scales: a paged backend that reads `k_scale`/`v_scale` (int8/fp8 pages, scaled
+        caches) sets it True; without it the core rejects such calls for the backend
+        (`declared_reasons`), so one written before quantized caches never ignores scales.
     """
 
     name: ClassVar[str] = ""
@@ -55,6 +58,7 @@ class OperationImpl:
     "shard" (opaque kernels, e.g. Pallas: jaxattn runs it per batch/head shard, see
     `jaxattn.partitioning`)."""
     config_class: ClassVar[type[BackendConfig] | None] = None
+    kv_scales: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -72,6 +76,13 @@ class OperationImpl:
     def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
         """Can this backend serve `request` on `hardware`? Say every reason it cannot."""
         raise NotImplementedError(f"{type(self).__name__} must implement supports()")
+
+    def declared_reasons(self, request: AttentionRequest) -> tuple[str, ...]:
+        """What the core rejects from the class attributes alone, before asking `supports()`."""
+        if request.kv_scale != "none" and not self.kv_scales:
+            return (f"{self.name} does not read k_scale/v_scale (quantized or scaled paged caches; a backend "
+                    "that does declares kv_scales = True)",)
+        return ()
 
     def priority_on(self, platform: str) -> int:
         return int(self.priority.get(platform, 0))

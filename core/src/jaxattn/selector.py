@@ -323,6 +323,9 @@ def _verdict(impl: OperationImpl, request: AttentionRequest, hardware: Hardware,
     """Why `impl` cannot serve `request` (empty: it can), or its fault (it is now broken)."""
     if impl.op != request.op:
         return (f"{impl.name} implements {impl.op}, not {request.op}",)
+    declared = impl.declared_reasons(request)
+    if declared:
+        return declared
     try:
         available = call_plugin("is_available()", impl.is_available, hardware, returns=Support)
         if not available:

@@ -83,6 +83,10 @@ def test_auto_picks_the_kernel_on_a_gpu():
     sel = jaxattn.select(*(args[k] for k in ("query", "key_pages", "value_pages", "kv_lengths", "page_indices")),
                          cu_q_lens=args["cu_q_lens"], op="paged_attention", hardware=Hardware.cpu())
     assert sel.name == "xla"
+    k8, ks = jaxattn.quantize_kv(args["key_pages"], jnp.int8)  # int8 pages with scales: still the kernel
+    sel = jaxattn.select(args["query"], k8, k8, args["kv_lengths"], args["page_indices"], cu_q_lens=args["cu_q_lens"],
+                         k_scale=ks, v_scale=ks, op="paged_attention", hardware=H100)
+    assert sel.name == "ragged_paged" and "kv int8" in sel.explain()
 
 
 def test_conformance_ragged_paged():

@@ -81,6 +81,7 @@ class XlaPagedAttention(OperationImpl):
     platforms: ClassVar[tuple[str, ...]] = _ALL_PLATFORMS
     priority: ClassVar[dict[str, int]] = {"cpu": 10, "gpu": 0, "tpu": 0}
     config_class: ClassVar[type[BackendConfig] | None] = XlaConfig
+    kv_scales: ClassVar[bool] = True  # int8/fp8 pages: dequantized one gathered block at a time
 
     def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
         return Support.yes()

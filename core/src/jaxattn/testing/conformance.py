@@ -246,6 +246,9 @@ def check_case(impl: OperationImpl, case: Case, *, hardware: Hardware, dtype: An
     else:
         want_grad = False
         request = AttentionRequest.from_paged_inputs(inputs)
+    declared = impl.declared_reasons(request)
+    if declared:
+        return CaseResult(case.name, dtype_name, "rejected", detail="; ".join(declared))
     verdict = impl.is_available(hardware) & impl.supports(request, hardware)
     if not verdict and want_grad:
         forward_only = AttentionRequest.from_inputs(inputs, mode="prefill", needs_grad=False)

@@ -94,6 +94,7 @@ class RaggedPagedAttention(OperationImpl):
     priority: ClassVar[dict[str, int]] = {"gpu": 100, "tpu": 100}
     partitioning: ClassVar[str] = "shard"  # Pallas kernels: run per shard under plain jit
     config_class: ClassVar[type[BackendConfig] | None] = RaggedConfig
+    kv_scales: ClassVar[bool] = True  # int8/fp8 pages with scales (GPU kernel; the TPU path says no)
     decode_only: ClassVar[bool] = False
 
     def __init__(self, *, interpret: bool = False, enable_tpu: bool = False,
