@@ -1,7 +1,8 @@
 """The third-party example package (examples/third_party_backend) as a user would meet it:
 pip installs it, `jaxattn list-backends` lists it, `jaxattn check` passes, and its own tests pass.
 
-The package is installed into a temporary folder (not the test environment, where its backend
+The package is installed (from a copy of its folder, so that no build output is left in the
+repository) into a temporary folder (not the test environment, where its backend
 would join every other test's selection) that is put on `sys.path` for these tests, so its
 entry point is discovered exactly as an installed plugin's. Everything runs in this process:
 the conformance suite's `xla` reference programs compiled by the core's tests are reused
@@ -13,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -30,9 +32,10 @@ SMALL = ["--batch", "2", "--seq", "32", "--heads", "4", "--head-dim", "16"]
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    target = tmp_path_factory.mktemp("site")
+    target, source = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("src") / PACKAGE.name
+    shutil.copytree(PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--disable-pip-version-check", "--target", str(target), str(PACKAGE)], check=True)
+                    "--disable-pip-version-check", "--target", str(target), str(source)], check=True)
     sys.path.insert(0, str(target))
     jaxattn.refresh_backends()
     with jaxattn.hardware.override(Hardware.cpu()):
