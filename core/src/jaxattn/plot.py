@@ -8,8 +8,8 @@ group, as the measurements are meant to be compared (one run, one machine).
 
 matplotlib is optional (`pip install 'jaxattn[plot]'`) and imported only here, only when a
 plot is drawn; `import jaxattn` never imports it. Output is chosen by the file's suffix
-(.png, .svg, .pdf). SVG output is reproducible (no date, fixed element ids), so committed
-plots change only when their numbers do.
+(.png, .svg, .pdf). SVG output is reproducible (no date, fixed element ids, text kept as text), so
+committed plots change only when their numbers do.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def bar_chart(
     plt = pyplot()
     n = len(series)
     width = 0.8 / n
-    with plt.rc_context({"svg.hashsalt": "jaxattn", "font.size": 9}):
+    with plt.rc_context({"svg.hashsalt": "jaxattn", "svg.fonttype": "none", "font.size": 9}):
         fig, ax = plt.subplots(figsize=(max(6.0, 1.1 + len(groups) * (0.35 + 0.16 * n)), 4.2))
         colors = plt.get_cmap("tab10").colors
         for i, (label, values) in enumerate(series.items()):
@@ -67,7 +67,8 @@ def bar_chart(
             ax.bar(xs, ys, width, label=label, color=colors[i % len(colors)], alpha=0.55 if peer else 1.0,
                    hatch="//" if peer else None, edgecolor="black" if peer else "none", linewidth=0.4)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels(groups, rotation=25 if max(len(g) for g in groups) > 12 else 0, ha="right")
+        rotate = max(len(g) for g in groups) > 12
+        ax.set_xticklabels(groups, rotation=25 if rotate else 0, ha="right" if rotate else "center")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
