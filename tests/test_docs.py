@@ -19,7 +19,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TEXT_SUFFIXES = {".md", ".py"}
+TEXT_SUFFIXES = {".md", ".py", ".toml", ".yml", ".sh", ".txt"}  # raw logs (.log, .json) are records, not text
 # A path-like word in backquotes, or in a docstring/comment: something/like/this.ext
 PATH = re.compile(r"(?<![\w./<*~$-])((?:[\w-]+/|\.\./|\./)*[\w-]+(?:\.[\w-]+)*\.(?:md|py|json|log|sh|toml|txt|yml|svg|png))\b")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -55,17 +55,19 @@ def _docstrings(path: pathlib.Path) -> str:
 
 
 def test_nothing_names_a_file_the_repository_does_not_contain():
-    """In every Markdown file and every docstring: links, and words that look like paths."""
+    """In every text file: nothing outside the repository (a design file, a shared folder); in every
+    Markdown file and docstring: links, and words that look like paths, that resolve."""
     files = _tracked()
     names = {p.name for p in files} | {p.name for p in ROOT.rglob("*") if ".venv" not in p.parts}
     problems = []
     for path in files:
+        rel = path.relative_to(ROOT)
+        if path != pathlib.Path(__file__):
+            for found in OUTSIDE.finditer(path.read_text()):
+                problems.append(f"{rel}: names {found[0]!r}, which is outside the repository")
         if path.suffix not in (".md", ".py"):
             continue
         text = path.read_text() if path.suffix == ".md" else _docstrings(path)
-        rel = path.relative_to(ROOT)
-        for found in OUTSIDE.finditer(text):
-            problems.append(f"{rel}: names {found[0]!r}, which is outside the repository")
         targets = [t.split("#")[0] for t in LINK.findall(text) if path.suffix == ".md"]
         for target in targets:
             if target and not re.match(r"^[a-z]+:", target) and not (path.parent / target).exists():
