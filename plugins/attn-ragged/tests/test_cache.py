@@ -1,4 +1,4 @@
-"""update_paged_kv_cache: new tokens land in the page/slot DESIGN.md assigns; nothing else changes."""
+"""update_paged_kv_cache: new tokens land in the page/slot docs/paged.md assigns; nothing else changes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Writing new key/value tokens into a paged KV cache (DESIGN.md page-table conventions).
+"""Writing new key/value tokens into a paged KV cache (the page-table conventions of docs/paged.md).
 
 Pages are `[num_pages, page_size, kv_heads, head_dim]`; token `t` of sequence `s` lives
 in page `page_indices[s, t // page_size]`, slot `t % page_size`.
