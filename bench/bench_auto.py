@@ -4,7 +4,7 @@ Run on the GPU machine with the core and every plugin installed:
 
     python3 bench/bench_auto.py > auto.md
 
-For each shape of ../shared/bench/H100-peers.md (bf16) it prints the backend `auto` picks
+For each shape of bench/results/peers_H100_2026-11-22.md (bf16) it prints the backend `auto` picks
 for training (forward+backward) and for inference (forward only), the TFLOP/s of each,
 and jax.nn.dot_product_attention(implementation="cudnn") measured in the same run; then
 rows with a feature (soft-cap, which cuDNN lacks; a 1024 window at 16k) to show what

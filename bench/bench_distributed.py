@@ -4,6 +4,7 @@
     python3 bench/bench_distributed.py plain          # dp / tp sharded inputs, (8, 4096, 32/8, 128) causal
     python3 bench/bench_distributed.py cp 32768 65536 131072   # context parallel, each scheme, +- balancing
     python3 bench/bench_distributed.py cp 131072 --schemes=ulysses,auto       # some schemes only
+    python3 bench/bench_distributed.py scale 131072 262144 524288 --gpus=1,2,4,8  # scaling (4-8 GPUs)
 
 `plain` times forward+backward of every backend on one GPU, then with batch (dp) or head
 (tp) sharded inputs under plain `jax.jit` (no metadata) and with `metadata.mesh`, and
@@ -12,7 +13,10 @@ kv heads, head_dim 128, batch 1) forward+backward over the whole sequence on one
 it fits) and with the sequence split over every GPU by ring / all_gather / ulysses,
 contiguous or load balanced (`auto` also): tokens/s and the speed-up. Method:
 `jaxattn.bench.time_call` (median of repetitions of back-to-back jitted calls after two
-warm-ups). Each part writes `$OUT/distributed-<part>.json` (or ./) and prints a table.
+warm-ups). `scale` runs the best schemes on 1, 2, 4 and 8 GPUs (those present), forward and
+forward+backward, and a (dp=2, sp) mesh from 4 GPUs on, and reports each against one GPU at
+the longest length it ran. Each part writes `$OUT/distributed-<part>.json` (or ./) and prints
+a table.
 """
 
 from __future__ import annotations
@@ -163,13 +167,82 @@ def cp(lengths: list[int], schemes: tuple[str, ...] = ("ring", "all_gather", "ul
     return rows
 
 
+def forward(metadata=None):
+    """A jitted forward of causal attention (the output only)."""
+    return jax.jit(lambda q, k, v: jaxattn.attention(q, k, v, is_causal=True, metadata=metadata))
+
+
+def scale(lengths: list[int], counts: list[int] | None = None) -> list[dict]:
+    """Context parallel on 1, 2, 4, 8... GPUs (as many as there are), forward and forward+backward,
+    the best schemes and a 2-D (dp x sp) mesh; tokens/s and efficiency against one GPU at the
+    longest length one GPU ran."""
+    devs = jax.devices()
+    counts = [n for n in (counts or [1, 2, 4, 8]) if n <= len(devs)]
+    hq, hkv, d = 32, 8, 128
+    rows: list[dict] = []
+    for s in lengths:
+        q, k, v, do = inputs(1, s, hq, hkv, d)
+        flops = attention_flops(1, s, s, hq, d, True)
+        for n in counts:
+            setups = [("auto", False, None)] if n == 1 else [
+                ("ulysses", False, None), ("ring", True, None), ("all_gather", True, None), ("auto", False, None)]
+            if n >= 4:
+                setups.append(("auto", False, 2))  # dp=2 x sp=n/2, batch 2
+            for scheme, balanced, dp in setups:
+                sp = n // (dp or 1)
+                names = ("dp", "sp") if dp else ("sp",)
+                mesh = Mesh(np.array(devs[:n]).reshape((dp, sp) if dp else (sp,)), names)
+                md = None if n == 1 else jaxattn.OperationMetadata(mesh=mesh, context_parallel=scheme,
+                                                                   load_balanced=balanced)
+                batch = dp or 1
+                spec = P("dp", "sp") if dp else P(None, "sp")
+                with jax.default_device(devs[0]):
+                    args = [jnp.concatenate([x] * batch) if batch > 1 else x for x in (q, k, v, do)]
+                    if balanced:
+                        args = [jaxattn.load_balance(x, sp) for x in args]
+                if n > 1:
+                    args = [jax.device_put(x, NamedSharding(mesh, spec)) for x in args]
+                for kind, fn, work in (("fwd", forward(md), flops), ("fwd+bwd", fwd_bwd("auto", md), BWD * flops)):
+                    try:
+                        t = timed(fn, *(args[:3] if kind == "fwd" else args), repeats=3, inner=2)
+                    except Exception as err:  # noqa: BLE001 - what does not fit is a result too
+                        print(f"seq {s} {n} GPU {scheme} {kind} failed: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:160]}", flush=True)
+                        continue
+                    row = dict(part="scale", seq=s, gpus=n, scheme=scheme, balanced=balanced, dp=dp or 1,
+                               kind=kind, ms=1e3 * t, tokens_per_s=batch * s / t, tflops=batch * work / t / 1e12)
+                    rows.append(row)
+                    print(f"seq {s:7d} {n} GPU {scheme:10s} bal={balanced!s:5s} dp={dp or 1} {kind:8s} "
+                          f"{1e3 * t:9.1f} ms {batch * s / t:9.0f} tok/s {batch * work / t / 1e12:5.0f} TFLOP/s",
+                          flush=True)
+    single = [r for r in rows if r["gpus"] == 1]
+    for kind in ("fwd", "fwd+bwd"):
+        base = max((r for r in single if r["kind"] == kind), key=lambda r: r["seq"], default=None)
+        if base is None:
+            continue
+        for r in rows:
+            if r["kind"] == kind:
+                r["speedup_vs_1gpu_longest"] = r["tokens_per_s"] / base["tokens_per_s"]
+                r["efficiency"] = r["speedup_vs_1gpu_longest"] / r["gpus"]
+    return rows
+
+
 def main(argv: list[str]) -> None:
     part = argv[0] if argv else "check"
     print(f"# {part}: {len(jax.devices())} x {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     lengths = [int(a) for a in argv[1:] if a.isdigit()] or [32768]
     schemes = next((a.split("=", 1)[1].split(",") for a in argv[1:] if a.startswith("--schemes=")), None)
-    rows = {"check": check, "plain": plain}.get(
-        part, lambda: cp(lengths, tuple(schemes) if schemes else ("ring", "all_gather", "ulysses", "auto")))()
+    counts = next(([int(c) for c in a.split("=", 1)[1].split(",")] for a in argv[1:] if a.startswith("--gpus=")),
+                  None)
+    parts = {
+        "check": check,
+        "plain": plain,
+        "cp": lambda: cp(lengths, tuple(schemes) if schemes else ("ring", "all_gather", "ulysses", "auto")),
+        "scale": lambda: scale(lengths, counts),
+    }
+    if part not in parts:
+        raise SystemExit(f"part: expected one of {sorted(parts)}, got {part!r}")
+    rows = parts[part]()
     path = os.path.join(os.environ.get("OUT", "."), f"distributed-{part}.json")
     with open(path, "w") as f:
         json.dump({"device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "jax": jax.__version__,

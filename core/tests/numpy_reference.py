@@ -1,6 +1,6 @@
 """An independent float64 NumPy attention, forward and backward, for testing the core.
 
-Written from DESIGN.md's semantics alone: no jaxattn code (masks included) is used, so
+Written from the documented semantics alone (docs/semantics.md): no jaxattn code (masks included) is used, so
 the `xla` backend is checked against something that could not share its mistakes.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 
 @dataclass
 class Rules:
-    """Masking rules, each as DESIGN.md states it. None = not applied."""
+    """Masking rules, each as docs/semantics.md states it. None = not applied."""
 
     causal_offset: int | None = None  # j <= i + offset
     window: tuple[int, int] | None = None  # i' - left <= j <= i' + right, i' = i + kv - q

@@ -9,15 +9,11 @@ import pytest
 
 import jaxattn
 from jaxattn import KVCache, cached_attention
+from jaxattn.testing import relative_error as rel
 
 B, L, HQ, HKV, D = 2, 40, 4, 2, 8
 TOL = 1e-5
 
-
-def rel(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(x))
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
 
 
 def tokens(seed, n=L):

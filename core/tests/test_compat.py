@@ -15,15 +15,11 @@ import pytest
 
 import jaxattn
 from jaxattn.compat import dot_product_attention
+from jaxattn.testing import relative_error as rel
 
 B, T, S, N, H = 2, 32, 32, 4, 16
 TOL = 1e-5
 
-
-def rel(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(x))
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
 
 
 def qkv(seed, groups=1, t=T, s=S):

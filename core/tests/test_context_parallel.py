@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxattn
 from jaxattn import OperationMetadata
+from jaxattn.testing import relative_error as rel
 
 B, S, HQ, HKV, D, SP = 2, 32, 4, 2, 8, 2
 TOL = 1e-5
@@ -27,11 +28,6 @@ def mesh():
         pytest.skip("needs 8 devices (the root conftest asks XLA for 8 virtual CPU devices)")
     return Mesh(np.array(jax.devices()[:8]).reshape(2, SP, 2), ("dp", "sp", "tp"))
 
-
-def rel(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(x))
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
 
 
 KEYS = jax.random.split(jax.random.PRNGKey(0), 6)

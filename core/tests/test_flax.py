@@ -21,15 +21,11 @@ from flax import nnx
 
 import jaxattn
 from jaxattn.flax import FlexibleAttention, LinenFlexibleAttention, attention_fn, make_attention_fn
+from jaxattn.testing import relative_error as rel
 
 TOL = 1e-5
 B, T, F, HEADS = 2, 12, 16, 4
 
-
-def rel(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(x))
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
 
 
 def inputs(seed=0, shape=(B, T, F)):

@@ -8,14 +8,10 @@ import numpy as np
 import pytest
 
 import jaxattn
+from jaxattn.testing import relative_error as rel
 
 TOL = 1e-5
 
-
-def rel(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(x))
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
 
 
 def qkv(seed):

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxattn
 from jaxattn.backends.xla import XlaAttention, XlaPagedAttention
+from jaxattn.testing import relative_error as rel
 
 TOL = 1e-5
 
@@ -60,11 +61,6 @@ def mesh():
     yield Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("dp", "tp"))
     registry.remove_plugin("shard_test")
 
-
-def rel(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(x))
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
 
 
 KEYS = jax.random.split(jax.random.PRNGKey(0), 6)

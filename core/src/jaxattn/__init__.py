@@ -18,6 +18,7 @@ with per token and head scales) for `paged_attention`'s `k_scale`/`v_scale`.
 from __future__ import annotations
 
 from . import compat, hardware, tuning
+from ._version import __version__
 from .api import CONTEXT_NAME, attention, explain, paged_attention, select, select_request
 from .backend_config import BackendConfig
 from .cache import KVCache, cached_attention
@@ -64,8 +65,6 @@ from .selector import (
 )
 from .support import Support
 
-__version__ = "0.1.0"
-
 
 def refresh_backends() -> None:
     """Discover installed backends again (after installing a plugin, or changing
@@ -81,7 +80,7 @@ __all__ = [
     "NoBackendError", "OperationImpl",
     "OperationMetadata", "OrMask", "PagedAttentionInputs", "PagedLayout", "PartitionAxis",
     "QueryPositionMask", "Registry", "Rejection", "SegmentMask", "Selection", "SlidingWindowMask", "Support",
-    "TuningCache",
+    "TuningCache", "__version__",
     "attention", "broken_plugins", "cached_attention", "compat", "default_registry", "dequantize_kv", "explain",
     "hardware", "hookimpl", "hookspec", "list_backends", "load_balance", "mask_parts", "merge_attention",
     "paged_attention", "quantize_kv", "refresh_backends", "select", "select_request", "set_tuning_cache", "tuning",

@@ -94,7 +94,7 @@ def attention(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Scaled dot-product attention, `[batch, seq, heads, head_dim]` in and out.
 
-    Semantics in DESIGN.md: `scale·q·kᵀ (+bias)`, soft-cap, masks (bool array or mask
+    Semantics (docs/semantics.md): `scale·q·kᵀ (+bias)`, soft-cap, masks (bool array or mask
     object, `is_causal` bottom-right aligned, `sliding_window`, `segment_ids`, sequence
     lengths), softmax in float32 with optional `sinks`, dropout. Grouped-query attention
     by fewer key/value heads. A query row with nothing to attend to returns zeros.

@@ -1,7 +1,9 @@
-"""The `jaxattn` command: list-backends, explain, bench, tune, check.
+"""The `jaxattn` command: list-backends, explain, bench, tune, check (and `--version`).
 
 Every command that reports something takes `--json` (one JSON document on stdout; the
 progress of `bench` and `tune` goes to stderr), so scripts never parse tables.
+`bench --plot FILE` also draws the timings (matplotlib, the `jaxattn[plot]` extra, imported
+only then, and checked before anything is timed).
 `list-backends` shows, beside the working backends, every broken plugin or backend (where
 it failed and why) and what `JAXATTN_DISABLE_PLUGINS` skipped, so that a user whose
 program misbehaves after installing a plugin can see it at once.
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import hardware as _hardware
+from ._version import __version__
 from .hardware import Hardware
 from .listing import broken_plugins, list_backends
 from .masks import CausalMask, ChunkedCausalMask, Mask, SlidingWindowMask
@@ -158,6 +161,14 @@ def _bench_shape(args: argparse.Namespace) -> BenchShape:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_results, run_bench
 
+    if args.plot:
+        from . import plot
+
+        try:
+            plot.pyplot()
+        except ImportError as err:
+            print(f"error: --plot: {err}", file=sys.stderr)
+            return 2
     backends = args.backends.split(",") if args.backends else None
     results = run_bench([_bench_shape(args)], backends, train=not args.forward_only, repeats=args.repeats,
                         inner=args.inner)
@@ -167,6 +178,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         print(f"device: {device}")
         print(format_results(results))
+    if args.plot:
+        plot.plot_results(results, args.plot, title=f"jaxattn bench on {device}")
+        print(f"plot written to {args.plot}", file=sys.stderr)
     return 1 if any(r.error for r in results) else 0
 
 
@@ -235,6 +249,7 @@ def _timing_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxattn", description="Attention backends for JAX.")
+    parser.add_argument("--version", action="version", version=f"jaxattn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     what_if = argparse.ArgumentParser(add_help=False)
@@ -270,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time every usable backend on this device")
     _timing_args(p)
     p.add_argument("--forward-only", action="store_true")
+    p.add_argument("--plot", metavar="FILE", help="also draw TFLOP/s per backend to FILE (.png, .svg, .pdf; "
+                                                  "needs matplotlib: pip install 'jaxattn[plot]')")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tune", help="measure every usable backend per call kind; write the tuning cache auto reads")

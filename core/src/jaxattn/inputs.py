@@ -46,7 +46,7 @@ class AttentionInputs:
 
 @dataclass(frozen=True, eq=False)
 class PagedAttentionInputs:
-    """Inputs of one `paged_attention` call (layout in DESIGN.md).
+    """Inputs of one `paged_attention` call (layout: docs/paged.md).
 
     `cu_q_lens` is None for decode (one query per sequence, `query` `[num_seqs, H, D]`),
     or `[num_seqs + 1]` cumulative query counts for a ragged batch (`query`

@@ -15,8 +15,8 @@ Masks combine with `&` and `|`. Structural masks (causal, sliding window, chunke
 are written in terms of `d = j - i`, the distance from query `i` to key `j`; `band()`
 gives the allowed range of `d`, which is all a kernel needs to apply them.
 
-Offsets follow DESIGN.md: `CausalMask(offset)` lets query `i` see key `j` iff
-`j <= i + offset` (offset 0: top-left aligned). Sliding-window and chunked masks align
+Offsets follow the semantics every backend computes (docs/semantics.md): `CausalMask(offset)`
+lets query `i` see key `j` iff `j <= i + offset` (offset 0: top-left aligned). Sliding-window and chunked masks align
 the last query with the last key unless given an explicit `offset`, as the
 `sliding_window=` argument of `jaxattn.attention` does.
 """

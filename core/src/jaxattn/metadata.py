@@ -50,7 +50,7 @@ def _names(axes: AxisNames) -> tuple[str, ...]:
 
 
 class AttnShardingRules(NamedTuple):
-    """PartitionSpecs for every array of an attention call, in DESIGN.md layout.
+    """PartitionSpecs for every array of an attention call, in the `[batch, seq, heads, head_dim]` layout.
 
     query/key/value/output: `[batch, seq, heads, dim]`; bias and mask:
     `[batch, heads, q, kv]`; segment ids and sequence lengths: `[batch, ...]`;

@@ -155,6 +155,10 @@ def _forward_body(layout: _Layout, *leaves: jax.Array) -> tuple[jax.Array, jax.A
     if isinstance(inputs, AttentionInputs):
         inputs = inputs.replace(return_lse=True)
     out, lse = layout.impl(inputs, layout.metadata, layout.hardware)
+    if lse is None and isinstance(inputs, PagedAttentionInputs):  # paged_attention never returns it
+        lse = jnp.zeros((inputs.query.shape[1], inputs.query.shape[0]), jnp.float32)
+    elif lse is None:
+        raise RuntimeError(f"backend {layout.impl.name!r} returned no lse although return_lse=True")
     return out, lse
 
 

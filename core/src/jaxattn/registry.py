@@ -28,6 +28,10 @@ list-backends`); a backend that later fails when the selector asks it something 
 there too (`mark_broken`). None of it stops the other backends, and the built-in `xla`
 registers first, so it is always there.
 
+A plugin built for another core (its distribution's `Requires-Dist` on `jaxattn` excludes
+the running version: `versions.core_mismatch`) is recorded as broken with both versions
+before its module is imported.
+
 `JAXATTN_DISABLE_PLUGINS` (comma-separated plugin or backend names) is the way out of a
 plugin that misbehaves in ways the core cannot see (a kernel that fails when it runs):
 discovery skips what it names, without importing a skipped plugin; `xla` cannot be
@@ -51,6 +55,8 @@ import pluggy
 from .faults import PluginFault, call_plugin, declaration_problems
 from .mechanisms import provider_hint
 from .operation import OperationImpl
+from .versions import __version__ as CORE_VERSION
+from .versions import core_mismatch
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -135,24 +141,20 @@ class _Source:
     distribution: str
     version: str
     builtin: bool = False
+    requires: tuple[str, ...] = ()  # the distribution's Requires-Dist lines
+
 
     def broken(self, error: str, detail: str = "", backend: str = "", op: str = "",
                origin: str = "") -> BrokenPlugin:
         return BrokenPlugin(self.name, self.distribution, self.version, error, detail, backend, op, origin)
 
 
-def _dist_of(entry_point: importlib_metadata.EntryPoint) -> tuple[str, str]:
+def _dist_of(entry_point: importlib_metadata.EntryPoint) -> tuple[str, str, tuple[str, ...]]:
+    """(name, version, Requires-Dist lines) of the distribution that declares `entry_point`."""
     dist = getattr(entry_point, "dist", None)
     if dist is None:
-        return "?", "?"
-    return dist.metadata["Name"] or "?", dist.version or "?"
-
-
-def _core_version() -> str:
-    try:
-        return importlib_metadata.version(PROJECT)
-    except importlib_metadata.PackageNotFoundError:
-        return "source"
+        return "?", "?", ()
+    return dist.metadata["Name"] or "?", dist.version or "?", tuple(dist.requires or ())
 
 
 def disabled_names() -> frozenset[str]:
@@ -203,11 +205,12 @@ class Registry:
             # Running from a source tree without the core's entry points installed: the
             # built-in backend still registers through the same hook.
             sources.append(_Source("xla", lambda: importlib.import_module(BUILTIN_MODULE),
-                                   f"import {BUILTIN_MODULE}", PROJECT, _core_version(), builtin=True))
+                                   f"import {BUILTIN_MODULE}", PROJECT, CORE_VERSION, builtin=True))
         # The core's own backend registers first: a plugin cannot take its names.
         for ep in sorted(entry_points, key=lambda e: (e.value != BUILTIN_MODULE, e.name)):
-            sources.append(_Source(ep.name, ep.load, f"import {ep.value}", *_dist_of(ep),
-                                   builtin=ep.value == BUILTIN_MODULE))
+            name, version, requires = _dist_of(ep)
+            sources.append(_Source(ep.name, ep.load, f"import {ep.value}", name, version,
+                                   builtin=ep.value == BUILTIN_MODULE, requires=requires))
         for plugin, name, dist, version in self._extra:
             sources.append(_Source(name, lambda plugin=plugin: plugin, "add_plugin", dist, version))
         return sources
@@ -223,6 +226,8 @@ class Registry:
                                                   origin="discovery"))
             elif source.name in disabled and not source.builtin:
                 self._disabled[source.name] = f"plugin from {source.distribution} {source.version}"
+            elif problem := core_mismatch(source.requires, source.distribution):
+                self._broken.append(source.broken(problem, origin="core version check"))
             else:
                 self._load(manager, source, disabled)
             seen.add(source.name)

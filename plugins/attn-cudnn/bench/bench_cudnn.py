@@ -2,7 +2,7 @@
 
 Times, under jax.jit, `jaxattn.attention(..., backend="cudnn")` against
 `jax.nn.dot_product_attention(..., implementation="cudnn")` on the shapes of
-shared/bench/H100-peers.md: forward, forward+backward, and decode (q_len = 1).
+bench/results/peers_H100_2026-11-22.md: forward, forward+backward, and decode (q_len = 1).
 Selection happens at trace time (cached), so both should compile to the same program.
 Method as the peers table: bf16 inputs, two warm-up calls, then the median of REPS
 repetitions of INNER back-to-back calls around block_until_ready; the two variants are

@@ -8,9 +8,10 @@
                                                   # mha and cuDNN; window vs causal
     python3 bench/bench_flash.py tune KERNEL JSON # KERNEL fwd|bwd; JSON: list of config dicts
 
-Timing as in /work/shared/bench: median of 5 repetitions of 20 back-to-back calls after
-two warm-up calls, wall clock around `block_until_ready`. FLOPs: 4·B·Hq·S²·D forward
-(halved when causal); forward+backward counts 3.5× that. Results go to $OUT/*.json.
+Timing as in the peers tables (bench/results/peers_H100_2026-11-22.md): median of 5
+repetitions of 20 back-to-back calls after two warm-up calls, wall clock around
+`block_until_ready`. FLOPs: 4·B·Hq·S²·D forward (halved when causal); forward+backward
+counts 3.5× that. Results go to $OUT/*.json.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxattn
 from jaxattn import Hardware, OperationMetadata
+from jaxattn.testing import relative_error as rel
 from jaxattn_flash import FlashAttention
 
 BLOCKS = OperationMetadata(operation_configs={"flash": {f"{b}{s}": 32 for b in ("block_q", "block_kv")
@@ -43,11 +44,6 @@ class Plugin:
     def jaxattn_register_backends(self):
         return [CpuFlash()]
 
-
-def rel(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(x))
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
 
 
 def qkv(seed, b, sq, skv, hq, hkv, d):

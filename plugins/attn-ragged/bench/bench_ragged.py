@@ -14,7 +14,7 @@ same data in dense form `[B, S, Hkv, D]`: jax.nn.dot_product_attention(implement
 "cudnn") and jax's Pallas decode kernel (decode_attention.gqa). Every kernel output is
 first compared with a float32 reference (relative error ||out - ref|| / ||ref||).
 Timing: median of 5 repetitions of 20 back-to-back calls after 2 warm-up calls, wall
-clock around block_until_ready (as /work/shared/bench/gpu_baseline.py).
+clock around block_until_ready (the method of bench/results/peers_H100_2026-11-22.md).
 """
 
 from __future__ import annotations

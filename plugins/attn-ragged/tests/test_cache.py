@@ -1,5 +1,5 @@
 """update_paged_kv_cache (an alias of jaxattn.update_paged_cache): new tokens land in the page/slot
-DESIGN.md assigns; nothing else changes. Quantized writes are tested in the core (test_quant.py)."""
+docs/paged.md assigns; nothing else changes. Quantized writes are tested in the core (test_quant.py)."""
 
 from __future__ import annotations
 

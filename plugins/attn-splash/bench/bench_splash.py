@@ -5,7 +5,7 @@
     python bench/bench_splash.py --interpret --quick  # smoke test on CPU (interpreter; times meaningless)
     python bench/bench_splash.py --config '{"block_q": 1024, "block_kv": 1024}'
 
-Method (as ../../../shared/bench and `jaxattn bench`): jitted calls, two warm-ups, then the
+Method (as `jaxattn bench` and the GPU peers tables, bench/results/peers_*.md): jitted calls, two warm-ups, then the
 median of 5 repetitions of 10 back-to-back calls, wall clock around `block_until_ready`.
 FLOPs count only visible (query, key) pairs: 4·B·Hq·pairs·D forward (so a causal square
 mask counts about half, as the peers' tables do, and a sliding window counts its band);

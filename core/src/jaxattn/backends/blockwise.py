@@ -321,7 +321,7 @@ def blockwise_attention(
     block_q: int = 512,
     block_kv: int = 512,
 ) -> tuple[jax.Array, jax.Array]:
-    """Attention of `inputs` per DESIGN.md: `out [B,Sq,Hq,Dv]`, `lse [B,Hq,Sq]` (float32)."""
+    """Attention of `inputs` as docs/semantics.md defines it: `out [B,Sq,Hq,Dv]`, `lse [B,Hq,Sq]` (float32)."""
     q, k, v = inputs.query, inputs.key, inputs.value
     b, sq, hq, d = q.shape
     _, skv, hkv, _ = k.shape

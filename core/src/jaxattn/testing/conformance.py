@@ -7,7 +7,7 @@ values, by relative error `‖out − ref‖ / ‖ref‖`. If it rejects, the re
 reasons are recorded; `expect_supported` turns the rejection of named cases into
 failures, so a plugin's tests pin what it claims.
 
-Tolerances (DESIGN.md): float32 1e-4; bf16/fp16 1e-2 forward. Gradients of bf16/fp16
+Tolerances (docs/testing-a-backend.md): float32 1e-4; bf16/fp16 1e-2 forward. Gradients of bf16/fp16
 inputs get 2e-2: the probabilities and dS tiles are rounded to the input dtype before
 their matrix products, which costs about twice the forward error.
 

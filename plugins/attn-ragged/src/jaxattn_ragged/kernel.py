@@ -18,7 +18,7 @@ chunks and decode tokens in one launch. The grid is `(work items, kv heads, kv s
   ranges run by different programs; each writes its normalized partial output and
   log-sum-exp, and `merge_splits` combines them. Few long sequences still fill the GPU.
 
-Semantics (DESIGN.md): `scale * q.k`, optional soft-cap `c * tanh(x / c)`, causal by
+Semantics (docs/paged.md): `scale * q.k`, optional soft-cap `c * tanh(x / c)`, causal by
 position (queries are the last positions of their sequence), sliding window
 `pos - left <= key`, softmax in float32; sinks join the denominator in the epilogue.
 Rows with no visible key give zeros and an lse of -inf.
@@ -274,7 +274,7 @@ def paged_attention_kernel(query, key_pages, value_pages, kv_lengths, page_indic
                            interpret: bool = False):
     """`out [tokens, Hq, Dv]` (query dtype) and `lse [Hq, tokens]` float32.
 
-    Layout and semantics as `jaxattn.paged_attention` (DESIGN.md); `cu_q_lens=None` is
+    Layout and semantics as `jaxattn.paged_attention` (docs/paged.md); `cu_q_lens=None` is
     decode (one query per sequence). `k_scale`/`v_scale`: None, a scalar, or per token and
     head `[num_pages, page_size, kv_heads]` (keys are `key_pages * k_scale[..., None]`).
     """

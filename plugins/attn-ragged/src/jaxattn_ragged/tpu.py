@@ -3,7 +3,7 @@
 `jax.experimental.pallas.ops.tpu.ragged_paged_attention` wants K and V interleaved in
 one cache `[num_pages, page_size, 2 * kv_heads, head_dim]` (K heads at even, V heads at
 odd positions), a window given as a count of visible keys, and `num_seqs`. This module
-converts from the DESIGN.md layout (separate K and V pages), which costs one pass over
+converts from jaxattn's paged layout (separate K and V pages), which costs one pass over
 the cache per call: engines that run on TPU should keep the combined layout themselves
 (`combine_kv_pages`) and call the kernel directly.
 
