@@ -1,7 +1,7 @@
 """Writing new key/value tokens into a paged KV cache: `update_paged_cache`.
 
 Pages are `[num_pages, page_size, kv_heads, head_dim]`; token `t` of sequence `s` lives
-in page `page_indices[s, t // page_size]`, slot `t % page_size` (DESIGN.md). The writer
+in page `page_indices[s, t // page_size]`, slot `t % page_size` (docs/paged.md). The writer
 lives in the core, beside `paged_attention`, because it is half of the same contract and
 every paged backend reads what it writes (jaxattn-ragged keeps `update_paged_kv_cache`
 as an alias).
