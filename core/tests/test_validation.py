@@ -37,7 +37,7 @@ v = jnp.ones((2, 10, 2, 16)) * 0.75
     ({"segment_ids": (jnp.zeros((2, 8)), jnp.zeros((2, 10)))}, r"segment_ids \(q_segment_ids\): expected an integer array"),
     ({"query_seq_lengths": jnp.array([1, 2, 3])}, r"query_seq_lengths: expected shape \[batch\] = \(2,\)"),
     ({"key_value_seq_lengths": jnp.array([1.0, 2.0])}, r"key_value_seq_lengths: expected an integer array"),
-    ({"logits_soft_cap": 0.0}, r"logits_soft_cap: expected a number > 0 or None"),
+    ({"logits_soft_cap": 0.0}, r"logits_soft_cap: expected a finite number > 0 or None"),
     ({"sinks": jnp.ones((2,))}, r"sinks: expected shape \[q_heads\] = \(4,\)"),
     ({"dropout_rate": 1.0}, r"dropout_rate: expected a number in \[0, 1\)"),
     ({"dropout_rate": 0.1}, r"dropout_rng: a PRNG key is required"),

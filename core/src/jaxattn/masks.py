@@ -105,14 +105,31 @@ def _register(cls: type, data: Sequence[str] = ()) -> type:
 # -- structural masks (no arrays; a band of allowed j - i) -----------------------------
 
 
+def clip_band(lo: int | None, hi: int | None, q_len: int, kv_len: int) -> tuple[int | None, int | None]:
+    """The band `lo <= j - i <= hi` with each bound clipped to `[-q_len, kv_len]`.
+
+    `j - i` only takes values in `[-(q_len - 1), kv_len - 1]`, so clipping changes nothing
+    that is allowed; it keeps huge bounds (a window of 2**40, `CausalMask(2**40)`: in
+    effect unbounded) inside int32, where kernels and `jnp` compute with them.
+    """
+    def clip(bound: int | None) -> int | None:
+        return None if bound is None else int(min(max(bound, -q_len), kv_len))
+
+    return clip(lo), clip(hi)
+
+
 class BandMask(Mask):
     """A mask allowing `lo <= j - i <= hi` (None = unbounded), given the sequence lengths."""
 
     def band(self, q_len: int, kv_len: int) -> tuple[int | None, int | None]:
         raise NotImplementedError
 
+    def bounds(self, q_len: int, kv_len: int) -> tuple[int | None, int | None]:
+        """`band()` with its bounds clipped to the sequences (`clip_band`): what kernels use."""
+        return clip_band(*self.band(q_len, kv_len), q_len, kv_len)
+
     def allowed(self, q_idx: jax.Array, kv_idx: jax.Array, q_len: int, kv_len: int) -> jax.Array:
-        lo, hi = self.band(q_len, kv_len)
+        lo, hi = self.bounds(q_len, kv_len)
         d = kv_idx[None, :] - q_idx[:, None]
         ok = jnp.ones(d.shape, dtype=bool)
         if lo is not None:
@@ -122,7 +139,7 @@ class BandMask(Mask):
         return ok[None, None]
 
     def block_structure(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.ndarray:
-        lo, hi = self.band(q_len, kv_len)
+        lo, hi = self.bounds(q_len, kv_len)
         return _band_blocks(lo, hi, q_len, kv_len, block_q, block_kv)
 
 
@@ -515,7 +532,7 @@ def mask_parts(mask: Mask | None, q_len: int, kv_len: int) -> MaskParts:
     dense: jax.Array | None = None
     for part in mask.conjuncts():
         if isinstance(part, BandMask):
-            p_lo, p_hi = part.band(q_len, kv_len)
+            p_lo, p_hi = part.bounds(q_len, kv_len)
         elif isinstance(part, ChunkedCausalMask):
             off = part.resolved_offset(q_len, kv_len)
             p_lo, p_hi = None, off

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -76,6 +77,9 @@ class OperationMetadata:
     * `mesh` / `partition_axis`: run the backend under `shard_map` over this mesh.
     * `operation_configs`: per-backend settings, e.g. `{"flash": {"block_q": 128}}`.
     * `mode` / `needs_grad`: override the inferred mode ("train" unless q_len == 1).
+    * `checked`: under `jax.jit`, also report bad array values (sequence lengths, page
+      tables, `cu_q_lens`) through `jax.experimental.checkify` (wrap the jitted function in
+      `checkify.checkify`). Without it they are clamped and masked, silently but safely.
     """
 
     runtime_dtype: Any = None
@@ -86,14 +90,26 @@ class OperationMetadata:
     operation_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     mode: str | None = None
     needs_grad: bool | None = None
+    checked: bool = False
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"metadata.mode must be one of {MODES} or None, got {self.mode!r}")
         if self.mesh is not None and not isinstance(self.mesh, Mesh):
             raise ValueError(f"metadata.mesh must be a jax.sharding.Mesh, got {type(self.mesh).__name__}")
-        if not isinstance(self.operation_configs, Mapping):
-            raise ValueError("metadata.operation_configs must map backend names to dicts")
+        if not isinstance(self.operation_configs, Mapping) or not all(
+                isinstance(c, Mapping) for c in self.operation_configs.values()):
+            raise ValueError("metadata.operation_configs must map backend names to dicts, "
+                             f"got {self.operation_configs!r}")
+        if not isinstance(self.checked, (bool, np.bool_)):
+            raise ValueError(f"metadata.checked: expected a bool, got {self.checked!r}")
+        if self.runtime_dtype is not None:
+            _floating_dtype(self.runtime_dtype, "metadata.runtime_dtype", " or None")
+        _floating_dtype(self.runtime_softmax_dtype, "metadata.runtime_softmax_dtype")
+        scale = self.softmax_scale
+        if scale is not None and (isinstance(scale, (bool, np.bool_)) or not isinstance(
+                scale, (int, float, np.integer, np.floating)) or not math.isfinite(scale)):
+            raise ValueError(f"metadata.softmax_scale: expected a finite number or None, got {scale!r}")
 
     @classmethod
     def from_config(cls, config: Any = None, **overrides: Any) -> OperationMetadata:
@@ -198,6 +214,24 @@ class OperationMetadata:
             seq_lengths=P(b),
             kv_repeat=kv_repeat,
         )
+
+
+def _floating_dtype(value: Any, name: str, alternative: str = "") -> None:
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        shown = getattr(value, "__name__", None) or repr(value)
+        raise ValueError(f"{name}: expected a floating-point dtype{alternative}, got {shown}")
+
+
+def int_setting(backend: str, key: str, value: Any, *, minimum: int = 1) -> int:
+    """`metadata.operation_configs[backend][key]` checked to be an int >= `minimum`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"metadata.operation_configs[{backend!r}][{key!r}]: expected an int >= {minimum}, "
+                         f"got {value!r}")
+    return int(value)
 
 
 def _spec_entry(axes: tuple[str, ...]) -> str | tuple[str, ...] | None:

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from ..hardware import Hardware
 from ..inputs import AttentionInputs, PagedAttentionInputs
-from ..metadata import OperationMetadata
+from ..metadata import OperationMetadata, int_setting
 from ..operation import OperationImpl, Output
 from ..registry import hookimpl
 from ..request import AttentionRequest
@@ -27,7 +27,7 @@ def _blocks(metadata: OperationMetadata, name: str) -> dict[str, int]:
     unknown = set(config) - {"block_q", "block_kv", "block_tokens"}
     if unknown:
         raise ValueError(f"metadata.operation_configs[{name!r}]: unknown keys {sorted(unknown)}")
-    return {k: int(v) for k, v in config.items()}
+    return {k: int_setting(name, k, v) for k, v in config.items()}
 
 
 class XlaAttention(OperationImpl):

@@ -37,7 +37,7 @@ class MaskPlan:
 def to_node(mask: Mask, q_len: int, kv_len: int) -> lazy.Node | None:
     """The lazy node of a structural mask (None when `mask` holds arrays or is unknown)."""
     if isinstance(mask, BandMask):
-        lo, hi = mask.band(q_len, kv_len)
+        lo, hi = mask.bounds(q_len, kv_len)
         if lo is None and hi is None:
             return lazy.Full()
         return lazy.Band(None if lo is None else int(lo), None if hi is None else int(hi))
