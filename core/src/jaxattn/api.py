@@ -2,7 +2,8 @@
 
 Each call validates its arguments, builds an `AttentionRequest` from shapes alone,
 selects a backend (cached; free under `jax.jit`), and runs it, under `shard_map` when
-`metadata.mesh` is set. When the backend `auto` chose raises while it runs (other than a
+`metadata.mesh` is set; a call with nothing to compute (a zero-size dimension) is answered
+by the core (`empty.py`). When the backend `auto` chose raises while it runs (other than a
 `ValueError`, which says the input or a config is bad), the call raises
 `BackendFailedError` naming it and how to run without it (no silent fallback: the
 user's choice of backend must not change behind their back); a backend the user forced
@@ -17,6 +18,7 @@ from typing import Any
 import jax
 from jax.ad_checkpoint import checkpoint_name
 
+from . import empty as _empty
 from . import hardware as _hardware
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
@@ -77,6 +79,10 @@ def _prepare_paged(
 
 
 def _run(selection: Selection, inputs: Any, metadata: OperationMetadata) -> tuple[jax.Array, jax.Array | None]:
+    empty = _empty.paged_result(inputs) if isinstance(inputs, PagedAttentionInputs) else \
+        _empty.attention_result(inputs)
+    if empty is not None:
+        return empty
     def backend(inputs: Any, metadata: OperationMetadata, hardware: Hardware) -> Output:
         try:
             return selection.backend(inputs, metadata, hardware)
