@@ -20,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from . import empty as _empty
 from . import hardware as _hardware
+from ._compat import is_forward_mode_error
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
 from .metadata import OperationMetadata
@@ -31,6 +32,10 @@ from .sharding import run_sharded
 from .validation import build_attention_inputs, build_paged_inputs
 
 Backend = str | Sequence[str]
+FORWARD_MODE = (
+    "jaxattn: forward-mode autodiff (jax.jvp, jax.jacfwd, jax.hessian) is not supported: backends define "
+    "reverse-mode gradients only (jax.custom_vjp); use jax.grad, jax.vjp or jax.jacrev"
+)
 CONTEXT_NAME = "context"
 """`attention`'s output carries this `checkpoint_name`, for remat policies that save or drop it."""
 
@@ -89,6 +94,8 @@ def _run(selection: Selection, inputs: Any, metadata: OperationMetadata) -> tupl
         except (jax.errors.JaxRuntimeError, ValueError):
             raise  # the device failed (out of memory, ...), or the input or config is bad: not a fault
         except Exception as err:
+            if is_forward_mode_error(err):
+                raise TypeError(FORWARD_MODE) from err
             if selection.source != "auto":
                 raise
             raise selection.failed(err) from err

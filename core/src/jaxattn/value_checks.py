@@ -36,12 +36,15 @@ def _check(checked: bool, ok: jax.Array, message: str, **values: jax.Array) -> N
         checkify.check(ok, message + " (jaxattn checked mode)", **values)
 
 
+_I32 = np.iinfo(np.int32)
+
+
 def _min(x: jax.Array) -> jax.Array:
-    return jnp.min(x, initial=np.iinfo(np.int32).max)
+    return jnp.min(x, initial=_I32.max)
 
 
 def _max(x: jax.Array) -> jax.Array:
-    return jnp.max(x, initial=np.iinfo(np.int32).min)
+    return jnp.max(x, initial=_I32.min)
 
 
 def lengths(x: jax.Array, name: str, limit: int, what: str, *, checked: bool) -> jax.Array:
@@ -105,15 +108,18 @@ def page_table(page_indices: Any, kv_lengths: Any, cu_q_lens: Any, *, num_pages:
     idx = jnp.asarray(page_indices)
     lens = jnp.asarray(kv_lengths)
     bad = (idx < 0) | (idx >= num_pages)
-    first_bad = jnp.where(jnp.any(bad, axis=1), jnp.argmax(bad, axis=1), pages_per_seq)
+    # the first bad entry of each row (pages_per_seq: none), as a min over positions
+    first_bad = jnp.min(jnp.where(bad, jnp.arange(pages_per_seq)[None, :], pages_per_seq), axis=1,
+                        initial=pages_per_seq)
     if checked and (is_tracer(idx) or is_tracer(lens)):
         used_bad = bad & (jnp.arange(pages_per_seq)[None, :] * page_size < lens[:, None])
         _check(True, ~jnp.any(used_bad),
                f"page_indices: entries must be in [0, num_pages={num_pages}) (those holding tokens below "
                "kv_lengths), got range [{lo}, {hi}]",
-               lo=_min(jnp.where(used_bad, idx, 0)), hi=_max(jnp.where(used_bad, idx, 0)))
+               lo=_min(jnp.where(used_bad, idx, _I32.max)), hi=_max(jnp.where(used_bad, idx, _I32.min)))
         _check(True, jnp.all((lens >= 0) & (lens <= capacity)),
-               f"kv_lengths: entries must be in [0, pages_per_seq * page_size = {capacity}], got range [{{lo}}, {{hi}}]",
+               f"kv_lengths: entries must be in [0, pages_per_seq * page_size = {capacity}], "
+               "got range [{lo}, {hi}]",
                lo=_min(lens), hi=_max(lens))
     limit = jnp.minimum(capacity, first_bad * page_size).astype(lens.dtype)
     lens = jnp.clip(lens, 0, limit)

@@ -109,9 +109,10 @@ def _allowed_tile(mask: Mask | None, q_lens: jax.Array | None, kv_lens: jax.Arra
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
-    pad = -x.shape[axis] % multiple
-    if pad == 0 or x.shape[axis] == 1:
+    n = x.shape[axis]
+    if _is_static(n) and (n % multiple == 0 or n == 1):
         return x
+    pad = (n + multiple - 1) // multiple * multiple - n  # symbolic-friendly: provably >= multiple
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, pad)
     return jnp.pad(x, widths)
@@ -328,8 +329,15 @@ def _unblock(stacked: jax.Array, axis: int) -> jax.Array:
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _block(length: int, preferred: int) -> int:
-    return max(1, min(length, preferred))
+def _is_static(dim: Any) -> bool:
+    """A known size, as opposed to a symbolic one (`jax.export` with shape polymorphism)."""
+    return isinstance(dim, int)
+
+
+def _block(length: Any, preferred: int) -> int:
+    """The block size for `length`: `preferred`, or the whole length when it is shorter.
+    A symbolic length takes `preferred` (it cannot be compared), and is padded to it."""
+    return max(1, min(length, preferred)) if _is_static(length) else preferred
 
 
 def blockwise_attention(
