@@ -175,12 +175,12 @@ def finish(acc: jax.Array, m: jax.Array, l: jax.Array, poisoned: jax.Array,
            sinks: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Normalize: `(out, lse)`.
 
-    A row whose running max is still -inf saw no key (every key masked, or every allowed
-    logit -inf): out 0, lse -inf. A NaN or +inf logit among the allowed ones leaves a
-    non-finite max and propagates (out NaN, lse NaN or +inf); so does a poisoned row's
-    value (out NaN).
+    A row whose running sum is 0 saw no key (every key masked, or every allowed logit
+    -inf): out 0, lse -inf. A NaN or +inf logit among the allowed ones makes the sum NaN
+    or inf and propagates (out NaN, lse NaN or +inf; the sum, not the max, decides: XLA's
+    max may drop NaN); so does a poisoned row's value (out NaN).
     """
-    has_key = m != NEG_INF
+    has_key = l != 0
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     if sinks is not None:
         sink = sinks.astype(m.dtype)
