@@ -13,7 +13,7 @@ there) holds Flax's `attention_fn` and the `FlexibleAttention` modules.
 
 from __future__ import annotations
 
-from . import compat, hardware
+from . import compat, hardware, value_guard
 from .api import CONTEXT_NAME, attention, explain, paged_attention, select, select_request
 from .cache import KVCache, cached_attention
 from .hardware import Hardware
@@ -72,5 +72,5 @@ __all__ = [
     "QueryPositionMask", "Registry", "Rejection", "SegmentMask", "Selection", "SlidingWindowMask", "Support",
     "attention", "broken_plugins", "cached_attention", "compat", "default_registry", "explain", "hardware", "hookimpl",
     "hookspec", "list_backends", "mask_parts", "merge_attention", "paged_attention", "refresh_backends", "select",
-    "select_request", "set_tuning_cache", "use_backend",
+    "select_request", "set_tuning_cache", "use_backend", "value_guard",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from jaxattn import AttentionInputs, AttentionRequest, Hardware, OperationImpl, OperationMetadata, Support
+from jaxattn import AttentionInputs, AttentionRequest, Hardware, OperationImpl, OperationMetadata, Support, value_guard
 
 from .capabilities import hardware_reasons, request_reasons
 from .translate import Untranslatable, emulate_cudnn, run_cudnn, translate
@@ -44,6 +44,11 @@ class CudnnAttention(OperationImpl):
         return Support.from_reasons(reasons)
 
     def _run(self, inputs: AttentionInputs) -> Output:
+        # cuDNN multiplies p @ v with p = 0 on masked keys: the guard keeps a non-finite value of
+        # a masked key from the rows that do not see it (README "Semantics").
+        return value_guard.guarded(self._translated, inputs)
+
+    def _translated(self, inputs: AttentionInputs) -> Output:
         try:
             call = translate(inputs)
         except Untranslatable as err:

@@ -10,7 +10,10 @@ Per call (inside `shard_map` when a mesh is set, so everything below sees local 
 4. queries are pre-scaled (splash computes `q·kᵀ` unscaled), the batch is `vmap`ped over
    the one-example kernel (`kernel.splash_attention`), GQA/MQA go through the kernel's
    grouped form (K/V never repeated);
-5. rows that saw no key get output 0 and lse -inf; rows past `query_seq_lengths` too.
+5. rows that saw no key get output 0 and lse -inf; rows past `query_seq_lengths` too;
+6. around it all, `jaxattn.value_guard`: the kernel multiplies `p @ v` with `p = 0` on
+   masked keys, so a non-finite value of a masked key is zeroed before and the rows that
+   see it are made NaN after (README "Semantics").
 
 Sinks run inside the kernel when every row provably sees a key (a pure band/chunk mask:
 then the kernel's lse, which includes the sink, cannot hide a dead row); otherwise the
@@ -27,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn import AttentionInputs, AttentionRequest, Hardware, OperationImpl, OperationMetadata, Support
+from jaxattn import AttentionInputs, AttentionRequest, Hardware, OperationImpl, OperationMetadata, Support, value_guard
 from jaxattn.masks import Mask
 
 from . import _compat, config, kernel, lazy, translate
@@ -98,13 +101,20 @@ class SplashAttention(OperationImpl):
 
     # -- what it computes -----------------------------------------------------------------
     def forward_tpu(self, inputs: AttentionInputs, metadata: OperationMetadata) -> Any:
-        return _attention(inputs, metadata, self.interpret, _hardware_or_none())
+        return _guarded(inputs, metadata, self.interpret, _hardware_or_none())
 
     def forward_native(self, inputs: AttentionInputs, metadata: OperationMetadata) -> Any:
         if not self.interpret:
             raise RuntimeError("splash runs on TPU only; use SplashAttention(interpret=True) to run it "
                                "through the Pallas interpreter elsewhere")
-        return _attention(inputs, metadata, self.interpret, None)
+        return _guarded(inputs, metadata, self.interpret, None)
+
+
+def _guarded(inputs: AttentionInputs, metadata: OperationMetadata, interpret: Any,
+             hardware: Hardware | None) -> Any:
+    """jax's splash kernel multiplies p @ v with p = 0 on masked keys: the guard keeps a
+    non-finite value of a masked key from the rows that do not see it (README "Semantics")."""
+    return value_guard.guarded(lambda clean: _attention(clean, metadata, interpret, hardware), inputs)
 
 
 def _hardware_or_none() -> Hardware | None:
