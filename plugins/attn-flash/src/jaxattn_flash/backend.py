@@ -15,6 +15,7 @@ from jaxattn import (
     OperationMetadata,
     Support,
     mask_parts,
+    value_guard,
 )
 from jaxattn import hardware as _hardware
 
@@ -22,7 +23,8 @@ from . import config as _config
 from . import gpu_path
 from .padding import pad_axis, round_up
 from .tpu import tpu_flash_attention, tpu_reasons
-from .triton_kernels import KernelSpec, flash
+from .triton_kernels import KernelSpec
+from .triton_vjp import flash
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_HEAD_DIM = 256
@@ -84,7 +86,11 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
         block_kv, stages = _config.mosaic_tiles(config, d)
         mspec = MosaicSpec(scale=float(inputs.scale), band_lo=band_lo, band_hi=band_hi,
                            block_kv=block_kv, stages=stages)
-        return gpu_path.flash_mosaic(spec, mspec, q, k, v)  # unpadded: the Mosaic path takes no padding
+        # Unpadded: the Mosaic path takes no padding. Its wgmma multiplies p @ v with p = 0 on
+        # masked keys: the guard keeps a non-finite value of a masked key from the other rows.
+        bad = value_guard.bad_keys(v)
+        out, lse = gpu_path.flash_mosaic(spec, mspec, q, k, value_guard.clean(v, bad))
+        return value_guard.poison(out, value_guard.seen_rows(bad, inputs)), lse
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)
     qp = pad_axis(pad_axis(q, 1, q_pad), 3, dp)
     kp = pad_axis(pad_axis(k, 1, kv_pad), 3, dp)

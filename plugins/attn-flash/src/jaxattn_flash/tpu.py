@@ -72,7 +72,7 @@ def vmem_bytes(kernel: str, *, group: int, block_q: int, block_kv: int, head_dim
     tiles = 4 * 4 * bq * bk
     if kernel == "fwd":
         blocks = g * bq * d + bk * d + bk * dv + g * bq * dv
-        return 2 * itemsize * blocks + 4 * (g * bq * dv + 2 * g * bq * LANES) + tiles
+        return 2 * itemsize * blocks + 4 * (g * bq * dv + (2 * g + 1) * bq * LANES) + tiles
     if kernel == "dq":
         blocks = 2 * g * bq * d + bk * d + bk * dv + g * bq * dv
         return 2 * itemsize * blocks + 4 * g * bq * d + tiles
