@@ -133,3 +133,22 @@ def test_paged_kernel_agrees_with_xla_on_non_finite_cache_slots(seed):
     assert np.array_equal(np.isfinite(got).all(-1), np.isfinite(want).all(-1))
     finite = np.isfinite(want)
     np.testing.assert_allclose(got[finite], want[finite], rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("mask", ["segments_causal", "kv_lengths"])
+def test_splash_agrees_with_xla_on_non_finite_inputs(mask):
+    """jax's splash kernels (Pallas interpreter) under the value guard: one batch of 128 tokens
+    (splash tiles by 128), the keys' masks of the cases above stretched to it."""
+    from jaxattn_splash import SplashAttention
+
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((1, 128, 2, 64)).astype(np.float32) for _ in range(3))
+    v[0, 70, 0, 3] = np.nan  # after the first segment and past the first row's key length
+    q[0, 5, 1] = np.nan
+    extra = {"segments_causal": {"is_causal": True, "segment_ids": jnp.asarray([[0] * 64 + [1] * 64], jnp.int32)},
+             "kv_lengths": {"key_value_seq_lengths": jnp.array([65]), "query_seq_lengths": jnp.array([120])}}[mask]
+    meta = OperationMetadata(operation_configs={"splash": {"use_fused_bwd_kernel": True}})
+    x = build_inputs("attention", {"query": jnp.asarray(q), "key": jnp.asarray(k), "value": jnp.asarray(v),
+                                   **extra, "return_lse": True}, meta)
+    got = jax.jit(lambda x: SplashAttention(interpret=True)(x, meta, Hardware.cpu()))(x)
+    _agrees(*got, *XlaAttention()(x, OperationMetadata(), Hardware.cpu()), f"splash {mask}")
