@@ -41,7 +41,7 @@ v = jnp.ones((2, 10, 2, 16)) * 0.75
     ({"sinks": jnp.ones((2,))}, r"sinks: expected shape \[q_heads\] = \(4,\)"),
     ({"dropout_rate": 1.0}, r"dropout_rate: expected a number in \[0, 1\)"),
     ({"dropout_rate": 0.1}, r"dropout_rng: a PRNG key is required"),
-    ({"scale": "big"}, r"scale: expected a Python number or None"),
+    ({"scale": "big"}, r"scale: expected a finite Python number or None"),
     ({"is_causal": "yes"}, r"is_causal: expected a bool"),
     ({"metadata": {"mesh": None}}, r"metadata: expected a jaxattn.OperationMetadata"),
     ({"backend": 3}, r"backend: expected a backend name or a list of names"),

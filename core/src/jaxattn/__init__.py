@@ -16,6 +16,7 @@ from __future__ import annotations
 from . import compat, hardware, value_guard
 from .api import CONTEXT_NAME, attention, explain, paged_attention, select, select_request
 from .cache import KVCache, cached_attention
+from .capabilities import FEATURES, Capabilities
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
 from .listing import BackendInfo, broken_plugins, list_backends
@@ -63,9 +64,9 @@ def refresh_backends() -> None:
 
 
 __all__ = [
-    "CONTEXT_NAME", "EMPTY", "FULL", "PARTIAL",
+    "CONTEXT_NAME", "EMPTY", "FEATURES", "FULL", "PARTIAL",
     "AndMask", "AttentionInputs", "AttentionMechanisms", "AttentionRequest", "AttnShardingRules",
-    "BackendFailedError", "BackendInfo", "BackendUnavailableError", "BrokenPlugin", "CausalMask",
+    "BackendFailedError", "BackendInfo", "BackendUnavailableError", "BrokenPlugin", "Capabilities", "CausalMask",
     "ChunkedCausalMask", "DenseMask", "FullMask", "Hardware", "KVCache", "Mask", "MaskParts", "NoBackendError",
     "OperationImpl",
     "OperationMetadata", "OrMask", "PagedAttentionInputs", "PagedLayout", "PartitionAxis",

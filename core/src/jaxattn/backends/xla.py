@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ..hardware import Hardware
+from ..capabilities import Capabilities
 from ..inputs import AttentionInputs, PagedAttentionInputs
 from ..metadata import OperationMetadata, int_setting
 from ..operation import OperationImpl, Output
 from ..registry import hookimpl
-from ..request import AttentionRequest
-from ..support import Support
 from .blockwise import blockwise_attention
 from .paged import paged_attention_reference
 
@@ -37,9 +35,7 @@ class XlaAttention(OperationImpl):
     op: ClassVar[str] = "attention"
     platforms: ClassVar[tuple[str, ...]] = _ALL_PLATFORMS
     priority: ClassVar[dict[str, int]] = {"cpu": 10, "gpu": 0, "tpu": 0}
-
-    def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
-        return Support.yes()
+    capabilities: ClassVar[Capabilities] = Capabilities()  # every feature
 
     def forward_native(self, inputs: AttentionInputs, metadata: OperationMetadata) -> Output:
         blocks = _blocks(metadata, "xla")
@@ -55,9 +51,7 @@ class XlaPagedAttention(OperationImpl):
     op: ClassVar[str] = "paged_attention"
     platforms: ClassVar[tuple[str, ...]] = _ALL_PLATFORMS
     priority: ClassVar[dict[str, int]] = {"cpu": 10, "gpu": 0, "tpu": 0}
-
-    def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
-        return Support.yes()
+    capabilities: ClassVar[Capabilities] = Capabilities()  # every feature
 
     def forward_native(self, inputs: PagedAttentionInputs, metadata: OperationMetadata) -> Output:
         blocks = _blocks(metadata, "xla")
