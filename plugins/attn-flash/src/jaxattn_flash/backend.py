@@ -8,8 +8,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxattn import (
+    FEATURES,
     AttentionInputs,
     AttentionRequest,
+    Capabilities,
     Hardware,
     OperationImpl,
     OperationMetadata,
@@ -37,20 +39,12 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
 
     The forward kernel is the one `gpu_path.choose` names for this call on `hardware`
     (default: the detected one); the backward is always the Triton kernels."""
-    if inputs.bias is not None:
-        raise NotImplementedError("flash: an additive bias is not supported")
-    if inputs.dropout_rate > 0.0:
-        raise NotImplementedError("flash: dropout is not supported")
     q, k, v = inputs.query, inputs.key, inputs.value
     b, sq, hq, d = q.shape
     _, skv, hkv, dv = v.shape
     if k.dtype != q.dtype or v.dtype != q.dtype:
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-    if inputs.mask is not None and "or" in inputs.mask.kinds():
-        raise NotImplementedError("flash: masks combined with `|` are not supported")
-    parts = mask_parts(inputs.mask, sq, skv)
-    if parts.dense is not None:
-        raise NotImplementedError("flash: dense boolean masks are not supported")
+    parts = mask_parts(inputs.mask, sq, skv)  # what FlashAttention.capabilities admits: no `|`, no dense
 
     config = metadata.get_operation_config("flash")
     request = AttentionRequest.from_inputs(inputs)
@@ -113,6 +107,13 @@ class FlashAttention(OperationImpl):
     op: ClassVar[str] = "attention"
     platforms: ClassVar[tuple[str, ...]] = ("gpu", "tpu")
     priority: ClassVar[dict[str, int]] = {"gpu": 100, "tpu": 50}
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        dtypes=DTYPES, same_dtype=True, max_head_dim=MAX_HEAD_DIM,
+        mask_kinds=frozenset({"full", "causal", "sliding_window", "chunked_causal", "segment"}),
+        features=frozenset(FEATURES) - {"bias", "dropout"},
+        notes={"bias": "use cudnn or xla", "dropout": "use xla",
+               "dense": "flash takes causal, sliding-window, chunked and segment masks"},
+    )
 
     def __init__(self, interpret: bool = False) -> None:
         self.interpret = bool(interpret)
@@ -136,32 +137,8 @@ class FlashAttention(OperationImpl):
                               f"this GPU has {cc[0]}.{cc[1]}")
         return Support.yes()
 
-    def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
-        reasons = list(self.is_available(hardware).reasons)
-        if request.op != "attention" or request.paged is not None:
-            reasons.append("flash serves dense attention only (no paged KV cache)")
-        if request.dtype not in DTYPES:
-            reasons.append(f"flash takes float16, bfloat16 or float32 inputs, not {request.dtype}")
-        if request.kv_dtype != request.dtype:
-            reasons.append(f"flash needs key/value in the query's dtype ({request.dtype}), got {request.kv_dtype}")
-        if request.head_dim > MAX_HEAD_DIM or request.value_head_dim > MAX_HEAD_DIM:
-            reasons.append(f"flash supports head_dim up to {MAX_HEAD_DIM} "
-                           f"(got {request.head_dim}/{request.value_head_dim})")
-        if request.has_bias:
-            reasons.append("flash has no additive bias (use cudnn or xla)")
-        if request.dropout:
-            reasons.append("flash has no dropout (use xla)")
-        if "dense" in request.mask_kinds:
-            reasons.append("flash takes structural masks only (causal, sliding window, chunked, segment ids), "
-                           "not a dense boolean mask")
-        if "or" in request.mask_kinds:
-            reasons.append("flash cannot combine masks with `|` (only `&`)")
-        if "query_positions" in request.mask_kinds:
-            reasons.append("flash's causal band has one offset per call, not a position per query "
-                           "(QueryPositionMask: KV-cache prefill)")
-        if hardware.platform == "tpu":
-            reasons += [r for r in tpu_reasons(request) if r not in reasons]
-        return Support.from_reasons(reasons)
+    def extra_reasons(self, request: AttentionRequest, hardware: Hardware) -> list[str]:
+        return tpu_reasons(request) if hardware.platform == "tpu" else []
 
     def gpu_kernel_for(self, request: AttentionRequest, hardware: Hardware,
                        metadata: OperationMetadata | None = None) -> gpu_path.PathChoice:
@@ -174,10 +151,10 @@ class FlashAttention(OperationImpl):
         out, lse = flash_attention(inputs, metadata, interpret=self.interpret, hardware=hardware)
         return out, (lse if inputs.return_lse else None)
 
-    def __call__(self, inputs, metadata: OperationMetadata, hardware: Hardware):
+    def dispatch(self, inputs, metadata: OperationMetadata, hardware: Hardware):
         if hardware.platform == "gpu" and not hardware.is_rocm:
             return self._run(inputs, metadata, hardware)  # the GPU path choice needs the hardware
-        return super().__call__(inputs, metadata, hardware)
+        return super().dispatch(inputs, metadata, hardware)
 
     def forward_native(self, inputs: AttentionInputs, metadata: OperationMetadata):
         if not self.interpret:

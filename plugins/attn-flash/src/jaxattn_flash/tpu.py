@@ -176,16 +176,8 @@ def tpu_flash_attention(inputs: AttentionInputs, metadata: OperationMetadata | N
                         interpret: bool = False):
     """`(out [B, Sq, Hq, Dv], lse [B, Hq, Sq] or None)` through flash's Pallas TPU kernels.
 
-    `interpret=True` runs them through the Pallas TPU interpreter (any platform)."""
-    request = AttentionRequest.from_inputs(inputs)
-    reasons = tpu_reasons(request)
-    if inputs.bias is not None or inputs.dropout_rate > 0.0:
-        reasons.append("flash has no additive bias or dropout")
-    kinds = inputs.mask.kinds() if inputs.mask is not None else frozenset()
-    if kinds & {"dense", "or"}:
-        reasons.append("flash takes structural masks combined with `&` only (no dense mask, no `|`)")
-    if reasons:
-        raise NotImplementedError("; ".join(reasons))
+    `interpret=True` runs them through the Pallas TPU interpreter (any platform). Only for
+    calls `FlashAttention.supports()` accepts on a TPU (its forward is called after that check)."""
     metadata = metadata or OperationMetadata()
     q, k, v = inputs.query, inputs.key, inputs.value
     if k.dtype != q.dtype or v.dtype != q.dtype:
