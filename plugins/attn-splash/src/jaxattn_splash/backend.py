@@ -30,7 +30,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn import AttentionInputs, AttentionRequest, Hardware, OperationImpl, OperationMetadata, Support, value_guard
+from jaxattn import (
+    FEATURES,
+    AttentionInputs,
+    AttentionRequest,
+    Capabilities,
+    Hardware,
+    OperationImpl,
+    OperationMetadata,
+    Support,
+    value_guard,
+)
 from jaxattn.masks import Mask
 
 from . import _compat, config, kernel, lazy, translate
@@ -55,6 +65,12 @@ class SplashAttention(OperationImpl):
     op: ClassVar[str] = "attention"
     platforms: ClassVar[tuple[str, ...]] = ("tpu",)
     priority: ClassVar[dict[str, int]] = {"tpu": 100}
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        dtypes=DTYPES, same_dtype=True, head_dim_multiple=HEAD_DIM_MULTIPLE,
+        features=frozenset(FEATURES) - {"bias", "dropout"},
+        notes={"bias": "express it as a mask, or use another backend",
+               "head_dim": "the head sizes jax's splash kernel is built and tested for: 64, 128, 192, 256..."},
+    )
 
     def __init__(self, interpret: Any = False) -> None:
         self.interpret = interpret
@@ -74,30 +90,10 @@ class SplashAttention(OperationImpl):
                                f"{hardware.device_kind} (v{hardware.tpu_generation})")
         return Support.from_reasons(reasons)
 
-    def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
-        reasons = list(self.is_available(hardware).reasons)
-        r = request
-        if r.op != "attention":
-            reasons.append(f"splash serves op 'attention', not {r.op!r}")
-        if r.dtype not in DTYPES:
-            reasons.append(f"dtype {r.dtype} is not supported (splash runs {' and '.join(DTYPES)} on TPU)")
-        if r.kv_dtype != r.dtype:
-            reasons.append(f"key/value dtype {r.kv_dtype} differs from the query dtype {r.dtype}")
-        for label, dim in (("head_dim", r.head_dim), ("value_head_dim", r.value_head_dim)):
-            if dim % HEAD_DIM_MULTIPLE:
-                reasons.append(f"{label}={dim} is not a multiple of {HEAD_DIM_MULTIPLE} (the head sizes "
-                               "jax's splash kernel is built and tested for: 64, 128, 192, 256...)")
-        for label, length in (("q_len", r.q_len), ("kv_len", r.kv_len)):
-            if length < MIN_SEQ:
-                reasons.append(f"{label}={length} < {MIN_SEQ}: splash tiles sequences by 128, so most of "
-                               "the work would be padding (decode belongs to a paged/decode backend)")
-        if r.num_kv_heads <= 0 or r.num_q_heads % r.num_kv_heads:
-            reasons.append(f"num_q_heads={r.num_q_heads} is not a multiple of num_kv_heads={r.num_kv_heads}")
-        if r.has_bias:
-            reasons.append("splash has no additive bias input (express it as a mask, or use another backend)")
-        if r.dropout:
-            reasons.append("splash has no attention dropout")
-        return Support.from_reasons(reasons)
+    def extra_reasons(self, request: AttentionRequest, hardware: Hardware) -> list[str]:
+        return [f"{label}={length} < {MIN_SEQ}: splash tiles sequences by 128, so most of the work would be "
+                "padding (decode belongs to a paged/decode backend)"
+                for label, length in (("q_len", request.q_len), ("kv_len", request.kv_len)) if length < MIN_SEQ]
 
     # -- what it computes -----------------------------------------------------------------
     def forward_tpu(self, inputs: AttentionInputs, metadata: OperationMetadata) -> Any:
@@ -188,9 +184,7 @@ def _lazy_infos(node: lazy.Node, sq_p: int, skv_p: int, bs: Any) -> tuple[Any, A
 
 def _attention(inputs: AttentionInputs, metadata: OperationMetadata, interpret: Any,
                hardware: Hardware | None) -> tuple[jax.Array, jax.Array | None]:
-    q, k, v = inputs.query, inputs.key, inputs.value
-    if inputs.bias is not None or inputs.dropout_rate > 0.0:
-        raise ValueError("splash supports neither bias nor dropout (supports() says so)")
+    q, k, v = inputs.query, inputs.key, inputs.value  # no bias, no dropout: SplashAttention.capabilities
     b, sq, hq, _ = q.shape
     _, skv, hkv, _ = k.shape
     sq_p, skv_p = config.padded(sq), config.padded(skv)

@@ -48,6 +48,9 @@ def check_config(config: dict[str, Any]) -> list[str]:
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         problems.append(f"metadata.operation_configs['splash']: unknown keys {unknown} (known: {list(CONFIG_KEYS)})")
+    fused = config.get("use_fused_bwd_kernel", False)
+    if not isinstance(fused, bool):
+        problems.append(f"metadata.operation_configs['splash']['use_fused_bwd_kernel'] must be a bool, got {fused!r}")
     for key in BLOCK_KEYS:
         if key in config and (not isinstance(config[key], int) or config[key] <= 0 or config[key] % LANES):
             problems.append(f"metadata.operation_configs['splash'][{key!r}] must be a positive multiple of "
