@@ -20,8 +20,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import jaxattn
-from jaxattn import Hardware, OperationImpl, OperationMetadata, Support
+from jaxattn import Capabilities, Hardware, OperationImpl, OperationMetadata, Support
 from jaxattn.inputs import PagedAttentionInputs
+from jaxattn.metadata import int_setting
 from jaxattn.request import AttentionRequest
 
 from .kernel import DECODE_CONFIG, RAGGED_CONFIG, KernelConfig, is_pow2, paged_attention_kernel
@@ -41,7 +42,8 @@ def _config(metadata: OperationMetadata, name: str, base: KernelConfig) -> Kerne
     if unknown:
         raise ValueError(f"metadata.operation_configs[{name!r}]: unknown keys {sorted(unknown)}; "
                          f"expected some of {sorted(_CONFIG_KEYS)}")
-    return base.replace(**{k: int(v) for k, v in raw.items()})
+    minimum = {"num_splits": 0, "target_programs": 0}  # 0: chosen automatically
+    return base.replace(**{k: int_setting(name, k, v, minimum=minimum.get(k, 1)) for k, v in raw.items()})
 
 
 def _window_left(inputs: PagedAttentionInputs) -> int | None:
@@ -56,6 +58,10 @@ class RaggedPagedAttention(OperationImpl):
     op: ClassVar[str] = "paged_attention"
     platforms: ClassVar[tuple[str, ...]] = ("gpu", "tpu")
     priority: ClassVar[dict[str, int]] = {"gpu": 100, "tpu": 100}
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        dtypes=Q_DTYPES, kv_dtypes=KV_DTYPES, mask_kinds=frozenset({"causal", "sliding_window"}),
+        features=frozenset({"soft_cap", "sinks", "value_head_dim"}),
+    )
     decode_only: ClassVar[bool] = False
 
     def __init__(self, *, interpret: bool = False, enable_tpu: bool = False,
@@ -83,31 +89,16 @@ class RaggedPagedAttention(OperationImpl):
             return Support.no(f"{self.name}: the Pallas Triton kernel is only built and tested for NVIDIA GPUs")
         return Support.yes()
 
-    def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
-        reasons = list(self.is_available(hardware).reasons)
-        if request.op != "paged_attention" or request.paged is None:
-            return Support.no(f"{self.name} serves op 'paged_attention' only")
-        if request.needs_grad:
-            reasons.append(f"{self.name} has no backward pass")
-        paged = request.paged
-        if self.decode_only and paged.ragged:
+    def extra_reasons(self, request: AttentionRequest, hardware: Hardware) -> list[str]:
+        reasons = []
+        if self.decode_only and request.paged is not None and request.paged.ragged:
             reasons.append(f"{self.name} serves decode calls (one query per sequence, no cu_q_lens); "
                            "use 'ragged_paged' for ragged prefill+decode batches")
-        extra = set(request.mask_kinds) - {"causal", "sliding_window"}
-        if extra:
-            reasons.append(f"{self.name}: masks {sorted(extra)} are not part of paged attention")
-        if request.has_bias or request.dropout:
-            reasons.append(f"{self.name}: no bias or dropout in paged attention")
-        if request.kv_dtype not in KV_DTYPES:
-            reasons.append(f"{self.name}: cache dtype {request.kv_dtype} unsupported "
-                           f"(supported: {', '.join(KV_DTYPES)})")
-        if request.dtype not in Q_DTYPES:
-            reasons.append(f"{self.name}: query dtype {request.dtype} unsupported (supported: {', '.join(Q_DTYPES)})")
+        if request.paged is None:
+            return reasons
         if hardware.platform == "tpu" and not self.interpret:
-            reasons += self._tpu_reasons(request)
-        else:
-            reasons += self._gpu_reasons(request, hardware)
-        return Support.from_reasons(reasons)
+            return reasons + self._tpu_reasons(request)
+        return reasons + self._gpu_reasons(request, hardware)
 
     def _gpu_reasons(self, request: AttentionRequest, hardware: Hardware) -> list[str]:
         reasons = []
@@ -160,8 +151,6 @@ class RaggedPagedAttention(OperationImpl):
         return self._run_kernel(inputs, metadata)
 
     def forward_tpu(self, inputs: PagedAttentionInputs, metadata: OperationMetadata) -> Any:
-        if inputs.sinks is not None:
-            raise NotImplementedError(f"{self.name} on TPU: jax's kernel has no sinks")
         raw = metadata.get_operation_config(self.name + "_tpu")
         out = tpu_paged_attention(
             inputs.query, inputs.key_pages, inputs.value_pages, inputs.kv_lengths, inputs.page_indices,
