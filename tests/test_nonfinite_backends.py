@@ -16,7 +16,7 @@ import pytest
 
 from jaxattn import AttentionRequest, CausalMask, Hardware, OperationMetadata
 from jaxattn.backends.xla import XlaAttention, XlaPagedAttention
-from jaxattn.testing.conformance import build_inputs
+from jaxattn.testing import assert_same_nonfinite, build_inputs, nonfinite_problem
 from jaxattn_cudnn import CudnnAttention
 from jaxattn_flash import FlashAttention
 from jaxattn_flash import tpu as flash_tpu
@@ -40,33 +40,10 @@ SEEDS = (0, 1, 2)
 
 
 def _problem(seed: int, bad_keys: bool = True) -> dict:
-    """Random q/k/v with non-finite entries in random places (seeded); `bad_keys=False`
-    leaves the keys finite."""
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((B, S, HQ, D)).astype(np.float32)
-    k = rng.standard_normal((B, S, HKV, D)).astype(np.float32)
-    v = rng.standard_normal((B, S, HKV, D)).astype(np.float32)
-    for lo, hi in ((S // 3, 2 * S // 3), (0, S)):  # values of two keys, one in the middle third
-        v[rng.integers(B), rng.integers(lo, hi), rng.integers(HKV), rng.integers(D)] = rng.choice([np.nan, np.inf])
-    if seed % 2:
-        q[rng.integers(B), rng.integers(S), rng.integers(HQ)] = np.nan  # a query row
-    if seed % 3 == 2 and bad_keys:
-        k[rng.integers(B), rng.integers(S), rng.integers(HKV), 0] = np.inf  # a key
-    return {"query": jnp.asarray(q), "key": jnp.asarray(k), "value": jnp.asarray(v)}
+    return nonfinite_problem(seed, (B, S, HQ, HKV, D), bad_keys=bad_keys)
 
 
-def _agrees(out, lse, ref_out, ref_lse, what: str) -> None:
-    out, ref_out = np.asarray(out, np.float64), np.asarray(ref_out, np.float64)
-    finite, ref_finite = np.isfinite(out).all(-1), np.isfinite(ref_out).all(-1)  # [B, S, H] rows
-    assert np.array_equal(finite, ref_finite), f"{what}: non-finite rows differ"
-    np.testing.assert_allclose(out[ref_finite], ref_out[ref_finite], rtol=2e-4, atol=2e-5, err_msg=what)
-    if lse is not None:
-        lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
-        empty = ref_lse == -np.inf
-        assert np.all(lse[empty] <= -1e20), f"{what}: rows without keys must have lse -inf"
-        poisoned = np.isnan(lse) | (lse == np.inf)  # NaN or +inf: which one is not specified
-        assert np.array_equal(poisoned, np.isnan(ref_lse) | (ref_lse == np.inf)), f"{what}: NaN lse rows differ"
-        assert np.all(out[np.swapaxes(empty, 1, 2)] == 0), f"{what}: rows without keys must be zeros"
+_agrees = assert_same_nonfinite
 
 
 BACKENDS = {
