@@ -11,7 +11,7 @@ import pytest
 from jax.experimental import checkify
 
 import jaxattn
-from jaxattn import CausalMask, OperationMetadata
+from jaxattn import CausalMask, ChunkedCausalMask, OperationMetadata
 
 KEYS = jax.random.split(jax.random.PRNGKey(0), 3)
 Q = jax.random.normal(KEYS[0], (2, 8, 4, 16))
@@ -81,6 +81,7 @@ def test_checked_mode_reports_lengths_under_jit():
     ({"sliding_window": (2**40, 2**40), "is_causal": True}, {"is_causal": True}),
     ({"mask": CausalMask(2**40)}, {}),
     ({"mask": CausalMask(-2**40)}, {"mask": CausalMask(-8)}),
+    ({"mask": ChunkedCausalMask(2**40)}, {"mask": CausalMask(0)}),
 ])
 def test_huge_windows_and_offsets_mean_unbounded(huge, plain):
     np.testing.assert_array_equal(jaxattn.attention(Q, K, V, **huge), jaxattn.attention(Q, K, V, **plain))

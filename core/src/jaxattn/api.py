@@ -33,7 +33,7 @@ from .validation import build_attention_inputs, build_paged_inputs
 
 Backend = str | Sequence[str]
 FORWARD_MODE = (
-    "jaxattn: forward-mode autodiff (jax.jvp, jax.jacfwd, jax.hessian) is not supported: backends define "
+    "jaxattn: forward-mode autodiff (jax.jvp, jax.jacfwd) is not supported: backends define "
     "reverse-mode gradients only (jax.custom_vjp); use jax.grad, jax.vjp or jax.jacrev"
 )
 CONTEXT_NAME = "context"

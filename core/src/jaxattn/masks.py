@@ -234,10 +234,15 @@ class ChunkedCausalMask(Mask):
     def resolved_offset(self, q_len: int, kv_len: int) -> int:
         return kv_len - q_len if self.offset is None else int(self.offset)
 
+    def resolved_chunk(self, q_len: int, kv_len: int) -> int:
+        """`chunk_size`, at most `q_len + kv_len + |offset|`: a chunk longer than every
+        position is one chunk (causal), and stays inside int32 where kernels compute with it."""
+        return int(min(self.chunk_size, q_len + kv_len + abs(self.resolved_offset(q_len, kv_len))))
+
     def allowed(self, q_idx: jax.Array, kv_idx: jax.Array, q_len: int, kv_len: int) -> jax.Array:
         qi = q_idx[:, None] + self.resolved_offset(q_len, kv_len)
         kj = kv_idx[None, :]
-        c = self.chunk_size
+        c = self.resolved_chunk(q_len, kv_len)
         return ((kj <= qi) & (jnp.floor_divide(kj, c) == jnp.floor_divide(qi, c)))[None, None]
 
     def block_structure(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.ndarray:
@@ -245,7 +250,7 @@ class ChunkedCausalMask(Mask):
         causal = _band_blocks(None, off, q_len, kv_len, block_q, block_kv)
         q0, q1 = _blocks(q_len, block_q)
         k0, k1 = _blocks(kv_len, block_kv)
-        c = self.chunk_size
+        c = self.resolved_chunk(q_len, kv_len)
         cq0, cq1 = (q0 + off) // c, (q1 + off) // c
         ck0, ck1 = k0 // c, k1 // c
         empty = (cq1[:, None] < ck0[None, :]) | (ck1[None, :] < cq0[:, None])
@@ -536,7 +541,7 @@ def mask_parts(mask: Mask | None, q_len: int, kv_len: int) -> MaskParts:
         elif isinstance(part, ChunkedCausalMask):
             off = part.resolved_offset(q_len, kv_len)
             p_lo, p_hi = None, off
-            this = (part.chunk_size, off)
+            this = (part.resolved_chunk(q_len, kv_len), off)
             if chunk is not None and chunk != this:
                 raise ValueError("mask: two different chunked-causal masks cannot be combined here")
             chunk = this
