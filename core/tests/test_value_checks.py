@@ -11,13 +11,14 @@ import pytest
 from jax.experimental import checkify
 
 import jaxattn
-from jaxattn import CausalMask, ChunkedCausalMask, OperationMetadata
+from jaxattn import CausalMask, ChunkedCausalMask, OperationMetadata, QueryPositionMask
 
 KEYS = jax.random.split(jax.random.PRNGKey(0), 3)
 Q = jax.random.normal(KEYS[0], (2, 8, 4, 16))
 K = jax.random.normal(KEYS[1], (2, 8, 2, 16))
 V = jax.random.normal(KEYS[2], (2, 8, 2, 16))
 NAN, INF = float("nan"), float("inf")
+POSITIONS = jnp.tile(jnp.arange(8), (2, 1))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -82,6 +83,7 @@ def test_checked_mode_reports_lengths_under_jit():
     ({"mask": CausalMask(2**40)}, {}),
     ({"mask": CausalMask(-2**40)}, {"mask": CausalMask(-8)}),
     ({"mask": ChunkedCausalMask(2**40)}, {"mask": CausalMask(0)}),
+    ({"mask": QueryPositionMask(POSITIONS, left=2**40, right=2**40)}, {"mask": QueryPositionMask(POSITIONS, right=8)}),
 ])
 def test_huge_windows_and_offsets_mean_unbounded(huge, plain):
     np.testing.assert_array_equal(jaxattn.attention(Q, K, V, **huge), jaxattn.attention(Q, K, V, **plain))

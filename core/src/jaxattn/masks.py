@@ -376,6 +376,9 @@ class DenseMask(Mask):
             )
 
 
+_WIDEST = 2**30  # window sides beyond this reach past any position a cache can hold
+
+
 @dataclass(frozen=True, eq=False)
 class QueryPositionMask(Mask):
     """Causal (optionally windowed) attention from explicit query positions.
@@ -402,9 +405,9 @@ class QueryPositionMask(Mask):
     def allowed(self, q_idx: jax.Array, kv_idx: jax.Array, q_len: int, kv_len: int) -> jax.Array:
         p = jnp.take(self.positions, q_idx, axis=1, mode="clip")[:, :, None]  # [B, nq, 1]
         d = kv_idx[None, None, :] - p
-        ok = d <= self.right
+        ok = d <= min(self.right, _WIDEST)  # a wider window is the same window: kept inside int32
         if self.left is not None:
-            ok &= d >= -self.left
+            ok &= d >= -min(self.left, _WIDEST)
         return ok[:, None]
 
     def block_structure(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.ndarray:
