@@ -56,8 +56,11 @@ BACKENDS = {
 ADDITIVE_MASKS = {("cudnn_emulated", "segments_causal")}
 
 
-@pytest.mark.parametrize("mask", list(MASKS))
-@pytest.mark.parametrize("backend", list(BACKENDS))
+CASES = [(backend, mask) for backend in BACKENDS for mask in MASKS
+         if backend != "flash_tpu" or mask in ("fully_masked_rows", "segments_causal", "kv_lengths")]  # CI time
+
+
+@pytest.mark.parametrize("backend,mask", CASES)
 def test_backend_agrees_with_xla_on_non_finite_inputs(backend, mask, monkeypatch):
     impl, hardware, metadata = BACKENDS[backend]
     monkeypatch.setattr(flash_tpu, "INTERPRETER", "generic")
@@ -93,7 +96,7 @@ def test_backward_keeps_non_finite_values_to_the_rows_that_see_them():
         np.testing.assert_allclose(g[np.isfinite(w)], w[np.isfinite(w)], rtol=1e-3, atol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", [0])
 def test_paged_kernel_agrees_with_xla_on_non_finite_cache_slots(seed):
     """The ragged kernel (interpreted): NaN/inf in written-but-invisible slots (a prefill's later
     keys) and in never-written ones reach no query that does not see them."""
