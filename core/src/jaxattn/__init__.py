@@ -17,11 +17,12 @@ with per token and head scales) for `paged_attention`'s `k_scale`/`v_scale`.
 
 from __future__ import annotations
 
-from . import compat, hardware, tuning
+from . import compat, hardware, tuning, value_guard
 from ._version import __version__
 from .api import CONTEXT_NAME, attention, explain, paged_attention, select, select_request
 from .backend_config import BackendConfig
 from .cache import KVCache, cached_attention
+from .capabilities import FEATURES, Capabilities
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
 from .listing import BackendInfo, broken_plugins, list_backends
@@ -73,16 +74,16 @@ def refresh_backends() -> None:
 
 
 __all__ = [
-    "CONTEXT_NAME", "EMPTY", "FULL", "NO_MEASUREMENTS", "PARTIAL",
+    "CONTEXT_NAME", "EMPTY", "FEATURES", "FULL", "NO_MEASUREMENTS", "PARTIAL",
     "AndMask", "AttentionInputs", "AttentionMechanisms", "AttentionRequest", "AttnShardingRules",
-    "BackendConfig", "BackendFailedError", "BackendInfo", "BackendUnavailableError", "BrokenPlugin", "CausalMask",
-    "ChunkedCausalMask", "DenseMask", "FullMask", "Hardware", "KVCache", "Mask", "MaskParts", "MeasuredRanking",
-    "NoBackendError", "OperationImpl",
+    "BackendConfig", "BackendFailedError", "BackendInfo", "BackendUnavailableError", "BrokenPlugin", "Capabilities",
+    "CausalMask", "ChunkedCausalMask", "DenseMask", "FullMask", "Hardware", "KVCache", "Mask", "MaskParts",
+    "MeasuredRanking", "NoBackendError", "OperationImpl",
     "OperationMetadata", "OrMask", "PagedAttentionInputs", "PagedLayout", "PartitionAxis",
     "QueryPositionMask", "Registry", "Rejection", "SegmentMask", "Selection", "SlidingWindowMask", "Support",
     "TuningCache", "__version__",
     "attention", "broken_plugins", "cached_attention", "compat", "default_registry", "dequantize_kv", "explain",
     "hardware", "hookimpl", "hookspec", "list_backends", "load_balance", "mask_parts", "merge_attention",
     "paged_attention", "quantize_kv", "refresh_backends", "select", "select_request", "set_tuning_cache", "tuning",
-    "unload_balance", "update_paged_cache", "use_backend",
+    "unload_balance", "update_paged_cache", "use_backend", "value_guard",
 ]

@@ -73,3 +73,10 @@ def cudnn_version() -> int | None:
         return int(cuda_versions.cudnn_get_version())
     except Exception:  # noqa: BLE001 - no cuDNN loaded is an answer, not an error
         return None
+
+
+def is_forward_mode_error(err: BaseException) -> bool:
+    """Whether `err` is JAX refusing forward-mode autodiff (`jax.jvp`, `jacfwd`) of a
+    `custom_vjp` function (recognized by its message, which JAX may reword)."""
+    text = str(err)
+    return isinstance(err, TypeError) and "custom_vjp" in text and ("jvp" in text or "forward-mode" in text)

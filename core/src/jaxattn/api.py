@@ -3,7 +3,8 @@
 Each call validates its arguments, builds an `AttentionRequest` from shapes alone,
 selects a backend (cached; free under `jax.jit`), and runs it (`dispatch.py`: under
 `shard_map` when `metadata.mesh` is set; with a forward-only choice and a differentiated
-one when `auto` made two). When the backend `auto` chose raises while it runs (other than a
+one when `auto` made two; a call with nothing to compute, a zero-size dimension, is
+answered by the core, `empty.py`). When the backend `auto` chose raises while it runs (other than a
 `ValueError`, which says the input or a config is bad), the call raises
 `BackendFailedError` naming it and how to run without it (no silent fallback: the
 user's choice of backend must not change behind their back); a backend the user forced

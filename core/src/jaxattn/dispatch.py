@@ -27,15 +27,21 @@ from typing import Any
 
 import jax
 
+from . import empty as _empty
 from . import parallel
-from ._compat import is_batched
+from ._compat import is_batched, is_forward_mode_error
 from .hardware import Hardware
-from .inputs import AttentionInputs
+from .inputs import AttentionInputs, PagedAttentionInputs
 from .metadata import OperationMetadata
 from .operation import Output
 from .partitioning import run_partitioned
 from .selector import Selection
 from .sharding import run_sharded
+
+FORWARD_MODE = (
+    "jaxattn: forward-mode autodiff (jax.jvp, jax.jacfwd) is not supported: backends define "
+    "reverse-mode gradients only (jax.custom_vjp); use jax.grad, jax.vjp or jax.jacrev"
+)
 
 
 def _settings(selection: Selection, metadata: OperationMetadata) -> OperationMetadata:
@@ -64,6 +70,8 @@ def _run_one(selection: Selection, inputs: Any, metadata: OperationMetadata, bac
         except (jax.errors.JaxRuntimeError, ValueError):
             raise  # the device failed (out of memory, ...), or the input or config is bad: not a fault
         except Exception as err:
+            if is_forward_mode_error(err):
+                raise TypeError(FORWARD_MODE) from err
             if selection.source != "auto":
                 raise
             raise selection.failed(err) from err
@@ -83,6 +91,10 @@ def _run_one(selection: Selection, inputs: Any, metadata: OperationMetadata, bac
 def run(selection: Selection, inputs: Any, metadata: OperationMetadata, backend_arg: Any = "auto") -> Output:
     """Run the call `selection` was made for: `(out, lse or None)`. `backend_arg` is the
     call's `backend` argument (context parallelism selects again for each shard's piece)."""
+    empty = _empty.paged_result(inputs) if isinstance(inputs, PagedAttentionInputs) else \
+        _empty.attention_result(inputs)
+    if empty is not None:
+        return empty
     forward_only = selection.forward_only
     if forward_only is None or not selection.splits:
         return _run_one(selection, inputs, metadata, backend_arg)

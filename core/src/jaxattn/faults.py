@@ -30,6 +30,7 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from .capabilities import Capabilities
 from .hardware import PLATFORMS
 from .operation import OperationImpl
 from .request import OPS
@@ -123,7 +124,7 @@ def declaration_problems(impl: OperationImpl) -> list[str]:
     platforms = impl.platforms
     if not isinstance(platforms, tuple) or not platforms or not all(p in PLATFORMS for p in platforms):
         problems.append(f"platforms must be a non-empty tuple of {PLATFORMS}, got {platforms!r}")
-    elif not _overrides(type(impl), "forward_native") and not _overrides(type(impl), "__call__"):
+    elif not any(_overrides(type(impl), m) for m in ("forward_native", "dispatch", "__call__")):
         missing = [p for p in platforms if not any(_overrides(type(impl), m) for m in _FORWARDS[p])]
         if missing:
             wanted = " or ".join(m for p in missing for m in _FORWARDS[p])
@@ -133,6 +134,6 @@ def declaration_problems(impl: OperationImpl) -> list[str]:
         p in PLATFORMS and isinstance(v, int) and not isinstance(v, bool) for p, v in priority.items()
     ):
         problems.append(f"priority must be a mapping of platform ({', '.join(PLATFORMS)}) to int, got {priority!r}")
-    if not _overrides(type(impl), "supports"):
-        problems.append("supports() is not implemented")
+    if not _overrides(type(impl), "supports") and not isinstance(getattr(impl, "capabilities", None), Capabilities):
+        problems.append("supports() is not implemented (and no capabilities are declared)")
     return problems

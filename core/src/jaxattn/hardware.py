@@ -1,12 +1,14 @@
 """`Hardware`: the facts about the machine that backends check in `supports()`.
 
 Detected once per process (the first time a backend is selected) and injectable, so that
-tests can ask "what would be chosen on an H100 with cuDNN 9.1?" on a CPU machine.
+tests can ask "what would be chosen on an H100 with cuDNN 9.1?" on a CPU machine. The
+injection (`override`) is context-local, so a what-if in one thread leaves the others alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import re
 from collections.abc import Iterator
@@ -115,7 +117,9 @@ def detect() -> Hardware:
     return Hardware(platform="cpu", device_kind=kind, device_count=len(devices))
 
 
-_override: list[Hardware] = []
+# Context-local: a what-if question asked in one thread (or asyncio task) never changes
+# the hardware that the real calls of another thread select for.
+_override: contextvars.ContextVar[Hardware | None] = contextvars.ContextVar("jaxattn_hardware", default=None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,17 +128,22 @@ def _detected() -> Hardware:
 
 
 def current() -> Hardware:
-    """The hardware selection uses: an override if one is active, else the detected one."""
-    return _override[-1] if _override else _detected()
+    """The hardware selection uses: an override active in this context, else the detected one."""
+    hardware = _override.get()
+    return hardware if hardware is not None else _detected()
 
 
 @contextlib.contextmanager
 def override(hardware: Hardware) -> Iterator[Hardware]:
-    """Pretend to run on `hardware` inside the block (selection and `list-backends`)."""
+    """Pretend to run on `hardware` inside the block (selection and `list-backends`).
+
+    The override is context-local (a `contextvars.ContextVar`): it applies to the code in
+    the block, in this thread or task, and not to other threads running at the same time.
+    """
     if not isinstance(hardware, Hardware):
         raise ValueError(f"hardware must be a jaxattn.Hardware, got {type(hardware).__name__}")
-    _override.append(hardware)
+    token = _override.set(hardware)
     try:
         yield hardware
     finally:
-        _override.pop()
+        _override.reset(token)

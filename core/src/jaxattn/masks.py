@@ -105,14 +105,31 @@ def _register(cls: type, data: Sequence[str] = ()) -> type:
 # -- structural masks (no arrays; a band of allowed j - i) -----------------------------
 
 
+def clip_band(lo: int | None, hi: int | None, q_len: int, kv_len: int) -> tuple[int | None, int | None]:
+    """The band `lo <= j - i <= hi` with each bound clipped to `[-q_len, kv_len]`.
+
+    `j - i` only takes values in `[-(q_len - 1), kv_len - 1]`, so clipping changes nothing
+    that is allowed; it keeps huge bounds (a window of 2**40, `CausalMask(2**40)`: in
+    effect unbounded) inside int32, where kernels and `jnp` compute with them.
+    """
+    def clip(bound: int | None) -> int | None:
+        return None if bound is None else int(min(max(bound, -q_len), kv_len))
+
+    return clip(lo), clip(hi)
+
+
 class BandMask(Mask):
     """A mask allowing `lo <= j - i <= hi` (None = unbounded), given the sequence lengths."""
 
     def band(self, q_len: int, kv_len: int) -> tuple[int | None, int | None]:
         raise NotImplementedError
 
+    def bounds(self, q_len: int, kv_len: int) -> tuple[int | None, int | None]:
+        """`band()` with its bounds clipped to the sequences (`clip_band`): what kernels use."""
+        return clip_band(*self.band(q_len, kv_len), q_len, kv_len)
+
     def allowed(self, q_idx: jax.Array, kv_idx: jax.Array, q_len: int, kv_len: int) -> jax.Array:
-        lo, hi = self.band(q_len, kv_len)
+        lo, hi = self.bounds(q_len, kv_len)
         d = kv_idx[None, :] - q_idx[:, None]
         ok = jnp.ones(d.shape, dtype=bool)
         if lo is not None:
@@ -122,7 +139,7 @@ class BandMask(Mask):
         return ok[None, None]
 
     def block_structure(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.ndarray:
-        lo, hi = self.band(q_len, kv_len)
+        lo, hi = self.bounds(q_len, kv_len)
         return _band_blocks(lo, hi, q_len, kv_len, block_q, block_kv)
 
 
@@ -217,10 +234,15 @@ class ChunkedCausalMask(Mask):
     def resolved_offset(self, q_len: int, kv_len: int) -> int:
         return kv_len - q_len if self.offset is None else int(self.offset)
 
+    def resolved_chunk(self, q_len: int, kv_len: int) -> int:
+        """`chunk_size`, at most `q_len + kv_len + |offset|`: a chunk longer than every
+        position is one chunk (causal), and stays inside int32 where kernels compute with it."""
+        return int(min(self.chunk_size, q_len + kv_len + abs(self.resolved_offset(q_len, kv_len))))
+
     def allowed(self, q_idx: jax.Array, kv_idx: jax.Array, q_len: int, kv_len: int) -> jax.Array:
         qi = q_idx[:, None] + self.resolved_offset(q_len, kv_len)
         kj = kv_idx[None, :]
-        c = self.chunk_size
+        c = self.resolved_chunk(q_len, kv_len)
         return ((kj <= qi) & (jnp.floor_divide(kj, c) == jnp.floor_divide(qi, c)))[None, None]
 
     def block_structure(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.ndarray:
@@ -228,7 +250,7 @@ class ChunkedCausalMask(Mask):
         causal = _band_blocks(None, off, q_len, kv_len, block_q, block_kv)
         q0, q1 = _blocks(q_len, block_q)
         k0, k1 = _blocks(kv_len, block_kv)
-        c = self.chunk_size
+        c = self.resolved_chunk(q_len, kv_len)
         cq0, cq1 = (q0 + off) // c, (q1 + off) // c
         ck0, ck1 = k0 // c, k1 // c
         empty = (cq1[:, None] < ck0[None, :]) | (ck1[None, :] < cq0[:, None])
@@ -354,6 +376,9 @@ class DenseMask(Mask):
             )
 
 
+_WIDEST = 2**30  # window sides beyond this reach past any position a cache can hold
+
+
 @dataclass(frozen=True, eq=False)
 class QueryPositionMask(Mask):
     """Causal (optionally windowed) attention from explicit query positions.
@@ -380,9 +405,9 @@ class QueryPositionMask(Mask):
     def allowed(self, q_idx: jax.Array, kv_idx: jax.Array, q_len: int, kv_len: int) -> jax.Array:
         p = jnp.take(self.positions, q_idx, axis=1, mode="clip")[:, :, None]  # [B, nq, 1]
         d = kv_idx[None, None, :] - p
-        ok = d <= self.right
+        ok = d <= min(self.right, _WIDEST)  # a wider window is the same window: kept inside int32
         if self.left is not None:
-            ok &= d >= -self.left
+            ok &= d >= -min(self.left, _WIDEST)
         return ok[:, None]
 
     def block_structure(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.ndarray:
@@ -515,11 +540,11 @@ def mask_parts(mask: Mask | None, q_len: int, kv_len: int) -> MaskParts:
     dense: jax.Array | None = None
     for part in mask.conjuncts():
         if isinstance(part, BandMask):
-            p_lo, p_hi = part.band(q_len, kv_len)
+            p_lo, p_hi = part.bounds(q_len, kv_len)
         elif isinstance(part, ChunkedCausalMask):
             off = part.resolved_offset(q_len, kv_len)
             p_lo, p_hi = None, off
-            this = (part.chunk_size, off)
+            this = (part.resolved_chunk(q_len, kv_len), off)
             if chunk is not None and chunk != this:
                 raise ValueError("mask: two different chunked-causal masks cannot be combined here")
             chunk = this

@@ -4,7 +4,8 @@ Attention over keys `K1 ∪ K2` is a weighted mean of the attention over `K1` an
 weighted by each part's softmax mass `exp(lse)`. This is what split-KV decoding, a prefix
 cache beside fresh tokens and ring attention all need: run `attention(..., return_lse=True)`
 on each part, then merge. A part whose rows saw no key (lse −inf) contributes nothing, and
-a row that saw no key in any part stays zeros with lse −inf, as `attention` itself gives.
+a row that saw no key in any part stays zeros with lse −inf, as `attention` itself gives;
+a NaN lse or output of a part that saw keys propagates.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ def merge_attention(outs: Sequence[jax.Array], lses: Sequence[jax.Array]) -> tup
     lse = jnp.stack([jnp.asarray(x, jnp.float32) for x in lses])  # [n, B, H, S]
     peak = jnp.max(lse, axis=0)
     peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
-    seen = jnp.isfinite(lse)
+    seen = lse != -jnp.inf  # a NaN lse (a non-finite logit) propagates
     weight = jnp.where(seen, jnp.exp(jnp.where(seen, lse, 0.0) - peak), 0.0)
     total = jnp.sum(weight, axis=0)
-    any_key = total > 0
+    any_key = total != 0
     merged_lse = jnp.where(any_key, peak + jnp.log(jnp.where(any_key, total, 1.0)), -jnp.inf)
     share = weight / jnp.where(any_key, total, 1.0)  # [n, B, H, S]
     share = jnp.swapaxes(share, 2, 3)[..., None]  # [n, B, S, H, 1]
-    out = jnp.sum(share * jnp.stack([jnp.asarray(x, jnp.float32) for x in outs]), axis=0)
+    parts = jnp.stack([jnp.asarray(x, jnp.float32) for x in outs])
+    parts = jnp.where(jnp.swapaxes(seen, 2, 3)[..., None], parts, 0.0)  # a part without keys adds nothing
+    out = jnp.sum(share * parts, axis=0)
     return out.astype(outs[0].dtype), merged_lse

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple, TypeVar
 
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -89,6 +90,9 @@ class OperationMetadata:
       attended: "ring", "ulysses", "all_gather" or "auto" (see `jaxattn.parallel`).
     * `load_balanced`: the sequence is in `jaxattn.load_balance` order (causal work even
       across the sequence shards).
+    * `checked`: under `jax.jit`, also report bad array values (sequence lengths, page
+      tables, `cu_q_lens`) through `jax.experimental.checkify` (wrap the jitted function in
+      `checkify.checkify`). Without it they are clamped and masked, silently but safely.
     """
 
     runtime_dtype: Any = None
@@ -101,6 +105,7 @@ class OperationMetadata:
     needs_grad: bool | None = None
     context_parallel: str = "auto"
     load_balanced: bool = False
+    checked: bool = False
 
     def __post_init__(self) -> None:
         if self.context_parallel not in CONTEXT_PARALLEL:
@@ -118,6 +123,15 @@ class OperationMetadata:
             if not isinstance(name, str) or not isinstance(config, (Mapping, BackendConfig)):
                 raise ValueError(f"metadata.operation_configs[{name!r}]: expected a dict or a BackendConfig, "
                                  f"got {type(config).__name__}")
+        if not isinstance(self.checked, (bool, np.bool_)):
+            raise ValueError(f"metadata.checked: expected a bool, got {self.checked!r}")
+        if self.runtime_dtype is not None:
+            _floating_dtype(self.runtime_dtype, "metadata.runtime_dtype", " or None")
+        _floating_dtype(self.runtime_softmax_dtype, "metadata.runtime_softmax_dtype")
+        scale = self.softmax_scale
+        if scale is not None and (isinstance(scale, (bool, np.bool_)) or not isinstance(
+                scale, (int, float, np.integer, np.floating)) or not math.isfinite(scale)):
+            raise ValueError(f"metadata.softmax_scale: expected a finite number or None, got {scale!r}")
 
     @classmethod
     def from_config(cls, config: Any = None, **overrides: Any) -> OperationMetadata:
@@ -231,6 +245,24 @@ class OperationMetadata:
             seq_lengths=P(b),
             kv_repeat=kv_repeat,
         )
+
+
+def _floating_dtype(value: Any, name: str, alternative: str = "") -> None:
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        shown = getattr(value, "__name__", None) or repr(value)
+        raise ValueError(f"{name}: expected a floating-point dtype{alternative}, got {shown}")
+
+
+def int_setting(backend: str, key: str, value: Any, *, minimum: int = 1) -> int:
+    """`metadata.operation_configs[backend][key]` checked to be an int >= `minimum`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"metadata.operation_configs[{backend!r}][{key!r}]: expected an int >= {minimum}, "
+                         f"got {value!r}")
+    return int(value)
 
 
 def _spec_entry(axes: tuple[str, ...]) -> str | tuple[str, ...] | None:

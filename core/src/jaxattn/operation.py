@@ -1,10 +1,13 @@
 """`OperationImpl`: the base class of every attention backend.
 
-A backend subclasses it, sets the class attributes, implements `supports()` and a
-`forward_*` method for each platform it declares (or `forward_native`); registration
-checks all of these (`faults.declaration_problems`) and reports a backend that gets them
-wrong as broken. Calling the instance runs the `forward_*` of the platform the call runs
-on: `forward_cuda`/`forward_rocm` on those GPUs, else `forward_gpu`, `forward_tpu`,
+A backend subclasses it, sets the class attributes, declares what it can do (its
+`capabilities`, with `extra_reasons()` for rules that are not data, or its own
+`supports()`), and implements a `forward_*` method for each platform it declares (or
+`forward_native`); registration checks all of these (`faults.declaration_problems`) and
+reports a backend that gets them wrong as broken. Calling the instance first checks
+that the backend supports the call (the core's one check: forwards do not repeat it),
+then runs the `forward_*` of the platform the call runs on (`dispatch`):
+`forward_cuda`/`forward_rocm` on those GPUs, else `forward_gpu`, `forward_tpu`,
 `forward_cpu`, and `forward_native` when the platform has no method of its own. Each
 returns `(out, lse)`; `lse` may be None when `inputs.return_lse` is False.
 
@@ -21,6 +24,7 @@ from typing import Any, ClassVar
 import jax
 
 from .backend_config import BackendConfig
+from .capabilities import Capabilities
 from .hardware import Hardware
 from .inputs import AttentionInputs, PagedAttentionInputs
 from .metadata import OperationMetadata
@@ -45,6 +49,8 @@ class OperationImpl:
       kv_scales: a paged backend that reads `k_scale`/`v_scale` (int8/fp8 pages, scaled
         caches) sets it True; without it the core rejects such calls for the backend
         (`declared_reasons`), so one written before quantized caches never ignores scales.
+      capabilities: what it can do (`Capabilities`), checked by the default `supports()`;
+        None when the backend implements `supports()` itself.
     """
 
     name: ClassVar[str] = ""
@@ -59,6 +65,7 @@ class OperationImpl:
     `jaxattn.partitioning`)."""
     config_class: ClassVar[type[BackendConfig] | None] = None
     kv_scales: ClassVar[bool] = False
+    capabilities: ClassVar[Capabilities | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -74,8 +81,22 @@ class OperationImpl:
         return Support.yes()
 
     def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
-        """Can this backend serve `request` on `hardware`? Say every reason it cannot."""
-        raise NotImplementedError(f"{type(self).__name__} must implement supports()")
+        """Can this backend serve `request` on `hardware`? Say every reason it cannot.
+
+        The default: the reasons of `is_available`, the standard reasons of the declared
+        `capabilities`, then `extra_reasons()`. A backend may override it instead."""
+        if self.capabilities is None:
+            raise NotImplementedError(f"{type(self).__name__} must declare capabilities or implement supports()")
+        if request.op != self.op:
+            return Support.no(f"{self.name} implements {self.op}, not {request.op}")
+        reasons = list(self.is_available(hardware).reasons)
+        reasons += self.capabilities.reasons(self.name, request)
+        reasons += [r for r in self.extra_reasons(request, hardware) if r not in reasons]
+        return Support.from_reasons(reasons)
+
+    def extra_reasons(self, request: AttentionRequest, hardware: Hardware) -> list[str]:
+        """Reasons beyond the declared capabilities (hardware rules, shapes...); none by default."""
+        return []
 
     def declared_reasons(self, request: AttentionRequest) -> tuple[str, ...]:
         """What the core rejects from the class attributes alone, before asking `supports()`."""
@@ -125,6 +146,23 @@ class OperationImpl:
         return None
 
     def __call__(self, inputs: Inputs, metadata: OperationMetadata, hardware: Hardware) -> Output:
+        """Check that this backend supports `inputs` on `hardware`, then run it (`dispatch`).
+
+        Raises ValueError with every reason when it does not (a forward never sees a call
+        it did not accept; `jaxattn.attention` has checked already, through the selection).
+        """
+        if isinstance(inputs, PagedAttentionInputs):
+            request = AttentionRequest.from_paged_inputs(inputs, mode=metadata.mode)
+        else:  # the forward needs no backward pass: gradients are the selection's concern
+            request = AttentionRequest.from_inputs(inputs, mode=metadata.mode, needs_grad=False)
+        verdict = self.is_available(hardware)
+        if verdict:
+            verdict = self.supports(request, hardware)
+        if not verdict:
+            raise ValueError(f"{self.name} cannot serve {request.describe()} on {hardware.platform}: {verdict}")
+        return self.dispatch(inputs, metadata, hardware)
+
+    def dispatch(self, inputs: Inputs, metadata: OperationMetadata, hardware: Hardware) -> Output:
         """Run the `forward_*` method for `hardware`'s platform."""
         if hardware.platform == "gpu":
             if hardware.is_rocm:

@@ -1,8 +1,9 @@
 """Checking and normalizing the arguments of `attention` and `paged_attention`.
 
 Every check raises ValueError naming the argument and the expected form, before any
-backend runs. The result is one `AttentionInputs`/`PagedAttentionInputs` in which all
-masking rules are a single `Mask`.
+backend runs. Array values (lengths, page tables) are checked where they are concrete and
+made safe where they are traced (`value_checks.py`). The result is one
+`AttentionInputs`/`PagedAttentionInputs` in which all masking rules are a single `Mask`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._compat import is_tracer
+from . import value_checks
 from .inputs import AttentionInputs, PagedAttentionInputs
 from .masks import CausalMask, DenseMask, Mask, SegmentMask, SlidingWindowMask
 from .metadata import OperationMetadata
@@ -46,21 +47,26 @@ def _integer(x: Any, name: str) -> None:
         raise ValueError(f"{name}: expected an integer array, got {x.dtype}")
 
 
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.floating, np.integer))
+
+
 def _positive_or_none(value: Any, name: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or value <= 0:
-        raise ValueError(f"{name}: expected a number > 0 or None, got {value!r}")
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a finite number > 0 or None, got {value!r}")
     return float(value)
 
 
 def resolve_scale(scale: Any, head_dim: int, metadata: OperationMetadata) -> float:
+    """`scale`, else `metadata.softmax_scale` (checked by `OperationMetadata`), else 1/sqrt(head_dim)."""
     if scale is None:
         scale = metadata.softmax_scale
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
-        raise ValueError(f"scale: expected a Python number or None, got {scale!r}")
+    if not _is_number(scale) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite Python number or None, got {scale!r}")
     return float(scale)
 
 
@@ -77,14 +83,23 @@ def window_pair(sliding_window: Any, name: str = "sliding_window") -> tuple[int,
     return int(pair[0]), int(pair[1])
 
 
-def _lengths(x: Any, name: str, batch: int) -> jax.Array | None:
+def _head_dims(d: int, dv: int, query: str, value: str) -> None:
+    """A head_dim of 0 has no meaning (the default scale is 1/sqrt(head_dim)): rejected."""
+    if d == 0:
+        raise ValueError(f"{query}: head_dim must be > 0, got shape with head_dim 0")
+    if dv == 0:
+        raise ValueError(f"{value}: head_dim must be > 0, got shape with head_dim 0")
+
+
+def _lengths(x: Any, name: str, batch: int, limit: int, what: str, metadata: OperationMetadata) -> jax.Array | None:
+    """Sequence lengths `[batch]` in `[0, limit]` (values: `value_checks.lengths`)."""
     if x is None:
         return None
     shape = _shape(x, name)
     if shape != (batch,):
         raise ValueError(f"{name}: expected shape [batch] = ({batch},), got {shape}")
     _integer(x, name)
-    return jnp.asarray(x)
+    return value_checks.lengths(x, name, limit, what, checked=metadata.checked)
 
 
 def _segments(segment_ids: Any, batch: int, q_len: int, kv_len: int) -> SegmentMask | None:
@@ -137,7 +152,7 @@ def build_attention_inputs(
     form = "[batch, seq, heads, head_dim]"
     b, q_len, hq, d = _rank(query, "query", 4, form)
     kb, kv_len, hkv, kd = _rank(key, "key", 4, form)
-    vb, v_len, vh, _ = _rank(value, "value", 4, form)
+    vb, v_len, vh, dv = _rank(value, "value", 4, form)
     for name, x in (("query", query), ("key", key), ("value", value)):
         _floating(x, name)
     if kb != b or vb != b:
@@ -150,6 +165,7 @@ def build_attention_inputs(
         raise ValueError(f"key: head_dim must equal query's ({d}), got {kd}")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"key: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    _head_dims(d, dv, "query", "value")
     if metadata.runtime_dtype is not None:
         dtype = jnp.dtype(metadata.runtime_dtype)
         query, key, value = (jnp.asarray(x).astype(dtype) for x in (query, key, value))
@@ -182,14 +198,14 @@ def build_attention_inputs(
             raise ValueError(f"sinks: expected shape [q_heads] = ({hq},), got {tuple(sinks.shape)}")
         _floating(sinks, "sinks")
         sinks = jnp.asarray(sinks)
-    if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, (int, float)) or not 0.0 <= dropout_rate < 1.0:
+    if not _is_number(dropout_rate) or not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate: expected a number in [0, 1), got {dropout_rate!r}")
     if dropout_rate > 0.0 and dropout_rng is None:
         raise ValueError("dropout_rng: a PRNG key is required when dropout_rate > 0")
     return AttentionInputs(
         query=query, key=key, value=value, bias=bias, mask=combined, sinks=sinks,
-        q_seq_lengths=_lengths(query_seq_lengths, "query_seq_lengths", b),
-        kv_seq_lengths=_lengths(key_value_seq_lengths, "key_value_seq_lengths", b),
+        q_seq_lengths=_lengths(query_seq_lengths, "query_seq_lengths", b, q_len, "q_len", metadata),
+        kv_seq_lengths=_lengths(key_value_seq_lengths, "key_value_seq_lengths", b, kv_len, "kv_len", metadata),
         dropout_rng=dropout_rng if dropout_rate > 0.0 else None,
         scale=resolve_scale(scale, d, metadata),
         logits_soft_cap=_positive_or_none(logits_soft_cap, "logits_soft_cap"),
@@ -215,6 +231,7 @@ def build_paged_inputs(
         raise ValueError(f"key_pages: head_dim must equal query's ({d}), got {kd}")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"key_pages: query heads ({hq}) must be a multiple of kv heads ({hkv})")
+    _head_dims(d, vshape[3], "query", "value_pages")
     _floating(query, "query")
     if metadata.runtime_dtype is not None:
         query = jnp.asarray(query).astype(metadata.runtime_dtype)
@@ -235,19 +252,20 @@ def build_paged_inputs(
             raise ValueError(f"cu_q_lens: expected shape [num_seqs + 1] = ({num_seqs + 1},), "
                              f"got {tuple(cu_q_lens.shape)}")
         _integer(cu_q_lens, "cu_q_lens")
-    _check_page_values(page_indices, kv_lengths, cu_q_lens, num_pages, pages_per_seq * page_size, tokens)
+    page_indices, kv_lengths, cu_q_lens = value_checks.page_table(
+        page_indices, kv_lengths, cu_q_lens, num_pages=num_pages, page_size=page_size, tokens=tokens,
+        checked=metadata.checked)
     if sinks is not None:
         if _shape(sinks, "sinks") != (hq,):
             raise ValueError(f"sinks: expected shape [q_heads] = ({hq},), got {tuple(sinks.shape)}")
         _floating(sinks, "sinks")
     return PagedAttentionInputs(
         query=query, key_pages=key_pages, value_pages=value_pages,
-        kv_lengths=jnp.asarray(kv_lengths), page_indices=jnp.asarray(page_indices),
-        cu_q_lens=None if cu_q_lens is None else jnp.asarray(cu_q_lens),
+        kv_lengths=kv_lengths, page_indices=page_indices, cu_q_lens=cu_q_lens,
         sinks=None if sinks is None else jnp.asarray(sinks),
         k_scale=k_scale, v_scale=v_scale,
         scale=resolve_scale(scale, d, metadata),
-        sliding_window=window_pair(sliding_window),
+        sliding_window=_paged_window(sliding_window, pages_per_seq * page_size),
         logits_soft_cap=_positive_or_none(logits_soft_cap, "logits_soft_cap"),
     )
 
@@ -271,25 +289,8 @@ def _page_scales(key_pages: Any, k_scale: Any, v_scale: Any,
     return check_scale(k_scale, "k_scale", shape, form), check_scale(v_scale, "v_scale", shape, form)
 
 
-def _check_page_values(page_indices: Any, kv_lengths: Any, cu_q_lens: Any, num_pages: int,
-                       capacity: int, tokens: int) -> None:
-    """Value checks, done only where the arrays are concrete (not under jit)."""
-    if not is_tracer(page_indices):
-        idx = np.asarray(page_indices)
-        if idx.size and (idx.min() < 0 or idx.max() >= num_pages):
-            raise ValueError(f"page_indices: entries must be in [0, num_pages={num_pages}), "
-                             f"got range [{idx.min()}, {idx.max()}]")
-    if not is_tracer(kv_lengths):
-        lens = np.asarray(kv_lengths)
-        if lens.size and (lens.min() < 0 or lens.max() > capacity):
-            raise ValueError(f"kv_lengths: entries must be in [0, pages_per_seq * page_size = {capacity}], "
-                             f"got range [{lens.min()}, {lens.max()}]")
-        if cu_q_lens is not None and not is_tracer(cu_q_lens):
-            cu = np.asarray(cu_q_lens)
-            counts = np.diff(cu)
-            if cu[0] != 0 or (counts < 0).any() or cu[-1] > tokens:
-                raise ValueError(f"cu_q_lens: expected 0 = cu[0] <= cu[1] <= ... <= cu[-1] <= tokens ({tokens}), "
-                                 f"got {cu.tolist()}")
-            if (counts > lens).any():
-                raise ValueError("cu_q_lens: a sequence has more queries than kv_lengths (its queries are "
-                                 "the last positions of its cache)")
+def _paged_window(sliding_window: Any, capacity: int) -> tuple[int, int] | None:
+    """`window_pair`, each side clipped to the cache's capacity: a wider window is the same
+    window (unbounded), and stays inside int32 where kernels compute with it."""
+    window = window_pair(sliding_window)
+    return None if window is None else (min(window[0], capacity), min(window[1], capacity))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxattn
 from jaxattn import CausalMask, DenseMask, Hardware, OperationMetadata, SlidingWindowMask
 from jaxattn.backends.xla import XlaAttention
 from jaxattn.testing import build_inputs, relative_error, run_conformance
@@ -107,3 +108,29 @@ def test_translations_beyond_conformance(dtype: str) -> None:
         if err > 1e-2:
             failures.append(line)
     assert not failures, "\n".join(failures)
+
+
+NONFINITE_MASKS = {
+    "causal": {"is_causal": True},
+    "fully_masked_rows": {"mask": CausalMask(-20)},
+    "window": {"is_causal": True, "sliding_window": 30},
+    "segments_causal": {"is_causal": True,
+                        "segment_ids": jnp.asarray(np.repeat([[0] * 50 + [1] * 78], 2, axis=0), jnp.int32)},
+    "kv_lengths": {"key_value_seq_lengths": jnp.array([45, 100]), "query_seq_lengths": jnp.array([128, 90])},
+}
+
+
+@pytest.mark.parametrize("mask", list(NONFINITE_MASKS))
+def test_non_finite_inputs_follow_the_semantics(mask: str) -> None:
+    """NaN/inf in values of masked keys reach no other row (the value guard around cuDNN);
+    non-finite logits propagate. Segment ids go to cuDNN as an additive bias, which an inf key
+    survives (README), so that case keeps the keys finite."""
+    from jaxattn.testing import assert_same_nonfinite, nonfinite_problem
+
+    for seed in range(3):
+        args = nonfinite_problem(seed, (2, 128, 4, 2, 64), dtype=jnp.bfloat16, bad_keys=mask != "segments_causal")
+        got = jaxattn.attention(**args, **NONFINITE_MASKS[mask], return_lse=True, backend="cudnn",
+                                metadata=OperationMetadata(mode="prefill"))
+        ref = {name: x.astype(jnp.float32) for name, x in args.items()}
+        want = jaxattn.attention(**ref, **NONFINITE_MASKS[mask], return_lse=True, backend="xla")
+        assert_same_nonfinite(*got, *want, f"cudnn {mask} seed {seed}", rtol=3e-2, atol=3e-2)

@@ -101,12 +101,12 @@ def test_exact_band_lets_a_top_left_causal_mask_through() -> None:
 
 @pytest.mark.parametrize("changes, fragment", [
     (dict(dtype="float32", kv_dtype="float32"), "float16 or bfloat16"),
-    (dict(kv_dtype="float16"), "dtypes must match"),
+    (dict(kv_dtype="float16"), "key/value in the query's dtype"),
     (dict(logits_soft_cap=True), "soft-cap"),
     (dict(has_sinks=True), "sinks"),
     (dict(dropout=True), "seed fixed at compile time"),
     (dict(return_lse=True), "cotangent of the softmax statistics"),
-    (dict(mask_kinds=frozenset({"or", "causal", "sliding_window"})), "combined with |"),
+    (dict(mask_kinds=frozenset({"or", "causal", "sliding_window"})), "combined with `|`"),
     (dict(mask_kinds=frozenset({"chunked_causal"})), "chunked-causal"),
     (dict(mask_kinds=frozenset({"query_positions"})), "a position per query"),
     (dict(q_len=512), "aligned top-left"),

@@ -29,6 +29,7 @@ from bench_flash import flash_fn, inputs, log, round_timer
 import jaxattn
 from jaxattn_flash import config as flash_config
 from jaxattn_flash import triton_kernels as tk
+from jaxattn_flash import triton_vjp as tv
 
 NONE4 = (None,) * 4  # no segment ids, no lengths
 SHAPES = {"mha": (4, 4096, 32, 32, 128), "gqa": (4, 4096, 32, 8, 128)}
@@ -85,9 +86,9 @@ def kernels(rounds, shapes=SHAPES, interpret=False):
             delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
             lse2 = lse * tk.LOG2E
             dq = jax.jit(lambda q, k, v, spec=spec, do=do, lse2=lse2, delta=delta:
-                         tk.backward_dq(spec, q, k, v, do, lse2, delta, *NONE4))
+                         tv.backward_dq(spec, q, k, v, do, lse2, delta, *NONE4))
             dkv = jax.jit(lambda q, k, v, spec=spec, do=do, lse2=lse2, delta=delta:
-                          tk.backward_dkdv(spec, q, k, v, do, lse2, delta, *NONE4))
+                          tv.backward_dkdv(spec, q, k, v, do, lse2, delta, *NONE4))
             for name, f in (("fwd", fwd), ("dq", dq), ("dkv", dkv)):
                 timers[name][key] = round_timer(f, q, k, v)[0]
         for name, t in timers.items():
@@ -111,7 +112,7 @@ def passes(rounds, shapes=PASSES_SHAPES, counts=(1, 2, 3, 4), interpret=False):
         for n in counts:
             spec_n = dataclasses.replace(spec, dkdv_passes=n)
             dkv = jax.jit(lambda q, k, v, s=spec_n, do=do, lse2=lse2, delta=delta:
-                          tk.backward_dkdv(s, q, k, v, do, lse2, delta, *NONE4))
+                          tv.backward_dkdv(s, q, k, v, do, lse2, delta, *NONE4))
             timers[(key, "dk/dv", n)] = round_timer(dkv, q, k, v)[0]
             if not interpret:
                 f = flash_fn(True, config={"launch_passes_dkv": n})

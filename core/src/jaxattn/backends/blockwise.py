@@ -109,9 +109,10 @@ def _allowed_tile(mask: Mask | None, q_lens: jax.Array | None, kv_lens: jax.Arra
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
-    pad = -x.shape[axis] % multiple
-    if pad == 0 or x.shape[axis] == 1:
+    n = x.shape[axis]
+    if _is_static(n) and (n % multiple == 0 or n == 1):
         return x
+    pad = (n + multiple - 1) // multiple * multiple - n  # symbolic-friendly: provably >= multiple
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, pad)
     return jnp.pad(x, widths)
@@ -132,12 +133,15 @@ def online_softmax(
     `like`: an input whose `shard_map` variance the carries take (see `vary_like`).
 
     Returns the unnormalized output `acc` (float32, `acc_shape`), the running max `m`
-    and the running sum `l` (both `acc_shape[:-1]`), with masked entries excluded.
+    and the running sum `l` (both `acc_shape[:-1]`), with masked entries excluded, and
+    `poisoned` (bool, `acc_shape[:-1]`): the rows whose mask allows a key with a
+    non-finite value. Such values are zeroed before `p @ v`, so that `0 * NaN` cannot
+    reach the rows that do not see them; `finish` makes the poisoned rows NaN.
     """
     rows = acc_shape[:-1]
 
     def step(carry, j):
-        acc, m, l = carry
+        acc, m, l, poisoned = carry
         s, allowed, v, keep = tile(j)
         s = jnp.where(allowed, s, NEG_INF)
         m_new = jnp.maximum(m, s.max(axis=-1))
@@ -147,26 +151,37 @@ def online_softmax(
         l = alpha * l + p.sum(axis=-1)
         if keep is not None:
             p = p * keep
+        bad = ~jnp.all(jnp.isfinite(v), axis=-1)  # [B, bk, Hkv]: keys with a non-finite value
+        v = jnp.where(bad[..., None], jnp.zeros((), v.dtype), v)
+        poisoned = poisoned | jnp.any(allowed & jnp.moveaxis(bad, 1, 2)[:, :, None, None, :], axis=-1)
         pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
                         precision=PRECISION)
         acc = alpha[..., None] * acc + pv
-        return (acc, m_new, l), None
+        return (acc, m_new, l, poisoned), None
 
     init = (
         jnp.zeros(acc_shape, jnp.float32),
         jnp.full(rows, NEG_INF, dtype),
         jnp.zeros(rows, dtype),
+        jnp.zeros(rows, bool),
     )
     if like is not None:
         init = tuple(vary_like(x, like) for x in init)
-    (acc, m, l), _ = lax.scan(step, init, jnp.arange(num_kv_blocks))
-    return acc, m, l
+    (acc, m, l, poisoned), _ = lax.scan(step, init, jnp.arange(num_kv_blocks))
+    return acc, m, l, poisoned
 
 
-def finish(acc: jax.Array, m: jax.Array, l: jax.Array, sinks: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Normalize: `(out, lse)`; rows that saw no key give out 0 and lse -inf."""
-    has_key = jnp.isfinite(m)
-    m_safe = jnp.where(has_key, m, 0.0)
+def finish(acc: jax.Array, m: jax.Array, l: jax.Array, poisoned: jax.Array,
+           sinks: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Normalize: `(out, lse)`.
+
+    A row whose running sum is 0 saw no key (every key masked, or every allowed logit
+    -inf): out 0, lse -inf. A NaN or +inf logit among the allowed ones makes the sum NaN
+    or inf and propagates (out NaN, lse NaN or +inf; the sum, not the max, decides: XLA's
+    max may drop NaN); so does a poisoned row's value (out NaN).
+    """
+    has_key = l != 0
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     if sinks is not None:
         sink = sinks.astype(m.dtype)
         m_all = jnp.where(has_key, jnp.maximum(m_safe, sink), 0.0)
@@ -175,6 +190,7 @@ def finish(acc: jax.Array, m: jax.Array, l: jax.Array, sinks: jax.Array | None) 
         m_safe = m_all
     l_safe = jnp.where(has_key, l, 1.0)
     out = jnp.where(has_key[..., None], acc / l_safe[..., None].astype(acc.dtype), 0.0)
+    out = jnp.where(poisoned[..., None], jnp.nan, out)
     lse = jnp.where(has_key, m_safe + jnp.log(l_safe), NEG_INF).astype(jnp.float32)
     return out, lse
 
@@ -211,9 +227,9 @@ def _forward(cfg, q, k, v, bias, sinks, mask, q_lens, kv_lens, rng):
                 keep = _keep(rng, i, j, cfg.dropout_rate, s.shape) / (1.0 - cfg.dropout_rate)
             return s, allowed, v_j, keep
 
-        acc, m, l = online_softmax(cfg.num_kv_blocks, tile, (b, hkv, g, cfg.block_q, dv),
-                                   cfg.softmax_dtype, like=q_i)
-        return finish(acc, m, l, sink_rows)
+        acc, m, l, poisoned = online_softmax(cfg.num_kv_blocks, tile, (b, hkv, g, cfg.block_q, dv),
+                                             cfg.softmax_dtype, like=q_i)
+        return finish(acc, m, l, poisoned, sink_rows)
 
     out, lse = lax.map(q_block, jnp.arange(cfg.num_q_blocks))  # [nq, B, Hkv, G, bq, ...]
     out = jnp.moveaxis(out, 0, 3).reshape(b, hkv, g, -1, dv)
@@ -231,9 +247,9 @@ def _attention_bwd(cfg, residuals, cotangents):
     d_out, d_lse = cotangents
     b, _, hkv, g, _ = q.shape
     d_out = d_out.astype(jnp.float32)
-    d_lse = jnp.where(jnp.isfinite(lse), d_lse.astype(jnp.float32), 0.0)
+    has_key = lse != NEG_INF  # NaN (a non-finite logit) propagates into the gradients
+    d_lse = jnp.where(has_key, d_lse.astype(jnp.float32), 0.0)
     delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)  # [B,Hkv,G,Sq']
-    has_key = jnp.isfinite(lse)
     lse_safe = jnp.where(has_key, lse, 0.0)
     bias_tile_shape = None
     if bias is not None:
@@ -256,13 +272,16 @@ def _attention_bwd(cfg, residuals, cotangents):
                                   k_j.astype(jnp.float32), bias_ij)
             allowed = _allowed_tile(mask, q_lens, kv_lens, cfg, i, j, hkv) & live_i[..., None]
             p = jnp.where(allowed, jnp.exp(s - lse_i[..., None]), 0.0)
+            # as in the forward: a non-finite value reaches no row through dP (its rows
+            # carry it in delta, from their NaN output)
+            v_j = jnp.where(jnp.isfinite(v_j), v_j, jnp.zeros((), v_j.dtype))
             dp = jnp.einsum("bhgqd,bkhd->bhgqk", do_i, v_j.astype(jnp.float32), precision=PRECISION)
             p_dropped = p
             if cfg.dropout_rate > 0.0:
                 keep = _keep(rng, i, j, cfg.dropout_rate, s.shape) / (1.0 - cfg.dropout_rate)
                 p_dropped, dp = p * keep, dp * keep
             dv_j = jnp.einsum("bhgqk,bhgqd->bkhd", p_dropped, do_i, precision=PRECISION)
-            ds = p * (dp - delta_i[..., None] + dlse_i[..., None])
+            ds = jnp.where(allowed, p * (dp - delta_i[..., None] + dlse_i[..., None]), 0.0)
             dq_t, dk_j, dbias_ij = tile_vjp(ds.astype(s.dtype))
             return dq_i + dq_t, (dk_j, dv_j, dbias_ij)
 
@@ -310,8 +329,15 @@ def _unblock(stacked: jax.Array, axis: int) -> jax.Array:
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _block(length: int, preferred: int) -> int:
-    return max(1, min(length, preferred))
+def _is_static(dim: Any) -> bool:
+    """A known size, as opposed to a symbolic one (`jax.export` with shape polymorphism)."""
+    return isinstance(dim, int)
+
+
+def _block(length: Any, preferred: int) -> int:
+    """The block size for `length`: `preferred`, or the whole length when it is shorter.
+    A symbolic length takes `preferred` (it cannot be compared), and is padded to it."""
+    return max(1, min(length, preferred)) if _is_static(length) else preferred
 
 
 def blockwise_attention(

@@ -89,12 +89,11 @@ def paged_attention_reference(
             if window is not None:
                 ok &= k_pos[None, :] >= pos_t[:, None] - window[0]
             # Slots past a sequence's end were never written and may hold anything, NaN
-            # included: 0 * NaN would poison the output, so they are zeroed, not just masked.
-            v_j = jnp.where(written[:, :, None, None], v_j, jnp.zeros((), v_j.dtype))
+            # included: online_softmax zeroes non-finite values, so 0 * NaN reaches no row.
             return tile_logits(cfg, q_t, k_j, None), ok[:, None, None, None, :], v_j, None
 
-        acc, m, l = online_softmax(num_blocks, tile, (bt, hkv, g, 1, dv), cfg.softmax_dtype, like=q_t)
-        return finish(acc, m, l, sink_rows)
+        acc, m, l, poisoned = online_softmax(num_blocks, tile, (bt, hkv, g, 1, dv), cfg.softmax_dtype, like=q_t)
+        return finish(acc, m, l, poisoned, sink_rows)
 
     out, lse = lax.map(token_block, jnp.arange(0, tokens + pad_t, bt))  # [nb, bt, Hkv, G, 1, ...]
     out_dtype = q.dtype if is_quantized(inputs.value_pages.dtype) else inputs.value_pages.dtype

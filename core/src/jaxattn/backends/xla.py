@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..backend_config import BackendConfig
+from ..capabilities import Capabilities
 from ..hardware import Hardware
 from ..inputs import AttentionInputs, PagedAttentionInputs
 from ..metadata import OperationMetadata
 from ..operation import OperationImpl, Output
 from ..registry import hookimpl
 from ..request import AttentionRequest
-from ..support import Support
 from .blockwise import blockwise_attention
 from .paged import paged_attention_reference
 
@@ -59,9 +59,7 @@ class XlaAttention(OperationImpl):
     platforms: ClassVar[tuple[str, ...]] = _ALL_PLATFORMS
     priority: ClassVar[dict[str, int]] = {"cpu": 10, "gpu": 0, "tpu": 0}
     config_class: ClassVar[type[BackendConfig] | None] = XlaConfig
-
-    def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
-        return Support.yes()
+    capabilities: ClassVar[Capabilities] = Capabilities()  # every feature
 
     def tuning_space(self, request: AttentionRequest, hardware: Hardware) -> Sequence[Mapping[str, Any]]:
         return _tuning_space(request)
@@ -82,9 +80,7 @@ class XlaPagedAttention(OperationImpl):
     priority: ClassVar[dict[str, int]] = {"cpu": 10, "gpu": 0, "tpu": 0}
     config_class: ClassVar[type[BackendConfig] | None] = XlaConfig
     kv_scales: ClassVar[bool] = True  # int8/fp8 pages: dequantized one gathered block at a time
-
-    def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
-        return Support.yes()
+    capabilities: ClassVar[Capabilities] = Capabilities()  # every feature
 
     def forward_native(self, inputs: PagedAttentionInputs, metadata: OperationMetadata) -> Output:
         blocks = _blocks(metadata)

@@ -20,9 +20,10 @@ from .conformance import (
     relative_error,
     run_conformance,
 )
+from .nonfinite import assert_same_nonfinite, nonfinite_problem
 
 __all__ = [
     "FORWARD_TOL", "GRAD_TOL", "Case", "CaseResult", "ConformanceReport", "Shape", "all_cases",
-    "attention_cases", "build_inputs", "check_case", "default_dtypes", "lse_error", "paged_cases",
-    "relative_error", "run_conformance",
+    "assert_same_nonfinite", "attention_cases", "build_inputs", "check_case", "default_dtypes", "lse_error",
+    "nonfinite_problem", "paged_cases", "relative_error", "run_conformance",
 ]

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from jaxattn import AttentionInputs, AttentionRequest, Hardware, OperationImpl, OperationMetadata, Support
+from jaxattn import (
+    AttentionInputs,
+    AttentionRequest,
+    Capabilities,
+    Hardware,
+    OperationImpl,
+    OperationMetadata,
+    Support,
+    value_guard,
+)
 
-from .capabilities import hardware_reasons, request_reasons
+from .capabilities import CAPABILITIES, EMULATED, hardware_reasons, request_reasons
 from .translate import Untranslatable, emulate_cudnn, run_cudnn, translate
 
 Output = tuple
+
+
+EMULATED_GPU = Hardware.nvidia((9, 0), 91900)
 
 
 class CudnnAttention(OperationImpl):
@@ -30,20 +42,28 @@ class CudnnAttention(OperationImpl):
     # (BENCHMARKS.md); flash serves what cuDNN cannot (soft-cap, sinks, chunked masks...).
     priority: ClassVar[dict[str, int]] = {"gpu": 120}
 
+    capabilities: ClassVar[Capabilities] = CAPABILITIES
+
     def __init__(self, *, emulate: bool = False) -> None:
         self.emulate = emulate
+        if emulate:
+            self.capabilities = EMULATED  # type: ignore[misc]
 
     def is_available(self, hardware: Hardware) -> Support:
         if self.emulate:
             return Support.yes()
         return Support.from_reasons(hardware_reasons(hardware))
 
-    def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
-        reasons = [] if self.emulate else hardware_reasons(hardware)
-        reasons += request_reasons(request, hardware, check_dtype=not self.emulate)
-        return Support.from_reasons(reasons)
+    def extra_reasons(self, request: AttentionRequest, hardware: Hardware) -> list[str]:
+        # emulated: cuDNN's rules as on a current Hopper GPU, whatever machine runs the emulation
+        return request_reasons(request, EMULATED_GPU if self.emulate else hardware)
 
     def _run(self, inputs: AttentionInputs) -> Output:
+        # cuDNN multiplies p @ v with p = 0 on masked keys: the guard keeps a non-finite value of
+        # a masked key from the rows that do not see it (README "Semantics").
+        return value_guard.guarded(self._translated, inputs)
+
+    def _translated(self, inputs: AttentionInputs) -> Output:
         try:
             call = translate(inputs)
         except Untranslatable as err:

@@ -19,7 +19,9 @@ major*10000 + minor*100 + patch, cuDNN 8 major*1000 + minor*100 + patch).
 
 from __future__ import annotations
 
-from jaxattn import AttentionRequest, Hardware
+from dataclasses import replace
+
+from jaxattn import FEATURES, AttentionRequest, Capabilities, Hardware
 
 from . import _compat
 from .translate import Untranslatable, plan_band
@@ -67,18 +69,32 @@ def _head_dim_limit(hardware: Hardware) -> int:
     return 256 if tuple(cc) >= (9, 0) else 128
 
 
-def request_reasons(request: AttentionRequest, hardware: Hardware, *, check_dtype: bool = True,
+CAPABILITIES = Capabilities(
+    dtypes=("float16", "bfloat16"), same_dtype=True,
+    mask_kinds=frozenset({"full", "causal", "sliding_window", "segment", "dense"}),
+    features=frozenset(FEATURES) - {"soft_cap", "sinks", "dropout"},
+    notes={
+        "soft_cap": "not in cuDNN fused attention as JAX exposes it",
+        "sinks": "not in cuDNN fused attention as JAX exposes it",
+        "dropout": "cuDNN's dropout, as JAX exposes it, takes a seed fixed at compile time, so it cannot "
+                   "follow dropout_rng: every step would reuse one mask",
+        "chunked_causal": "cuDNN has no chunked-causal mask",
+        "query_positions": "cuDNN's causal mask has one offset per call",
+    },
+)
+"""What the `cudnn` backend declares; `request_reasons` adds the rules that depend on the
+hardware and on the exact band."""
+
+EMULATED = replace(CAPABILITIES, dtypes=None, same_dtype=False)
+"""`CudnnAttention(emulate=True)`: the same, any float dtype (tests run it in float32)."""
+
+
+def request_reasons(request: AttentionRequest, hardware: Hardware,
                     alignment: str = _compat.CAUSAL_ALIGNMENT) -> list[str]:
-    """Why this request cannot go to cuDNN on `hardware` (empty: it can)."""
+    """Why this request cannot go to cuDNN on `hardware` beyond the declared `CAPABILITIES`
+    (head dims on this GPU, versions, the band, training with a bias)."""
     r = request
     reasons: list[str] = []
-    if r.op != "attention":
-        return [f"cudnn serves op 'attention', not {r.op!r}"]
-    if check_dtype:
-        if r.dtype not in DTYPES:
-            reasons.append(f"cuDNN flash attention takes float16 or bfloat16 inputs, got {r.dtype}")
-        elif r.kv_dtype != r.dtype:
-            reasons.append(f"query and key/value dtypes must match for cuDNN, got {r.dtype} and {r.kv_dtype}")
     cc = tuple(hardware.compute_capability or (0, 0))
     version = hardware.cudnn_version
     limit = _head_dim_limit(hardware)
@@ -90,23 +106,10 @@ def request_reasons(request: AttentionRequest, hardware: Hardware, *, check_dtyp
         if cc < (9, 0) or (version is not None and version < MIN_CUDNN_MLA):
             reasons.append(f"value head_dim != head_dim needs cuDNN >= {version_str(MIN_CUDNN_MLA)} and "
                            "compute capability >= 9.0")
-    if r.logits_soft_cap:
-        reasons.append("cuDNN fused attention (as JAX exposes it) has no logit soft-cap")
-    if r.has_sinks:
-        reasons.append("cuDNN fused attention (as JAX exposes it) has no attention sinks")
-    if r.dropout:
-        reasons.append("cuDNN's dropout (as JAX exposes it) takes a seed fixed at compile time, so it cannot "
-                       "follow dropout_rng (every step would reuse one mask)")
     if r.return_lse and r.needs_grad:
         reasons.append("JAX's cuDNN backward pass ignores the cotangent of the softmax statistics, so "
                        "gradients through the returned lse would be wrong (return_lse is forward-only)")
     kinds = r.mask_kinds
-    if "or" in kinds:
-        reasons.append("masks combined with | cannot be expressed by cuDNN's masks")
-    if "chunked_causal" in kinds:
-        reasons.append("cuDNN has no chunked-causal mask")
-    if "query_positions" in kinds:
-        reasons.append("cuDNN's causal mask has one offset per call, not a position per query (KV-cache prefill)")
     bias_path = r.has_bias or "dense" in kinds or "segment" in kinds
     if r.band is not None:
         # The request carries the exact band: plan it as translate() will, and say why not.

@@ -165,18 +165,11 @@ def _band_allowed(lo: int | None, hi: int | None, sq: int, sk: int) -> jax.Array
 
 
 def translate(inputs: AttentionInputs) -> CudnnCall:
-    """Turn normalized inputs into a `CudnnCall`; raise `Untranslatable` with the reason."""
-    problems = []
-    if inputs.logits_soft_cap is not None:
-        problems.append("logit soft-capping")
-    if inputs.sinks is not None:
-        problems.append("attention sinks")
-    if inputs.dropout_rate > 0.0:
-        problems.append("dropout driven by a PRNG key")
-    if inputs.mask is not None and "or" in inputs.mask.kinds():
-        problems.append("masks combined with |")
-    if problems:
-        raise Untranslatable("cuDNN (as JAX exposes it) cannot do " + ", ".join(problems))
+    """Turn normalized inputs into a `CudnnCall`; raise `Untranslatable` with the reason.
+
+    For inputs the backend's declared capabilities admit (no soft-cap, sinks, dropout or
+    chunked mask: the core checks them before the forward runs); what only the exact
+    band decides is checked here, as `capabilities.request_reasons` plans it."""
     q, k, v = inputs.query, inputs.key, inputs.value
     b, q_len, hq, _ = q.shape
     kv_len = k.shape[1]
@@ -184,8 +177,6 @@ def translate(inputs: AttentionInputs) -> CudnnCall:
         parts = mask_parts(inputs.mask, q_len, kv_len)
     except ValueError as err:
         raise Untranslatable(str(err)) from None
-    if parts.chunk_size is not None:
-        raise Untranslatable("cuDNN has no chunked-causal mask")
     has_mask_arrays = parts.dense is not None or parts.q_segment_ids is not None
     uses_bias = inputs.bias is not None or has_mask_arrays
     plan = plan_band(parts.band_lo, parts.band_hi, q_len, kv_len, bias_available=uses_bias)

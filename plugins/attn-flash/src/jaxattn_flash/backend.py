@@ -12,14 +12,17 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxattn import (
+    FEATURES,
     AttentionInputs,
     AttentionRequest,
     BackendConfig,
+    Capabilities,
     Hardware,
     OperationImpl,
     OperationMetadata,
     Support,
     mask_parts,
+    value_guard,
 )
 from jaxattn import hardware as _hardware
 
@@ -27,7 +30,8 @@ from . import config as _config
 from . import gpu_path
 from .padding import pad_axis, round_up
 from .tpu import tpu_flash_attention, tpu_reasons
-from .triton_kernels import KernelSpec, _flash_bwd, flash
+from .triton_kernels import KernelSpec
+from .triton_vjp import _flash_bwd, flash
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_HEAD_DIM = 256
@@ -60,20 +64,14 @@ class _Call:
 
 
 def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bool, hardware: Hardware | None) -> _Call:
-    if inputs.bias is not None:
-        raise NotImplementedError("flash: an additive bias is not supported")
-    if inputs.dropout_rate > 0.0:
-        raise NotImplementedError("flash: dropout is not supported")
+    """Everything both passes need (`capabilities` has admitted the call: no bias, dropout,
+    `|` or dense mask)."""
     q, k, v = inputs.query, inputs.key, inputs.value
     b, sq, hq, d = q.shape
     _, skv, hkv, dv = v.shape
     if k.dtype != q.dtype or v.dtype != q.dtype:
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-    if inputs.mask is not None and "or" in inputs.mask.kinds():
-        raise NotImplementedError("flash: masks combined with `|` are not supported")
-    parts = mask_parts(inputs.mask, sq, skv)
-    if parts.dense is not None:
-        raise NotImplementedError("flash: dense boolean masks are not supported")
+    parts = mask_parts(inputs.mask, sq, skv)  # what FlashAttention.capabilities admits: no `|`, no dense
 
     config = metadata.get_operation_config("flash")
     request = AttentionRequest.from_inputs(inputs)
@@ -109,7 +107,10 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
         block_kv, stages = _config.mosaic_tiles(config, d)
         mspec = MosaicSpec(scale=float(inputs.scale), band_lo=band_lo, band_hi=band_hi,
                            block_kv=block_kv, stages=stages)
-        return _Call(spec, mspec, q, k, v, None, None, None, None, None)  # unpadded
+        # Unpadded: the Mosaic path takes no padding. Its wgmma multiplies p @ v with p = 0 on
+        # masked keys: a non-finite value of a masked key is zeroed here, and the rows that may
+        # see it are poisoned after the kernel (`flash_attention`), so it reaches exactly those.
+        return _Call(spec, mspec, q, k, value_guard.clean(v, value_guard.bad_keys(v)), None, None, None, None, None)
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)
     qp = pad_axis(pad_axis(q, 1, q_pad), 3, dp)
     kp = pad_axis(pad_axis(k, 1, kv_pad), 3, dp)
@@ -125,7 +126,9 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
     (default: the detected one); the backward is always the Triton kernels."""
     call = _prepare(inputs, metadata, interpret, hardware)
     if call.mosaic is not None:
-        return gpu_path.flash_mosaic(call.spec, call.mosaic, call.q, call.k, call.v)
+        out, lse = gpu_path.flash_mosaic(call.spec, call.mosaic, call.q, call.k, call.v)
+        bad = value_guard.bad_keys(inputs.value)
+        return value_guard.poison(out, value_guard.seen_rows(bad, inputs)), lse
     b, sq, hq, _ = inputs.query.shape
     dv = inputs.value.shape[-1]
     out, lse = flash(call.spec, call.q, call.k, call.v, call.sinks, call.q_seg, call.kv_seg, call.q_lens,
@@ -172,6 +175,13 @@ class FlashAttention(OperationImpl):
     priority: ClassVar[dict[str, int]] = {"gpu": 100, "tpu": 50}
     partitioning: ClassVar[str] = "shard"  # Pallas kernels: run per batch/head shard under plain jit
     config_class: ClassVar[type[BackendConfig] | None] = _config.FlashConfig
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        dtypes=DTYPES, same_dtype=True, max_head_dim=MAX_HEAD_DIM,
+        mask_kinds=frozenset({"full", "causal", "sliding_window", "chunked_causal", "segment"}),
+        features=frozenset(FEATURES) - {"bias", "dropout"},
+        notes={"bias": "use cudnn or xla", "dropout": "use xla",
+               "dense": "flash takes causal, sliding-window, chunked and segment masks"},
+    )
 
     def __init__(self, interpret: bool = False) -> None:
         self.interpret = bool(interpret)
@@ -195,32 +205,8 @@ class FlashAttention(OperationImpl):
                               f"this GPU has {cc[0]}.{cc[1]}")
         return Support.yes()
 
-    def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
-        reasons = list(self.is_available(hardware).reasons)
-        if request.op != "attention" or request.paged is not None:
-            reasons.append("flash serves dense attention only (no paged KV cache)")
-        if request.dtype not in DTYPES:
-            reasons.append(f"flash takes float16, bfloat16 or float32 inputs, not {request.dtype}")
-        if request.kv_dtype != request.dtype:
-            reasons.append(f"flash needs key/value in the query's dtype ({request.dtype}), got {request.kv_dtype}")
-        if request.head_dim > MAX_HEAD_DIM or request.value_head_dim > MAX_HEAD_DIM:
-            reasons.append(f"flash supports head_dim up to {MAX_HEAD_DIM} "
-                           f"(got {request.head_dim}/{request.value_head_dim})")
-        if request.has_bias:
-            reasons.append("flash has no additive bias (use cudnn or xla)")
-        if request.dropout:
-            reasons.append("flash has no dropout (use xla)")
-        if "dense" in request.mask_kinds:
-            reasons.append("flash takes structural masks only (causal, sliding window, chunked, segment ids), "
-                           "not a dense boolean mask")
-        if "or" in request.mask_kinds:
-            reasons.append("flash cannot combine masks with `|` (only `&`)")
-        if "query_positions" in request.mask_kinds:
-            reasons.append("flash's causal band has one offset per call, not a position per query "
-                           "(QueryPositionMask: KV-cache prefill)")
-        if hardware.platform == "tpu":
-            reasons += [r for r in tpu_reasons(request) if r not in reasons]
-        return Support.from_reasons(reasons)
+    def extra_reasons(self, request: AttentionRequest, hardware: Hardware) -> list[str]:
+        return tpu_reasons(request) if hardware.platform == "tpu" else []
 
     def tuning_space(self, request: AttentionRequest, hardware: Hardware) -> Sequence[Mapping[str, Any]]:
         """On an NVIDIA GPU: the defaults, the Triton forward where Mosaic is the default, and the
@@ -241,10 +227,10 @@ class FlashAttention(OperationImpl):
         out, lse = flash_attention(inputs, metadata, interpret=self.interpret, hardware=hardware)
         return out, (lse if inputs.return_lse else None)
 
-    def __call__(self, inputs, metadata: OperationMetadata, hardware: Hardware):
+    def dispatch(self, inputs, metadata: OperationMetadata, hardware: Hardware):
         if hardware.platform == "gpu" and not hardware.is_rocm:
             return self._run(inputs, metadata, hardware)  # the GPU path choice needs the hardware
-        return super().__call__(inputs, metadata, hardware)
+        return super().dispatch(inputs, metadata, hardware)
 
     def backward(self, inputs, out, lse, d_out, d_lse, metadata, hardware):
         if hardware.platform == "tpu":

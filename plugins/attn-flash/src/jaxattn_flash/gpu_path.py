@@ -28,7 +28,8 @@ from jaxattn import AttentionRequest, Hardware
 
 from . import _compat
 from . import config as _config
-from .triton_kernels import KernelSpec, _flash_bwd
+from .triton_kernels import KernelSpec
+from .triton_vjp import _flash_bwd
 
 MOSAIC_DTYPES = ("bfloat16", "float16")
 MOSAIC_HEAD_DIMS = (64, 128, 256)

@@ -1,7 +1,8 @@
 """Backward-pass pieces that follow from the lse alone, shared by the Triton and TPU VJPs.
 
 Both kernels' lse carries the query head on axis 1 (Triton `[B, Hq, Sq]`, TPU
-`[B, Hq, 1, Sq]`); rows with no visible key have lse -inf and get no gradient.
+`[B, Hq, 1, Sq]`); rows with no visible key have lse -inf and get no gradient; a row
+whose lse is NaN (a non-finite logit) is live: its gradients are NaN, not hidden.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 
 def live_rows(lse: jax.Array, d_lse: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(rows with keys, the lse's cotangent in float32 with dead rows zeroed)."""
-    live = jnp.isfinite(lse)
+    live = lse != -jnp.inf
     return live, jnp.where(live, d_lse.astype(jnp.float32), 0.0)
 
 

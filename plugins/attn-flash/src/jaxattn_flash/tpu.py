@@ -72,7 +72,7 @@ def vmem_bytes(kernel: str, *, group: int, block_q: int, block_kv: int, head_dim
     tiles = 4 * 4 * bq * bk
     if kernel == "fwd":
         blocks = g * bq * d + bk * d + bk * dv + g * bq * dv
-        return 2 * itemsize * blocks + 4 * (g * bq * dv + 2 * g * bq * LANES) + tiles
+        return 2 * itemsize * blocks + 4 * (g * bq * dv + (2 * g + 1) * bq * LANES) + tiles
     if kernel == "dq":
         blocks = 2 * g * bq * d + bk * d + bk * dv + g * bq * dv
         return 2 * itemsize * blocks + 4 * g * bq * d + tiles
@@ -173,16 +173,8 @@ def tpu_flash_attention(inputs: AttentionInputs, metadata: OperationMetadata | N
                         interpret: bool = False):
     """`(out [B, Sq, Hq, Dv], lse [B, Hq, Sq] or None)` through flash's Pallas TPU kernels.
 
-    `interpret=True` runs them through the Pallas TPU interpreter (any platform)."""
-    request = AttentionRequest.from_inputs(inputs)
-    reasons = tpu_reasons(request)
-    if inputs.bias is not None or inputs.dropout_rate > 0.0:
-        reasons.append("flash has no additive bias or dropout")
-    kinds = inputs.mask.kinds() if inputs.mask is not None else frozenset()
-    if kinds & {"dense", "or"}:
-        reasons.append("flash takes structural masks combined with `&` only (no dense mask, no `|`)")
-    if reasons:
-        raise NotImplementedError("; ".join(reasons))
+    `interpret=True` runs them through the Pallas TPU interpreter (any platform). Only for
+    calls `FlashAttention.supports()` accepts on a TPU (its forward is called after that check)."""
     metadata = metadata or OperationMetadata()
     q, k, v = inputs.query, inputs.key, inputs.value
     if k.dtype != q.dtype or v.dtype != q.dtype:

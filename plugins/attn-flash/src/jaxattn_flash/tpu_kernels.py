@@ -21,6 +21,11 @@ grid of every kernel is `(batch, kv_head, outer block, step)`; the last axis is
 * A row with no visible key gives out 0 and lse -inf; the backward gives such rows
   (and padding rows) an lse of +inf, so every probability of the row is 0 and its
   gradients are exactly zero. The sink gradient is a reduction done in XLA.
+* Non-finite inputs (README "Semantics"): a NaN running sum (a non-finite logit a row
+  sees) propagates; partial tiles zero the values of keys holding a non-finite value
+  before `p @ v` and mark the rows that see one, whose output is NaN
+  (`_masked_values`); the backward takes finite values (`nonfinite.finite_values`) and
+  keeps probabilities and dS to the pairs the mask allows.
 * Matrix products follow the forms jax's own TPU kernels use: `A·Bᵀ` (NT) and `A·B`
   (NN). The dk/dv kernel works on transposed tiles `[block_kv, block_q]` so that
   per-query-row values (lse, delta, query segment ids) are lane-dense rows.
@@ -40,6 +45,7 @@ from jax.experimental import pallas as pl
 
 from ._compat import tpu_compiler_params, tpu_prefetch_grid_spec, tpu_smem, tpu_vmem
 from .lse_grads import live_rows, sinks_grad
+from .nonfinite import finite_values
 
 LANES = 128
 M_FLOOR = -1e30  # initial running max: finite, below any real logit
@@ -130,6 +136,16 @@ def _column(row_ref_value):
 def _as_row(col, n: int):
     """A column `(n, 1)` as a lane-dense row `(1, n)`: broadcast over 128 lanes, transpose."""
     return jnp.transpose(jnp.broadcast_to(col, (n, LANES)))[:1]
+
+
+def _masked_values(v, vis):
+    """`v [bk, dv]`, `vis [bq, bk]` -> (`v` with the keys holding a non-finite value zeroed,
+    `[bq, 1]` float: 1 where the row sees such a key). As `nonfinite.masked_values`, in
+    the layouts of these kernels."""
+    bad = jnp.max(jnp.where(jnp.isfinite(v), 0.0, 1.0), axis=1, keepdims=True)  # [bk, 1]
+    v = jnp.where(bad > 0.0, jnp.zeros_like(v), v)
+    seen = jnp.max(jnp.where(vis, _as_row(bad, v.shape[0]), 0.0), axis=1, keepdims=True)
+    return v, seen
 
 
 def _for_heads(group: int, body) -> None:
@@ -241,7 +257,7 @@ def _fwd_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, *r
     sink_ref = None
     if spec.sinks:
         sink_ref, *refs = refs
-    o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
+    o_ref, lse_ref, m_ref, l_ref, acc_ref, bad_ref = refs
     plan, g = spec.fwd, spec.group
     bq, bk = plan.block_q, plan.block_kv
     nq = spec.q_pad // bq
@@ -253,11 +269,15 @@ def _fwd_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, *r
         m_ref[...] = jnp.full(m_ref.shape, M_FLOOR, jnp.float32)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        bad_ref[...] = jnp.zeros(bad_ref.shape, jnp.float32)
 
     def step(masked: bool):
         k = k_ref[...]
         v = v_ref[...]
         vis = _tile_visible(spec, i, blk, bq, bk, kv_end, ids) if masked else None
+        if masked:
+            v, seen = _masked_values(v, vis)
+            bad_ref[...] = jnp.maximum(bad_ref[...], seen)
 
         def head(gi):
             x, _ = _logits(q_ref[gi], k, vis, spec)
@@ -282,7 +302,8 @@ def _fwd_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, *r
             m = m_ref[gi][:, :1]
             l = l_ref[gi][:, :1]
             acc = acc_ref[gi]
-            has = (l > 0.0) & (q_pos < q_end)
+            real = q_pos < q_end
+            has = (l != 0.0) & real  # a NaN sum (a non-finite logit) counts: it propagates
             if sink_ref is not None:
                 sink = sink_ref[0, h * g + gi]
                 m_all = jnp.maximum(m, sink)
@@ -291,7 +312,9 @@ def _fwd_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, *r
                 acc = acc * corr
                 m = m_all
             l_safe = jnp.where(has, l, 1.0)
-            o_ref[gi] = jnp.where(has, acc / l_safe, 0.0).astype(o_ref.dtype)
+            out = jnp.where(has, acc / l_safe, 0.0)
+            out = jnp.where((bad_ref[...][:, :1] > 0.0) & real, jnp.nan, out)
+            o_ref[gi] = out.astype(o_ref.dtype)
             lse_ref[gi] = _as_row(jnp.where(has, m + jnp.log(l_safe), -jnp.inf), bq)
 
         _for_heads(g, head)
@@ -324,7 +347,7 @@ def forward(spec: TpuSpec, q, k, v, sinks, q_seg, kv_seg, q_end, kv_end):
         pl.BlockSpec((None, g, bq, dv), lambda b, h, i, t, *p: (b, h, i, 0)),
         pl.BlockSpec((None, g, 1, bq), lambda b, h, i, t, *p: (b, h, 0, i)),
     ]
-    scratch = [tpu_vmem((g, bq, LANES)), tpu_vmem((g, bq, LANES)), tpu_vmem((g, bq, dv))]
+    scratch = [tpu_vmem((g, bq, LANES)), tpu_vmem((g, bq, LANES)), tpu_vmem((g, bq, dv)), tpu_vmem((bq, LANES))]
     return pl.pallas_call(
         functools.partial(_fwd_kernel, spec=spec),
         grid_spec=tpu_prefetch_grid_spec(4, (bsz, hkv, nq, plan.steps), in_specs, out_specs, scratch),
@@ -433,8 +456,12 @@ def _dkv_kernel(tab_ref, cnt_ref, q_end_ref, kv_end_ref, q_ref, k_ref, v_ref, do
             do = do_ref[gi]
             x, tanh = _logits(k, q, vis, spec)
             p = jnp.exp(x - lse_ref[gi])
+            if vis is not None:  # a NaN row (NaN lse) gives NaN for every key: keep it to the ones it sees
+                p = jnp.where(vis, p, 0.0)
             dv_acc[...] += _dot(p.astype(do.dtype), do, NN, spec)
             ds = p * (_dot(v, do, NT, spec) - delta_ref[gi])
+            if vis is not None:
+                ds = jnp.where(vis, ds, 0.0)
             if tanh is not None:
                 ds = ds * (1.0 - tanh * tanh)
             dk_acc[...] += _dot(ds.astype(q.dtype), q, NN, spec)
@@ -497,6 +524,7 @@ def _attend_bwd(spec, residuals, cotangents):
     delta = jnp.where(live, delta - d_lse, 0.0)  # the lse's cotangent enters dS like -delta
     lse_b = jnp.where(live, lse, jnp.inf)  # dead rows: every probability is 0
     do = d_out.astype(q.dtype)
+    v = finite_values(v)
     dq = backward_dq(spec, q, k, v, do, lse_b, delta, q_seg, kv_seg, q_end, kv_end)
     dk, dv = backward_dkv(spec, q, k, v, do, lse_b, delta, q_seg, kv_seg, q_end, kv_end)
     d_sinks = None if sinks is None else sinks_grad(sinks, lse, live, delta)

@@ -1,11 +1,9 @@
-"""FlashAttention-2 in Pallas with the Triton lowering: forward, dq and dk/dv kernels.
+"""FlashAttention-2 in Pallas with the Triton lowering: the forward kernel, and the tiling
+and masking pieces the backward kernels (`triton_vjp.py`) share with it.
 
 Layout is jaxattn's `[batch, seq, heads, head_dim]`; kernels read it in place (strided
 block specs), never transposing or repeating K/V. Grouped-query attention reads the K/V
-head `h // group` in the forward and dq kernels; the dk/dv kernel of one K/V head loops
-over the `group` query heads that share it and accumulates their gradients in registers,
-so no K/V head is ever copied and no reduction over heads is needed afterwards. Its grid
-may launch in passes (`launch_order.py`) so that a causal launch does not end on heavy programs.
+head `h // group`.
 
 Masks arrive as `jaxattn.mask_parts`: a band `band_lo <= j - i <= band_hi` (causal,
 sliding window, q_len != kv_len), a chunk rule, segment ids. For each q block (k/v block
@@ -16,10 +14,12 @@ its two ends apply the mask. Sequence lengths shorten the ranges at run time.
 
 Numerics: logits in float32, softmax in base 2 (`exp2`, the scale folded with log2(e)),
 running max initialised to a finite floor so masked (-inf) logits never form `-inf -
--inf`. A row without visible keys gives out 0 and lse -inf. In the backward pass such
-rows (and padding rows) get an lse of +inf, which makes every probability of the row 0,
-so they need no mask of their own. float32 inputs use IEEE float32 dots (precision
-HIGHEST); bf16/fp16 use the tensor cores with float32 accumulation.
+-inf`. A row whose running sum stays 0 saw no key (or only -inf logits): out 0, lse
+-inf; a NaN sum (a non-finite logit it sees) propagates. Partial tiles zero the values
+of keys with a non-finite value before `p @ v` (`nonfinite.masked_values`), so a row
+that does not see such a key is untouched and a row that does is NaN. float32 inputs use
+IEEE float32 dots (precision HIGHEST); bf16/fp16 use the tensor cores with float32
+accumulation.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import multiple_of, triton_params
-from .launch_order import launch_order, ordered
-from .lse_grads import live_rows, sinks_grad
+from .nonfinite import masked_values
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -279,27 +278,31 @@ def _fwd_kernel(*refs, spec: KernelSpec):
     dv = v_ref.shape[-1]
 
     def body(jb, carry, *, masked):
-        acc, m, l = carry
+        acc, m, l, poisoned = carry
         start = multiple_of(jb * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
+        v = v_ref[pl.ds(start, bk), :]
         s, _ = _logits(_dot(q, k, spec, trans_b=True), spec)
         if masked:
             k_pos = start + jnp.arange(bk, dtype=jnp.int32)
             kv_seg = kv_seg_ref[pl.ds(start, bk)] if kv_seg_ref is not None else None
-            s = jnp.where(_visible(spec, q_pos, k_pos, kv_end, q_seg, kv_seg), s, -jnp.inf)
+            vis = _visible(spec, q_pos, k_pos, kv_end, q_seg, kv_seg)
+            s = jnp.where(vis, s, -jnp.inf)
+            v, seen = masked_values(v, vis)
+            poisoned = jnp.maximum(poisoned, seen)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        v = v_ref[pl.ds(start, bk), :]
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, spec)
-        return acc, m_new, l
+        return acc, m_new, l, poisoned
 
     init = (jnp.zeros((bq, dv), jnp.float32), jnp.full((bq,), M_FLOOR, jnp.float32),
-            jnp.zeros((bq,), jnp.float32))
-    acc, m, l = _loop3(ranges, body, init)
+            jnp.zeros((bq,), jnp.float32), jnp.zeros((bq,), jnp.float32))
+    acc, m, l, poisoned = _loop3(ranges, body, init)
 
-    has = (l > 0.0) & (q_pos < q_valid_end)
+    real = q_pos < q_valid_end
+    has = (l != 0.0) & real  # a NaN sum (a non-finite logit) counts: it propagates
     if sink_ref is not None:
         sink = sink_ref[0].astype(jnp.float32) * LOG2E
         m_all = jnp.maximum(m, sink)
@@ -310,6 +313,7 @@ def _fwd_kernel(*refs, spec: KernelSpec):
     l_safe = jnp.where(has, l, 1.0)
     out = acc * (1.0 / l_safe)[:, None]
     out = jnp.where(has[:, None], out, 0.0)
+    out = jnp.where(((poisoned > 0.0) & real)[:, None], jnp.nan, out)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = jnp.where(has, m * LN2 + jnp.log(l_safe), -jnp.inf)
 
@@ -372,227 +376,3 @@ def forward(spec: KernelSpec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens):
         interpret=spec.interpret,
         name="flash_fwd",
     )(*arrays)
-
-
-# -- backward: dq -------------------------------------------------------------------------
-
-
-def _dq_kernel(*refs, spec: KernelSpec):
-    refs = list(refs)
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
-    rest = refs[6:]
-    q_seg_ref = kv_seg_ref = kv_len_ref = None
-    if spec.segments:
-        q_seg_ref, kv_seg_ref, *rest = rest
-    if spec.q_lens:
-        _, *rest = rest
-    if spec.kv_lens:
-        kv_len_ref, *rest = rest
-    (dq_ref,) = rest
-
-    bq, bk = spec.dq.block_q, spec.dq.block_kv
-    nq = spec.q_pad // bq
-    pid = pl.program_id(0)
-    i = (nq - 1 - pid) if spec.reverse_q else pid
-    r0 = i * bq
-    kv_end = _i32(spec.kv_len)
-    if kv_len_ref is not None:
-        kv_end = _min(kv_len_ref[0], spec.kv_len)
-    ranges = _key_ranges(spec, r0, bq, bk, kv_end)
-
-    q = q_ref[...]
-    do = do_ref[...]
-    lse = lse_ref[...]
-    delta = delta_ref[...]
-    q_pos = r0 + jnp.arange(bq, dtype=jnp.int32)
-    q_seg = q_seg_ref[...] if q_seg_ref is not None else None
-
-    def body(jb, dq, *, masked):
-        start = multiple_of(jb * bk, bk)
-        k = k_ref[pl.ds(start, bk), :]
-        v = v_ref[pl.ds(start, bk), :]
-        s, t = _logits(_dot(q, k, spec, trans_b=True), spec)
-        if masked:
-            k_pos = start + jnp.arange(bk, dtype=jnp.int32)
-            kv_seg = kv_seg_ref[pl.ds(start, bk)] if kv_seg_ref is not None else None
-            s = jnp.where(_visible(spec, q_pos, k_pos, kv_end, q_seg, kv_seg), s, -jnp.inf)
-        p = jnp.exp2(s - lse[:, None])
-        dp = _dot(do, v, spec, trans_b=True)
-        ds = p * (dp - delta[:, None])
-        if t is not None:
-            ds = ds * (1.0 - t * t)
-        return dq + _dot(ds.astype(k.dtype), k, spec)
-
-    dq = _loop3(ranges, body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
-
-
-def backward_dq(spec: KernelSpec, q, k, v, do, lse2, delta, q_seg, kv_seg, q_lens, kv_lens):
-    b, _, hq, d = q.shape
-    dv = v.shape[-1]
-    t = spec.dq
-    nq = spec.q_pad // t.block_q
-    g = spec.group
-
-    def qi(i):
-        return (nq - 1 - i) if spec.reverse_q else i
-
-    row_block = pl.BlockSpec((None, t.block_q, None, d), lambda i, bb, h: (bb, qi(i), h, 0))
-    in_specs = [
-        row_block,
-        pl.BlockSpec((None, spec.kv_pad, None, d), lambda i, bb, h: (bb, 0, lax.div(h, g), 0)),
-        pl.BlockSpec((None, spec.kv_pad, None, dv), lambda i, bb, h: (bb, 0, lax.div(h, g), 0)),
-        pl.BlockSpec((None, t.block_q, None, dv), lambda i, bb, h: (bb, qi(i), h, 0)),
-        pl.BlockSpec((None, None, t.block_q), lambda i, bb, h: (bb, h, qi(i))),
-        pl.BlockSpec((None, None, t.block_q), lambda i, bb, h: (bb, h, qi(i))),
-    ]
-    arrays = [q, k, v, do, lse2, delta]
-    extra_specs, extra = _common_specs(
-        spec, q_seg, kv_seg, q_lens, kv_lens,
-        rows=pl.BlockSpec((None, t.block_q), lambda i, bb, h: (bb, qi(i))),
-        batch_of=lambda i, bb, h: bb)
-    return pl.pallas_call(
-        functools.partial(_dq_kernel, spec=spec),
-        grid=(nq, b, hq),
-        in_specs=in_specs + extra_specs,
-        out_specs=row_block,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=triton_params(t.num_warps, t.num_stages),
-        interpret=spec.interpret,
-        name="flash_bwd_dq",
-    )(*arrays, *extra)
-
-
-# -- backward: dk, dv ---------------------------------------------------------------------
-
-
-def _dkdv_kernel(*refs, spec: KernelSpec):
-    refs = list(refs)
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
-    rest = refs[6:]
-    q_seg_ref = kv_seg_ref = q_len_ref = kv_len_ref = None
-    if spec.segments:
-        q_seg_ref, kv_seg_ref, *rest = rest
-    if spec.q_lens:
-        q_len_ref, *rest = rest
-    if spec.kv_lens:
-        kv_len_ref, *rest = rest
-    dk_ref, dv_ref = rest
-
-    bq, bk = spec.dkdv.block_q, spec.dkdv.block_kv
-    j, _, _ = launch_order(pl.program_id(0), pl.program_id(1), pl.program_id(2), spec.kv_pad // bk,
-                           pl.num_programs(1), pl.num_programs(2), spec.dkdv_passes)
-    c0 = j * bk
-    kv_end = _i32(spec.kv_len)
-    if kv_len_ref is not None:
-        kv_end = _min(kv_len_ref[0], spec.kv_len)
-    q_end = _i32(spec.q_len)
-    if q_len_ref is not None:
-        q_end = _min(q_len_ref[0], spec.q_len)
-    ranges = _query_ranges(spec, c0, bq, bk, q_end, kv_end)
-
-    k = k_ref[...]
-    v = v_ref[...]
-    k_pos = c0 + jnp.arange(bk, dtype=jnp.int32)
-    kv_seg = kv_seg_ref[...] if kv_seg_ref is not None else None
-
-    def body(gi, ib, carry, *, masked):
-        dk, dv = carry
-        start = multiple_of(ib * bq, bq)
-        q = q_ref[pl.ds(start, bq), gi, :]
-        do = do_ref[pl.ds(start, bq), gi, :]
-        lse = lse_ref[gi, pl.ds(start, bq)]
-        delta = delta_ref[gi, pl.ds(start, bq)]
-        s, t = _logits(_dot(q, k, spec, trans_b=True), spec)
-        if masked:
-            q_pos = start + jnp.arange(bq, dtype=jnp.int32)
-            q_seg = q_seg_ref[pl.ds(start, bq)] if q_seg_ref is not None else None
-            s = jnp.where(_visible(spec, q_pos, k_pos, kv_end, q_seg, kv_seg), s, -jnp.inf)
-        p = jnp.exp2(s - lse[:, None])
-        dv = dv + _dot(p.astype(do.dtype), do, spec, trans_a=True)
-        dp = _dot(do, v, spec, trans_b=True)
-        ds = p * (dp - delta[:, None])
-        if t is not None:
-            ds = ds * (1.0 - t * t)
-        dk = dk + _dot(ds.astype(q.dtype), q, spec, trans_a=True)
-        return dk, dv
-
-    init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    dk, dv = _loop3_heads(ranges, body, init, spec.group)
-    dk_ref[...] = (dk * spec.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def backward_dkdv(spec: KernelSpec, q, k, v, do, lse2, delta, q_seg, kv_seg, q_lens, kv_lens):
-    b, _, hq, d = q.shape
-    _, _, hkv, dv = v.shape
-    t = spec.dkdv
-    nk = spec.kv_pad // t.block_kv
-    g = spec.group
-
-    def block(shape, index_map):
-        return pl.BlockSpec(shape, ordered(index_map, nk, b, hkv, spec.dkdv_passes))
-
-    kv_block = lambda dim: block((None, t.block_kv, None, dim), lambda j, bb, h: (bb, j, h, 0))  # noqa: E731
-    in_specs = [
-        block((None, spec.q_pad, g, d), lambda j, bb, h: (bb, 0, h, 0)),
-        kv_block(d),
-        kv_block(dv),
-        block((None, spec.q_pad, g, dv), lambda j, bb, h: (bb, 0, h, 0)),
-        block((None, g, spec.q_pad), lambda j, bb, h: (bb, h, 0)),
-        block((None, g, spec.q_pad), lambda j, bb, h: (bb, h, 0)),
-    ]
-    arrays = [q, k, v, do, lse2, delta]
-    extra_specs, extra = [], []
-    if spec.segments:
-        extra_specs += [block((None, spec.q_pad), lambda j, bb, h: (bb, 0)),
-                        block((None, t.block_kv), lambda j, bb, h: (bb, j))]
-        extra += [q_seg, kv_seg]
-    if spec.q_lens:
-        extra_specs.append(block((1,), lambda j, bb, h: (bb,)))
-        extra.append(q_lens)
-    if spec.kv_lens:
-        extra_specs.append(block((1,), lambda j, bb, h: (bb,)))
-        extra.append(kv_lens)
-    return pl.pallas_call(
-        functools.partial(_dkdv_kernel, spec=spec),
-        grid=(nk, b, hkv),
-        in_specs=in_specs + extra_specs,
-        out_specs=[kv_block(d), kv_block(dv)],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=triton_params(t.num_warps, t.num_stages),
-        interpret=spec.interpret,
-        name="flash_bwd_dkdv",
-    )(*arrays, *extra)
-
-
-# -- custom_vjp -------------------------------------------------------------------------
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def flash(spec: KernelSpec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens):
-    """Padded attention: (out, lse) with lse natural-log `[B, Hq, Sq']`, -inf on empty rows."""
-    return forward(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens)
-
-
-def _flash_fwd(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens):
-    out, lse = forward(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens)
-    return (out, lse), (q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens, out, lse)
-
-
-def _flash_bwd(spec, residuals, cotangents):
-    q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens, out, lse = residuals
-    d_out, d_lse = cotangents
-    live, d_lse = live_rows(lse, d_lse)
-    # delta_i = sum_d dO·O  (minus dlse: the lse's own cotangent enters dS the same way)
-    delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    delta_eff = delta - d_lse
-    lse2 = jnp.where(live, lse * LOG2E, jnp.inf)  # dead rows: every probability is 0
-    do = d_out.astype(q.dtype)
-    dq = backward_dq(spec, q, k, v, do, lse2, delta_eff, q_seg, kv_seg, q_lens, kv_lens)
-    dk, dv = backward_dkdv(spec, q, k, v, do, lse2, delta_eff, q_seg, kv_seg, q_lens, kv_lens)
-    d_sinks = None if sinks is None else sinks_grad(sinks, lse, live, delta_eff)
-    return dq, dk, dv, d_sinks, None, None, None, None
-
-
-flash.defvjp(_flash_fwd, _flash_bwd)

@@ -21,7 +21,10 @@ chunks and decode tokens in one launch. The grid is `(work items, kv heads, kv s
 Semantics (docs/paged.md): `scale * q.k`, optional soft-cap `c * tanh(x / c)`, causal by
 position (queries are the last positions of their sequence), sliding window
 `pos - left <= key`, softmax in float32; sinks join the denominator in the epilogue.
-Rows with no visible key give zeros and an lse of -inf.
+Rows with no visible key give zeros and an lse of -inf. Non-finite inputs follow the
+README's semantics: a non-finite logit a row sees propagates (NaN); a key holding a
+non-finite value (a never-written slot, say) reaches no row that does not see it (the
+partial steps zero such values before `p @ v`) and makes NaN the rows that do.
 
 Quantized pages (int8, float8_e4m3fn; `k_scale`/`v_scale` per token and head): decode is
 bound by reading the cache, so the kernel reads one byte per value and does the least
@@ -194,7 +197,7 @@ def _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, o_
 
     def step(masked):
         def body(j, carry):
-            acc, m_i, l_i = carry
+            acc, m_i, l_i, poisoned = carry
             k = load(j, k_ref).astype(q.dtype)  # one-byte pages: converted in registers
             v = load(j, v_ref).astype(q.dtype)
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
@@ -217,8 +220,12 @@ def _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, o_
             p = jnp.exp2(s - m_new[:, None])
             if masked:
                 p = jnp.where(visible, p, 0.0)
-                # slots past the sequence's end may hold anything (NaN in never-written pages): 0 * NaN
-                v = jnp.where((k_pos < kv_len)[:, None], v, jnp.zeros_like(v))
+                # Keys a row does not see (slots past the sequence's end, never written, above all)
+                # may hold anything: non-finite values are zeroed, or 0 * NaN would reach the row;
+                # a row that sees one is poisoned (NaN), as the semantics say.
+                bad = jnp.max(jnp.where(jnp.isfinite(v), 0.0, 1.0), axis=1)
+                v = jnp.where(bad[:, None] > 0.0, jnp.zeros_like(v), v)
+                poisoned = jnp.maximum(poisoned, jnp.max(jnp.where(visible, bad[None, :], 0.0), axis=1))
             l_new = l_i * alpha + jnp.sum(p, axis=1)
             pw = p
             if vs_ref is not None:  # each value's scale multiplies its column of the probabilities
@@ -228,11 +235,11 @@ def _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, o_
                 pw = p * v_s[None, :]
             pv = lax.dot_general(pw.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32)
-            return acc * alpha[:, None] + pv, m_new, l_new
+            return acc * alpha[:, None] + pv, m_new, l_new, poisoned
         return body
 
     carry = (jnp.zeros((rows, dv), jnp.float32), jnp.full((rows,), NEG, jnp.float32),
-             jnp.zeros((rows,), jnp.float32))
+             jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32))
     if mask_split:
         # Steps whose keys every real row sees: all keys <= p0 (the first row's position) and,
         # with a window, >= the last row's window start. Those skip the mask arithmetic.
@@ -246,11 +253,11 @@ def _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, o_
         carry = lax.fori_loop(b, hi, step(True), carry)
     else:
         carry = lax.fori_loop(lo, hi, step(True), carry)
-    acc, m_i, l_i = carry
+    acc, m_i, l_i, poisoned = carry
 
-    has_key = l_i > 0.0
+    has_key = l_i != 0.0  # a NaN sum (a non-finite logit) counts: it propagates
     l_safe = jnp.where(has_key, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    out = jnp.where(poisoned[:, None] > 0.0, jnp.nan, acc / l_safe[:, None])
     lse = jnp.where(has_key, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
     keep = row_tok < n
     masked_store(o_ref.at[pl.ds(q0 * group, rows), :], out.astype(o_ref.dtype), keep[:, None])
@@ -383,7 +390,7 @@ def paged_attention_kernel(query, key_pages, value_pages, kv_lengths, page_indic
         out = out * v_scale.astype(jnp.float32)
     if sinks is not None:
         sink = sinks.astype(jnp.float32).reshape(hkv, 1, group)
-        has_key = jnp.isfinite(lse)
+        has_key = lse != -jnp.inf
         total = jnp.logaddexp(jnp.where(has_key, lse, 0.0), sink)
         out = out * jnp.where(has_key, jnp.exp(lse - total), 0.0)[..., None]
         lse = jnp.where(has_key, total, -jnp.inf)
@@ -396,15 +403,17 @@ def paged_attention_kernel(query, key_pages, value_pages, kv_lengths, page_indic
 
 
 def merge_splits(o, lse):
-    """Combine split-KV partials: `o [S, ...rows, Dv]` normalized, `lse [S, ...rows]`."""
+    """Combine split-KV partials: `o [S, ...rows, Dv]` normalized, `lse [S, ...rows]`.
+    Splits without keys (lse -inf) weigh 0; a NaN lse or output propagates."""
     if o.shape[0] == 1:
         return o[0].astype(jnp.float32), lse[0]
     m = jnp.max(lse, axis=0)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - m_safe[None]), 0.0)
+    w = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - m_safe[None]))
+    o = jnp.where((lse == -jnp.inf)[..., None], 0.0, o.astype(jnp.float32))
     total = jnp.sum(w, axis=0)
-    has_key = total > 0
-    out = jnp.sum(w[..., None] * o.astype(jnp.float32), axis=0) / jnp.where(has_key, total, 1.0)[..., None]
+    has_key = total != 0
+    out = jnp.sum(w[..., None] * o, axis=0) / jnp.where(has_key, total, 1.0)[..., None]
     out_lse = jnp.where(has_key, m_safe + jnp.log(jnp.where(has_key, total, 1.0)), -jnp.inf)
     return out, out_lse
 

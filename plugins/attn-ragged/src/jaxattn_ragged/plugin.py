@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import jaxattn
-from jaxattn import BackendConfig, Hardware, OperationImpl, OperationMetadata, Support
+from jaxattn import BackendConfig, Capabilities, Hardware, OperationImpl, OperationMetadata, Support
 from jaxattn.inputs import PagedAttentionInputs
 from jaxattn.request import AttentionRequest
 
@@ -42,6 +42,8 @@ FP8_CAPABILITY = (8, 9)  # Triton converts float8_e4m3fn on Ada/Hopper and later
 MIN_PAGE, MAX_PAGE = 8, 1024
 MIN_DIM, MAX_DIM = 16, 256
 MAX_GROUP = 64
+
+
 @dataclass(frozen=True)
 class RaggedConfig(BackendConfig):
     """Settings of `ragged_paged` (None: the kernel's default; see `kernel.KernelConfig`)."""
@@ -95,6 +97,10 @@ class RaggedPagedAttention(OperationImpl):
     partitioning: ClassVar[str] = "shard"  # Pallas kernels: run per shard under plain jit
     config_class: ClassVar[type[BackendConfig] | None] = RaggedConfig
     kv_scales: ClassVar[bool] = True  # int8/fp8 pages with scales (GPU kernel; the TPU path says no)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        dtypes=Q_DTYPES, kv_dtypes=KV_DTYPES, mask_kinds=frozenset({"causal", "sliding_window"}),
+        features=frozenset({"soft_cap", "sinks", "value_head_dim"}),
+    )
     decode_only: ClassVar[bool] = False
 
     def __init__(self, *, interpret: bool = False, enable_tpu: bool = False,
@@ -122,33 +128,18 @@ class RaggedPagedAttention(OperationImpl):
             return Support.no(f"{self.name}: the Pallas Triton kernel is only built and tested for NVIDIA GPUs")
         return Support.yes()
 
-    def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
-        reasons = list(self.is_available(hardware).reasons)
-        if request.op != "paged_attention" or request.paged is None:
-            return Support.no(f"{self.name} serves op 'paged_attention' only")
-        if request.needs_grad:
-            reasons.append(f"{self.name} has no backward pass")
-        paged = request.paged
-        if self.decode_only and paged.ragged:
+    def extra_reasons(self, request: AttentionRequest, hardware: Hardware) -> list[str]:
+        reasons = []
+        if self.decode_only and request.paged is not None and request.paged.ragged:
             reasons.append(f"{self.name} serves decode calls (one query per sequence, no cu_q_lens); "
                            "use 'ragged_paged' for ragged prefill+decode batches")
-        extra = set(request.mask_kinds) - {"causal", "sliding_window"}
-        if extra:
-            reasons.append(f"{self.name}: masks {sorted(extra)} are not part of paged attention")
-        if request.has_bias or request.dropout:
-            reasons.append(f"{self.name}: no bias or dropout in paged attention")
-        if request.kv_dtype not in KV_DTYPES:
-            reasons.append(f"{self.name}: cache dtype {request.kv_dtype} unsupported "
-                           f"(supported: {', '.join(KV_DTYPES)})")
-        elif request.kv_dtype in QUANT_DTYPES and request.kv_scale == "none":
+        if request.paged is None:
+            return reasons
+        if request.kv_dtype in QUANT_DTYPES and request.kv_scale == "none":
             reasons.append(f"{self.name}: {request.kv_dtype} pages need their scales (k_scale/v_scale)")
-        if request.dtype not in Q_DTYPES:
-            reasons.append(f"{self.name}: query dtype {request.dtype} unsupported (supported: {', '.join(Q_DTYPES)})")
         if hardware.platform == "tpu" and not self.interpret:
-            reasons += self._tpu_reasons(request)
-        else:
-            reasons += self._gpu_reasons(request, hardware)
-        return Support.from_reasons(reasons)
+            return reasons + self._tpu_reasons(request)
+        return reasons + self._gpu_reasons(request, hardware)
 
     def _gpu_reasons(self, request: AttentionRequest, hardware: Hardware) -> list[str]:
         reasons = []
@@ -208,10 +199,6 @@ class RaggedPagedAttention(OperationImpl):
         return self._run_kernel(inputs, metadata)
 
     def forward_tpu(self, inputs: PagedAttentionInputs, metadata: OperationMetadata) -> Any:
-        if inputs.sinks is not None:
-            raise NotImplementedError(f"{self.name} on TPU: jax's kernel has no sinks")
-        if inputs.k_scale is not None or inputs.v_scale is not None:
-            raise NotImplementedError(f"{self.name} on TPU: no quantized cache (k_scale/v_scale)")
         raw = metadata.get_operation_config(self.name + "_tpu")
         out = tpu_paged_attention(
             inputs.query, inputs.key_pages, inputs.value_pages, inputs.kv_lengths, inputs.page_indices,

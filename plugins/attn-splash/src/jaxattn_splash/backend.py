@@ -10,7 +10,10 @@ Per call (inside `shard_map` when a mesh is set, so everything below sees local 
 4. queries are pre-scaled (splash computes `q·kᵀ` unscaled), the batch is `vmap`ped over
    the one-example kernel (`kernel.splash_attention`), GQA/MQA go through the kernel's
    grouped form (K/V never repeated);
-5. rows that saw no key get output 0 and lse -inf; rows past `query_seq_lengths` too.
+5. rows that saw no key get output 0 and lse -inf; rows past `query_seq_lengths` too;
+6. around it all, `jaxattn.value_guard`: the kernel multiplies `p @ v` with `p = 0` on
+   masked keys, so a non-finite value of a masked key is zeroed before and the rows that
+   see it are made NaN after (README "Semantics").
 
 Sinks run inside the kernel when every row provably sees a key (a pure band/chunk mask:
 then the kernel's lse, which includes the sink, cannot hide a dead row); otherwise the
@@ -28,13 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn import (
+    FEATURES,
     AttentionInputs,
     AttentionRequest,
     BackendConfig,
+    Capabilities,
     Hardware,
     OperationImpl,
     OperationMetadata,
     Support,
+    value_guard,
 )
 from jaxattn.masks import Mask
 
@@ -62,6 +68,12 @@ class SplashAttention(OperationImpl):
     priority: ClassVar[dict[str, int]] = {"tpu": 100}
     partitioning: ClassVar[str] = "shard"  # Pallas kernels: run per shard under plain jit
     config_class: ClassVar[type[BackendConfig] | None] = config.SplashConfig
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        dtypes=DTYPES, same_dtype=True, head_dim_multiple=HEAD_DIM_MULTIPLE,
+        features=frozenset(FEATURES) - {"bias", "dropout"},
+        notes={"bias": "express it as a mask, or use another backend",
+               "head_dim": "the head sizes jax's splash kernel is built and tested for: 64, 128, 192, 256..."},
+    )
 
     def __init__(self, interpret: Any = False) -> None:
         self.interpret = interpret
@@ -81,40 +93,27 @@ class SplashAttention(OperationImpl):
                                f"{hardware.device_kind} (v{hardware.tpu_generation})")
         return Support.from_reasons(reasons)
 
-    def supports(self, request: AttentionRequest, hardware: Hardware) -> Support:
-        reasons = list(self.is_available(hardware).reasons)
-        r = request
-        if r.op != "attention":
-            reasons.append(f"splash serves op 'attention', not {r.op!r}")
-        if r.dtype not in DTYPES:
-            reasons.append(f"dtype {r.dtype} is not supported (splash runs {' and '.join(DTYPES)} on TPU)")
-        if r.kv_dtype != r.dtype:
-            reasons.append(f"key/value dtype {r.kv_dtype} differs from the query dtype {r.dtype}")
-        for label, dim in (("head_dim", r.head_dim), ("value_head_dim", r.value_head_dim)):
-            if dim % HEAD_DIM_MULTIPLE:
-                reasons.append(f"{label}={dim} is not a multiple of {HEAD_DIM_MULTIPLE} (the head sizes "
-                               "jax's splash kernel is built and tested for: 64, 128, 192, 256...)")
-        for label, length in (("q_len", r.q_len), ("kv_len", r.kv_len)):
-            if length < MIN_SEQ:
-                reasons.append(f"{label}={length} < {MIN_SEQ}: splash tiles sequences by 128, so most of "
-                               "the work would be padding (decode belongs to a paged/decode backend)")
-        if r.num_kv_heads <= 0 or r.num_q_heads % r.num_kv_heads:
-            reasons.append(f"num_q_heads={r.num_q_heads} is not a multiple of num_kv_heads={r.num_kv_heads}")
-        if r.has_bias:
-            reasons.append("splash has no additive bias input (express it as a mask, or use another backend)")
-        if r.dropout:
-            reasons.append("splash has no attention dropout")
-        return Support.from_reasons(reasons)
+    def extra_reasons(self, request: AttentionRequest, hardware: Hardware) -> list[str]:
+        return [f"{label}={length} < {MIN_SEQ}: splash tiles sequences by 128, so most of the work would be "
+                "padding (decode belongs to a paged/decode backend)"
+                for label, length in (("q_len", request.q_len), ("kv_len", request.kv_len)) if length < MIN_SEQ]
 
     # -- what it computes -----------------------------------------------------------------
     def forward_tpu(self, inputs: AttentionInputs, metadata: OperationMetadata) -> Any:
-        return _attention(inputs, metadata, self.interpret, _hardware_or_none())
+        return _guarded(inputs, metadata, self.interpret, _hardware_or_none())
 
     def forward_native(self, inputs: AttentionInputs, metadata: OperationMetadata) -> Any:
         if not self.interpret:
             raise RuntimeError("splash runs on TPU only; use SplashAttention(interpret=True) to run it "
                                "through the Pallas interpreter elsewhere")
-        return _attention(inputs, metadata, self.interpret, None)
+        return _guarded(inputs, metadata, self.interpret, None)
+
+
+def _guarded(inputs: AttentionInputs, metadata: OperationMetadata, interpret: Any,
+             hardware: Hardware | None) -> Any:
+    """jax's splash kernel multiplies p @ v with p = 0 on masked keys: the guard keeps a
+    non-finite value of a masked key from the rows that do not see it (README "Semantics")."""
+    return value_guard.guarded(lambda clean: _attention(clean, metadata, interpret, hardware), inputs)
 
 
 def _hardware_or_none() -> Hardware | None:
@@ -188,9 +187,7 @@ def _lazy_infos(node: lazy.Node, sq_p: int, skv_p: int, bs: Any) -> tuple[Any, A
 
 def _attention(inputs: AttentionInputs, metadata: OperationMetadata, interpret: Any,
                hardware: Hardware | None) -> tuple[jax.Array, jax.Array | None]:
-    q, k, v = inputs.query, inputs.key, inputs.value
-    if inputs.bias is not None or inputs.dropout_rate > 0.0:
-        raise ValueError("splash supports neither bias nor dropout (supports() says so)")
+    q, k, v = inputs.query, inputs.key, inputs.value  # no bias, no dropout: SplashAttention.capabilities
     b, sq, hq, _ = q.shape
     _, skv, hkv, _ = k.shape
     sq_p, skv_p = config.padded(sq), config.padded(skv)

@@ -49,8 +49,9 @@ def _collapse(info: Any) -> Any:
 
 
 def dead_rows(lse: jax.Array) -> jax.Array:
-    """Rows whose lse says they saw no key (also NaN-safe)."""
-    return ~(lse > DEAD_ROW_LSE)
+    """Rows whose lse says they saw no key. A NaN lse (a non-finite logit the row sees) is
+    not dead: it propagates (README "Semantics")."""
+    return lse <= DEAD_ROW_LSE
 
 
 def _forward(st: Static, fwd_info: Any, q: jax.Array, k: jax.Array, v: jax.Array,

@@ -37,12 +37,12 @@ class MaskPlan:
 def to_node(mask: Mask, q_len: int, kv_len: int) -> lazy.Node | None:
     """The lazy node of a structural mask (None when `mask` holds arrays or is unknown)."""
     if isinstance(mask, BandMask):
-        lo, hi = mask.band(q_len, kv_len)
+        lo, hi = mask.bounds(q_len, kv_len)
         if lo is None and hi is None:
             return lazy.Full()
         return lazy.Band(None if lo is None else int(lo), None if hi is None else int(hi))
     if isinstance(mask, ChunkedCausalMask):
-        return lazy.Chunk(int(mask.chunk_size), int(mask.resolved_offset(q_len, kv_len)))
+        return lazy.Chunk(mask.resolved_chunk(q_len, kv_len), int(mask.resolved_offset(q_len, kv_len)))
     if isinstance(mask, (AndMask, OrMask)):
         a, b = to_node(mask.a, q_len, kv_len), to_node(mask.b, q_len, kv_len)
         if a is None or b is None:

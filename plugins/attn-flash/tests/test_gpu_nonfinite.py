@@ -1,0 +1,81 @@
+"""GPU tests of the non-finite semantics (root README, "Semantics") on flash's compiled
+kernels: Triton forward and backward, and the Mosaic GPU forward under the value guard.
+
+Run on a CUDA machine: `pytest -m gpu plugins/attn-flash/tests/test_gpu_nonfinite.py`.
+The same checks run on CPU through the Pallas interpreter in tests/test_nonfinite_backends.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn
+from jaxattn import CausalMask, OperationMetadata
+from jaxattn.testing import assert_same_nonfinite, nonfinite_problem
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
+
+SHAPE = (2, 256, 4, 2, 64)  # batch, seq, q heads, kv heads, head_dim: Mosaic-sized (multiples of 128)
+SEGMENTS = jnp.asarray(np.repeat([[0] * 100 + [1] * 156], 2, axis=0), jnp.int32)
+MASKS = {
+    "full": {},
+    "causal": {"is_causal": True},
+    "fully_masked_rows": {"mask": CausalMask(-40)},
+    "window": {"is_causal": True, "sliding_window": 50},
+    "segments_causal": {"is_causal": True, "segment_ids": SEGMENTS},
+    "kv_lengths": {"key_value_seq_lengths": jnp.array([90, 200]), "query_seq_lengths": jnp.array([256, 170])},
+}
+MOSAIC_MASKS = ["full", "causal", "fully_masked_rows", "window"]
+TOL = dict(rtol=3e-2, atol=3e-2)
+
+
+def _on_hopper() -> bool:
+    return jax.default_backend() == "gpu" and jaxattn.hardware.current().compute_capability[0] == 9
+
+
+def _check(kernel: str, mask: str) -> None:
+    meta = OperationMetadata(operation_configs={"flash": {"gpu_kernel": kernel}})
+    for seed in range(3):
+        args = nonfinite_problem(seed, SHAPE, dtype=jnp.bfloat16)
+        got = jaxattn.attention(**args, **MASKS[mask], return_lse=True, backend="flash", metadata=meta)
+        ref_args = {name: x.astype(jnp.float32) for name, x in args.items()}
+        want = jaxattn.attention(**ref_args, **MASKS[mask], return_lse=True, backend="xla")
+        assert_same_nonfinite(*got, *want, f"flash {kernel} {mask} seed {seed}", **TOL)
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_triton_forward_keeps_non_finite_values_to_their_rows(mask):
+    _check("triton", mask)
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("mask", MOSAIC_MASKS)
+def test_mosaic_forward_keeps_non_finite_values_to_their_rows(mask):
+    _check("mosaic", mask)
+
+
+@pytest.mark.parametrize("kernel", ["triton", "mosaic"])
+def test_backward_keeps_non_finite_values_to_their_rows(kernel):
+    if kernel == "mosaic" and not _on_hopper():
+        pytest.skip("needs a Hopper GPU")
+    mask = MASKS["causal"]
+    args = nonfinite_problem(0, SHAPE, dtype=jnp.bfloat16)
+    ref_args = {name: x.astype(jnp.float32) for name, x in args.items()}
+    bad_rows = ~np.isfinite(np.asarray(jaxattn.attention(**ref_args, **mask, backend="xla"))).all(-1)
+    weight = jnp.asarray(~bad_rows, jnp.float32)[..., None]
+    meta = OperationMetadata(operation_configs={"flash": {"gpu_kernel": kernel}})
+
+    def grads(backend, a, metadata=None):
+        def loss(q, k, v):
+            out = jaxattn.attention(q, k, v, **mask, backend=backend, metadata=metadata).astype(jnp.float32)
+            return jnp.sum(jnp.where(weight > 0, out, 0.0) * weight)
+        return jax.grad(loss, argnums=(0, 1, 2))(a["query"], a["key"], a["value"])
+
+    got, want = grads("flash", args, meta), grads("xla", ref_args)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w)
+        assert np.array_equal(np.isfinite(g), np.isfinite(w)), f"{kernel} {name}: non-finite entries differ"
+        np.testing.assert_allclose(g[np.isfinite(w)], w[np.isfinite(w)], rtol=5e-2, atol=5e-2, err_msg=name)
