@@ -231,7 +231,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v):
             if spec.pingpong:
                 pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
 
-            live = l > 0.0
+            live = l != 0.0  # a NaN sum (a non-finite logit the row sees) counts: it propagates
             l_safe = jnp.where(live, l, 1.0)
             inv = jnp.where(live, 1.0 / l_safe, 0.0)
             qo[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
