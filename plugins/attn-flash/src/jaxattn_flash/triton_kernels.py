@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -238,36 +239,62 @@ def _loop3_heads(ranges, body, carry, group: int):
     return carry
 
 
+class KernelRefs(NamedTuple):
+    """A kernel's refs by name: the optional inputs are None where the spec has none (the
+    order they are passed in is `_common_specs`'s, then the sinks of the forward)."""
+
+    fixed: tuple[Any, ...]  # q, k, v (and do, lse, delta in the backward kernels)
+    q_seg: Any
+    kv_seg: Any
+    q_len: Any
+    kv_len: Any
+    sinks: Any
+    outputs: tuple[Any, ...]
+
+
+def kernel_refs(refs: tuple[Any, ...], spec: KernelSpec, *, fixed: int, sinks: bool = False) -> KernelRefs:
+    """Names the refs a row- or column-parallel kernel receives."""
+    rest = list(refs[fixed:])
+
+    def take(present: bool, n: int = 1) -> list[Any]:
+        if not present:
+            return [None] * n
+        taken = rest[:n]
+        del rest[:n]
+        return taken
+
+    q_seg, kv_seg = take(spec.segments, 2)
+    (q_len,), (kv_len,), (sink,) = take(spec.q_lens), take(spec.kv_lens), take(sinks)
+    return KernelRefs(tuple(refs[:fixed]), q_seg, kv_seg, q_len, kv_len, sink, tuple(rest))
+
+
+def valid_end(length_ref, static_len: int):
+    """The run-time length (`min(length_ref[0], static_len)`), or the static one without a ref."""
+    return _i32(static_len) if length_ref is None else _min(length_ref[0], static_len)
+
+
+def row_block(spec: KernelSpec, block_q: int, block_kv: int, kv_len_ref):
+    """A row-parallel kernel's q block: (its first row, the end of the valid keys, the key
+    ranges `_key_ranges` gives for it)."""
+    nq = spec.q_pad // block_q
+    pid = pl.program_id(0)
+    r0 = ((nq - 1 - pid) if spec.reverse_q else pid) * block_q
+    kv_end = valid_end(kv_len_ref, spec.kv_len)
+    return r0, kv_end, _key_ranges(spec, r0, block_q, block_kv, kv_end)
+
+
 # -- forward ----------------------------------------------------------------------------
 
 
 def _fwd_kernel(*refs, spec: KernelSpec):
-    refs = list(refs)
-    q_ref, k_ref, v_ref = refs[:3]
-    rest = refs[3:]
-    q_seg_ref = kv_seg_ref = q_len_ref = kv_len_ref = sink_ref = None
-    if spec.segments:
-        q_seg_ref, kv_seg_ref, *rest = rest
-    if spec.q_lens:
-        q_len_ref, *rest = rest
-    if spec.kv_lens:
-        kv_len_ref, *rest = rest
-    if spec.sinks:
-        sink_ref, *rest = rest
-    o_ref, lse_ref = rest
+    named = kernel_refs(refs, spec, fixed=3, sinks=spec.sinks)
+    (q_ref, k_ref, v_ref), (o_ref, lse_ref) = named.fixed, named.outputs
+    q_seg_ref, kv_seg_ref, sink_ref = named.q_seg, named.kv_seg, named.sinks
 
     bq, bk = spec.fwd.block_q, spec.fwd.block_kv
-    nq = spec.q_pad // bq
-    pid = pl.program_id(0)
-    i = (nq - 1 - pid) if spec.reverse_q else pid
-    r0 = i * bq
-    kv_end = _i32(spec.kv_len)
-    if kv_len_ref is not None:
-        kv_end = _min(kv_len_ref[0], spec.kv_len)
-    ranges = _key_ranges(spec, r0, bq, bk, kv_end)
-    q_valid_end = _i32(spec.q_len)
-    if q_len_ref is not None:
-        q_valid_end = _min(q_len_ref[0], spec.q_len)
+    r0, kv_end, ranges = row_block(spec, bq, bk, named.kv_len)
+    q_valid_end = valid_end(named.q_len, spec.q_len)
+    if named.q_len is not None:
         start, fs, fe, end = ranges
         end = jnp.where(r0 < q_valid_end, end, start)
         ranges = (start, _min(fs, end), _min(fe, end), end)

@@ -31,42 +31,27 @@ from .triton_kernels import (
     KernelSpec,
     _common_specs,
     _dot,
-    _i32,
-    _key_ranges,
     _logits,
     _loop3,
     _loop3_heads,
-    _min,
     _query_ranges,
     _visible,
     forward,
+    kernel_refs,
+    row_block,
+    valid_end,
 )
 
 # -- dq -------------------------------------------------------------------------------------
 
 
 def _dq_kernel(*refs, spec: KernelSpec):
-    refs = list(refs)
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
-    rest = refs[6:]
-    q_seg_ref = kv_seg_ref = kv_len_ref = None
-    if spec.segments:
-        q_seg_ref, kv_seg_ref, *rest = rest
-    if spec.q_lens:
-        _, *rest = rest
-    if spec.kv_lens:
-        kv_len_ref, *rest = rest
-    (dq_ref,) = rest
+    named = kernel_refs(refs, spec, fixed=6)
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (dq_ref,) = named.fixed, named.outputs
+    q_seg_ref, kv_seg_ref = named.q_seg, named.kv_seg
 
     bq, bk = spec.dq.block_q, spec.dq.block_kv
-    nq = spec.q_pad // bq
-    pid = pl.program_id(0)
-    i = (nq - 1 - pid) if spec.reverse_q else pid
-    r0 = i * bq
-    kv_end = _i32(spec.kv_len)
-    if kv_len_ref is not None:
-        kv_end = _min(kv_len_ref[0], spec.kv_len)
-    ranges = _key_ranges(spec, r0, bq, bk, kv_end)
+    r0, kv_end, ranges = row_block(spec, bq, bk, named.kv_len)
 
     q = q_ref[...]
     do = do_ref[...]
@@ -135,28 +120,16 @@ def backward_dq(spec: KernelSpec, q, k, v, do, lse2, delta, q_seg, kv_seg, q_len
 
 
 def _dkdv_kernel(*refs, spec: KernelSpec):
-    refs = list(refs)
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
-    rest = refs[6:]
-    q_seg_ref = kv_seg_ref = q_len_ref = kv_len_ref = None
-    if spec.segments:
-        q_seg_ref, kv_seg_ref, *rest = rest
-    if spec.q_lens:
-        q_len_ref, *rest = rest
-    if spec.kv_lens:
-        kv_len_ref, *rest = rest
-    dk_ref, dv_ref = rest
+    named = kernel_refs(refs, spec, fixed=6)
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (dk_ref, dv_ref) = named.fixed, named.outputs
+    q_seg_ref, kv_seg_ref = named.q_seg, named.kv_seg
 
     bq, bk = spec.dkdv.block_q, spec.dkdv.block_kv
     j, _, _ = launch_order(pl.program_id(0), pl.program_id(1), pl.program_id(2), spec.kv_pad // bk,
                            pl.num_programs(1), pl.num_programs(2), spec.dkdv_passes)
     c0 = j * bk
-    kv_end = _i32(spec.kv_len)
-    if kv_len_ref is not None:
-        kv_end = _min(kv_len_ref[0], spec.kv_len)
-    q_end = _i32(spec.q_len)
-    if q_len_ref is not None:
-        q_end = _min(q_len_ref[0], spec.q_len)
+    kv_end = valid_end(named.kv_len, spec.kv_len)
+    q_end = valid_end(named.q_len, spec.q_len)
     ranges = _query_ranges(spec, c0, bq, bk, q_end, kv_end)
 
     k = k_ref[...]
