@@ -31,7 +31,7 @@ from . import gpu_path
 from .padding import pad_axis, round_up
 from .tpu import tpu_flash_attention, tpu_reasons
 from .triton_kernels import KernelSpec
-from .triton_vjp import _flash_bwd, flash
+from .triton_vjp import Residuals, _flash_bwd, flash
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_HEAD_DIM = 256
@@ -53,14 +53,15 @@ class _Call:
     q_lens: jax.Array | None
     kv_lens: jax.Array | None
 
-    def residuals(self, out: jax.Array, lse: jax.Array) -> tuple:
+    def residuals(self, out: jax.Array, lse: jax.Array) -> Residuals:
         """What the Triton backward takes: the forward's inputs, out and lse (padded like them)."""
         if self.mosaic is not None:  # the Mosaic path takes no padding and no optional inputs
-            return (self.q, self.k, self.v, None, None, None, None, None, out, lse)
+            return Residuals(self.q, self.k, self.v, out, lse)
         rows, dim = self.spec.q_pad, self.v.shape[-1]
         out = pad_axis(pad_axis(out, 1, rows), 3, dim)
         lse = jnp.pad(lse, ((0, 0), (0, 0), (0, rows - lse.shape[2])), constant_values=-jnp.inf)
-        return (self.q, self.k, self.v, self.sinks, self.q_seg, self.kv_seg, self.q_lens, self.kv_lens, out, lse)
+        return Residuals(self.q, self.k, self.v, out, lse, self.sinks, self.q_seg, self.kv_seg, self.q_lens,
+                         self.kv_lens)
 
 
 def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bool, hardware: Hardware | None) -> _Call:

@@ -29,7 +29,7 @@ from jaxattn import AttentionRequest, Hardware
 from . import _compat
 from . import config as _config
 from .triton_kernels import KernelSpec
-from .triton_vjp import _flash_bwd
+from .triton_vjp import Residuals, _flash_bwd
 
 MOSAIC_DTYPES = ("bfloat16", "float16")
 MOSAIC_HEAD_DIMS = (64, 128, 256)
@@ -159,7 +159,7 @@ def _fwd(spec, mspec, q, k, v):
     from .mosaic_kernels import mosaic_forward
 
     out, lse = mosaic_forward(mspec, q, k, v)
-    return (out, lse), (q, k, v, None, None, None, None, None, out, lse)
+    return (out, lse), Residuals(q, k, v, out, lse)
 
 
 def _bwd(spec, mspec, residuals, cotangents):

@@ -16,6 +16,7 @@ pairs the mask removes, and nothing reaches a key or a row that does not see it.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -222,13 +223,29 @@ def flash(spec: KernelSpec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens):
     return forward(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens)
 
 
+class Residuals(NamedTuple):
+    """What the Triton backward reads, by name: the forward's inputs and its out and lse
+    (padded alike). The Mosaic forward takes no optional inputs: they stay None."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    out: jax.Array
+    lse: jax.Array
+    sinks: jax.Array | None = None
+    q_seg: jax.Array | None = None
+    kv_seg: jax.Array | None = None
+    q_lens: jax.Array | None = None
+    kv_lens: jax.Array | None = None
+
+
 def _flash_fwd(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens):
     out, lse = forward(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens)
-    return (out, lse), (q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens, out, lse)
+    return (out, lse), Residuals(q, k, v, out, lse, sinks, q_seg, kv_seg, q_lens, kv_lens)
 
 
-def _flash_bwd(spec, residuals, cotangents):
-    q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens, out, lse = residuals
+def _flash_bwd(spec, residuals: Residuals, cotangents):
+    q, k, v, out, lse, sinks, q_seg, kv_seg, q_lens, kv_lens = residuals
     d_out, d_lse = cotangents
     live, d_lse = live_rows(lse, d_lse)
     # delta_i = sum_d dO·O  (minus dlse: the lse's own cotangent enters dS the same way)
