@@ -26,7 +26,8 @@ that hold a visible pair for one of its rows; inside that range each consumer ru
 tiles that are fully visible for its rows without any mask arithmetic, and applies the
 band only on its partial tiles (both consumers visit the same tiles: they share the
 K/V slots). The running max starts at a finite floor and masked logits are -inf, so a
-row with no visible key keeps l = 0 and gives out 0, lse -inf.
+row with no visible key keeps l = 0 and gives out 0, lse -inf; a NaN sum (a non-finite
+logit the row sees) propagates.
 
 The lse (natural log, `[B, Hq, Sq]`, float32) is what the Triton backward kernels read.
 Sequence lengths must be multiples of the tiles (`dispatch.py` checks).
