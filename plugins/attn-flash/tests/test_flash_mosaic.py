@@ -1,7 +1,8 @@
 """The Hopper forward path (Mosaic GPU): which calls take it, and (on an H100) that it is right.
 
-The CPU tests only ask `gpu_path.choose` (through `FlashAttention.gpu_kernel_for`) with
-injected hardware: Mosaic GPU kernels cannot run in the interpreter. The GPU test runs
+The CPU tests ask `gpu_path.choose` (through `FlashAttention.gpu_kernel_for`) with
+injected hardware, and run the custom_vjp around the kernel with the Triton forward in its
+place: Mosaic GPU kernels cannot run in the interpreter. The GPU test runs
 the conformance cases the Mosaic path serves, forced onto it, forward and gradients
 (the backward is the Triton kernels), bf16 and fp16, against the xla reference.
 """
@@ -143,3 +144,50 @@ def test_mosaic_conformance_gpu(run):
                              grads=grads, shape=Shape(batch=2, seq=256, num_heads=4, head_dim=head_dim))
     print(report.table())
     report.assert_ok()
+
+
+def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkeypatch):
+    """`gpu_path.flash_mosaic` (the Mosaic forward's custom_vjp), its kernel replaced by the
+    Triton forward in the interpreter so it runs on CPU, on values holding NaN/inf: the rows
+    that see one are NaN in the output and in dq, as with the xla reference, because the
+    poisoned output is the backward's residual (found on one H200, where no partitioned path
+    hid it)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxattn import value_guard
+    from jaxattn.testing import nonfinite_problem
+    from jaxattn_flash import backend, mosaic_kernels, triton_kernels
+
+    args = nonfinite_problem(0, (2, 128, 4, 2, 32))
+    blocks = OperationMetadata(operation_configs={"flash": {f"{b}{s}": 32 for b in ("block_q", "block_kv")
+                                                            for s in ("", "_dq", "_dkv")}})
+    inputs = jaxattn.validation.build_attention_inputs(
+        args["query"], args["key"], args["value"], None, None, metadata=blocks, scale=None, is_causal=True,
+        sliding_window=None, segment_ids=None, query_seq_lengths=None, key_value_seq_lengths=None,
+        logits_soft_cap=None, sinks=None, dropout_rate=0.0, dropout_rng=None, return_lse=False)
+    spec = backend._prepare(inputs, blocks, True, None).spec  # the Triton path: interpreter, no padding here
+    assert spec.q_pad == 128 and spec.interpret
+    monkeypatch.setattr(mosaic_kernels, "mosaic_forward",
+                        lambda mspec, q, k, v: triton_kernels.forward(spec, q, k, v, None, None, None, None, None))
+    rows = value_guard.seen_rows(value_guard.bad_keys(inputs.value), inputs)
+    ref_out = jaxattn.attention(**args, is_causal=True, backend="xla")
+    weight = jnp.asarray(np.isfinite(np.asarray(ref_out)).all(-1), jnp.float32)[..., None]
+    assert 0 < float(weight.mean()) < 1  # some rows see a NaN value, others do not
+
+    def loss_mosaic(q, k, v):
+        out, _ = gpu_path.flash_mosaic(spec, None, q, k, value_guard.clean(v, value_guard.bad_keys(v)), rows)
+        return jnp.sum(jnp.where(weight > 0, out, 0.0) * weight), out
+
+    def loss_xla(q, k, v):
+        out = jaxattn.attention(q, k, v, is_causal=True, backend="xla")
+        return jnp.sum(jnp.where(weight > 0, out, 0.0) * weight)
+
+    (_, out), got = jax.value_and_grad(loss_mosaic, argnums=(0, 1, 2), has_aux=True)(
+        args["query"], args["key"], args["value"])
+    want = jax.grad(loss_xla, argnums=(0, 1, 2))(args["query"], args["key"], args["value"])
+    assert np.array_equal(np.isfinite(np.asarray(out)).all(-1), np.asarray(weight[..., 0]) > 0)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        g, w = np.asarray(g), np.asarray(w)
+        assert np.array_equal(np.isfinite(g), np.isfinite(w)), f"{name}: non-finite entries differ"
+        np.testing.assert_allclose(g[np.isfinite(w)], w[np.isfinite(w)], rtol=2e-4, atol=2e-5, err_msg=name)

@@ -110,7 +110,7 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
                            block_kv=block_kv, stages=stages)
         # Unpadded: the Mosaic path takes no padding. Its wgmma multiplies p @ v with p = 0 on
         # masked keys: a non-finite value of a masked key is zeroed here, and the rows that may
-        # see it are poisoned after the kernel (`flash_attention`), so it reaches exactly those.
+        # see it are poisoned with its output (`gpu_path.flash_mosaic`), so it reaches exactly those.
         return _Call(spec, mspec, q, k, value_guard.clean(v, value_guard.bad_keys(v)), None, None, None, None, None)
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)
     qp = pad_axis(pad_axis(q, 1, q_pad), 3, dp)
@@ -127,9 +127,8 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
     (default: the detected one); the backward is always the Triton kernels."""
     call = _prepare(inputs, metadata, interpret, hardware)
     if call.mosaic is not None:
-        out, lse = gpu_path.flash_mosaic(call.spec, call.mosaic, call.q, call.k, call.v)
-        bad = value_guard.bad_keys(inputs.value)
-        return value_guard.poison(out, value_guard.seen_rows(bad, inputs)), lse
+        rows = value_guard.seen_rows(value_guard.bad_keys(inputs.value), inputs)
+        return gpu_path.flash_mosaic(call.spec, call.mosaic, call.q, call.k, call.v, rows)
     b, sq, hq, _ = inputs.query.shape
     dv = inputs.value.shape[-1]
     out, lse = flash(call.spec, call.q, call.k, call.v, call.sinks, call.q_seg, call.kv_seg, call.q_lens,

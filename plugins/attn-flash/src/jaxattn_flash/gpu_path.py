@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from jaxattn import AttentionRequest, Hardware
+from jaxattn import AttentionRequest, Hardware, value_guard
 
 from . import _compat
 from . import config as _config
@@ -148,23 +148,29 @@ def choose(request: AttentionRequest, hardware: Hardware, config: Mapping[str, A
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v):
-    """(out, lse) of unpadded q/k/v through the Mosaic forward; gradients through the Triton kernels."""
-    from .mosaic_kernels import mosaic_forward
+def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, poisoned):
+    """(out, lse) of unpadded q/k/v through the Mosaic forward, with the rows of `poisoned`
+    (bool `[B, Sq, Hq]`: they see a non-finite value, which `v` no longer holds) made NaN;
+    gradients through the Triton kernels. The NaN rows are part of the residual output, so the
+    backward treats them as it treats the Triton forward's own NaN rows."""
+    return _mosaic_poisoned(mspec, q, k, v, poisoned)
 
-    return mosaic_forward(mspec, q, k, v)
 
-
-def _fwd(spec, mspec, q, k, v):
+def _mosaic_poisoned(mspec, q, k, v, poisoned):
     from .mosaic_kernels import mosaic_forward
 
     out, lse = mosaic_forward(mspec, q, k, v)
+    return value_guard.poison(out, poisoned), lse
+
+
+def _fwd(spec, mspec, q, k, v, poisoned):
+    out, lse = _mosaic_poisoned(mspec, q, k, v, poisoned)
     return (out, lse), Residuals(q, k, v, out, lse)
 
 
 def _bwd(spec, mspec, residuals, cotangents):
     dq, dk, dv, *_ = _flash_bwd(spec, residuals, cotangents)
-    return dq, dk, dv
+    return dq, dk, dv, None
 
 
 flash_mosaic.defvjp(_fwd, _bwd)
