@@ -91,9 +91,9 @@ def backward_dq(spec: KernelSpec, q, k, v, do, lse2, delta, q_seg, kv_seg, q_len
     def qi(i):
         return (nq - 1 - i) if spec.reverse_q else i
 
-    row_block = pl.BlockSpec((None, t.block_q, None, d), lambda i, bb, h: (bb, qi(i), h, 0))
+    q_rows = pl.BlockSpec((None, t.block_q, None, d), lambda i, bb, h: (bb, qi(i), h, 0))
     in_specs = [
-        row_block,
+        q_rows,
         pl.BlockSpec((None, spec.kv_pad, None, d), lambda i, bb, h: (bb, 0, lax.div(h, g), 0)),
         pl.BlockSpec((None, spec.kv_pad, None, dv), lambda i, bb, h: (bb, 0, lax.div(h, g), 0)),
         pl.BlockSpec((None, t.block_q, None, dv), lambda i, bb, h: (bb, qi(i), h, 0)),
@@ -109,7 +109,7 @@ def backward_dq(spec: KernelSpec, q, k, v, do, lse2, delta, q_seg, kv_seg, q_len
         functools.partial(_dq_kernel, spec=spec),
         grid=(nq, b, hq),
         in_specs=in_specs + extra_specs,
-        out_specs=row_block,
+        out_specs=q_rows,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=triton_params(t.num_warps, t.num_stages),
         interpret=spec.interpret,
