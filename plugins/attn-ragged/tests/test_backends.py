@@ -149,9 +149,16 @@ def test_tpu_kernel_is_not_interpretable_here():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-def test_gpu_conformance_and_api():
-    for impl in (RaggedPagedAttention(), DecodeAttention()):
-        run_conformance(impl, hardware=Hardware.nvidia(), dtypes=["bfloat16", "float16", "float32"]).assert_ok()
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("impl", [RaggedPagedAttention, DecodeAttention], ids=["ragged_paged", "decode"])
+def test_gpu_conformance(impl, dtype):
+    """One test per kernel and dtype: each compiles every case it serves (a few minutes in all)."""
+    run_conformance(impl(), hardware=Hardware.nvidia(), dtypes=[dtype]).assert_ok()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_gpu_api_shapes_and_quantized_pages():
     args = paged_problem(10, [300, 41, 0, 1000], [64, 1, 0, 1], hq=32, hkv=8, d=128, dtype=jnp.bfloat16,
                          page_size=16, pad_tokens=7)
     out = jaxattn.paged_attention(**args, backend="ragged_paged", sliding_window=100, logits_soft_cap=20.0)
