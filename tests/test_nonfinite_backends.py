@@ -20,6 +20,7 @@ from jaxattn.testing import assert_same_nonfinite, build_inputs, nonfinite_probl
 from jaxattn_cudnn import CudnnAttention
 from jaxattn_flash import FlashAttention
 from jaxattn_flash import tpu as flash_tpu
+from jaxattn_flash._testing import tiles
 from jaxattn_ragged import RaggedPagedAttention
 from jaxattn_ragged._testing import paged_problem
 
@@ -32,10 +33,8 @@ MASKS = {
     "kv_lengths": {"key_value_seq_lengths": jnp.array([21, 29]), "query_seq_lengths": jnp.array([48, 40])},
     "window": {"is_causal": True, "sliding_window": 10},
 }
-FLASH_META = OperationMetadata(operation_configs={"flash": {f"{b}{s}": 16 for b in ("block_q", "block_kv")
-                                                           for s in ("", "_dq", "_dkv")}})
-TPU_META = OperationMetadata(operation_configs={"flash": {f"{b}{s}": 128 for b in ("block_q", "block_kv")
-                                                         for s in ("", "_dq", "_dkv")}})
+FLASH_META = OperationMetadata(operation_configs=tiles(16))
+TPU_META = OperationMetadata(operation_configs=tiles(128))
 SEEDS = (0, 1, 2)
 
 

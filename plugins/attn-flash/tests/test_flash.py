@@ -16,10 +16,10 @@ from jaxattn import Hardware, OperationMetadata
 from jaxattn.testing import Shape, run_conformance
 from jaxattn_flash import FlashAttention
 from jaxattn_flash import config as flash_config
-from jaxattn_flash._testing import DECLARED, REJECTED
+from jaxattn_flash._testing import DECLARED, REJECTED, tiles
 from jaxattn_flash._testing import request as _request
 
-SMALL_BLOCKS = {"flash": {f"{b}{s}": 32 for b in ("block_q", "block_kv") for s in ("", "_dq", "_dkv")}}
+SMALL_BLOCKS = tiles(32)
 
 
 def test_conformance_float32_interpret():

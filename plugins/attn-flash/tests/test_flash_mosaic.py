@@ -17,7 +17,7 @@ from jaxattn import Hardware, OperationMetadata
 from jaxattn.testing import Shape, run_conformance
 from jaxattn_flash import FlashAttention, gpu_path
 from jaxattn_flash import config as flash_config
-from jaxattn_flash._testing import request
+from jaxattn_flash._testing import request, tiles
 
 H100 = Hardware.nvidia()
 A100 = Hardware.nvidia(compute_capability=(8, 0), device_kind="NVIDIA A100-SXM4-80GB")
@@ -160,8 +160,7 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
     from jaxattn_flash import backend, mosaic_kernels, triton_kernels
 
     args = nonfinite_problem(0, (2, 128, 4, 2, 32))
-    blocks = OperationMetadata(operation_configs={"flash": {f"{b}{s}": 32 for b in ("block_q", "block_kv")
-                                                            for s in ("", "_dq", "_dkv")}})
+    blocks = OperationMetadata(operation_configs=tiles(32))
     inputs = jaxattn.validation.build_attention_inputs(
         args["query"], args["key"], args["value"], None, None, metadata=blocks, scale=None, is_causal=True,
         sliding_window=None, segment_ids=None, query_seq_lengths=None, key_value_seq_lengths=None,

@@ -17,9 +17,9 @@ import jaxattn
 from jaxattn import Hardware, OperationMetadata
 from jaxattn.testing import relative_error as rel
 from jaxattn_flash import FlashAttention
+from jaxattn_flash._testing import tiles
 
-BLOCKS = OperationMetadata(operation_configs={"flash": {f"{b}{s}": 32 for b in ("block_q", "block_kv")
-                                                       for s in ("", "_dq", "_dkv")}})
+BLOCKS = OperationMetadata(operation_configs=tiles(32))
 
 
 class CpuFlash(FlashAttention):

@@ -24,10 +24,10 @@ from jaxattn.testing import Shape, run_conformance
 from jaxattn_flash import FlashAttention
 from jaxattn_flash import tpu as flash_tpu
 from jaxattn_flash._testing import DECLARED as TPU_DECLARED
-from jaxattn_flash._testing import REJECTED
+from jaxattn_flash._testing import REJECTED, tiles
 from jaxattn_flash._testing import request as _request
 
-BLOCKS_128 = {"flash": {f"{b}{s}": 128 for b in ("block_q", "block_kv") for s in ("", "_dq", "_dkv")}}
+BLOCKS_128 = tiles(128)
 SHAPE = Shape(batch=2, seq=256, num_heads=4, head_dim=32)
 FULL_MATRIX = os.environ.get("JAXATTN_FLASH_TPU_FULL") == "1"
 # the CI subset: every distinct code path (band offsets, lo/hi, chunk ids, segments, run-time

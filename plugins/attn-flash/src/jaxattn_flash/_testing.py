@@ -16,6 +16,12 @@ DECLARED = [
 REJECTED = ["bias", "bool_mask", "or_mask", "dropout", "query_positions"]
 
 
+def tiles(size: int) -> dict[str, dict[str, int]]:
+    """`operation_configs` giving every flash kernel (forward, dq, dk/dv) `size` x `size` tiles:
+    small tiles make several blocks of small test shapes."""
+    return {"flash": {f"{b}{s}": size for b in ("block_q", "block_kv") for s in ("", "_dq", "_dkv")}}
+
+
 def request(**fields: Any) -> AttentionRequest:
     """A bf16 causal GQA training request (2, 1024, 8 q / 2 kv heads, 128), `fields` changed."""
     base: dict[str, Any] = dict(

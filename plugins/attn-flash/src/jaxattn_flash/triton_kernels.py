@@ -273,12 +273,17 @@ def valid_end(length_ref, static_len: int):
     return _i32(static_len) if length_ref is None else _min(length_ref[0], static_len)
 
 
+def q_block_index(spec: KernelSpec, block_q: int, i):
+    """The q block that program `i` of a row-parallel grid handles (the last first when
+    `reverse_q`): the kernel body and its index maps both ask this, so they agree."""
+    nq = spec.q_pad // block_q
+    return (nq - 1 - i) if spec.reverse_q else i
+
+
 def row_block(spec: KernelSpec, block_q: int, block_kv: int, kv_len_ref):
     """A row-parallel kernel's q block: (its first row, the end of the valid keys, the key
     ranges `_key_ranges` gives for it)."""
-    nq = spec.q_pad // block_q
-    pid = pl.program_id(0)
-    r0 = ((nq - 1 - pid) if spec.reverse_q else pid) * block_q
+    r0 = q_block_index(spec, block_q, pl.program_id(0)) * block_q
     kv_end = valid_end(kv_len_ref, spec.kv_len)
     return r0, kv_end, _key_ranges(spec, r0, block_q, block_kv, kv_end)
 
@@ -368,9 +373,7 @@ def forward(spec: KernelSpec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens):
     t = spec.fwd
     nq = spec.q_pad // t.block_q
     g = spec.group
-
-    def qi(i):
-        return (nq - 1 - i) if spec.reverse_q else i
+    qi = functools.partial(q_block_index, spec, t.block_q)
 
     in_specs = [
         pl.BlockSpec((None, t.block_q, None, d), lambda i, bb, h: (bb, qi(i), h, 0)),

@@ -39,6 +39,7 @@ from .triton_kernels import (
     _visible,
     forward,
     kernel_refs,
+    q_block_index,
     row_block,
     valid_end,
 )
@@ -87,9 +88,7 @@ def backward_dq(spec: KernelSpec, q, k, v, do, lse2, delta, q_seg, kv_seg, q_len
     t = spec.dq
     nq = spec.q_pad // t.block_q
     g = spec.group
-
-    def qi(i):
-        return (nq - 1 - i) if spec.reverse_q else i
+    qi = functools.partial(q_block_index, spec, t.block_q)
 
     q_rows = pl.BlockSpec((None, t.block_q, None, d), lambda i, bb, h: (bb, qi(i), h, 0))
     in_specs = [
