@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from jaxattn import AttentionRequest, Hardware, OperationMetadata
-from jaxattn_flash import FlashAttention, FlashConfig
+from jaxattn_flash import FlashAttention, FlashConfig, gpu_path
 from jaxattn_flash import config as flash_config
 
 
@@ -41,14 +41,23 @@ def _request(**changes):
     return dataclasses.replace(base, **changes)
 
 
-def test_tuning_space_is_small_and_per_call():
+def test_tuning_space_is_small_and_per_call(monkeypatch):
     space = flash_config.tuning_space(_request(), mosaic_by_default=True)
     assert space == [{}, {"gpu_kernel": "triton"}, {"launch_passes_dkv": 1}]
+    assert flash_config.tuning_space(_request(), mosaic_by_default=True, mosaic_backward_by_default=True) == [
+        {}, {"gpu_kernel": "triton"}, {"gpu_backward": "triton"}]
+    assert flash_config.tuning_space(_request(needs_grad=False), mosaic_by_default=True,
+                                     mosaic_backward_by_default=True) == [{}, {"gpu_kernel": "triton"}]
     assert flash_config.tuning_space(_request(num_kv_heads=32), mosaic_by_default=False) == [{}]  # MHA
     assert flash_config.tuning_space(_request(needs_grad=False), mosaic_by_default=False) == [{}]
     assert flash_config.tuning_space(_request(mask_kinds=frozenset(), band=None), mosaic_by_default=False) == [{}]
     assert FlashAttention().tuning_space(_request(), Hardware.cpu()) == ({},)
     for settings in flash_config.tuning_space(_request(), mosaic_by_default=True):
         FlashConfig.from_mapping(settings)  # every entry is valid
+    # on Hopper both Mosaic paths are the defaults: tune tries each Triton one
+    monkeypatch.setattr(gpu_path._compat, "mosaic_import_error", lambda: None)
     h100_space = FlashAttention().tuning_space(_request(), Hardware.nvidia())
-    assert h100_space[0] == {} and {"launch_passes_dkv": 1} in h100_space
+    assert list(h100_space) == [{}, {"gpu_kernel": "triton"}, {"gpu_backward": "triton"}]
+    # without Mosaic GPU: the Triton backward's launch order is what varies
+    monkeypatch.setattr(gpu_path._compat, "mosaic_import_error", lambda: "ImportError: none here")
+    assert FlashAttention().tuning_space(_request(), Hardware.nvidia()) == [{}, {"launch_passes_dkv": 1}]

@@ -4,7 +4,7 @@ The CPU tests ask `gpu_path.choose` (through `FlashAttention.gpu_kernel_for`) wi
 injected hardware, and run the custom_vjp around the kernel with the Triton forward in its
 place: Mosaic GPU kernels cannot run in the interpreter. The GPU test runs
 the conformance cases the Mosaic path serves, forced onto it, forward and gradients
-(the backward is the Triton kernels), bf16 and fp16, against the xla reference.
+and gradients (Triton or Mosaic GPU backward), bf16 and fp16, against the xla reference.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ H100 = Hardware.nvidia()
 A100 = Hardware.nvidia(compute_capability=(8, 0), device_kind="NVIDIA A100-SXM4-80GB")
 MOSAIC = OperationMetadata(operation_configs={"flash": {"gpu_kernel": "mosaic"}})
 MOSAIC_CASES = ["full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa", "mqa", "sliding_window",
-                "sliding_window_asym", "fully_masked_rows", "return_lse"]
+                "sliding_window_asym", "fully_masked_rows", "return_lse", "soft_cap", "sinks"]
 
 
 @pytest.fixture
@@ -50,9 +50,11 @@ def test_auto_takes_mosaic_on_hopper_only(mosaic_importable):
     on_a100 = impl.gpu_kernel_for(_request(), A100)
     assert on_a100.kernel == "triton" and "compute capability 9.x" in on_a100.reason and "8.0" in on_a100.reason
     assert impl.gpu_kernel_for(_request(), H100, _md(gpu_kernel="triton")).kernel == "triton"
+    for fields in ({"logits_soft_cap": True}, {"has_sinks": True}):  # the Mosaic forward has both
+        assert impl.gpu_kernel_for(_request(**fields), H100).kernel == "mosaic", fields
     # what auto cannot give to Mosaic goes to Triton, with the reason
-    soft = impl.gpu_kernel_for(_request(logits_soft_cap=True), H100)
-    assert soft.kernel == "triton" and "soft-cap" in soft.reason
+    lengths = impl.gpu_kernel_for(_request(kv_seq_lengths=True), H100)
+    assert lengths.kernel == "triton" and "key/value sequence lengths" in lengths.reason
 
 
 def test_auto_without_mosaic_gpu(monkeypatch):
@@ -78,7 +80,7 @@ def test_forced_mosaic_says_every_reason(mosaic_importable):
     with pytest.raises(ValueError) as err:
         impl.gpu_kernel_for(bad, H100, _md(gpu_kernel="mosaic"))
     text = str(err.value)
-    for word in ("gpu_kernel='mosaic'", "float32", "head_dim", "chunked_causal, segment", "soft-cap", "sinks",
+    for word in ("gpu_kernel='mosaic'", "float32", "head_dim", "chunked_causal, segment",
                  "query sequence lengths", "key/value sequence lengths"):
         assert word in text, word
     with pytest.raises(ValueError, match="q_len a multiple of 128"):
@@ -126,9 +128,9 @@ def _on_hopper() -> bool:
 
 GPU_RUNS = {  # name: (dtype, head_dim, cases, gradients)
     "d64-bf16": ("bfloat16", 64, MOSAIC_CASES, True),
-    "d64-fp16": ("float16", 64, ["causal", "gqa", "fully_masked_rows"], True),
-    "d128-bf16": ("bfloat16", 128, ["causal", "sliding_window_asym"], True),
-    "d256-bf16": ("bfloat16", 256, ["causal", "gqa"], True),
+    "d64-fp16": ("float16", 64, ["causal", "gqa", "fully_masked_rows", "soft_cap", "sinks"], True),
+    "d128-bf16": ("bfloat16", 128, ["causal", "sliding_window_asym", "soft_cap", "sinks"], True),
+    "d256-bf16": ("bfloat16", 256, ["causal", "gqa", "soft_cap"], True),
 }
 
 
@@ -142,6 +144,35 @@ def test_mosaic_conformance_gpu(run):
                                jaxattn.hardware.current()).kernel == "mosaic"
     report = run_conformance(impl, dtypes=[dtype], cases=cases, expect_supported="*", metadata=MOSAIC,
                              grads=grads, shape=Shape(batch=2, seq=256, num_heads=4, head_dim=head_dim))
+    print(report.table())
+    report.assert_ok()
+
+
+MOSAIC_BWD = OperationMetadata(operation_configs={"flash": {"gpu_backward": "mosaic"}})
+MOSAIC_BWD_CASES = ["full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa", "mqa", "sliding_window",
+                    "sliding_window_asym", "fully_masked_rows", "return_lse", "soft_cap", "sinks"]
+GPU_BWD_RUNS = {  # name: (dtype, head_dim, cases, flash config)
+    "d64-bf16": ("bfloat16", 64, MOSAIC_BWD_CASES, {}),
+    "d128-bf16": ("bfloat16", 128, MOSAIC_BWD_CASES, {}),
+    "d128-fp16": ("float16", 128, ["causal", "gqa", "soft_cap", "sinks"], {}),
+    "d128-bf16-kv128-3stages": ("bfloat16", 128, ["causal", "gqa", "sliding_window_asym"],
+                                {"mosaic_block_kv_dq": 128, "mosaic_stages_bwd": 3}),
+    "d128-bf16-mosaic-forward": ("bfloat16", 128, ["full", "causal", "gqa", "sliding_window", "soft_cap", "sinks"],
+                                 {"gpu_kernel": "mosaic"}),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("run", list(GPU_BWD_RUNS))
+def test_mosaic_backward_conformance_gpu(run):
+    """The Mosaic GPU backward, forced, after the Triton forward (soft-cap and sinks reach it
+    through the lse) or the Mosaic one: gradients against the xla reference."""
+    dtype, head_dim, cases, config = GPU_BWD_RUNS[run]
+    metadata = OperationMetadata(operation_configs={"flash": {"gpu_backward": "mosaic", **config}})
+    report = run_conformance(FlashAttention(), dtypes=[dtype], cases=cases, expect_supported="*",
+                             metadata=metadata, grads=True,
+                             shape=Shape(batch=2, seq=256, num_heads=4, head_dim=head_dim))
     print(report.table())
     report.assert_ok()
 
@@ -168,14 +199,15 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
     spec = backend._prepare(inputs, blocks, True, None).spec  # the Triton path: interpreter, no padding here
     assert spec.q_pad == 128 and spec.interpret
     monkeypatch.setattr(mosaic_kernels, "mosaic_forward",
-                        lambda mspec, q, k, v: triton_kernels.forward(spec, q, k, v, None, None, None, None, None))
+                        lambda mspec, q, k, v, sinks: triton_kernels.forward(spec, q, k, v, sinks, None, None, None,
+                                                                             None))
     rows = value_guard.seen_rows(value_guard.bad_keys(inputs.value), inputs)
     ref_out = jaxattn.attention(**args, is_causal=True, backend="xla")
     weight = jnp.asarray(np.isfinite(np.asarray(ref_out)).all(-1), jnp.float32)[..., None]
     assert 0 < float(weight.mean()) < 1  # some rows see a NaN value, others do not
 
     def loss_mosaic(q, k, v):
-        out, _ = gpu_path.flash_mosaic(spec, None, q, k, value_guard.clean(v, value_guard.bad_keys(v)), rows)
+        out, _ = gpu_path.flash_mosaic(spec, None, q, k, value_guard.clean(v, value_guard.bad_keys(v)), None, rows)
         return jnp.sum(jnp.where(weight > 0, out, 0.0) * weight), out
 
     def loss_xla(q, k, v):
@@ -190,3 +222,128 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
         g, w = np.asarray(g), np.asarray(w)
         assert np.array_equal(np.isfinite(g), np.isfinite(w)), f"{name}: non-finite entries differ"
         np.testing.assert_allclose(g[np.isfinite(w)], w[np.isfinite(w)], rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+# -- the Mosaic GPU backward: which calls take it (CPU), its tile ranges (CPU) --------------------
+
+
+def test_auto_backward_takes_mosaic_on_hopper_with_soft_cap_and_sinks(mosaic_importable):
+    impl = FlashAttention()
+    for fields in ({}, {"mask_kinds": frozenset()}, {"logits_soft_cap": True}, {"has_sinks": True},
+                   {"mask_kinds": frozenset({"causal", "sliding_window"})},
+                   {"head_dim": 64, "value_head_dim": 64, "dtype": "float16", "kv_dtype": "float16"}):
+        choice = impl.gpu_backward_for(_request(**fields), H100)
+        assert choice.kernel == "mosaic", (fields, choice)
+    # the two choices are independent: head_dim 256 runs the Mosaic forward and the Triton backward
+    assert impl.gpu_kernel_for(_request(head_dim=256, value_head_dim=256), H100).kernel == "mosaic"
+    on_a100 = impl.gpu_backward_for(_request(), A100)
+    assert on_a100.kernel == "triton" and "compute capability 9.x" in on_a100.reason
+    d256 = impl.gpu_backward_for(_request(head_dim=256, value_head_dim=256), H100)
+    assert d256.kernel == "triton" and "registers" in d256.reason
+    assert impl.gpu_backward_for(_request(), H100, _md(gpu_backward="triton")).kernel == "triton"
+
+
+def test_auto_backward_follows_the_measured_rule(mosaic_importable, monkeypatch):
+    monkeypatch.setitem(gpu_path.AUTO_MOSAIC_BWD, (128, "band"), False)
+    choice = FlashAttention().gpu_backward_for(_request(), H100)
+    assert choice.kernel == "triton" and "AUTO_MOSAIC_BWD" in choice.reason
+    assert FlashAttention().gpu_backward_for(_request(), H100, _md(gpu_backward="mosaic")).kernel == "mosaic"
+
+
+def test_forced_mosaic_backward_says_every_reason(mosaic_importable):
+    impl = FlashAttention()
+    bad = _request(dtype="float32", kv_dtype="float32", head_dim=256, value_head_dim=256,
+                   mask_kinds=frozenset({"causal", "segment"}), q_seq_lengths=True, has_bias=True)
+    with pytest.raises(ValueError) as err:
+        impl.gpu_backward_for(bad, A100, _md(gpu_backward="mosaic"))
+    text = str(err.value)
+    for word in ("gpu_backward='mosaic'", "compute capability 9.x", "float32", "head_dim 64/128", "segment",
+                 "query sequence lengths", "a bias"):
+        assert word in text, word
+    with pytest.raises(ValueError, match="kv_len a multiple of 128"):
+        impl.gpu_backward_for(_request(kv_len=1000), H100, _md(gpu_backward="mosaic"))
+    with pytest.raises(ValueError, match="interpreter"):
+        FlashAttention(interpret=True).gpu_backward_for(_request(), H100, _md(gpu_backward="mosaic"))
+    assert FlashAttention(interpret=True).gpu_backward_for(_request(), H100).kernel == "triton"
+    with pytest.raises(ValueError, match="mosaic_block_kv_dq"):
+        impl.gpu_backward_for(_request(), H100, _md(mosaic_block_kv_dq=256))
+    with pytest.raises(ValueError, match="gpu_backward"):
+        impl.gpu_backward_for(_request(), H100, _md(gpu_backward="cudnn"))
+
+
+def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
+    """On Hopper (injected) a soft-capped causal call runs the Mosaic forward with the cap and
+    carries the Mosaic backward's spec; forcing Triton leaves each out."""
+    from jaxattn_flash import backend
+
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 256, 4, 128), jax.numpy.bfloat16)
+    k = jax.random.normal(jax.random.PRNGKey(1), (1, 256, 2, 128), jax.numpy.bfloat16)
+
+    def prepare(config):
+        md = _md(**config)
+        inputs = jaxattn.validation.build_attention_inputs(
+            q, k, k, None, None, metadata=md, scale=None, is_causal=True, sliding_window=None, segment_ids=None,
+            query_seq_lengths=None, key_value_seq_lengths=None, logits_soft_cap=30.0, sinks=None,
+            dropout_rate=0.0, dropout_rng=None, return_lse=False)
+        return backend._prepare(inputs, md, False, H100)
+
+    call = prepare({})
+    assert call.mosaic is not None and call.mosaic.soft_cap == 30.0 and not call.mosaic.sinks
+    assert prepare({"gpu_kernel": "triton"}).mosaic is None
+    bspec = call.spec.mosaic_bwd
+    assert bspec is not None and bspec.soft_cap == 30.0 and (bspec.band_lo, bspec.band_hi) == (None, 0)
+    assert bspec.scale == pytest.approx(128 ** -0.5)
+    assert (bspec.dq_block_kv, bspec.stages) == flash_config.MOSAIC_BWD_DEFAULTS
+    tuned = prepare({"mosaic_block_kv_dq": 128, "mosaic_stages_bwd": 3}).spec.mosaic_bwd
+    assert (tuned.dq_block_kv, tuned.stages) == (128, 3)
+    assert prepare({"gpu_backward": "triton"}).spec.mosaic_bwd is None
+
+
+BANDS = [(None, None), (None, 0), (None, 256), (None, -128), (-255, 0), (-1000, 37), (-64, 300), (5, None)]
+
+
+@pytest.mark.parametrize("band", BANDS)
+def test_mosaic_backward_tile_ranges_hold_every_visible_pair(band):
+    """The dk/dv kernel visits query tiles [lb, ub) of its 128 keys and skips the mask on
+    [fs, fe) of each warpgroup's 64; the dq kernel likewise over key tiles. Brute force: every
+    visible pair is inside the visited range, the unmasked range holds only visible pairs, and
+    the visited range holds no tile without one."""
+    import numpy as np
+
+    from jaxattn_flash import mosaic_bwd_kernels as mbk
+
+    lo, hi = band
+    spec = mbk.MosaicBwdSpec(scale=1.0, band_lo=lo, band_hi=hi)
+    q_len, kv_len, tile = 1024, 768, 64
+    i = np.arange(q_len)[:, None]
+    j = np.arange(kv_len)[None, :]
+    vis = np.ones((q_len, kv_len), bool)
+    if lo is not None:
+        vis &= j - i >= lo
+    if hi is not None:
+        vis &= j - i <= hi
+
+    def tiles_of(block):  # [tiles] any / all visible within `block` (rows x cols of vis)
+        t = block.reshape(block.shape[0], -1, tile)
+        return t.any(axis=(0, 2)), t.all(axis=(0, 2))
+
+    for c0 in range(0, kv_len, mbk.BLOCK_ROWS):  # dk/dv: query tiles of key rows
+        lb, ub = (int(x) for x in mbk.q_tile_range(spec, c0, mbk.BLOCK_ROWS, tile, q_len // tile))
+        any_vis, _ = tiles_of(vis[:, c0:c0 + mbk.BLOCK_ROWS].T)
+        assert set(np.flatnonzero(any_vis)) <= set(range(lb, ub)), (c0, lb, ub)
+        assert lb == ub or (any_vis[lb] and any_vis[ub - 1]), (c0, lb, ub)
+        for c in (c0, c0 + mbk.WG_ROWS):
+            fs, fe = (int(x) for x in mbk.q_full_range(spec, c, tile, lb, ub))
+            _, all_vis = tiles_of(vis[:, c:c + mbk.WG_ROWS].T)
+            assert lb <= fs <= fe <= ub and all(all_vis[fs:fe]), (c, fs, fe)
+            full = np.flatnonzero(all_vis[lb:ub]) + lb
+            assert set(full) <= set(range(fs, fe)), (c, fs, fe, full)
+    for r0 in range(0, q_len, mbk.BLOCK_ROWS):  # dq: key tiles of query rows
+        lb, ub = (int(x) for x in mbk.kv_tile_range(spec, r0, mbk.BLOCK_ROWS, tile, kv_len // tile))
+        any_vis, _ = tiles_of(vis[r0:r0 + mbk.BLOCK_ROWS])
+        assert set(np.flatnonzero(any_vis)) <= set(range(lb, ub)), (r0, lb, ub)
+        for r in (r0, r0 + mbk.WG_ROWS):
+            fs, fe = (int(x) for x in mbk.kv_full_range(spec, r, tile, lb, ub))
+            _, all_vis = tiles_of(vis[r:r + mbk.WG_ROWS])
+            assert lb <= fs <= fe <= ub and all(all_vis[fs:fe]), (r, fs, fe)
+            assert set(np.flatnonzero(all_vis[lb:ub]) + lb) <= set(range(fs, fe)), (r, fs, fe)

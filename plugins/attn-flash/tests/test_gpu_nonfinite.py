@@ -1,5 +1,6 @@
 """GPU tests of the non-finite semantics (root README, "Semantics") on flash's compiled
-kernels: Triton forward and backward, and the Mosaic GPU forward under the value guard.
+kernels: Triton forward and backward, the Mosaic GPU forward under the value guard, and
+the Mosaic GPU backward after either forward.
 
 Run on a CUDA machine: `pytest -m gpu plugins/attn-flash/tests/test_gpu_nonfinite.py`.
 The same checks run on CPU through the Pallas interpreter in tests/test_nonfinite_backends.py.
@@ -57,16 +58,19 @@ def test_mosaic_forward_keeps_non_finite_values_to_their_rows(mask):
     _check("mosaic", mask)
 
 
-@pytest.mark.parametrize("kernel", ["triton", "mosaic"])
+@pytest.mark.parametrize("kernel", ["triton", "mosaic", "triton+mosaic_bwd", "mosaic+mosaic_bwd"])
 def test_backward_keeps_non_finite_values_to_their_rows(kernel):
-    if kernel == "mosaic" and not _on_hopper():
+    """`kernel`: the forward, and `+mosaic_bwd` where the Mosaic GPU backward runs."""
+    if "mosaic" in kernel and not _on_hopper():
         pytest.skip("needs a Hopper GPU")
     mask = MASKS["causal"]
     args = nonfinite_problem(0, SHAPE, dtype=jnp.bfloat16)
     ref_args = {name: x.astype(jnp.float32) for name, x in args.items()}
     bad_rows = ~np.isfinite(np.asarray(jaxattn.attention(**ref_args, **mask, backend="xla"))).all(-1)
     weight = jnp.asarray(~bad_rows, jnp.float32)[..., None]
-    meta = OperationMetadata(operation_configs={"flash": {"gpu_kernel": kernel}})
+    forward, _, backward = kernel.partition("+")
+    config = {"gpu_kernel": forward, "gpu_backward": "mosaic" if backward else "triton"}
+    meta = OperationMetadata(operation_configs={"flash": config})
 
     def grads(backend, a, metadata=None):
         def loss(q, k, v):

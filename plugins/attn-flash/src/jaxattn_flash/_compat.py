@@ -72,6 +72,14 @@ def ref_transpose(plgpu_mosaic: Any, ref: Any) -> Any:
     return plgpu_mosaic.transpose_ref(ref, (1, 0))
 
 
+def mosaic_load(plgpu_mosaic: Any, ref: Any, layout: Any) -> Any:
+    """A whole shared-memory ref loaded into registers with `layout` (the separate index
+    argument of `load` is required before jax 0.11 and deprecated from it)."""
+    if JAX_VERSION >= (0, 11):
+        return plgpu_mosaic.load(ref, layout=layout)
+    return plgpu_mosaic.load(ref, (), layout=layout)
+
+
 # -- Pallas TPU (Mosaic) ----------------------------------------------------------------
 
 from jax.experimental.pallas import tpu as pltpu  # noqa: E402

@@ -4,7 +4,7 @@ tries of them, and how a call reaches the kernels."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import jax
@@ -55,8 +55,8 @@ class _Call:
 
     def residuals(self, out: jax.Array, lse: jax.Array) -> Residuals:
         """What the Triton backward takes: the forward's inputs, out and lse (padded like them)."""
-        if self.mosaic is not None:  # the Mosaic path takes no padding and no optional inputs
-            return Residuals(self.q, self.k, self.v, out, lse)
+        if self.mosaic is not None:  # the Mosaic path takes no padding and no optional inputs but sinks
+            return Residuals(self.q, self.k, self.v, out, lse, self.sinks)
         rows, dim = self.spec.q_pad, self.v.shape[-1]
         out = pad_axis(pad_axis(out, 1, rows), 3, dim)
         lse = jnp.pad(lse, ((0, 0), (0, 0), (0, rows - lse.shape[2])), constant_values=-jnp.inf)
@@ -76,7 +76,8 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
 
     config = metadata.get_operation_config("flash")
     request = AttentionRequest.from_inputs(inputs)
-    path = gpu_path.choose(request, hardware or _hardware.current(), config, interpret=interpret)
+    hardware = hardware or _hardware.current()
+    path = gpu_path.choose(request, hardware, config, interpret=interpret)
     tiles = _config.resolve(config, max(d, dv), sq, skv)
     q_mult, kv_mult = _config.pad_multiples(tiles)
     q_pad, kv_pad = round_up(sq, q_mult), round_up(skv, kv_mult)
@@ -102,16 +103,25 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
         interpret=interpret,
         dkdv_passes=_config.dkv_passes(config, hq // hkv, parts),
     )
+    backward = gpu_path.choose_backward(request, hardware, config, interpret=interpret)
+    if backward.kernel == "mosaic":
+        from .mosaic_bwd_kernels import MosaicBwdSpec
+
+        block_kv_dq, stages_bwd = _config.mosaic_bwd_tiles(config)
+        spec = replace(spec, mosaic_bwd=MosaicBwdSpec(
+            scale=spec.scale, band_lo=band_lo, band_hi=band_hi, soft_cap=spec.soft_cap,
+            dq_block_kv=block_kv_dq, stages=stages_bwd))
     if path.kernel == "mosaic":
         from .mosaic_kernels import MosaicSpec
 
         block_kv, stages = _config.mosaic_tiles(config, d)
-        mspec = MosaicSpec(scale=float(inputs.scale), band_lo=band_lo, band_hi=band_hi,
-                           block_kv=block_kv, stages=stages)
+        mspec = MosaicSpec(scale=spec.scale, band_lo=band_lo, band_hi=band_hi, block_kv=block_kv, stages=stages,
+                           soft_cap=spec.soft_cap, sinks=spec.sinks)
         # Unpadded: the Mosaic path takes no padding. Its wgmma multiplies p @ v with p = 0 on
         # masked keys: a non-finite value of a masked key is zeroed here, and the rows that may
         # see it are poisoned with its output (`gpu_path.flash_mosaic`), so it reaches exactly those.
-        return _Call(spec, mspec, q, k, value_guard.clean(v, value_guard.bad_keys(v)), None, None, None, None, None)
+        v = value_guard.clean(v, value_guard.bad_keys(v))
+        return _Call(spec, mspec, q, k, v, inputs.sinks, None, None, None, None)
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)
     qp = pad_axis(pad_axis(q, 1, q_pad), 3, dp)
     kp = pad_axis(pad_axis(k, 1, kv_pad), 3, dp)
@@ -124,11 +134,11 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
     """Run the kernels on `inputs`: `(out [B,Sq,Hq,Dv], lse [B,Hq,Sq])`.
 
     The forward kernel is the one `gpu_path.choose` names for this call on `hardware`
-    (default: the detected one); the backward is always the Triton kernels."""
+    (default: the detected one), the backward the one `gpu_path.choose_backward` names."""
     call = _prepare(inputs, metadata, interpret, hardware)
     if call.mosaic is not None:
         rows = value_guard.seen_rows(value_guard.bad_keys(inputs.value), inputs)
-        return gpu_path.flash_mosaic(call.spec, call.mosaic, call.q, call.k, call.v, rows)
+        return gpu_path.flash_mosaic(call.spec, call.mosaic, call.q, call.k, call.v, call.sinks, rows)
     b, sq, hq, _ = inputs.query.shape
     dv = inputs.value.shape[-1]
     out, lse = flash(call.spec, call.q, call.k, call.v, call.sinks, call.q_seg, call.kv_seg, call.q_lens,
@@ -141,8 +151,8 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
 def flash_backward(inputs: AttentionInputs, out: jax.Array, lse: jax.Array, d_out: jax.Array, d_lse: jax.Array,
                    metadata: OperationMetadata, *, interpret: bool = False,
                    hardware: Hardware | None = None) -> dict[str, jax.Array]:
-    """The gradients of `flash_attention` from its `out` and `lse` (the Triton backward
-    kernels; no second forward), for the partitioned plain-jit path."""
+    """The gradients of `flash_attention` from its `out` and `lse` (the backward kernels
+    `gpu_path.choose_backward` names; no second forward), for the partitioned plain-jit path."""
     call = _prepare(inputs, metadata, interpret, hardware)
     b, sq, hq, d = inputs.query.shape
     _, skv, hkv, dv = inputs.value.shape
@@ -209,12 +219,14 @@ class FlashAttention(OperationImpl):
         return tpu_reasons(request) if hardware.platform == "tpu" else []
 
     def tuning_space(self, request: AttentionRequest, hardware: Hardware) -> Sequence[Mapping[str, Any]]:
-        """On an NVIDIA GPU: the defaults, the Triton forward where Mosaic is the default, and the
-        plain dk/dv launch order where 4 passes are (`config.tuning_space`); elsewhere the defaults."""
+        """On an NVIDIA GPU: the defaults, the Triton forward or backward where Mosaic is the
+        default, the plain dk/dv launch order where 4 passes are (`config.tuning_space`);
+        elsewhere the defaults."""
         if not hardware.is_cuda or self.interpret:
             return ({},)
         mosaic = gpu_path.choose(request, hardware, {}).kernel == "mosaic"
-        return _config.tuning_space(request, mosaic_by_default=mosaic)
+        mosaic_bwd = gpu_path.choose_backward(request, hardware, {}).kernel == "mosaic"
+        return _config.tuning_space(request, mosaic_by_default=mosaic, mosaic_backward_by_default=mosaic_bwd)
 
     def gpu_kernel_for(self, request: AttentionRequest, hardware: Hardware,
                        metadata: OperationMetadata | None = None) -> gpu_path.PathChoice:
@@ -222,6 +234,13 @@ class FlashAttention(OperationImpl):
         Raises ValueError when the config forces "mosaic" on a call it cannot serve."""
         config = (metadata or OperationMetadata()).get_operation_config("flash")
         return gpu_path.choose(request, hardware, config, interpret=self.interpret)
+
+    def gpu_backward_for(self, request: AttentionRequest, hardware: Hardware,
+                         metadata: OperationMetadata | None = None) -> gpu_path.PathChoice:
+        """Which backward kernels (Triton or Mosaic GPU) `request` takes on `hardware`, and why.
+        Raises ValueError when the config forces "mosaic" on a call it cannot serve."""
+        config = (metadata or OperationMetadata()).get_operation_config("flash")
+        return gpu_path.choose_backward(request, hardware, config, interpret=self.interpret)
 
     def _run(self, inputs: AttentionInputs, metadata: OperationMetadata, hardware: Hardware | None = None):
         out, lse = flash_attention(inputs, metadata, interpret=self.interpret, hardware=hardware)

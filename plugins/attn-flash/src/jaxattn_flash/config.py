@@ -9,6 +9,9 @@ optional; None or absent = the measured default), validated before the kernels r
 * which GPU forward kernel: `gpu_kernel` = "auto" (default), "triton" or "mosaic"
   (see `gpu_path.py`); the Mosaic GPU forward's `mosaic_block_kv` (64, 128 or 256)
   and `mosaic_stages` (K/V shared-memory slots, 2 to 4)
+* which GPU backward kernels: `gpu_backward` = "auto" (default), "triton" or "mosaic";
+  the Mosaic GPU backward's `mosaic_block_kv_dq` (64 or 128: the dq kernel's key tile)
+  and `mosaic_stages_bwd` (shared-memory slots of both kernels, 2 to 4)
 * dk/dv launch order: `launch_passes_dkv` (1 to 8; see `launch_order.py`)
 
 Blocks are powers of two >= 16; each is clipped to the (padded) sequence it tiles.
@@ -30,6 +33,7 @@ KERNELS = ("fwd", "dq", "dkv")
 _SUFFIX = {"fwd": "", "dq": "_dq", "dkv": "_dkv"}
 GPU_KERNELS = ("auto", "triton", "mosaic")
 MOSAIC_BLOCK_KV = (64, 128, 256)
+MOSAIC_BLOCK_KV_DQ = (64, 128)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,9 @@ class FlashConfig(BackendConfig):
     launch_passes_dkv: int | None = None
     mosaic_block_kv: int | None = None
     mosaic_stages: int | None = None
+    gpu_backward: str | None = None
+    mosaic_block_kv_dq: int | None = None
+    mosaic_stages_bwd: int | None = None
 
     def __post_init__(self) -> None:
         for kernel in KERNELS:
@@ -65,6 +72,9 @@ class FlashConfig(BackendConfig):
         self.check_int("launch_passes_dkv", minimum=1, maximum=8)
         self.check_choice("mosaic_block_kv", MOSAIC_BLOCK_KV)
         self.check_int("mosaic_stages", minimum=2, maximum=4)
+        self.check_choice("gpu_backward", GPU_KERNELS)
+        self.check_choice("mosaic_block_kv_dq", MOSAIC_BLOCK_KV_DQ)
+        self.check_int("mosaic_stages_bwd", minimum=2, maximum=4)
 
 
 KEYS = frozenset(FlashConfig.keys())
@@ -86,6 +96,8 @@ DEFAULTS: dict[int, dict[str, tuple[int, int, int, int]]] = {
 # Shared memory: Q/O 2*64*d, K and V stages*block_kv*d each (2 bytes), under 227 KiB.
 MOSAIC_DEFAULTS: dict[int, tuple[int, int]] = {64: (128, 2), 128: (128, 2), 256: (64, 2)}
 MOSAIC_SMEM_BYTES = 227 * 1024 - 4096  # what the kernel's tiles may take (barriers, reductions apart)
+# (dq key tile, stages) of the Mosaic GPU backward (mosaic_bwd_kernels.py): not yet measured.
+MOSAIC_BWD_DEFAULTS: tuple[int, int] = (64, 2)
 
 
 # Launch passes of the dk/dv grid when a causal band makes its first k/v blocks the heavy
@@ -113,6 +125,17 @@ def gpu_kernel(config: Mapping[str, Any]) -> str:
     return validate(config).gpu_kernel or "auto"
 
 
+def gpu_backward(config: Mapping[str, Any]) -> str:
+    """The `gpu_backward` key: "auto", "triton" or "mosaic"."""
+    return validate(config).gpu_backward or "auto"
+
+
+def mosaic_bwd_tiles(config: Mapping[str, Any]) -> tuple[int, int]:
+    """(dq key tile, stages) of the Mosaic GPU backward (defaults or the config's)."""
+    cfg = validate(config)
+    return cfg.mosaic_block_kv_dq or MOSAIC_BWD_DEFAULTS[0], cfg.mosaic_stages_bwd or MOSAIC_BWD_DEFAULTS[1]
+
+
 def mosaic_tiles(config: Mapping[str, Any], head_dim: int) -> tuple[int, int]:
     """(block_kv, stages) of the Mosaic GPU forward for this head_dim (defaults or the config's)."""
     cfg = validate(config)
@@ -134,15 +157,19 @@ def dkv_passes(config: Mapping[str, Any], group: int, parts: MaskParts) -> int:
     return DKV_PASSES_GROUPED_CAUSAL if grouped_causal else 1
 
 
-def tuning_space(request: AttentionRequest, mosaic_by_default: bool) -> list[dict[str, Any]]:
+def tuning_space(request: AttentionRequest, mosaic_by_default: bool,
+                 mosaic_backward_by_default: bool = False) -> list[dict[str, Any]]:
     """What `jaxattn tune` tries on a GPU besides the defaults: the Triton forward where the
-    Mosaic one is the default, and the plain dk/dv launch order where 4 passes are."""
+    Mosaic one is the default, the Triton backward where the Mosaic one is, else the plain dk/dv
+    launch order where 4 passes are."""
     space: list[dict[str, Any]] = [{}]
     if mosaic_by_default:
         space.append({"gpu_kernel": "triton"})
     band = request.band or (None, None)
     chunk = request.chunk[0] if request.chunk else None
-    if request.needs_grad and request.is_gqa and heavy_first(band[0], band[1], chunk):
+    if request.needs_grad and mosaic_backward_by_default:
+        space.append({"gpu_backward": "triton"})
+    elif request.needs_grad and request.is_gqa and heavy_first(band[0], band[1], chunk):
         space.append({"launch_passes_dkv": 1})
     return space
 

@@ -1,8 +1,8 @@
-"""Which GPU forward kernel a call takes (Triton or, on Hopper, Mosaic GPU), and why.
+"""Which GPU kernels a call takes (Triton or, on Hopper, Mosaic GPU), forward and backward, and why.
 
-`choose(request, hardware, config)` is the one place that decides; the backend calls it
-for every GPU call and tests call it with injected hardware. The config key `gpu_kernel`
-(`metadata.operation_configs["flash"]`) says:
+`choose` (forward) and `choose_backward` are the one place each decision is made; the
+backend calls them for every GPU call and tests call them with injected hardware. The
+config key `gpu_kernel` (`metadata.operation_configs["flash"]`) says:
 
 * "auto" (default): the Mosaic GPU forward on compute capability 9.x when the request is
   one it serves (`mosaic_reasons` is empty), Mosaic GPU imports, and the measured rule
@@ -11,14 +11,16 @@ for every GPU call and tests call it with injected hardware. The config key `gpu
 * "mosaic": the Mosaic GPU forward, or a ValueError with every reason it cannot serve
   the call (never a silent fallback).
 
-The backward pass is always the Triton dq and dk/dv kernels: the Mosaic forward hands
-them the same lse as the Triton forward (`flash_mosaic` is the custom_vjp).
+The key `gpu_backward` says the same of the backward kernels ("auto" follows the measured
+rule `AUTO_MOSAIC_BWD`); either forward hands either backward the same lse, so the two
+choices are independent. Both Mosaic paths serve soft-cap and sinks (the backward gets the
+sinks through the lse, `mosaic_bwd_kernels.py`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,7 @@ from .triton_vjp import Residuals, _flash_bwd
 
 MOSAIC_DTYPES = ("bfloat16", "float16")
 MOSAIC_HEAD_DIMS = (64, 128, 256)
+MOSAIC_BWD_HEAD_DIMS = (64, 128)
 MOSAIC_MASKS = frozenset({"full", "causal", "sliding_window"})
 ROWS = 128  # query rows per CUDA block of the Mosaic kernel (2 warpgroups x 64)
 
@@ -46,6 +49,15 @@ AUTO_MOSAIC: dict[tuple[int, str], bool] = {
     (64, "full"): True, (64, "band"): True,
     (128, "full"): True, (128, "band"): True,
     (256, "full"): True, (256, "band"): True,
+}
+# The measured rule of the backward: (head_dim, "full" | "band") -> the Mosaic GPU backward is faster.
+# Measured 2026-11-30 on an H200 (BENCHMARKS.md "Mosaic GPU backward"), fwd+bwd TFLOP/s Mosaic vs
+# Triton backward: head_dim 128 full 467-498 vs 393-413, causal 413-486 vs 349-379; at
+# (1, 32768, 32/8) soft-cap 370 vs 272, sinks 469 vs 373, window 4096 457 vs 377; head_dim 64
+# (8, 2048, 16, 16) full 325 vs 275, causal 254 vs 230.
+AUTO_MOSAIC_BWD: dict[tuple[int, str], bool] = {
+    (64, "full"): True, (64, "band"): True,
+    (128, "full"): True, (128, "band"): True,
 }
 
 
@@ -69,18 +81,58 @@ def band_of(request: AttentionRequest) -> tuple[int | None, int | None]:
     return None, None
 
 
-def mosaic_reasons(request: AttentionRequest, hardware: Hardware, config: Mapping[str, Any]) -> list[str]:
-    """Every reason the Mosaic GPU forward cannot serve `request` on `hardware` (empty: it can)."""
+def _hopper_reasons(request: AttentionRequest, hardware: Hardware, what: str) -> list[str]:
+    """What both Mosaic GPU paths need: Hopper, bf16/fp16, grouped heads, dense attention, the import."""
     reasons = []
     cc = hardware.compute_capability
     if not hardware.is_cuda:
-        reasons.append("the Mosaic GPU kernel needs an NVIDIA GPU")
+        reasons.append(f"the Mosaic GPU {what} needs an NVIDIA GPU")
     elif cc is None or cc[0] != 9:
         have = "unknown" if cc is None else f"{cc[0]}.{cc[1]}"
-        reasons.append(f"the Mosaic GPU kernel uses Hopper's wgmma (compute capability 9.x); this GPU has {have}")
+        reasons.append(f"the Mosaic GPU {what} uses Hopper's wgmma (compute capability 9.x); this GPU has {have}")
     if request.dtype not in MOSAIC_DTYPES or request.kv_dtype != request.dtype:
-        reasons.append(f"the Mosaic GPU kernel takes bfloat16 or float16 (q and k/v alike), "
+        reasons.append(f"the Mosaic GPU {what} takes bfloat16 or float16 (q and k/v alike), "
                        f"not {request.dtype}/{request.kv_dtype}")
+    if request.num_q_heads % request.num_kv_heads:
+        reasons.append("query heads must be a multiple of key/value heads")
+    if request.paged is not None:
+        reasons.append(f"the Mosaic GPU {what} is for dense attention")
+    other = request.mask_kinds - MOSAIC_MASKS
+    if other:
+        reasons.append(f"the Mosaic GPU {what} applies full, causal and sliding-window masks only "
+                       f"(not {', '.join(sorted(other))})")
+    error = _compat.mosaic_import_error()
+    if error is not None:
+        reasons.append(error)
+    return reasons
+
+
+def _unpadded_reasons(request: AttentionRequest, config: Mapping[str, Any], rows: int, keys: int,
+                      what: str) -> list[str]:
+    """The Mosaic kernels take no padding: lengths multiples of their tiles and of the Triton ones."""
+    if request.q_len % rows or request.kv_len % keys:
+        return [f"the Mosaic GPU {what} needs q_len a multiple of {rows} and kv_len a multiple of {keys} "
+                f"(got {request.q_len}, {request.kv_len})"]
+    d = max(request.head_dim, request.value_head_dim)
+    q_mult, kv_mult = _config.pad_multiples(_config.resolve(config, d, request.q_len, request.kv_len))
+    if request.q_len % q_mult or request.kv_len % kv_mult:
+        return [f"the Triton kernels' tiles ({q_mult}, {kv_mult}) would pad this call "
+                f"({request.q_len}, {request.kv_len})"]
+    return []
+
+
+def _absent(request: AttentionRequest, features: tuple[tuple[str, str], ...], what: str) -> list[str]:
+    return [f"the Mosaic GPU {what} has no {name}" for flag, name in features if getattr(request, flag)]
+
+
+_NO_LENGTHS = (("q_seq_lengths", "query sequence lengths"), ("kv_seq_lengths", "key/value sequence lengths"),
+               ("has_bias", "a bias"), ("dropout", "dropout"))
+
+
+def mosaic_reasons(request: AttentionRequest, hardware: Hardware, config: Mapping[str, Any]) -> list[str]:
+    """Every reason the Mosaic GPU forward cannot serve `request` on `hardware` (empty: it can)."""
+    what = "kernel"
+    reasons = _hopper_reasons(request, hardware, what)
     d, dv = request.head_dim, request.value_head_dim
     if d != dv or d not in MOSAIC_HEAD_DIMS:
         reasons.append(f"the Mosaic GPU kernel takes head_dim {'/'.join(map(str, MOSAIC_HEAD_DIMS))} with equal "
@@ -89,88 +141,99 @@ def mosaic_reasons(request: AttentionRequest, hardware: Hardware, config: Mappin
         bk, stages = _config.mosaic_tiles(config, d)
         if _config.mosaic_smem_bytes(d, bk, stages) > _config.MOSAIC_SMEM_BYTES:
             reasons.append(f"mosaic_block_kv={bk} with {stages} stages does not fit in shared memory at head_dim {d}")
-        if request.q_len % ROWS or request.kv_len % bk:
-            reasons.append(f"the Mosaic GPU kernel needs q_len a multiple of {ROWS} and kv_len a multiple of "
-                           f"{bk} (got {request.q_len}, {request.kv_len})")
-        else:
-            q_mult, kv_mult = _config.pad_multiples(_config.resolve(config, d, request.q_len, request.kv_len))
-            if request.q_len % q_mult or request.kv_len % kv_mult:
-                reasons.append(f"the Triton backward's tiles ({q_mult}, {kv_mult}) would pad this call "
-                               f"({request.q_len}, {request.kv_len})")
-    if request.num_q_heads % request.num_kv_heads:
-        reasons.append("query heads must be a multiple of key/value heads")
-    other = request.mask_kinds - MOSAIC_MASKS
-    if other:
-        reasons.append(f"the Mosaic GPU kernel applies full, causal and sliding-window masks only "
-                       f"(not {', '.join(sorted(other))})")
-    for flag, what in (("logits_soft_cap", "logits soft-cap"), ("has_sinks", "sinks"),
-                       ("q_seq_lengths", "query sequence lengths"), ("kv_seq_lengths", "key/value sequence lengths"),
-                       ("has_bias", "a bias"), ("dropout", "dropout")):
-        if getattr(request, flag):
-            reasons.append(f"the Mosaic GPU kernel has no {what}")
-    if request.paged is not None:
-        reasons.append("the Mosaic GPU kernel is for dense attention")
-    error = _compat.mosaic_import_error()
-    if error is not None:
-        reasons.append(error)
-    return reasons
+        reasons += _unpadded_reasons(request, config, ROWS, bk, what)
+    return reasons + _absent(request, _NO_LENGTHS, what)
+
+
+def mosaic_backward_reasons(request: AttentionRequest, hardware: Hardware, config: Mapping[str, Any]) -> list[str]:
+    """Every reason the Mosaic GPU backward cannot serve `request` on `hardware` (empty: it can).
+    It takes soft-cap and sinks (they enter through the lse), whichever forward ran."""
+    what = "backward"
+    reasons = _hopper_reasons(request, hardware, what)
+    d, dv = request.head_dim, request.value_head_dim
+    if d != dv or d not in MOSAIC_BWD_HEAD_DIMS:
+        reasons.append(f"the Mosaic GPU backward takes head_dim {'/'.join(map(str, MOSAIC_BWD_HEAD_DIMS))} with "
+                       f"equal value head_dim (got {d}/{dv}; dk and dv of head_dim 256 do not fit in registers)")
+    else:
+        block_kv_dq, _ = _config.mosaic_bwd_tiles(config)
+        reasons += _unpadded_reasons(request, config, ROWS, max(ROWS, block_kv_dq), what)
+    return reasons + _absent(request, _NO_LENGTHS, what)
+
+
+def _decide(request: AttentionRequest, hardware: Hardware, *, key: str, wanted: str, interpret: bool,
+            reasons: Callable[[], list[str]], rule: Mapping[tuple[int, str], bool], rule_name: str,
+            what: str) -> PathChoice:
+    """One choice between Triton and Mosaic GPU: the config key `key` says `wanted`; `reasons`
+    lists why Mosaic cannot serve the call; `rule` says where it was measured faster."""
+    if wanted == "triton":
+        return PathChoice("triton", f"{key}='triton' in the flash config")
+    if interpret:
+        if wanted == "mosaic":
+            raise ValueError(f"flash: {key}='mosaic' cannot run in the Pallas interpreter "
+                             "(Mosaic GPU kernels compile for Hopper only)")
+        return PathChoice("triton", "interpreter: only the Triton kernels run in it")
+    found = reasons()
+    if wanted == "mosaic":
+        if found:
+            raise ValueError(f"flash: {key}='mosaic' cannot serve this call: " + "; ".join(found))
+        return PathChoice("mosaic", f"{key}='mosaic' in the flash config")
+    if found:
+        return PathChoice("triton", "auto: " + "; ".join(found))
+    lo, hi = band_of(request)
+    rule_key = (request.head_dim, "full" if lo is None and hi is None else "band")
+    if not rule.get(rule_key, False):
+        return PathChoice("triton", f"auto: Triton measured faster than the Mosaic GPU {what} at head_dim "
+                                    f"{rule_key[0]}, {rule_key[1]} mask ({rule_name})")
+    cc = hardware.compute_capability
+    return PathChoice("mosaic", f"auto: Hopper (compute capability {cc[0]}.{cc[1]}) and a call the Mosaic GPU "
+                                f"{what} serves")
 
 
 def choose(request: AttentionRequest, hardware: Hardware, config: Mapping[str, Any] | None = None,
            *, interpret: bool = False) -> PathChoice:
     """The forward kernel `request` takes on `hardware` under `config` (the "flash" config dict)."""
     config = config or {}
-    wanted = _config.gpu_kernel(config)
-    if wanted == "triton":
-        return PathChoice("triton", "gpu_kernel='triton' in the flash config")
-    if interpret:
-        if wanted == "mosaic":
-            raise ValueError("flash: gpu_kernel='mosaic' cannot run in the Pallas interpreter "
-                             "(Mosaic GPU kernels compile for Hopper only)")
-        return PathChoice("triton", "interpreter: only the Triton kernels run in it")
-    reasons = mosaic_reasons(request, hardware, config)
-    if wanted == "mosaic":
-        if reasons:
-            raise ValueError("flash: gpu_kernel='mosaic' cannot serve this call: " + "; ".join(reasons))
-        return PathChoice("mosaic", "gpu_kernel='mosaic' in the flash config")
-    if reasons:
-        return PathChoice("triton", "auto: " + "; ".join(reasons))
-    lo, hi = band_of(request)
-    key = (request.head_dim, "full" if lo is None and hi is None else "band")
-    if not AUTO_MOSAIC.get(key, False):
-        return PathChoice("triton", f"auto: Triton measured faster than Mosaic GPU at head_dim {key[0]}, "
-                                    f"{key[1]} mask (AUTO_MOSAIC)")
-    return PathChoice("mosaic", f"auto: Hopper (compute capability {hardware.compute_capability[0]}."
-                                f"{hardware.compute_capability[1]}) and a call the Mosaic GPU kernel serves")
+    return _decide(request, hardware, key="gpu_kernel", wanted=_config.gpu_kernel(config), interpret=interpret,
+                   reasons=lambda: mosaic_reasons(request, hardware, config), rule=AUTO_MOSAIC,
+                   rule_name="AUTO_MOSAIC", what="kernel")
+
+
+def choose_backward(request: AttentionRequest, hardware: Hardware, config: Mapping[str, Any] | None = None,
+                    *, interpret: bool = False) -> PathChoice:
+    """The backward kernels `request` takes on `hardware` under `config` (key `gpu_backward`)."""
+    config = config or {}
+    return _decide(request, hardware, key="gpu_backward", wanted=_config.gpu_backward(config),
+                   interpret=interpret, reasons=lambda: mosaic_backward_reasons(request, hardware, config),
+                   rule=AUTO_MOSAIC_BWD, rule_name="AUTO_MOSAIC_BWD", what="backward")
 
 
 # -- the Mosaic forward under custom_vjp, with the Triton backward --------------------------------
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, poisoned):
-    """(out, lse) of unpadded q/k/v through the Mosaic forward, with the rows of `poisoned`
+def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, sinks, poisoned):
+    """(out, lse) of unpadded q/k/v (and sinks or None) through the Mosaic forward, with the rows of `poisoned`
     (bool `[B, Sq, Hq]`: they see a non-finite value, which `v` no longer holds) made NaN;
     gradients through the Triton kernels. The NaN rows are part of the residual output, so the
     backward treats them as it treats the Triton forward's own NaN rows."""
-    return _mosaic_poisoned(mspec, q, k, v, poisoned)
+    return _mosaic_poisoned(mspec, q, k, v, sinks, poisoned)
 
 
-def _mosaic_poisoned(mspec, q, k, v, poisoned):
+def _mosaic_poisoned(mspec, q, k, v, sinks, poisoned):
     from .mosaic_kernels import mosaic_forward
 
-    out, lse = mosaic_forward(mspec, q, k, v)
+    out, lse = mosaic_forward(mspec, q, k, v, sinks)
     return value_guard.poison(out, poisoned), lse
 
 
-def _fwd(spec, mspec, q, k, v, poisoned):
-    out, lse = _mosaic_poisoned(mspec, q, k, v, poisoned)
-    return (out, lse), Residuals(q, k, v, out, lse)
+def _fwd(spec, mspec, q, k, v, sinks, poisoned):
+    out, lse = _mosaic_poisoned(mspec, q, k, v, sinks, poisoned)
+    return (out, lse), Residuals(q, k, v, out, lse, sinks)
 
 
 def _bwd(spec, mspec, residuals, cotangents):
-    dq, dk, dv, *_ = _flash_bwd(spec, residuals, cotangents)
-    return dq, dk, dv, None
+    dq, dk, dv, d_sinks, *_ = _flash_bwd(spec, residuals, cotangents)
+    return dq, dk, dv, d_sinks, None
 
 
 flash_mosaic.defvjp(_fwd, _bwd)

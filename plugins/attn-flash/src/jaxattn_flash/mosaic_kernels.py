@@ -29,7 +29,11 @@ K/V slots). The running max starts at a finite floor and masked logits are -inf,
 row with no visible key keeps l = 0 and gives out 0, lse -inf; a NaN sum (a non-finite
 logit the row sees) propagates.
 
-The lse (natural log, `[B, Hq, Sq]`, float32) is what the Triton backward kernels read.
+A logit soft-cap c replaces the scaled logits by c·tanh(s·scale/c) (one tanh per logit); a
+sink logit per query head joins each row's normalizer after the loop, as in the Triton
+forward (a row without keys stays out 0, lse -inf).
+
+The lse (natural log, `[B, Hq, Sq]`, float32) is what the backward kernels read.
 Sequence lengths must be multiples of the tiles (`dispatch.py` checks).
 """
 
@@ -44,7 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ._compat import mosaic_gpu, mosaic_params, ref_transpose
+from ._compat import mosaic_gpu, mosaic_load, mosaic_params, ref_transpose
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -65,6 +69,8 @@ class MosaicSpec:
     stages: int = 2
     pingpong: bool = True
     fence: bool = False  # optimization barrier after the softmax (measured slower on an H100)
+    soft_cap: float | None = None  # logits c·tanh(s/c)
+    sinks: bool = False  # one sink logit per query head joins each row's normalizer
 
     @property
     def rows(self) -> int:
@@ -133,9 +139,18 @@ def _swizzled(plgpu, shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
-def mosaic_forward(spec: MosaicSpec, q, k, v):
-    """q `[B, Sq, Hq, D]`, k/v `[B, Skv, Hkv, D]` (bf16/fp16, Sq % rows == 0, Skv % block_kv == 0)
-    -> (out `[B, Sq, Hq, D]`, lse `[B, Hq, Sq]` natural log, -inf on rows without keys)."""
+def launch(plgpu, body, out_type, scratch, grid: dict[str, int]):
+    """`body` as a warp-specialized Mosaic GPU kernel: the named `grid`, CONSUMERS + 1 warpgroups
+    (axis "wg"), our compiler parameters."""
+    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=tuple(grid.values()),
+                        grid_names=tuple(grid), num_threads=CONSUMERS + 1, thread_name="wg",
+                        compiler_params=mosaic_params(plgpu))
+
+
+def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
+    """q `[B, Sq, Hq, D]`, k/v `[B, Skv, Hkv, D]` (bf16/fp16, Sq % rows == 0, Skv % block_kv == 0),
+    sinks `[Hq]` when `spec.sinks` -> (out `[B, Sq, Hq, D]`, lse `[B, Hq, Sq]` natural log, -inf on
+    rows without keys)."""
     plgpu = mosaic_gpu()
     b, sq, hq, d = q.shape
     _, skv, hkv, dv = v.shape
@@ -151,8 +166,12 @@ def mosaic_forward(spec: MosaicSpec, q, k, v):
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
 
-    def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref,
-               qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free):
+    def kernel(*refs):
+        if spec.sinks:
+            q_ref, k_ref, v_ref, sink_ref, o_ref, lse_ref, *scratch = refs
+        else:
+            (q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch), sink_ref = refs, None
+        qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free = scratch
         bi = lax.axis_index("b")
         hi = lax.axis_index("h")
         ti = lax.axis_index("q")
@@ -192,20 +211,27 @@ def mosaic_forward(spec: MosaicSpec, q, k, v):
 
                 s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
+                ok = None
                 if masked:
                     i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma_layout)
                     j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
                     diff = (j + ki * bk) - (i + r0)
-                    ok = None
                     if spec.band_lo is not None:
                         ok = diff >= spec.band_lo
                     if spec.band_hi is not None:
                         ok = (diff <= spec.band_hi) if ok is None else ok & (diff <= spec.band_hi)
+                if spec.soft_cap is None:  # scale after the max: one multiply per row, an FMA per logit
                     if ok is not None:
                         s = jnp.where(ok, s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(axis=1) * c)
+                    m_new = jnp.maximum(m, s.max(axis=1) * c)
+                    p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                else:  # logits in log2 units: c·tanh(s·scale/c)·log2(e)
+                    z = jnp.tanh(s * (spec.scale / spec.soft_cap)) * (spec.soft_cap * LOG2E)
+                    if ok is not None:
+                        z = jnp.where(ok, z, -jnp.inf)
+                    m_new = jnp.maximum(m, z.max(axis=1))
+                    p = jnp.exp2(z - lax.broadcast_in_dim(m_new, z.shape, [0]))
                 alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(dtype)
@@ -233,6 +259,15 @@ def mosaic_forward(spec: MosaicSpec, q, k, v):
                 pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
 
             live = l != 0.0  # a NaN sum (a non-finite logit the row sees) counts: it propagates
+            if sink_ref is not None:  # the sink joins the normalizer of rows with keys (as Triton)
+                plgpu.copy_gmem_to_smem(sink_ref.at[hi], lse_smem.at[wg], q_bar.at[wg])
+                plgpu.barrier_wait(q_bar.at[wg])
+                sink = mosaic_load(plgpu, lse_smem.at[wg], row_layout)
+                m_all = jnp.maximum(m, sink)
+                corr = jnp.exp2(m - m_all)
+                l = l * corr + jnp.exp2(sink - m_all)
+                acc = acc * lax.broadcast_in_dim(corr, acc.shape, [0])
+                m = m_all
             l_safe = jnp.where(live, l, 1.0)
             inv = jnp.where(live, 1.0 / l_safe, 0.0)
             qo[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
@@ -267,6 +302,9 @@ def mosaic_forward(spec: MosaicSpec, q, k, v):
                 plgpu.barrier_wait(v_free.at[slot])
                 load(v_ref, v_smem, v_bar, ki + stages, slot)
 
+    # each row's sink logit in log2 units, a row of block_q per head (TMA-loaded like the lse)
+    sink_rows = [] if not spec.sinks else [
+        jnp.broadcast_to((sinks.astype(jnp.float32) * LOG2E)[:, None], (hq, bq))]
     scratch = (
         _swizzled(plgpu, (CONSUMERS, bq, d), dtype),  # Q, then O, of each consumer
         _swizzled(plgpu, (stages, bk, d), dtype),
@@ -278,14 +316,5 @@ def mosaic_forward(spec: MosaicSpec, q, k, v):
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
     )
-    out, lse = plgpu.kernel(
-        kernel,
-        out_type=(jax.ShapeDtypeStruct((b, sq, hq, dv), dtype), jax.ShapeDtypeStruct((b, hq, sq), jnp.float32)),
-        scratch_types=scratch,
-        grid=(b, hq, nq),
-        grid_names=("b", "h", "q"),
-        num_threads=CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=mosaic_params(plgpu),
-    )(q, k, v)
-    return out, lse
+    out_type = (jax.ShapeDtypeStruct((b, sq, hq, dv), dtype), jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
+    return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, *sink_rows)

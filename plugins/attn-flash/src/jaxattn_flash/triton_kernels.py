@@ -81,6 +81,7 @@ class KernelSpec:
     exact: bool  # float32 inputs: IEEE float32 dots
     interpret: bool = False
     dkdv_passes: int = 1  # launch passes of the dk/dv grid (launch_order.py)
+    mosaic_bwd: Any = None  # a MosaicBwdSpec when the backward runs on Mosaic GPU (unpadded calls)
 
     @property
     def precision(self):

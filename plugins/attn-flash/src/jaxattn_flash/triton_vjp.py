@@ -253,8 +253,13 @@ def _flash_bwd(spec, residuals: Residuals, cotangents):
     lse2 = jnp.where(live, lse * LOG2E, jnp.inf)  # dead rows: every probability is 0
     do = d_out.astype(q.dtype)
     v = finite_values(v)
-    dq = backward_dq(spec, q, k, v, do, lse2, delta_eff, q_seg, kv_seg, q_lens, kv_lens)
-    dk, dv = backward_dkdv(spec, q, k, v, do, lse2, delta_eff, q_seg, kv_seg, q_lens, kv_lens)
+    if spec.mosaic_bwd is not None:  # the Hopper kernels (gpu_path.choose_backward)
+        from .mosaic_bwd_kernels import mosaic_backward
+
+        dq, dk, dv = mosaic_backward(spec.mosaic_bwd, q, k, v, do, lse2, delta_eff)
+    else:
+        dq = backward_dq(spec, q, k, v, do, lse2, delta_eff, q_seg, kv_seg, q_lens, kv_lens)
+        dk, dv = backward_dkdv(spec, q, k, v, do, lse2, delta_eff, q_seg, kv_seg, q_lens, kv_lens)
     d_sinks = None if sinks is None else sinks_grad(sinks, lse, live, delta_eff)
     return dq, dk, dv, d_sinks, None, None, None, None
 

@@ -1,0 +1,381 @@
+"""The Hopper backward kernels: dq and dk/dv in Pallas's Mosaic GPU lowering (wgmma, TMA,
+warp specialization), deterministic (no atomics: each output tile has one writer).
+
+Both kernels have the shape of the forward (`mosaic_kernels.py`): one producer warpgroup
+streams tiles through a ring of `stages` shared-memory slots with TMA, two consumer
+warpgroups (64 rows each, one wgmma M) run the matrix products with float32 accumulators
+in registers, and a static band `band_lo <= j - i <= band_hi` limits every block to the
+tiles that hold a visible pair, applying the band only on the partial tiles.
+
+* dq, one CUDA block per (batch, query head, 128 query rows): for every key tile,
+  S = Q·Kᵀ and dP = dO·Vᵀ (issued together), P = exp2(S·log2e·scale - lse₂),
+  dS = P ∘ (dP - delta), dQ += dS·K.
+* dk/dv, one CUDA block per (batch, key/value head, 128 key rows): K and V stay in shared
+  memory; the producer streams Q, dO, lse₂ and delta of every query head of the GQA group
+  and every query tile of the band, so dk/dv of a K/V head sum over its group in
+  registers (nothing repeated, no reduction afterwards): Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ,
+  Pᵀ, dSᵀ as above, dV += Pᵀ·dO, dK += dSᵀ·Q.
+
+The inputs follow the Triton backward's conventions (`triton_vjp._flash_bwd`): lse₂ is
+the lse in base 2, +inf on rows without keys (every probability 0), NaN on a row that
+saw a non-finite logit (its gradients are NaN; masked tiles zero P and dS of the pairs the
+band removes, so nothing reaches a key the row does not see); delta = rowsum(dO ∘ O) -
+dlse; values finite. A logit soft-cap c multiplies dS by 1 - tanh²(s/c).
+
+Measured on an H200 (BENCHMARKS.md, "Mosaic GPU backward"): the forward's ping-pong (consumers
+taking turns on the tensor cores) costs 8-13% here, and computing dSᵀ while the dV product runs
+gains nothing; the dq key tile (64/128) and 2 or 3 stages are level.
+
+The accumulators live in registers: dk + dv of 64 rows take 2·64·D/128 registers per
+thread, so head_dim 256 does not fit (the Triton backward serves it).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from ._compat import mosaic_gpu, mosaic_load, ref_transpose
+from .mosaic_kernels import CONSUMERS, LOG2E, _cdiv, _div, _i32, _swizzled, launch
+
+WG_ROWS = 64  # rows of one consumer warpgroup (one wgmma M)
+BLOCK_ROWS = CONSUMERS * WG_ROWS  # rows of one CUDA block, both kernels
+
+
+@dataclass(frozen=True)
+class MosaicBwdSpec:
+    """Static facts of one call of the Mosaic backward (hashable)."""
+
+    scale: float
+    band_lo: int | None
+    band_hi: int | None
+    soft_cap: float | None = None
+    dq_block_kv: int = 64  # key tile of the dq kernel
+    dkv_block_q: int = 64  # query tile of the dk/dv kernel
+    stages: int = 2
+
+
+def _visible(spec: MosaicBwdSpec, diff):
+    """Where `diff = key - query` lies in the band (None: everywhere)."""
+    ok = None
+    if spec.band_lo is not None:
+        ok = diff >= spec.band_lo
+    if spec.band_hi is not None:
+        ok = (diff <= spec.band_hi) if ok is None else ok & (diff <= spec.band_hi)
+    return ok
+
+
+def _probabilities(spec: MosaicBwdSpec, s, lse2, vis):
+    """(P, the soft-cap factor 1 - tanh² or None) of raw logits `s` whose rows' lse₂ is broadcast."""
+    t = None
+    if spec.soft_cap is not None:
+        t = jnp.tanh(s * (spec.scale / spec.soft_cap))
+        z = t * (spec.soft_cap * LOG2E)
+    else:
+        z = s * (spec.scale * LOG2E)
+    p = jnp.exp2(z - lse2)
+    if vis is not None:
+        p = jnp.where(vis, p, 0.0)
+    return p, (None if t is None else 1.0 - t * t)
+
+
+def _dlogits(p, dp, delta, vis, cap_factor):
+    ds = p * (dp - delta)
+    if cap_factor is not None:
+        ds = ds * cap_factor
+    if vis is not None:  # a NaN row's delta would reach the keys it does not see
+        ds = jnp.where(vis, ds, 0.0)
+    return ds
+
+
+def q_tile_range(spec: MosaicBwdSpec, c0, rows: int, block_q: int, num_q_tiles: int):
+    """Query tiles [lb, ub) that hold a visible pair for key rows [c0, c0 + rows)."""
+    lb, ub = _i32(0), _i32(num_q_tiles)
+    if spec.band_hi is not None:  # i >= j - band_hi
+        lb = _div(c0 - spec.band_hi, block_q)
+    if spec.band_lo is not None:  # i <= j - band_lo
+        ub = jnp.minimum(ub, _cdiv(c0 + rows - spec.band_lo, block_q))
+    lb = jnp.minimum(lb, ub)
+    return lb, ub
+
+
+def q_full_range(spec: MosaicBwdSpec, c, block_q: int, lb, ub):
+    """Of [lb, ub), the query tiles fully visible for key rows [c, c + WG_ROWS)."""
+    fs, fe = lb, ub
+    if spec.band_hi is not None:
+        fs = jnp.maximum(fs, _cdiv(c + WG_ROWS - 1 - spec.band_hi, block_q))
+    if spec.band_lo is not None:
+        fe = jnp.minimum(fe, _div(c - spec.band_lo + 1, block_q))
+    fs = jnp.minimum(fs, ub)
+    return fs, jnp.maximum(fe, fs)
+
+
+def kv_tile_range(spec: MosaicBwdSpec, r0, rows: int, block_kv: int, num_kv_tiles: int):
+    """Key tiles [lb, ub) that hold a visible pair for query rows [r0, r0 + rows)."""
+    lb, ub = _i32(0), _i32(num_kv_tiles)
+    if spec.band_hi is not None:
+        ub = jnp.minimum(ub, _cdiv(r0 + rows + spec.band_hi, block_kv))
+    if spec.band_lo is not None:
+        lb = jnp.maximum(lb, _div(r0 + spec.band_lo, block_kv))
+    return lb, jnp.maximum(ub, lb)
+
+
+def kv_full_range(spec: MosaicBwdSpec, r, block_kv: int, lb, ub):
+    """Of [lb, ub), the key tiles fully visible for query rows [r, r + WG_ROWS)."""
+    fs, fe = lb, ub
+    if spec.band_lo is not None:
+        fs = jnp.maximum(fs, _cdiv(r + WG_ROWS - 1 + spec.band_lo, block_kv))
+    if spec.band_hi is not None:
+        fe = jnp.minimum(fe, _div(r + spec.band_hi + 1, block_kv))
+    fs = jnp.minimum(fs, ub)
+    return fs, jnp.maximum(fe, fs)
+
+
+def _three_loops(lb, fs, fe, ub, step, carry):
+    """`step(i, carry, masked=...)` over [lb, fs) masked, [fs, fe) unmasked, [fe, ub) masked."""
+    carry = lax.fori_loop(lb, fs, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(fs, fe, functools.partial(step, masked=False), carry)
+    return lax.fori_loop(fe, ub, functools.partial(step, masked=True), carry)
+
+
+# -- dq -------------------------------------------------------------------------------------------
+
+
+def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
+    """dq `[B, Sq, Hq, D]` (Sq % 128 == 0, Skv % dq_block_kv == 0)."""
+    plgpu = mosaic_gpu()
+    b, sq, hq, d = q.shape
+    _, skv, hkv, dv = v.shape
+    group = hq // hkv
+    bq, bk = WG_ROWS, spec.dq_block_kv
+    nq, nk = sq // BLOCK_ROWS, skv // bk
+    stages = max(1, min(spec.stages, nk))
+    dtype = q.dtype
+    reverse = spec.band_hi is not None and spec.band_lo is None
+    tile_layout = plgpu.Layout.WGMMA
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+               q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem,
+               q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, free):
+        bi, hi = lax.axis_index("b"), lax.axis_index("h")
+        ti, wg = lax.axis_index("q"), lax.axis_index("wg")
+        block_r0 = ((nq - 1 - ti) if reverse else ti) * BLOCK_ROWS
+        lb, ub = kv_tile_range(spec, block_r0, BLOCK_ROWS, bk, nk)
+
+        @pl.when(wg < CONSUMERS)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            r0 = block_r0 + wg * bq
+            rows = pl.ds(r0, bq)
+            q_s, do_s = q_smem.at[wg], do_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_s, q_bar.at[wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_s, do_bar.at[wg])
+            plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem.at[wg], lse_bar.at[wg])
+            plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem.at[wg], delta_bar.at[wg])
+            for bar in (q_bar, do_bar, lse_bar, delta_bar):
+                plgpu.barrier_wait(bar.at[wg])
+            lse_row = mosaic_load(plgpu, lse_smem.at[wg], row_layout)
+            delta_row = mosaic_load(plgpu, delta_smem.at[wg], row_layout)
+            fs, fe = kv_full_range(spec, r0, bk, lb, ub)
+
+            def step(ki, dq, *, masked):
+                slot = lax.rem(ki, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_wait(v_bar.at[slot])
+
+                def products(refs):
+                    s_ref, dp_ref = refs
+                    plgpu.wgmma(s_ref, q_s, ref_transpose(plgpu, k_smem.at[slot]))
+                    plgpu.wgmma(dp_ref, do_s, ref_transpose(plgpu, v_smem.at[slot]))
+
+                zeros = plgpu.layout_cast(jnp.zeros((bq, bk), jnp.float32), tile_layout)
+                s, dp = pl.run_state(products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+                vis = None
+                if masked:
+                    i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=tile_layout)
+                    j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=tile_layout)
+                    vis = _visible(spec, (j + ki * bk) - (i + r0))
+                p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_row, s.shape, [0]), vis)
+                ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_row, s.shape, [0]), vis, cap)
+
+                def dq_product(acc_ref):
+                    plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+
+                dq = pl.run_state(dq_product)(plgpu.ACC.init(dq))
+                plgpu.barrier_arrive(free.at[slot])
+                return dq
+
+            dq = plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), tile_layout)
+            dq = _three_loops(lb, fs, fe, ub, step, dq)
+            q_s[...] = (dq * spec.scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_s, dq_ref.at[bi, rows, hi])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        @pl.when(wg == CONSUMERS)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            kvh = lax.div(hi, jnp.int32(group))
+
+            def load(tile):
+                slot = lax.rem(tile, stages)
+                keys = pl.ds(tile * bk, bk)
+                plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_smem.at[slot], v_bar.at[slot])
+
+            for i in range(stages):
+                pl.when(lb + i < ub)(functools.partial(load, lb + i))
+
+            @pl.loop(lb, ub - stages)
+            def _(ki):
+                plgpu.barrier_wait(free.at[lax.rem(ki, stages)])
+                load(ki + stages)
+
+    scratch = (
+        _swizzled(plgpu, (CONSUMERS, bq, d), dtype),  # Q, then dQ, of each consumer
+        _swizzled(plgpu, (CONSUMERS, bq, dv), dtype),
+        plgpu.SMEM((CONSUMERS, bq), jnp.float32),
+        plgpu.SMEM((CONSUMERS, bq), jnp.float32),
+        _swizzled(plgpu, (stages, bk, d), dtype),
+        _swizzled(plgpu, (stages, bk, dv), dtype),
+        *[plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS)] * 4,
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+    )
+    out_type = jax.ShapeDtypeStruct(q.shape, dtype)
+    return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, do, lse2, delta)
+
+
+# -- dk, dv ---------------------------------------------------------------------------------------
+
+
+def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
+    """(dk, dv) `[B, Skv, Hkv, D]` (Skv % 128 == 0, Sq % dkv_block_q == 0)."""
+    plgpu = mosaic_gpu()
+    b, sq, hq, d = q.shape
+    _, skv, hkv, dv_dim = v.shape
+    group = hq // hkv
+    bk, bq = WG_ROWS, spec.dkv_block_q
+    nkb, nq = skv // BLOCK_ROWS, sq // bq
+    dtype = q.dtype
+    tile_layout = plgpu.Layout.WGMMA
+    col_layout = plgpu.Layout.WGMMA.reduce(0)
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+               k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
+               k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free):
+        bi, kvh = lax.axis_index("b"), lax.axis_index("h")
+        c0, wg = lax.axis_index("k") * BLOCK_ROWS, lax.axis_index("wg")
+        lb, ub = q_tile_range(spec, c0, BLOCK_ROWS, bq, nq)
+        per_head = ub - lb
+        total = group * per_head
+        stages = spec.stages
+
+        @pl.when(wg < CONSUMERS)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            c = c0 + wg * bk
+            keys = pl.ds(c, bk)
+            k_s, v_s = k_smem.at[wg], v_smem.at[wg]
+            plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_s, k_bar.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_s, v_bar.at[wg])
+            plgpu.barrier_wait(k_bar.at[wg])
+            plgpu.barrier_wait(v_bar.at[wg])
+            fs, fe = q_full_range(spec, c, bq, lb, ub)
+
+            def step(qi, carry, *, gi, masked):
+                dk, dv = carry
+                slot = lax.rem(gi * per_head + (qi - lb), stages)
+                for bar in (q_bar, do_bar, lse_bar, delta_bar):
+                    plgpu.barrier_wait(bar.at[slot])
+
+                def products(refs):
+                    s_ref, dp_ref = refs
+                    plgpu.wgmma(s_ref, k_s, ref_transpose(plgpu, q_smem.at[slot]))
+                    plgpu.wgmma(dp_ref, v_s, ref_transpose(plgpu, do_smem.at[slot]))
+
+                zeros = plgpu.layout_cast(jnp.zeros((bk, bq), jnp.float32), tile_layout)
+                s, dp = pl.run_state(products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+                lse_col = mosaic_load(plgpu, lse_smem.at[slot], col_layout)
+                delta_col = mosaic_load(plgpu, delta_smem.at[slot], col_layout)
+                vis = None
+                if masked:
+                    j = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=tile_layout)
+                    i = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=tile_layout)
+                    vis = _visible(spec, (j + c) - (i + qi * bq))
+                p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_col, s.shape, [1]), vis)
+                ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_col, s.shape, [1]), vis, cap)
+
+                def accumulate(refs):
+                    dv_ref, dk_ref = refs
+                    plgpu.wgmma(dv_ref, p.astype(dtype), do_smem.at[slot])
+                    plgpu.wgmma(dk_ref, ds.astype(dtype), q_smem.at[slot])
+
+                dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                plgpu.barrier_arrive(free.at[slot])
+                return dk, dv
+
+            def head(gi, carry):
+                return _three_loops(lb, fs, fe, ub, functools.partial(step, gi=gi), carry)
+
+            dk = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), tile_layout)
+            dv = plgpu.layout_cast(jnp.zeros((bk, dv_dim), jnp.float32), tile_layout)
+            dk, dv = lax.fori_loop(0, group, head, (dk, dv))
+            k_s[...] = (dk * spec.scale).astype(dtype)
+            v_s[...] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_s, dk_ref.at[bi, keys, kvh], commit_group=False)
+            plgpu.copy_smem_to_gmem(v_s, dv_ref.at[bi, keys, kvh], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        @pl.when(wg == CONSUMERS)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def load(t):
+                slot = lax.rem(t, stages)
+                h = kvh * group + lax.div(t, jnp.maximum(per_head, 1))
+                rows = pl.ds((lb + lax.rem(t, jnp.maximum(per_head, 1))) * bq, bq)
+                plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, h], q_smem.at[slot], q_bar.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, h], do_smem.at[slot], do_bar.at[slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[bi, h, rows], lse_smem.at[slot], lse_bar.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[bi, h, rows], delta_smem.at[slot], delta_bar.at[slot])
+
+            for i in range(stages):
+                pl.when(i < total)(functools.partial(load, _i32(i)))
+
+            @pl.loop(0, total - stages)
+            def _(t):
+                plgpu.barrier_wait(free.at[lax.rem(t, stages)])
+                load(t + stages)
+
+    stages = spec.stages
+    scratch = (
+        _swizzled(plgpu, (CONSUMERS, bk, d), dtype),  # K, then dK, of each consumer
+        _swizzled(plgpu, (CONSUMERS, bk, dv_dim), dtype),  # V, then dV
+        _swizzled(plgpu, (stages, bq, d), dtype),
+        _swizzled(plgpu, (stages, bq, dv_dim), dtype),
+        plgpu.SMEM((stages, bq), jnp.float32),
+        plgpu.SMEM((stages, bq), jnp.float32),
+        plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
+        plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
+        *[plgpu.Barrier(num_arrivals=1, num_barriers=stages)] * 4,
+        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+    )
+    out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
+    return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hkv, "k": nkb})(q, k, v, do, lse2, delta)
+
+
+def mosaic_backward(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
+    """(dq, dk, dv) of unpadded q/k/v (see the module docstring for lse₂ and delta)."""
+    dq = mosaic_dq(spec, q, k, v, do, lse2, delta)
+    dk, dv = mosaic_dkdv(spec, q, k, v, do, lse2, delta)
+    return dq, dk, dv
