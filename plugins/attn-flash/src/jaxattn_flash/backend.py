@@ -54,7 +54,7 @@ class _Call:
     kv_lens: jax.Array | None
 
     def residuals(self, out: jax.Array, lse: jax.Array) -> Residuals:
-        """What the Triton backward takes: the forward's inputs, out and lse (padded like them)."""
+        """What the backward takes: the forward's inputs, out and lse (padded like them)."""
         if self.mosaic is not None:  # the Mosaic path takes no padding and no optional inputs but sinks
             return Residuals(self.q, self.k, self.v, out, lse, self.sinks)
         rows, dim = self.spec.q_pad, self.v.shape[-1]

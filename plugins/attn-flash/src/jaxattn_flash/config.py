@@ -96,7 +96,8 @@ DEFAULTS: dict[int, dict[str, tuple[int, int, int, int]]] = {
 # Shared memory: Q/O 2*64*d, K and V stages*block_kv*d each (2 bytes), under 227 KiB.
 MOSAIC_DEFAULTS: dict[int, tuple[int, int]] = {64: (128, 2), 128: (128, 2), 256: (64, 2)}
 MOSAIC_SMEM_BYTES = 227 * 1024 - 4096  # what the kernel's tiles may take (barriers, reductions apart)
-# (dq key tile, stages) of the Mosaic GPU backward (mosaic_bwd_kernels.py): not yet measured.
+# (dq key tile, stages) of the Mosaic GPU backward (mosaic_bwd_kernels.py): on an H200 a key tile
+# of 128 and 3 stages were level with these (within 1-4%, BENCHMARKS.md "Mosaic GPU backward").
 MOSAIC_BWD_DEFAULTS: tuple[int, int] = (64, 2)
 
 
