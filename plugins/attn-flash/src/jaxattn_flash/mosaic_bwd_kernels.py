@@ -84,6 +84,21 @@ def _probabilities(spec: MosaicBwdSpec, s, lse2, vis):
     return p, (None if t is None else 1.0 - t * t)
 
 
+def _scores_and_dp(plgpu, s_operands, dp_operands, layout):
+    """(A·Bᵀ of `s_operands`, of `dp_operands`): S and dP of one tile pair (or their transposes),
+    issued together so that one wait covers both; float32 in `layout`."""
+    (s_lhs, s_rhs), (dp_lhs, dp_rhs) = s_operands, dp_operands
+    shape = (s_lhs.shape[0], s_rhs.shape[0])
+
+    def products(refs):
+        s_ref, dp_ref = refs
+        plgpu.wgmma(s_ref, s_lhs, ref_transpose(plgpu, s_rhs))
+        plgpu.wgmma(dp_ref, dp_lhs, ref_transpose(plgpu, dp_rhs))
+
+    zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), layout)
+    return pl.run_state(products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+
+
 def _dlogits(p, dp, delta, vis, cap_factor):
     ds = p * (dp - delta)
     if cap_factor is not None:
@@ -189,13 +204,7 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
                 plgpu.barrier_wait(k_bar.at[slot])
                 plgpu.barrier_wait(v_bar.at[slot])
 
-                def products(refs):
-                    s_ref, dp_ref = refs
-                    plgpu.wgmma(s_ref, q_s, ref_transpose(plgpu, k_smem.at[slot]))
-                    plgpu.wgmma(dp_ref, do_s, ref_transpose(plgpu, v_smem.at[slot]))
-
-                zeros = plgpu.layout_cast(jnp.zeros((bq, bk), jnp.float32), tile_layout)
-                s, dp = pl.run_state(products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+                s, dp = _scores_and_dp(plgpu, (q_s, k_smem.at[slot]), (do_s, v_smem.at[slot]), tile_layout)
                 vis = None
                 if masked:
                     i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=tile_layout)
@@ -296,13 +305,7 @@ def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
                 for bar in (q_bar, do_bar, lse_bar, delta_bar):
                     plgpu.barrier_wait(bar.at[slot])
 
-                def products(refs):
-                    s_ref, dp_ref = refs
-                    plgpu.wgmma(s_ref, k_s, ref_transpose(plgpu, q_smem.at[slot]))
-                    plgpu.wgmma(dp_ref, v_s, ref_transpose(plgpu, do_smem.at[slot]))
-
-                zeros = plgpu.layout_cast(jnp.zeros((bk, bq), jnp.float32), tile_layout)
-                s, dp = pl.run_state(products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+                s, dp = _scores_and_dp(plgpu, (k_s, q_smem.at[slot]), (v_s, do_smem.at[slot]), tile_layout)
                 lse_col = mosaic_load(plgpu, lse_smem.at[slot], col_layout)
                 delta_col = mosaic_load(plgpu, delta_smem.at[slot], col_layout)
                 vis = None
