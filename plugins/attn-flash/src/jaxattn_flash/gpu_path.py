@@ -121,28 +121,37 @@ def _unpadded_reasons(request: AttentionRequest, config: Mapping[str, Any], rows
     return []
 
 
-def _absent(request: AttentionRequest, features: tuple[tuple[str, str], ...], what: str) -> list[str]:
-    return [f"the Mosaic GPU {what} has no {name}" for flag, name in features if getattr(request, flag)]
+# what neither Mosaic kernel applies: (request flag, what it is)
+_UNSERVED = (("q_seq_lengths", "query sequence lengths"), ("kv_seq_lengths", "key/value sequence lengths"),
+             ("has_bias", "a bias"), ("dropout", "dropout"))
 
 
-_NO_LENGTHS = (("q_seq_lengths", "query sequence lengths"), ("kv_seq_lengths", "key/value sequence lengths"),
-               ("has_bias", "a bias"), ("dropout", "dropout"))
+def _head_dim_reasons(request: AttentionRequest, head_dims: tuple[int, ...], what: str, why: str = "") -> list[str]:
+    d, dv = request.head_dim, request.value_head_dim
+    if d == dv and d in head_dims:
+        return []
+    return [f"the Mosaic GPU {what} takes head_dim {'/'.join(map(str, head_dims))} with equal value head_dim "
+            f"(got {d}/{dv}{why})"]
+
+
+def _unserved_reasons(request: AttentionRequest, what: str) -> list[str]:
+    return [f"the Mosaic GPU {what} has no {name}" for flag, name in _UNSERVED if getattr(request, flag)]
 
 
 def mosaic_reasons(request: AttentionRequest, hardware: Hardware, config: Mapping[str, Any]) -> list[str]:
     """Every reason the Mosaic GPU forward cannot serve `request` on `hardware` (empty: it can)."""
     what = "kernel"
     reasons = _hopper_reasons(request, hardware, what)
-    d, dv = request.head_dim, request.value_head_dim
-    if d != dv or d not in MOSAIC_HEAD_DIMS:
-        reasons.append(f"the Mosaic GPU kernel takes head_dim {'/'.join(map(str, MOSAIC_HEAD_DIMS))} with equal "
-                       f"value head_dim (got {d}/{dv})")
+    dim_reasons = _head_dim_reasons(request, MOSAIC_HEAD_DIMS, what)
+    if dim_reasons:
+        reasons += dim_reasons
     else:
+        d = request.head_dim
         bk, stages = _config.mosaic_tiles(config, d)
         if _config.mosaic_smem_bytes(d, bk, stages) > _config.MOSAIC_SMEM_BYTES:
             reasons.append(f"mosaic_block_kv={bk} with {stages} stages does not fit in shared memory at head_dim {d}")
         reasons += _unpadded_reasons(request, config, ROWS, bk, what)
-    return reasons + _absent(request, _NO_LENGTHS, what)
+    return reasons + _unserved_reasons(request, what)
 
 
 def mosaic_backward_reasons(request: AttentionRequest, hardware: Hardware, config: Mapping[str, Any]) -> list[str]:
@@ -150,14 +159,14 @@ def mosaic_backward_reasons(request: AttentionRequest, hardware: Hardware, confi
     It takes soft-cap and sinks (they enter through the lse), whichever forward ran."""
     what = "backward"
     reasons = _hopper_reasons(request, hardware, what)
-    d, dv = request.head_dim, request.value_head_dim
-    if d != dv or d not in MOSAIC_BWD_HEAD_DIMS:
-        reasons.append(f"the Mosaic GPU backward takes head_dim {'/'.join(map(str, MOSAIC_BWD_HEAD_DIMS))} with "
-                       f"equal value head_dim (got {d}/{dv}; dk and dv of head_dim 256 do not fit in registers)")
+    dim_reasons = _head_dim_reasons(request, MOSAIC_BWD_HEAD_DIMS, what,
+                                    "; dk and dv of head_dim 256 do not fit in registers")
+    if dim_reasons:
+        reasons += dim_reasons
     else:
         block_kv_dq, _ = _config.mosaic_bwd_tiles(config)
         reasons += _unpadded_reasons(request, config, ROWS, max(ROWS, block_kv_dq), what)
-    return reasons + _absent(request, _NO_LENGTHS, what)
+    return reasons + _unserved_reasons(request, what)
 
 
 def _decide(request: AttentionRequest, hardware: Hardware, *, key: str, wanted: str, interpret: bool,
