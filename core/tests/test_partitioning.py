@@ -22,28 +22,27 @@ from jaxattn.testing import relative_error as rel
 TOL = 1e-5
 
 
-class Recording(XlaAttention):
+class _RecordsShapes:
+    """The xla math as a "shard" backend that records the query shape of every call (in the
+    `shapes` list of its own class)."""
+
     name = "shard_test"
     aliases = ()
     platforms = ("cpu",)
     partitioning = "shard"
-    shapes: list = []
+    shapes: list
 
     def forward_native(self, inputs, metadata):
         type(self).shapes.append(tuple(inputs.query.shape))
         return super().forward_native(inputs, metadata)
 
 
-class RecordingPaged(XlaPagedAttention):
-    name = "shard_test"
-    aliases = ()
-    platforms = ("cpu",)
-    partitioning = "shard"
+class Recording(_RecordsShapes, XlaAttention):
     shapes: list = []
 
-    def forward_native(self, inputs, metadata):
-        type(self).shapes.append(tuple(inputs.query.shape))
-        return super().forward_native(inputs, metadata)
+
+class RecordingPaged(_RecordsShapes, XlaPagedAttention):
+    shapes: list = []
 
 
 class Plugin:
