@@ -246,20 +246,20 @@ class Registry:
         if not hooks and not tables:
             self._broken.append(source.broken(NO_HOOK, origin="registration"))
         for hook in tables:
-            try:
-                found = call_plugin("jaxattn_tuning_tables()", lambda f=hook.function: list(f() or ()))
-            except PluginFault as fault:
-                self._broken.append(source.broken(fault.error, fault.detail, origin=fault.origin))
-                continue
+            found = self._hook_results(source, "jaxattn_tuning_tables()", hook.function)
             self._tables.extend(TableRecord(loc, source.name, source.distribution, source.version) for loc in found)
         for hook in hooks:
-            try:
-                produced = call_plugin("jaxattn_register_backends()", lambda f=hook.function: list(f() or ()))
-            except PluginFault as fault:
-                self._broken.append(source.broken(fault.error, fault.detail, origin=fault.origin))
-                continue
-            for item in produced:
+            for item in self._hook_results(source, "jaxattn_register_backends()", hook.function):
                 self._register(item, source, disabled)
+
+    def _hook_results(self, source: _Source, origin: str, hook: Any) -> list[Any]:
+        """What one of a plugin's hooks returns, as a list; a hook that fails marks the plugin
+        broken (with the fault) and counts as returning nothing."""
+        try:
+            return call_plugin(origin, lambda: list(hook() or ()))
+        except PluginFault as fault:
+            self._broken.append(source.broken(fault.error, fault.detail, origin=fault.origin))
+            return []
 
     def _register(self, item: Any, source: _Source, disabled: frozenset[str]) -> None:
         try:
