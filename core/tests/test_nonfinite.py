@@ -81,3 +81,76 @@ def test_minus_inf_logits_alone_read_as_no_key():
     out, lse = jaxattn.attention(Q, K, V, bias=bias, return_lse=True)
     assert np.all(out[:, 2] == 0) and np.all(lse[:, :, 2] == -np.inf)
     assert np.all(np.isfinite(out))
+
+
+def _guard_problem(bad: bool, **mask):
+    from jaxattn.testing import nonfinite_problem
+    from jaxattn.validation import build_attention_inputs
+
+    args = nonfinite_problem(0, (2, 32, 4, 2, 16))
+    if not bad:
+        args["value"] = jax.random.normal(jax.random.key(3), args["value"].shape)
+    return build_attention_inputs(
+        args["query"], args["key"], args["value"], None, None, metadata=jaxattn.OperationMetadata(), scale=None,
+        is_causal=mask.get("is_causal", False), sliding_window=None, segment_ids=None, query_seq_lengths=None,
+        key_value_seq_lengths=mask.get("kv_lengths"), logits_soft_cap=None, sinks=None, dropout_rate=0.0,
+        dropout_rng=None, return_lse=True)
+
+
+def _unguarded_kernel(inputs):
+    """What cuDNN does with a masked key: p = 0 times its value (0 * NaN is NaN)."""
+    q, k, v = (x.astype(jnp.float32) for x in (inputs.query, inputs.key, inputs.value))
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * inputs.scale
+    sq, skv = s.shape[-2:]
+    ok = jnp.ones((sq, skv), bool)
+    if inputs.mask is not None:
+        ok = jnp.tril(ok)
+    s = jnp.where(ok, s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    p = jnp.exp(s - lse[..., None])
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v), lse
+
+
+@pytest.mark.parametrize("bad", [True, False], ids=["non-finite value", "finite values"])
+def test_value_guard_gives_the_same_output_and_gradients_with_and_without_differentiation(bad):
+    """`value_guard.guarded`: its not-differentiated form (a `lax.cond` that skips the guard when
+    every value is finite) and its differentiated form (always guarded) agree, and agree with
+    the xla reference on which rows are non-finite."""
+    from jaxattn import value_guard
+
+    inputs = _guard_problem(bad, is_causal=True)
+    run = jax.jit(lambda x: value_guard.guarded(_unguarded_kernel, x))
+    out, lse = run(inputs)
+    ref_out, ref_lse = jaxattn.attention(inputs.query, inputs.key, inputs.value, is_causal=True, return_lse=True,
+                                         backend="xla")
+    finite = np.isfinite(np.asarray(out)).all(-1)
+    assert np.array_equal(finite, np.isfinite(np.asarray(ref_out)).all(-1))
+    assert bad == (not finite.all())
+    np.testing.assert_allclose(np.asarray(out)[finite], np.asarray(ref_out)[finite], rtol=1e-5, atol=1e-5)
+
+    weight = jnp.asarray(finite, jnp.float32)[..., None]
+
+    def loss(v):
+        got, _ = value_guard.guarded(_unguarded_kernel, inputs.replace(value=v))
+        return jnp.sum(jnp.where(weight > 0, got, 0.0) * weight), got
+
+    (_, out_diff), dv = jax.jit(jax.value_and_grad(loss, has_aux=True))(inputs.value)
+    np.testing.assert_array_equal(np.asarray(out_diff), np.asarray(out))
+    assert np.isfinite(np.asarray(dv)).all()  # the backward saw cleaned values
+    bad_keys = np.asarray(value_guard.bad_keys(inputs.value))
+    assert (np.asarray(dv)[bad_keys] == 0).all()
+
+
+def test_value_guard_leaves_calls_without_a_mask_alone():
+    """No mask and no lengths: every row sees every key, so `guarded` hands the inputs to the
+    kernel untouched (no cleaned copy, no pass over the output)."""
+    from jaxattn import value_guard
+
+    inputs = _guard_problem(True)
+    seen = []
+    value_guard.guarded(lambda x: seen.append(x) or (x.query, None), inputs)
+    assert seen == [inputs]
+    assert not value_guard.hides_keys(inputs)
+    assert value_guard.hides_keys(_guard_problem(True, kv_lengths=jnp.array([20, 32])))

@@ -14,8 +14,10 @@ see that key. Around the kernel:
    (`mask_rows`, O(q_len x kv_len) elementwise), only when some value is non-finite;
 4. `poison(out, rows)`: those rows made NaN.
 
-`guarded(run, inputs)` does all four around `run`. The rows made NaN get no gradient
-through `poison` (their loss is NaN already); the kernel's backward sees finite values.
+`guarded(run, inputs)` does all four around `run`, only where a mask or sequence lengths can
+hide a key (`hides_keys`), and in a call that is not differentiated only when some value is
+non-finite. The rows made NaN get no gradient through `poison` (their loss is NaN already);
+the kernel's backward sees finite values.
 """
 
 from __future__ import annotations
@@ -129,8 +131,53 @@ def seen_rows(bad: jax.Array, inputs: AttentionInputs) -> jax.Array:
     return lax.cond(jnp.any(bad), evaluate, lambda: zeros)
 
 
+def hides_keys(inputs: AttentionInputs) -> bool:
+    """Whether a row of `inputs` may not see some key (a mask or sequence lengths). Without one,
+    every row sees every key: a non-finite value reaches every row in the kernel as it must,
+    and there is nothing to guard."""
+    return inputs.mask is not None or inputs.q_seq_lengths is not None or inputs.kv_seq_lengths is not None
+
+
 def guarded(run: Callable[[AttentionInputs], Output], inputs: AttentionInputs) -> Output:
-    """`run(inputs)` with the values of masked keys kept from the rows that do not see them."""
+    """`run(inputs)` with the values of masked keys kept from the rows that do not see them.
+
+    Not differentiated, the kernel gets the values as they are unless one is non-finite (a
+    `lax.cond`: the common case costs one read of `value`, not a cleaned copy and a pass over
+    the output; under `vmap` with a batched predicate both branches run). Differentiated, it
+    always runs on the cleaned values, so its backward sees finite ones."""
+    if not hides_keys(inputs):
+        return run(inputs)
+    return _guarded(run, inputs)
+
+
+def _always_guarded(run: Callable[[AttentionInputs], Output], inputs: AttentionInputs) -> Output:
     bad = bad_keys(inputs.value)
     out, lse = run(inputs.replace(value=clean(inputs.value, bad)))
     return poison(out, seen_rows(bad, inputs)), lse
+
+
+def _guarded(run: Callable[[AttentionInputs], Output], inputs: AttentionInputs) -> Output:
+    # A custom_vjp over the floating-point leaves only (integer lengths, segment ids and masks
+    # have no cotangent to rebuild an `AttentionInputs` from): its primal is the cheap form.
+    leaves, treedef = jax.tree_util.tree_flatten(inputs)
+    floating = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+
+    def rebuild(floats: tuple[jax.Array, ...]) -> AttentionInputs:
+        merged = list(leaves)
+        for i, x in zip(floating, floats):
+            merged[i] = x
+        return jax.tree_util.tree_unflatten(treedef, merged)
+
+    @jax.custom_vjp
+    def guard(floats):
+        x = rebuild(floats)
+        return lax.cond(jnp.any(bad_keys(x.value)), lambda: _always_guarded(run, x), lambda: run(x))
+
+    def guard_fwd(floats):
+        return jax.vjp(lambda f: _always_guarded(run, rebuild(f)), floats)
+
+    def guard_bwd(vjp, cotangents):
+        return vjp(cotangents)
+
+    guard.defvjp(guard_fwd, guard_bwd)
+    return guard(tuple(leaves[i] for i in floating))

@@ -182,7 +182,7 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
     Triton forward in the interpreter so it runs on CPU, on values holding NaN/inf: the rows
     that see one are NaN in the output and in dq, as with the xla reference, because the
     poisoned output is the backward's residual (found on one H200, where no partitioned path
-    hid it)."""
+    hid it); the primal (not differentiated) gives the same output."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -201,13 +201,14 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
     monkeypatch.setattr(mosaic_kernels, "mosaic_forward",
                         lambda mspec, q, k, v, sinks: triton_kernels.forward(spec, q, k, v, sinks, None, None, None,
                                                                              None))
-    rows = value_guard.seen_rows(value_guard.bad_keys(inputs.value), inputs)
+    bad = value_guard.bad_keys(inputs.value)
+    rows = value_guard.seen_rows(bad, inputs)
     ref_out = jaxattn.attention(**args, is_causal=True, backend="xla")
     weight = jnp.asarray(np.isfinite(np.asarray(ref_out)).all(-1), jnp.float32)[..., None]
     assert 0 < float(weight.mean()) < 1  # some rows see a NaN value, others do not
 
     def loss_mosaic(q, k, v):
-        out, _ = gpu_path.flash_mosaic(spec, None, q, k, value_guard.clean(v, value_guard.bad_keys(v)), None, rows)
+        out, _ = gpu_path.flash_mosaic(spec, None, q, k, v, None, bad, rows)
         return jnp.sum(jnp.where(weight > 0, out, 0.0) * weight), out
 
     def loss_xla(q, k, v):
@@ -218,6 +219,10 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
         args["query"], args["key"], args["value"])
     want = jax.grad(loss_xla, argnums=(0, 1, 2))(args["query"], args["key"], args["value"])
     assert np.array_equal(np.isfinite(np.asarray(out)).all(-1), np.asarray(weight[..., 0]) > 0)
+    # not differentiated, the guard is a lax.cond on "some value is non-finite": the same output
+    primal, _ = jax.jit(lambda q, k, v: gpu_path.flash_mosaic(spec, None, q, k, v, None, bad, rows))(
+        args["query"], args["key"], args["value"])
+    np.testing.assert_array_equal(np.asarray(primal), np.asarray(out))
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         g, w = np.asarray(g), np.asarray(w)
         assert np.array_equal(np.isfinite(g), np.isfinite(w)), f"{name}: non-finite entries differ"

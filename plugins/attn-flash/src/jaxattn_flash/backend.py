@@ -117,10 +117,7 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
         block_kv, stages = _config.mosaic_tiles(config, d)
         mspec = MosaicSpec(scale=spec.scale, band_lo=band_lo, band_hi=band_hi, block_kv=block_kv, stages=stages,
                            soft_cap=spec.soft_cap, sinks=spec.sinks)
-        # Unpadded: the Mosaic path takes no padding. Its wgmma multiplies p @ v with p = 0 on
-        # masked keys: a non-finite value of a masked key is zeroed here, and the rows that may
-        # see it are poisoned with its output (`gpu_path.flash_mosaic`), so it reaches exactly those.
-        v = value_guard.clean(v, value_guard.bad_keys(v))
+        # Unpadded: the Mosaic path takes no padding, and its value guard is `gpu_path.flash_mosaic`'s.
         return _Call(spec, mspec, q, k, v, inputs.sinks, None, None, None, None)
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)
     qp = pad_axis(pad_axis(q, 1, q_pad), 3, dp)
@@ -137,8 +134,11 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
     (default: the detected one), the backward the one `gpu_path.choose_backward` names."""
     call = _prepare(inputs, metadata, interpret, hardware)
     if call.mosaic is not None:
-        rows = value_guard.seen_rows(value_guard.bad_keys(inputs.value), inputs)
-        return gpu_path.flash_mosaic(call.spec, call.mosaic, call.q, call.k, call.v, call.sinks, rows)
+        bad = rows = None
+        if value_guard.hides_keys(inputs):
+            bad = value_guard.bad_keys(inputs.value)
+            rows = value_guard.seen_rows(bad, inputs)
+        return gpu_path.flash_mosaic(call.spec, call.mosaic, call.q, call.k, call.v, call.sinks, bad, rows)
     b, sq, hq, _ = inputs.query.shape
     dv = inputs.value.shape[-1]
     out, lse = flash(call.spec, call.q, call.k, call.v, call.sinks, call.q_seg, call.kv_seg, call.q_lens,
@@ -157,6 +157,8 @@ def flash_backward(inputs: AttentionInputs, out: jax.Array, lse: jax.Array, d_ou
     b, sq, hq, d = inputs.query.shape
     _, skv, hkv, dv = inputs.value.shape
     cotangents = (d_out, d_lse)
+    if call.mosaic is not None and value_guard.hides_keys(inputs):  # as the forward saw them
+        call = replace(call, v=value_guard.clean(call.v, value_guard.bad_keys(call.v)))
     if call.mosaic is None:
         cotangents = (pad_axis(pad_axis(d_out, 1, call.spec.q_pad), 3, call.v.shape[-1]),
                       pad_axis(d_lse, 2, call.spec.q_pad))

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 
 from jaxattn import AttentionRequest, Hardware, value_guard
 
@@ -220,29 +222,43 @@ def choose_backward(request: AttentionRequest, hardware: Hardware, config: Mappi
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, sinks, poisoned):
-    """(out, lse) of unpadded q/k/v (and sinks or None) through the Mosaic forward, with the rows of `poisoned`
-    (bool `[B, Sq, Hq]`: they see a non-finite value, which `v` no longer holds) made NaN;
-    gradients through the Triton kernels. The NaN rows are part of the residual output, so the
-    backward treats them as it treats the Triton forward's own NaN rows."""
-    return _mosaic_poisoned(mspec, q, k, v, sinks, poisoned)
+def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, sinks, bad, poisoned):
+    """(out, lse) of unpadded q/k/v (and sinks or None) through the Mosaic forward; gradients
+    through `_flash_bwd`. Its wgmma multiplies p @ v with p = 0 on masked keys, so where a mask
+    can hide a key, `bad` (bool `[B, Skv, Hkv]`, `value_guard.bad_keys`) names the keys whose value
+    is non-finite and `poisoned` (bool `[B, Sq, Hq]`) the rows that see one of them: the kernel
+    gets those values zeroed and those rows are made NaN (both None: nothing to guard).
+
+    Not differentiated, the guard runs only when some value is non-finite (`lax.cond`).
+    Differentiated, always: the NaN rows are part of the residual output, so the backward
+    treats them as it treats the Triton forward's own NaN rows."""
+    if bad is None:
+        return _mosaic_guarded(mspec, q, k, v, sinks, None, None)
+    return lax.cond(jnp.any(bad), lambda: _mosaic_guarded(mspec, q, k, v, sinks, bad, poisoned),
+                    lambda: _mosaic_guarded(mspec, q, k, v, sinks, None, None))
 
 
-def _mosaic_poisoned(mspec, q, k, v, sinks, poisoned):
+def _mosaic_guarded(mspec, q, k, v, sinks, bad, poisoned):
     from .mosaic_kernels import mosaic_forward
 
-    out, lse = mosaic_forward(mspec, q, k, v, sinks)
+    if bad is None:
+        return mosaic_forward(mspec, q, k, v, sinks)
+    out, lse = mosaic_forward(mspec, q, k, value_guard.clean(v, bad), sinks)
     return value_guard.poison(out, poisoned), lse
 
 
-def _fwd(spec, mspec, q, k, v, sinks, poisoned):
-    out, lse = _mosaic_poisoned(mspec, q, k, v, sinks, poisoned)
-    return (out, lse), Residuals(q, k, v, out, lse, sinks)
+def _fwd(spec, mspec, q, k, v, sinks, bad, poisoned):
+    out, lse = _mosaic_guarded(mspec, q, k, v, sinks, bad, poisoned)
+    v_seen = v if bad is None else value_guard.clean(v, bad)
+    return (out, lse), (Residuals(q, k, v_seen, out, lse, sinks), bad)
 
 
 def _bwd(spec, mspec, residuals, cotangents):
+    residuals, bad = residuals
     dq, dk, dv, d_sinks, *_ = _flash_bwd(spec, residuals, cotangents)
-    return dq, dk, dv, d_sinks, None
+    if bad is not None:  # the zeroed values: no gradient reaches them
+        dv = value_guard.clean(dv, bad)
+    return dq, dk, dv, d_sinks, None, None
 
 
 flash_mosaic.defvjp(_fwd, _bwd)
