@@ -4,6 +4,9 @@
     python3 bench/bench_mosaic_bwd.py table      # fwd+bwd TFLOP/s on the peers-table shapes
     python3 bench/bench_mosaic_bwd.py features   # (1, 32768, 32/8, 128): causal, soft-cap 50, sinks,
                                                  # window 4096, chunked 8192; fwd and fwd+bwd
+    python3 bench/bench_mosaic_bwd.py nonfinite  # NaN/inf values: gradients' finiteness vs xla per mosaic_dq
+
+A second argument names the backwards of `check` and `table` (comma-separated keys of BACKWARDS).
 
 Timing as in bench_flash.py (median of 5 rounds of back-to-back calls after two warm-ups);
 fwd+bwd counts 3.5x the forward FLOPs of the visible pairs. The flash forward is the default
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +33,26 @@ BACKWARDS = {
     "mosaic": {"gpu_backward": "mosaic"},
     "mosaic kv128": {"gpu_backward": "mosaic", "mosaic_block_kv_dq": 128},
     "mosaic 3 stages": {"gpu_backward": "mosaic", "mosaic_stages_bwd": 3},
+    "mosaic split": {"gpu_backward": "mosaic", "mosaic_dq": "split"},
+    "mosaic own": {"gpu_backward": "mosaic", "mosaic_dq": "own"},
 }
+
+
+def chosen() -> dict:
+    """The backwards named by the second argument (comma-separated), else all of them."""
+    names = sys.argv[2].split(",") if len(sys.argv) > 2 else list(BACKWARDS)
+    return {name: BACKWARDS[name] for name in names}
+
+
+def attempt(label, fn, *args):
+    """fn(*args), or None after logging why it failed (a variant that cannot compile is a line, not the end)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        frames = traceback.extract_tb(e.__traceback__)[-4:]
+        where = "; ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames)
+        log(f"  {label}: fails: {type(e).__name__}: {str(e)[:600]} [{where}]")
+        return None
 
 
 def grads(kw, config=None, backend="flash"):
@@ -68,10 +91,11 @@ def check():
         if kw.pop("sinks", False):
             kw["sinks"] = jax.random.normal(jax.random.key(9), (shape[2],), jnp.float32)
         want = grads(kw, backend="xla")(*(x.astype(jnp.float32) for x in (q, k, v, do)))
-        for name, config in BACKWARDS.items():
-            got = grads(kw, config)(q, k, v, do)
-            log(f"{shape} {sorted(kw)} {name}: rel err dq dk dv "
-                + " ".join(f"{rel(g, w):.2e}" for g, w in zip(got, want)))
+        for name, config in chosen().items():
+            got = attempt(f"{shape} {sorted(kw)} {name}", grads(kw, config), q, k, v, do)
+            if got is not None:
+                log(f"{shape} {sorted(kw)} {name}: rel err dq dk dv "
+                    + " ".join(f"{rel(g, w):.2e}" for g, w in zip(got, want)))
 
 
 def table():
@@ -81,9 +105,11 @@ def table():
         for causal in (False, True):
             flops = 4 * b * hq * s * s * d * (0.5 if causal else 1.0) * 3.5
             row = [("cudnn", flops / timeit(cudnn_grads({"is_causal": causal}), q, k, v, do)[0] / 1e12)]
-            for name, config in BACKWARDS.items():
-                seconds, _ = timeit(grads({"is_causal": causal}, config), q, k, v, do)
-                row.append((name, flops / seconds / 1e12))
+            for name, config in chosen().items():
+                timed = attempt(f"{shape} causal={causal} {name}", timeit,
+                                grads({"is_causal": causal}, config), q, k, v, do)
+                if timed is not None:
+                    row.append((name, flops / timed[0] / 1e12))
             log(f"{shape} causal={causal}: " + "  ".join(f"{n} {t:.0f}" for n, t in row))
 
 
@@ -123,5 +149,37 @@ def features():
         log(f"{name}: " + "  ".join(f"{n} {t:.0f}" for n, t in row))
 
 
+def nonfinite():
+    """Per `mosaic_dq`: the gradient entries whose finiteness differs from xla's, on values holding
+    NaN/inf (causal; the loss reads only the rows that see none), jax.grad outside jit."""
+    import numpy as np
+
+    from jaxattn.testing import nonfinite_problem
+
+    for shape, modes in (((2, 256, 4, 2, 64), ("separate", "own")),
+                         ((2, 256, 4, 2, 128), ("separate", "own", "split"))):
+        args = nonfinite_problem(0, shape, dtype=jnp.bfloat16)
+        ref_args = {n: x.astype(jnp.float32) for n, x in args.items()}
+        ref_out = jaxattn.attention(**ref_args, is_causal=True, backend="xla")
+        weight = jnp.asarray(np.isfinite(np.asarray(ref_out)).all(-1), jnp.float32)[..., None]
+
+        def grads(backend, a, md=None, weight=weight):
+            def loss(q, k, v):
+                out = jaxattn.attention(q, k, v, is_causal=True, backend=backend, metadata=md).astype(jnp.float32)
+                return jnp.sum(jnp.where(weight > 0, out, 0.0) * weight)
+            return jax.grad(loss, argnums=(0, 1, 2))(a["query"], a["key"], a["value"])
+
+        want = grads("xla", ref_args)
+        for mode in modes:
+            md = OperationMetadata(operation_configs={"flash": {"gpu_kernel": "mosaic", "gpu_backward": "mosaic",
+                                                                "mosaic_dq": mode}})
+            for name, g, w in zip(("dq", "dk", "dv"), grads("flash", args, md), want):
+                g, w = np.asarray(g, np.float32), np.asarray(w)
+                both = np.isfinite(w) & np.isfinite(g)
+                log(f"{shape} {mode} {name} finite-mismatch {int((np.isfinite(g) != np.isfinite(w)).sum())} "
+                    f"of {g.size}, non-finite got/want {int((~np.isfinite(g)).sum())}/{int((~np.isfinite(w)).sum())}, "
+                    f"max abs err on the finite {np.abs(g[both] - w[both]).max():.3g}")
+
+
 if __name__ == "__main__":
-    {"check": check, "table": table, "features": features}[sys.argv[1]]()
+    {"check": check, "table": table, "features": features, "nonfinite": nonfinite}[sys.argv[1]]()

@@ -26,6 +26,7 @@ def test_dicts_and_configs_are_the_same_settings():
     ({"gpu_kernel": "cuda"}, r"\['flash'\]\['gpu_kernel'\] must be one of 'auto', 'triton', 'mosaic'"),
     ({"mosaic_block_kv": True}, r"\['mosaic_block_kv'\] must be one of 64, 128, 256, got True"),
     ({"blockq": 64}, r"\['flash'\]: unknown keys \['blockq'\]"),
+    ({"mosaic_dq": "fused"}, r"\['mosaic_dq'\] must be one of 'separate', 'split', 'own', got 'fused'"),
 ])
 def test_bad_settings_name_the_key(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -45,7 +46,7 @@ def test_tuning_space_is_small_and_per_call(monkeypatch):
     space = flash_config.tuning_space(_request(), mosaic_by_default=True)
     assert space == [{}, {"gpu_kernel": "triton"}, {"launch_passes_dkv": 1}]
     assert flash_config.tuning_space(_request(), mosaic_by_default=True, mosaic_backward_by_default=True) == [
-        {}, {"gpu_kernel": "triton"}, {"gpu_backward": "triton"}]
+        {}, {"gpu_kernel": "triton"}, {"gpu_backward": "triton"}, {"mosaic_dq": "separate"}]
     assert flash_config.tuning_space(_request(needs_grad=False), mosaic_by_default=True,
                                      mosaic_backward_by_default=True) == [{}, {"gpu_kernel": "triton"}]
     assert flash_config.tuning_space(_request(num_kv_heads=32), mosaic_by_default=False) == [{}]  # MHA
@@ -57,7 +58,18 @@ def test_tuning_space_is_small_and_per_call(monkeypatch):
     # on Hopper both Mosaic paths are the defaults: tune tries each Triton one
     monkeypatch.setattr(gpu_path._compat, "mosaic_import_error", lambda: None)
     h100_space = FlashAttention().tuning_space(_request(), Hardware.nvidia())
-    assert list(h100_space) == [{}, {"gpu_kernel": "triton"}, {"gpu_backward": "triton"}]
+    assert list(h100_space) == [{}, {"gpu_kernel": "triton"}, {"gpu_backward": "triton"}, {"mosaic_dq": "separate"}]
     # without Mosaic GPU: the Triton backward's launch order is what varies
     monkeypatch.setattr(gpu_path._compat, "mosaic_import_error", lambda: "ImportError: none here")
     assert FlashAttention().tuning_space(_request(), Hardware.nvidia()) == [{}, {"launch_passes_dkv": 1}]
+
+
+def test_mosaic_dq_defaults_per_head_dim_and_split_needs_head_dim_128():
+    """dq inside the dk/dv kernel by default where measured faster (H200: "split" at head_dim 128,
+    "own" at 64); "separate" (deterministic) on request; "split" cannot tile head_dim 64."""
+    assert flash_config.mosaic_fused_dq({}, 128) == "split"
+    assert flash_config.mosaic_fused_dq({}, 64) == "own"
+    assert flash_config.mosaic_fused_dq({"mosaic_dq": "separate"}, 128) is None
+    assert flash_config.mosaic_fused_dq({"mosaic_dq": "own"}, 128) == "own"
+    with pytest.raises(ValueError, match=r"mosaic_dq='split' needs head_dim 128.*got head_dim 64.*'own' or 'separate'"):
+        flash_config.mosaic_fused_dq({"mosaic_dq": "split"}, 64)

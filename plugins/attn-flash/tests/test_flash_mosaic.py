@@ -302,6 +302,8 @@ def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     tuned = prepare({"mosaic_block_kv_dq": 128, "mosaic_stages_bwd": 3}).spec.mosaic_bwd
     assert (tuned.dq_block_kv, tuned.stages) == (128, 3)
     assert prepare({"gpu_backward": "triton"}).spec.mosaic_bwd is None
+    assert bspec.fused_dq == "split"  # head_dim 128: dq inside the dk/dv kernel
+    assert prepare({"mosaic_dq": "separate"}).spec.mosaic_bwd.fused_dq is None  # the deterministic kernel
 
 
 BANDS = [(None, None), (None, 0), (None, 256), (None, -128), (-255, 0), (-1000, 37), (-64, 300), (5, None)]
@@ -352,3 +354,27 @@ def test_mosaic_backward_tile_ranges_hold_every_visible_pair(band):
             _, all_vis = tiles_of(vis[r:r + mbk.WG_ROWS])
             assert lb <= fs <= fe <= ub and all(all_vis[fs:fe]), (r, fs, fe)
             assert set(np.flatnonzero(all_vis[lb:ub]) + lb) <= set(range(fs, fe)), (r, fs, fe)
+
+
+@pytest.mark.parametrize("fused, head_dim", [(None, 128), ("split", 128), ("own", 128), ("own", 64)])
+def test_mosaic_backward_traces_in_each_dq_form(fused, head_dim):
+    """The Mosaic backward kernels trace (jax.make_jaxpr, no GPU) for each way of making dq, with a
+    causal GQA band and soft-cap, and give dq/dk/dv of the inputs' shapes and dtype: two kernels
+    for the dq kernel's form, one writing in place with TMA add-reductions for the fused ones."""
+    import jax.numpy as jnp
+
+    from jaxattn_flash.mosaic_bwd_kernels import MosaicBwdSpec, mosaic_backward
+
+    b, s, hq, hkv = 1, 256, 4, 2
+    q = jax.ShapeDtypeStruct((b, s, hq, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, s, hkv, head_dim), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((b, hq, s), jnp.float32)
+    spec = MosaicBwdSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, fused_dq=fused)
+    traced = jax.make_jaxpr(lambda *a: mosaic_backward(spec, *a))(q, kv, kv, q, rows, rows)
+    assert [(o.aval.shape, o.aval.dtype) for o in traced.jaxpr.outvars] == [
+        (q.shape, q.dtype), (kv.shape, kv.dtype), (kv.shape, kv.dtype)]
+    text = str(traced)
+    if fused is None:
+        assert text.count("mpmd_map") == 2 and "core_map" not in text and "reduction_op=add" not in text
+    else:
+        assert "mpmd_map" not in text and "core_map" in text and "reduction_op=add" in text

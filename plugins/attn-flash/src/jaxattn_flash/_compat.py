@@ -72,6 +72,13 @@ def ref_transpose(plgpu_mosaic: Any, ref: Any) -> Any:
     return plgpu_mosaic.transpose_ref(ref, (1, 0))
 
 
+def gmem_ref(plgpu_mosaic: Any, value: Any) -> Any:
+    """A mutable global-memory ref holding `value`, for a kernel that writes in place (jax >= 0.11)."""
+    if not hasattr(jax, "new_ref"):
+        raise NotImplementedError(f"mutable refs need jax >= 0.11 (this is {jax.__version__})")
+    return jax.new_ref(value, memory_space=plgpu_mosaic.GMEM)
+
+
 def mosaic_load(plgpu_mosaic: Any, ref: Any, layout: Any) -> Any:
     """A whole shared-memory ref loaded into registers with `layout` (the separate index
     argument of `load` is required before jax 0.11 and deprecated from it)."""

@@ -10,8 +10,11 @@ optional; None or absent = the measured default), validated before the kernels r
   (see `gpu_path.py`); the Mosaic GPU forward's `mosaic_block_kv` (64, 128 or 256)
   and `mosaic_stages` (K/V shared-memory slots, 2 to 4)
 * which GPU backward kernels: `gpu_backward` = "auto" (default), "triton" or "mosaic";
-  the Mosaic GPU backward's `mosaic_block_kv_dq` (64 or 128: the dq kernel's key tile)
-  and `mosaic_stages_bwd` (shared-memory slots of both kernels, 2 to 4)
+  the Mosaic GPU backward's `mosaic_block_kv_dq` (64 or 128: the dq kernel's key tile),
+  `mosaic_stages_bwd` (shared-memory slots of both kernels, 2 to 4) and `mosaic_dq`: "split"
+  or "own" (dq made inside the dk/dv kernel and summed by TMA reductions: faster, not bitwise
+  deterministic; the default at head_dim 128 and 64) or "separate" (its own kernel, one writer
+  per tile: deterministic)
 * dk/dv launch order: `launch_passes_dkv` (1 to 8; see `launch_order.py`)
 
 Blocks are powers of two >= 16; each is clipped to the (padded) sequence it tiles.
@@ -34,6 +37,7 @@ _SUFFIX = {"fwd": "", "dq": "_dq", "dkv": "_dkv"}
 GPU_KERNELS = ("auto", "triton", "mosaic")
 MOSAIC_BLOCK_KV = (64, 128, 256)
 MOSAIC_BLOCK_KV_DQ = (64, 128)
+MOSAIC_DQ = ("separate", "split", "own")  # see mosaic_bwd_kernels.MosaicBwdSpec.fused_dq
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class FlashConfig(BackendConfig):
     gpu_backward: str | None = None
     mosaic_block_kv_dq: int | None = None
     mosaic_stages_bwd: int | None = None
+    mosaic_dq: str | None = None
 
     def __post_init__(self) -> None:
         for kernel in KERNELS:
@@ -75,6 +80,7 @@ class FlashConfig(BackendConfig):
         self.check_choice("gpu_backward", GPU_KERNELS)
         self.check_choice("mosaic_block_kv_dq", MOSAIC_BLOCK_KV_DQ)
         self.check_int("mosaic_stages_bwd", minimum=2, maximum=4)
+        self.check_choice("mosaic_dq", MOSAIC_DQ)
 
 
 KEYS = frozenset(FlashConfig.keys())
@@ -99,6 +105,10 @@ MOSAIC_SMEM_BYTES = 227 * 1024 - 4096  # what the kernel's tiles may take (barri
 # (dq key tile, stages) of the Mosaic GPU backward (mosaic_bwd_kernels.py): on an H200 a key tile
 # of 128 and 3 stages were level with these (within 1-4%, BENCHMARKS.md "Mosaic GPU backward").
 MOSAIC_BWD_DEFAULTS: tuple[int, int] = (64, 2)
+# head_dim -> how the Mosaic GPU backward makes dq (`mosaic_dq`, BENCHMARKS.md "Fused dQ"): on an
+# H200 "split" gained 7% fwd+bwd on full masks at head_dim 128 (causal -2% to +3.5%), "own" 3.5-4%
+# at head_dim 64; both sum dq with TMA reductions (not bitwise deterministic: "separate" is).
+MOSAIC_DQ_DEFAULTS: dict[int, str] = {64: "own", 128: "split"}
 
 
 # Launch passes of the dk/dv grid when a causal band makes its first k/v blocks the heavy
@@ -137,6 +147,16 @@ def mosaic_bwd_tiles(config: Mapping[str, Any]) -> tuple[int, int]:
     return cfg.mosaic_block_kv_dq or MOSAIC_BWD_DEFAULTS[0], cfg.mosaic_stages_bwd or MOSAIC_BWD_DEFAULTS[1]
 
 
+def mosaic_fused_dq(config: Mapping[str, Any], head_dim: int) -> str | None:
+    """`MosaicBwdSpec.fused_dq` of the config's `mosaic_dq` or the default for `head_dim` (None: the
+    separate dq kernel); ValueError when "split" is asked at a head_dim it cannot tile."""
+    mode = validate(config).mosaic_dq or MOSAIC_DQ_DEFAULTS.get(head_dim, "separate")
+    if mode == "split" and head_dim % 128:
+        raise ValueError(f"flash: mosaic_dq='split' needs head_dim 128 (each of the two consumer warpgroups "
+                         f"adds 64 of dQ's columns); got head_dim {head_dim}: use 'own' or 'separate'")
+    return None if mode == "separate" else mode
+
+
 def mosaic_tiles(config: Mapping[str, Any], head_dim: int) -> tuple[int, int]:
     """(block_kv, stages) of the Mosaic GPU forward for this head_dim (defaults or the config's)."""
     cfg = validate(config)
@@ -161,8 +181,8 @@ def dkv_passes(config: Mapping[str, Any], group: int, parts: MaskParts) -> int:
 def tuning_space(request: AttentionRequest, mosaic_by_default: bool,
                  mosaic_backward_by_default: bool = False) -> list[dict[str, Any]]:
     """What `jaxattn tune` tries on a GPU besides the defaults: the Triton forward where the
-    Mosaic one is the default, the Triton backward where the Mosaic one is, else the plain dk/dv
-    launch order where 4 passes are."""
+    Mosaic one is the default, the Triton backward and the separate dq kernel where the Mosaic
+    backward is, else the plain dk/dv launch order where 4 passes are."""
     space: list[dict[str, Any]] = [{}]
     if mosaic_by_default:
         space.append({"gpu_kernel": "triton"})
@@ -170,6 +190,8 @@ def tuning_space(request: AttentionRequest, mosaic_by_default: bool,
     chunk = request.chunk[0] if request.chunk else None
     if request.needs_grad and mosaic_backward_by_default:
         space.append({"gpu_backward": "triton"})
+        if request.head_dim in MOSAIC_DQ_DEFAULTS:
+            space.append({"mosaic_dq": "separate"})
     elif request.needs_grad and request.is_gqa and heavy_first(band[0], band[1], chunk):
         space.append({"launch_passes_dkv": 1})
     return space

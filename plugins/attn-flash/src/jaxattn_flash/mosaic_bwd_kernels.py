@@ -1,5 +1,5 @@
 """The Hopper backward kernels: dq and dk/dv in Pallas's Mosaic GPU lowering (wgmma, TMA,
-warp specialization), deterministic (no atomics: each output tile has one writer).
+warp specialization); by default dq is made inside the dk/dv kernel (`MosaicBwdSpec.fused_dq`).
 
 Both kernels have the shape of the forward (`mosaic_kernels.py`): one producer warpgroup
 streams tiles through a ring of `stages` shared-memory slots with TMA, two consumer
@@ -15,6 +15,12 @@ tiles that hold a visible pair, applying the band only on the partial tiles.
   and every query tile of the band, so dk/dv of a K/V head sum over its group in
   registers (nothing repeated, no reduction afterwards): Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ,
   Pᵀ, dSᵀ as above, dV += Pᵀ·dO, dK += dSᵀ·Q.
+* fused dQ (FlashAttention-3's): the dk/dv kernel also stores dSᵀ in shared memory (wgmma
+  reads a transposed A only from there) and adds dSᵀ·K into a zero-initialised float32 dq
+  with a TMA reduction per tile pair: 5 matrix products per pair instead of 7 and no dq
+  kernel, but float32 sums in arrival order (not bitwise deterministic; the dq kernel, where
+  each output tile has one writer, is). The buffer is a mutable ref (`jax.new_ref`) that the
+  kernel writes in place under `pl.core_map`, which exists only under jit.
 
 The inputs follow the Triton backward's conventions (`triton_vjp._flash_bwd`): lse₂ is
 the lse in base 2, +inf on rows without keys (every probability 0), NaN on a row that
@@ -40,8 +46,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ._compat import mosaic_gpu, mosaic_load, ref_transpose
-from .mosaic_kernels import CONSUMERS, LOG2E, _cdiv, _div, _i32, _swizzled, launch
+from ._compat import gmem_ref, mosaic_gpu, mosaic_load, ref_transpose
+from .mosaic_kernels import CONSUMERS, LOG2E, _cdiv, _div, _i32, _swizzled, launch, launch_on_refs
 
 WG_ROWS = 64  # rows of one consumer warpgroup (one wgmma M)
 BLOCK_ROWS = CONSUMERS * WG_ROWS  # rows of one CUDA block, both kernels
@@ -58,6 +64,11 @@ class MosaicBwdSpec:
     dq_block_kv: int = 64  # key tile of the dq kernel
     dkv_block_q: int = 64  # query tile of the dk/dv kernel
     stages: int = 2
+    # dQ inside the dk/dv kernel (FlashAttention-3's way: 5 products per tile pair, not 7),
+    # summed over key blocks by TMA reductions into float32, so not bitwise deterministic:
+    # None: the separate dq kernel; "split": the two consumers share dS through shared memory
+    # and each adds half of dQ's columns; "own": each adds its own keys' share of all columns.
+    fused_dq: str | None = None
 
 
 def _visible(spec: MosaicBwdSpec, diff):
@@ -266,7 +277,14 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
 
 
 def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
-    """(dk, dv) `[B, Skv, Hkv, D]` (Skv % 128 == 0, Sq % dkv_block_q == 0)."""
+    """(dk, dv) `[B, Skv, Hkv, D]` (Skv % 128 == 0, Sq % dkv_block_q == 0); with `spec.fused_dq`,
+    (dq, dk, dv): dq summed into a float32 buffer by TMA reductions (see `MosaicBwdSpec`)."""
+    if spec.fused_dq:  # the buffer is a mutable ref, which exists only under jit
+        return _dkdv_jit(spec, q, k, v, do, lse2, delta)
+    return _dkdv(spec, q, k, v, do, lse2, delta)
+
+
+def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
     plgpu = mosaic_gpu()
     b, sq, hq, d = q.shape
     _, skv, hkv, dv_dim = v.shape
@@ -276,21 +294,52 @@ def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
     dtype = q.dtype
     tile_layout = plgpu.Layout.WGMMA
     col_layout = plgpu.Layout.WGMMA.reduce(0)
+    fused = spec.fused_dq
+    dq_cols = d // CONSUMERS if fused == "split" else d  # dq columns one consumer adds per tile
+    stages = spec.stages
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-               k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
-               k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free):
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        dq_ref = refs[0] if fused else None
+        (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
+         k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free, *dq_scratch) = refs[1:] if fused else refs
         bi, kvh = lax.axis_index("b"), lax.axis_index("h")
         c0, wg = lax.axis_index("k") * BLOCK_ROWS, lax.axis_index("wg")
         lb, ub = q_tile_range(spec, c0, BLOCK_ROWS, bq, nq)
         per_head = ub - lb
         total = group * per_head
-        stages = spec.stages
 
-        @pl.when(wg < CONSUMERS)
-        def _consumer():
+        def share_ds(w, t, ds16):
+            """dSᵀ of this consumer into shared memory (wgmma reads a transposed A only there);
+            returns the (dSᵀ part, K part) pairs whose products sum to its share of dQ."""
+            ds_smem, _, ds_bar, _ = dq_scratch
+            buf = lax.rem(t, 2)
+            ds_smem.at[buf, wg][...] = ds16
+            plgpu.commit_smem()
+            if fused == "split":  # both halves of dS are needed: the other consumer's too
+                plgpu.barrier_arrive(ds_bar.at[buf])
+                others = [wg * 0 + w2 for w2 in range(CONSUMERS)]  # traced: Mosaic indexes refs by values
+                return buf, [(ds_smem.at[buf, w2], k_smem.at[w2, :, pl.ds(w * dq_cols, dq_cols)]) for w2 in others]
+            return buf, [(ds_smem.at[buf, wg], k_smem.at[wg])]
+
+        def dq_product(acc_ref, buf, parts):
+            if fused == "split":
+                plgpu.barrier_wait(dq_scratch[2].at[buf])
+            for ds_part, k_part in parts:
+                plgpu.wgmma(acc_ref, ref_transpose(plgpu, ds_part), k_part)
+
+        def add_dq(w, qi, gi, dq):
+            """Sum this consumer's share of query tile `qi`'s dQ (group head `gi`) into dq_ref."""
+            dq_smem = dq_scratch[1]
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's sum has read dq_smem
+            dq_smem.at[wg][...] = dq
+            plgpu.commit_smem()
+            cols = pl.ds(w * dq_cols, dq_cols) if fused == "split" else pl.ds(0, d)
+            plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[bi, pl.ds(qi * bq, bq), kvh * group + gi, cols],
+                                    reduction_op="add")
+
+        def consumer(w):
             plgpu.set_max_registers(232, action="increase")
-            c = c0 + wg * bk
+            c = c0 + w * bk
             keys = pl.ds(c, bk)
             k_s, v_s = k_smem.at[wg], v_smem.at[wg]
             plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_s, k_bar.at[wg])
@@ -301,7 +350,8 @@ def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
 
             def step(qi, carry, *, gi, masked):
                 dk, dv = carry
-                slot = lax.rem(gi * per_head + (qi - lb), stages)
+                t = gi * per_head + (qi - lb)
+                slot = lax.rem(t, stages)
                 for bar in (q_bar, do_bar, lse_bar, delta_bar):
                     plgpu.barrier_wait(bar.at[slot])
 
@@ -315,14 +365,24 @@ def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
                     vis = _visible(spec, (j + c) - (i + qi * bq))
                 p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_col, s.shape, [1]), vis)
                 ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_col, s.shape, [1]), vis, cap)
+                ds16 = ds.astype(dtype)
+                if fused:
+                    buf, parts = share_ds(w, t, ds16)
 
                 def accumulate(refs):
-                    dv_ref, dk_ref = refs
+                    dv_ref, dk_ref, *dq_ref = refs
                     plgpu.wgmma(dv_ref, p.astype(dtype), do_smem.at[slot])
-                    plgpu.wgmma(dk_ref, ds.astype(dtype), q_smem.at[slot])
+                    plgpu.wgmma(dk_ref, ds16, q_smem.at[slot])
+                    if fused:
+                        dq_product(dq_ref[0], buf, parts)
 
-                dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                accs = [plgpu.ACC.init(dv), plgpu.ACC.init(dk)]
+                if fused:
+                    accs.append(plgpu.ACC.init(plgpu.layout_cast(jnp.zeros((bq, dq_cols), jnp.float32), tile_layout)))
+                dv, dk, *dq = pl.run_state(accumulate)(tuple(accs))
                 plgpu.barrier_arrive(free.at[slot])
+                if fused:
+                    add_dq(w, qi, gi, dq[0])
                 return dk, dv
 
             def head(gi, carry):
@@ -331,6 +391,9 @@ def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
             dk = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), tile_layout)
             dv = plgpu.layout_cast(jnp.zeros((bk, dv_dim), jnp.float32), tile_layout)
             dk, dv = lax.fori_loop(0, group, head, (dk, dv))
+            if fused == "split":  # the other consumer's last dQ product reads this K
+                plgpu.barrier_arrive(dq_scratch[3])
+                plgpu.barrier_wait(dq_scratch[3])
             k_s[...] = (dk * spec.scale).astype(dtype)
             v_s[...] = dv.astype(dtype)
             plgpu.commit_smem()
@@ -338,6 +401,12 @@ def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
             plgpu.copy_smem_to_gmem(v_s, dv_ref.at[bi, keys, kvh], commit_group=False)
             plgpu.commit_smem_to_gmem_group()
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        if fused == "split":  # the consumer's index `w` is static: it slices K's columns
+            for w in range(CONSUMERS):
+                pl.when(wg == w)(functools.partial(consumer, w))
+        else:
+            pl.when(wg < CONSUMERS)(functools.partial(consumer, wg))
 
         @pl.when(wg == CONSUMERS)
         def _producer():
@@ -360,7 +429,6 @@ def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
                 plgpu.barrier_wait(free.at[lax.rem(t, stages)])
                 load(t + stages)
 
-    stages = spec.stages
     scratch = (
         _swizzled(plgpu, (CONSUMERS, bk, d), dtype),  # K, then dK, of each consumer
         _swizzled(plgpu, (CONSUMERS, bk, dv_dim), dtype),  # V, then dV
@@ -373,12 +441,31 @@ def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
         *[plgpu.Barrier(num_arrivals=1, num_barriers=stages)] * 4,
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
     )
-    out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
-    return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hkv, "k": nkb})(q, k, v, do, lse2, delta)
+    grid = {"b": b, "h": hkv, "k": nkb}
+    if not fused:
+        out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
+        return launch(plgpu, kernel, out_type, scratch, grid)(q, k, v, do, lse2, delta)
+    scratch += (
+        _swizzled(plgpu, (2, CONSUMERS, bk, bq), dtype),  # dSᵀ of each consumer, two tiles deep
+        _swizzled(plgpu, (CONSUMERS, bq, dq_cols), jnp.float32),  # the dQ part a consumer adds
+        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2),  # both halves of dS are stored
+        plgpu.Barrier(num_arrivals=CONSUMERS),  # both consumers are done with K
+    )
+    refs = [gmem_ref(plgpu, x) for x in (q, k, v, do, lse2, delta)]
+    outs = [gmem_ref(plgpu, jnp.zeros(shape, dt))
+            for shape, dt in ((q.shape, jnp.float32), (k.shape, dtype), (v.shape, dtype))]
+    launch_on_refs(plgpu, kernel, [*refs, *outs], scratch, grid)
+    dq_sum, dk, dv = (r[...] for r in outs)
+    return (dq_sum * spec.scale).astype(dtype), dk, dv
+
+
+_dkdv_jit = jax.jit(_dkdv, static_argnums=0)
 
 
 def mosaic_backward(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
     """(dq, dk, dv) of unpadded q/k/v (see the module docstring for lse₂ and delta)."""
+    if spec.fused_dq:
+        return mosaic_dkdv(spec, q, k, v, do, lse2, delta)
     dq = mosaic_dq(spec, q, k, v, do, lse2, delta)
     dk, dv = mosaic_dkdv(spec, q, k, v, do, lse2, delta)
     return dq, dk, dv

@@ -147,6 +147,17 @@ def launch(plgpu, body, out_type, scratch, grid: dict[str, int]):
                         compiler_params=mosaic_params(plgpu))
 
 
+def launch_on_refs(plgpu, body, refs, scratch, grid: dict[str, int]) -> None:
+    """`body(*refs, *scratch)` as `launch` runs it, for kernels that write into `refs` in place
+    (`gmem_ref` arrays): a zero-initialised buffer that TMA reductions add into has no other form."""
+    mesh = plgpu.Mesh(grid=tuple(grid.values()), grid_names=tuple(grid), num_threads=CONSUMERS + 1,
+                      thread_name="wg")
+
+    @pl.core_map(mesh, compiler_params=mosaic_params(plgpu))
+    def _():
+        pl.run_scoped(functools.partial(body, *refs), *scratch, collective_axes="wg")
+
+
 def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
     """q `[B, Sq, Hq, D]`, k/v `[B, Skv, Hkv, D]` (bf16/fp16, Sq % rows == 0, Skv % block_kv == 0),
     sinks `[Hq]` when `spec.sinks` -> (out `[B, Sq, Hq, D]`, lse `[B, Hq, Sq]` natural log, -inf on
