@@ -5,8 +5,10 @@ Run on the GPU machine with the core and every plugin installed:
     python3 bench/bench_auto.py > auto.md
 
 For each shape of bench/results/peers_H100_2026-11-22.md (bf16) it prints the backend `auto` picks
-for training (forward+backward) and for inference (forward only), the TFLOP/s of each,
-and jax.nn.dot_product_attention(implementation="cudnn") measured in the same run; then
+for training (forward+backward) and for inference (forward only), and in one run the TFLOP/s
+of auto, of every jaxattn backend forced, of jax.nn.dot_product_attention(implementation=
+"cudnn") and of tokamax's default dot_product_attention (where tokamax imports), with the two
+ratios issue 16's bars name: auto / the fastest backend, auto / tokamax; then
 rows with a feature (soft-cap, which cuDNN lacks; a 1024 window at 16k) to show what
 `auto` picks there, and paged decode (bandwidth beside cudnn on the same data made dense).
 Method: jaxattn.bench.time_call (median of 5 x 10 calls after 2 warm-ups).
@@ -49,35 +51,54 @@ def cudnn_direct(q, k, v, causal):
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
 
-def row(shape, causal: bool) -> str:
-    """One table row: auto's choices and TFLOP/s beside cudnn called directly."""
+def tokamax_default():
+    """tokamax's `dot_product_attention` with its own choice of implementation, or None where
+    tokamax cannot be imported (it needs jax >= 0.11.1)."""
+    try:
+        import tokamax
+    except Exception as err:  # noqa: BLE001 - a missing peer is a column of "-", not the end
+        print(f"<!-- tokamax not importable: {type(err).__name__}: {err} -->")
+        return None
+    return lambda q, k, v, causal: tokamax.dot_product_attention(q, k, v, is_causal=causal)
+
+
+BACKENDS = ("cudnn", "flash")  # the jaxattn backends that serve these shapes on a GPU
+
+
+def row(shape, causal: bool, tokamax_fn) -> str:
+    """One table row: auto's choice and TFLOP/s beside every jaxattn backend and the peers, in one
+    run, for the forward and for forward+backward; then auto / best backend and auto / tokamax."""
     q, k, v = inputs(*shape)
-    train = jaxattn.OperationMetadata(mode="train")
-    infer = jaxattn.OperationMetadata(mode="prefill")
+    modes = {"fwd": jaxattn.OperationMetadata(mode="prefill"), "train": jaxattn.OperationMetadata(mode="train")}
+    callers = {"auto": lambda mode: lambda q, k, v: jaxattn.attention(q, k, v, is_causal=causal, metadata=modes[mode])}
+    for name in BACKENDS:
+        callers[name] = lambda mode, name=name: lambda q, k, v: jaxattn.attention(
+            q, k, v, is_causal=causal, backend=name, metadata=modes[mode])
+    callers["jax.nn cudnn"] = lambda mode: lambda q, k, v: cudnn_direct(q, k, v, causal)
+    if tokamax_fn is not None:
+        callers["tokamax"] = lambda mode: lambda q, k, v: tokamax_fn(q, k, v, causal)
 
-    def ours(q, k, v, metadata):
-        return jaxattn.attention(q, k, v, is_causal=causal, metadata=metadata)
-
-    def peer(q, k, v, metadata):
-        return cudnn_direct(q, k, v, causal)
-
-    def loss(fn, metadata):
-        return lambda q, k, v: fn(q, k, v, metadata).astype(jnp.float32).sum()
-
-    cells = []
-    for fn, metadata, factor in ((ours, infer, 1.0), (peer, infer, 1.0), (ours, train, 3.5), (peer, train, 3.5)):
-        if factor == 1.0:
-            compiled = jax.jit(functools.partial(fn, metadata=metadata))
-        else:
-            compiled = jax.jit(jax.grad(loss(fn, metadata), argnums=(0, 1, 2)))
-        try:
-            cells.append(f"{tflops(time_call(functools.partial(compiled, q, k, v)), shape, causal, factor):.0f}")
-        except Exception as err:  # noqa: BLE001 - a failing peer is a cell, not the end
-            cells.append(f"fails ({type(err).__name__})")
-    fwd_choice = jaxattn.select(q, k, v, is_causal=causal, metadata=infer).name
-    train_choice = jaxattn.select(q, k, v, is_causal=causal, metadata=train).name
-    return (f"| {shape} | {'yes' if causal else 'no'} | {fwd_choice} | {cells[0]} | {cells[1]} | "
-            f"{train_choice} | {cells[2]} | {cells[3]} |")
+    cells, figures = [], {}
+    for mode, factor in (("fwd", 1.0), ("train", 3.5)):
+        for name, make in callers.items():
+            fn = make(mode)
+            if mode == "fwd":
+                compiled = jax.jit(fn)
+            else:
+                compiled = jax.jit(jax.grad(lambda q, k, v, fn=fn: fn(q, k, v).astype(jnp.float32).sum(),
+                                            argnums=(0, 1, 2)))
+            try:
+                figures[mode, name] = tflops(time_call(functools.partial(compiled, q, k, v)), shape, causal, factor)
+                cells.append(f"{figures[mode, name]:.0f}")
+            except Exception as err:  # noqa: BLE001 - a failing backend is a cell, not the end
+                cells.append(f"fails ({type(err).__name__})")
+        auto = figures.get((mode, "auto"), 0.0)
+        best = max((figures.get((mode, n), 0.0) for n in BACKENDS), default=0.0)
+        cells.append(f"{auto / best:.2f}" if best else "-")
+        peer = figures.get((mode, "tokamax"))
+        cells.append(f"{auto / peer:.2f}" if peer else "-")
+    choices = [jaxattn.select(q, k, v, is_causal=causal, metadata=modes[m]).name for m in ("fwd", "train")]
+    return f"| {shape} | {'yes' if causal else 'no'} | {choices[0]} / {choices[1]} | " + " | ".join(cells) + " |"
 
 
 def feature_row(label: str, shape, **kwargs) -> str:
@@ -124,12 +145,16 @@ def decode_row(batch: int, kv_len: int, page_size: int = 16) -> str:
 def main() -> None:
     hw = jaxattn.hardware.current()
     print(f"# auto on {hw.device_kind}, jax {jax.__version__}, {datetime.date.today()}\n")
-    print("| shape (b, s, hq, hkv, d) | causal | auto fwd: backend | TFLOP/s | jax.nn cudnn fwd | "
-          "auto fwd+bwd: backend | TFLOP/s | jax.nn cudnn fwd+bwd |")
-    print("|---|---|---|---|---|---|---|---|")
+    tokamax_fn = tokamax_default()
+    names = ["auto", *BACKENDS, "jax.nn cudnn", *(["tokamax"] if tokamax_fn is not None else [])]
+    columns = [f"{kind} {n}" for kind in ("fwd", "fwd+bwd")
+               for n in (*names, "auto / best backend", "auto / tokamax")]
+    print("TFLOP/s; auto picks: forward-only / differentiated.\n")
+    print("| shape (b, s, hq, hkv, d) | causal | auto picks | " + " | ".join(columns) + " |")
+    print("|" + "---|" * (3 + len(columns)))
     for shape in SHAPES:
         for causal in (False, True):
-            print(row(shape, causal))
+            print(row(shape, causal, tokamax_fn))
             sys.stdout.flush()
     print("\n| causal, with a feature (b, s, hq, hkv, d) | auto picks | fwd | fwd+bwd |")
     print("|---|---|---|---|")
