@@ -302,6 +302,7 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
         dq_ref = refs[0] if fused else None
         (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
          k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free, *dq_scratch) = refs[1:] if fused else refs
+        ds_smem, dq_smem, ds_bar, k_done = dq_scratch or (None,) * 4
         bi, kvh = lax.axis_index("b"), lax.axis_index("h")
         c0, wg = lax.axis_index("k") * BLOCK_ROWS, lax.axis_index("wg")
         lb, ub = q_tile_range(spec, c0, BLOCK_ROWS, bq, nq)
@@ -311,7 +312,6 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
         def share_ds(w, t, ds16):
             """dSᵀ of this consumer into shared memory (wgmma reads a transposed A only there);
             returns the (dSᵀ part, K part) pairs whose products sum to its share of dQ."""
-            ds_smem, _, ds_bar, _ = dq_scratch
             buf = lax.rem(t, 2)
             ds_smem.at[buf, wg][...] = ds16
             plgpu.commit_smem()
@@ -323,13 +323,12 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
 
         def dq_product(acc_ref, buf, parts):
             if fused == "split":
-                plgpu.barrier_wait(dq_scratch[2].at[buf])
+                plgpu.barrier_wait(ds_bar.at[buf])
             for ds_part, k_part in parts:
                 plgpu.wgmma(acc_ref, ref_transpose(plgpu, ds_part), k_part)
 
         def add_dq(w, qi, gi, dq):
             """Sum this consumer's share of query tile `qi`'s dQ (group head `gi`) into dq_ref."""
-            dq_smem = dq_scratch[1]
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's sum has read dq_smem
             dq_smem.at[wg][...] = dq
             plgpu.commit_smem()
@@ -392,8 +391,8 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
             dv = plgpu.layout_cast(jnp.zeros((bk, dv_dim), jnp.float32), tile_layout)
             dk, dv = lax.fori_loop(0, group, head, (dk, dv))
             if fused == "split":  # the other consumer's last dQ product reads this K
-                plgpu.barrier_arrive(dq_scratch[3])
-                plgpu.barrier_wait(dq_scratch[3])
+                plgpu.barrier_arrive(k_done)
+                plgpu.barrier_wait(k_done)
             k_s[...] = (dk * spec.scale).astype(dtype)
             v_s[...] = dv.astype(dtype)
             plgpu.commit_smem()
