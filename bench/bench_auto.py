@@ -10,7 +10,8 @@ of auto, of every jaxattn backend forced, of jax.nn.dot_product_attention(implem
 "cudnn") and of tokamax's default dot_product_attention (where tokamax imports), with the two
 ratios issue 16's bars name: auto / the fastest backend, auto / tokamax; then
 rows with a feature (soft-cap, which cuDNN lacks; a 1024 window at 16k) to show what
-`auto` picks there, and paged decode (bandwidth beside cudnn on the same data made dense).
+`auto` picks there, a chain of 32 short causal calls in one jit (the per-call cost of the value
+guard's `lax.cond`), and paged decode (bandwidth beside cudnn on the same data made dense).
 Method: jaxattn.bench.time_call (median of 5 x 10 calls after 2 warm-ups).
 """
 
@@ -142,6 +143,28 @@ def decode_row(batch: int, kv_len: int, page_size: int = 16) -> str:
             f"({t_ours * 1e6:.0f} µs) | {nbytes / t_peer / 1e12:.2f} TB/s ({t_peer * 1e6:.0f} µs) |")
 
 
+def layers_row(layers: int = 32, shape=(1, 512, 32, 8, 128)) -> str:
+    """`layers` causal forward calls in a chain (each call's output is the next one's query), in one
+    jit: the per-call costs a single large call hides (the value guard's `lax.cond`, whose
+    predicate XLA reads back to the host) show here, beside jax.nn cuDNN's chain."""
+    q, k, v = inputs(*shape)
+    infer = jaxattn.OperationMetadata(mode="prefill")
+
+    def chain(attend):
+        def run(q, k, v):
+            for _ in range(layers):
+                q = attend(q, k, v)
+            return q
+        return jax.jit(run)
+
+    ours = chain(lambda q, k, v: jaxattn.attention(q, k, v, is_causal=True, metadata=infer))
+    forced = chain(lambda q, k, v: jaxattn.attention(q, k, v, is_causal=True, backend="cudnn", metadata=infer))
+    peer = chain(lambda q, k, v: cudnn_direct(q, k, v, True))
+    cells = [f"{time_call(functools.partial(f, q, k, v)) * 1e6 / layers:.1f} µs" for f in (ours, forced, peer)]
+    choice = jaxattn.select(q, k, v, is_causal=True, metadata=infer).name
+    return f"| {layers} × {shape} | {choice} | " + " | ".join(cells) + " |"
+
+
 def main() -> None:
     hw = jaxattn.hardware.current()
     print(f"# auto on {hw.device_kind}, jax {jax.__version__}, {datetime.date.today()}\n")
@@ -166,6 +189,13 @@ def main() -> None:
         except Exception as err:  # noqa: BLE001
             print(f"| {label} {shape} | fails: {type(err).__name__}: {err} | | |")
         sys.stdout.flush()
+    print("\n| chained causal forward calls, per call | auto picks | auto | cudnn via jaxattn | jax.nn cudnn |")
+    print("|---|---|---|---|---|")
+    try:
+        print(layers_row())
+    except Exception as err:  # noqa: BLE001
+        print(f"| chained calls | fails: {type(err).__name__}: {err} | | | |")
+    sys.stdout.flush()
     print("\n| paged decode (batch, kv_len) | auto picks | auto | jax.nn cudnn on the dense cache |")
     print("|---|---|---|---|")
     for batch, kv_len in ((32, 8192), (64, 4096)):
