@@ -378,3 +378,22 @@ def test_mosaic_backward_traces_in_each_dq_form(fused, head_dim):
         assert text.count("mpmd_map") == 2 and "core_map" not in text and "reduction_op=add" not in text
     else:
         assert "mpmd_map" not in text and "core_map" in text and "reduction_op=add" in text
+
+
+def test_fused_dq_backward_traces_under_vmap():
+    """`core_map`, which the fused form's in-place dq buffer needs, has no batching rule: under
+    `vmap` (nested, with an unmapped key) the mapped axes join the batch axis of one kernel call."""
+    import jax.numpy as jnp
+
+    from jaxattn_flash.mosaic_bwd_kernels import MosaicBwdSpec, mosaic_backward
+
+    spec = MosaicBwdSpec(scale=0.1, band_lo=None, band_hi=0, fused_dq="split")
+    q = jax.ShapeDtypeStruct((3, 2, 1, 256, 4, 128), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((3, 2, 1, 256, 2, 128), jnp.bfloat16)
+    k = jax.random.normal(jax.random.PRNGKey(0), (1, 256, 2, 128), jnp.bfloat16)  # shared by every mapped call
+    rows = jax.ShapeDtypeStruct((3, 2, 1, 4, 256), jnp.float32)
+    inner = jax.vmap(lambda q, v, do, l, dl: mosaic_backward(spec, q, k, v, do, l, dl))
+    traced = jax.make_jaxpr(jax.vmap(inner))(q, v, q, rows, rows)
+    assert [o.aval.shape for o in traced.jaxpr.outvars] == [q.shape, (3, 2, 1, 256, 2, 128), (3, 2, 1, 256, 2, 128)]
+    text = str(traced)
+    assert "core_map" in text and "bf16[6,256,4,128]" in text  # one call over 3 x 2 x 1 batch rows

@@ -279,9 +279,26 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
 def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
     """(dk, dv) `[B, Skv, Hkv, D]` (Skv % 128 == 0, Sq % dkv_block_q == 0); with `spec.fused_dq`,
     (dq, dk, dv): dq summed into a float32 buffer by TMA reductions (see `MosaicBwdSpec`)."""
-    if spec.fused_dq:  # the buffer is a mutable ref, which exists only under jit
-        return _dkdv_jit(spec, q, k, v, do, lse2, delta)
+    if spec.fused_dq:
+        return _fused(spec, q, k, v, do, lse2, delta)
     return _dkdv(spec, q, k, v, do, lse2, delta)
+
+
+def _fused(spec: MosaicBwdSpec, *args):
+    """The fused form: jitted (its dq buffer is a mutable ref, which exists only under jit), and
+    under vmap the mapped axis joins the batch axis (`core_map` has no batching rule)."""
+
+    @jax.custom_batching.custom_vmap
+    def run(*args):
+        return _dkdv_jit(spec, *args)
+
+    @run.def_vmap
+    def _batched(axis_size, in_batched, *args):
+        args = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape)) for x, batched in zip(args, in_batched)]
+        outs = run(*(x.reshape(axis_size * x.shape[1], *x.shape[2:]) for x in args))
+        return tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in outs), (True,) * len(outs)
+
+    return run(*args)
 
 
 def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
