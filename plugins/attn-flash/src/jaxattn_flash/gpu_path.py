@@ -249,8 +249,8 @@ def _mosaic_guarded(mspec, q, k, v, sinks, bad, poisoned):
 
 def _fwd(spec, mspec, q, k, v, sinks, bad, poisoned):
     out, lse = _mosaic_guarded(mspec, q, k, v, sinks, bad, poisoned)
-    v_seen = v if bad is None else value_guard.clean(v, bad)
-    return (out, lse), (Residuals(q, k, v_seen, out, lse, sinks), bad)
+    # v as given: `_flash_bwd` zeroes its non-finite entries itself (`finite_values`)
+    return (out, lse), (Residuals(q, k, v, out, lse, sinks), bad)
 
 
 def _bwd(spec, mspec, residuals, cotangents):
