@@ -47,7 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import gmem_ref, mosaic_gpu, mosaic_load, ref_transpose
-from .mosaic_kernels import CONSUMERS, LOG2E, _cdiv, _div, _i32, _swizzled, launch, launch_on_refs
+from .mosaic_kernels import CONSUMERS, LOG2E, _cdiv, _div, _i32, _swizzled, launch, launch_on_refs, visible
 
 WG_ROWS = 64  # rows of one consumer warpgroup (one wgmma M)
 BLOCK_ROWS = CONSUMERS * WG_ROWS  # rows of one CUDA block, both kernels
@@ -69,16 +69,6 @@ class MosaicBwdSpec:
     # None: the separate dq kernel; "split": the two consumers share dS through shared memory
     # and each adds half of dQ's columns; "own": each adds its own keys' share of all columns.
     fused_dq: str | None = None
-
-
-def _visible(spec: MosaicBwdSpec, diff):
-    """Where `diff = key - query` lies in the band (None: everywhere)."""
-    ok = None
-    if spec.band_lo is not None:
-        ok = diff >= spec.band_lo
-    if spec.band_hi is not None:
-        ok = (diff <= spec.band_hi) if ok is None else ok & (diff <= spec.band_hi)
-    return ok
 
 
 def _probabilities(spec: MosaicBwdSpec, s, lse2, vis):
@@ -220,7 +210,7 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
                 if masked:
                     i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=tile_layout)
                     j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=tile_layout)
-                    vis = _visible(spec, (j + ki * bk) - (i + r0))
+                    vis = visible(spec, (j + ki * bk) - (i + r0))
                 p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_row, s.shape, [0]), vis)
                 ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_row, s.shape, [0]), vis, cap)
 
@@ -378,7 +368,7 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
                 if masked:
                     j = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=tile_layout)
                     i = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=tile_layout)
-                    vis = _visible(spec, (j + c) - (i + qi * bq))
+                    vis = visible(spec, (j + c) - (i + qi * bq))
                 p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_col, s.shape, [1]), vis)
                 ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_col, s.shape, [1]), vis, cap)
                 ds16 = ds.astype(dtype)

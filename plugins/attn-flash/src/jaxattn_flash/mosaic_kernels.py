@@ -91,6 +91,17 @@ def _cdiv(a, b: int):
     return lax.div(jnp.maximum(_i32(a), 0) + (b - 1), jnp.int32(b))
 
 
+def visible(spec, diff):
+    """Where `diff = key - query` lies in `spec`'s band `band_lo <= diff <= band_hi` (None: everywhere);
+    `spec` is a forward or a backward spec."""
+    ok = None
+    if spec.band_lo is not None:
+        ok = diff >= spec.band_lo
+    if spec.band_hi is not None:
+        ok = (diff <= spec.band_hi) if ok is None else ok & (diff <= spec.band_hi)
+    return ok
+
+
 def block_range(spec: MosaicSpec, r0, num_kv_tiles: int):
     """Key tiles [lb, ub) that hold a visible pair for rows [r0, r0 + rows)."""
     lb, ub = _i32(0), _i32(num_kv_tiles)
@@ -226,11 +237,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
                 if masked:
                     i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma_layout)
                     j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
-                    diff = (j + ki * bk) - (i + r0)
-                    if spec.band_lo is not None:
-                        ok = diff >= spec.band_lo
-                    if spec.band_hi is not None:
-                        ok = (diff <= spec.band_hi) if ok is None else ok & (diff <= spec.band_hi)
+                    ok = visible(spec, (j + ki * bk) - (i + r0))
                 if spec.soft_cap is None:  # scale after the max: one multiply per row, an FMA per logit
                     if ok is not None:
                         s = jnp.where(ok, s, -jnp.inf)
