@@ -1,5 +1,5 @@
 """Keeping non-finite values of masked keys away from the rows that do not see them, around
-kernels that cannot do it themselves (cuDNN, jax's splash kernel, a Mosaic GPU forward).
+kernels that cannot do it themselves (cuDNN, jax's splash kernel).
 
 Such a kernel computes `p @ v` with `p = 0` on the keys a row does not see, and `0 * NaN`
 is NaN: a NaN (or inf) in the value of a masked key would reach every row of its tile.

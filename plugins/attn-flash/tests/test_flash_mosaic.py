@@ -179,10 +179,11 @@ def test_mosaic_backward_conformance_gpu(run):
 
 def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkeypatch):
     """`gpu_path.flash_mosaic` (the Mosaic forward's custom_vjp), its kernel replaced by the
-    Triton forward in the interpreter so it runs on CPU, on values holding NaN/inf: the rows
-    that see one are NaN in the output and in dq, as with the xla reference, because the
-    poisoned output is the backward's residual (found on one H200, where no partitioned path
-    hid it); the primal (not differentiated) gives the same output."""
+    Triton forward in the interpreter so it runs on CPU (a kernel that guards values itself, as
+    the Mosaic kernel does with `guard_values`), on values holding NaN/inf: the rows that see
+    one are NaN in the output and in dq, as with the xla reference, because the poisoned output
+    is the backward's residual (found on one H200, where no partitioned path hid it), and dv is
+    zero at the keys whose value was non-finite; the primal gives the same output."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -202,13 +203,12 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
                         lambda mspec, q, k, v, sinks: triton_kernels.forward(spec, q, k, v, sinks, None, None, None,
                                                                              None))
     bad = value_guard.bad_keys(inputs.value)
-    rows = value_guard.seen_rows(bad, inputs)
     ref_out = jaxattn.attention(**args, is_causal=True, backend="xla")
     weight = jnp.asarray(np.isfinite(np.asarray(ref_out)).all(-1), jnp.float32)[..., None]
     assert 0 < float(weight.mean()) < 1  # some rows see a NaN value, others do not
 
     def loss_mosaic(q, k, v):
-        out, _ = gpu_path.flash_mosaic(spec, None, q, k, v, None, bad, rows)
+        out, _ = gpu_path.flash_mosaic(spec, None, q, k, v, None, bad)
         return jnp.sum(jnp.where(weight > 0, out, 0.0) * weight), out
 
     def loss_xla(q, k, v):
@@ -219,8 +219,7 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
         args["query"], args["key"], args["value"])
     want = jax.grad(loss_xla, argnums=(0, 1, 2))(args["query"], args["key"], args["value"])
     assert np.array_equal(np.isfinite(np.asarray(out)).all(-1), np.asarray(weight[..., 0]) > 0)
-    # not differentiated, the guard is a lax.cond on "some value is non-finite": the same output
-    primal, _ = jax.jit(lambda q, k, v: gpu_path.flash_mosaic(spec, None, q, k, v, None, bad, rows))(
+    primal, _ = jax.jit(lambda q, k, v: gpu_path.flash_mosaic(spec, None, q, k, v, None, bad))(
         args["query"], args["key"], args["value"])
     np.testing.assert_array_equal(np.asarray(primal), np.asarray(out))
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
@@ -397,3 +396,30 @@ def test_fused_dq_backward_traces_under_vmap():
     assert [o.aval.shape for o in traced.jaxpr.outvars] == [q.shape, (3, 2, 1, 256, 2, 128), (3, 2, 1, 256, 2, 128)]
     text = str(traced)
     assert "core_map" in text and "bf16[6,256,4,128]" in text  # one call over 3 x 2 x 1 batch rows
+
+
+@pytest.mark.parametrize("head_dim, band, sinks", [(128, (None, 0), False), (64, (-100, 0), False),
+                                                   (256, (None, 0), True)])
+def test_guarded_forward_traces_with_its_cleaning_state(head_dim, band, sinks):
+    """`guard_values` (the Mosaic forward's in-kernel value guard) traces (no GPU) for causal,
+    a window and head_dim 256 (K/V tiles of 64, column chunks of 128), with the same outputs as
+    the unguarded kernel and one more shared-memory buffer: the per-stage marks of the keys
+    whose value was non-finite. The GPU tests (`test_gpu_nonfinite.py`) check its numbers."""
+    import jax.numpy as jnp
+
+    from jaxattn_flash import mosaic_kernels as mk
+
+    block_kv = 64 if head_dim == 256 else 128
+    q = jax.ShapeDtypeStruct((1, 512, 4, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 512, 2, head_dim), jnp.bfloat16)
+    extra = (jax.ShapeDtypeStruct((4,), jnp.float32),) if sinks else ()
+    traced = {}
+    for guard in (False, True):
+        spec = mk.MosaicSpec(scale=0.1, band_lo=band[0], band_hi=band[1], block_kv=block_kv, sinks=sinks,
+                             guard_values=guard)
+        jaxpr = jax.make_jaxpr(lambda *a, spec=spec: mk.mosaic_forward(spec, *a))(q, kv, kv, *extra)
+        traced[guard] = jaxpr
+        assert [(o.aval.shape, o.aval.dtype) for o in jaxpr.jaxpr.outvars] == [
+            (q.shape, q.dtype), ((1, 4, 512), jnp.float32)]
+    marks = f"Ref<smem>{{f32[2,{block_kv}]}}"  # (stages, block_kv)
+    assert str(traced[True]).count(marks) > str(traced[False]).count(marks)

@@ -1,5 +1,5 @@
 """GPU tests of the non-finite semantics (root README, "Semantics") on flash's compiled
-kernels: Triton forward and backward, the Mosaic GPU forward under the value guard, and
+kernels: Triton forward and backward, the Mosaic GPU forward with its in-kernel value guard, and
 the Mosaic GPU backward after either forward.
 
 Run on a CUDA machine: `pytest -m gpu plugins/attn-flash/tests/test_gpu_nonfinite.py`.

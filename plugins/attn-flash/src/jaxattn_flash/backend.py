@@ -116,8 +116,8 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
 
         block_kv, stages = _config.mosaic_tiles(config, d)
         mspec = MosaicSpec(scale=spec.scale, band_lo=band_lo, band_hi=band_hi, block_kv=block_kv, stages=stages,
-                           soft_cap=spec.soft_cap, sinks=spec.sinks)
-        # Unpadded: the Mosaic path takes no padding, and its value guard is `gpu_path.flash_mosaic`'s.
+                           soft_cap=spec.soft_cap, sinks=spec.sinks, guard_values=value_guard.hides_keys(inputs))
+        # Unpadded: the Mosaic path takes no padding; the kernel guards the values itself.
         return _Call(spec, mspec, q, k, v, inputs.sinks, None, None, None, None)
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)
     qp = pad_axis(pad_axis(q, 1, q_pad), 3, dp)
@@ -134,11 +134,8 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
     (default: the detected one), the backward the one `gpu_path.choose_backward` names."""
     call = _prepare(inputs, metadata, interpret, hardware)
     if call.mosaic is not None:
-        bad = rows = None
-        if value_guard.hides_keys(inputs):
-            bad = value_guard.bad_keys(inputs.value)
-            rows = value_guard.seen_rows(bad, inputs)
-        return gpu_path.flash_mosaic(call.spec, call.mosaic, call.q, call.k, call.v, call.sinks, bad, rows)
+        bad = value_guard.bad_keys(inputs.value) if call.mosaic.guard_values else None  # for the backward
+        return gpu_path.flash_mosaic(call.spec, call.mosaic, call.q, call.k, call.v, call.sinks, bad)
     b, sq, hq, _ = inputs.query.shape
     dv = inputs.value.shape[-1]
     out, lse = flash(call.spec, call.q, call.k, call.v, call.sinks, call.q_seg, call.kv_seg, call.q_lens,

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-from jax import lax
 
 from jaxattn import AttentionRequest, Hardware, value_guard
 
@@ -222,43 +220,33 @@ def choose_backward(request: AttentionRequest, hardware: Hardware, config: Mappi
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, sinks, bad, poisoned):
+def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, sinks, bad):
     """(out, lse) of unpadded q/k/v (and sinks or None) through the Mosaic forward; gradients
-    through `_flash_bwd`. Its wgmma multiplies p @ v with p = 0 on masked keys, so where a mask
-    can hide a key, `bad` (bool `[B, Skv, Hkv]`, `value_guard.bad_keys`) names the keys whose value
-    is non-finite and `poisoned` (bool `[B, Sq, Hq]`) the rows that see one of them: the kernel
-    gets those values zeroed and those rows are made NaN (both None: nothing to guard).
-
-    Not differentiated, the guard runs only when some value is non-finite (`lax.cond`).
-    Differentiated, always: the NaN rows are part of the residual output, so the backward
-    treats them as it treats the Triton forward's own NaN rows."""
-    if bad is None:
-        return _mosaic_guarded(mspec, q, k, v, sinks, None, None)
-    return lax.cond(jnp.any(bad), lambda: _mosaic_guarded(mspec, q, k, v, sinks, bad, poisoned),
-                    lambda: _mosaic_guarded(mspec, q, k, v, sinks, None, None))
-
-
-def _mosaic_guarded(mspec, q, k, v, sinks, bad, poisoned):
+    through `_flash_bwd`. Where a mask can hide a key, `mspec.guard_values` has the kernel keep
+    non-finite values of masked keys from the rows that do not see them (and make the rows
+    that see one NaN), and `bad` (bool `[B, Skv, Hkv]`, `value_guard.bad_keys`; None: nothing
+    to guard) names those keys for the backward, whose dv is zero there. The forward reads
+    no value twice: `bad` is computed only where the call is differentiated."""
     from .mosaic_kernels import mosaic_forward
 
-    if bad is None:
-        return mosaic_forward(mspec, q, k, v, sinks)
-    out, lse = mosaic_forward(mspec, q, k, value_guard.clean(v, bad), sinks)
-    return value_guard.poison(out, poisoned), lse
+    return mosaic_forward(mspec, q, k, v, sinks)
 
 
-def _fwd(spec, mspec, q, k, v, sinks, bad, poisoned):
-    out, lse = _mosaic_guarded(mspec, q, k, v, sinks, bad, poisoned)
-    # v as given: `_flash_bwd` zeroes its non-finite entries itself (`finite_values`)
+def _fwd(spec, mspec, q, k, v, sinks, bad):
+    from .mosaic_kernels import mosaic_forward
+
+    out, lse = mosaic_forward(mspec, q, k, v, sinks)
+    # v as given: `_flash_bwd` zeroes its non-finite entries itself (`finite_values`); the rows
+    # that see one are NaN in `out`, and the backward treats them as the Triton forward's own
     return (out, lse), (Residuals(q, k, v, out, lse, sinks), bad)
 
 
 def _bwd(spec, mspec, residuals, cotangents):
     residuals, bad = residuals
     dq, dk, dv, d_sinks, *_ = _flash_bwd(spec, residuals, cotangents)
-    if bad is not None:  # the zeroed values: no gradient reaches them
+    if bad is not None:  # the values the kernel zeroed: no gradient reaches them
         dv = value_guard.clean(dv, bad)
-    return dq, dk, dv, d_sinks, None, None
+    return dq, dk, dv, d_sinks, None
 
 
 flash_mosaic.defvjp(_fwd, _bwd)

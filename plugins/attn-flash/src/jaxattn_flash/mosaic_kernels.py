@@ -29,6 +29,15 @@ K/V slots). The running max starts at a finite floor and masked logits are -inf,
 row with no visible key keeps l = 0 and gives out 0, lse -inf; a NaN sum (a non-finite
 logit the row sees) propagates.
 
+Non-finite values (`guard_values`, where a mask can hide a key): `p @ v` with p = 0 on a
+masked key would carry a NaN value into every row of its tile. On the tiles the block's mask
+cuts (the ones outside the block's fully visible range), the consumers stop ping-ponging and
+clean the value tile in shared memory together (each its 64-key chunks: non-finite entries
+zeroed, the keys that held one written to a small per-stage array), meet on named barrier 10,
+and mark the rows that see a marked key; those rows are NaN at the end. On the fully visible
+tiles a non-finite value reaches every row, as it must, with no work. Nothing outside the
+kernel reads the values, and nothing waits on the host.
+
 A logit soft-cap c replaces the scaled logits by c·tanh(s·scale/c) (one tanh per logit); a
 sink logit per query head joins each row's normalizer after the loop, as in the Triton
 forward (a row without keys stays out 0, lse -inf).
@@ -55,6 +64,8 @@ LN2 = math.log(2.0)
 M_FLOOR = -1e30  # initial running max (log2 units): finite, below any real logit
 CONSUMERS = 2
 SCHEDULE_BARRIER = 8  # named barriers 8 (warpgroup 0) and 9 (warpgroup 1)
+CONSUMERS_BARRIER = 10  # both consumers (a guarded tile is clean)
+GUARD_KEYS, GUARD_COLS = 64, 128  # the value guard cleans a tile in chunks of this many keys x columns
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,7 @@ class MosaicSpec:
     fence: bool = False  # optimization barrier after the softmax (measured slower on an H100)
     soft_cap: float | None = None  # logits c·tanh(s/c)
     sinks: bool = False  # one sink logit per query head joins each row's normalizer
+    guard_values: bool = False  # keep non-finite values of masked keys from the rows that do not see them
 
     @property
     def rows(self) -> int:
@@ -112,11 +124,12 @@ def block_range(spec: MosaicSpec, r0, num_kv_tiles: int):
     return lb, jnp.maximum(ub, lb)
 
 
-def full_range(spec: MosaicSpec, r0, lb, ub):
-    """Of [lb, ub), the tiles [fs, fe) fully visible for rows [r0, r0 + block_q)."""
+def full_range(spec: MosaicSpec, r0, lb, ub, rows: int | None = None):
+    """Of [lb, ub), the tiles [fs, fe) fully visible for rows [r0, r0 + rows) (default: block_q)."""
     fs, fe = lb, ub
+    rows = spec.block_q if rows is None else rows
     if spec.band_lo is not None:
-        fs = jnp.maximum(fs, _cdiv(r0 + spec.block_q - 1 + spec.band_lo, spec.block_kv))
+        fs = jnp.maximum(fs, _cdiv(r0 + rows - 1 + spec.band_lo, spec.block_kv))
     if spec.band_hi is not None:
         fe = jnp.minimum(fe, _div(r0 + spec.band_hi + 1, spec.block_kv))
     fs = jnp.minimum(fs, ub)
@@ -138,6 +151,20 @@ def _named_barrier(plgpu, op: str, own: bool) -> None:
         else:
             bid = arith.subi(arith.constant(i32, SCHEDULE_BARRIER + 1), wg)
         llvm.inline_asm(ir.Type.parse("!llvm.void"), [bid], f"bar.{op} $0, {2 * 128};", "r",
+                        has_side_effects=True)
+
+    emit()
+
+
+def _consumers_sync(plgpu) -> None:
+    """`bar.sync` of both consumer warpgroups on their own named barrier."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm
+
+    @plgpu.inline_mgpu()
+    def emit(_ctx):
+        bid = arith.constant(ir.IntegerType.get_signless(32), CONSUMERS_BARRIER)
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [bid], f"bar.sync $0, {CONSUMERS * 128};", "r",
                         has_side_effects=True)
 
     emit()
@@ -187,13 +214,16 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
     reverse = spec.band_hi is not None and spec.band_lo is None
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
+    col_layout = plgpu.Layout.WGMMA.reduce(0)
+    guard = spec.guard_values
 
     def kernel(*refs):
         if spec.sinks:
             q_ref, k_ref, v_ref, sink_ref, o_ref, lse_ref, *scratch = refs
         else:
             (q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch), sink_ref = refs, None
-        qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free = scratch
+        qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free, *bad_smem = scratch
+        bad_smem = bad_smem[0] if guard else None
         bi = lax.axis_index("b")
         hi = lax.axis_index("h")
         ti = lax.axis_index("q")
@@ -208,36 +238,59 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
             r0 = block_r0 + wg * bq
             qo = qo_smem.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(r0, bq), hi], qo, q_bar.at[wg])
-            fs, fe = full_range(spec, r0, lb, ub)
+            # guarded: both consumers clean the same partial tiles together, so the split is the block's
+            fs, fe = full_range(spec, block_r0, lb, ub, spec.rows) if guard else full_range(spec, r0, lb, ub)
             acc = plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), wgmma_layout)
             m = plgpu.layout_cast(jnp.full((bq,), M_FLOOR, jnp.float32), row_layout)
             l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
+            # rows that see a non-finite value in a cleaned tile (1.0), made NaN at the end
+            seen = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout) if guard else None
             plgpu.barrier_wait(q_bar.at[wg])
 
             @pl.when(ub > lb)
             def _():
                 plgpu.barrier_wait(k_bar.at[lax.rem(lb, stages)])
 
-            if spec.pingpong:
-                pl.when(wg == 1)(lambda: _named_barrier(plgpu, "sync", own=True))
+            def clean_values(slot, ok, seen):
+                """Zero the non-finite values of this tile in place (each consumer its 64-key chunks),
+                then mark the rows that see one of them: `p @ v` with p = 0 on a masked key must not
+                turn a NaN value into a NaN row."""
+                for c in range(bk // GUARD_KEYS):
+                    @pl.when(wg == c % CONSUMERS)
+                    def _(c=c):
+                        bad = None
+                        for d0 in range(0, dv, GUARD_COLS):
+                            part = v_smem.at[slot, pl.ds(c * GUARD_KEYS, GUARD_KEYS), pl.ds(d0, min(GUARD_COLS, dv))]
+                            x = mosaic_load(plgpu, part, wgmma_layout)
+                            finite = (x - x) == 0  # false for NaN and +-inf
+                            part[...] = jnp.where(finite, x, jnp.zeros_like(x))
+                            worst = jnp.where(finite, jnp.float32(0.0), jnp.float32(1.0)).max(axis=1)
+                            bad = worst if bad is None else jnp.maximum(bad, worst)
+                        bad_smem.at[slot, pl.ds(c * GUARD_KEYS, GUARD_KEYS)][...] = bad
+                plgpu.commit_smem()  # visible to the tensor cores and to this warpgroup
+                _consumers_sync(plgpu)  # and to the other consumer
+                bad_keys = mosaic_load(plgpu, bad_smem.at[slot], col_layout)
+                hit = jnp.where(ok, lax.broadcast_in_dim(bad_keys, (bq, bk), [1]), 0.0).max(axis=1)
+                return jnp.maximum(seen, hit)
 
-            def step(ki, carry, *, masked):
-                acc, m, l = carry
+            def step(ki, carry, *, masked, pingpong, guarded=False):
+                acc, m, l, seen = carry
                 slot = lax.rem(ki, stages)
+
+                def band():
+                    i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma_layout)
+                    j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
+                    return visible(spec, (j + ki * bk) - (i + r0))
 
                 def qk(s_ref):
                     plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[slot]))
-                    if spec.pingpong:
+                    if pingpong:
                         _named_barrier(plgpu, "arrive", own=False)
                     return s_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                ok = None
-                if masked:
-                    i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma_layout)
-                    j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
-                    ok = visible(spec, (j + ki * bk) - (i + r0))
+                ok = band() if masked else None
                 if spec.soft_cap is None:  # scale after the max: one multiply per row, an FMA per logit
                     if ok is not None:
                         s = jnp.where(ok, s, -jnp.inf)
@@ -256,7 +309,9 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
                 if spec.fence:
                     acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
                 plgpu.barrier_wait(v_bar.at[slot])
-                if spec.pingpong:
+                if guarded:
+                    seen = clean_values(slot, ok, seen)
+                elif pingpong:
                     _named_barrier(plgpu, "sync", own=True)
 
                 def pv(acc_ref):
@@ -268,12 +323,22 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
 
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l
+                return acc, m_new, l, seen
 
-            carry = lax.fori_loop(lb, fs, functools.partial(step, masked=True), (acc, m, l))
-            carry = lax.fori_loop(fs, fe, functools.partial(step, masked=False), carry)
-            acc, m, l = lax.fori_loop(fe, ub, functools.partial(step, masked=True), carry)
-            if spec.pingpong:
+            # Ping-pong pairs the consumers' steps; guarded steps (partial tiles whose values are
+            # cleaned) run side by side instead: both consumers wait for each other's cleaning.
+            pp = spec.pingpong
+            edge = functools.partial(step, masked=True, pingpong=pp and not guard, guarded=guard)
+            if pp and not guard:
+                pl.when(wg == 1)(lambda: _named_barrier(plgpu, "sync", own=True))
+            carry = lax.fori_loop(lb, fs, edge, (acc, m, l, seen))
+            if pp and guard:
+                pl.when(wg == 1)(lambda: _named_barrier(plgpu, "sync", own=True))
+            carry = lax.fori_loop(fs, fe, functools.partial(step, masked=False, pingpong=pp), carry)
+            if pp and guard:
+                pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
+            acc, m, l, seen = lax.fori_loop(fe, ub, edge, carry)
+            if pp and not guard:
                 pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
 
             live = l != 0.0  # a NaN sum (a non-finite logit the row sees) counts: it propagates
@@ -288,7 +353,10 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
                 m = m_all
             l_safe = jnp.where(live, l, 1.0)
             inv = jnp.where(live, 1.0 / l_safe, 0.0)
-            qo[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+            out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+            if guard:
+                out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]) > 0, jnp.float32(jnp.nan), out)
+            qo[...] = out.astype(dtype)
             lse_smem.at[wg][...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(qo, o_ref.at[bi, pl.ds(r0, bq), hi])
@@ -333,6 +401,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        *([plgpu.SMEM((stages, bk), jnp.float32)] if guard else []),  # which keys of a tile were cleaned
     )
     out_type = (jax.ShapeDtypeStruct((b, sq, hq, dv), dtype), jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
     return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, *sink_rows)
