@@ -80,9 +80,14 @@ def test_forced_mosaic_says_every_reason(mosaic_importable):
     with pytest.raises(ValueError) as err:
         impl.gpu_kernel_for(bad, H100, _md(gpu_kernel="mosaic"))
     text = str(err.value)
-    for word in ("gpu_kernel='mosaic'", "float32", "head_dim", "chunked_causal, segment",
+    for word in ("gpu_kernel='mosaic'", "float32", "head_dim", "(not segment)",
                  "query sequence lengths", "key/value sequence lengths"):
         assert word in text, word
+    chunked = frozenset({"causal", "chunked_causal"})
+    with pytest.raises(ValueError, match="chunks of at least 64 positions"):
+        impl.gpu_kernel_for(_request(mask_kinds=chunked, chunk=(32, 0)), H100, _md(gpu_kernel="mosaic"))
+    assert impl.gpu_kernel_for(_request(mask_kinds=chunked, chunk=(8192, 0)), H100,
+                               _md(gpu_kernel="mosaic")).kernel == "mosaic"
     with pytest.raises(ValueError, match="q_len a multiple of 128"):
         impl.gpu_kernel_for(_request(q_len=200), H100, _md(gpu_kernel="mosaic"))
     with pytest.raises(ValueError, match="does not fit in shared memory"):
@@ -306,21 +311,15 @@ def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
 
 
 BANDS = [(None, None), (None, 0), (None, 256), (None, -128), (-255, 0), (-1000, 37), (-64, 300), (5, None)]
+# chunked causal (band_lo, band_hi, chunk, chunk_offset): band_hi <= chunk_offset, as the mask makes it
+CHUNKED = [(None, -256, 256, -256), (None, 0, 200, 0), (None, 0, 128, 64), (-300, -256, 384, -256)]
+MASKS = [(lo, hi, None, 0) for lo, hi in BANDS] + CHUNKED
 
 
-@pytest.mark.parametrize("band", BANDS)
-def test_mosaic_backward_tile_ranges_hold_every_visible_pair(band):
-    """The dk/dv kernel visits query tiles [lb, ub) of its 128 keys and skips the mask on
-    [fs, fe) of each warpgroup's 64; the dq kernel likewise over key tiles. Brute force: every
-    visible pair is inside the visited range, the unmasked range holds only visible pairs, and
-    the visited range holds no tile without one."""
+def _visibility(mask, q_len: int, kv_len: int):
     import numpy as np
 
-    from jaxattn_flash import mosaic_bwd_kernels as mbk
-
-    lo, hi = band
-    spec = mbk.MosaicBwdSpec(scale=1.0, band_lo=lo, band_hi=hi)
-    q_len, kv_len, tile = 1024, 768, 64
+    lo, hi, chunk, offset = mask
     i = np.arange(q_len)[:, None]
     j = np.arange(kv_len)[None, :]
     vis = np.ones((q_len, kv_len), bool)
@@ -328,9 +327,31 @@ def test_mosaic_backward_tile_ranges_hold_every_visible_pair(band):
         vis &= j - i >= lo
     if hi is not None:
         vis &= j - i <= hi
+    if chunk is not None:
+        vis &= j // chunk == (i + offset) // chunk
+    return vis
 
-    def tiles_of(block):  # [tiles] any / all visible within `block` (rows x cols of vis)
-        t = block.reshape(block.shape[0], -1, tile)
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_mosaic_tile_ranges_and_masks_hold_every_visible_pair(mask):
+    """The Mosaic kernels visit only the tiles in [lb, ub) and skip the mask on [fs, fe). Brute
+    force, for the forward (key tiles of 128-row blocks; [fs, fe) per consumer and, for the value
+    guard, per block), the dk/dv kernel (query tiles of its 128 keys) and the dq kernel (key tiles
+    of 128 rows): every visible pair is inside the visited range, the unmasked range holds only
+    visible pairs, the visited range holds no tile without one; and `visible` on every tile
+    equals the mask (bands, chunks: a tile's queries may straddle a chunk boundary)."""
+    import numpy as np
+
+    from jaxattn_flash import mosaic_bwd_kernels as mbk
+    from jaxattn_flash import mosaic_kernels as mk
+
+    lo, hi, chunk, offset = mask
+    spec = mbk.MosaicBwdSpec(scale=1.0, band_lo=lo, band_hi=hi, chunk=chunk, chunk_offset=offset)
+    q_len, kv_len, tile = 1024, 768, 64
+    vis = _visibility(mask, q_len, kv_len)
+
+    def tiles_of(block, size=tile):  # [tiles] any / all visible within `block` (rows x cols of vis)
+        t = block.reshape(block.shape[0], -1, size)
         return t.any(axis=(0, 2)), t.all(axis=(0, 2))
 
     for c0 in range(0, kv_len, mbk.BLOCK_ROWS):  # dk/dv: query tiles of key rows
@@ -354,12 +375,35 @@ def test_mosaic_backward_tile_ranges_hold_every_visible_pair(band):
             assert lb <= fs <= fe <= ub and all(all_vis[fs:fe]), (r, fs, fe)
             assert set(np.flatnonzero(all_vis[lb:ub]) + lb) <= set(range(fs, fe)), (r, fs, fe)
 
+    fwd = mk.MosaicSpec(scale=1.0, band_lo=lo, band_hi=hi, chunk=chunk, chunk_offset=offset)  # 64 x 128 tiles
+    bk = fwd.block_kv
+    for r0 in range(0, q_len, fwd.rows):  # forward: key tiles of 128-row blocks
+        lb, ub = (int(x) for x in mk.block_range(fwd, r0, kv_len // bk))
+        any_vis, _ = tiles_of(vis[r0:r0 + fwd.rows], bk)
+        assert set(np.flatnonzero(any_vis)) <= set(range(lb, ub)), (r0, lb, ub)
+        for r, rows in ((r0, fwd.block_q), (r0 + fwd.block_q, fwd.block_q), (r0, fwd.rows)):
+            fs, fe = (int(x) for x in mk.full_range(fwd, r, lb, ub, rows))
+            _, all_vis = tiles_of(vis[r:r + rows], bk)
+            assert lb <= fs <= fe <= ub and all(all_vis[fs:fe]), (r, rows, fs, fe)
+            assert set(np.flatnonzero(all_vis[lb:ub]) + lb) <= set(range(fs, fe)), (r, rows, fs, fe)
 
-@pytest.mark.parametrize("fused, head_dim", [(None, 128), ("split", 128), ("own", 128), ("own", 64)])
-def test_mosaic_backward_traces_in_each_dq_form(fused, head_dim):
+    for q0 in range(0, q_len, fwd.block_q):  # the in-tile mask, on every 64 x 128 tile
+        for k0 in range(0, kv_len, bk):
+            q_pos = np.arange(q0, q0 + fwd.block_q)[:, None] + np.zeros((1, bk), int)
+            k_pos = np.arange(k0, k0 + bk)[None, :] + np.zeros((fwd.block_q, 1), int)
+            ok = mk.visible(fwd, jax.numpy.asarray(q_pos), jax.numpy.asarray(k_pos), q0)
+            want = vis[q0:q0 + fwd.block_q, k0:k0 + bk]
+            got = np.ones_like(want) if ok is None else np.asarray(ok)
+            assert np.array_equal(got, want), (q0, k0)
+
+
+@pytest.mark.parametrize("fused, head_dim, chunk", [(None, 128, None), ("split", 128, None), ("own", 128, None),
+                                                    ("own", 64, None), (None, 64, 96), ("split", 128, 128)])
+def test_mosaic_backward_traces_in_each_dq_form(fused, head_dim, chunk):
     """The Mosaic backward kernels trace (jax.make_jaxpr, no GPU) for each way of making dq, with a
-    causal GQA band and soft-cap, and give dq/dk/dv of the inputs' shapes and dtype: two kernels
-    for the dq kernel's form, one writing in place with TMA add-reductions for the fused ones."""
+    causal GQA band (chunked causal where `chunk`) and soft-cap, and give dq/dk/dv of the inputs'
+    shapes and dtype: two kernels for the dq kernel's form, one writing in place with TMA
+    add-reductions for the fused ones."""
     import jax.numpy as jnp
 
     from jaxattn_flash.mosaic_bwd_kernels import MosaicBwdSpec, mosaic_backward
@@ -368,7 +412,7 @@ def test_mosaic_backward_traces_in_each_dq_form(fused, head_dim):
     q = jax.ShapeDtypeStruct((b, s, hq, head_dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((b, s, hkv, head_dim), jnp.bfloat16)
     rows = jax.ShapeDtypeStruct((b, hq, s), jnp.float32)
-    spec = MosaicBwdSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, fused_dq=fused)
+    spec = MosaicBwdSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, fused_dq=fused, chunk=chunk)
     traced = jax.make_jaxpr(lambda *a: mosaic_backward(spec, *a))(q, kv, kv, q, rows, rows)
     assert [(o.aval.shape, o.aval.dtype) for o in traced.jaxpr.outvars] == [
         (q.shape, q.dtype), (kv.shape, kv.dtype), (kv.shape, kv.dtype)]
@@ -398,9 +442,9 @@ def test_fused_dq_backward_traces_under_vmap():
     assert "core_map" in text and "bf16[6,256,4,128]" in text  # one call over 3 x 2 x 1 batch rows
 
 
-@pytest.mark.parametrize("head_dim, band, sinks", [(128, (None, 0), False), (64, (-100, 0), False),
-                                                   (256, (None, 0), True)])
-def test_guarded_forward_traces_with_its_cleaning_state(head_dim, band, sinks):
+@pytest.mark.parametrize("head_dim, band, sinks, chunk", [(128, (None, 0), False, None), (64, (-100, 0), False, None),
+                                                          (256, (None, 0), True, None), (128, (None, 0), False, 192)])
+def test_guarded_forward_traces_with_its_cleaning_state(head_dim, band, sinks, chunk):
     """`guard_values` (the Mosaic forward's in-kernel value guard) traces (no GPU) for causal,
     a window and head_dim 256 (K/V tiles of 64, column chunks of 128), with the same outputs as
     the unguarded kernel and one more shared-memory buffer: the per-stage marks of the keys
@@ -416,7 +460,7 @@ def test_guarded_forward_traces_with_its_cleaning_state(head_dim, band, sinks):
     traced = {}
     for guard in (False, True):
         spec = mk.MosaicSpec(scale=0.1, band_lo=band[0], band_hi=band[1], block_kv=block_kv, sinks=sinks,
-                             guard_values=guard)
+                             guard_values=guard, chunk=chunk)
         jaxpr = jax.make_jaxpr(lambda *a, spec=spec: mk.mosaic_forward(spec, *a))(q, kv, kv, *extra)
         traced[guard] = jaxpr
         assert [(o.aval.shape, o.aval.dtype) for o in jaxpr.jaxpr.outvars] == [

@@ -110,13 +110,15 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
         block_kv_dq, stages_bwd = _config.mosaic_bwd_tiles(config)
         spec = replace(spec, mosaic_bwd=MosaicBwdSpec(
             scale=spec.scale, band_lo=band_lo, band_hi=band_hi, soft_cap=spec.soft_cap,
-            dq_block_kv=block_kv_dq, stages=stages_bwd, fused_dq=_config.mosaic_fused_dq(config, d)))
+            dq_block_kv=block_kv_dq, stages=stages_bwd, fused_dq=_config.mosaic_fused_dq(config, d),
+            chunk=spec.chunk_size, chunk_offset=spec.chunk_offset))
     if path.kernel == "mosaic":
         from .mosaic_kernels import MosaicSpec
 
         block_kv, stages = _config.mosaic_tiles(config, d)
         mspec = MosaicSpec(scale=spec.scale, band_lo=band_lo, band_hi=band_hi, block_kv=block_kv, stages=stages,
-                           soft_cap=spec.soft_cap, sinks=spec.sinks, guard_values=value_guard.hides_keys(inputs))
+                           soft_cap=spec.soft_cap, sinks=spec.sinks, guard_values=value_guard.hides_keys(inputs),
+                           chunk=spec.chunk_size, chunk_offset=spec.chunk_offset)
         # Unpadded: the Mosaic path takes no padding; the kernel guards the values itself.
         return _Call(spec, mspec, q, k, v, inputs.sinks, None, None, None, None)
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)

@@ -36,7 +36,8 @@ from .triton_vjp import Residuals, _flash_bwd
 MOSAIC_DTYPES = ("bfloat16", "float16")
 MOSAIC_HEAD_DIMS = (64, 128, 256)
 MOSAIC_BWD_HEAD_DIMS = (64, 128)
-MOSAIC_MASKS = frozenset({"full", "causal", "sliding_window"})
+MOSAIC_MASKS = frozenset({"full", "causal", "sliding_window", "chunked_causal"})
+MIN_CHUNK = 64  # a kernel tile's 64 queries may straddle one chunk boundary, not two
 ROWS = 128  # query rows per CUDA block of the Mosaic kernel (2 warpgroups x 64)
 
 # The measured rule of "auto" on Hopper: (head_dim, "full" | "band") -> Mosaic is faster.
@@ -99,8 +100,11 @@ def _hopper_reasons(request: AttentionRequest, hardware: Hardware, what: str) ->
         reasons.append(f"the Mosaic GPU {what} is for dense attention")
     other = request.mask_kinds - MOSAIC_MASKS
     if other:
-        reasons.append(f"the Mosaic GPU {what} applies full, causal and sliding-window masks only "
-                       f"(not {', '.join(sorted(other))})")
+        reasons.append(f"the Mosaic GPU {what} applies full, causal, sliding-window and chunked causal masks "
+                       f"only (not {', '.join(sorted(other))})")
+    if request.chunk is not None and request.chunk[0] < MIN_CHUNK:
+        reasons.append(f"the Mosaic GPU {what} takes chunks of at least {MIN_CHUNK} positions "
+                       f"(got {request.chunk[0]})")
     error = _compat.mosaic_import_error()
     if error is not None:
         reasons.append(error)

@@ -4,8 +4,9 @@ warp specialization); by default dq is made inside the dk/dv kernel (`MosaicBwdS
 Both kernels have the shape of the forward (`mosaic_kernels.py`): one producer warpgroup
 streams tiles through a ring of `stages` shared-memory slots with TMA, two consumer
 warpgroups (64 rows each, one wgmma M) run the matrix products with float32 accumulators
-in registers, and a static band `band_lo <= j - i <= band_hi` limits every block to the
-tiles that hold a visible pair, applying the band only on the partial tiles.
+in registers, and a static band `band_lo <= j - i <= band_hi` (and a chunk, as the forward's)
+limits every block to the tiles that hold a visible pair, applying the mask only on the
+partial tiles.
 
 * dq, one CUDA block per (batch, query head, 128 query rows): for every key tile,
   S = Q·Kᵀ and dP = dO·Vᵀ (issued together), P = exp2(S·log2e·scale - lse₂),
@@ -47,7 +48,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import gmem_ref, mosaic_gpu, mosaic_load, ref_transpose
-from .mosaic_kernels import CONSUMERS, LOG2E, _cdiv, _div, _i32, _swizzled, launch, launch_on_refs, visible
+from .mosaic_kernels import (
+    CONSUMERS,
+    LOG2E,
+    _cdiv,
+    _chunk_full_start,
+    _div,
+    _i32,
+    _swizzled,
+    chunk_start,
+    launch,
+    launch_on_refs,
+    visible,
+)
 
 WG_ROWS = 64  # rows of one consumer warpgroup (one wgmma M)
 BLOCK_ROWS = CONSUMERS * WG_ROWS  # rows of one CUDA block, both kernels
@@ -69,6 +82,8 @@ class MosaicBwdSpec:
     # None: the separate dq kernel; "split": the two consumers share dS through shared memory
     # and each adds half of dQ's columns; "own": each adds its own keys' share of all columns.
     fused_dq: str | None = None
+    chunk: int | None = None  # chunked causal, as `MosaicSpec`
+    chunk_offset: int = 0
 
 
 def _probabilities(spec: MosaicBwdSpec, s, lse2, vis):
@@ -116,6 +131,9 @@ def q_tile_range(spec: MosaicBwdSpec, c0, rows: int, block_q: int, num_q_tiles: 
         lb = _div(c0 - spec.band_hi, block_q)
     if spec.band_lo is not None:  # i <= j - band_lo
         ub = jnp.minimum(ub, _cdiv(c0 + rows - spec.band_lo, block_q))
+    if spec.chunk is not None:  # i + chunk_offset < the end of the last key's chunk
+        end = (_div(c0 + rows - 1, spec.chunk) + 1) * spec.chunk
+        ub = jnp.minimum(ub, _cdiv(end - spec.chunk_offset, block_q))
     lb = jnp.minimum(lb, ub)
     return lb, ub
 
@@ -128,6 +146,10 @@ def q_full_range(spec: MosaicBwdSpec, c, block_q: int, lb, ub):
     if spec.band_lo is not None:
         fe = jnp.minimum(fe, _div(c - spec.band_lo + 1, block_q))
     fs = jnp.minimum(fs, ub)
+    if spec.chunk is not None:  # full only where all keys share one chunk, for the queries inside it
+        first, last = _div(c, spec.chunk), _div(c + WG_ROWS - 1, spec.chunk)
+        fe = jnp.where(first == last,
+                       jnp.minimum(fe, _div((first + 1) * spec.chunk - spec.chunk_offset, block_q)), fs)
     return fs, jnp.maximum(fe, fs)
 
 
@@ -138,6 +160,8 @@ def kv_tile_range(spec: MosaicBwdSpec, r0, rows: int, block_kv: int, num_kv_tile
         ub = jnp.minimum(ub, _cdiv(r0 + rows + spec.band_hi, block_kv))
     if spec.band_lo is not None:
         lb = jnp.maximum(lb, _div(r0 + spec.band_lo, block_kv))
+    if spec.chunk is not None:
+        lb = jnp.maximum(lb, _div(chunk_start(spec, r0), block_kv))
     return lb, jnp.maximum(ub, lb)
 
 
@@ -148,7 +172,9 @@ def kv_full_range(spec: MosaicBwdSpec, r, block_kv: int, lb, ub):
         fs = jnp.maximum(fs, _cdiv(r + WG_ROWS - 1 + spec.band_lo, block_kv))
     if spec.band_hi is not None:
         fe = jnp.minimum(fe, _div(r + spec.band_hi + 1, block_kv))
-    fs = jnp.minimum(fs, ub)
+    fs = jnp.minimum(_chunk_full_start(spec, r, WG_ROWS, block_kv, fs), ub)
+    if spec.chunk is not None:  # full only where all rows share one chunk
+        fe = jnp.where(chunk_start(spec, r) == chunk_start(spec, r + WG_ROWS - 1), fe, fs)
     return fs, jnp.maximum(fe, fs)
 
 
@@ -172,7 +198,7 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
     nq, nk = sq // BLOCK_ROWS, skv // bk
     stages = max(1, min(spec.stages, nk))
     dtype = q.dtype
-    reverse = spec.band_hi is not None and spec.band_lo is None
+    reverse = spec.band_hi is not None and spec.band_lo is None and spec.chunk is None
     tile_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
 
@@ -210,7 +236,7 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
                 if masked:
                     i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=tile_layout)
                     j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=tile_layout)
-                    vis = visible(spec, (j + ki * bk) - (i + r0))
+                    vis = visible(spec, i + r0, j + ki * bk, r0)
                 p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_row, s.shape, [0]), vis)
                 ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_row, s.shape, [0]), vis, cap)
 
@@ -368,7 +394,7 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
                 if masked:
                     j = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=tile_layout)
                     i = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=tile_layout)
-                    vis = visible(spec, (j + c) - (i + qi * bq))
+                    vis = visible(spec, i + qi * bq, j + c, qi * bq)
                 p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_col, s.shape, [1]), vis)
                 ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_col, s.shape, [1]), vis, cap)
                 ds16 = ds.astype(dtype)

@@ -21,7 +21,9 @@ for its turn (`bar.sync` on its own barrier), issues P·V. Warpgroup 1 starts wi
 wait, warpgroup 0 ends with one extra arrive, so both see the same count.
 
 Masks: a static band `band_lo <= j - i <= band_hi` (full attention: no band; causal with
-any offset, q_len != kv_len; sliding windows). The block visits only the key tiles
+any offset, q_len != kv_len; sliding windows), and chunked causal (`chunk`: query i sees the
+keys of chunk (i + chunk_offset) // chunk up to the band; chunks of at least 64, so a tile's
+queries straddle at most one chunk boundary). The block visits only the key tiles
 that hold a visible pair for one of its rows; inside that range each consumer runs the
 tiles that are fully visible for its rows without any mask arithmetic, and applies the
 band only on its partial tiles (both consumers visit the same tiles: they share the
@@ -83,6 +85,8 @@ class MosaicSpec:
     soft_cap: float | None = None  # logits c·tanh(s/c)
     sinks: bool = False  # one sink logit per query head joins each row's normalizer
     guard_values: bool = False  # keep non-finite values of masked keys from the rows that do not see them
+    chunk: int | None = None  # chunked causal: query i sees keys of chunk (i + chunk_offset) // chunk only
+    chunk_offset: int = 0
 
     @property
     def rows(self) -> int:
@@ -103,14 +107,35 @@ def _cdiv(a, b: int):
     return lax.div(jnp.maximum(_i32(a), 0) + (b - 1), jnp.int32(b))
 
 
-def visible(spec, diff):
-    """Where `diff = key - query` lies in `spec`'s band `band_lo <= diff <= band_hi` (None: everywhere);
-    `spec` is a forward or a backward spec."""
+def chunk_start(spec, q):
+    """The first key of query `q`'s chunk (0 where `q + chunk_offset < 0`: such a query sees no key)."""
+    return _div(q + spec.chunk_offset, spec.chunk) * spec.chunk
+
+
+def _chunk_full_start(spec, r0, rows: int, block_kv: int, fs):
+    """`fs` raised past the key tiles before the chunk of rows [r0, r0 + rows)' first row."""
+    if spec.chunk is None:
+        return fs
+    return jnp.maximum(fs, _cdiv(chunk_start(spec, r0), block_kv))
+
+
+def visible(spec, q_pos, k_pos, q0):
+    """Where key `k_pos` is visible for query `q_pos` (iotas over one tile whose first query is the
+    scalar `q0`): the band `band_lo <= k - q <= band_hi` and the chunk (None: everywhere); `spec`
+    is a forward or a backward spec. A tile's queries span at most two chunks (chunk >= its
+    rows), so a query's chunk start is the first query's or the next one: no division per entry.
+    The band's `band_hi <= chunk_offset` (chunked causal) bounds the chunk's other side."""
     ok = None
+    diff = k_pos - q_pos
     if spec.band_lo is not None:
         ok = diff >= spec.band_lo
     if spec.band_hi is not None:
         ok = (diff <= spec.band_hi) if ok is None else ok & (diff <= spec.band_hi)
+    if spec.chunk is not None:
+        first = chunk_start(spec, q0)
+        after = first + spec.chunk
+        in_chunk = k_pos >= jnp.where(q_pos + spec.chunk_offset >= after, after, first)
+        ok = in_chunk if ok is None else ok & in_chunk
     return ok
 
 
@@ -121,6 +146,8 @@ def block_range(spec: MosaicSpec, r0, num_kv_tiles: int):
         ub = jnp.minimum(ub, _cdiv(r0 + spec.rows + spec.band_hi, spec.block_kv))
     if spec.band_lo is not None:
         lb = jnp.maximum(lb, _div(r0 + spec.band_lo, spec.block_kv))
+    if spec.chunk is not None:
+        lb = jnp.maximum(lb, _div(chunk_start(spec, r0), spec.block_kv))
     return lb, jnp.maximum(ub, lb)
 
 
@@ -132,7 +159,10 @@ def full_range(spec: MosaicSpec, r0, lb, ub, rows: int | None = None):
         fs = jnp.maximum(fs, _cdiv(r0 + rows - 1 + spec.band_lo, spec.block_kv))
     if spec.band_hi is not None:
         fe = jnp.minimum(fe, _div(r0 + spec.band_hi + 1, spec.block_kv))
+    fs = _chunk_full_start(spec, r0, rows, spec.block_kv, fs)
     fs = jnp.minimum(fs, ub)
+    if spec.chunk is not None:  # full only where all rows share one chunk
+        fe = jnp.where(chunk_start(spec, r0) == chunk_start(spec, r0 + rows - 1), fe, fs)
     return fs, jnp.maximum(fe, fs)
 
 
@@ -211,7 +241,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
     dtype = q.dtype
     c = spec.scale * LOG2E
     # causal-like bands: later query blocks have more keys; start them first
-    reverse = spec.band_hi is not None and spec.band_lo is None
+    reverse = spec.band_hi is not None and spec.band_lo is None and spec.chunk is None
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     col_layout = plgpu.Layout.WGMMA.reduce(0)
@@ -280,7 +310,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
                 def band():
                     i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma_layout)
                     j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
-                    return visible(spec, (j + ki * bk) - (i + r0))
+                    return visible(spec, i + r0, j + ki * bk, r0)
 
                 def qk(s_ref):
                     plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[slot]))
