@@ -23,7 +23,7 @@ H100 = Hardware.nvidia()
 A100 = Hardware.nvidia(compute_capability=(8, 0), device_kind="NVIDIA A100-SXM4-80GB")
 MOSAIC = OperationMetadata(operation_configs={"flash": {"gpu_kernel": "mosaic"}})
 MOSAIC_CASES = ["full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa", "mqa", "sliding_window",
-                "sliding_window_asym", "fully_masked_rows", "return_lse", "soft_cap", "sinks"]
+                "sliding_window_asym", "fully_masked_rows", "return_lse", "soft_cap", "sinks", "chunked_causal"]
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ def test_mosaic_conformance_gpu(run):
 
 MOSAIC_BWD = OperationMetadata(operation_configs={"flash": {"gpu_backward": "mosaic"}})
 MOSAIC_BWD_CASES = ["full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa", "mqa", "sliding_window",
-                    "sliding_window_asym", "fully_masked_rows", "return_lse", "soft_cap", "sinks"]
+                    "sliding_window_asym", "fully_masked_rows", "return_lse", "soft_cap", "sinks", "chunked_causal"]
 GPU_BWD_RUNS = {  # name: (dtype, head_dim, cases, flash config)
     "d64-bf16": ("bfloat16", 64, MOSAIC_BWD_CASES, {}),
     "d128-bf16": ("bfloat16", 128, MOSAIC_BWD_CASES, {}),

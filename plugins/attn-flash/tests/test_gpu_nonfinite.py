@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxattn
-from jaxattn import CausalMask, OperationMetadata
+from jaxattn import CausalMask, ChunkedCausalMask, OperationMetadata
 from jaxattn.testing import assert_same_nonfinite, nonfinite_problem
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
@@ -26,10 +26,11 @@ MASKS = {
     "causal": {"is_causal": True},
     "fully_masked_rows": {"mask": CausalMask(-40)},
     "window": {"is_causal": True, "sliding_window": 50},
+    "chunked": {"mask": ChunkedCausalMask(96)},
     "segments_causal": {"is_causal": True, "segment_ids": SEGMENTS},
     "kv_lengths": {"key_value_seq_lengths": jnp.array([90, 200]), "query_seq_lengths": jnp.array([256, 170])},
 }
-MOSAIC_MASKS = ["full", "causal", "fully_masked_rows", "window"]
+MOSAIC_MASKS = ["full", "causal", "fully_masked_rows", "window", "chunked"]
 TOL = dict(rtol=3e-2, atol=3e-2)
 
 
