@@ -467,3 +467,41 @@ def test_guarded_forward_traces_with_its_cleaning_state(head_dim, band, sinks, c
             (q.shape, q.dtype), ((1, 4, 512), jnp.float32)]
     marks = f"Ref<smem>{{f32[2,{block_kv}]}}"  # (stages, block_kv)
     assert str(traced[True]).count(marks) > str(traced[False]).count(marks)
+
+
+LOWERED = {  # name: forward spec fields
+    "causal": dict(band_lo=None, band_hi=0),
+    "causal-guarded": dict(band_lo=None, band_hi=0, guard_values=True),
+    "window-guarded-softcap": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0),
+    "chunked-guarded-sinks": dict(band_lo=None, band_hi=0, guard_values=True, chunk=192, sinks=True),
+}
+
+
+@pytest.mark.parametrize("name", list(LOWERED))
+def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
+    """`jax.export(..., platforms=["cuda"])` runs Pallas's Mosaic GPU lowering on this CPU machine:
+    every lowering rule and inline PTX emitter of the forward (named barriers, the value guard's
+    cleaning, chunk masks, sinks) and of the dq/dk/dv kernels must accept what we give them. The
+    module that comes out is what a GPU compiles (not run here)."""
+    import jax.numpy as jnp
+    from jax import export
+
+    from jaxattn_flash import mosaic_bwd_kernels as mbk
+    from jaxattn_flash import mosaic_kernels as mk
+
+    fields = dict(LOWERED[name])
+    q = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+    sinks = (jax.ShapeDtypeStruct((4,), jnp.float32),) if fields.get("sinks") else ()
+    spec = mk.MosaicSpec(scale=0.1, **fields)
+    forward = export.export(jax.jit(lambda *a: mk.mosaic_forward(spec, *a)), platforms=["cuda"])(q, kv, kv, *sinks)
+    assert "mosaic_gpu" in forward.mlir_module()
+    assert [o.shape for o in forward.out_avals] == [q.shape, (1, 4, 512)]
+    # the backward's separate dq kernel and its dk/dv kernel (the fused form writes a mutable ref,
+    # which jax.export does not take), with the forward's band and chunk
+    bspec = mbk.MosaicBwdSpec(scale=0.1, band_lo=fields["band_lo"], band_hi=fields["band_hi"],
+                              soft_cap=fields.get("soft_cap"), chunk=fields.get("chunk"))
+    rows = jax.ShapeDtypeStruct((1, 4, 512), jnp.float32)
+    backward = export.export(jax.jit(lambda *a: mbk.mosaic_backward(bspec, *a)), platforms=["cuda"])(
+        q, kv, kv, q, rows, rows)
+    assert [o.shape for o in backward.out_avals] == [q.shape, kv.shape, kv.shape]

@@ -166,38 +166,42 @@ def full_range(spec: MosaicSpec, r0, lb, ub, rows: int | None = None):
     return fs, jnp.maximum(fe, fs)
 
 
-def _named_barrier(plgpu, op: str, own: bool) -> None:
-    """`bar.<op>` on a consumer's own schedule barrier (8 + wg) or the other's (9 - wg)."""
+def _bar(plgpu, op: str, barrier_id) -> None:
+    """`bar.<op>` of both consumer warpgroups (256 threads) on the named barrier
+    `barrier_id(wg)` (`wg`: this warpgroup's index, an MLIR i32 value)."""
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, llvm
+    from jax._src.lib.mlir.dialects import llvm
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     @plgpu.inline_mgpu()
     def emit(_ctx):
-        i32 = ir.IntegerType.get_signless(32)
-        wg = mgpu_utils.warpgroup_idx(sync=False)
-        if own:
-            bid = arith.addi(wg, arith.constant(i32, SCHEDULE_BARRIER))
-        else:
-            bid = arith.subi(arith.constant(i32, SCHEDULE_BARRIER + 1), wg)
-        llvm.inline_asm(ir.Type.parse("!llvm.void"), [bid], f"bar.{op} $0, {2 * 128};", "r",
+        bid = barrier_id(mgpu_utils.warpgroup_idx(sync=False))
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [bid], f"bar.{op} $0, {CONSUMERS * 128};", "r",
                         has_side_effects=True)
 
     emit()
+
+
+def _i32_const(value: int):
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+
+    return arith.constant(ir.IntegerType.get_signless(32), value)
+
+
+def _named_barrier(plgpu, op: str, own: bool) -> None:
+    """`bar.<op>` on a consumer's own schedule barrier (8 + wg) or the other's (9 - wg)."""
+    from jax._src.lib.mlir.dialects import arith
+
+    if own:
+        _bar(plgpu, op, lambda wg: arith.addi(wg, _i32_const(SCHEDULE_BARRIER)))
+    else:
+        _bar(plgpu, op, lambda wg: arith.subi(_i32_const(SCHEDULE_BARRIER + 1), wg))
 
 
 def _consumers_sync(plgpu) -> None:
     """`bar.sync` of both consumer warpgroups on their own named barrier."""
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, llvm
-
-    @plgpu.inline_mgpu()
-    def emit(_ctx):
-        bid = arith.constant(ir.IntegerType.get_signless(32), CONSUMERS_BARRIER)
-        llvm.inline_asm(ir.Type.parse("!llvm.void"), [bid], f"bar.sync $0, {CONSUMERS * 128};", "r",
-                        has_side_effects=True)
-
-    emit()
+    _bar(plgpu, "sync", lambda _wg: _i32_const(CONSUMERS_BARRIER))
 
 
 def _swizzled(plgpu, shape, dtype):
