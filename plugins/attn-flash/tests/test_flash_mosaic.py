@@ -469,8 +469,10 @@ def test_guarded_forward_traces_with_its_cleaning_state(head_dim, band, sinks, c
     assert str(traced[True]).count(marks) > str(traced[False]).count(marks)
 
 
-LOWERED = {  # name: forward spec fields
+LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
     "causal": dict(band_lo=None, band_hi=0),
+    "full-d64": dict(band_lo=None, band_hi=None, head_dim=64),
+    "causal-guarded-d256": dict(band_lo=None, band_hi=0, guard_values=True, head_dim=256, block_kv=64),
     "causal-guarded": dict(band_lo=None, band_hi=0, guard_values=True),
     "window-guarded-softcap": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0),
     "chunked-guarded-sinks": dict(band_lo=None, band_hi=0, guard_values=True, chunk=192, sinks=True),
@@ -490,13 +492,16 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
     from jaxattn_flash import mosaic_kernels as mk
 
     fields = dict(LOWERED[name])
-    q = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+    d = fields.pop("head_dim", 128)
+    q = jax.ShapeDtypeStruct((1, 512, 4, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 512, 2, d), jnp.bfloat16)
     sinks = (jax.ShapeDtypeStruct((4,), jnp.float32),) if fields.get("sinks") else ()
     spec = mk.MosaicSpec(scale=0.1, **fields)
     forward = export.export(jax.jit(lambda *a: mk.mosaic_forward(spec, *a)), platforms=["cuda"])(q, kv, kv, *sinks)
     assert "mosaic_gpu" in forward.mlir_module()
     assert [o.shape for o in forward.out_avals] == [q.shape, (1, 4, 512)]
+    if d not in gpu_path.MOSAIC_BWD_HEAD_DIMS:
+        return
     # the backward's separate dq kernel and its dk/dv kernel (the fused form writes a mutable ref,
     # which jax.export does not take), with the forward's band and chunk
     bspec = mbk.MosaicBwdSpec(scale=0.1, band_lo=fields["band_lo"], band_hi=fields["band_hi"],
