@@ -133,3 +133,37 @@ def test_conformance_gpu():
                              expect_supported=arithmetic, shape=shape)
     print(report.table())
     report.assert_ok()
+
+
+TRITON_LOWERED = {  # name: (attention keyword arguments, extra inputs by name: (shape, dtype))
+    "causal-gqa": ({"is_causal": True}, {}),
+    "window-softcap": ({"is_causal": True, "sliding_window": 64, "logits_soft_cap": 30.0}, {}),
+    "chunked-sinks": ({"mask": jaxattn.ChunkedCausalMask(128)}, {"sinks": ((4,), jnp.float32)}),
+    "segments-lengths": ({}, {"segment_ids": ((1, 512), jnp.int32), "key_value_seq_lengths": ((1,), jnp.int32)}),
+}
+
+
+@pytest.mark.parametrize("name", list(TRITON_LOWERED))
+def test_triton_kernels_lower_for_cuda_without_a_gpu(name):
+    """`jax.export(..., platforms=["cuda"])` on an injected H100 runs Pallas's Triton lowering of the
+    compiled forward, dq and dk/dv kernels on this CPU machine (the interpreter, which the rest of
+    the suite uses, never does): each feature's kernel code must lower. Not run here."""
+    from jax import export
+
+    kwargs, extra = TRITON_LOWERED[name]
+    q = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+    more = {n: jax.ShapeDtypeStruct(shape, dtype) for n, (shape, dtype) in extra.items()}
+    triton = OperationMetadata(mode="train", operation_configs={"flash": {"gpu_kernel": "triton",
+                                                                          "gpu_backward": "triton"}})
+
+    def loss(q, k, v, more):
+        out = jaxattn.attention(q, k, v, **kwargs, **more, backend="flash", metadata=triton)
+        return out.astype(jnp.float32).sum()
+
+    unchecked = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    with jaxattn.hardware.override(Hardware.nvidia(compute_capability=(9, 0))):
+        exported = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
+                                 disabled_checks=unchecked)(q, kv, kv, more)
+    assert exported.mlir_module().count("xla.gpu.triton") == 3  # forward, dq, dk/dv
+    assert [o.shape for o in exported.out_avals] == [q.shape, kv.shape, kv.shape]

@@ -211,3 +211,32 @@ def test_gpu_non_finite_slots_and_bad_pages_under_jit(name):
     assert np.array_equal(np.isfinite(got).all(-1), np.isfinite(want).all(-1))
     finite = np.isfinite(want)
     np.testing.assert_allclose(got[finite], want[finite], rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("backend", ["ragged_paged", "decode"])
+@pytest.mark.parametrize("pages", ["bfloat16", "int8", "float8_e4m3fn"])
+def test_gpu_kernels_lower_for_cuda_without_a_gpu(backend, pages):
+    """`jax.export(..., platforms=["cuda"])` on an injected H100 runs Pallas's Triton lowering of the
+    compiled paged kernels on this CPU machine (the interpreter never does): decode for both
+    backends, a ragged prefill+decode batch for ragged_paged, with per-token scales on one-byte
+    pages. Not run here."""
+    from jax import export
+
+    quantized = pages != "bfloat16"
+    kp = jax.ShapeDtypeStruct((64, 16, 2, 128), jnp.dtype(pages))
+    scales = [jax.ShapeDtypeStruct((64, 16, 2), jnp.float32)] * 2 if quantized else []
+    lengths, table = jax.ShapeDtypeStruct((4,), jnp.int32), jax.ShapeDtypeStruct((4, 16), jnp.int32)
+    calls = {"decode": (jax.ShapeDtypeStruct((4, 8, 128), jnp.bfloat16), None)}
+    if backend == "ragged_paged":
+        calls["ragged"] = (jax.ShapeDtypeStruct((40, 8, 128), jnp.bfloat16), jax.ShapeDtypeStruct((5,), jnp.int32))
+    unchecked = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    for kind, (q, cu) in calls.items():
+        def run(q, k, v, n, t, cu, *scales):
+            ks, vs = scales if scales else (None, None)
+            return jaxattn.paged_attention(q, k, v, n, t, cu_q_lens=cu, k_scale=ks, v_scale=vs, backend=backend)
+
+        with jaxattn.hardware.override(H100):
+            exported = export.export(jax.jit(run), platforms=["cuda"], disabled_checks=unchecked)(
+                q, kp, kp, lengths, table, cu, *scales)
+        assert "xla.gpu.triton" in exported.mlir_module(), kind
+        assert exported.out_avals[0].shape == q.shape, kind
