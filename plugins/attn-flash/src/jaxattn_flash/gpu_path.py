@@ -127,7 +127,7 @@ def _unpadded_reasons(request: AttentionRequest, config: Mapping[str, Any], rows
 
 # what neither Mosaic kernel applies: (request flag, what it is)
 _UNSERVED = (("q_seq_lengths", "query sequence lengths"), ("kv_seq_lengths", "key/value sequence lengths"),
-             ("has_bias", "a bias"), ("dropout", "dropout"))
+             ("has_bias", "bias"), ("dropout", "dropout"))
 
 
 def _head_dim_reasons(request: AttentionRequest, head_dims: tuple[int, ...], what: str, why: str = "") -> list[str]:
