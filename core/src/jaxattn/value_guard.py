@@ -150,8 +150,10 @@ def guarded(run: Callable[[AttentionInputs], Output], inputs: AttentionInputs) -
     return _guarded(run, inputs)
 
 
-def _always_guarded(run: Callable[[AttentionInputs], Output], inputs: AttentionInputs) -> Output:
-    bad = bad_keys(inputs.value)
+def _always_guarded(run: Callable[[AttentionInputs], Output], inputs: AttentionInputs,
+                    bad: jax.Array | None = None) -> Output:
+    """The guard itself; `bad` is `bad_keys(inputs.value)` where the caller has it already."""
+    bad = bad_keys(inputs.value) if bad is None else bad
     out, lse = run(inputs.replace(value=clean(inputs.value, bad)))
     return poison(out, seen_rows(bad, inputs)), lse
 
@@ -171,7 +173,8 @@ def _guarded(run: Callable[[AttentionInputs], Output], inputs: AttentionInputs) 
     @jax.custom_vjp
     def guard(floats):
         x = rebuild(floats)
-        return lax.cond(jnp.any(bad_keys(x.value)), lambda: _always_guarded(run, x), lambda: run(x))
+        bad = bad_keys(x.value)  # the predicate's pass over the values serves the guard too
+        return lax.cond(jnp.any(bad), lambda: _always_guarded(run, x, bad), lambda: run(x))
 
     def guard_fwd(floats):
         return jax.vjp(lambda f: _always_guarded(run, rebuild(f)), floats)
