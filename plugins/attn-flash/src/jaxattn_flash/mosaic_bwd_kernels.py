@@ -52,11 +52,11 @@ from .mosaic_kernels import (
     CONSUMERS,
     LOG2E,
     _cdiv,
-    _chunk_full_start,
     _div,
     _i32,
     _swizzled,
-    chunk_start,
+    full_key_tiles,
+    key_tiles,
     launch,
     launch_on_refs,
     visible,
@@ -155,27 +155,12 @@ def q_full_range(spec: MosaicBwdSpec, c, block_q: int, lb, ub):
 
 def kv_tile_range(spec: MosaicBwdSpec, r0, rows: int, block_kv: int, num_kv_tiles: int):
     """Key tiles [lb, ub) that hold a visible pair for query rows [r0, r0 + rows)."""
-    lb, ub = _i32(0), _i32(num_kv_tiles)
-    if spec.band_hi is not None:
-        ub = jnp.minimum(ub, _cdiv(r0 + rows + spec.band_hi, block_kv))
-    if spec.band_lo is not None:
-        lb = jnp.maximum(lb, _div(r0 + spec.band_lo, block_kv))
-    if spec.chunk is not None:
-        lb = jnp.maximum(lb, _div(chunk_start(spec, r0), block_kv))
-    return lb, jnp.maximum(ub, lb)
+    return key_tiles(spec, r0, rows, block_kv, num_kv_tiles)
 
 
 def kv_full_range(spec: MosaicBwdSpec, r, block_kv: int, lb, ub):
     """Of [lb, ub), the key tiles fully visible for query rows [r, r + WG_ROWS)."""
-    fs, fe = lb, ub
-    if spec.band_lo is not None:
-        fs = jnp.maximum(fs, _cdiv(r + WG_ROWS - 1 + spec.band_lo, block_kv))
-    if spec.band_hi is not None:
-        fe = jnp.minimum(fe, _div(r + spec.band_hi + 1, block_kv))
-    fs = jnp.minimum(_chunk_full_start(spec, r, WG_ROWS, block_kv, fs), ub)
-    if spec.chunk is not None:  # full only where all rows share one chunk
-        fe = jnp.where(chunk_start(spec, r) == chunk_start(spec, r + WG_ROWS - 1), fe, fs)
-    return fs, jnp.maximum(fe, fs)
+    return full_key_tiles(spec, r, WG_ROWS, block_kv, lb, ub)
 
 
 def _three_loops(lb, fs, fe, ub, step, carry):

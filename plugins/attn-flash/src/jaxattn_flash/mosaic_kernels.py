@@ -112,13 +112,6 @@ def chunk_start(spec, q):
     return _div(q + spec.chunk_offset, spec.chunk) * spec.chunk
 
 
-def _chunk_full_start(spec, r0, rows: int, block_kv: int, fs):
-    """`fs` raised past the key tiles before the chunk of rows [r0, r0 + rows)' first row."""
-    if spec.chunk is None:
-        return fs
-    return jnp.maximum(fs, _cdiv(chunk_start(spec, r0), block_kv))
-
-
 def visible(spec, q_pos, k_pos, q0):
     """Where key `k_pos` is visible for query `q_pos` (iotas over one tile whose first query is the
     scalar `q0`): the band `band_lo <= k - q <= band_hi` and the chunk (None: everywhere); `spec`
@@ -139,31 +132,43 @@ def visible(spec, q_pos, k_pos, q0):
     return ok
 
 
-def block_range(spec: MosaicSpec, r0, num_kv_tiles: int):
-    """Key tiles [lb, ub) that hold a visible pair for rows [r0, r0 + rows)."""
+def key_tiles(spec, r0, rows: int, block_kv: int, num_kv_tiles: int):
+    """Tiles [lb, ub) of `block_kv` keys that hold a visible pair for query rows [r0, r0 + rows);
+    `spec` is a forward or a backward spec (the forward block's and the dq kernel's ranges)."""
     lb, ub = _i32(0), _i32(num_kv_tiles)
     if spec.band_hi is not None:
-        ub = jnp.minimum(ub, _cdiv(r0 + spec.rows + spec.band_hi, spec.block_kv))
+        ub = jnp.minimum(ub, _cdiv(r0 + rows + spec.band_hi, block_kv))
     if spec.band_lo is not None:
-        lb = jnp.maximum(lb, _div(r0 + spec.band_lo, spec.block_kv))
+        lb = jnp.maximum(lb, _div(r0 + spec.band_lo, block_kv))
     if spec.chunk is not None:
-        lb = jnp.maximum(lb, _div(chunk_start(spec, r0), spec.block_kv))
+        lb = jnp.maximum(lb, _div(chunk_start(spec, r0), block_kv))
     return lb, jnp.maximum(ub, lb)
 
 
-def full_range(spec: MosaicSpec, r0, lb, ub, rows: int | None = None):
-    """Of [lb, ub), the tiles [fs, fe) fully visible for rows [r0, r0 + rows) (default: block_q)."""
+def full_key_tiles(spec, r0, rows: int, block_kv: int, lb, ub):
+    """Of [lb, ub), the tiles [fs, fe) of `block_kv` keys fully visible for query rows
+    [r0, r0 + rows); `spec` is a forward or a backward spec."""
     fs, fe = lb, ub
-    rows = spec.block_q if rows is None else rows
     if spec.band_lo is not None:
-        fs = jnp.maximum(fs, _cdiv(r0 + rows - 1 + spec.band_lo, spec.block_kv))
+        fs = jnp.maximum(fs, _cdiv(r0 + rows - 1 + spec.band_lo, block_kv))
     if spec.band_hi is not None:
-        fe = jnp.minimum(fe, _div(r0 + spec.band_hi + 1, spec.block_kv))
-    fs = _chunk_full_start(spec, r0, rows, spec.block_kv, fs)
+        fe = jnp.minimum(fe, _div(r0 + spec.band_hi + 1, block_kv))
+    if spec.chunk is not None:  # not before the first row's chunk
+        fs = jnp.maximum(fs, _cdiv(chunk_start(spec, r0), block_kv))
     fs = jnp.minimum(fs, ub)
     if spec.chunk is not None:  # full only where all rows share one chunk
         fe = jnp.where(chunk_start(spec, r0) == chunk_start(spec, r0 + rows - 1), fe, fs)
     return fs, jnp.maximum(fe, fs)
+
+
+def block_range(spec: MosaicSpec, r0, num_kv_tiles: int):
+    """Key tiles [lb, ub) that hold a visible pair for the block's rows [r0, r0 + rows)."""
+    return key_tiles(spec, r0, spec.rows, spec.block_kv, num_kv_tiles)
+
+
+def full_range(spec: MosaicSpec, r0, lb, ub, rows: int | None = None):
+    """Of [lb, ub), the tiles [fs, fe) fully visible for rows [r0, r0 + rows) (default: block_q)."""
+    return full_key_tiles(spec, r0, spec.block_q if rows is None else rows, spec.block_kv, lb, ub)
 
 
 def _bar(plgpu, op: str, barrier_id) -> None:
