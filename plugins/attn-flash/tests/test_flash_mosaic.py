@@ -23,7 +23,8 @@ H100 = Hardware.nvidia()
 A100 = Hardware.nvidia(compute_capability=(8, 0), device_kind="NVIDIA A100-SXM4-80GB")
 MOSAIC = OperationMetadata(operation_configs={"flash": {"gpu_kernel": "mosaic"}})
 MOSAIC_CASES = ["full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa", "mqa", "sliding_window",
-                "sliding_window_asym", "fully_masked_rows", "return_lse", "soft_cap", "sinks", "chunked_causal"]
+                "sliding_window_asym", "fully_masked_rows", "return_lse", "soft_cap", "sinks", "chunked_causal",
+                "seq_lengths"]
 
 
 @pytest.fixture
@@ -50,11 +51,13 @@ def test_auto_takes_mosaic_on_hopper_only(mosaic_importable):
     on_a100 = impl.gpu_kernel_for(_request(), A100)
     assert on_a100.kernel == "triton" and "compute capability 9.x" in on_a100.reason and "8.0" in on_a100.reason
     assert impl.gpu_kernel_for(_request(), H100, _md(gpu_kernel="triton")).kernel == "triton"
-    for fields in ({"logits_soft_cap": True}, {"has_sinks": True}):  # the Mosaic forward has both
-        assert impl.gpu_kernel_for(_request(**fields), H100).kernel == "mosaic", fields
+    for fields in ({"logits_soft_cap": True}, {"has_sinks": True}, {"kv_seq_lengths": True, "q_seq_lengths": True}):
+        assert impl.gpu_kernel_for(_request(**fields), H100).kernel == "mosaic", fields  # the Mosaic forward has these
     # what auto cannot give to Mosaic goes to Triton, with the reason
-    lengths = impl.gpu_kernel_for(_request(kv_seq_lengths=True), H100)
-    assert lengths.kernel == "triton" and "key/value sequence lengths" in lengths.reason
+    segments = impl.gpu_kernel_for(_request(mask_kinds=frozenset({"causal", "segment"})), H100)
+    assert segments.kernel == "triton" and "segment" in segments.reason
+    # the Mosaic backward takes lengths too
+    assert impl.gpu_backward_for(_request(kv_seq_lengths=True, q_seq_lengths=True), H100).kernel == "mosaic"
 
 
 def test_auto_without_mosaic_gpu(monkeypatch):
@@ -80,9 +83,10 @@ def test_forced_mosaic_says_every_reason(mosaic_importable):
     with pytest.raises(ValueError) as err:
         impl.gpu_kernel_for(bad, H100, _md(gpu_kernel="mosaic"))
     text = str(err.value)
-    for word in ("gpu_kernel='mosaic'", "float32", "head_dim", "(not segment)",
-                 "query sequence lengths", "key/value sequence lengths"):
+    for word in ("gpu_kernel='mosaic'", "float32", "head_dim", "(not segment)"):
         assert word in text, word
+    with pytest.raises(ValueError, match="the Mosaic GPU backward has no bias"):
+        impl.gpu_backward_for(_request(has_bias=True), H100, _md(gpu_backward="mosaic"))
     chunked = frozenset({"causal", "chunked_causal"})
     with pytest.raises(ValueError, match="chunks of at least 64 positions"):
         impl.gpu_kernel_for(_request(mask_kinds=chunked, chunk=(32, 0)), H100, _md(gpu_kernel="mosaic"))
@@ -134,7 +138,7 @@ def _on_hopper() -> bool:
 GPU_RUNS = {  # name: (dtype, head_dim, cases, gradients)
     "d64-bf16": ("bfloat16", 64, MOSAIC_CASES, True),
     "d64-fp16": ("float16", 64, ["causal", "gqa", "fully_masked_rows", "soft_cap", "sinks"], True),
-    "d128-bf16": ("bfloat16", 128, ["causal", "sliding_window_asym", "soft_cap", "sinks"], True),
+    "d128-bf16": ("bfloat16", 128, ["causal", "sliding_window_asym", "soft_cap", "sinks", "seq_lengths"], True),
     "d256-bf16": ("bfloat16", 256, ["causal", "gqa", "soft_cap"], True),
 }
 
@@ -155,15 +159,16 @@ def test_mosaic_conformance_gpu(run):
 
 MOSAIC_BWD = OperationMetadata(operation_configs={"flash": {"gpu_backward": "mosaic"}})
 MOSAIC_BWD_CASES = ["full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa", "mqa", "sliding_window",
-                    "sliding_window_asym", "fully_masked_rows", "return_lse", "soft_cap", "sinks", "chunked_causal"]
+                    "sliding_window_asym", "fully_masked_rows", "return_lse", "soft_cap", "sinks", "chunked_causal",
+                    "seq_lengths"]
 GPU_BWD_RUNS = {  # name: (dtype, head_dim, cases, flash config)
     "d64-bf16": ("bfloat16", 64, MOSAIC_BWD_CASES, {}),
     "d128-bf16": ("bfloat16", 128, MOSAIC_BWD_CASES, {}),
     "d128-fp16": ("float16", 128, ["causal", "gqa", "soft_cap", "sinks"], {}),
     "d128-bf16-kv128-3stages": ("bfloat16", 128, ["causal", "gqa", "sliding_window_asym"],
                                 {"mosaic_block_kv_dq": 128, "mosaic_stages_bwd": 3}),
-    "d128-bf16-mosaic-forward": ("bfloat16", 128, ["full", "causal", "gqa", "sliding_window", "soft_cap", "sinks"],
-                                 {"gpu_kernel": "mosaic"}),
+    "d128-bf16-mosaic-forward": ("bfloat16", 128, ["full", "causal", "gqa", "sliding_window", "soft_cap", "sinks",
+                                                               "seq_lengths"], {"gpu_kernel": "mosaic"}),
 }
 
 
@@ -182,13 +187,15 @@ def test_mosaic_backward_conformance_gpu(run):
     report.assert_ok()
 
 
-def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkeypatch):
+@pytest.mark.parametrize("lengths", [False, True])
+def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkeypatch, lengths):
     """`gpu_path.flash_mosaic` (the Mosaic forward's custom_vjp), its kernel replaced by the
     Triton forward in the interpreter so it runs on CPU (a kernel that guards values itself, as
     the Mosaic kernel does with `guard_values`), on values holding NaN/inf: the rows that see
     one are NaN in the output and in dq, as with the xla reference, because the poisoned output
     is the backward's residual (found on one H200, where no partitioned path hid it), and dv is
-    zero at the keys whose value was non-finite; the primal gives the same output."""
+    zero at the keys whose value was non-finite; the primal gives the same output. With sequence
+    lengths, the wrapper hands them to the kernel and to the backward's residuals."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -198,33 +205,35 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
 
     args = nonfinite_problem(0, (2, 128, 4, 2, 32))
     blocks = OperationMetadata(operation_configs=tiles(32))
+    q_lens, kv_lens = (jnp.array([128, 100]), jnp.array([90, 128])) if lengths else (None, None)
     inputs = jaxattn.validation.build_attention_inputs(
         args["query"], args["key"], args["value"], None, None, metadata=blocks, scale=None, is_causal=True,
-        sliding_window=None, segment_ids=None, query_seq_lengths=None, key_value_seq_lengths=None,
+        sliding_window=None, segment_ids=None, query_seq_lengths=q_lens, key_value_seq_lengths=kv_lens,
         logits_soft_cap=None, sinks=None, dropout_rate=0.0, dropout_rng=None, return_lse=False)
     spec = backend._prepare(inputs, blocks, True, None).spec  # the Triton path: interpreter, no padding here
     assert spec.q_pad == 128 and spec.interpret
     monkeypatch.setattr(mosaic_kernels, "mosaic_forward",
-                        lambda mspec, q, k, v, sinks: triton_kernels.forward(spec, q, k, v, sinks, None, None, None,
-                                                                             None))
+                        lambda mspec, q, k, v, sinks, q_lens, kv_lens: triton_kernels.forward(
+                            spec, q, k, v, sinks, None, None, q_lens, kv_lens))
     bad = value_guard.bad_keys(inputs.value)
-    ref_out = jaxattn.attention(**args, is_causal=True, backend="xla")
+    lens = dict(query_seq_lengths=q_lens, key_value_seq_lengths=kv_lens)
+    ref_out = jaxattn.attention(**args, is_causal=True, backend="xla", **lens)
     weight = jnp.asarray(np.isfinite(np.asarray(ref_out)).all(-1), jnp.float32)[..., None]
     assert 0 < float(weight.mean()) < 1  # some rows see a NaN value, others do not
 
     def loss_mosaic(q, k, v):
-        out, _ = gpu_path.flash_mosaic(spec, None, q, k, v, None, bad)
+        out, _ = gpu_path.flash_mosaic(spec, None, q, k, v, None, q_lens, kv_lens, bad)
         return jnp.sum(jnp.where(weight > 0, out, 0.0) * weight), out
 
     def loss_xla(q, k, v):
-        out = jaxattn.attention(q, k, v, is_causal=True, backend="xla")
+        out = jaxattn.attention(q, k, v, is_causal=True, backend="xla", **lens)
         return jnp.sum(jnp.where(weight > 0, out, 0.0) * weight)
 
     (_, out), got = jax.value_and_grad(loss_mosaic, argnums=(0, 1, 2), has_aux=True)(
         args["query"], args["key"], args["value"])
     want = jax.grad(loss_xla, argnums=(0, 1, 2))(args["query"], args["key"], args["value"])
     assert np.array_equal(np.isfinite(np.asarray(out)).all(-1), np.asarray(weight[..., 0]) > 0)
-    primal, _ = jax.jit(lambda q, k, v: gpu_path.flash_mosaic(spec, None, q, k, v, None, bad))(
+    primal, _ = jax.jit(lambda q, k, v: gpu_path.flash_mosaic(spec, None, q, k, v, None, q_lens, kv_lens, bad))(
         args["query"], args["key"], args["value"])
     np.testing.assert_array_equal(np.asarray(primal), np.asarray(out))
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
@@ -267,7 +276,7 @@ def test_forced_mosaic_backward_says_every_reason(mosaic_importable):
         impl.gpu_backward_for(bad, A100, _md(gpu_backward="mosaic"))
     text = str(err.value)
     for word in ("gpu_backward='mosaic'", "compute capability 9.x", "float32", "head_dim 64/128", "segment",
-                 "query sequence lengths", "has no bias"):
+                 "has no bias"):
         assert word in text, word
     with pytest.raises(ValueError, match="kv_len a multiple of 128"):
         impl.gpu_backward_for(_request(kv_len=1000), H100, _md(gpu_backward="mosaic"))
@@ -332,14 +341,16 @@ def _visibility(mask, q_len: int, kv_len: int):
     return vis
 
 
+@pytest.mark.parametrize("kv_end", [None, 700, 640])
 @pytest.mark.parametrize("mask", MASKS)
-def test_mosaic_tile_ranges_and_masks_hold_every_visible_pair(mask):
+def test_mosaic_tile_ranges_and_masks_hold_every_visible_pair(mask, kv_end):
     """The Mosaic kernels visit only the tiles in [lb, ub) and skip the mask on [fs, fe). Brute
     force, for the forward (key tiles of 128-row blocks; [fs, fe) per consumer and, for the value
     guard, per block), the dk/dv kernel (query tiles of its 128 keys) and the dq kernel (key tiles
     of 128 rows): every visible pair is inside the visited range, the unmasked range holds only
     visible pairs, the visited range holds no tile without one; and `visible` on every tile
-    equals the mask (bands, chunks: a tile's queries may straddle a chunk boundary)."""
+    equals the mask (bands, chunks: a tile's queries may straddle a chunk boundary; a batch row's
+    key length `kv_end`, inside a tile or on its edge)."""
     import numpy as np
 
     from jaxattn_flash import mosaic_bwd_kernels as mbk
@@ -349,28 +360,30 @@ def test_mosaic_tile_ranges_and_masks_hold_every_visible_pair(mask):
     spec = mbk.MosaicBwdSpec(scale=1.0, band_lo=lo, band_hi=hi, chunk=chunk, chunk_offset=offset)
     q_len, kv_len, tile = 1024, 768, 64
     vis = _visibility(mask, q_len, kv_len)
+    if kv_end is not None:
+        vis[:, kv_end:] = False
 
     def tiles_of(block, size=tile):  # [tiles] any / all visible within `block` (rows x cols of vis)
         t = block.reshape(block.shape[0], -1, size)
         return t.any(axis=(0, 2)), t.all(axis=(0, 2))
 
     for c0 in range(0, kv_len, mbk.BLOCK_ROWS):  # dk/dv: query tiles of key rows
-        lb, ub = (int(x) for x in mbk.q_tile_range(spec, c0, mbk.BLOCK_ROWS, tile, q_len // tile))
+        lb, ub = (int(x) for x in mbk.q_tile_range(spec, c0, mbk.BLOCK_ROWS, tile, q_len // tile, kv_end))
         any_vis, _ = tiles_of(vis[:, c0:c0 + mbk.BLOCK_ROWS].T)
         assert set(np.flatnonzero(any_vis)) <= set(range(lb, ub)), (c0, lb, ub)
         assert lb == ub or (any_vis[lb] and any_vis[ub - 1]), (c0, lb, ub)
         for c in (c0, c0 + mbk.WG_ROWS):
-            fs, fe = (int(x) for x in mbk.q_full_range(spec, c, tile, lb, ub))
+            fs, fe = (int(x) for x in mbk.q_full_range(spec, c, tile, lb, ub, kv_end))
             _, all_vis = tiles_of(vis[:, c:c + mbk.WG_ROWS].T)
             assert lb <= fs <= fe <= ub and all(all_vis[fs:fe]), (c, fs, fe)
             full = np.flatnonzero(all_vis[lb:ub]) + lb
             assert set(full) <= set(range(fs, fe)), (c, fs, fe, full)
     for r0 in range(0, q_len, mbk.BLOCK_ROWS):  # dq: key tiles of query rows
-        lb, ub = (int(x) for x in mbk.kv_tile_range(spec, r0, mbk.BLOCK_ROWS, tile, kv_len // tile))
+        lb, ub = (int(x) for x in mbk.kv_tile_range(spec, r0, mbk.BLOCK_ROWS, tile, kv_len // tile, kv_end))
         any_vis, _ = tiles_of(vis[r0:r0 + mbk.BLOCK_ROWS])
         assert set(np.flatnonzero(any_vis)) <= set(range(lb, ub)), (r0, lb, ub)
         for r in (r0, r0 + mbk.WG_ROWS):
-            fs, fe = (int(x) for x in mbk.kv_full_range(spec, r, tile, lb, ub))
+            fs, fe = (int(x) for x in mbk.kv_full_range(spec, r, tile, lb, ub, kv_end))
             _, all_vis = tiles_of(vis[r:r + mbk.WG_ROWS])
             assert lb <= fs <= fe <= ub and all(all_vis[fs:fe]), (r, fs, fe)
             assert set(np.flatnonzero(all_vis[lb:ub]) + lb) <= set(range(fs, fe)), (r, fs, fe)
@@ -378,11 +391,11 @@ def test_mosaic_tile_ranges_and_masks_hold_every_visible_pair(mask):
     fwd = mk.MosaicSpec(scale=1.0, band_lo=lo, band_hi=hi, chunk=chunk, chunk_offset=offset)  # 64 x 128 tiles
     bk = fwd.block_kv
     for r0 in range(0, q_len, fwd.rows):  # forward: key tiles of 128-row blocks
-        lb, ub = (int(x) for x in mk.block_range(fwd, r0, kv_len // bk))
+        lb, ub = (int(x) for x in mk.block_range(fwd, r0, kv_len // bk, kv_end))
         any_vis, _ = tiles_of(vis[r0:r0 + fwd.rows], bk)
         assert set(np.flatnonzero(any_vis)) <= set(range(lb, ub)), (r0, lb, ub)
         for r, rows in ((r0, fwd.block_q), (r0 + fwd.block_q, fwd.block_q), (r0, fwd.rows)):
-            fs, fe = (int(x) for x in mk.full_range(fwd, r, lb, ub, rows))
+            fs, fe = (int(x) for x in mk.full_range(fwd, r, lb, ub, rows, kv_end))
             _, all_vis = tiles_of(vis[r:r + rows], bk)
             assert lb <= fs <= fe <= ub and all(all_vis[fs:fe]), (r, rows, fs, fe)
             assert set(np.flatnonzero(all_vis[lb:ub]) + lb) <= set(range(fs, fe)), (r, rows, fs, fe)
@@ -391,7 +404,7 @@ def test_mosaic_tile_ranges_and_masks_hold_every_visible_pair(mask):
         for k0 in range(0, kv_len, bk):
             q_pos = np.arange(q0, q0 + fwd.block_q)[:, None] + np.zeros((1, bk), int)
             k_pos = np.arange(k0, k0 + bk)[None, :] + np.zeros((fwd.block_q, 1), int)
-            ok = mk.visible(fwd, jax.numpy.asarray(q_pos), jax.numpy.asarray(k_pos), q0)
+            ok = mk.visible(fwd, jax.numpy.asarray(q_pos), jax.numpy.asarray(k_pos), q0, kv_end)
             want = vis[q0:q0 + fwd.block_q, k0:k0 + bk]
             got = np.ones_like(want) if ok is None else np.asarray(ok)
             assert np.array_equal(got, want), (q0, k0)
@@ -476,6 +489,7 @@ LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
     "causal-guarded": dict(band_lo=None, band_hi=0, guard_values=True),
     "window-guarded-softcap": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0),
     "chunked-guarded-sinks": dict(band_lo=None, band_hi=0, guard_values=True, chunk=192, sinks=True),
+    "lengths-guarded": dict(band_lo=None, band_hi=0, guard_values=True, q_lengths=True, kv_lengths=True),
 }
 
 
@@ -495,9 +509,11 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
     d = fields.pop("head_dim", 128)
     q = jax.ShapeDtypeStruct((1, 512, 4, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 512, 2, d), jnp.bfloat16)
-    sinks = (jax.ShapeDtypeStruct((4,), jnp.float32),) if fields.get("sinks") else ()
+    sinks = jax.ShapeDtypeStruct((4,), jnp.float32) if fields.get("sinks") else None
+    lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
     spec = mk.MosaicSpec(scale=0.1, **fields)
-    forward = export.export(jax.jit(lambda *a: mk.mosaic_forward(spec, *a)), platforms=["cuda"])(q, kv, kv, *sinks)
+    forward = export.export(jax.jit(lambda *a: mk.mosaic_forward(spec, *a)), platforms=["cuda"])(
+        q, kv, kv, sinks, lengths if spec.q_lengths else None, lengths if spec.kv_lengths else None)
     assert "mosaic_gpu" in forward.mlir_module()
     assert [o.shape for o in forward.out_avals] == [q.shape, (1, 4, 512)]
     if d not in gpu_path.MOSAIC_BWD_HEAD_DIMS:
@@ -505,8 +521,9 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
     # the backward's separate dq kernel and its dk/dv kernel (the fused form writes a mutable ref,
     # which jax.export does not take), with the forward's band and chunk
     bspec = mbk.MosaicBwdSpec(scale=0.1, band_lo=fields["band_lo"], band_hi=fields["band_hi"],
-                              soft_cap=fields.get("soft_cap"), chunk=fields.get("chunk"))
+                              soft_cap=fields.get("soft_cap"), chunk=fields.get("chunk"),
+                              kv_lengths=fields.get("kv_lengths", False))
     rows = jax.ShapeDtypeStruct((1, 4, 512), jnp.float32)
     backward = export.export(jax.jit(lambda *a: mbk.mosaic_backward(bspec, *a)), platforms=["cuda"])(
-        q, kv, kv, q, rows, rows)
+        q, kv, kv, q, rows, rows, lengths if bspec.kv_lengths else None)
     assert [o.shape for o in backward.out_avals] == [q.shape, kv.shape, kv.shape]

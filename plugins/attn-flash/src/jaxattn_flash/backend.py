@@ -111,16 +111,17 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
         spec = replace(spec, mosaic_bwd=MosaicBwdSpec(
             scale=spec.scale, band_lo=band_lo, band_hi=band_hi, soft_cap=spec.soft_cap,
             dq_block_kv=block_kv_dq, stages=stages_bwd, fused_dq=_config.mosaic_fused_dq(config, d),
-            chunk=spec.chunk_size, chunk_offset=spec.chunk_offset))
+            chunk=spec.chunk_size, chunk_offset=spec.chunk_offset, kv_lengths=kv_lens is not None))
     if path.kernel == "mosaic":
         from .mosaic_kernels import MosaicSpec
 
         block_kv, stages = _config.mosaic_tiles(config, d)
         mspec = MosaicSpec(scale=spec.scale, band_lo=band_lo, band_hi=band_hi, block_kv=block_kv, stages=stages,
                            soft_cap=spec.soft_cap, sinks=spec.sinks, guard_values=value_guard.hides_keys(inputs),
-                           chunk=spec.chunk_size, chunk_offset=spec.chunk_offset)
+                           chunk=spec.chunk_size, chunk_offset=spec.chunk_offset,
+                           q_lengths=q_lens is not None, kv_lengths=kv_lens is not None)
         # Unpadded: the Mosaic path takes no padding; the kernel guards the values itself.
-        return _Call(spec, mspec, q, k, v, inputs.sinks, None, None, None, None)
+        return _Call(spec, mspec, q, k, v, inputs.sinks, None, None, q_lens, kv_lens)
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)
     qp = pad_axis(pad_axis(q, 1, q_pad), 3, dp)
     kp = pad_axis(pad_axis(k, 1, kv_pad), 3, dp)
@@ -137,7 +138,8 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
     call = _prepare(inputs, metadata, interpret, hardware)
     if call.mosaic is not None:
         bad = value_guard.bad_keys(inputs.value) if call.mosaic.guard_values else None  # for the backward
-        return gpu_path.flash_mosaic(call.spec, call.mosaic, call.q, call.k, call.v, call.sinks, bad)
+        return gpu_path.flash_mosaic(call.spec, call.mosaic, call.q, call.k, call.v, call.sinks, call.q_lens,
+                                     call.kv_lens, bad)
     b, sq, hq, _ = inputs.query.shape
     dv = inputs.value.shape[-1]
     out, lse = flash(call.spec, call.q, call.k, call.v, call.sinks, call.q_seg, call.kv_seg, call.q_lens,

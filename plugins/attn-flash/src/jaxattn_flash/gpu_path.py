@@ -126,8 +126,7 @@ def _unpadded_reasons(request: AttentionRequest, config: Mapping[str, Any], rows
 
 
 # what neither Mosaic kernel applies: (request flag, what it is)
-_UNSERVED = (("q_seq_lengths", "query sequence lengths"), ("kv_seq_lengths", "key/value sequence lengths"),
-             ("has_bias", "bias"), ("dropout", "dropout"))
+_UNSERVED = (("has_bias", "bias"), ("dropout", "dropout"))
 
 
 def _head_dim_reasons(request: AttentionRequest, head_dims: tuple[int, ...], what: str, why: str = "") -> list[str]:
@@ -224,25 +223,26 @@ def choose_backward(request: AttentionRequest, hardware: Hardware, config: Mappi
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, sinks, bad):
+def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, sinks, q_lens, kv_lens, bad):
     """(out, lse) of unpadded q/k/v (and sinks or None) through the Mosaic forward; gradients
     through `_flash_bwd`. Where a mask can hide a key, `mspec.guard_values` has the kernel keep
     non-finite values of masked keys from the rows that do not see them (and make the rows
     that see one NaN), and `bad` (bool `[B, Skv, Hkv]`, `value_guard.bad_keys`; None: nothing
     to guard) names those keys for the backward, whose dv is zero there. The forward reads
-    no value twice: `bad` is computed only where the call is differentiated."""
+    no value twice: `bad` is computed only where the call is differentiated. `q_lens`/`kv_lens`
+    (int32 `[B]` or None) are the sequence lengths."""
     from .mosaic_kernels import mosaic_forward
 
-    return mosaic_forward(mspec, q, k, v, sinks)
+    return mosaic_forward(mspec, q, k, v, sinks, q_lens, kv_lens)
 
 
-def _fwd(spec, mspec, q, k, v, sinks, bad):
+def _fwd(spec, mspec, q, k, v, sinks, q_lens, kv_lens, bad):
     from .mosaic_kernels import mosaic_forward
 
-    out, lse = mosaic_forward(mspec, q, k, v, sinks)
+    out, lse = mosaic_forward(mspec, q, k, v, sinks, q_lens, kv_lens)
     # v as given: `_flash_bwd` zeroes its non-finite entries itself (`finite_values`); the rows
     # that see one are NaN in `out`, and the backward treats them as the Triton forward's own
-    return (out, lse), (Residuals(q, k, v, out, lse, sinks), bad)
+    return (out, lse), (Residuals(q, k, v, out, lse, sinks, q_lens=q_lens, kv_lens=kv_lens), bad)
 
 
 def _bwd(spec, mspec, residuals, cotangents):
@@ -250,7 +250,7 @@ def _bwd(spec, mspec, residuals, cotangents):
     dq, dk, dv, d_sinks, *_ = _flash_bwd(spec, residuals, cotangents)
     if bad is not None:  # the values the kernel zeroed: no gradient reaches them
         dv = value_guard.clean(dv, bad)
-    return dq, dk, dv, d_sinks, None
+    return dq, dk, dv, d_sinks, None, None, None
 
 
 flash_mosaic.defvjp(_fwd, _bwd)

@@ -84,6 +84,9 @@ class MosaicBwdSpec:
     fused_dq: str | None = None
     chunk: int | None = None  # chunked causal, as `MosaicSpec`
     chunk_offset: int = 0
+    # per-batch key/value lengths (an int32 [B] input): keys past them are masked, their dk/dv
+    # zero. Query lengths need nothing here: rows past them are dead (lse -inf, so P = 0).
+    kv_lengths: bool = False
 
 
 def _probabilities(spec: MosaicBwdSpec, s, lse2, vis):
@@ -124,22 +127,29 @@ def _dlogits(p, dp, delta, vis, cap_factor):
     return ds
 
 
-def q_tile_range(spec: MosaicBwdSpec, c0, rows: int, block_q: int, num_q_tiles: int):
-    """Query tiles [lb, ub) that hold a visible pair for key rows [c0, c0 + rows)."""
+def q_tile_range(spec: MosaicBwdSpec, c0, rows: int, block_q: int, num_q_tiles: int, kv_end=None):
+    """Query tiles [lb, ub) that hold a visible pair for key rows [c0, c0 + rows) (keys before
+    `kv_end`: none when they start at or past it)."""
     lb, ub = _i32(0), _i32(num_q_tiles)
+    last = _i32(c0 + rows - 1)  # the last key
+    if kv_end is not None:
+        last = jnp.minimum(last, kv_end - 1)
     if spec.band_hi is not None:  # i >= j - band_hi
         lb = _div(c0 - spec.band_hi, block_q)
     if spec.band_lo is not None:  # i <= j - band_lo
-        ub = jnp.minimum(ub, _cdiv(c0 + rows - spec.band_lo, block_q))
+        ub = jnp.minimum(ub, _cdiv(last + 1 - spec.band_lo, block_q))
     if spec.chunk is not None:  # i + chunk_offset < the end of the last key's chunk
-        end = (_div(c0 + rows - 1, spec.chunk) + 1) * spec.chunk
+        end = (_div(last, spec.chunk) + 1) * spec.chunk
         ub = jnp.minimum(ub, _cdiv(end - spec.chunk_offset, block_q))
+    if kv_end is not None:
+        ub = jnp.where(c0 < kv_end, ub, 0)
     lb = jnp.minimum(lb, ub)
     return lb, ub
 
 
-def q_full_range(spec: MosaicBwdSpec, c, block_q: int, lb, ub):
-    """Of [lb, ub), the query tiles fully visible for key rows [c, c + WG_ROWS)."""
+def q_full_range(spec: MosaicBwdSpec, c, block_q: int, lb, ub, kv_end=None):
+    """Of [lb, ub), the query tiles fully visible for key rows [c, c + WG_ROWS) (none when one
+    of them is at or past `kv_end`)."""
     fs, fe = lb, ub
     if spec.band_hi is not None:
         fs = jnp.maximum(fs, _cdiv(c + WG_ROWS - 1 - spec.band_hi, block_q))
@@ -150,17 +160,19 @@ def q_full_range(spec: MosaicBwdSpec, c, block_q: int, lb, ub):
         first, last = _div(c, spec.chunk), _div(c + WG_ROWS - 1, spec.chunk)
         fe = jnp.where(first == last,
                        jnp.minimum(fe, _div((first + 1) * spec.chunk - spec.chunk_offset, block_q)), fs)
+    if kv_end is not None:
+        fe = jnp.where(c + WG_ROWS <= kv_end, fe, fs)
     return fs, jnp.maximum(fe, fs)
 
 
-def kv_tile_range(spec: MosaicBwdSpec, r0, rows: int, block_kv: int, num_kv_tiles: int):
-    """Key tiles [lb, ub) that hold a visible pair for query rows [r0, r0 + rows)."""
-    return key_tiles(spec, r0, rows, block_kv, num_kv_tiles)
+def kv_tile_range(spec: MosaicBwdSpec, r0, rows: int, block_kv: int, num_kv_tiles: int, kv_end=None):
+    """Key tiles [lb, ub) that hold a visible pair for query rows [r0, r0 + rows) (keys before `kv_end`)."""
+    return key_tiles(spec, r0, rows, block_kv, num_kv_tiles, kv_end)
 
 
-def kv_full_range(spec: MosaicBwdSpec, r, block_kv: int, lb, ub):
-    """Of [lb, ub), the key tiles fully visible for query rows [r, r + WG_ROWS)."""
-    return full_key_tiles(spec, r, WG_ROWS, block_kv, lb, ub)
+def kv_full_range(spec: MosaicBwdSpec, r, block_kv: int, lb, ub, kv_end=None):
+    """Of [lb, ub), the key tiles fully visible for query rows [r, r + WG_ROWS) (keys before `kv_end`)."""
+    return full_key_tiles(spec, r, WG_ROWS, block_kv, lb, ub, kv_end)
 
 
 def _three_loops(lb, fs, fe, ub, step, carry):
@@ -173,7 +185,12 @@ def _three_loops(lb, fs, fe, ub, step, carry):
 # -- dq -------------------------------------------------------------------------------------------
 
 
-def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
+def _key_end(spec: MosaicBwdSpec, kv_lens_ref, bi):
+    """This batch row's key/value length (a scalar), or None without `spec.kv_lengths`."""
+    return kv_lens_ref[bi] if spec.kv_lengths else None
+
+
+def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
     """dq `[B, Sq, Hq, D]` (Sq % 128 == 0, Skv % dq_block_kv == 0)."""
     plgpu = mosaic_gpu()
     b, sq, hq, d = q.shape
@@ -187,13 +204,15 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
     tile_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem,
-               q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, free):
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        kv_lens_ref, refs = (refs[0], refs[1:]) if spec.kv_lengths else (None, refs)
+        (dq_ref, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem,
+         q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, free) = refs
         bi, hi = lax.axis_index("b"), lax.axis_index("h")
         ti, wg = lax.axis_index("q"), lax.axis_index("wg")
         block_r0 = ((nq - 1 - ti) if reverse else ti) * BLOCK_ROWS
-        lb, ub = kv_tile_range(spec, block_r0, BLOCK_ROWS, bk, nk)
+        kv_end = _key_end(spec, kv_lens_ref, bi)
+        lb, ub = kv_tile_range(spec, block_r0, BLOCK_ROWS, bk, nk, kv_end)
 
         @pl.when(wg < CONSUMERS)
         def _consumer():
@@ -209,7 +228,7 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
                 plgpu.barrier_wait(bar.at[wg])
             lse_row = mosaic_load(plgpu, lse_smem.at[wg], row_layout)
             delta_row = mosaic_load(plgpu, delta_smem.at[wg], row_layout)
-            fs, fe = kv_full_range(spec, r0, bk, lb, ub)
+            fs, fe = kv_full_range(spec, r0, bk, lb, ub, kv_end)
 
             def step(ki, dq, *, masked):
                 slot = lax.rem(ki, stages)
@@ -221,7 +240,7 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
                 if masked:
                     i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=tile_layout)
                     j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=tile_layout)
-                    vis = visible(spec, i + r0, j + ki * bk, r0)
+                    vis = visible(spec, i + r0, j + ki * bk, r0, kv_end)
                 p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_row, s.shape, [0]), vis)
                 ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_row, s.shape, [0]), vis, cap)
 
@@ -271,18 +290,20 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
     )
     out_type = jax.ShapeDtypeStruct(q.shape, dtype)
-    return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, do, lse2, delta)
+    lengths = [kv_lens.astype(jnp.int32)] if spec.kv_lengths else []
+    return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, do, lse2, delta, *lengths)
 
 
 # -- dk, dv ---------------------------------------------------------------------------------------
 
 
-def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
+def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
     """(dk, dv) `[B, Skv, Hkv, D]` (Skv % 128 == 0, Sq % dkv_block_q == 0); with `spec.fused_dq`,
     (dq, dk, dv): dq summed into a float32 buffer by TMA reductions (see `MosaicBwdSpec`)."""
+    lengths = [kv_lens.astype(jnp.int32)] if spec.kv_lengths else []
     if spec.fused_dq:
-        return _fused(spec, q, k, v, do, lse2, delta)
-    return _dkdv(spec, q, k, v, do, lse2, delta)
+        return _fused(spec, q, k, v, do, lse2, delta, *lengths)
+    return _dkdv(spec, q, k, v, do, lse2, delta, *lengths)
 
 
 def _fused(spec: MosaicBwdSpec, *args):
@@ -302,7 +323,7 @@ def _fused(spec: MosaicBwdSpec, *args):
     return run(*args)
 
 
-def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
+def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
     plgpu = mosaic_gpu()
     b, sq, hq, d = q.shape
     _, skv, hkv, dv_dim = v.shape
@@ -317,13 +338,15 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
     stages = spec.stages
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        kv_lens_ref, refs = (refs[0], refs[1:]) if spec.kv_lengths else (None, refs)
         dq_ref = refs[0] if fused else None
         (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
          k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free, *dq_scratch) = refs[1:] if fused else refs
         ds_smem, dq_smem, ds_bar, k_done = dq_scratch or (None,) * 4
         bi, kvh = lax.axis_index("b"), lax.axis_index("h")
         c0, wg = lax.axis_index("k") * BLOCK_ROWS, lax.axis_index("wg")
-        lb, ub = q_tile_range(spec, c0, BLOCK_ROWS, bq, nq)
+        kv_end = _key_end(spec, kv_lens_ref, bi)
+        lb, ub = q_tile_range(spec, c0, BLOCK_ROWS, bq, nq, kv_end)
         per_head = ub - lb
         total = group * per_head
 
@@ -363,7 +386,7 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
             plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_s, v_bar.at[wg])
             plgpu.barrier_wait(k_bar.at[wg])
             plgpu.barrier_wait(v_bar.at[wg])
-            fs, fe = q_full_range(spec, c, bq, lb, ub)
+            fs, fe = q_full_range(spec, c, bq, lb, ub, kv_end)
 
             def step(qi, carry, *, gi, masked):
                 dk, dv = carry
@@ -379,7 +402,7 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
                 if masked:
                     j = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=tile_layout)
                     i = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=tile_layout)
-                    vis = visible(spec, i + qi * bq, j + c, qi * bq)
+                    vis = visible(spec, i + qi * bq, j + c, qi * bq, kv_end)
                 p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_col, s.shape, [1]), vis)
                 ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_col, s.shape, [1]), vis, cap)
                 ds16 = ds.astype(dtype)
@@ -459,16 +482,17 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
     )
     grid = {"b": b, "h": hkv, "k": nkb}
+    lengths = [kv_lens] if spec.kv_lengths else []
     if not fused:
         out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
-        return launch(plgpu, kernel, out_type, scratch, grid)(q, k, v, do, lse2, delta)
+        return launch(plgpu, kernel, out_type, scratch, grid)(q, k, v, do, lse2, delta, *lengths)
     scratch += (
         _swizzled(plgpu, (2, CONSUMERS, bk, bq), dtype),  # dSᵀ of each consumer, two tiles deep
         _swizzled(plgpu, (CONSUMERS, bq, dq_cols), jnp.float32),  # the dQ part a consumer adds
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2),  # both halves of dS are stored
         plgpu.Barrier(num_arrivals=CONSUMERS),  # both consumers are done with K
     )
-    refs = [gmem_ref(plgpu, x) for x in (q, k, v, do, lse2, delta)]
+    refs = [gmem_ref(plgpu, x) for x in (q, k, v, do, lse2, delta, *lengths)]
     outs = [gmem_ref(plgpu, jnp.zeros(shape, dt))
             for shape, dt in ((q.shape, jnp.float32), (k.shape, dtype), (v.shape, dtype))]
     launch_on_refs(plgpu, kernel, [*refs, *outs], scratch, grid)
@@ -479,10 +503,11 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
 _dkdv_jit = jax.jit(_dkdv, static_argnums=0)
 
 
-def mosaic_backward(spec: MosaicBwdSpec, q, k, v, do, lse2, delta):
-    """(dq, dk, dv) of unpadded q/k/v (see the module docstring for lse₂ and delta)."""
+def mosaic_backward(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
+    """(dq, dk, dv) of unpadded q/k/v (see the module docstring for lse₂ and delta); `kv_lens`
+    (int32 `[B]`) with `spec.kv_lengths`."""
     if spec.fused_dq:
-        return mosaic_dkdv(spec, q, k, v, do, lse2, delta)
-    dq = mosaic_dq(spec, q, k, v, do, lse2, delta)
-    dk, dv = mosaic_dkdv(spec, q, k, v, do, lse2, delta)
+        return mosaic_dkdv(spec, q, k, v, do, lse2, delta, kv_lens)
+    dq = mosaic_dq(spec, q, k, v, do, lse2, delta, kv_lens)
+    dk, dv = mosaic_dkdv(spec, q, k, v, do, lse2, delta, kv_lens)
     return dq, dk, dv

@@ -87,6 +87,8 @@ class MosaicSpec:
     guard_values: bool = False  # keep non-finite values of masked keys from the rows that do not see them
     chunk: int | None = None  # chunked causal: query i sees keys of chunk (i + chunk_offset) // chunk only
     chunk_offset: int = 0
+    q_lengths: bool = False  # per-batch query lengths: rows past them give zeros and lse -inf
+    kv_lengths: bool = False  # per-batch key/value lengths: keys past them are masked
 
     @property
     def rows(self) -> int:
@@ -112,12 +114,13 @@ def chunk_start(spec, q):
     return _div(q + spec.chunk_offset, spec.chunk) * spec.chunk
 
 
-def visible(spec, q_pos, k_pos, q0):
+def visible(spec, q_pos, k_pos, q0, kv_end=None):
     """Where key `k_pos` is visible for query `q_pos` (iotas over one tile whose first query is the
-    scalar `q0`): the band `band_lo <= k - q <= band_hi` and the chunk (None: everywhere); `spec`
-    is a forward or a backward spec. A tile's queries span at most two chunks (chunk >= its
-    rows), so a query's chunk start is the first query's or the next one: no division per entry.
-    The band's `band_hi <= chunk_offset` (chunked causal) bounds the chunk's other side."""
+    scalar `q0`): the band `band_lo <= k - q <= band_hi`, the chunk and keys before `kv_end` (a
+    batch row's length; None: everywhere); `spec` is a forward or a backward spec. A tile's
+    queries span at most two chunks (chunk >= its rows), so a query's chunk start is the first
+    query's or the next one: no division per entry. The band's `band_hi <= chunk_offset`
+    (chunked causal) bounds the chunk's other side."""
     ok = None
     diff = k_pos - q_pos
     if spec.band_lo is not None:
@@ -129,12 +132,15 @@ def visible(spec, q_pos, k_pos, q0):
         after = first + spec.chunk
         in_chunk = k_pos >= jnp.where(q_pos + spec.chunk_offset >= after, after, first)
         ok = in_chunk if ok is None else ok & in_chunk
+    if kv_end is not None:
+        ok = (k_pos < kv_end) if ok is None else ok & (k_pos < kv_end)
     return ok
 
 
-def key_tiles(spec, r0, rows: int, block_kv: int, num_kv_tiles: int):
-    """Tiles [lb, ub) of `block_kv` keys that hold a visible pair for query rows [r0, r0 + rows);
-    `spec` is a forward or a backward spec (the forward block's and the dq kernel's ranges)."""
+def key_tiles(spec, r0, rows: int, block_kv: int, num_kv_tiles: int, kv_end=None):
+    """Tiles [lb, ub) of `block_kv` keys that hold a visible pair for query rows [r0, r0 + rows),
+    keys before `kv_end` (a batch row's length; None: all); `spec` is a forward or a backward spec
+    (the forward block's and the dq kernel's ranges)."""
     lb, ub = _i32(0), _i32(num_kv_tiles)
     if spec.band_hi is not None:
         ub = jnp.minimum(ub, _cdiv(r0 + rows + spec.band_hi, block_kv))
@@ -142,17 +148,21 @@ def key_tiles(spec, r0, rows: int, block_kv: int, num_kv_tiles: int):
         lb = jnp.maximum(lb, _div(r0 + spec.band_lo, block_kv))
     if spec.chunk is not None:
         lb = jnp.maximum(lb, _div(chunk_start(spec, r0), block_kv))
+    if kv_end is not None:
+        ub = jnp.minimum(ub, _cdiv(kv_end, block_kv))
     return lb, jnp.maximum(ub, lb)
 
 
-def full_key_tiles(spec, r0, rows: int, block_kv: int, lb, ub):
+def full_key_tiles(spec, r0, rows: int, block_kv: int, lb, ub, kv_end=None):
     """Of [lb, ub), the tiles [fs, fe) of `block_kv` keys fully visible for query rows
-    [r0, r0 + rows); `spec` is a forward or a backward spec."""
+    [r0, r0 + rows), keys before `kv_end`; `spec` is a forward or a backward spec."""
     fs, fe = lb, ub
     if spec.band_lo is not None:
         fs = jnp.maximum(fs, _cdiv(r0 + rows - 1 + spec.band_lo, block_kv))
     if spec.band_hi is not None:
         fe = jnp.minimum(fe, _div(r0 + spec.band_hi + 1, block_kv))
+    if kv_end is not None:
+        fe = jnp.minimum(fe, _div(kv_end, block_kv))
     if spec.chunk is not None:  # not before the first row's chunk
         fs = jnp.maximum(fs, _cdiv(chunk_start(spec, r0), block_kv))
     fs = jnp.minimum(fs, ub)
@@ -161,14 +171,15 @@ def full_key_tiles(spec, r0, rows: int, block_kv: int, lb, ub):
     return fs, jnp.maximum(fe, fs)
 
 
-def block_range(spec: MosaicSpec, r0, num_kv_tiles: int):
-    """Key tiles [lb, ub) that hold a visible pair for the block's rows [r0, r0 + rows)."""
-    return key_tiles(spec, r0, spec.rows, spec.block_kv, num_kv_tiles)
+def block_range(spec: MosaicSpec, r0, num_kv_tiles: int, kv_end=None):
+    """Key tiles [lb, ub) that hold a visible pair for the block's rows [r0, r0 + rows) (keys before `kv_end`)."""
+    return key_tiles(spec, r0, spec.rows, spec.block_kv, num_kv_tiles, kv_end)
 
 
-def full_range(spec: MosaicSpec, r0, lb, ub, rows: int | None = None):
-    """Of [lb, ub), the tiles [fs, fe) fully visible for rows [r0, r0 + rows) (default: block_q)."""
-    return full_key_tiles(spec, r0, spec.block_q if rows is None else rows, spec.block_kv, lb, ub)
+def full_range(spec: MosaicSpec, r0, lb, ub, rows: int | None = None, kv_end=None):
+    """Of [lb, ub), the tiles [fs, fe) fully visible for rows [r0, r0 + rows) (default: block_q),
+    keys before `kv_end`."""
+    return full_key_tiles(spec, r0, spec.block_q if rows is None else rows, spec.block_kv, lb, ub, kv_end)
 
 
 def _bar(plgpu, op: str, barrier_id) -> None:
@@ -235,10 +246,10 @@ def launch_on_refs(plgpu, body, refs, scratch, grid: dict[str, int]) -> None:
         pl.run_scoped(functools.partial(body, *refs), *scratch, collective_axes="wg")
 
 
-def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
+def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=None):
     """q `[B, Sq, Hq, D]`, k/v `[B, Skv, Hkv, D]` (bf16/fp16, Sq % rows == 0, Skv % block_kv == 0),
-    sinks `[Hq]` when `spec.sinks` -> (out `[B, Sq, Hq, D]`, lse `[B, Hq, Sq]` natural log, -inf on
-    rows without keys)."""
+    sinks `[Hq]` when `spec.sinks`, int32 `[B]` lengths when `spec.q_lengths`/`spec.kv_lengths`
+    -> (out `[B, Sq, Hq, D]`, lse `[B, Hq, Sq]` natural log, -inf on rows without keys)."""
     plgpu = mosaic_gpu()
     b, sq, hq, d = q.shape
     _, skv, hkv, dv = v.shape
@@ -256,11 +267,12 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
     col_layout = plgpu.Layout.WGMMA.reduce(0)
     guard = spec.guard_values
 
+    names = ["q", "k", "v"] + ["sinks"] * spec.sinks + ["q_lens"] * spec.q_lengths + ["kv_lens"] * spec.kv_lengths
+
     def kernel(*refs):
-        if spec.sinks:
-            q_ref, k_ref, v_ref, sink_ref, o_ref, lse_ref, *scratch = refs
-        else:
-            (q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch), sink_ref = refs, None
+        ins = dict(zip(names, refs))
+        q_ref, k_ref, v_ref, sink_ref = ins["q"], ins["k"], ins["v"], ins.get("sinks")
+        o_ref, lse_ref, *scratch = refs[len(names):]
         qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free, *bad_smem = scratch
         bad_smem = bad_smem[0] if guard else None
         bi = lax.axis_index("b")
@@ -269,7 +281,11 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
         wg = lax.axis_index("wg")
         qi = (nq - 1 - ti) if reverse else ti
         block_r0 = qi * rows
-        lb, ub = block_range(spec, block_r0, nk)
+        kv_end = ins["kv_lens"][bi] if spec.kv_lengths else None  # this batch row's lengths
+        q_end = ins["q_lens"][bi] if spec.q_lengths else None
+        lb, ub = block_range(spec, block_r0, nk, kv_end)
+        if q_end is not None:  # a block past the queries visits nothing
+            ub = jnp.where(block_r0 < q_end, ub, lb)
 
         @pl.when(wg < CONSUMERS)
         def _consumer():
@@ -278,7 +294,10 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
             qo = qo_smem.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(r0, bq), hi], qo, q_bar.at[wg])
             # guarded: both consumers clean the same partial tiles together, so the split is the block's
-            fs, fe = full_range(spec, block_r0, lb, ub, spec.rows) if guard else full_range(spec, r0, lb, ub)
+            if guard:
+                fs, fe = full_range(spec, block_r0, lb, ub, spec.rows, kv_end)
+            else:
+                fs, fe = full_range(spec, r0, lb, ub, kv_end=kv_end)
             acc = plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), wgmma_layout)
             m = plgpu.layout_cast(jnp.full((bq,), M_FLOOR, jnp.float32), row_layout)
             l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
@@ -319,7 +338,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
                 def band():
                     i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma_layout)
                     j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
-                    return visible(spec, i + r0, j + ki * bk, r0)
+                    return visible(spec, i + r0, j + ki * bk, r0, kv_end)
 
                 def qk(s_ref):
                     plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[slot]))
@@ -381,6 +400,10 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
                 pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
 
             live = l != 0.0  # a NaN sum (a non-finite logit the row sees) counts: it propagates
+            real = None
+            if q_end is not None:  # rows past the query length: zeros, lse -inf
+                real = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=row_layout) + r0 < q_end
+                live = live & real
             if sink_ref is not None:  # the sink joins the normalizer of rows with keys (as Triton)
                 plgpu.copy_gmem_to_smem(sink_ref.at[hi], lse_smem.at[wg], q_bar.at[wg])
                 plgpu.barrier_wait(q_bar.at[wg])
@@ -395,6 +418,8 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
             out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
             if guard:
                 out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]) > 0, jnp.float32(jnp.nan), out)
+            if real is not None:
+                out = jnp.where(lax.broadcast_in_dim(real, acc.shape, [0]), out, 0.0)
             qo[...] = out.astype(dtype)
             lse_smem.at[wg][...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
             plgpu.commit_smem()
@@ -443,4 +468,5 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None):
         *([plgpu.SMEM((stages, bk), jnp.float32)] if guard else []),  # which keys of a tile were cleaned
     )
     out_type = (jax.ShapeDtypeStruct((b, sq, hq, dv), dtype), jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
-    return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, *sink_rows)
+    lengths = [x.astype(jnp.int32) for x, on in ((q_lens, spec.q_lengths), (kv_lens, spec.kv_lengths)) if on]
+    return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, *sink_rows, *lengths)
