@@ -10,6 +10,7 @@ and gradients (Triton or Mosaic GPU backward), bf16 and fp16, against the xla re
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
 
 import jaxattn
@@ -24,7 +25,7 @@ A100 = Hardware.nvidia(compute_capability=(8, 0), device_kind="NVIDIA A100-SXM4-
 MOSAIC = OperationMetadata(operation_configs={"flash": {"gpu_kernel": "mosaic"}})
 MOSAIC_CASES = ["full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa", "mqa", "sliding_window",
                 "sliding_window_asym", "fully_masked_rows", "return_lse", "soft_cap", "sinks", "chunked_causal",
-                "seq_lengths"]
+                "seq_lengths", "segment_ids"]
 
 
 @pytest.fixture
@@ -54,10 +55,12 @@ def test_auto_takes_mosaic_on_hopper_only(mosaic_importable):
     for fields in ({"logits_soft_cap": True}, {"has_sinks": True}, {"kv_seq_lengths": True, "q_seq_lengths": True}):
         assert impl.gpu_kernel_for(_request(**fields), H100).kernel == "mosaic", fields  # the Mosaic forward has these
     # what auto cannot give to Mosaic goes to Triton, with the reason
-    segments = impl.gpu_kernel_for(_request(mask_kinds=frozenset({"causal", "segment"})), H100)
-    assert segments.kernel == "triton" and "segment" in segments.reason
-    # the Mosaic backward takes lengths too
-    assert impl.gpu_backward_for(_request(kv_seq_lengths=True, q_seq_lengths=True), H100).kernel == "mosaic"
+    dropout = impl.gpu_kernel_for(_request(mask_kinds=frozenset({"causal", "segment"}), dropout=True), H100)
+    assert dropout.kernel == "triton" and "has no dropout" in dropout.reason
+    # both Mosaic paths take segment ids (packed sequences), and the backward lengths too
+    for fields in ({"kv_seq_lengths": True, "q_seq_lengths": True}, {"mask_kinds": frozenset({"causal", "segment"})}):
+        assert impl.gpu_kernel_for(_request(**fields), H100).kernel == "mosaic", fields
+        assert impl.gpu_backward_for(_request(**fields), H100).kernel == "mosaic", fields
 
 
 def test_auto_without_mosaic_gpu(monkeypatch):
@@ -78,12 +81,12 @@ def test_forced_mosaic_says_every_reason(mosaic_importable):
     with pytest.raises(ValueError, match="compute capability 9.x"):
         impl.gpu_kernel_for(_request(), A100, _md(gpu_kernel="mosaic"))
     bad = _request(dtype="float32", kv_dtype="float32", head_dim=96, value_head_dim=96, q_len=200,
-                   mask_kinds=frozenset({"causal", "segment", "chunked_causal"}), logits_soft_cap=True,
-                   has_sinks=True, q_seq_lengths=True, kv_seq_lengths=True)
+                   mask_kinds=frozenset({"causal", "dense", "chunked_causal"}), logits_soft_cap=True,
+                   has_sinks=True, q_seq_lengths=True, kv_seq_lengths=True, dropout=True)
     with pytest.raises(ValueError) as err:
         impl.gpu_kernel_for(bad, H100, _md(gpu_kernel="mosaic"))
     text = str(err.value)
-    for word in ("gpu_kernel='mosaic'", "float32", "head_dim", "(not segment)"):
+    for word in ("gpu_kernel='mosaic'", "float32", "head_dim", "(not dense)", "has no dropout"):
         assert word in text, word
     with pytest.raises(ValueError, match="the Mosaic GPU backward has no bias"):
         impl.gpu_backward_for(_request(has_bias=True), H100, _md(gpu_backward="mosaic"))
@@ -138,7 +141,8 @@ def _on_hopper() -> bool:
 GPU_RUNS = {  # name: (dtype, head_dim, cases, gradients)
     "d64-bf16": ("bfloat16", 64, MOSAIC_CASES, True),
     "d64-fp16": ("float16", 64, ["causal", "gqa", "fully_masked_rows", "soft_cap", "sinks"], True),
-    "d128-bf16": ("bfloat16", 128, ["causal", "sliding_window_asym", "soft_cap", "sinks", "seq_lengths"], True),
+    "d128-bf16": ("bfloat16", 128, ["causal", "sliding_window_asym", "soft_cap", "sinks", "seq_lengths",
+                                     "segment_ids"], True),
     "d256-bf16": ("bfloat16", 256, ["causal", "gqa", "soft_cap"], True),
 }
 
@@ -160,7 +164,7 @@ def test_mosaic_conformance_gpu(run):
 MOSAIC_BWD = OperationMetadata(operation_configs={"flash": {"gpu_backward": "mosaic"}})
 MOSAIC_BWD_CASES = ["full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa", "mqa", "sliding_window",
                     "sliding_window_asym", "fully_masked_rows", "return_lse", "soft_cap", "sinks", "chunked_causal",
-                    "seq_lengths"]
+                    "seq_lengths", "segment_ids"]
 GPU_BWD_RUNS = {  # name: (dtype, head_dim, cases, flash config)
     "d64-bf16": ("bfloat16", 64, MOSAIC_BWD_CASES, {}),
     "d128-bf16": ("bfloat16", 128, MOSAIC_BWD_CASES, {}),
@@ -168,7 +172,7 @@ GPU_BWD_RUNS = {  # name: (dtype, head_dim, cases, flash config)
     "d128-bf16-kv128-3stages": ("bfloat16", 128, ["causal", "gqa", "sliding_window_asym"],
                                 {"mosaic_block_kv_dq": 128, "mosaic_stages_bwd": 3}),
     "d128-bf16-mosaic-forward": ("bfloat16", 128, ["full", "causal", "gqa", "sliding_window", "soft_cap", "sinks",
-                                                               "seq_lengths"], {"gpu_kernel": "mosaic"}),
+                                                               "seq_lengths", "segment_ids"], {"gpu_kernel": "mosaic"}),
 }
 
 
@@ -187,15 +191,15 @@ def test_mosaic_backward_conformance_gpu(run):
     report.assert_ok()
 
 
-@pytest.mark.parametrize("lengths", [False, True])
-def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkeypatch, lengths):
+@pytest.mark.parametrize("optional", ["none", "lengths", "segments"])
+def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkeypatch, optional):
     """`gpu_path.flash_mosaic` (the Mosaic forward's custom_vjp), its kernel replaced by the
     Triton forward in the interpreter so it runs on CPU (a kernel that guards values itself, as
     the Mosaic kernel does with `guard_values`), on values holding NaN/inf: the rows that see
     one are NaN in the output and in dq, as with the xla reference, because the poisoned output
     is the backward's residual (found on one H200, where no partitioned path hid it), and dv is
     zero at the keys whose value was non-finite; the primal gives the same output. With sequence
-    lengths, the wrapper hands them to the kernel and to the backward's residuals."""
+    lengths or segment ids, the wrapper hands them to the kernel and to the backward's residuals."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -205,24 +209,25 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
 
     args = nonfinite_problem(0, (2, 128, 4, 2, 32))
     blocks = OperationMetadata(operation_configs=tiles(32))
-    q_lens, kv_lens = (jnp.array([128, 100]), jnp.array([90, 128])) if lengths else (None, None)
+    q_lens, kv_lens = (jnp.array([128, 100]), jnp.array([90, 128])) if optional == "lengths" else (None, None)
+    ids = jnp.asarray(np.repeat([[0] * 50 + [1] * 78], 2, axis=0), jnp.int32) if optional == "segments" else None
     inputs = jaxattn.validation.build_attention_inputs(
         args["query"], args["key"], args["value"], None, None, metadata=blocks, scale=None, is_causal=True,
-        sliding_window=None, segment_ids=None, query_seq_lengths=q_lens, key_value_seq_lengths=kv_lens,
+        sliding_window=None, segment_ids=ids, query_seq_lengths=q_lens, key_value_seq_lengths=kv_lens,
         logits_soft_cap=None, sinks=None, dropout_rate=0.0, dropout_rng=None, return_lse=False)
     spec = backend._prepare(inputs, blocks, True, None).spec  # the Triton path: interpreter, no padding here
-    assert spec.q_pad == 128 and spec.interpret
+    assert spec.q_pad == 128 and spec.interpret and spec.segments == (ids is not None)
     monkeypatch.setattr(mosaic_kernels, "mosaic_forward",
-                        lambda mspec, q, k, v, sinks, q_lens, kv_lens: triton_kernels.forward(
-                            spec, q, k, v, sinks, None, None, q_lens, kv_lens))
+                        lambda mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg: triton_kernels.forward(
+                            spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens))
     bad = value_guard.bad_keys(inputs.value)
-    lens = dict(query_seq_lengths=q_lens, key_value_seq_lengths=kv_lens)
+    lens = dict(query_seq_lengths=q_lens, key_value_seq_lengths=kv_lens, segment_ids=ids)
     ref_out = jaxattn.attention(**args, is_causal=True, backend="xla", **lens)
     weight = jnp.asarray(np.isfinite(np.asarray(ref_out)).all(-1), jnp.float32)[..., None]
     assert 0 < float(weight.mean()) < 1  # some rows see a NaN value, others do not
 
     def loss_mosaic(q, k, v):
-        out, _ = gpu_path.flash_mosaic(spec, None, q, k, v, None, q_lens, kv_lens, bad)
+        out, _ = gpu_path.flash_mosaic(spec, None, q, k, v, None, q_lens, kv_lens, ids, ids, bad)
         return jnp.sum(jnp.where(weight > 0, out, 0.0) * weight), out
 
     def loss_xla(q, k, v):
@@ -233,7 +238,8 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
         args["query"], args["key"], args["value"])
     want = jax.grad(loss_xla, argnums=(0, 1, 2))(args["query"], args["key"], args["value"])
     assert np.array_equal(np.isfinite(np.asarray(out)).all(-1), np.asarray(weight[..., 0]) > 0)
-    primal, _ = jax.jit(lambda q, k, v: gpu_path.flash_mosaic(spec, None, q, k, v, None, q_lens, kv_lens, bad))(
+    primal, _ = jax.jit(lambda q, k, v: gpu_path.flash_mosaic(spec, None, q, k, v, None, q_lens, kv_lens, ids, ids,
+                                                              bad))(
         args["query"], args["key"], args["value"])
     np.testing.assert_array_equal(np.asarray(primal), np.asarray(out))
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
@@ -271,11 +277,11 @@ def test_auto_backward_follows_the_measured_rule(mosaic_importable, monkeypatch)
 def test_forced_mosaic_backward_says_every_reason(mosaic_importable):
     impl = FlashAttention()
     bad = _request(dtype="float32", kv_dtype="float32", head_dim=256, value_head_dim=256,
-                   mask_kinds=frozenset({"causal", "segment"}), q_seq_lengths=True, has_bias=True)
+                   mask_kinds=frozenset({"causal", "dense"}), q_seq_lengths=True, has_bias=True)
     with pytest.raises(ValueError) as err:
         impl.gpu_backward_for(bad, A100, _md(gpu_backward="mosaic"))
     text = str(err.value)
-    for word in ("gpu_backward='mosaic'", "compute capability 9.x", "float32", "head_dim 64/128", "segment",
+    for word in ("gpu_backward='mosaic'", "compute capability 9.x", "float32", "head_dim 64/128", "(not dense)",
                  "has no bias"):
         assert word in text, word
     with pytest.raises(ValueError, match="kv_len a multiple of 128"):
@@ -291,18 +297,20 @@ def test_forced_mosaic_backward_says_every_reason(mosaic_importable):
 
 def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     """On Hopper (injected) a soft-capped causal call runs the Mosaic forward with the cap and
-    carries the Mosaic backward's spec; forcing Triton leaves each out."""
+    carries the Mosaic backward's spec; forcing Triton leaves each out. Segment ids and lengths
+    reach both specs and the backward's residuals (a backward spec without `segments` once gave
+    wrong gradients on an H200 while the forward was right)."""
     from jaxattn_flash import backend
 
     q = jax.random.normal(jax.random.PRNGKey(0), (1, 256, 4, 128), jax.numpy.bfloat16)
     k = jax.random.normal(jax.random.PRNGKey(1), (1, 256, 2, 128), jax.numpy.bfloat16)
 
-    def prepare(config):
+    def prepare(config, **optional):
         md = _md(**config)
+        optional = {"segment_ids": None, "query_seq_lengths": None, "key_value_seq_lengths": None, **optional}
         inputs = jaxattn.validation.build_attention_inputs(
-            q, k, k, None, None, metadata=md, scale=None, is_causal=True, sliding_window=None, segment_ids=None,
-            query_seq_lengths=None, key_value_seq_lengths=None, logits_soft_cap=30.0, sinks=None,
-            dropout_rate=0.0, dropout_rng=None, return_lse=False)
+            q, k, k, None, None, metadata=md, scale=None, is_causal=True, sliding_window=None, **optional,
+            logits_soft_cap=30.0, sinks=None, dropout_rate=0.0, dropout_rng=None, return_lse=False)
         return backend._prepare(inputs, md, False, H100)
 
     call = prepare({})
@@ -317,6 +325,16 @@ def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     assert prepare({"gpu_backward": "triton"}).spec.mosaic_bwd is None
     assert bspec.fused_dq == "split"  # head_dim 128: dq inside the dk/dv kernel
     assert prepare({"mosaic_dq": "separate"}).spec.mosaic_bwd.fused_dq is None  # the deterministic kernel
+    assert not (bspec.segments or bspec.kv_lengths or call.mosaic.segments or call.mosaic.kv_lengths)
+    # segment ids and lengths reach both Mosaic specs and ride with the call, unpadded
+    ids = jax.numpy.asarray(np.repeat([[0] * 100 + [1] * 156], 1, axis=0), jax.numpy.int32)
+    lens = jax.numpy.array([200])
+    call = prepare({}, segment_ids=ids, query_seq_lengths=lens, key_value_seq_lengths=lens)
+    assert call.mosaic.segments and call.mosaic.q_lengths and call.mosaic.kv_lengths
+    assert call.spec.mosaic_bwd.segments and call.spec.mosaic_bwd.kv_lengths
+    assert call.q_seg.shape == call.kv_seg.shape == (1, 256) and call.kv_lens is not None
+    residuals = call.residuals(q, jax.numpy.zeros((1, 4, 256)))
+    assert residuals.q_seg is call.q_seg and residuals.kv_lens is call.kv_lens  # for the backward
 
 
 BANDS = [(None, None), (None, 0), (None, 256), (None, -128), (-255, 0), (-1000, 37), (-64, 300), (5, None)]
@@ -410,6 +428,58 @@ def test_mosaic_tile_ranges_and_masks_hold_every_visible_pair(mask, kv_end):
             assert np.array_equal(got, want), (q0, k0)
 
 
+def _packed_ids(rng, length: int, docs: int):
+    """Segment ids 0..docs-1 of packed documents of random lengths, in order along `length`."""
+    cuts = np.sort(rng.choice(np.arange(1, length), docs - 1, replace=False))
+    return np.searchsorted(cuts, np.arange(length), side="right").astype(np.int32)
+
+
+@pytest.mark.parametrize("ids", ["packed", "packed-causal", "one-document", "returning"])
+def test_segment_tile_ranges_hold_every_visible_pair(ids):
+    """With segment ids the Mosaic kernels visit the tiles `segment_tile_ranges` bounds, cut
+    by the band's (`clip_range`, `clip_full`, as the forward's blocks and the dk/dv kernel's key
+    blocks do). Brute force over random ids: every pair with equal ids (and inside the causal
+    band) is in a visited tile, the unmasked tiles hold only such pairs; packed documents visit
+    no tile without one and run their one-document tiles unmasked; ids that come back (0, 1, 0)
+    stay correct."""
+    from jaxattn_flash import mosaic_kernels as mk
+    from jaxattn_flash.mosaic_segments import clip_full, clip_range, segment_tile_ranges
+
+    rng = np.random.default_rng(7)
+    n, rows, tile = 1024, 128, 64
+    if ids == "returning":
+        q_ids = (np.arange(n) // 100 % 2).astype(np.int32)
+    elif ids == "one-document":
+        q_ids = np.zeros(n, np.int32)
+    else:
+        q_ids = _packed_ids(rng, n, 5)
+    causal = ids == "packed-causal"
+    vis = q_ids[:, None] == q_ids[None, :]
+    if causal:
+        vis &= np.tri(n, dtype=bool)
+    spec = mk.MosaicSpec(scale=1.0, band_lo=None, band_hi=0 if causal else None, block_kv=tile)
+    for keys_major, v in ((False, vis), (True, vis.T)):  # forward / dq blocks, and dk/dv key blocks
+        ranges = segment_tile_ranges(jax.numpy.asarray(q_ids[None]), jax.numpy.asarray(q_ids[None]), rows, tile)
+        for blk in range(n // rows):
+            block = v[blk * rows:(blk + 1) * rows].reshape(rows, n // tile, tile)
+            any_vis, all_vis = block.any(axis=(0, 2)), block.all(axis=(0, 2))
+            # in the kernels' order: the band's visited range, cut; its full tiles within, cut
+            if keys_major:  # the band seen from keys (not checked here): all tiles visited, none full
+                lb, ub = clip_range(ranges, 0, blk, 0, n // tile)
+                fs, fe = lb, (lb if causal else ub)
+            else:
+                lb, ub = clip_range(ranges, 0, blk, *mk.block_range(spec, blk * rows, n // tile))
+                fs, fe = mk.full_range(spec, blk * rows, lb, ub, rows)
+            fs, fe = clip_full(ranges, 0, blk, ub, fs, fe)
+            lb, ub, fs, fe = (int(x) for x in (lb, ub, fs, fe))
+            assert lb <= fs <= fe <= ub, (keys_major, blk, lb, fs, fe, ub)
+            assert set(np.flatnonzero(any_vis)) <= set(range(lb, ub)), (keys_major, blk, lb, ub)
+            assert all(all_vis[fs:fe]), (keys_major, blk, fs, fe)
+            if ids != "returning" and not (keys_major and causal):
+                assert all(any_vis[lb:ub]), (keys_major, blk, lb, ub)  # tight: no tile without a pair
+                assert set(np.flatnonzero(all_vis)) <= set(range(fs, fe)), (keys_major, blk, fs, fe)
+
+
 @pytest.mark.parametrize("fused, head_dim, chunk", [(None, 128, None), ("split", 128, None), ("own", 128, None),
                                                     ("own", 64, None), (None, 64, 96), ("split", 128, 128)])
 def test_mosaic_backward_traces_in_each_dq_form(fused, head_dim, chunk):
@@ -490,6 +560,9 @@ LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
     "window-guarded-softcap": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0),
     "chunked-guarded-sinks": dict(band_lo=None, band_hi=0, guard_values=True, chunk=192, sinks=True),
     "lengths-guarded": dict(band_lo=None, band_hi=0, guard_values=True, q_lengths=True, kv_lengths=True),
+    "segments-full-d64": dict(band_lo=None, band_hi=None, segments=True, head_dim=64),
+    "segments-causal-guarded-lengths": dict(band_lo=None, band_hi=0, guard_values=True, segments=True,
+                                            kv_lengths=True),
 }
 
 
@@ -511,9 +584,11 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
     kv = jax.ShapeDtypeStruct((1, 512, 2, d), jnp.bfloat16)
     sinks = jax.ShapeDtypeStruct((4,), jnp.float32) if fields.get("sinks") else None
     lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
+    ids = jax.ShapeDtypeStruct((1, 512), jnp.int32)
+    segments = (ids, ids) if fields.get("segments") else (None, None)
     spec = mk.MosaicSpec(scale=0.1, **fields)
     forward = export.export(jax.jit(lambda *a: mk.mosaic_forward(spec, *a)), platforms=["cuda"])(
-        q, kv, kv, sinks, lengths if spec.q_lengths else None, lengths if spec.kv_lengths else None)
+        q, kv, kv, sinks, lengths if spec.q_lengths else None, lengths if spec.kv_lengths else None, *segments)
     assert "mosaic_gpu" in forward.mlir_module()
     assert [o.shape for o in forward.out_avals] == [q.shape, (1, 4, 512)]
     if d not in gpu_path.MOSAIC_BWD_HEAD_DIMS:
@@ -522,8 +597,8 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
     # which jax.export does not take), with the forward's band and chunk
     bspec = mbk.MosaicBwdSpec(scale=0.1, band_lo=fields["band_lo"], band_hi=fields["band_hi"],
                               soft_cap=fields.get("soft_cap"), chunk=fields.get("chunk"),
-                              kv_lengths=fields.get("kv_lengths", False))
+                              kv_lengths=fields.get("kv_lengths", False), segments=spec.segments)
     rows = jax.ShapeDtypeStruct((1, 4, 512), jnp.float32)
     backward = export.export(jax.jit(lambda *a: mbk.mosaic_backward(bspec, *a)), platforms=["cuda"])(
-        q, kv, kv, q, rows, rows, lengths if bspec.kv_lengths else None)
+        q, kv, kv, q, rows, rows, lengths if bspec.kv_lengths else None, *segments)
     assert [o.shape for o in backward.out_avals] == [q.shape, kv.shape, kv.shape]

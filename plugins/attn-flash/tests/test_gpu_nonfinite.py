@@ -30,7 +30,7 @@ MASKS = {
     "segments_causal": {"is_causal": True, "segment_ids": SEGMENTS},
     "kv_lengths": {"key_value_seq_lengths": jnp.array([90, 200]), "query_seq_lengths": jnp.array([256, 170])},
 }
-MOSAIC_MASKS = ["full", "causal", "fully_masked_rows", "window", "chunked", "kv_lengths"]
+MOSAIC_MASKS = ["full", "causal", "fully_masked_rows", "window", "chunked", "kv_lengths", "segments_causal"]
 TOL = dict(rtol=3e-2, atol=3e-2)
 
 

@@ -54,12 +54,12 @@ class _Call:
     kv_lens: jax.Array | None
 
     def residuals(self, out: jax.Array, lse: jax.Array) -> Residuals:
-        """What the backward takes: the forward's inputs, out and lse (padded like them)."""
-        if self.mosaic is not None:  # the Mosaic path takes no padding and no optional inputs but sinks
-            return Residuals(self.q, self.k, self.v, out, lse, self.sinks)
-        rows, dim = self.spec.q_pad, self.v.shape[-1]
-        out = pad_axis(pad_axis(out, 1, rows), 3, dim)
-        lse = jnp.pad(lse, ((0, 0), (0, 0), (0, rows - lse.shape[2])), constant_values=-jnp.inf)
+        """What the backward takes: the forward's inputs, out and lse (padded like them; the
+        Mosaic path takes no padding)."""
+        if self.mosaic is None:
+            rows, dim = self.spec.q_pad, self.v.shape[-1]
+            out = pad_axis(pad_axis(out, 1, rows), 3, dim)
+            lse = jnp.pad(lse, ((0, 0), (0, 0), (0, rows - lse.shape[2])), constant_values=-jnp.inf)
         return Residuals(self.q, self.k, self.v, out, lse, self.sinks, self.q_seg, self.kv_seg, self.q_lens,
                          self.kv_lens)
 
@@ -111,7 +111,8 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
         spec = replace(spec, mosaic_bwd=MosaicBwdSpec(
             scale=spec.scale, band_lo=band_lo, band_hi=band_hi, soft_cap=spec.soft_cap,
             dq_block_kv=block_kv_dq, stages=stages_bwd, fused_dq=_config.mosaic_fused_dq(config, d),
-            chunk=spec.chunk_size, chunk_offset=spec.chunk_offset, kv_lengths=kv_lens is not None))
+            chunk=spec.chunk_size, chunk_offset=spec.chunk_offset, kv_lengths=kv_lens is not None,
+            segments=q_seg is not None))
     if path.kernel == "mosaic":
         from .mosaic_kernels import MosaicSpec
 
@@ -119,9 +120,9 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
         mspec = MosaicSpec(scale=spec.scale, band_lo=band_lo, band_hi=band_hi, block_kv=block_kv, stages=stages,
                            soft_cap=spec.soft_cap, sinks=spec.sinks, guard_values=value_guard.hides_keys(inputs),
                            chunk=spec.chunk_size, chunk_offset=spec.chunk_offset,
-                           q_lengths=q_lens is not None, kv_lengths=kv_lens is not None)
+                           q_lengths=q_lens is not None, kv_lengths=kv_lens is not None, segments=q_seg is not None)
         # Unpadded: the Mosaic path takes no padding; the kernel guards the values itself.
-        return _Call(spec, mspec, q, k, v, inputs.sinks, None, None, q_lens, kv_lens)
+        return _Call(spec, mspec, q, k, v, inputs.sinks, q_seg, kv_seg, q_lens, kv_lens)
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)
     qp = pad_axis(pad_axis(q, 1, q_pad), 3, dp)
     kp = pad_axis(pad_axis(k, 1, kv_pad), 3, dp)
@@ -139,7 +140,7 @@ def flash_attention(inputs: AttentionInputs, metadata: OperationMetadata, *, int
     if call.mosaic is not None:
         bad = value_guard.bad_keys(inputs.value) if call.mosaic.guard_values else None  # for the backward
         return gpu_path.flash_mosaic(call.spec, call.mosaic, call.q, call.k, call.v, call.sinks, call.q_lens,
-                                     call.kv_lens, bad)
+                                     call.kv_lens, call.q_seg, call.kv_seg, bad)
     b, sq, hq, _ = inputs.query.shape
     dv = inputs.value.shape[-1]
     out, lse = flash(call.spec, call.q, call.k, call.v, call.sinks, call.q_seg, call.kv_seg, call.q_lens,

@@ -36,7 +36,7 @@ from .triton_vjp import Residuals, _flash_bwd
 MOSAIC_DTYPES = ("bfloat16", "float16")
 MOSAIC_HEAD_DIMS = (64, 128, 256)
 MOSAIC_BWD_HEAD_DIMS = (64, 128)
-MOSAIC_MASKS = frozenset({"full", "causal", "sliding_window", "chunked_causal"})
+MOSAIC_MASKS = frozenset({"full", "causal", "sliding_window", "chunked_causal", "segment"})
 MIN_CHUNK = 64  # a kernel tile's 64 queries may straddle one chunk boundary, not two
 ROWS = 128  # query rows per CUDA block of the Mosaic kernel (2 warpgroups x 64)
 
@@ -100,8 +100,8 @@ def _hopper_reasons(request: AttentionRequest, hardware: Hardware, what: str) ->
         reasons.append(f"the Mosaic GPU {what} is for dense attention")
     other = request.mask_kinds - MOSAIC_MASKS
     if other:
-        reasons.append(f"the Mosaic GPU {what} applies full, causal, sliding-window and chunked causal masks "
-                       f"only (not {', '.join(sorted(other))})")
+        reasons.append(f"the Mosaic GPU {what} applies full, causal, sliding-window, chunked causal and segment "
+                       f"masks only (not {', '.join(sorted(other))})")
     if request.chunk is not None and request.chunk[0] < MIN_CHUNK:
         reasons.append(f"the Mosaic GPU {what} takes chunks of at least {MIN_CHUNK} positions "
                        f"(got {request.chunk[0]})")
@@ -223,26 +223,27 @@ def choose_backward(request: AttentionRequest, hardware: Hardware, config: Mappi
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, sinks, q_lens, kv_lens, bad):
+def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg, bad):
     """(out, lse) of unpadded q/k/v (and sinks or None) through the Mosaic forward; gradients
     through `_flash_bwd`. Where a mask can hide a key, `mspec.guard_values` has the kernel keep
     non-finite values of masked keys from the rows that do not see them (and make the rows
     that see one NaN), and `bad` (bool `[B, Skv, Hkv]`, `value_guard.bad_keys`; None: nothing
     to guard) names those keys for the backward, whose dv is zero there. The forward reads
     no value twice: `bad` is computed only where the call is differentiated. `q_lens`/`kv_lens`
-    (int32 `[B]` or None) are the sequence lengths."""
+    (int32 `[B]` or None) are the sequence lengths, `q_seg`/`kv_seg` (int32 `[B, S]` or None)
+    the segment ids."""
     from .mosaic_kernels import mosaic_forward
 
-    return mosaic_forward(mspec, q, k, v, sinks, q_lens, kv_lens)
+    return mosaic_forward(mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg)
 
 
-def _fwd(spec, mspec, q, k, v, sinks, q_lens, kv_lens, bad):
+def _fwd(spec, mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg, bad):
     from .mosaic_kernels import mosaic_forward
 
-    out, lse = mosaic_forward(mspec, q, k, v, sinks, q_lens, kv_lens)
+    out, lse = mosaic_forward(mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg)
     # v as given: `_flash_bwd` zeroes its non-finite entries itself (`finite_values`); the rows
     # that see one are NaN in `out`, and the backward treats them as the Triton forward's own
-    return (out, lse), (Residuals(q, k, v, out, lse, sinks, q_lens=q_lens, kv_lens=kv_lens), bad)
+    return (out, lse), (Residuals(q, k, v, out, lse, sinks, q_seg, kv_seg, q_lens, kv_lens), bad)
 
 
 def _bwd(spec, mspec, residuals, cotangents):
@@ -250,7 +251,7 @@ def _bwd(spec, mspec, residuals, cotangents):
     dq, dk, dv, d_sinks, *_ = _flash_bwd(spec, residuals, cotangents)
     if bad is not None:  # the values the kernel zeroed: no gradient reaches them
         dv = value_guard.clean(dv, bad)
-    return dq, dk, dv, d_sinks, None, None, None
+    return dq, dk, dv, d_sinks, None, None, None, None, None
 
 
 flash_mosaic.defvjp(_fwd, _bwd)

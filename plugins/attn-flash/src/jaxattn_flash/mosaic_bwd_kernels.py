@@ -61,6 +61,7 @@ from .mosaic_kernels import (
     launch_on_refs,
     visible,
 )
+from .mosaic_segments import clip_full, clip_range, same_segment, segment_tile_ranges
 
 WG_ROWS = 64  # rows of one consumer warpgroup (one wgmma M)
 BLOCK_ROWS = CONSUMERS * WG_ROWS  # rows of one CUDA block, both kernels
@@ -87,6 +88,7 @@ class MosaicBwdSpec:
     # per-batch key/value lengths (an int32 [B] input): keys past them are masked, their dk/dv
     # zero. Query lengths need nothing here: rows past them are dead (lse -inf, so P = 0).
     kv_lengths: bool = False
+    segments: bool = False  # query and key segment ids (int32 [B, S] inputs), as `MosaicSpec`
 
 
 def _probabilities(spec: MosaicBwdSpec, s, lse2, vis):
@@ -185,12 +187,44 @@ def _three_loops(lb, fs, fe, ub, step, carry):
 # -- dq -------------------------------------------------------------------------------------------
 
 
-def _key_end(spec: MosaicBwdSpec, kv_lens_ref, bi):
-    """This batch row's key/value length (a scalar), or None without `spec.kv_lengths`."""
-    return kv_lens_ref[bi] if spec.kv_lengths else None
+INPUTS = ("q", "k", "v", "do", "lse", "delta")
 
 
-def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
+def _input_names(spec: MosaicBwdSpec) -> list[str]:
+    """The kernels' inputs in order: the fixed ones, then the optional ones `spec` asks for."""
+    return [*INPUTS] + ["kv_lens"] * spec.kv_lengths + ["q_seg", "kv_seg", "seg_ranges"] * spec.segments
+
+
+def _optional_inputs(spec: MosaicBwdSpec, kv_lens, q_seg, kv_seg, row_block: int, col_block: int,
+                     *, keys_major: bool = False) -> list:
+    """The arrays of `_input_names`' optional inputs; the segment tile ranges are per block of
+    `row_block` queries over tiles of `col_block` keys (the other way round if `keys_major`)."""
+    extra = [kv_lens.astype(jnp.int32)] if spec.kv_lengths else []
+    if spec.segments:
+        q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+        rows, cols = (kv_seg, q_seg) if keys_major else (q_seg, kv_seg)
+        extra += [q_seg, kv_seg, segment_tile_ranges(rows, cols, row_block, col_block)]
+    return extra
+
+
+def _segment_scratch(plgpu, spec: MosaicBwdSpec, own: int, tile: int, stages: int) -> tuple:
+    """Shared memory for segment ids: each consumer's `own` rows (read once) and a ring of
+    `stages` tiles of `tile` ids streamed beside the other operand, with their barriers."""
+    if not spec.segments:
+        return ()
+    return (plgpu.SMEM((CONSUMERS, own), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
+            plgpu.SMEM((stages, tile), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=stages))
+
+
+def _masked_by(vis, own_ids, tile_ids, shape):
+    """`vis` (the band's mask or None) and, with segments, equal ids of the tile's rows and columns."""
+    if tile_ids is None:
+        return vis
+    same = same_segment(own_ids, tile_ids, shape)
+    return same if vis is None else vis & same
+
+
+def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg=None, kv_seg=None):
     """dq `[B, Sq, Hq, D]` (Sq % 128 == 0, Skv % dq_block_kv == 0)."""
     plgpu = mosaic_gpu()
     b, sq, hq, d = q.shape
@@ -203,16 +237,23 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
     reverse = spec.band_hi is not None and spec.band_lo is None and spec.chunk is None
     tile_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
+    col_layout = plgpu.Layout.WGMMA.reduce(0)
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-        kv_lens_ref, refs = (refs[0], refs[1:]) if spec.kv_lengths else (None, refs)
+    names = _input_names(spec)
+
+    def kernel(*refs):
+        ins = dict(zip(names, refs))
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = (ins[n] for n in INPUTS)
         (dq_ref, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem,
-         q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, free) = refs
+         q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, free, *seg_scratch) = refs[len(names):]
+        qseg_smem, qseg_bar, kseg_smem, kseg_bar = seg_scratch or (None,) * 4
+        ranges = ins.get("seg_ranges")
         bi, hi = lax.axis_index("b"), lax.axis_index("h")
         ti, wg = lax.axis_index("q"), lax.axis_index("wg")
-        block_r0 = ((nq - 1 - ti) if reverse else ti) * BLOCK_ROWS
-        kv_end = _key_end(spec, kv_lens_ref, bi)
-        lb, ub = kv_tile_range(spec, block_r0, BLOCK_ROWS, bk, nk, kv_end)
+        qb = (nq - 1 - ti) if reverse else ti
+        block_r0 = qb * BLOCK_ROWS
+        kv_end = ins["kv_lens"][bi] if spec.kv_lengths else None
+        lb, ub = clip_range(ranges, bi, qb, *kv_tile_range(spec, block_r0, BLOCK_ROWS, bk, nk, kv_end))
 
         @pl.when(wg < CONSUMERS)
         def _consumer():
@@ -228,19 +269,29 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
                 plgpu.barrier_wait(bar.at[wg])
             lse_row = mosaic_load(plgpu, lse_smem.at[wg], row_layout)
             delta_row = mosaic_load(plgpu, delta_smem.at[wg], row_layout)
-            fs, fe = kv_full_range(spec, r0, bk, lb, ub, kv_end)
+            fs, fe = clip_full(ranges, bi, qb, ub, *kv_full_range(spec, r0, bk, lb, ub, kv_end))
+            q_ids = None
+            if spec.segments:
+                plgpu.copy_gmem_to_smem(ins["q_seg"].at[bi, rows], qseg_smem.at[wg], qseg_bar.at[wg])
+                plgpu.barrier_wait(qseg_bar.at[wg])
+                q_ids = mosaic_load(plgpu, qseg_smem.at[wg], row_layout)
 
             def step(ki, dq, *, masked):
                 slot = lax.rem(ki, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
                 plgpu.barrier_wait(v_bar.at[slot])
+                k_ids = None
+                if spec.segments:  # every step takes its slot's ids (the barrier's phase), masked ones read them
+                    plgpu.barrier_wait(kseg_bar.at[slot])
+                    if masked:
+                        k_ids = mosaic_load(plgpu, kseg_smem.at[slot], col_layout)
 
                 s, dp = _scores_and_dp(plgpu, (q_s, k_smem.at[slot]), (do_s, v_smem.at[slot]), tile_layout)
                 vis = None
                 if masked:
                     i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=tile_layout)
                     j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=tile_layout)
-                    vis = visible(spec, i + r0, j + ki * bk, r0, kv_end)
+                    vis = _masked_by(visible(spec, i + r0, j + ki * bk, r0, kv_end), q_ids, k_ids, (bq, bk))
                 p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_row, s.shape, [0]), vis)
                 ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_row, s.shape, [0]), vis, cap)
 
@@ -268,6 +319,8 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
                 keys = pl.ds(tile * bk, bk)
                 plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_smem.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_smem.at[slot], v_bar.at[slot])
+                if spec.segments:
+                    plgpu.copy_gmem_to_smem(ins["kv_seg"].at[bi, keys], kseg_smem.at[slot], kseg_bar.at[slot])
 
             for i in range(stages):
                 pl.when(lb + i < ub)(functools.partial(load, lb + i))
@@ -288,22 +341,23 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        *_segment_scratch(plgpu, spec, bq, bk, stages),
     )
     out_type = jax.ShapeDtypeStruct(q.shape, dtype)
-    lengths = [kv_lens.astype(jnp.int32)] if spec.kv_lengths else []
-    return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, do, lse2, delta, *lengths)
+    extra = _optional_inputs(spec, kv_lens, q_seg, kv_seg, BLOCK_ROWS, bk)
+    return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, do, lse2, delta, *extra)
 
 
 # -- dk, dv ---------------------------------------------------------------------------------------
 
 
-def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
+def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg=None, kv_seg=None):
     """(dk, dv) `[B, Skv, Hkv, D]` (Skv % 128 == 0, Sq % dkv_block_q == 0); with `spec.fused_dq`,
     (dq, dk, dv): dq summed into a float32 buffer by TMA reductions (see `MosaicBwdSpec`)."""
-    lengths = [kv_lens.astype(jnp.int32)] if spec.kv_lengths else []
+    extra = _optional_inputs(spec, kv_lens, q_seg, kv_seg, BLOCK_ROWS, spec.dkv_block_q, keys_major=True)
     if spec.fused_dq:
-        return _fused(spec, q, k, v, do, lse2, delta, *lengths)
-    return _dkdv(spec, q, k, v, do, lse2, delta, *lengths)
+        return _fused(spec, q, k, v, do, lse2, delta, *extra)
+    return _dkdv(spec, q, k, v, do, lse2, delta, *extra)
 
 
 def _fused(spec: MosaicBwdSpec, *args):
@@ -323,7 +377,8 @@ def _fused(spec: MosaicBwdSpec, *args):
     return run(*args)
 
 
-def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
+def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
+    """The dk/dv kernel on `_input_names(spec)`' arrays (`extra`: the optional ones)."""
     plgpu = mosaic_gpu()
     b, sq, hq, d = q.shape
     _, skv, hkv, dv_dim = v.shape
@@ -332,21 +387,29 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
     nkb, nq = skv // BLOCK_ROWS, sq // bq
     dtype = q.dtype
     tile_layout = plgpu.Layout.WGMMA
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
     col_layout = plgpu.Layout.WGMMA.reduce(0)
     fused = spec.fused_dq
     dq_cols = d // CONSUMERS if fused == "split" else d  # dq columns one consumer adds per tile
     stages = spec.stages
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-        kv_lens_ref, refs = (refs[0], refs[1:]) if spec.kv_lengths else (None, refs)
+    names = _input_names(spec)
+
+    def kernel(*refs):
+        ins = dict(zip(names, refs))
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = (ins[n] for n in INPUTS)
+        refs = refs[len(names):]
         dq_ref = refs[0] if fused else None
         (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
-         k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free, *dq_scratch) = refs[1:] if fused else refs
-        ds_smem, dq_smem, ds_bar, k_done = dq_scratch or (None,) * 4
+         k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free, *rest) = refs[1:] if fused else refs
+        kseg_smem, kseg_bar, qseg_smem, qseg_bar = rest[:4] if spec.segments else (None,) * 4
+        ds_smem, dq_smem, ds_bar, k_done = rest[4 * spec.segments:] or (None,) * 4
+        ranges = ins.get("seg_ranges")
         bi, kvh = lax.axis_index("b"), lax.axis_index("h")
-        c0, wg = lax.axis_index("k") * BLOCK_ROWS, lax.axis_index("wg")
-        kv_end = _key_end(spec, kv_lens_ref, bi)
-        lb, ub = q_tile_range(spec, c0, BLOCK_ROWS, bq, nq, kv_end)
+        kb, wg = lax.axis_index("k"), lax.axis_index("wg")
+        c0 = kb * BLOCK_ROWS
+        kv_end = ins["kv_lens"][bi] if spec.kv_lengths else None
+        lb, ub = clip_range(ranges, bi, kb, *q_tile_range(spec, c0, BLOCK_ROWS, bq, nq, kv_end))
         per_head = ub - lb
         total = group * per_head
 
@@ -386,7 +449,12 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
             plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_s, v_bar.at[wg])
             plgpu.barrier_wait(k_bar.at[wg])
             plgpu.barrier_wait(v_bar.at[wg])
-            fs, fe = q_full_range(spec, c, bq, lb, ub, kv_end)
+            fs, fe = clip_full(ranges, bi, kb, ub, *q_full_range(spec, c, bq, lb, ub, kv_end))
+            k_ids = None
+            if spec.segments:
+                plgpu.copy_gmem_to_smem(ins["kv_seg"].at[bi, keys], kseg_smem.at[wg], kseg_bar.at[wg])
+                plgpu.barrier_wait(kseg_bar.at[wg])
+                k_ids = mosaic_load(plgpu, kseg_smem.at[wg], row_layout)
 
             def step(qi, carry, *, gi, masked):
                 dk, dv = carry
@@ -394,6 +462,11 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
                 slot = lax.rem(t, stages)
                 for bar in (q_bar, do_bar, lse_bar, delta_bar):
                     plgpu.barrier_wait(bar.at[slot])
+                q_ids = None
+                if spec.segments:  # every step takes its slot's ids (the barrier's phase), masked ones read them
+                    plgpu.barrier_wait(qseg_bar.at[slot])
+                    if masked:
+                        q_ids = mosaic_load(plgpu, qseg_smem.at[slot], col_layout)
 
                 s, dp = _scores_and_dp(plgpu, (k_s, q_smem.at[slot]), (v_s, do_smem.at[slot]), tile_layout)
                 lse_col = mosaic_load(plgpu, lse_smem.at[slot], col_layout)
@@ -402,7 +475,7 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
                 if masked:
                     j = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=tile_layout)
                     i = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=tile_layout)
-                    vis = visible(spec, i + qi * bq, j + c, qi * bq, kv_end)
+                    vis = _masked_by(visible(spec, i + qi * bq, j + c, qi * bq, kv_end), k_ids, q_ids, (bk, bq))
                 p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_col, s.shape, [1]), vis)
                 ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_col, s.shape, [1]), vis, cap)
                 ds16 = ds.astype(dtype)
@@ -460,6 +533,8 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
                 plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, h], do_smem.at[slot], do_bar.at[slot])
                 plgpu.copy_gmem_to_smem(lse_ref.at[bi, h, rows], lse_smem.at[slot], lse_bar.at[slot])
                 plgpu.copy_gmem_to_smem(delta_ref.at[bi, h, rows], delta_smem.at[slot], delta_bar.at[slot])
+                if spec.segments:
+                    plgpu.copy_gmem_to_smem(ins["q_seg"].at[bi, rows], qseg_smem.at[slot], qseg_bar.at[slot])
 
             for i in range(stages):
                 pl.when(i < total)(functools.partial(load, _i32(i)))
@@ -480,19 +555,19 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
         plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
         *[plgpu.Barrier(num_arrivals=1, num_barriers=stages)] * 4,
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        *_segment_scratch(plgpu, spec, bk, bq, stages),
     )
     grid = {"b": b, "h": hkv, "k": nkb}
-    lengths = [kv_lens] if spec.kv_lengths else []
     if not fused:
         out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
-        return launch(plgpu, kernel, out_type, scratch, grid)(q, k, v, do, lse2, delta, *lengths)
+        return launch(plgpu, kernel, out_type, scratch, grid)(q, k, v, do, lse2, delta, *extra)
     scratch += (
         _swizzled(plgpu, (2, CONSUMERS, bk, bq), dtype),  # dSᵀ of each consumer, two tiles deep
         _swizzled(plgpu, (CONSUMERS, bq, dq_cols), jnp.float32),  # the dQ part a consumer adds
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2),  # both halves of dS are stored
         plgpu.Barrier(num_arrivals=CONSUMERS),  # both consumers are done with K
     )
-    refs = [gmem_ref(plgpu, x) for x in (q, k, v, do, lse2, delta, *lengths)]
+    refs = [gmem_ref(plgpu, x) for x in (q, k, v, do, lse2, delta, *extra)]
     outs = [gmem_ref(plgpu, jnp.zeros(shape, dt))
             for shape, dt in ((q.shape, jnp.float32), (k.shape, dtype), (v.shape, dtype))]
     launch_on_refs(plgpu, kernel, [*refs, *outs], scratch, grid)
@@ -503,11 +578,11 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
 _dkdv_jit = jax.jit(_dkdv, static_argnums=0)
 
 
-def mosaic_backward(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
+def mosaic_backward(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg=None, kv_seg=None):
     """(dq, dk, dv) of unpadded q/k/v (see the module docstring for lse₂ and delta); `kv_lens`
-    (int32 `[B]`) with `spec.kv_lengths`."""
+    (int32 `[B]`) with `spec.kv_lengths`, segment ids `q_seg`/`kv_seg` (`[B, S]`) with `spec.segments`."""
     if spec.fused_dq:
-        return mosaic_dkdv(spec, q, k, v, do, lse2, delta, kv_lens)
-    dq = mosaic_dq(spec, q, k, v, do, lse2, delta, kv_lens)
-    dk, dv = mosaic_dkdv(spec, q, k, v, do, lse2, delta, kv_lens)
+        return mosaic_dkdv(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)
+    dq = mosaic_dq(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)
+    dk, dv = mosaic_dkdv(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)
     return dq, dk, dv

@@ -60,6 +60,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import mosaic_gpu, mosaic_load, mosaic_params, ref_transpose
+from .mosaic_segments import clip_full, clip_range, same_segment, segment_tile_ranges
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -89,6 +90,7 @@ class MosaicSpec:
     chunk_offset: int = 0
     q_lengths: bool = False  # per-batch query lengths: rows past them give zeros and lse -inf
     kv_lengths: bool = False  # per-batch key/value lengths: keys past them are masked
+    segments: bool = False  # query and key segment ids: a query sees the keys of its own segment only
 
     @property
     def rows(self) -> int:
@@ -246,9 +248,10 @@ def launch_on_refs(plgpu, body, refs, scratch, grid: dict[str, int]) -> None:
         pl.run_scoped(functools.partial(body, *refs), *scratch, collective_axes="wg")
 
 
-def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=None):
+def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=None, q_seg=None, kv_seg=None):
     """q `[B, Sq, Hq, D]`, k/v `[B, Skv, Hkv, D]` (bf16/fp16, Sq % rows == 0, Skv % block_kv == 0),
-    sinks `[Hq]` when `spec.sinks`, int32 `[B]` lengths when `spec.q_lengths`/`spec.kv_lengths`
+    sinks `[Hq]` when `spec.sinks`, int32 `[B]` lengths when `spec.q_lengths`/`spec.kv_lengths`,
+    segment ids `[B, Sq]`/`[B, Skv]` when `spec.segments`
     -> (out `[B, Sq, Hq, D]`, lse `[B, Hq, Sq]` natural log, -inf on rows without keys)."""
     plgpu = mosaic_gpu()
     b, sq, hq, d = q.shape
@@ -267,14 +270,17 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     col_layout = plgpu.Layout.WGMMA.reduce(0)
     guard = spec.guard_values
 
-    names = ["q", "k", "v"] + ["sinks"] * spec.sinks + ["q_lens"] * spec.q_lengths + ["kv_lens"] * spec.kv_lengths
+    names = (["q", "k", "v"] + ["sinks"] * spec.sinks + ["q_lens"] * spec.q_lengths + ["kv_lens"] * spec.kv_lengths
+             + ["q_seg", "kv_seg", "seg_ranges"] * spec.segments)
 
     def kernel(*refs):
         ins = dict(zip(names, refs))
         q_ref, k_ref, v_ref, sink_ref = ins["q"], ins["k"], ins["v"], ins.get("sinks")
         o_ref, lse_ref, *scratch = refs[len(names):]
-        qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free, *bad_smem = scratch
-        bad_smem = bad_smem[0] if guard else None
+        qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free, *optional = scratch
+        bad_smem = optional.pop(0) if guard else None
+        qseg_smem, qseg_bar, kseg_smem, kseg_bar = optional if spec.segments else (None,) * 4
+        ranges = ins.get("seg_ranges")
         bi = lax.axis_index("b")
         hi = lax.axis_index("h")
         ti = lax.axis_index("q")
@@ -283,7 +289,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
         block_r0 = qi * rows
         kv_end = ins["kv_lens"][bi] if spec.kv_lengths else None  # this batch row's lengths
         q_end = ins["q_lens"][bi] if spec.q_lengths else None
-        lb, ub = block_range(spec, block_r0, nk, kv_end)
+        lb, ub = clip_range(ranges, bi, qi, *block_range(spec, block_r0, nk, kv_end))
         if q_end is not None:  # a block past the queries visits nothing
             ub = jnp.where(block_r0 < q_end, ub, lb)
 
@@ -298,6 +304,12 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 fs, fe = full_range(spec, block_r0, lb, ub, spec.rows, kv_end)
             else:
                 fs, fe = full_range(spec, r0, lb, ub, kv_end=kv_end)
+            fs, fe = clip_full(ranges, bi, qi, ub, fs, fe)
+            q_ids = None
+            if spec.segments:  # this consumer's rows' segment ids
+                plgpu.copy_gmem_to_smem(ins["q_seg"].at[bi, pl.ds(r0, bq)], qseg_smem.at[wg], qseg_bar.at[wg])
+                plgpu.barrier_wait(qseg_bar.at[wg])
+                q_ids = mosaic_load(plgpu, qseg_smem.at[wg], row_layout)
             acc = plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), wgmma_layout)
             m = plgpu.layout_cast(jnp.full((bq,), M_FLOOR, jnp.float32), row_layout)
             l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
@@ -334,11 +346,20 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
             def step(ki, carry, *, masked, pingpong, guarded=False):
                 acc, m, l, seen = carry
                 slot = lax.rem(ki, stages)
+                k_ids = None
+                if spec.segments:  # every step takes its slot's ids (the barrier's phase), masked ones read them
+                    plgpu.barrier_wait(kseg_bar.at[slot])
+                    if masked:
+                        k_ids = mosaic_load(plgpu, kseg_smem.at[slot], col_layout)
 
                 def band():
                     i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma_layout)
                     j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
-                    return visible(spec, i + r0, j + ki * bk, r0, kv_end)
+                    ok = visible(spec, i + r0, j + ki * bk, r0, kv_end)
+                    if k_ids is None:
+                        return ok
+                    same = same_segment(q_ids, k_ids, (bq, bk))
+                    return same if ok is None else ok & same
 
                 def qk(s_ref):
                     plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[slot]))
@@ -434,6 +455,9 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
 
             def load(ref, smem, bar, tile, slot):
                 plgpu.copy_gmem_to_smem(ref.at[bi, pl.ds(tile * bk, bk), kvh], smem.at[slot], bar.at[slot])
+                if spec.segments and ref is k_ref:  # the key tile's segment ids ride with it
+                    plgpu.copy_gmem_to_smem(ins["kv_seg"].at[bi, pl.ds(tile * bk, bk)], kseg_smem.at[slot],
+                                            kseg_bar.at[slot])
 
             for i in range(stages):
                 tile = lb + i
@@ -466,7 +490,15 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         *([plgpu.SMEM((stages, bk), jnp.float32)] if guard else []),  # which keys of a tile were cleaned
+        *([plgpu.SMEM((CONSUMERS, bq), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
+           plgpu.SMEM((stages, bk), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
+          if spec.segments else []),  # segment ids of each consumer's rows and of each key tile
     )
     out_type = (jax.ShapeDtypeStruct((b, sq, hq, dv), dtype), jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
     lengths = [x.astype(jnp.int32) for x, on in ((q_lens, spec.q_lengths), (kv_lens, spec.kv_lengths)) if on]
-    return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, *sink_rows, *lengths)
+    segments = []
+    if spec.segments:
+        q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+        segments = [q_seg, kv_seg, segment_tile_ranges(q_seg, kv_seg, rows, bk)]
+    return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, *sink_rows, *lengths,
+                                                                                *segments)

@@ -256,7 +256,7 @@ def _flash_bwd(spec, residuals: Residuals, cotangents):
     if spec.mosaic_bwd is not None:  # the Hopper kernels (gpu_path.choose_backward)
         from .mosaic_bwd_kernels import mosaic_backward
 
-        dq, dk, dv = mosaic_backward(spec.mosaic_bwd, q, k, v, do, lse2, delta_eff, kv_lens)
+        dq, dk, dv = mosaic_backward(spec.mosaic_bwd, q, k, v, do, lse2, delta_eff, kv_lens, q_seg, kv_seg)
     else:
         dq = backward_dq(spec, q, k, v, do, lse2, delta_eff, q_seg, kv_seg, q_lens, kv_lens)
         dk, dv = backward_dkdv(spec, q, k, v, do, lse2, delta_eff, q_seg, kv_seg, q_lens, kv_lens)

@@ -1,0 +1,75 @@
+"""Segment ids (packed sequences) on the Mosaic GPU kernels: the tiles a block visits.
+
+Query i sees key j only where their segment ids are equal. A segment mask has no static
+shape, so the tile ranges come from the ids themselves, computed once per call by XLA
+before the kernels run (`segment_tile_ranges`): for every block of rows, the column tiles
+that may hold an equal pair (bounded by the smallest and largest id on either side) and the
+tiles where every row and every column carry one and the same id (fully visible: no mask).
+Packed documents (ids that do not decrease along the sequence) then visit only the tiles of
+their own documents, and tiles inside one document run unmasked, as the band's do.
+
+The kernels intersect these ranges with the band's (`clip_range`, `clip_full`) and compare
+ids on the partial tiles (`same_segment`). The ranges bound rather than list: ids that come
+back (1, 2, 1) visit every tile between, masked, and stay correct.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# the columns of a range array: visited tiles [LB, UB), fully visible tiles [FS, FE)
+LB, FS, FE, UB = range(4)
+
+
+def _first_and_end(hits):
+    """(first index, last index + 1) of the True entries along the last axis; (0, 0) where none."""
+    n = hits.shape[-1]
+    found = hits.any(-1)
+    first = jnp.argmax(hits, axis=-1)
+    end = n - jnp.argmax(hits[..., ::-1], axis=-1)
+    return jnp.where(found, first, 0), jnp.where(found, end, 0)
+
+
+def segment_tile_ranges(row_ids: jax.Array, col_ids: jax.Array, row_block: int, col_block: int) -> jax.Array:
+    """int32 `[B, rows // row_block, 4]`: for each block of `row_block` rows of `row_ids`
+    (int32 `[B, rows]`), the tiles of `col_block` columns of `col_ids` (`[B, cols]`) [LB, UB)
+    that may hold a pair with equal ids, and [FS, FE) where all of the block's rows and the
+    tile's columns have one id (empty where those tiles are not contiguous)."""
+    b, rows = row_ids.shape
+    cols = col_ids.shape[1]
+    r = row_ids.reshape(b, rows // row_block, row_block)
+    c = col_ids.reshape(b, cols // col_block, col_block)
+    rmin, rmax = r.min(-1)[:, :, None], r.max(-1)[:, :, None]
+    cmin, cmax = c.min(-1)[:, None, :], c.max(-1)[:, None, :]
+    meet = (cmin <= rmax) & (cmax >= rmin)
+    one_id = (rmin == rmax) & (cmin == cmax) & (cmin == rmin)
+    lb, ub = _first_and_end(meet)
+    fs, fe = _first_and_end(one_id)
+    fe = jnp.where(one_id.sum(-1) == fe - fs, fe, fs)  # full tiles with a gap: none counted full
+    return jnp.stack([lb, fs, fe, ub], axis=-1).astype(jnp.int32)
+
+
+def clip_range(ranges_ref, bi, block, lb, ub):
+    """The band's visited tiles [lb, ub) of row block `block` of batch row `bi`, cut to the
+    segments' (`ranges_ref`: a `segment_tile_ranges` array; None: no segments)."""
+    if ranges_ref is None:
+        return lb, ub
+    lb = jnp.maximum(lb, ranges_ref[bi, block, LB])
+    return lb, jnp.maximum(jnp.minimum(ub, ranges_ref[bi, block, UB]), lb)
+
+
+def clip_full(ranges_ref, bi, block, ub, fs, fe):
+    """The band's fully visible tiles [fs, fe) (inside a visited range ending at `ub`), cut
+    to the tiles where the segments are fully visible too."""
+    if ranges_ref is None:
+        return fs, fe
+    fs = jnp.minimum(jnp.maximum(fs, ranges_ref[bi, block, FS]), ub)
+    return fs, jnp.maximum(jnp.minimum(fe, ranges_ref[bi, block, FE]), fs)
+
+
+def same_segment(row_ids, col_ids, shape: tuple[int, int]):
+    """Boolean `shape`: where the id of the tile's row (`row_ids`, one per row) equals the
+    id of its column (`col_ids`, one per column)."""
+    return lax.broadcast_in_dim(row_ids, shape, [0]) == lax.broadcast_in_dim(col_ids, shape, [1])
