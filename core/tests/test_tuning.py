@@ -238,3 +238,36 @@ def test_tune_times_paged_calls_forward_only(tuning_backends):
                                mode="decode", paged=jaxattn.PagedLayout(8, 16, 4, 2, False))
     sel = jaxattn.select_request(request)
     assert sel.name == "xla" and sel.measured is not None and "exact shape" in sel.why()
+
+
+def test_packed_documents_are_timed_with_segment_ids_and_match_only_packed_calls(tuning_backends):
+    """`BenchShape(documents=N)` (`bench`/`tune --documents N`) times calls with segment ids of N
+    equal documents per row: FLOPs count the pairs inside a document, the tuned entry's features
+    hold "segment", and only calls with segment ids match it (a plain causal call does not)."""
+    packed = BenchShape(1, 64, 64, 2, 2, 16, True, "float32", documents=4)
+    assert packed.flops() == pytest.approx(SHAPE.flops() / 4)
+    ids = packed.segment_ids()
+    assert ids.shape == (1, 64) and [int(x) for x in ids[0, ::16]] == [0, 1, 2, 3]
+    assert "4 documents" in packed.describe()
+    assert BenchShape.from_dict(json.loads(json.dumps(packed.to_dict()))) == packed
+    for bad in (dict(documents=3), dict(documents=0), dict(documents=2, kv_len=32), dict(documents=2, page_size=16)):
+        with pytest.raises(ValueError, match="documents"):
+            dataclasses.replace(packed, **bad)
+
+    table = tune([packed], ["sluggish", "xla"], repeats=1, inner=1, progress=False)
+    (entry,) = table.entries
+    assert "segment" in entry.case.features and "causal" in entry.case.features
+    assert all(not m.error and m.forward_s > 0 and m.train_s > 0 for m in entry.measurements)
+    save(table, tuning_backends)
+    q, k, v = qkv()
+    assert jaxattn.select(q, k, v, is_causal=True).name == "sluggish"  # no measured match: priority
+    other_ids = (jnp.arange(64) // 32)[None]  # two documents: same features, same bucket
+    sel = jaxattn.select(q, k, v, is_causal=True, segment_ids=other_ids)
+    assert sel.name == "xla" and sel.measured is not None
+
+
+def test_bench_command_rejects_documents_that_do_not_divide_the_sequence(capsys):
+    from jaxattn.cli import main
+
+    assert main(["bench", "--q-len", "100", "--documents", "3", "--backends", "xla"]) == 2
+    assert "documents" in capsys.readouterr().err

@@ -59,6 +59,9 @@ class BenchShape:
     With a `page_size`, the call is `paged_attention` over a full cache: `batch` sequences of
     `kv_len` cached tokens each, `q_len` new queries per sequence (1: decode; more: a ragged
     batch with `cu_q_lens`), always causal; it is timed forward-only.
+
+    With `documents`, every row packs that many documents of equal length (segment ids, as
+    packed training does); FLOPs count the pairs inside a document only.
     """
 
     batch: int
@@ -71,10 +74,35 @@ class BenchShape:
     dtype: str = "bfloat16"
     window: int | None = None
     page_size: int | None = None
+    documents: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.documents is not None:
+            if self.page_size is not None:
+                raise ValueError("documents: packed documents are for attention, not a paged call")
+            if self.documents < 1 or self.q_len != self.kv_len or self.q_len % self.documents:
+                raise ValueError(f"documents: expected a count >= 1 that divides q_len == kv_len, got "
+                                 f"{self.documents} for q_len {self.q_len}, kv_len {self.kv_len}")
+
+    def flops(self) -> float:
+        """The matrix-product FLOPs of one forward call (visible pairs only, as the peers count)."""
+        if self.documents is None:
+            return attention_flops(self.batch, self.q_len, self.kv_len, self.q_heads, self.head_dim, self.causal)
+        length = self.q_len // self.documents
+        return attention_flops(self.batch * self.documents, length, length, self.q_heads, self.head_dim, self.causal)
+
+    def segment_ids(self) -> jax.Array | None:
+        """int32 `[batch, q_len]`: the packed documents' ids (None without `documents`)."""
+        if self.documents is None:
+            return None
+        ids = jnp.arange(self.q_len, dtype=jnp.int32) // (self.q_len // self.documents)
+        return jnp.broadcast_to(ids, (self.batch, self.q_len))
 
     def describe(self) -> str:
         causal = " causal" if self.causal else ""
         window = f" window {self.window}" if self.window is not None else ""
+        if self.documents is not None:
+            window += f" {self.documents} documents"
         if self.page_size is not None:
             return (f"paged ({self.batch} seqs, {self.q_len} q x {self.kv_len} kv, {self.q_heads}/{self.kv_heads} "
                     f"heads, d={self.head_dim}, pages of {self.page_size}) {self.dtype}{window}")
@@ -101,7 +129,8 @@ class BenchShape:
             elif f.name == "causal":
                 ok = isinstance(value, bool)
             else:
-                ok = (value is None and f.name in ("window", "page_size")) or (_is_int(value) and value >= 0)
+                ok = (value is None and f.name in ("window", "page_size", "documents")) or (
+                    _is_int(value) and value >= 0)
             if not ok:
                 raise ValueError(f"shape[{f.name!r}]: expected {f.type}, got {value!r}")
             kwargs[f.name] = value
@@ -122,8 +151,7 @@ class BenchResult:
     def tflops(self, seconds: float | None, factor: float) -> float | None:
         if seconds is None:
             return None
-        s = self.shape
-        return attention_flops(s.batch, s.q_len, s.kv_len, s.q_heads, s.head_dim, s.causal) * factor / seconds / 1e12
+        return self.shape.flops() * factor / seconds / 1e12
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "shape": self.shape.to_dict(), "config": dict(self.config),
@@ -201,8 +229,9 @@ def _call(shape: BenchShape, train: bool, backend: str = "auto",
 
         return paged
     meta = OperationMetadata(needs_grad=train, operation_configs=configs)
+    ids = shape.segment_ids()
     return lambda q, k, v: attention(q, k, v, is_causal=shape.causal, sliding_window=shape.window,
-                                     backend=backend, metadata=meta)
+                                     segment_ids=ids, backend=backend, metadata=meta)
 
 
 def _selection(shape: BenchShape, train: bool) -> Selection:
@@ -211,7 +240,7 @@ def _selection(shape: BenchShape, train: bool) -> Selection:
         q, kp, vp, lengths, table, *cu_q_lens = arrays
         return select(q, kp, vp, lengths, table, op="paged_attention", sliding_window=shape.window,
                       cu_q_lens=cu_q_lens[0] if cu_q_lens else None)
-    return select(*arrays, is_causal=shape.causal, sliding_window=shape.window,
+    return select(*arrays, is_causal=shape.causal, sliding_window=shape.window, segment_ids=shape.segment_ids(),
                   metadata=OperationMetadata(needs_grad=train))
 
 

@@ -155,7 +155,7 @@ def _bench_shape(args: argparse.Namespace) -> BenchShape:
 
     return BenchShape(args.batch, args.q_len, args.kv_len or args.q_len, args.q_heads,
                       args.kv_heads or args.q_heads, args.head_dim, args.causal or args.paged, args.dtype,
-                      args.window, args.page_size if args.paged else None)
+                      args.window, args.page_size if args.paged else None, args.documents)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -169,9 +169,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except ImportError as err:
             print(f"error: --plot: {err}", file=sys.stderr)
             return 2
+    try:
+        shape = _bench_shape(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     backends = args.backends.split(",") if args.backends else None
-    results = run_bench([_bench_shape(args)], backends, train=not args.forward_only, repeats=args.repeats,
-                        inner=args.inner)
+    results = run_bench([shape], backends, train=not args.forward_only, repeats=args.repeats, inner=args.inner)
     device = _hardware.current().device_kind
     if args.json:
         print(json.dumps({"device_kind": device, "results": [r.to_dict() for r in results]}, indent=2))
@@ -241,6 +245,8 @@ def _timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paged", action="store_true", help="paged_attention: --batch sequences of --kv-len cached "
                                                         "tokens, --q-len queries each (1: decode); forward only")
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--documents", type=int, help="packed sequences: every row holds this many equal documents "
+                                                 "(segment ids)")
     p.add_argument("--backends", help="comma-separated names (default: every usable one)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--inner", type=int, default=10)

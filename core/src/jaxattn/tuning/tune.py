@@ -39,7 +39,8 @@ _LLM = [
     (2, 4096, 4096, 16, 8, 256, True, None),     # head_dim 256 (Gemma-like)
 ]
 PRESETS: dict[str, tuple[BenchShape, ...]] = {
-    "llm": tuple(BenchShape(b, q, kv, hq, hkv, d, causal, "bfloat16", w) for b, q, kv, hq, hkv, d, causal, w in _LLM),
+    "llm": tuple(BenchShape(b, q, kv, hq, hkv, d, causal, "bfloat16", w) for b, q, kv, hq, hkv, d, causal, w in _LLM)
+    + (BenchShape(4, 4096, 4096, 32, 8, 128, True, "bfloat16", documents=4),),  # packed training (segment ids)
     # paged KV cache (pages of 16): decode batches, one long sequence (split-KV), a ragged prefill chunk
     "serve": tuple(BenchShape(b, q, kv, 32, 8, 128, True, "bfloat16", page_size=16) for b, q, kv in
                    ((32, 1, 8192), (8, 1, 4096), (128, 1, 2048), (1, 1, 131072), (4, 256, 4096))),
