@@ -61,7 +61,7 @@ from .mosaic_kernels import (
     launch_on_refs,
     visible,
 )
-from .mosaic_segments import clip_full, clip_range, same_segment, segment_tile_ranges
+from .mosaic_segments import clip_full, clip_range, own_ids, same_segment, segment_tile_ranges, tile_ids
 
 WG_ROWS = 64  # rows of one consumer warpgroup (one wgmma M)
 BLOCK_ROWS = CONSUMERS * WG_ROWS  # rows of one CUDA block, both kernels
@@ -272,19 +272,15 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg
             fs, fe = clip_full(ranges, bi, qb, ub, *kv_full_range(spec, r0, bk, lb, ub, kv_end))
             q_ids = None
             if spec.segments:
-                plgpu.copy_gmem_to_smem(ins["q_seg"].at[bi, rows], qseg_smem.at[wg], qseg_bar.at[wg])
-                plgpu.barrier_wait(qseg_bar.at[wg])
-                q_ids = mosaic_load(plgpu, qseg_smem.at[wg], row_layout)
+                q_ids = own_ids(plgpu, ins["q_seg"].at[bi, rows], qseg_smem.at[wg], qseg_bar.at[wg], row_layout)
 
             def step(ki, dq, *, masked):
                 slot = lax.rem(ki, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
                 plgpu.barrier_wait(v_bar.at[slot])
                 k_ids = None
-                if spec.segments:  # every step takes its slot's ids (the barrier's phase), masked ones read them
-                    plgpu.barrier_wait(kseg_bar.at[slot])
-                    if masked:
-                        k_ids = mosaic_load(plgpu, kseg_smem.at[slot], col_layout)
+                if spec.segments:
+                    k_ids = tile_ids(plgpu, kseg_smem.at[slot], kseg_bar.at[slot], masked, col_layout)
 
                 s, dp = _scores_and_dp(plgpu, (q_s, k_smem.at[slot]), (do_s, v_smem.at[slot]), tile_layout)
                 vis = None
@@ -452,9 +448,7 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
             fs, fe = clip_full(ranges, bi, kb, ub, *q_full_range(spec, c, bq, lb, ub, kv_end))
             k_ids = None
             if spec.segments:
-                plgpu.copy_gmem_to_smem(ins["kv_seg"].at[bi, keys], kseg_smem.at[wg], kseg_bar.at[wg])
-                plgpu.barrier_wait(kseg_bar.at[wg])
-                k_ids = mosaic_load(plgpu, kseg_smem.at[wg], row_layout)
+                k_ids = own_ids(plgpu, ins["kv_seg"].at[bi, keys], kseg_smem.at[wg], kseg_bar.at[wg], row_layout)
 
             def step(qi, carry, *, gi, masked):
                 dk, dv = carry
@@ -463,10 +457,8 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
                 for bar in (q_bar, do_bar, lse_bar, delta_bar):
                     plgpu.barrier_wait(bar.at[slot])
                 q_ids = None
-                if spec.segments:  # every step takes its slot's ids (the barrier's phase), masked ones read them
-                    plgpu.barrier_wait(qseg_bar.at[slot])
-                    if masked:
-                        q_ids = mosaic_load(plgpu, qseg_smem.at[slot], col_layout)
+                if spec.segments:
+                    q_ids = tile_ids(plgpu, qseg_smem.at[slot], qseg_bar.at[slot], masked, col_layout)
 
                 s, dp = _scores_and_dp(plgpu, (k_s, q_smem.at[slot]), (v_s, do_smem.at[slot]), tile_layout)
                 lse_col = mosaic_load(plgpu, lse_smem.at[slot], col_layout)

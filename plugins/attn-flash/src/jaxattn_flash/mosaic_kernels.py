@@ -60,7 +60,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import mosaic_gpu, mosaic_load, mosaic_params, ref_transpose
-from .mosaic_segments import clip_full, clip_range, same_segment, segment_tile_ranges
+from .mosaic_segments import clip_full, clip_range, own_ids, same_segment, segment_tile_ranges, tile_ids
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -307,9 +307,8 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
             fs, fe = clip_full(ranges, bi, qi, ub, fs, fe)
             q_ids = None
             if spec.segments:  # this consumer's rows' segment ids
-                plgpu.copy_gmem_to_smem(ins["q_seg"].at[bi, pl.ds(r0, bq)], qseg_smem.at[wg], qseg_bar.at[wg])
-                plgpu.barrier_wait(qseg_bar.at[wg])
-                q_ids = mosaic_load(plgpu, qseg_smem.at[wg], row_layout)
+                q_ids = own_ids(plgpu, ins["q_seg"].at[bi, pl.ds(r0, bq)], qseg_smem.at[wg], qseg_bar.at[wg],
+                                row_layout)
             acc = plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), wgmma_layout)
             m = plgpu.layout_cast(jnp.full((bq,), M_FLOOR, jnp.float32), row_layout)
             l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
@@ -347,10 +346,8 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 acc, m, l, seen = carry
                 slot = lax.rem(ki, stages)
                 k_ids = None
-                if spec.segments:  # every step takes its slot's ids (the barrier's phase), masked ones read them
-                    plgpu.barrier_wait(kseg_bar.at[slot])
-                    if masked:
-                        k_ids = mosaic_load(plgpu, kseg_smem.at[slot], col_layout)
+                if spec.segments:
+                    k_ids = tile_ids(plgpu, kseg_smem.at[slot], kseg_bar.at[slot], masked, col_layout)
 
                 def band():
                     i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma_layout)

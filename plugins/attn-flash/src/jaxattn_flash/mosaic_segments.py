@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ._compat import mosaic_load
+
 # the columns of a range array: visited tiles [LB, UB), fully visible tiles [FS, FE)
 LB, FS, FE, UB = range(4)
 
@@ -73,3 +75,17 @@ def same_segment(row_ids, col_ids, shape: tuple[int, int]):
     """Boolean `shape`: where the id of the tile's row (`row_ids`, one per row) equals the
     id of its column (`col_ids`, one per column)."""
     return lax.broadcast_in_dim(row_ids, shape, [0]) == lax.broadcast_in_dim(col_ids, shape, [1])
+
+
+def own_ids(plgpu, src, smem, barrier, layout):
+    """The ids of a consumer's own rows (`src`, a gmem slice), copied once and loaded in `layout`."""
+    plgpu.copy_gmem_to_smem(src, smem, barrier)
+    plgpu.barrier_wait(barrier)
+    return mosaic_load(plgpu, smem, layout)
+
+
+def tile_ids(plgpu, smem, barrier, masked: bool, layout):
+    """The ids of a streamed tile (its slot `smem`), in `layout` on a masked step, else None.
+    Every step waits on the slot's barrier, so that its phase keeps pace with the stream."""
+    plgpu.barrier_wait(barrier)
+    return mosaic_load(plgpu, smem, layout) if masked else None
