@@ -14,7 +14,7 @@ config key `gpu_kernel` (`metadata.operation_configs["flash"]`) says:
 The key `gpu_backward` says the same of the backward kernels ("auto" follows the measured
 rule `AUTO_MOSAIC_BWD`); either forward hands either backward the same lse, so the two
 choices are independent. Both Mosaic paths serve soft-cap and sinks (the backward gets the
-sinks through the lse, `mosaic_bwd_kernels.py`).
+sinks through the lse, `mosaic_bwd_kernels.py`), sequence lengths and segment ids.
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ def flash(spec: KernelSpec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens):
 
 class Residuals(NamedTuple):
     """What the Triton backward reads, by name: the forward's inputs and its out and lse
-    (padded alike). The Mosaic forward takes no optional inputs: they stay None."""
+    (padded alike; the Mosaic forward's are unpadded, as it takes no padding)."""
 
     q: jax.Array
     k: jax.Array
