@@ -1,6 +1,6 @@
 """The Hopper forward kernel: Pallas with the Mosaic GPU lowering (wgmma, TMA, warp specialization).
 
-Imported only on a GPU path that chose it (`dispatch.py` decides); CPU CI never imports it.
+Imported on a GPU path that chose it (`gpu_path.py` decides) and by the CPU tests that lower it for CUDA.
 
 One CUDA block serves `2 * block_q` query rows of one (batch, query head) with three
 warpgroups:
@@ -44,8 +44,14 @@ A logit soft-cap c replaces the scaled logits by c·tanh(s·scale/c) (one tanh p
 sink logit per query head joins each row's normalizer after the loop, as in the Triton
 forward (a row without keys stays out 0, lse -inf).
 
+Per-batch sequence lengths (`q_lengths`, `kv_lengths`: int32 `[B]`, read as scalars in the
+kernel) stop a block's key range at the row's last key (that tile becomes a partial one) and
+make rows past the query length zeros with lse -inf. Segment ids (`segments`) cut the ranges
+by the bounds `mosaic_segments.py` computes from the ids and compare them on partial tiles;
+the producer streams each key tile's ids beside it.
+
 The lse (natural log, `[B, Hq, Sq]`, float32) is what the backward kernels read.
-Sequence lengths must be multiples of the tiles (`dispatch.py` checks).
+The arrays' sequence lengths must be multiples of the tiles (`gpu_path.py` checks).
 """
 
 from __future__ import annotations
