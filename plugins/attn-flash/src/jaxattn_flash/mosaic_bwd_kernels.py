@@ -4,9 +4,9 @@ warp specialization); by default dq is made inside the dk/dv kernel (`MosaicBwdS
 Both kernels have the shape of the forward (`mosaic_kernels.py`): one producer warpgroup
 streams tiles through a ring of `stages` shared-memory slots with TMA, two consumer
 warpgroups (64 rows each, one wgmma M) run the matrix products with float32 accumulators
-in registers, and a static band `band_lo <= j - i <= band_hi` (and a chunk, as the forward's)
-limits every block to the tiles that hold a visible pair, applying the mask only on the
-partial tiles.
+in registers, and a static band `band_lo <= j - i <= band_hi` (and a chunk, as the forward's,
+per-batch key lengths and segment ids, `mosaic_segments.py`) limits every block to the tiles
+that hold a visible pair, applying the mask only on the partial tiles.
 
 * dq, one CUDA block per (batch, query head, 128 query rows): for every key tile,
   S = Q·Kᵀ and dP = dO·Vᵀ (issued together), P = exp2(S·log2e·scale - lse₂),
