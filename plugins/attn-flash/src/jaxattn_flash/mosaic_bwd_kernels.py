@@ -61,7 +61,15 @@ from .mosaic_kernels import (
     launch_on_refs,
     visible,
 )
-from .mosaic_segments import clip_full, clip_range, own_ids, same_segment, segment_tile_ranges, tile_ids
+from .mosaic_segments import (
+    clip_full,
+    clip_range,
+    masked_by,
+    own_ids,
+    segment_scratch,
+    segment_tile_ranges,
+    tile_ids,
+)
 
 WG_ROWS = 64  # rows of one consumer warpgroup (one wgmma M)
 BLOCK_ROWS = CONSUMERS * WG_ROWS  # rows of one CUDA block, both kernels
@@ -207,23 +215,6 @@ def _optional_inputs(spec: MosaicBwdSpec, kv_lens, q_seg, kv_seg, row_block: int
     return extra
 
 
-def _segment_scratch(plgpu, spec: MosaicBwdSpec, own: int, tile: int, stages: int) -> tuple:
-    """Shared memory for segment ids: each consumer's `own` rows (read once) and a ring of
-    `stages` tiles of `tile` ids streamed beside the other operand, with their barriers."""
-    if not spec.segments:
-        return ()
-    return (plgpu.SMEM((CONSUMERS, own), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
-            plgpu.SMEM((stages, tile), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=stages))
-
-
-def _masked_by(vis, own_ids, tile_ids, shape):
-    """`vis` (the band's mask or None) and, with segments, equal ids of the tile's rows and columns."""
-    if tile_ids is None:
-        return vis
-    same = same_segment(own_ids, tile_ids, shape)
-    return same if vis is None else vis & same
-
-
 def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg=None, kv_seg=None):
     """dq `[B, Sq, Hq, D]` (Sq % 128 == 0, Skv % dq_block_kv == 0)."""
     plgpu = mosaic_gpu()
@@ -287,7 +278,7 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg
                 if masked:
                     i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=tile_layout)
                     j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=tile_layout)
-                    vis = _masked_by(visible(spec, i + r0, j + ki * bk, r0, kv_end), q_ids, k_ids, (bq, bk))
+                    vis = masked_by(visible(spec, i + r0, j + ki * bk, r0, kv_end), q_ids, k_ids, (bq, bk))
                 p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_row, s.shape, [0]), vis)
                 ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_row, s.shape, [0]), vis, cap)
 
@@ -337,7 +328,7 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-        *_segment_scratch(plgpu, spec, bq, bk, stages),
+        *(segment_scratch(plgpu, CONSUMERS, bq, bk, stages) if spec.segments else ()),
     )
     out_type = jax.ShapeDtypeStruct(q.shape, dtype)
     extra = _optional_inputs(spec, kv_lens, q_seg, kv_seg, BLOCK_ROWS, bk)
@@ -467,7 +458,7 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
                 if masked:
                     j = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=tile_layout)
                     i = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=tile_layout)
-                    vis = _masked_by(visible(spec, i + qi * bq, j + c, qi * bq, kv_end), k_ids, q_ids, (bk, bq))
+                    vis = masked_by(visible(spec, i + qi * bq, j + c, qi * bq, kv_end), k_ids, q_ids, (bk, bq))
                 p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_col, s.shape, [1]), vis)
                 ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_col, s.shape, [1]), vis, cap)
                 ds16 = ds.astype(dtype)
@@ -547,7 +538,7 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
         plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
         *[plgpu.Barrier(num_arrivals=1, num_barriers=stages)] * 4,
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-        *_segment_scratch(plgpu, spec, bk, bq, stages),
+        *(segment_scratch(plgpu, CONSUMERS, bk, bq, stages) if spec.segments else ()),
     )
     grid = {"b": b, "h": hkv, "k": nkb}
     if not fused:

@@ -66,7 +66,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import mosaic_gpu, mosaic_load, mosaic_params, ref_transpose
-from .mosaic_segments import clip_full, clip_range, own_ids, same_segment, segment_tile_ranges, tile_ids
+from .mosaic_segments import (
+    clip_full,
+    clip_range,
+    masked_by,
+    own_ids,
+    segment_scratch,
+    segment_tile_ranges,
+    tile_ids,
+)
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -358,11 +366,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 def band():
                     i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma_layout)
                     j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
-                    ok = visible(spec, i + r0, j + ki * bk, r0, kv_end)
-                    if k_ids is None:
-                        return ok
-                    same = same_segment(q_ids, k_ids, (bq, bk))
-                    return same if ok is None else ok & same
+                    return masked_by(visible(spec, i + r0, j + ki * bk, r0, kv_end), q_ids, k_ids, (bq, bk))
 
                 def qk(s_ref):
                     plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[slot]))
@@ -493,9 +497,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         *([plgpu.SMEM((stages, bk), jnp.float32)] if guard else []),  # which keys of a tile were cleaned
-        *([plgpu.SMEM((CONSUMERS, bq), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
-           plgpu.SMEM((stages, bk), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
-          if spec.segments else []),  # segment ids of each consumer's rows and of each key tile
+        *(segment_scratch(plgpu, CONSUMERS, bq, bk, stages) if spec.segments else ()),  # ids of rows and key tiles
     )
     out_type = (jax.ShapeDtypeStruct((b, sq, hq, dv), dtype), jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
     lengths = [x.astype(jnp.int32) for x, on in ((q_lens, spec.q_lengths), (kv_lens, spec.kv_lengths)) if on]

@@ -9,7 +9,7 @@ Packed documents (ids that do not decrease along the sequence) then visit only t
 their own documents, and tiles inside one document run unmasked, as the band's do.
 
 The kernels intersect these ranges with the band's (`clip_range`, `clip_full`) and compare
-ids on the partial tiles (`same_segment`). The ranges bound rather than list: ids that come
+ids on the partial tiles (`masked_by`). The ranges bound rather than list: ids that come
 back (1, 2, 1) visit every tile between, masked, and stay correct.
 """
 
@@ -75,6 +75,23 @@ def same_segment(row_ids, col_ids, shape: tuple[int, int]):
     """Boolean `shape`: where the id of the tile's row (`row_ids`, one per row) equals the
     id of its column (`col_ids`, one per column)."""
     return lax.broadcast_in_dim(row_ids, shape, [0]) == lax.broadcast_in_dim(col_ids, shape, [1])
+
+
+def masked_by(vis, row_ids, col_ids, shape: tuple[int, int]):
+    """A partial tile's mask: `vis` (the band's, or None: everywhere) and, where the step read
+    segment ids (`col_ids` not None), equal ids of the tile's rows and columns."""
+    if col_ids is None:
+        return vis
+    same = same_segment(row_ids, col_ids, shape)
+    return same if vis is None else vis & same
+
+
+def segment_scratch(plgpu, consumers: int, own: int, tile: int, stages: int) -> tuple:
+    """Shared memory for a kernel's segment ids: each of the `consumers`' `own` rows (read once)
+    and a ring of `stages` tiles of `tile` ids streamed beside the other operand, with their
+    barriers (the order `own_ids` and `tile_ids` take them in)."""
+    return (plgpu.SMEM((consumers, own), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=consumers),
+            plgpu.SMEM((stages, tile), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=stages))
 
 
 def own_ids(plgpu, src, smem, barrier, layout):
