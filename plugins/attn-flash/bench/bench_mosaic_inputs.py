@@ -46,11 +46,11 @@ def packed_ids(batch: int, seq: int, lengths_per_row) -> jax.Array:
 
 def check(only: str | None = None, shape=(2, 1024, 4, 2, 128)) -> None:
     b, s, hq, hkv, d = shape
+    ids = packed_ids(b, s, [[300, 400, 324], [128, 384, 512]])
     variants = {
         "lengths": dict(query_seq_lengths=jnp.array([s, 700]), key_value_seq_lengths=jnp.array([900, s - 1])),
-        "segments": dict(segment_ids=packed_ids(b, s, [[300, 400, 324], [128, 384, 512]])),
-        "segments+lengths": dict(segment_ids=packed_ids(b, s, [[300, 400, 324], [128, 384, 512]]),
-                                 key_value_seq_lengths=jnp.array([900, s - 1])),
+        "segments": dict(segment_ids=ids),
+        "segments+lengths": dict(segment_ids=ids, key_value_seq_lengths=jnp.array([900, s - 1])),
     }
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
     q = jax.random.normal(ks[0], (b, s, hq, d), jnp.bfloat16)
