@@ -25,7 +25,7 @@ A100 = Hardware.nvidia(compute_capability=(8, 0), device_kind="NVIDIA A100-SXM4-
 MOSAIC = OperationMetadata(operation_configs={"flash": {"gpu_kernel": "mosaic"}})
 MOSAIC_CASES = ["full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa", "mqa", "sliding_window",
                 "sliding_window_asym", "fully_masked_rows", "return_lse", "soft_cap", "sinks", "chunked_causal",
-                "seq_lengths", "segment_ids"]
+                "seq_lengths", "segment_ids", "value_head_dim"]
 
 
 @pytest.fixture
@@ -61,6 +61,62 @@ def test_auto_takes_mosaic_on_hopper_only(mosaic_importable):
     for fields in ({"kv_seq_lengths": True, "q_seq_lengths": True}, {"mask_kinds": frozenset({"causal", "segment"})}):
         assert impl.gpu_kernel_for(_request(**fields), H100).kernel == "mosaic", fields
         assert impl.gpu_backward_for(_request(**fields), H100).kernel == "mosaic", fields
+
+
+def test_mosaic_paths_take_a_value_head_dim_of_their_own(mosaic_importable):
+    """MLA-like calls (query/key head_dim 192, values 128) and other head_dim pairs: the forward
+    takes each of 64/128/192/256, the backward each of 64/128; auto keeps the pairs it has no
+    measurement for on Triton and says so."""
+    impl = FlashAttention()
+    mosaic = _md(gpu_kernel="mosaic", gpu_backward="mosaic")
+    for d, dv in ((64, 128), (128, 64), (192, 128), (256, 128)):
+        assert impl.gpu_kernel_for(_request(head_dim=d, value_head_dim=dv), H100, mosaic).kernel == "mosaic"
+    assert impl.gpu_backward_for(_request(head_dim=64, value_head_dim=128), H100, mosaic).kernel == "mosaic"
+    with pytest.raises(ValueError, match=r"value head_dim 64/128 \(got 192/128"):
+        impl.gpu_backward_for(_request(head_dim=192, value_head_dim=128), H100, mosaic)
+    with pytest.raises(ValueError, match=r"value head_dim 64/128/192/256 \(got 96/128"):
+        impl.gpu_kernel_for(_request(head_dim=96, value_head_dim=128), H100, mosaic)
+    auto = impl.gpu_kernel_for(_request(head_dim=192, value_head_dim=128), H100)
+    assert auto.kernel == "triton" and "not measured at head_dim 192" in auto.reason
+    # the shared memory check counts O's own buffer: 192/128 fits with 64-key tiles, not with 128 x 3
+    wide = _request(head_dim=192, value_head_dim=128)
+    with pytest.raises(ValueError, match="at head_dim 192, value head_dim 128"):
+        impl.gpu_kernel_for(wide, H100, _md(gpu_kernel="mosaic", mosaic_block_kv=128, mosaic_stages=3))
+
+
+def test_triton_backward_pads_head_dims_a_mosaic_forward_hands_it(monkeypatch):
+    """After a Mosaic forward of head_dim 192 (MLA) the Triton backward gets unpadded arrays of a
+    head_dim it does not tile (Triton's blocks are powers of two; the interpreter would not
+    mind): `_flash_bwd` hands its kernels arrays padded to 64 / 32 here and cuts the gradients
+    back to head_dim 48 / values 24, equal to the xla reference's."""
+    import jax.numpy as jnp
+
+    from jaxattn_flash import backend, triton_vjp
+
+    kq, kk, kv, kd = jax.random.split(jax.random.PRNGKey(3), 4)
+    q = jax.random.normal(kq, (1, 64, 2, 48), jnp.float32)
+    k = jax.random.normal(kk, (1, 64, 2, 48), jnp.float32)
+    v = jax.random.normal(kv, (1, 64, 2, 24), jnp.float32)
+    d_out = jax.random.normal(kd, (1, 64, 2, 24), jnp.float32)
+    blocks = OperationMetadata(operation_configs=tiles(32))
+    inputs = jaxattn.validation.build_attention_inputs(
+        q, k, v, None, None, metadata=blocks, scale=None, is_causal=True, sliding_window=None, segment_ids=None,
+        query_seq_lengths=None, key_value_seq_lengths=None, logits_soft_cap=None, sinks=None, dropout_rate=0.0,
+        dropout_rng=None, return_lse=False)
+    spec = backend._prepare(inputs, blocks, True, None).spec  # the interpreter's Triton spec
+    seen = []
+    for name in ("backward_dq", "backward_dkdv"):
+        kernel = getattr(triton_vjp, name)
+        monkeypatch.setattr(triton_vjp, name, lambda spec, q, k, v, do, *rest, kernel=kernel: (
+            seen.append((q.shape[-1], k.shape[-1], v.shape[-1], do.shape[-1])) or kernel(spec, q, k, v, do, *rest)))
+    out, lse = jaxattn.attention(q, k, v, is_causal=True, backend="xla", return_lse=True)
+    residuals = triton_vjp.Residuals(q, k, v, out, lse)
+    dq, dk, dv, *_ = triton_vjp._flash_bwd(spec, residuals, (d_out, jnp.zeros_like(lse)))
+    want = jax.vjp(lambda q, k, v: jaxattn.attention(q, k, v, is_causal=True, backend="xla"), q, k, v)[1](d_out)
+    assert seen == [(64, 64, 32, 32)] * 2
+    for name, got, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
+        assert got.shape == ref.shape, name
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-4, atol=2e-5, err_msg=name)
 
 
 def test_auto_without_mosaic_gpu(monkeypatch):
@@ -166,7 +222,7 @@ MOSAIC_BWD_CASES = ["full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa"
                     "sliding_window_asym", "fully_masked_rows", "return_lse", "soft_cap", "sinks", "chunked_causal",
                     "seq_lengths", "segment_ids"]
 GPU_BWD_RUNS = {  # name: (dtype, head_dim, cases, flash config)
-    "d64-bf16": ("bfloat16", 64, MOSAIC_BWD_CASES, {}),
+    "d64-bf16": ("bfloat16", 64, MOSAIC_BWD_CASES + ["value_head_dim"], {}),  # values of head_dim 128
     "d128-bf16": ("bfloat16", 128, MOSAIC_BWD_CASES, {}),
     "d128-fp16": ("float16", 128, ["causal", "gqa", "soft_cap", "sinks"], {}),
     "d128-bf16-kv128-3stages": ("bfloat16", 128, ["causal", "gqa", "sliding_window_asym"],
@@ -189,6 +245,39 @@ def test_mosaic_backward_conformance_gpu(run):
                              shape=Shape(batch=2, seq=256, num_heads=4, head_dim=head_dim))
     print(report.table())
     report.assert_ok()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("causal", [True, False])
+def test_mosaic_forward_mla_head_dims_gpu(causal):
+    """DeepSeek's MLA head dims (queries/keys 192, values 128) on the Mosaic forward, forced,
+    with the Triton backward after it (which pads 192 to its tiles): out, lse and gradients
+    against xla in float32."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    ks = jax.random.split(jax.random.PRNGKey(5), 4)
+    q = jax.random.normal(ks[0], (2, 256, 4, 192), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (2, 256, 2, 192), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (2, 256, 2, 128), jnp.bfloat16)
+    d_out = jax.random.normal(ks[3], (2, 256, 4, 128), jnp.float32)
+    md = _md(gpu_kernel="mosaic")
+    assert FlashAttention().gpu_kernel_for(_request(head_dim=192, value_head_dim=128), jaxattn.hardware.current(),
+                                           md).kernel == "mosaic"
+
+    def run(q, k, v, backend, metadata=None):
+        return jaxattn.attention(q, k, v, is_causal=causal, backend=backend, metadata=metadata, return_lse=True)
+
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    (out, lse), pull = jax.vjp(lambda *a: run(*a, "flash", md), q, k, v)
+    (ref, ref_lse), ref_pull = jax.vjp(lambda *a: run(*a, "xla"), *f32)
+    rel = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float32) - b) / np.linalg.norm(b))  # noqa: E731
+    assert rel(out, ref) < 1e-2 and np.allclose(np.asarray(lse), np.asarray(ref_lse), atol=2e-2)
+    grads = pull((d_out.astype(out.dtype), jnp.zeros_like(lse)))
+    want = ref_pull((d_out, jnp.zeros_like(ref_lse)))
+    for name, g, w in zip(("dq", "dk", "dv"), grads, want):
+        assert g.shape == w.shape and rel(g, w) < 2e-2, name
 
 
 @pytest.mark.parametrize("optional", ["none", "lengths", "segments"])
@@ -563,6 +652,10 @@ LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
     "segments-full-d64": dict(band_lo=None, band_hi=None, segments=True, head_dim=64),
     "segments-causal-guarded-lengths": dict(band_lo=None, band_hi=0, guard_values=True, segments=True,
                                             kv_lengths=True),
+    "mla-192-128-causal-guarded": dict(band_lo=None, band_hi=0, guard_values=True, head_dim=192,
+                                       value_head_dim=128, block_kv=64),
+    "d64-dv128-window-guarded": dict(band_lo=-200, band_hi=0, guard_values=True, head_dim=64, value_head_dim=128),
+    "d128-dv64-full": dict(band_lo=None, band_hi=None, value_head_dim=64),
 }
 
 
@@ -580,18 +673,20 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
 
     fields = dict(LOWERED[name])
     d = fields.pop("head_dim", 128)
+    d_v = fields.pop("value_head_dim", d)
     q = jax.ShapeDtypeStruct((1, 512, 4, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 512, 2, d), jnp.bfloat16)
+    values = jax.ShapeDtypeStruct((1, 512, 2, d_v), jnp.bfloat16)
     sinks = jax.ShapeDtypeStruct((4,), jnp.float32) if fields.get("sinks") else None
     lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
     ids = jax.ShapeDtypeStruct((1, 512), jnp.int32)
     segments = (ids, ids) if fields.get("segments") else (None, None)
     spec = mk.MosaicSpec(scale=0.1, **fields)
     forward = export.export(jax.jit(lambda *a: mk.mosaic_forward(spec, *a)), platforms=["cuda"])(
-        q, kv, kv, sinks, lengths if spec.q_lengths else None, lengths if spec.kv_lengths else None, *segments)
+        q, kv, values, sinks, lengths if spec.q_lengths else None, lengths if spec.kv_lengths else None, *segments)
     assert "mosaic_gpu" in forward.mlir_module()
-    assert [o.shape for o in forward.out_avals] == [q.shape, (1, 4, 512)]
-    if d not in gpu_path.MOSAIC_BWD_HEAD_DIMS:
+    assert [o.shape for o in forward.out_avals] == [(1, 512, 4, d_v), (1, 4, 512)]
+    if d not in gpu_path.MOSAIC_BWD_HEAD_DIMS or d_v not in gpu_path.MOSAIC_BWD_HEAD_DIMS:
         return
     # the backward's separate dq kernel and its dk/dv kernel (the fused form writes a mutable ref,
     # which jax.export does not take), with the forward's band and chunk
@@ -600,5 +695,6 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
                               kv_lengths=fields.get("kv_lengths", False), segments=spec.segments)
     rows = jax.ShapeDtypeStruct((1, 4, 512), jnp.float32)
     backward = export.export(jax.jit(lambda *a: mbk.mosaic_backward(bspec, *a)), platforms=["cuda"])(
-        q, kv, kv, q, rows, rows, lengths if bspec.kv_lengths else None, *segments)
-    assert [o.shape for o in backward.out_avals] == [q.shape, kv.shape, kv.shape]
+        q, kv, values, jax.ShapeDtypeStruct((1, 512, 4, d_v), jnp.bfloat16), rows, rows,
+        lengths if bspec.kv_lengths else None, *segments)
+    assert [o.shape for o in backward.out_avals] == [q.shape, kv.shape, values.shape]

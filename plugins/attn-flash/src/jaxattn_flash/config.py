@@ -197,9 +197,13 @@ def tuning_space(request: AttentionRequest, mosaic_by_default: bool,
     return space
 
 
-def mosaic_smem_bytes(head_dim: int, block_kv: int, stages: int, itemsize: int = 2) -> int:
-    """Shared memory the Mosaic forward's tiles take: Q/O of both consumers, K and V slots."""
-    return itemsize * head_dim * (2 * 64 + 2 * stages * block_kv) + 2 * 64 * 4
+def mosaic_smem_bytes(head_dim: int, block_kv: int, stages: int, itemsize: int = 2,
+                      value_head_dim: int | None = None) -> int:
+    """Shared memory the Mosaic forward's tiles take: Q/O of both consumers (O apart when the
+    value head_dim differs), K and V slots."""
+    dv = head_dim if value_head_dim is None else value_head_dim
+    q_and_o = 2 * 64 * (head_dim + (dv if dv != head_dim else 0))
+    return itemsize * (q_and_o + stages * block_kv * (head_dim + dv)) + 2 * 64 * 4
 
 
 def resolve(config: Mapping[str, Any], head_dim: int, q_len: int, kv_len: int) -> dict[str, Tiles]:

@@ -34,7 +34,7 @@ from .triton_kernels import KernelSpec
 from .triton_vjp import Residuals, _flash_bwd
 
 MOSAIC_DTYPES = ("bfloat16", "float16")
-MOSAIC_HEAD_DIMS = (64, 128, 256)
+MOSAIC_HEAD_DIMS = (64, 128, 192, 256)  # of queries/keys and of values, each (192/128: MLA)
 MOSAIC_BWD_HEAD_DIMS = (64, 128)
 MOSAIC_MASKS = frozenset({"full", "causal", "sliding_window", "chunked_causal", "segment"})
 MIN_CHUNK = 64  # a kernel tile's 64 queries may straddle one chunk boundary, not two
@@ -131,10 +131,10 @@ _UNSERVED = (("has_bias", "bias"), ("dropout", "dropout"))
 
 def _head_dim_reasons(request: AttentionRequest, head_dims: tuple[int, ...], what: str, why: str = "") -> list[str]:
     d, dv = request.head_dim, request.value_head_dim
-    if d == dv and d in head_dims:
+    if d in head_dims and dv in head_dims:
         return []
-    return [f"the Mosaic GPU {what} takes head_dim {'/'.join(map(str, head_dims))} with equal value head_dim "
-            f"(got {d}/{dv}{why})"]
+    dims = "/".join(map(str, head_dims))
+    return [f"the Mosaic GPU {what} takes head_dim {dims} and value head_dim {dims} (got {d}/{dv}{why})"]
 
 
 def _unserved_reasons(request: AttentionRequest, what: str) -> list[str]:
@@ -149,10 +149,11 @@ def mosaic_reasons(request: AttentionRequest, hardware: Hardware, config: Mappin
     if dim_reasons:
         reasons += dim_reasons
     else:
-        d = request.head_dim
+        d, dv = request.head_dim, request.value_head_dim
         bk, stages = _config.mosaic_tiles(config, d)
-        if _config.mosaic_smem_bytes(d, bk, stages) > _config.MOSAIC_SMEM_BYTES:
-            reasons.append(f"mosaic_block_kv={bk} with {stages} stages does not fit in shared memory at head_dim {d}")
+        if _config.mosaic_smem_bytes(d, bk, stages, value_head_dim=dv) > _config.MOSAIC_SMEM_BYTES:
+            dims = f"head_dim {d}" + (f", value head_dim {dv}" if dv != d else "")
+            reasons.append(f"mosaic_block_kv={bk} with {stages} stages does not fit in shared memory at {dims}")
         reasons += _unpadded_reasons(request, config, ROWS, bk, what)
     return reasons + _unserved_reasons(request, what)
 
@@ -193,7 +194,10 @@ def _decide(request: AttentionRequest, hardware: Hardware, *, key: str, wanted: 
         return PathChoice("triton", "auto: " + "; ".join(found))
     lo, hi = band_of(request)
     rule_key = (request.head_dim, "full" if lo is None and hi is None else "band")
-    if not rule.get(rule_key, False):
+    if rule_key not in rule:
+        return PathChoice("triton", f"auto: the Mosaic GPU {what} was not measured at head_dim {rule_key[0]}, "
+                                    f"{rule_key[1]} mask ({rule_name}); force it with {key}='mosaic'")
+    if not rule[rule_key]:
         return PathChoice("triton", f"auto: Triton measured faster than the Mosaic GPU {what} at head_dim "
                                     f"{rule_key[0]}, {rule_key[1]} mask ({rule_name})")
     cc = hardware.compute_capability

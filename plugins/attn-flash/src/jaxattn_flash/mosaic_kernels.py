@@ -263,10 +263,10 @@ def launch_on_refs(plgpu, body, refs, scratch, grid: dict[str, int]) -> None:
 
 
 def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=None, q_seg=None, kv_seg=None):
-    """q `[B, Sq, Hq, D]`, k/v `[B, Skv, Hkv, D]` (bf16/fp16, Sq % rows == 0, Skv % block_kv == 0),
-    sinks `[Hq]` when `spec.sinks`, int32 `[B]` lengths when `spec.q_lengths`/`spec.kv_lengths`,
-    segment ids `[B, Sq]`/`[B, Skv]` when `spec.segments`
-    -> (out `[B, Sq, Hq, D]`, lse `[B, Hq, Sq]` natural log, -inf on rows without keys)."""
+    """q `[B, Sq, Hq, D]`, k `[B, Skv, Hkv, D]`, v `[B, Skv, Hkv, Dv]` (bf16/fp16, Sq % rows == 0,
+    Skv % block_kv == 0), sinks `[Hq]` when `spec.sinks`, int32 `[B]` lengths when
+    `spec.q_lengths`/`spec.kv_lengths`, segment ids `[B, Sq]`/`[B, Skv]` when `spec.segments`
+    -> (out `[B, Sq, Hq, Dv]`, lse `[B, Hq, Sq]` natural log, -inf on rows without keys)."""
     plgpu = mosaic_gpu()
     b, sq, hq, d = q.shape
     _, skv, hkv, dv = v.shape
@@ -283,6 +283,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     col_layout = plgpu.Layout.WGMMA.reduce(0)
     guard = spec.guard_values
+    own_out = dv != d  # O (value head_dim) has its own buffer; else it overwrites Q's
 
     names = (["q", "k", "v"] + ["sinks"] * spec.sinks + ["q_lens"] * spec.q_lengths + ["kv_lens"] * spec.kv_lengths
              + ["q_seg", "kv_seg", "seg_ranges"] * spec.segments)
@@ -292,6 +293,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
         q_ref, k_ref, v_ref, sink_ref = ins["q"], ins["k"], ins["v"], ins.get("sinks")
         o_ref, lse_ref, *scratch = refs[len(names):]
         qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free, *optional = scratch
+        o_smem = optional.pop(0) if own_out else qo_smem  # O where it does not fit Q's buffer
         bad_smem = optional.pop(0) if guard else None
         qseg_smem, qseg_bar, kseg_smem, kseg_bar = optional if spec.segments else (None,) * 4
         ranges = ins.get("seg_ranges")
@@ -343,7 +345,8 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     def _(c=c):
                         bad = None
                         for d0 in range(0, dv, GUARD_COLS):
-                            part = v_smem.at[slot, pl.ds(c * GUARD_KEYS, GUARD_KEYS), pl.ds(d0, min(GUARD_COLS, dv))]
+                            cols = pl.ds(d0, min(GUARD_COLS, dv - d0))
+                            part = v_smem.at[slot, pl.ds(c * GUARD_KEYS, GUARD_KEYS), cols]
                             x = mosaic_load(plgpu, part, wgmma_layout)
                             finite = (x - x) == 0  # false for NaN and +-inf
                             part[...] = jnp.where(finite, x, jnp.zeros_like(x))
@@ -448,10 +451,11 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]) > 0, jnp.float32(jnp.nan), out)
             if real is not None:
                 out = jnp.where(lax.broadcast_in_dim(real, acc.shape, [0]), out, 0.0)
-            qo[...] = out.astype(dtype)
+            o = o_smem.at[wg]
+            o[...] = out.astype(dtype)
             lse_smem.at[wg][...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(qo, o_ref.at[bi, pl.ds(r0, bq), hi])
+            plgpu.copy_smem_to_gmem(o, o_ref.at[bi, pl.ds(r0, bq), hi])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(r0, bq)])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -487,7 +491,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     sink_rows = [] if not spec.sinks else [
         jnp.broadcast_to((sinks.astype(jnp.float32) * LOG2E)[:, None], (hq, bq))]
     scratch = (
-        _swizzled(plgpu, (CONSUMERS, bq, d), dtype),  # Q, then O, of each consumer
+        _swizzled(plgpu, (CONSUMERS, bq, d), dtype),  # Q, then O (when dv == d), of each consumer
         _swizzled(plgpu, (stages, bk, d), dtype),
         _swizzled(plgpu, (stages, bk, dv), dtype),
         plgpu.SMEM((CONSUMERS, bq), jnp.float32),
@@ -496,6 +500,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        *([_swizzled(plgpu, (CONSUMERS, bq, dv), dtype)] if own_out else []),  # O of each consumer
         *([plgpu.SMEM((stages, bk), jnp.float32)] if guard else []),  # which keys of a tile were cleaned
         *(segment_scratch(plgpu, CONSUMERS, bq, bk, stages) if spec.segments else ()),  # ids of rows and key tiles
     )

@@ -24,9 +24,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import multiple_of, triton_params
+from .config import padded_dim
 from .launch_order import launch_order, ordered
 from .lse_grads import live_rows, sinks_grad
 from .nonfinite import finite_values
+from .padding import pad_axis
 from .triton_kernels import (
     LOG2E,
     KernelSpec,
@@ -258,10 +260,24 @@ def _flash_bwd(spec, residuals: Residuals, cotangents):
 
         dq, dk, dv = mosaic_backward(spec.mosaic_bwd, q, k, v, do, lse2, delta_eff, kv_lens, q_seg, kv_seg)
     else:
-        dq = backward_dq(spec, q, k, v, do, lse2, delta_eff, q_seg, kv_seg, q_lens, kv_lens)
-        dk, dv = backward_dkdv(spec, q, k, v, do, lse2, delta_eff, q_seg, kv_seg, q_lens, kv_lens)
+        dq, dk, dv = _triton_grads(spec, q, k, v, do, lse2, delta_eff, q_seg, kv_seg, q_lens, kv_lens)
     d_sinks = None if sinks is None else sinks_grad(sinks, lse, live, delta_eff)
     return dq, dk, dv, d_sinks, None, None, None, None
+
+
+def _triton_grads(spec, q, k, v, do, lse2, delta, q_seg, kv_seg, q_lens, kv_lens):
+    """(dq, dk, dv) from the Triton kernels, which tile head dims of powers of two: the Triton
+    path pads them itself, a Mosaic forward of head_dim 192 (MLA) hands them as they are, so
+    they are zero-padded here (the products do not change) and the gradients cut back."""
+    d, d_v = q.shape[-1], v.shape[-1]
+    dp, dvp = padded_dim(d), padded_dim(d_v)
+    if (dp, dvp) != (d, d_v):
+        q, k, v, do = pad_axis(q, 3, dp), pad_axis(k, 3, dp), pad_axis(v, 3, dvp), pad_axis(do, 3, dvp)
+    dq = backward_dq(spec, q, k, v, do, lse2, delta, q_seg, kv_seg, q_lens, kv_lens)
+    dk, dv = backward_dkdv(spec, q, k, v, do, lse2, delta, q_seg, kv_seg, q_lens, kv_lens)
+    if (dp, dvp) != (d, d_v):
+        dq, dk, dv = dq[..., :d], dk[..., :d], dv[..., :d_v]
+    return dq, dk, dv
 
 
 flash.defvjp(_flash_fwd, _flash_bwd)
