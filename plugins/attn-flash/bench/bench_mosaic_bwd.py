@@ -2,6 +2,7 @@
 
     python3 bench/bench_mosaic_bwd.py check      # gradients vs xla in float32, small shapes, each backward
     python3 bench/bench_mosaic_bwd.py table      # fwd+bwd TFLOP/s on the peers-table shapes
+    python3 bench/bench_mosaic_bwd.py wide       # the same at head_dim 256 (mosaic_bwd_wide.py)
     python3 bench/bench_mosaic_bwd.py features   # (1, 32768, 32/8, 128): causal, soft-cap 50, sinks,
                                                  # window 4096, chunked 8192; fwd and fwd+bwd
     python3 bench/bench_mosaic_bwd.py nonfinite  # NaN/inf values: gradients' finiteness vs xla per mosaic_dq
@@ -85,7 +86,9 @@ def check():
     cases = [((2, 512, 4, 4, 128), {}), ((2, 512, 4, 2, 128), {"is_causal": True}),
              ((1, 1024, 4, 1, 64), {"is_causal": True, "sliding_window": 256}),
              ((1, 512, 4, 4, 128), {"is_causal": True, "logits_soft_cap": 30.0}),
-             ((1, 512, 8, 2, 64), {"is_causal": True, "sinks": True})]
+             ((1, 512, 8, 2, 64), {"is_causal": True, "sinks": True}),
+             ((2, 512, 4, 2, 256), {"is_causal": True}),  # head_dim 256: mosaic_bwd_wide.py
+             ((1, 512, 4, 4, 256), {"logits_soft_cap": 30.0, "sliding_window": 200})]
     for shape, kw in cases:
         q, k, v, do = inputs(shape)
         if kw.pop("sinks", False):
@@ -98,8 +101,11 @@ def check():
                     + " ".join(f"{rel(g, w):.2e}" for g, w in zip(got, want)))
 
 
-def table():
-    for shape in SHAPES:
+WIDE_SHAPES = [(2, 4096, 16, 16, 256), (2, 4096, 16, 4, 256)]  # BENCHMARKS.md "head_dim 256"
+
+
+def table(shapes=SHAPES):
+    for shape in shapes:
         q, k, v, do = inputs(shape)
         b, s, hq, _, d = shape
         for causal in (False, True):
@@ -182,4 +188,5 @@ def nonfinite():
 
 
 if __name__ == "__main__":
-    {"check": check, "table": table, "features": features, "nonfinite": nonfinite}[sys.argv[1]]()
+    {"check": check, "table": table, "features": features, "nonfinite": nonfinite,
+     "wide": lambda: table(WIDE_SHAPES)}[sys.argv[1]]()

@@ -223,6 +223,8 @@ MOSAIC_BWD_CASES = ["full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa"
                     "seq_lengths", "segment_ids"]
 GPU_BWD_RUNS = {  # name: (dtype, head_dim, cases, flash config)
     "d64-bf16": ("bfloat16", 64, MOSAIC_BWD_CASES + ["value_head_dim"], {}),  # values of head_dim 128
+    "d256-bf16": ("bfloat16", 256, ["full", "causal", "causal_q_lt_kv", "gqa", "sliding_window_asym",
+                                    "fully_masked_rows", "soft_cap", "sinks", "chunked_causal", "seq_lengths"], {}),
     "d128-bf16": ("bfloat16", 128, MOSAIC_BWD_CASES, {}),
     "d128-fp16": ("float16", 128, ["causal", "gqa", "soft_cap", "sinks"], {}),
     "d128-bf16-kv128-3stages": ("bfloat16", 128, ["causal", "gqa", "sliding_window_asym"],
@@ -351,8 +353,10 @@ def test_auto_backward_takes_mosaic_on_hopper_with_soft_cap_and_sinks(mosaic_imp
     assert impl.gpu_kernel_for(_request(head_dim=256, value_head_dim=256), H100).kernel == "mosaic"
     on_a100 = impl.gpu_backward_for(_request(), A100)
     assert on_a100.kernel == "triton" and "compute capability 9.x" in on_a100.reason
-    d256 = impl.gpu_backward_for(_request(head_dim=256, value_head_dim=256), H100)
-    assert d256.kernel == "triton" and "registers" in d256.reason
+    d256 = _request(head_dim=256, value_head_dim=256)
+    auto = impl.gpu_backward_for(d256, H100)  # served (mosaic_bwd_wide.py), not yet measured
+    assert auto.kernel == "triton" and "not measured at head_dim 256" in auto.reason
+    assert impl.gpu_backward_for(d256, H100, _md(gpu_backward="mosaic")).kernel == "mosaic"
     assert impl.gpu_backward_for(_request(), H100, _md(gpu_backward="triton")).kernel == "triton"
 
 
@@ -365,7 +369,7 @@ def test_auto_backward_follows_the_measured_rule(mosaic_importable, monkeypatch)
 
 def test_forced_mosaic_backward_says_every_reason(mosaic_importable):
     impl = FlashAttention()
-    bad = _request(dtype="float32", kv_dtype="float32", head_dim=256, value_head_dim=256,
+    bad = _request(dtype="float32", kv_dtype="float32", head_dim=96, value_head_dim=96,
                    mask_kinds=frozenset({"causal", "dense"}), q_seq_lengths=True, has_bias=True)
     with pytest.raises(ValueError) as err:
         impl.gpu_backward_for(bad, A100, _md(gpu_backward="mosaic"))
@@ -380,6 +384,19 @@ def test_forced_mosaic_backward_says_every_reason(mosaic_importable):
     assert FlashAttention(interpret=True).gpu_backward_for(_request(), H100).kernel == "triton"
     with pytest.raises(ValueError, match="mosaic_block_kv_dq"):
         impl.gpu_backward_for(_request(), H100, _md(mosaic_block_kv_dq=256))
+    # head_dim 256 (mosaic_bwd_wide.py): equal value head_dim, no segment ids, the dq settings it takes
+    forced = _md(gpu_backward="mosaic")
+    for fields, config, words in (
+            ({"value_head_dim": 128}, {}, "value head_dim 256 only (got 256/128)"),
+            ({"mask_kinds": frozenset({"causal", "segment"})}, {}, "no segment ids at head_dim 256"),
+            ({}, {"mosaic_stages_bwd": 3}, "mosaic_stages_bwd=3 does not fit in shared memory at head_dim 256"),
+            ({}, {"mosaic_dq": "own"}, "mosaic_dq='own' does not fit at head_dim 256"),
+            ({}, {"mosaic_block_kv_dq": 64}, "mosaic_block_kv_dq does not apply at head_dim 256")):
+        request = _request(**{"head_dim": 256, "value_head_dim": 256, **fields})
+        with pytest.raises(ValueError) as err:
+            impl.gpu_backward_for(request, H100, _md(gpu_backward="mosaic", **config))
+        assert words in str(err.value), (fields, config, str(err.value))
+    assert impl.gpu_backward_for(_request(head_dim=256, value_head_dim=256), H100, forced).kernel == "mosaic"
     with pytest.raises(ValueError, match="gpu_backward"):
         impl.gpu_backward_for(_request(), H100, _md(gpu_backward="cudnn"))
 
@@ -413,6 +430,14 @@ def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     assert (tuned.dq_block_kv, tuned.stages) == (128, 3)
     assert prepare({"gpu_backward": "triton"}).spec.mosaic_bwd is None
     assert bspec.fused_dq == "split"  # head_dim 128: dq inside the dk/dv kernel
+    q256 = jax.random.normal(jax.random.PRNGKey(2), (1, 256, 4, 256), jax.numpy.bfloat16)
+    kv256 = jax.random.normal(jax.random.PRNGKey(3), (1, 256, 2, 256), jax.numpy.bfloat16)
+    md = _md(gpu_backward="mosaic")
+    wide = backend._prepare(jaxattn.validation.build_attention_inputs(
+        q256, kv256, kv256, None, None, metadata=md, scale=None, is_causal=True, sliding_window=None,
+        segment_ids=None, query_seq_lengths=None, key_value_seq_lengths=None, logits_soft_cap=None, sinks=None,
+        dropout_rate=0.0, dropout_rng=None, return_lse=False), md, False, H100)
+    assert (wide.spec.mosaic_bwd.dq_block_kv, wide.spec.mosaic_bwd.fused_dq) == (32, None)  # mosaic_bwd_wide
     assert prepare({"mosaic_dq": "separate"}).spec.mosaic_bwd.fused_dq is None  # the deterministic kernel
     assert not (bspec.segments or bspec.kv_lengths or call.mosaic.segments or call.mosaic.kv_lengths)
     # segment ids and lengths reach both Mosaic specs and ride with the call, unpadded
@@ -645,6 +670,9 @@ LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
     "causal": dict(band_lo=None, band_hi=0),
     "full-d64": dict(band_lo=None, band_hi=None, head_dim=64),
     "causal-guarded-d256": dict(band_lo=None, band_hi=0, guard_values=True, head_dim=256, block_kv=64),
+    "window-softcap-lengths-d256": dict(band_lo=-200, band_hi=0, soft_cap=30.0, kv_lengths=True, head_dim=256,
+                                        block_kv=64),
+    "chunked-d256": dict(band_lo=None, band_hi=0, chunk=192, head_dim=256, block_kv=64),
     "causal-guarded": dict(band_lo=None, band_hi=0, guard_values=True),
     "window-guarded-softcap": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0),
     "chunked-guarded-sinks": dict(band_lo=None, band_hi=0, guard_values=True, chunk=192, sinks=True),
@@ -686,13 +714,14 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
         q, kv, values, sinks, lengths if spec.q_lengths else None, lengths if spec.kv_lengths else None, *segments)
     assert "mosaic_gpu" in forward.mlir_module()
     assert [o.shape for o in forward.out_avals] == [(1, 512, 4, d_v), (1, 4, 512)]
-    if d not in gpu_path.MOSAIC_BWD_HEAD_DIMS or d_v not in gpu_path.MOSAIC_BWD_HEAD_DIMS:
+    if not (d == d_v == 256 or {d, d_v} <= set(gpu_path.MOSAIC_BWD_HEAD_DIMS)):
         return
     # the backward's separate dq kernel and its dk/dv kernel (the fused form writes a mutable ref,
     # which jax.export does not take), with the forward's band and chunk
     bspec = mbk.MosaicBwdSpec(scale=0.1, band_lo=fields["band_lo"], band_hi=fields["band_hi"],
                               soft_cap=fields.get("soft_cap"), chunk=fields.get("chunk"),
-                              kv_lengths=fields.get("kv_lengths", False), segments=spec.segments)
+                              kv_lengths=fields.get("kv_lengths", False), segments=spec.segments,
+                              dq_block_kv=32 if d == 256 else 64)  # head_dim 256: mosaic_bwd_wide's dk/dv
     rows = jax.ShapeDtypeStruct((1, 4, 512), jnp.float32)
     backward = export.export(jax.jit(lambda *a: mbk.mosaic_backward(bspec, *a)), platforms=["cuda"])(
         q, kv, values, jax.ShapeDtypeStruct((1, 512, 4, d_v), jnp.bfloat16), rows, rows,

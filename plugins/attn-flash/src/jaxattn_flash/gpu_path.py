@@ -35,7 +35,7 @@ from .triton_vjp import Residuals, _flash_bwd
 
 MOSAIC_DTYPES = ("bfloat16", "float16")
 MOSAIC_HEAD_DIMS = (64, 128, 192, 256)  # of queries/keys and of values, each (192/128: MLA)
-MOSAIC_BWD_HEAD_DIMS = (64, 128)
+MOSAIC_BWD_HEAD_DIMS = (64, 128)  # and 256 with equal value head_dim (`_wide_reasons`)
 MOSAIC_MASKS = frozenset({"full", "causal", "sliding_window", "chunked_causal", "segment"})
 MIN_CHUNK = 64  # a kernel tile's 64 queries may straddle one chunk boundary, not two
 ROWS = 128  # query rows per CUDA block of the Mosaic kernel (2 warpgroups x 64)
@@ -163,14 +163,39 @@ def mosaic_backward_reasons(request: AttentionRequest, hardware: Hardware, confi
     It takes soft-cap and sinks (they enter through the lse), whichever forward ran."""
     what = "backward"
     reasons = _hopper_reasons(request, hardware, what)
-    dim_reasons = _head_dim_reasons(request, MOSAIC_BWD_HEAD_DIMS, what,
-                                    "; dk and dv of head_dim 256 do not fit in registers")
+    d, dv = request.head_dim, request.value_head_dim
+    if _config.WIDE_HEAD_DIM in (d, dv):
+        dim_reasons = _wide_reasons(request, config)
+    else:
+        dim_reasons = _head_dim_reasons(request, MOSAIC_BWD_HEAD_DIMS, what)
     if dim_reasons:
         reasons += dim_reasons
     else:
-        block_kv_dq, _ = _config.mosaic_bwd_tiles(config)
+        block_kv_dq, _ = _config.mosaic_bwd_tiles(config, d)
         reasons += _unpadded_reasons(request, config, ROWS, max(ROWS, block_kv_dq), what)
     return reasons + _unserved_reasons(request, what)
+
+
+def _wide_reasons(request: AttentionRequest, config: Mapping[str, Any]) -> list[str]:
+    """What the backward at head_dim 256 (`mosaic_bwd_wide.py`, the dq kernel's 32-key tiles) needs."""
+    from .mosaic_bwd_wide import wide_smem_bytes
+
+    wide = _config.WIDE_HEAD_DIM
+    reasons = []
+    if (request.head_dim, request.value_head_dim) != (wide, wide):
+        reasons.append(f"the Mosaic GPU backward takes head_dim {wide} with value head_dim {wide} only "
+                       f"(got {request.head_dim}/{request.value_head_dim})")
+    if request.has_segments:
+        reasons.append(f"the Mosaic GPU backward takes no segment ids at head_dim {wide}")
+    try:  # the config's dq settings must be ones this head_dim takes
+        block_kv_dq, stages = _config.mosaic_bwd_tiles(config, wide)
+        _config.mosaic_fused_dq(config, wide)
+    except ValueError as err:
+        return reasons + [str(err)]
+    dq_bytes = 2 * (2 * 2 * 64 * wide + 2 * stages * block_kv_dq * wide)  # Q, dO of both consumers; K/V ring
+    if max(dq_bytes, wide_smem_bytes(wide, wide, 64, stages)) > _config.MOSAIC_SMEM_BYTES:
+        reasons.append(f"mosaic_stages_bwd={stages} does not fit in shared memory at head_dim {wide}")
+    return reasons
 
 
 def _decide(request: AttentionRequest, hardware: Hardware, *, key: str, wanted: str, interpret: bool,

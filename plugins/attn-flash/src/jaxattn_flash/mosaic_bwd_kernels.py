@@ -34,7 +34,8 @@ taking turns on the tensor cores) costs 8-13% here, and computing dSᵀ while th
 gains nothing; the dq key tile (64/128) and 2 or 3 stages are level.
 
 The accumulators live in registers: dk + dv of 64 rows take 2·64·D/128 registers per
-thread, so head_dim 256 does not fit (the Triton backward serves it).
+thread, so head_dim 256 does not fit here: `mosaic_bwd_wide.py` splits their columns between
+the consumers instead, and dq comes from the dq kernel with key tiles of 32.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import gmem_ref, mosaic_gpu, mosaic_load, ref_transpose
+from .config import WIDE_DQ_BLOCK_KV, WIDE_HEAD_DIM
 from .mosaic_kernels import (
     CONSUMERS,
     LOG2E,
@@ -229,6 +231,7 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg
     tile_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     col_layout = plgpu.Layout.WGMMA.reduce(0)
+    widest = 128 if bk % 64 == 0 else 64  # dQ += dS·K contracts over the key tile
 
     names = _input_names(spec)
 
@@ -318,12 +321,12 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg
                 load(ki + stages)
 
     scratch = (
-        _swizzled(plgpu, (CONSUMERS, bq, d), dtype),  # Q, then dQ, of each consumer
-        _swizzled(plgpu, (CONSUMERS, bq, dv), dtype),
+        _swizzled(plgpu, (CONSUMERS, bq, d), dtype, widest),  # Q, then dQ, of each consumer
+        _swizzled(plgpu, (CONSUMERS, bq, dv), dtype, widest),
         plgpu.SMEM((CONSUMERS, bq), jnp.float32),
         plgpu.SMEM((CONSUMERS, bq), jnp.float32),
-        _swizzled(plgpu, (stages, bk, d), dtype),
-        _swizzled(plgpu, (stages, bk, dv), dtype),
+        _swizzled(plgpu, (stages, bk, d), dtype, widest),
+        _swizzled(plgpu, (stages, bk, dv), dtype, widest),
         *[plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS)] * 4,
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
@@ -564,6 +567,14 @@ _dkdv_jit = jax.jit(_dkdv, static_argnums=0)
 def mosaic_backward(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg=None, kv_seg=None):
     """(dq, dk, dv) of unpadded q/k/v (see the module docstring for lse₂ and delta); `kv_lens`
     (int32 `[B]`) with `spec.kv_lengths`, segment ids `q_seg`/`kv_seg` (`[B, S]`) with `spec.segments`."""
+    if q.shape[-1] == WIDE_HEAD_DIM:  # dk and dv by column halves; dq from its own kernel
+        from .mosaic_bwd_wide import mosaic_dkdv_wide
+
+        if spec.fused_dq or spec.segments or spec.dq_block_kv != WIDE_DQ_BLOCK_KV:
+            raise ValueError(f"the Mosaic backward at head_dim {WIDE_HEAD_DIM} takes the separate dq kernel with "
+                             f"key tiles of {WIDE_DQ_BLOCK_KV} and no segment ids; got {spec}")
+        dq = mosaic_dq(spec, q, k, v, do, lse2, delta, kv_lens)
+        return (dq, *mosaic_dkdv_wide(spec, q, k, v, do, lse2, delta, kv_lens))
     if spec.fused_dq:
         return mosaic_dkdv(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)
     dq = mosaic_dq(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)

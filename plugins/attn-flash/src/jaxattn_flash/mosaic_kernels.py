@@ -236,9 +236,12 @@ def _consumers_sync(plgpu) -> None:
     _bar(plgpu, "sync", lambda _wg: _i32_const(CONSUMERS_BARRIER))
 
 
-def _swizzled(plgpu, shape, dtype):
+def _swizzled(plgpu, shape, dtype, widest: int = 128):
+    """Shared memory for wgmma operands, swizzled by the row's bytes up to `widest`. A product's
+    contraction must be a multiple of swizzle / itemsize (64 elements of 2 bytes at 128), so
+    kernels that contract over 32 take `widest=64` for every operand of the product."""
     elem_bytes = jnp.dtype(dtype).itemsize
-    swizzle = 128 if shape[-1] * elem_bytes >= 128 else shape[-1] * elem_bytes
+    swizzle = widest if shape[-1] * elem_bytes >= widest else shape[-1] * elem_bytes
     transforms = (plgpu.TilingTransform((8, swizzle // elem_bytes)), plgpu.SwizzleTransform(swizzle))
     return plgpu.SMEM(shape, dtype, transforms=transforms)
 
