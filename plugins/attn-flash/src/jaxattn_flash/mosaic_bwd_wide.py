@@ -75,8 +75,7 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
         def consumer(w: int):
             plgpu.set_max_registers(232, action="increase")
 
-            @pl.when(wg == 0)
-            def _():
+            if w == 0:  # one copy of K and V for both consumers
                 plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_s, kv_bar.at[0])
                 plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_s, kv_bar.at[1])
 
