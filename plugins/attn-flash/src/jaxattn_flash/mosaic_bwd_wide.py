@@ -51,6 +51,8 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
     _, skv, hkv, dv_dim = v.shape
     group = hq // hkv
     bq = spec.dkv_block_q
+    if bq != CONSUMERS * HALF:
+        raise ValueError(f"mosaic_dkdv_wide: query tiles of {CONSUMERS * HALF} (two halves of {HALF}), got {bq}")
     nq = sq // bq
     cols, v_cols = d // CONSUMERS, dv_dim // CONSUMERS  # the dK / dV columns one consumer owns
     dtype = q.dtype
