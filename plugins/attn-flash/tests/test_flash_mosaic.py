@@ -63,10 +63,10 @@ def test_auto_takes_mosaic_on_hopper_only(mosaic_importable):
         assert impl.gpu_backward_for(_request(**fields), H100).kernel == "mosaic", fields
 
 
-def test_mosaic_paths_take_a_value_head_dim_of_their_own(mosaic_importable):
+def test_mosaic_paths_take_a_value_head_dim_of_their_own(mosaic_importable, monkeypatch):
     """MLA-like calls (query/key head_dim 192, values 128) and other head_dim pairs: the forward
-    takes each of 64/128/192/256, the backward each of 64/128; auto keeps the pairs it has no
-    measurement for on Triton and says so."""
+    takes each of 64/128/192/256, the backward each of 64/128 (and 256/256); auto takes the
+    measured MLA forward and keeps a head_dim it has no measurement for on Triton, saying so."""
     impl = FlashAttention()
     mosaic = _md(gpu_kernel="mosaic", gpu_backward="mosaic")
     for d, dv in ((64, 128), (128, 64), (192, 128), (256, 128)):
@@ -76,8 +76,12 @@ def test_mosaic_paths_take_a_value_head_dim_of_their_own(mosaic_importable):
         impl.gpu_backward_for(_request(head_dim=192, value_head_dim=128), H100, mosaic)
     with pytest.raises(ValueError, match=r"value head_dim 64/128/192/256 \(got 96/128"):
         impl.gpu_kernel_for(_request(head_dim=96, value_head_dim=128), H100, mosaic)
-    auto = impl.gpu_kernel_for(_request(head_dim=192, value_head_dim=128), H100)
-    assert auto.kernel == "triton" and "not measured at head_dim 192" in auto.reason
+    mla = _request(head_dim=192, value_head_dim=128)
+    assert impl.gpu_kernel_for(mla, H100).kernel == "mosaic"  # AUTO_MOSAIC[(192, "band")]
+    assert impl.gpu_backward_for(mla, H100).kernel == "triton"
+    monkeypatch.delitem(gpu_path.AUTO_MOSAIC, (192, "band"))
+    auto = impl.gpu_kernel_for(mla, H100)
+    assert auto.kernel == "triton" and "not measured at head_dim 192, band mask" in auto.reason
     # the shared memory check counts O's own buffer: 192/128 fits with 64-key tiles, not with 128 x 3
     wide = _request(head_dim=192, value_head_dim=128)
     with pytest.raises(ValueError, match="at head_dim 192, value head_dim 128"):
@@ -349,14 +353,15 @@ def test_auto_backward_takes_mosaic_on_hopper_with_soft_cap_and_sinks(mosaic_imp
                    {"head_dim": 64, "value_head_dim": 64, "dtype": "float16", "kv_dtype": "float16"}):
         choice = impl.gpu_backward_for(_request(**fields), H100)
         assert choice.kernel == "mosaic", (fields, choice)
-    # the two choices are independent: head_dim 256 runs the Mosaic forward and the Triton backward
-    assert impl.gpu_kernel_for(_request(head_dim=256, value_head_dim=256), H100).kernel == "mosaic"
+    # the two choices are independent: head_dim 256 with a value head_dim of 128 runs the Mosaic
+    # forward and the Triton backward
+    uneven = _request(head_dim=256, value_head_dim=128)
+    assert impl.gpu_kernel_for(uneven, H100).kernel == "mosaic"
+    assert impl.gpu_backward_for(uneven, H100).kernel == "triton"
     on_a100 = impl.gpu_backward_for(_request(), A100)
     assert on_a100.kernel == "triton" and "compute capability 9.x" in on_a100.reason
     d256 = _request(head_dim=256, value_head_dim=256)
-    auto = impl.gpu_backward_for(d256, H100)  # served (mosaic_bwd_wide.py), not yet measured
-    assert auto.kernel == "triton" and "not measured at head_dim 256" in auto.reason
-    assert impl.gpu_backward_for(d256, H100, _md(gpu_backward="mosaic")).kernel == "mosaic"
+    assert impl.gpu_backward_for(d256, H100).kernel == "mosaic"  # mosaic_bwd_wide.py, measured faster
     assert impl.gpu_backward_for(_request(), H100, _md(gpu_backward="triton")).kernel == "triton"
 
 

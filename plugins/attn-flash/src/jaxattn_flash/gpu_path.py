@@ -46,19 +46,25 @@ ROWS = 128  # query rows per CUDA block of the Mosaic kernel (2 warpgroups x 64)
 # causal + window 1024 at 16k 0.295 vs 0.436 ms; head_dim 64 full 387 vs 332, causal 325 vs
 # 259; head_dim 256 at (2, 4096, 16, 16) full 651 vs 230, causal 559 vs 203, GQA 16/4 causal
 # 549 vs 217 (bench/results/tune_d256.log; Triton with its old 64x64 tiles; 128x64: 433/362/396).
+# MLA's head dims (192 queries/keys, 128 values) at (2, 8192, 16, 16), 2026-11-30 on an H200:
+# full 573 vs 319, causal 530 vs 284 (bench/results/h200_2026-11-30/mosaic_mla.log).
 AUTO_MOSAIC: dict[tuple[int, str], bool] = {
     (64, "full"): True, (64, "band"): True,
     (128, "full"): True, (128, "band"): True,
+    (192, "full"): True, (192, "band"): True,
     (256, "full"): True, (256, "band"): True,
 }
 # The measured rule of the backward: (head_dim, "full" | "band") -> the Mosaic GPU backward is faster.
 # Measured 2026-11-30 on an H200 (BENCHMARKS.md "Mosaic GPU backward"), fwd+bwd TFLOP/s Mosaic vs
 # Triton backward: head_dim 128 full 467-498 vs 393-413, causal 413-486 vs 349-379; at
 # (1, 32768, 32/8) soft-cap 370 vs 272, sinks 469 vs 373, window 4096 457 vs 377; head_dim 64
-# (8, 2048, 16, 16) full 325 vs 275, causal 254 vs 230.
+# (8, 2048, 16, 16) full 325 vs 275, causal 254 vs 230; head_dim 256 (`mosaic_bwd_wide.py`) at
+# (2, 4096, 16, 16 | 4) full 397-398 vs 271-274, causal 323-338 vs 246-249
+# (bench/results/h200_2026-11-30/mosaic_bwd_wide.log).
 AUTO_MOSAIC_BWD: dict[tuple[int, str], bool] = {
     (64, "full"): True, (64, "band"): True,
     (128, "full"): True, (128, "band"): True,
+    (256, "full"): True, (256, "band"): True,
 }
 
 
