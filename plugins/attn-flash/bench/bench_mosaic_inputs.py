@@ -3,7 +3,7 @@ on a Hopper GPU: forward, lse and gradients (the Mosaic backward, and the Triton
 Mosaic forward) against xla in float32, NaN/inf rows, the conformance cases, and TFLOP/s of
 visible work beside the Triton kernels; `mla` times MLA's head dims (192 / 128) beside cuDNN.
 
-    python3 plugins/attn-flash/bench/bench_mosaic_inputs.py [check[:VARIANT]] [conformance] [speed[:CASE]] [mla]
+    python3 plugins/attn-flash/bench/bench_mosaic_inputs.py [check[:VARIANT]] [conformance] [speed[:CASE]] [mla[:full]]
 """
 
 from __future__ import annotations
@@ -133,20 +133,21 @@ def speed(only: str | None = None, shape=(4, 4096, 32, 8, 128)) -> None:
                   f"forward+backward {3.5 * flops / t_both / 1e12:.0f} TFLOP/s", flush=True)
 
 
-def mla(shape=(2, 8192, 16, 16, 192, 128)) -> None:
-    """DeepSeek's MLA head dims (queries/keys 192, values 128), causal: the Mosaic forward and the
-    Triton one, each with the Triton backward, beside cuDNN (which takes MLA on Hopper)."""
+def mla(mask: str = "causal", shape=(2, 8192, 16, 16, 192, 128)) -> None:
+    """DeepSeek's MLA head dims (queries/keys 192, values 128), `mask` "causal" or "full": the Mosaic
+    forward and the Triton one, each with the Triton backward, beside cuDNN (which takes MLA on Hopper)."""
     b, s, hq, hkv, d, dv = shape
+    causal = mask == "causal"
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
     q = jax.random.normal(ks[0], (b, s, hq, d), jnp.bfloat16)
     k = jax.random.normal(ks[1], (b, s, hkv, d), jnp.bfloat16)
     v = jax.random.normal(ks[2], (b, s, hkv, dv), jnp.bfloat16)
     do = jax.random.normal(ks[3], (b, s, hq, dv), jnp.bfloat16)
-    flops = 2.0 * b * hq * s * s * (d + dv) / 2  # causal: S = QK^T over d, O = PV over dv
+    flops = 2.0 * b * hq * s * s * (d + dv) / (2 if causal else 1)  # S = QK^T over d, O = PV over dv
     for name, backend, metadata in (("mosaic", "flash", _flash(gpu_kernel="mosaic")),
                                     ("triton", "flash", TRITON), ("cudnn", "cudnn", None)):
         def fwd(q, k, v, backend=backend, metadata=metadata):
-            return jaxattn.attention(q, k, v, is_causal=True, backend=backend, metadata=metadata)
+            return jaxattn.attention(q, k, v, is_causal=causal, backend=backend, metadata=metadata)
 
         def fwd_bwd(q, k, v, fwd=fwd):
             out, pull = jax.vjp(fwd, q, k, v)
@@ -154,7 +155,7 @@ def mla(shape=(2, 8192, 16, 16, 192, 128)) -> None:
 
         t_fwd = time_call(functools.partial(jax.jit(fwd), q, k, v))
         t_both = time_call(functools.partial(jax.jit(fwd_bwd), q, k, v))
-        print(f"TIME {name}, causal, MLA {shape}: forward {flops / t_fwd / 1e12:.0f}, "
+        print(f"TIME {name}, {mask}, MLA {shape}: forward {flops / t_fwd / 1e12:.0f}, "
               f"forward+backward {3.5 * flops / t_both / 1e12:.0f} TFLOP/s", flush=True)
 
 
