@@ -116,7 +116,8 @@ def _group(row: dict[str, str]) -> str:
     else:  # "(batch, kv_len), note" or a name
         label = re.sub(r"\((\d+), (\d+)\),?", r"\1x\2", first)
     mask = row.get("causal", row.get("mask", ""))
-    extra = {"yes": " causal", "no": "", "causal": " causal", "causal, window 1024": " causal w1024"}.get(mask, "")
+    extra = {"yes": " causal", "no": "", "causal": " causal", "causal, window 1024": " causal w1024",
+             "causal, 4 packed documents": " causal 4 docs"}.get(mask, "")
     return label + extra
 
 
