@@ -228,7 +228,8 @@ MOSAIC_BWD_CASES = ["full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa"
 GPU_BWD_RUNS = {  # name: (dtype, head_dim, cases, flash config)
     "d64-bf16": ("bfloat16", 64, MOSAIC_BWD_CASES + ["value_head_dim"], {}),  # values of head_dim 128
     "d256-bf16": ("bfloat16", 256, ["full", "causal", "causal_q_lt_kv", "gqa", "sliding_window_asym",
-                                    "fully_masked_rows", "soft_cap", "sinks", "chunked_causal", "seq_lengths"], {}),
+                                    "fully_masked_rows", "soft_cap", "sinks", "chunked_causal", "seq_lengths",
+                                    "segment_ids"], {}),
     "d128-bf16": ("bfloat16", 128, MOSAIC_BWD_CASES, {}),
     "d128-fp16": ("float16", 128, ["causal", "gqa", "soft_cap", "sinks"], {}),
     "d128-bf16-kv128-3stages": ("bfloat16", 128, ["causal", "gqa", "sliding_window_asym"],
@@ -389,11 +390,10 @@ def test_forced_mosaic_backward_says_every_reason(mosaic_importable):
     assert FlashAttention(interpret=True).gpu_backward_for(_request(), H100).kernel == "triton"
     with pytest.raises(ValueError, match="mosaic_block_kv_dq"):
         impl.gpu_backward_for(_request(), H100, _md(mosaic_block_kv_dq=256))
-    # head_dim 256 (mosaic_bwd_wide.py): equal value head_dim, no segment ids, the dq settings it takes
+    # head_dim 256 (mosaic_bwd_wide.py): equal value head_dim, the dq settings it takes
     forced = _md(gpu_backward="mosaic")
     for fields, config, words in (
             ({"value_head_dim": 128}, {}, "value head_dim 256 only (got 256/128)"),
-            ({"mask_kinds": frozenset({"causal", "segment"})}, {}, "no segment ids at head_dim 256"),
             ({}, {"mosaic_stages_bwd": 3}, "mosaic_stages_bwd=3 does not fit in shared memory at head_dim 256"),
             ({}, {"mosaic_dq": "own"}, "mosaic_dq='own' does not fit at head_dim 256"),
             ({}, {"mosaic_block_kv_dq": 64}, "mosaic_block_kv_dq does not apply at head_dim 256")):
@@ -402,6 +402,8 @@ def test_forced_mosaic_backward_says_every_reason(mosaic_importable):
             impl.gpu_backward_for(request, H100, _md(gpu_backward="mosaic", **config))
         assert words in str(err.value), (fields, config, str(err.value))
     assert impl.gpu_backward_for(_request(head_dim=256, value_head_dim=256), H100, forced).kernel == "mosaic"
+    packed = _request(head_dim=256, value_head_dim=256, mask_kinds=frozenset({"causal", "segment"}))
+    assert impl.gpu_backward_for(packed, H100, forced).kernel == "mosaic"  # segment ids at 256 too
     with pytest.raises(ValueError, match="gpu_backward"):
         impl.gpu_backward_for(_request(), H100, _md(gpu_backward="cudnn"))
 
@@ -678,6 +680,8 @@ LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
     "window-softcap-lengths-d256": dict(band_lo=-200, band_hi=0, soft_cap=30.0, kv_lengths=True, head_dim=256,
                                         block_kv=64),
     "chunked-d256": dict(band_lo=None, band_hi=0, chunk=192, head_dim=256, block_kv=64),
+    "segments-causal-lengths-d256": dict(band_lo=None, band_hi=0, segments=True, kv_lengths=True, head_dim=256,
+                                         block_kv=64),
     "causal-guarded": dict(band_lo=None, band_hi=0, guard_values=True),
     "window-guarded-softcap": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0),
     "chunked-guarded-sinks": dict(band_lo=None, band_hi=0, guard_values=True, chunk=192, sinks=True),

@@ -191,15 +191,14 @@ def _wide_reasons(request: AttentionRequest, config: Mapping[str, Any]) -> list[
     if (request.head_dim, request.value_head_dim) != (wide, wide):
         reasons.append(f"the Mosaic GPU backward takes head_dim {wide} with value head_dim {wide} only "
                        f"(got {request.head_dim}/{request.value_head_dim})")
-    if request.has_segments:
-        reasons.append(f"the Mosaic GPU backward takes no segment ids at head_dim {wide}")
     try:  # the config's dq settings must be ones this head_dim takes
         block_kv_dq, stages = _config.mosaic_bwd_tiles(config, wide)
         _config.mosaic_fused_dq(config, wide)
     except ValueError as err:
         return reasons + [str(err)]
     dq_bytes = 2 * (2 * 2 * 64 * wide + 2 * stages * block_kv_dq * wide)  # Q, dO of both consumers; K/V ring
-    if max(dq_bytes, wide_smem_bytes(wide, wide, 64, stages)) > _config.MOSAIC_SMEM_BYTES:
+    dkdv_bytes = wide_smem_bytes(wide, wide, 64, stages, segments=request.has_segments)
+    if max(dq_bytes, dkdv_bytes) > _config.MOSAIC_SMEM_BYTES:
         reasons.append(f"mosaic_stages_bwd={stages} does not fit in shared memory at head_dim {wide}")
     return reasons
 

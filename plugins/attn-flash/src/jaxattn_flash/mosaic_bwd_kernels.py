@@ -570,11 +570,11 @@ def mosaic_backward(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None,
     if q.shape[-1] == WIDE_HEAD_DIM:  # dk and dv by column halves; dq from its own kernel
         from .mosaic_bwd_wide import mosaic_dkdv_wide
 
-        if spec.fused_dq or spec.segments or spec.dq_block_kv != WIDE_DQ_BLOCK_KV:
+        if spec.fused_dq or spec.dq_block_kv != WIDE_DQ_BLOCK_KV:
             raise ValueError(f"the Mosaic backward at head_dim {WIDE_HEAD_DIM} takes the separate dq kernel with "
-                             f"key tiles of {WIDE_DQ_BLOCK_KV} and no segment ids; got {spec}")
-        dq = mosaic_dq(spec, q, k, v, do, lse2, delta, kv_lens)
-        return (dq, *mosaic_dkdv_wide(spec, q, k, v, do, lse2, delta, kv_lens))
+                             f"key tiles of {WIDE_DQ_BLOCK_KV}; got {spec}")
+        dq = mosaic_dq(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)
+        return (dq, *mosaic_dkdv_wide(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg))
     if spec.fused_dq:
         return mosaic_dkdv(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)
     dq = mosaic_dq(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)

@@ -15,8 +15,9 @@ head of the GQA group, as `mosaic_bwd_kernels._dkdv`), and
 
 No logit is computed twice and no accumulator spills; the price is two barriers per tile.
 dQ comes from the separate dq kernel (with key tiles of 32 at this head_dim: its Q, dO and
-the K/V ring then fit in shared memory). Masks, GQA and key/value lengths as the other
-kernels; segment ids are not taken here (the Triton backward serves them at head_dim 256).
+the K/V ring then fit in shared memory). Masks, GQA, key/value lengths and segment ids as the
+other kernels (each consumer reads the block's 64 key ids once; the producer streams each
+query tile's ids, a consumer compares its half of them).
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ from jax.experimental import pallas as pl
 
 from ._compat import mosaic_gpu, mosaic_load
 from .mosaic_bwd_kernels import (
+    INPUTS,
     MosaicBwdSpec,
     _dlogits,
+    _input_names,
+    _optional_inputs,
     _probabilities,
     _scores_and_dp,
     _three_loops,
@@ -39,13 +43,15 @@ from .mosaic_bwd_kernels import (
     q_tile_range,
 )
 from .mosaic_kernels import CONSUMERS, _consumers_sync, _i32, _swizzled, launch, visible
+from .mosaic_segments import clip_full, clip_range, masked_by, own_ids, segment_scratch, tile_ids
 
 KEYS = 64  # keys per CUDA block: one wgmma M, shared by both consumers
 HALF = 32  # queries of a tile whose logits one consumer computes
 
 
-def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
-    """(dk, dv) `[B, Skv, Hkv, 256]` (Skv % 64 == 0, Sq % dkv_block_q == 0)."""
+def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg=None, kv_seg=None):
+    """(dk, dv) `[B, Skv, Hkv, 256]` (Skv % 64 == 0, Sq % dkv_block_q == 0); `kv_lens` with
+    `spec.kv_lengths`, segment ids `q_seg`/`kv_seg` (`[B, S]`) with `spec.segments`."""
     plgpu = mosaic_gpu()
     b, sq, hq, d = q.shape
     _, skv, hkv, dv_dim = v.shape
@@ -57,20 +63,24 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
     cols, v_cols = d // CONSUMERS, dv_dim // CONSUMERS  # the dK / dV columns one consumer owns
     dtype = q.dtype
     tile_layout = plgpu.Layout.WGMMA
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
     col_layout = plgpu.Layout.WGMMA.reduce(0)
     stages = spec.stages
-    names = ["q", "k", "v", "do", "lse", "delta"] + ["kv_lens"] * spec.kv_lengths
+    names = _input_names(spec)
 
     def kernel(*refs):
         ins = dict(zip(names, refs))
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = (ins[n] for n in names[:6])
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = (ins[n] for n in INPUTS)
         (dk_ref, dv_ref, k_s, v_s, q_smem, do_smem, lse_smem, delta_smem, p_smem, ds_smem,
-         kv_bar, q_bar, do_bar, lse_bar, delta_bar, free) = refs[len(names):]
+         kv_bar, q_bar, do_bar, lse_bar, delta_bar, free, *seg_scratch) = refs[len(names):]
+        kseg_smem, kseg_bar, qseg_smem, qseg_bar = seg_scratch or (None,) * 4
+        ranges = ins.get("seg_ranges")
         bi, kvh = lax.axis_index("b"), lax.axis_index("h")
-        c0, wg = lax.axis_index("k") * KEYS, lax.axis_index("wg")
+        kb, wg = lax.axis_index("k"), lax.axis_index("wg")
+        c0 = kb * KEYS
         kv_end = ins["kv_lens"][bi] if spec.kv_lengths else None
         keys = pl.ds(c0, KEYS)
-        lb, ub = q_tile_range(spec, c0, KEYS, bq, nq, kv_end)
+        lb, ub = clip_range(ranges, bi, kb, *q_tile_range(spec, c0, KEYS, bq, nq, kv_end))
         per_head = ub - lb
         total = group * per_head
 
@@ -83,14 +93,20 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
 
             plgpu.barrier_wait(kv_bar.at[0])
             plgpu.barrier_wait(kv_bar.at[1])
-            fs, fe = q_full_range(spec, c0, bq, lb, ub, kv_end)
+            fs, fe = clip_full(ranges, bi, kb, ub, *q_full_range(spec, c0, bq, lb, ub, kv_end))
             half = pl.ds(w * HALF, HALF)
+            k_ids = None
+            if spec.segments:  # each consumer its own copy of the block's key ids
+                k_ids = own_ids(plgpu, ins["kv_seg"].at[bi, keys], kseg_smem.at[w], kseg_bar.at[w], row_layout)
 
             def step(qi, carry, *, gi, masked):
                 dk, dv = carry
                 slot = lax.rem(gi * per_head + (qi - lb), stages)
                 for bar in (q_bar, do_bar, lse_bar, delta_bar):
                     plgpu.barrier_wait(bar.at[slot])
+                q_ids = None
+                if spec.segments:  # this consumer's half of the tile's query ids
+                    q_ids = tile_ids(plgpu, qseg_smem.at[slot, half], qseg_bar.at[slot], masked, col_layout)
                 # this consumer's half of the tile's queries: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ (keys x 32)
                 s, dp = _scores_and_dp(plgpu, (k_s, q_smem.at[slot, half]), (v_s, do_smem.at[slot, half]),
                                        tile_layout)
@@ -101,7 +117,7 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
                     q0 = qi * bq + w * HALF
                     j = plgpu.broadcasted_iota(jnp.int32, (KEYS, HALF), 0, layout=tile_layout)
                     i = plgpu.broadcasted_iota(jnp.int32, (KEYS, HALF), 1, layout=tile_layout)
-                    vis = visible(spec, i + q0, j + c0, q0, kv_end)
+                    vis = masked_by(visible(spec, i + q0, j + c0, q0, kv_end), k_ids, q_ids, (KEYS, HALF))
                 p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_col, s.shape, [1]), vis)
                 ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_col, s.shape, [1]), vis, cap)
                 _consumers_sync(plgpu)  # the other consumer is done reading the previous tile's halves
@@ -154,6 +170,8 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
                 plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, h], do_smem.at[slot], do_bar.at[slot])
                 plgpu.copy_gmem_to_smem(lse_ref.at[bi, h, rows], lse_smem.at[slot], lse_bar.at[slot])
                 plgpu.copy_gmem_to_smem(delta_ref.at[bi, h, rows], delta_smem.at[slot], delta_bar.at[slot])
+                if spec.segments:
+                    plgpu.copy_gmem_to_smem(ins["q_seg"].at[bi, rows], qseg_smem.at[slot], qseg_bar.at[slot])
 
             for i in range(stages):
                 pl.when(i < total)(functools.partial(load, _i32(i)))
@@ -176,16 +194,19 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
         plgpu.Barrier(num_arrivals=1, num_barriers=2),  # K, V loaded
         *[plgpu.Barrier(num_arrivals=1, num_barriers=stages)] * 4,
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        *(segment_scratch(plgpu, CONSUMERS, KEYS, bq, stages) if spec.segments else ()),
     )
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
-    extra = [kv_lens.astype(jnp.int32)] if spec.kv_lengths else []
+    extra = _optional_inputs(spec, kv_lens, q_seg, kv_seg, KEYS, bq, keys_major=True)
     grid = {"b": b, "h": hkv, "k": skv // KEYS}
     return launch(plgpu, kernel, out_type, scratch, grid)(q, k, v, do, lse2, delta, *extra)
 
 
-def wide_smem_bytes(head_dim: int, value_head_dim: int, block_q: int, stages: int, itemsize: int = 2) -> int:
-    """Shared memory of `mosaic_dkdv_wide`'s tiles (barriers apart)."""
+def wide_smem_bytes(head_dim: int, value_head_dim: int, block_q: int, stages: int, itemsize: int = 2,
+                    segments: bool = False) -> int:
+    """Shared memory of `mosaic_dkdv_wide`'s tiles and segment ids (barriers apart)."""
     kv = KEYS * (head_dim + value_head_dim)
     ring = stages * block_q * (head_dim + value_head_dim)
     halves = 2 * CONSUMERS * KEYS * HALF
-    return itemsize * (kv + ring + halves) + 2 * stages * block_q * 4
+    ids = 4 * (CONSUMERS * KEYS + stages * block_q) if segments else 0
+    return itemsize * (kv + ring + halves) + 2 * stages * block_q * 4 + ids
