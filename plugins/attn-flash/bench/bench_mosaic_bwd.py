@@ -1,10 +1,11 @@
 """Check and time the Mosaic GPU backward (Hopper) beside the Triton backward and cuDNN.
 
     python3 bench/bench_mosaic_bwd.py check      # gradients vs xla in float32, small shapes, each backward
-    python3 bench/bench_mosaic_bwd.py table      # fwd+bwd TFLOP/s on the peers-table shapes
+    python3 bench/bench_mosaic_bwd.py table      # fwd+bwd TFLOP/s on the peers-table shapes (and cuDNN, tokamax)
     python3 bench/bench_mosaic_bwd.py wide       # the same at head_dim 256 (mosaic_bwd_wide.py)
     python3 bench/bench_mosaic_bwd.py features   # (1, 32768, 32/8, 128): causal, soft-cap 50, sinks,
-                                                 # window 4096, chunked 8192; fwd and fwd+bwd
+                                                 # window 4096, chunked 8192; fwd and fwd+bwd, beside
+                                                 # cuDNN and tokamax where they take the row
     python3 bench/bench_mosaic_bwd.py nonfinite  # NaN/inf values: gradients' finiteness vs xla per mosaic_dq
 
 A second argument names the backwards of `check` and `table` (comma-separated keys of BACKWARDS).
@@ -74,6 +75,29 @@ def cudnn_grads(kw):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
+def tokamax_grads(kw):
+    """fwd+bwd of tokamax's default `dot_product_attention` (jax.nn keywords plus `logits_soft_cap`),
+    or None where tokamax does not import (it needs jax >= 0.11.1; carry its wheels to the device)."""
+    try:
+        import tokamax
+    except Exception:  # noqa: BLE001 - any failure means "no tokamax here"
+        return None
+
+    def loss(q, k, v, do):
+        out = tokamax.dot_product_attention(q, k, v, **kw)
+        return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def tokamax_forward(kw):
+    try:
+        import tokamax
+    except Exception:  # noqa: BLE001
+        return None
+    return jax.jit(lambda q, k, v: tokamax.dot_product_attention(q, k, v, **kw))
+
+
 def causal_pairs(s: int, window: int | None = None, chunk: int | None = None) -> float:
     """Visible (query, key) pairs of a causal mask over s tokens, in a window or chunks."""
     if chunk:
@@ -111,6 +135,11 @@ def table(shapes=SHAPES):
         for causal in (False, True):
             flops = 4 * b * hq * s * s * d * (0.5 if causal else 1.0) * 3.5
             row = [("cudnn", flops / timeit(cudnn_grads({"is_causal": causal}), q, k, v, do)[0] / 1e12)]
+            peer = tokamax_grads({"is_causal": causal})
+            if peer is not None:
+                timed = attempt(f"{shape} causal={causal} tokamax", timeit, peer, q, k, v, do)
+                if timed is not None:
+                    row.append(("tokamax", flops / timed[0] / 1e12))
             for name, config in chosen().items():
                 timed = attempt(f"{shape} causal={causal} {name}", timeit,
                                 grads({"is_causal": causal}, config), q, k, v, do)
@@ -125,15 +154,17 @@ def features():
     q, k, v, do = inputs(shape)
     sinks = jax.random.normal(jax.random.key(5), (hq,), jnp.float32)
     causal = causal_pairs(s)
-    rows = {  # name: (attention kwargs, visible pairs, cuDNN kwargs or None)
-        "causal": ({"is_causal": True}, causal, {"is_causal": True}),
-        "soft-cap 50": ({"is_causal": True, "logits_soft_cap": 50.0}, causal, None),
-        "sinks": ({"is_causal": True, "sinks": sinks}, causal, None),
-        "window 4096": ({"is_causal": True, "sliding_window": 4096}, causal_pairs(s, window=4096),
-                        {"is_causal": True, "local_window_size": (4095, 0)}),
-        "chunked 8192": ({"mask": ChunkedCausalMask(8192)}, causal_pairs(s, chunk=8192), None),
+    window = {"is_causal": True, "local_window_size": (4095, 0)}
+    rows = {  # name: (attention kwargs, visible pairs, cuDNN kwargs or None, tokamax kwargs or None)
+        "causal": ({"is_causal": True}, causal, {"is_causal": True}, {"is_causal": True}),
+        "soft-cap 50": ({"is_causal": True, "logits_soft_cap": 50.0}, causal, None,
+                        {"is_causal": True, "logits_soft_cap": 50.0}),
+        "sinks": ({"is_causal": True, "sinks": sinks}, causal, None, None),  # neither peer takes sinks
+        "window 4096": ({"is_causal": True, "sliding_window": 4096}, causal_pairs(s, window=4096), window, window),
+        # neither peer has a chunked mask (a dense [S, S] mask skips no tile)
+        "chunked 8192": ({"mask": ChunkedCausalMask(8192)}, causal_pairs(s, chunk=8192), None, None),
     }
-    for name, (kw, pairs, cudnn_kw) in rows.items():
+    for name, (kw, pairs, cudnn_kw, tokamax_kw) in rows.items():
         flops = 4 * b * hq * pairs * d
         row = []
         for label, kernel in (("fwd", "auto"), ("fwd triton", "triton")):
@@ -152,6 +183,12 @@ def features():
                 q, k, v, implementation="cudnn", **kw))
             row.append(("cudnn fwd", flops / timeit(cudnn_fwd, q, k, v)[0] / 1e12))
             row.append(("cudnn fwd+bwd", 3.5 * flops / timeit(cudnn_grads(cudnn_kw), q, k, v, do)[0] / 1e12))
+        if tokamax_kw is not None and tokamax_forward(tokamax_kw) is not None:
+            for label, fn, args, factor in (("tokamax fwd", tokamax_forward(tokamax_kw), (q, k, v), 1.0),
+                                            ("tokamax fwd+bwd", tokamax_grads(tokamax_kw), (q, k, v, do), 3.5)):
+                timed = attempt(f"{name} {label}", timeit, fn, *args)
+                if timed is not None:
+                    row.append((label, factor * flops / timed[0] / 1e12))
         log(f"{name}: " + "  ".join(f"{n} {t:.0f}" for n, t in row))
 
 
