@@ -135,7 +135,8 @@ def speed(only: str | None = None, shape=(4, 4096, 32, 8, 128)) -> None:
 
 def mla(mask: str = "causal", shape=(2, 8192, 16, 16, 192, 128)) -> None:
     """DeepSeek's MLA head dims (queries/keys 192, values 128), `mask` "causal" or "full": the Mosaic
-    forward and the Triton one, each with the Triton backward, beside cuDNN (which takes MLA on Hopper)."""
+    forward with the Triton and the Mosaic backward, the Triton forward and backward, beside cuDNN
+    (which takes MLA on Hopper)."""
     b, s, hq, hkv, d, dv = shape
     causal = mask == "causal"
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -145,6 +146,7 @@ def mla(mask: str = "causal", shape=(2, 8192, 16, 16, 192, 128)) -> None:
     do = jax.random.normal(ks[3], (b, s, hq, dv), jnp.bfloat16)
     flops = 2.0 * b * hq * s * s * (d + dv) / (2 if causal else 1)  # S = QK^T over d, O = PV over dv
     for name, backend, metadata in (("mosaic", "flash", _flash(gpu_kernel="mosaic")),
+                                    ("mosaic, Mosaic backward", "flash", MOSAIC),
                                     ("triton", "flash", TRITON), ("cudnn", "cudnn", None)):
         def fwd(q, k, v, backend=backend, metadata=metadata):
             return jaxattn.attention(q, k, v, is_causal=causal, backend=backend, metadata=metadata)

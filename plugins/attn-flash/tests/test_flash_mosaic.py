@@ -65,20 +65,24 @@ def test_auto_takes_mosaic_on_hopper_only(mosaic_importable):
 
 def test_mosaic_paths_take_a_value_head_dim_of_their_own(mosaic_importable, monkeypatch):
     """MLA-like calls (query/key head_dim 192, values 128) and other head_dim pairs: the forward
-    takes each of 64/128/192/256, the backward each of 64/128 (and 256/256); auto takes the
-    measured MLA forward and keeps a head_dim it has no measurement for on Triton, saying so."""
+    takes each of 64/128/192/256, the backward each of 64/128 and pairs of those summing past 256
+    (mosaic_bwd_wide.py); auto takes the measured MLA forward and keeps what it has no
+    measurement for on Triton, saying so."""
     impl = FlashAttention()
     mosaic = _md(gpu_kernel="mosaic", gpu_backward="mosaic")
     for d, dv in ((64, 128), (128, 64), (192, 128), (256, 128)):
         assert impl.gpu_kernel_for(_request(head_dim=d, value_head_dim=dv), H100, mosaic).kernel == "mosaic"
-    assert impl.gpu_backward_for(_request(head_dim=64, value_head_dim=128), H100, mosaic).kernel == "mosaic"
-    with pytest.raises(ValueError, match=r"value head_dim 64/128 \(got 192/128"):
-        impl.gpu_backward_for(_request(head_dim=192, value_head_dim=128), H100, mosaic)
+        assert impl.gpu_backward_for(_request(head_dim=d, value_head_dim=dv), H100, mosaic).kernel == "mosaic"
+    with pytest.raises(ValueError, match=r"value head_dim 64/128 \(got 64/192"):  # 256 in all: the narrow kernel's
+        impl.gpu_backward_for(_request(head_dim=64, value_head_dim=192), H100, mosaic)
+    with pytest.raises(ValueError, match=r"each of 64/128/192/256 when they sum past 256 \(got 256/96"):
+        impl.gpu_backward_for(_request(head_dim=256, value_head_dim=96), H100, mosaic)
     with pytest.raises(ValueError, match=r"value head_dim 64/128/192/256 \(got 96/128"):
         impl.gpu_kernel_for(_request(head_dim=96, value_head_dim=128), H100, mosaic)
     mla = _request(head_dim=192, value_head_dim=128)
     assert impl.gpu_kernel_for(mla, H100).kernel == "mosaic"  # AUTO_MOSAIC[(192, "band")]
-    assert impl.gpu_backward_for(mla, H100).kernel == "triton"
+    mla_bwd = impl.gpu_backward_for(mla, H100)
+    assert mla_bwd.kernel == "triton" and "not measured at head_dim 192" in mla_bwd.reason
     monkeypatch.delitem(gpu_path.AUTO_MOSAIC, (192, "band"))
     auto = impl.gpu_kernel_for(mla, H100)
     assert auto.kernel == "triton" and "not measured at head_dim 192, band mask" in auto.reason
@@ -256,11 +260,12 @@ def test_mosaic_backward_conformance_gpu(run):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("backward", ["triton", "mosaic"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_mosaic_forward_mla_head_dims_gpu(causal):
+def test_mosaic_forward_mla_head_dims_gpu(causal, backward):
     """DeepSeek's MLA head dims (queries/keys 192, values 128) on the Mosaic forward, forced,
-    with the Triton backward after it (which pads 192 to its tiles): out, lse and gradients
-    against xla in float32."""
+    with the Triton backward after it (which pads 192 to its tiles) or the Mosaic one
+    (mosaic_bwd_wide.py): out, lse and gradients against xla in float32."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -269,9 +274,11 @@ def test_mosaic_forward_mla_head_dims_gpu(causal):
     k = jax.random.normal(ks[1], (2, 256, 2, 192), jnp.bfloat16)
     v = jax.random.normal(ks[2], (2, 256, 2, 128), jnp.bfloat16)
     d_out = jax.random.normal(ks[3], (2, 256, 4, 128), jnp.float32)
-    md = _md(gpu_kernel="mosaic")
+    md = _md(gpu_kernel="mosaic", gpu_backward=backward)
     assert FlashAttention().gpu_kernel_for(_request(head_dim=192, value_head_dim=128), jaxattn.hardware.current(),
                                            md).kernel == "mosaic"
+    assert FlashAttention().gpu_backward_for(_request(head_dim=192, value_head_dim=128), jaxattn.hardware.current(),
+                                             md).kernel == backward
 
     def run(q, k, v, backend, metadata=None):
         return jaxattn.attention(q, k, v, is_causal=causal, backend=backend, metadata=metadata, return_lse=True)
@@ -354,11 +361,11 @@ def test_auto_backward_takes_mosaic_on_hopper_with_soft_cap_and_sinks(mosaic_imp
                    {"head_dim": 64, "value_head_dim": 64, "dtype": "float16", "kv_dtype": "float16"}):
         choice = impl.gpu_backward_for(_request(**fields), H100)
         assert choice.kernel == "mosaic", (fields, choice)
-    # the two choices are independent: head_dim 256 with a value head_dim of 128 runs the Mosaic
-    # forward and the Triton backward
-    uneven = _request(head_dim=256, value_head_dim=128)
-    assert impl.gpu_kernel_for(uneven, H100).kernel == "mosaic"
-    assert impl.gpu_backward_for(uneven, H100).kernel == "triton"
+    # the two choices are independent: MLA's head dims run the Mosaic forward and (not measured yet)
+    # the Triton backward
+    mla = _request(head_dim=192, value_head_dim=128)
+    assert impl.gpu_kernel_for(mla, H100).kernel == "mosaic"
+    assert impl.gpu_backward_for(mla, H100).kernel == "triton"
     on_a100 = impl.gpu_backward_for(_request(), A100)
     assert on_a100.kernel == "triton" and "compute capability 9.x" in on_a100.reason
     d256 = _request(head_dim=256, value_head_dim=256)
@@ -393,7 +400,7 @@ def test_forced_mosaic_backward_says_every_reason(mosaic_importable):
     # head_dim 256 (mosaic_bwd_wide.py): equal value head_dim, the dq settings it takes
     forced = _md(gpu_backward="mosaic")
     for fields, config, words in (
-            ({"value_head_dim": 128}, {}, "value head_dim 256 only (got 256/128)"),
+            ({"value_head_dim": 96}, {}, "when they sum past 256 (got 256/96)"),
             ({}, {"mosaic_stages_bwd": 3}, "mosaic_stages_bwd=3 does not fit in shared memory at head_dim 256"),
             ({}, {"mosaic_dq": "own"}, "mosaic_dq='own' does not fit at head_dim 256"),
             ({}, {"mosaic_block_kv_dq": 64}, "mosaic_block_kv_dq does not apply at head_dim 256")):
@@ -693,6 +700,8 @@ LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
                                        value_head_dim=128, block_kv=64),
     "d64-dv128-window-guarded": dict(band_lo=-200, band_hi=0, guard_values=True, head_dim=64, value_head_dim=128),
     "d128-dv64-full": dict(band_lo=None, band_hi=None, value_head_dim=64),
+    "d256-dv128-window": dict(band_lo=-200, band_hi=0, head_dim=256, value_head_dim=128, block_kv=64),
+    "d128-dv256-full": dict(band_lo=None, band_hi=None, head_dim=128, value_head_dim=256, block_kv=64),
 }
 
 
@@ -723,14 +732,15 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
         q, kv, values, sinks, lengths if spec.q_lengths else None, lengths if spec.kv_lengths else None, *segments)
     assert "mosaic_gpu" in forward.mlir_module()
     assert [o.shape for o in forward.out_avals] == [(1, 512, 4, d_v), (1, 4, 512)]
-    if not (d == d_v == 256 or {d, d_v} <= set(gpu_path.MOSAIC_BWD_HEAD_DIMS)):
+    wide = flash_config.wide_backward(d, d_v)
+    if not (wide or {d, d_v} <= set(gpu_path.MOSAIC_BWD_HEAD_DIMS)):
         return
     # the backward's separate dq kernel and its dk/dv kernel (the fused form writes a mutable ref,
     # which jax.export does not take), with the forward's band and chunk
     bspec = mbk.MosaicBwdSpec(scale=0.1, band_lo=fields["band_lo"], band_hi=fields["band_hi"],
                               soft_cap=fields.get("soft_cap"), chunk=fields.get("chunk"),
                               kv_lengths=fields.get("kv_lengths", False), segments=spec.segments,
-                              dq_block_kv=32 if d == 256 else 64)  # head_dim 256: mosaic_bwd_wide's dk/dv
+                              dq_block_kv=32 if wide else 64)  # wide head dims: mosaic_bwd_wide's dk/dv
     rows = jax.ShapeDtypeStruct((1, 4, 512), jnp.float32)
     backward = export.export(jax.jit(lambda *a: mbk.mosaic_backward(bspec, *a)), platforms=["cuda"])(
         q, kv, values, jax.ShapeDtypeStruct((1, 512, 4, d_v), jnp.bfloat16), rows, rows,

@@ -1,11 +1,13 @@
-"""The dk/dv kernel of the Mosaic GPU backward at head_dim 256, where dk and dv of one
-consumer's 64 keys (2 x 64 x 256 float32) would not fit in its registers.
+"""The dk/dv kernel of the Mosaic GPU backward at wide head dims (head_dim + value head_dim > 256:
+256/256, MLA's 192/128), where dk and dv of one consumer's 64 keys (64 x (d + dv) float32) would
+not fit in its registers.
 
 FlashAttention-3's split, in Pallas's Mosaic GPU lowering: one CUDA block per (batch, key/value
 head, 64 keys); K and V stay in shared memory for both consumer warpgroups, and consumer `w`
-owns the columns [128 w, 128 w + 128) of dK and dV (2 x 64 x 128 float32: 128 registers per
-thread). For every query tile of 64 rows the producer streams (Q, dO, lse₂, delta of every query
-head of the GQA group, as `mosaic_bwd_kernels._dkdv`), and
+owns the w-th half of dK's columns and of dV's (at 256/256: 2 x 64 x 128 float32, 128 registers
+per thread; at 192/128: 96 and 64 columns). For every query tile of 64 rows the producer
+streams (Q, dO, lse₂, delta of every query head of the GQA group, as
+`mosaic_bwd_kernels._dkdv`), and
 
 * consumer `w` computes its half of the tile's logits, Sᵀ and dPᵀ for keys x queries
   [32 w, 32 w + 32) (wgmma N = 32), then Pᵀ and dSᵀ of that half;
@@ -14,7 +16,7 @@ head of the GQA group, as `mosaic_bwd_kernels._dkdv`), and
   K = 32), and meets the other again before the next tile overwrites the halves.
 
 No logit is computed twice and no accumulator spills; the price is two barriers per tile.
-dQ comes from the separate dq kernel (with key tiles of 32 at this head_dim: its Q, dO and
+dQ comes from the separate dq kernel (with key tiles of 32 at these head dims: its Q, dO and
 the K/V ring then fit in shared memory). Masks, GQA, key/value lengths and segment ids as the
 other kernels (each consumer reads the block's 64 key ids once; the producer streams each
 query tile's ids, a consumer compares its half of them).
@@ -50,7 +52,8 @@ HALF = 32  # queries of a tile whose logits one consumer computes
 
 
 def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg=None, kv_seg=None):
-    """(dk, dv) `[B, Skv, Hkv, 256]` (Skv % 64 == 0, Sq % dkv_block_q == 0); `kv_lens` with
+    """(dk `[B, Skv, Hkv, D]`, dv `[B, Skv, Hkv, Dv]`) (Skv % 64 == 0, Sq % dkv_block_q == 0; each half of D
+    and of Dv a multiple of 32: the products' 64-byte swizzle); `kv_lens` with
     `spec.kv_lengths`, segment ids `q_seg`/`kv_seg` (`[B, S]`) with `spec.segments`."""
     plgpu = mosaic_gpu()
     b, sq, hq, d = q.shape
@@ -61,6 +64,9 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
         raise ValueError(f"mosaic_dkdv_wide: query tiles of {CONSUMERS * HALF} (two halves of {HALF}), got {bq}")
     nq = sq // bq
     cols, v_cols = d // CONSUMERS, dv_dim // CONSUMERS  # the dK / dV columns one consumer owns
+    if cols % HALF or v_cols % HALF:
+        raise ValueError(f"mosaic_dkdv_wide: each consumer's half of head dims {d}/{dv_dim} must be a multiple "
+                         f"of {HALF} columns")
     dtype = q.dtype
     tile_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
