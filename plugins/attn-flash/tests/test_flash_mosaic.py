@@ -260,25 +260,26 @@ def test_mosaic_backward_conformance_gpu(run):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
-@pytest.mark.parametrize("backward", ["triton", "mosaic"])
+@pytest.mark.parametrize("dims,backward", [((192, 128), "triton"), ((192, 128), "mosaic"), ((256, 128), "mosaic")],
+                         ids=["mla-triton-bwd", "mla-mosaic-bwd", "256-128-mosaic-bwd"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_mosaic_forward_mla_head_dims_gpu(causal, backward):
-    """DeepSeek's MLA head dims (queries/keys 192, values 128) on the Mosaic forward, forced,
-    with the Triton backward after it (which pads 192 to its tiles) or the Mosaic one
+def test_mosaic_forward_mla_head_dims_gpu(causal, dims, backward):
+    """DeepSeek's MLA head dims (queries/keys 192, values 128), and 256/128, on the Mosaic forward,
+    forced, with the Triton backward after it (which pads 192 to its tiles) or the Mosaic one
     (mosaic_bwd_wide.py): out, lse and gradients against xla in float32."""
     import jax.numpy as jnp
     import numpy as np
 
     ks = jax.random.split(jax.random.PRNGKey(5), 4)
-    q = jax.random.normal(ks[0], (2, 256, 4, 192), jnp.bfloat16)
-    k = jax.random.normal(ks[1], (2, 256, 2, 192), jnp.bfloat16)
-    v = jax.random.normal(ks[2], (2, 256, 2, 128), jnp.bfloat16)
-    d_out = jax.random.normal(ks[3], (2, 256, 4, 128), jnp.float32)
+    d, dv = dims
+    q = jax.random.normal(ks[0], (2, 256, 4, d), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (2, 256, 2, d), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (2, 256, 2, dv), jnp.bfloat16)
+    d_out = jax.random.normal(ks[3], (2, 256, 4, dv), jnp.float32)
     md = _md(gpu_kernel="mosaic", gpu_backward=backward)
-    assert FlashAttention().gpu_kernel_for(_request(head_dim=192, value_head_dim=128), jaxattn.hardware.current(),
-                                           md).kernel == "mosaic"
-    assert FlashAttention().gpu_backward_for(_request(head_dim=192, value_head_dim=128), jaxattn.hardware.current(),
-                                             md).kernel == backward
+    here, req = jaxattn.hardware.current(), _request(head_dim=d, value_head_dim=dv)
+    assert FlashAttention().gpu_kernel_for(req, here, md).kernel == "mosaic"
+    assert FlashAttention().gpu_backward_for(req, here, md).kernel == backward
 
     def run(q, k, v, backend, metadata=None):
         return jaxattn.attention(q, k, v, is_causal=causal, backend=backend, metadata=metadata, return_lse=True)
