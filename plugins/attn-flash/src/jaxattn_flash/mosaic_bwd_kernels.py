@@ -341,6 +341,34 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg
 # -- dk, dv ---------------------------------------------------------------------------------------
 
 
+def stream_query_tiles(plgpu, ins, ring, free, *, bi, kvh, group: int, lb, per_head, bq: int, stages: int) -> None:
+    """The producer warpgroup of a dk/dv kernel: for t in [0, group * per_head), query tile
+    `lb + t % per_head` of query head `kvh * group + t // per_head` into ring slot t % stages:
+    Q, dO, lse₂, delta and, where `ring` holds a fifth (buffer, barrier) pair, the tile's segment
+    ids (`ins` names the inputs). Slot reuse waits on `free`, which both consumers arrive on."""
+    plgpu.set_max_registers(40, action="decrease")
+    total = group * per_head
+
+    def load(t):
+        slot = lax.rem(t, stages)
+        h = kvh * group + lax.div(t, jnp.maximum(per_head, 1))
+        rows = pl.ds((lb + lax.rem(t, jnp.maximum(per_head, 1))) * bq, bq)
+        sources = [ins["q"].at[bi, rows, h], ins["do"].at[bi, rows, h], ins["lse"].at[bi, h, rows],
+                   ins["delta"].at[bi, h, rows]]
+        if len(ring) > len(sources):
+            sources.append(ins["q_seg"].at[bi, rows])
+        for src, (buf, bar) in zip(sources, ring, strict=True):
+            plgpu.copy_gmem_to_smem(src, buf.at[slot], bar.at[slot])
+
+    for i in range(stages):
+        pl.when(i < total)(functools.partial(load, _i32(i)))
+
+    @pl.loop(0, total - stages)
+    def _(t):
+        plgpu.barrier_wait(free.at[lax.rem(t, stages)])
+        load(t + stages)
+
+
 def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg=None, kv_seg=None):
     """(dk, dv) `[B, Skv, Hkv, D]` (Skv % 128 == 0, Sq % dkv_block_q == 0); with `spec.fused_dq`,
     (dq, dk, dv): dq summed into a float32 buffer by TMA reductions (see `MosaicBwdSpec`)."""
@@ -387,7 +415,7 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
 
     def kernel(*refs):
         ins = dict(zip(names, refs))
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = (ins[n] for n in INPUTS)
+        k_ref, v_ref = ins["k"], ins["v"]  # the producer streams the query side (stream_query_tiles)
         refs = refs[len(names):]
         dq_ref = refs[0] if fused else None
         (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
@@ -401,7 +429,6 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
         kv_end = ins["kv_lens"][bi] if spec.kv_lengths else None
         lb, ub = clip_range(ranges, bi, kb, *q_tile_range(spec, c0, BLOCK_ROWS, bq, nq, kv_end))
         per_head = ub - lb
-        total = group * per_head
 
         def share_ds(w, t, ds16):
             """dSᵀ of this consumer into shared memory (wgmma reads a transposed A only there);
@@ -509,26 +536,9 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
 
         @pl.when(wg == CONSUMERS)
         def _producer():
-            plgpu.set_max_registers(40, action="decrease")
-
-            def load(t):
-                slot = lax.rem(t, stages)
-                h = kvh * group + lax.div(t, jnp.maximum(per_head, 1))
-                rows = pl.ds((lb + lax.rem(t, jnp.maximum(per_head, 1))) * bq, bq)
-                plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, h], q_smem.at[slot], q_bar.at[slot])
-                plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, h], do_smem.at[slot], do_bar.at[slot])
-                plgpu.copy_gmem_to_smem(lse_ref.at[bi, h, rows], lse_smem.at[slot], lse_bar.at[slot])
-                plgpu.copy_gmem_to_smem(delta_ref.at[bi, h, rows], delta_smem.at[slot], delta_bar.at[slot])
-                if spec.segments:
-                    plgpu.copy_gmem_to_smem(ins["q_seg"].at[bi, rows], qseg_smem.at[slot], qseg_bar.at[slot])
-
-            for i in range(stages):
-                pl.when(i < total)(functools.partial(load, _i32(i)))
-
-            @pl.loop(0, total - stages)
-            def _(t):
-                plgpu.barrier_wait(free.at[lax.rem(t, stages)])
-                load(t + stages)
+            ring = [(q_smem, q_bar), (do_smem, do_bar), (lse_smem, lse_bar), (delta_smem, delta_bar)]
+            stream_query_tiles(plgpu, ins, ring + [(qseg_smem, qseg_bar)] * spec.segments, free, bi=bi, kvh=kvh,
+                               group=group, lb=lb, per_head=per_head, bq=bq, stages=stages)
 
     scratch = (
         _swizzled(plgpu, (CONSUMERS, bk, d), dtype),  # K, then dK, of each consumer

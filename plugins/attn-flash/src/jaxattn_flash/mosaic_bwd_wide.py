@@ -33,7 +33,6 @@ from jax.experimental import pallas as pl
 
 from ._compat import mosaic_gpu, mosaic_load
 from .mosaic_bwd_kernels import (
-    INPUTS,
     MosaicBwdSpec,
     _dlogits,
     _input_names,
@@ -43,8 +42,9 @@ from .mosaic_bwd_kernels import (
     _three_loops,
     q_full_range,
     q_tile_range,
+    stream_query_tiles,
 )
-from .mosaic_kernels import CONSUMERS, _consumers_sync, _i32, _swizzled, launch, visible
+from .mosaic_kernels import CONSUMERS, _consumers_sync, _swizzled, launch, visible
 from .mosaic_segments import clip_full, clip_range, masked_by, own_ids, segment_scratch, tile_ids
 
 KEYS = 64  # keys per CUDA block: one wgmma M, shared by both consumers
@@ -76,7 +76,7 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
 
     def kernel(*refs):
         ins = dict(zip(names, refs))
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = (ins[n] for n in INPUTS)
+        k_ref, v_ref = ins["k"], ins["v"]  # the producer streams the query side (stream_query_tiles)
         (dk_ref, dv_ref, k_s, v_s, q_smem, do_smem, lse_smem, delta_smem, p_smem, ds_smem,
          kv_bar, q_bar, do_bar, lse_bar, delta_bar, free, *seg_scratch) = refs[len(names):]
         kseg_smem, kseg_bar, qseg_smem, qseg_bar = seg_scratch or (None,) * 4
@@ -88,7 +88,6 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
         keys = pl.ds(c0, KEYS)
         lb, ub = clip_range(ranges, bi, kb, *q_tile_range(spec, c0, KEYS, bq, nq, kv_end))
         per_head = ub - lb
-        total = group * per_head
 
         def consumer(w: int):
             plgpu.set_max_registers(232, action="increase")
@@ -166,26 +165,9 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
 
         @pl.when(wg == CONSUMERS)
         def _producer():
-            plgpu.set_max_registers(40, action="decrease")
-
-            def load(t):
-                slot = lax.rem(t, stages)
-                h = kvh * group + lax.div(t, jnp.maximum(per_head, 1))
-                rows = pl.ds((lb + lax.rem(t, jnp.maximum(per_head, 1))) * bq, bq)
-                plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, h], q_smem.at[slot], q_bar.at[slot])
-                plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, h], do_smem.at[slot], do_bar.at[slot])
-                plgpu.copy_gmem_to_smem(lse_ref.at[bi, h, rows], lse_smem.at[slot], lse_bar.at[slot])
-                plgpu.copy_gmem_to_smem(delta_ref.at[bi, h, rows], delta_smem.at[slot], delta_bar.at[slot])
-                if spec.segments:
-                    plgpu.copy_gmem_to_smem(ins["q_seg"].at[bi, rows], qseg_smem.at[slot], qseg_bar.at[slot])
-
-            for i in range(stages):
-                pl.when(i < total)(functools.partial(load, _i32(i)))
-
-            @pl.loop(0, total - stages)
-            def _(t):
-                plgpu.barrier_wait(free.at[lax.rem(t, stages)])
-                load(t + stages)
+            ring = [(q_smem, q_bar), (do_smem, do_bar), (lse_smem, lse_bar), (delta_smem, delta_bar)]
+            stream_query_tiles(plgpu, ins, ring + [(qseg_smem, qseg_bar)] * spec.segments, free, bi=bi, kvh=kvh,
+                               group=group, lb=lb, per_head=per_head, bq=bq, stages=stages)
 
     scratch = (
         # 64-byte swizzles: the dK and dV products contract over a query half (32)
