@@ -186,3 +186,18 @@ def test_int8_dots_says_what_it_takes():
 
     with pytest.raises(ValueError, match="int8_dots"):
         RaggedConfig(int8_dots=3)
+
+
+@pytest.mark.parametrize("dots", [1, 2])
+def test_int8_dots_keep_a_nan_query_in_its_row(dots):
+    """A NaN query makes its own row NaN with int8 products too (its row scale is NaN, not the
+    int8 of NaN, which is 0 on a GPU); the other rows stay finite."""
+    args, scales = _quantized(paged_problem(25, [60, 40], page_size=16), jnp.int8)
+    query = np.array(args["query"])
+    query[1, 2, 5] = np.nan  # sequence 1, query head 2
+    out = np.asarray(run({**args, "query": jnp.asarray(query)}, KernelConfig(block_q=1, block_kv=32, int8_dots=dots),
+                         **scales))
+    assert np.isnan(out[1, 2]).all()
+    nan_rows = np.isnan(out).any(-1)
+    nan_rows[1, 2] = False
+    assert not nan_rows.any()

@@ -290,10 +290,13 @@ def _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, o_
 
 def _int8_rows(x):
     """x `[rows, n]` as int8 (rounded to nearest, |x| / max |row| * 127) and the float32 scale
-    of each row (1 for an all-zero row). A NaN in a row makes its scale NaN: it propagates."""
+    of each row (1 for an all-zero row). A row holding a NaN or an infinity gets a NaN scale, so
+    that the product's row is NaN as the widened path's would be (a GPU max skips NaN, and the
+    int8 of NaN is 0: without this the value would vanish)."""
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=1)
-    scale = jnp.where(amax > 0.0, amax / 127.0, 1.0)
+    finite = jnp.min(jnp.where(jnp.abs(x) < jnp.inf, 1.0, 0.0), axis=1) > 0.0  # False for NaN and +-inf
+    scale = jnp.where(finite, jnp.where(amax > 0.0, amax / 127.0, 1.0), jnp.nan)
     y = x / scale[:, None]
     y = y + jnp.where(y >= 0.0, 0.5, -0.5)  # then truncation toward zero rounds to nearest
     return y.astype(jnp.int32).astype(jnp.int8), scale
