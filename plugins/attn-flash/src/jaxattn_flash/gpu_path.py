@@ -135,12 +135,12 @@ def _unpadded_reasons(request: AttentionRequest, config: Mapping[str, Any], rows
 _UNSERVED = (("has_bias", "bias"), ("dropout", "dropout"))
 
 
-def _head_dim_reasons(request: AttentionRequest, head_dims: tuple[int, ...], what: str, why: str = "") -> list[str]:
+def _head_dim_reasons(request: AttentionRequest, head_dims: tuple[int, ...], what: str) -> list[str]:
     d, dv = request.head_dim, request.value_head_dim
     if d in head_dims and dv in head_dims:
         return []
     dims = "/".join(map(str, head_dims))
-    return [f"the Mosaic GPU {what} takes head_dim {dims} and value head_dim {dims} (got {d}/{dv}{why})"]
+    return [f"the Mosaic GPU {what} takes head_dim {dims} and value head_dim {dims} (got {d}/{dv})"]
 
 
 def _unserved_reasons(request: AttentionRequest, what: str) -> list[str]:
