@@ -1,9 +1,10 @@
 """Sequence lengths and segment ids (packed sequences) on the Mosaic GPU forward and backward,
 on a Hopper GPU: forward, lse and gradients (the Mosaic backward, and the Triton one after the
 Mosaic forward) against xla in float32, NaN/inf rows, the conformance cases, and TFLOP/s of
-visible work beside the Triton kernels; `mla` times MLA's head dims (192 / 128) beside cuDNN.
+visible work beside the Triton kernels; `mla` times MLA's head dims (192 / 128) beside cuDNN,
+`mla256` queries/keys of 256 with values of 128.
 
-    python3 plugins/attn-flash/bench/bench_mosaic_inputs.py [check[:VARIANT]] [conformance] [speed[:CASE]] [mla[:full]]
+    python3 plugins/attn-flash/bench/bench_mosaic_inputs.py [check[:VARIANT]] [conformance] [speed[:CASE]] [mla[:full]] [mla256[:full]]
 """
 
 from __future__ import annotations
@@ -165,4 +166,5 @@ if __name__ == "__main__":
     parts = sys.argv[1:] or ["check", "conformance", "speed"]
     for part in parts:
         name, _, only = part.partition(":")  # check:segments runs that variant alone
-        {"check": check, "conformance": conformance, "speed": speed, "mla": mla}[name](*([only] if only else []))
+        {"check": check, "conformance": conformance, "speed": speed, "mla": mla,
+         "mla256": functools.partial(mla, shape=(2, 4096, 16, 16, 256, 128))}[name](*([only] if only else []))

@@ -60,10 +60,12 @@ AUTO_MOSAIC: dict[tuple[int, str], bool] = {
 # (1, 32768, 32/8) soft-cap 370 vs 272, sinks 469 vs 373, window 4096 457 vs 377; head_dim 64
 # (8, 2048, 16, 16) full 325 vs 275, causal 254 vs 230; head_dim 256 (`mosaic_bwd_wide.py`) at
 # (2, 4096, 16, 16 | 4) full 397-398 vs 271-274, causal 323-338 vs 246-249
-# (bench/results/h200_2026-11-30/mosaic_bwd_wide.log).
+# (bench/results/h200_2026-11-30/mosaic_bwd_wide.log); MLA (192 / 128 values) at (2, 8192, 16, 16)
+# full 382 vs 212, causal 353 vs 202 (bench/results/h200_2026-11-30/mosaic_bwd_mla.log).
 AUTO_MOSAIC_BWD: dict[tuple[int, str], bool] = {
     (64, "full"): True, (64, "band"): True,
     (128, "full"): True, (128, "band"): True,
+    (192, "full"): True, (192, "band"): True,
     (256, "full"): True, (256, "band"): True,
 }
 
