@@ -66,8 +66,8 @@ def test_auto_takes_mosaic_on_hopper_only(mosaic_importable):
 def test_mosaic_paths_take_a_value_head_dim_of_their_own(mosaic_importable, monkeypatch):
     """MLA-like calls (query/key head_dim 192, values 128) and other head_dim pairs: the forward
     takes each of 64/128/192/256, the backward each of 64/128 and pairs of those summing past 256
-    (mosaic_bwd_wide.py); auto takes the measured MLA forward and keeps what it has no
-    measurement for on Triton, saying so."""
+    (mosaic_bwd_wide.py); auto takes the measured MLA forward and backward and keeps what it has
+    no measurement for on Triton, saying so."""
     impl = FlashAttention()
     mosaic = _md(gpu_kernel="mosaic", gpu_backward="mosaic")
     for d, dv in ((64, 128), (128, 64), (192, 128), (256, 128)):
@@ -81,6 +81,8 @@ def test_mosaic_paths_take_a_value_head_dim_of_their_own(mosaic_importable, monk
         impl.gpu_kernel_for(_request(head_dim=96, value_head_dim=128), H100, mosaic)
     mla = _request(head_dim=192, value_head_dim=128)
     assert impl.gpu_kernel_for(mla, H100).kernel == "mosaic"  # AUTO_MOSAIC[(192, "band")]
+    assert impl.gpu_backward_for(mla, H100).kernel == "mosaic"  # AUTO_MOSAIC_BWD[(192, "band")]
+    monkeypatch.delitem(gpu_path.AUTO_MOSAIC_BWD, (192, "band"))
     mla_bwd = impl.gpu_backward_for(mla, H100)
     assert mla_bwd.kernel == "triton" and "not measured at head_dim 192" in mla_bwd.reason
     monkeypatch.delitem(gpu_path.AUTO_MOSAIC, (192, "band"))
@@ -362,11 +364,8 @@ def test_auto_backward_takes_mosaic_on_hopper_with_soft_cap_and_sinks(mosaic_imp
                    {"head_dim": 64, "value_head_dim": 64, "dtype": "float16", "kv_dtype": "float16"}):
         choice = impl.gpu_backward_for(_request(**fields), H100)
         assert choice.kernel == "mosaic", (fields, choice)
-    # the two choices are independent: MLA's head dims run the Mosaic forward and (not measured yet)
-    # the Triton backward
-    mla = _request(head_dim=192, value_head_dim=128)
-    assert impl.gpu_kernel_for(mla, H100).kernel == "mosaic"
-    assert impl.gpu_backward_for(mla, H100).kernel == "triton"
+    mla = _request(head_dim=192, value_head_dim=128)  # measured: the wide Mosaic backward
+    assert impl.gpu_backward_for(mla, H100).kernel == "mosaic"
     on_a100 = impl.gpu_backward_for(_request(), A100)
     assert on_a100.kernel == "triton" and "compute capability 9.x" in on_a100.reason
     d256 = _request(head_dim=256, value_head_dim=256)
