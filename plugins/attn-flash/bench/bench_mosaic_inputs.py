@@ -1,9 +1,10 @@
 """Sequence lengths and segment ids (packed sequences) on the Mosaic GPU forward and backward,
 on a Hopper GPU: forward, lse and gradients (the Mosaic backward, and the Triton one after the
 Mosaic forward) against xla in float32, NaN/inf rows, the conformance cases, and TFLOP/s of
-visible work beside the Triton kernels; `mla` times MLA's head dims (192 / 128) beside cuDNN.
+visible work beside the Triton kernels; `mla` times MLA's head dims (192 / 128) beside cuDNN,
+`mla256` queries/keys of 256 with values of 128.
 
-    python3 plugins/attn-flash/bench/bench_mosaic_inputs.py [check[:VARIANT]] [conformance] [speed[:CASE]] [mla[:full]]
+    python3 plugins/attn-flash/bench/bench_mosaic_inputs.py [check[:VARIANT]] [conformance] [speed[:CASE]] [mla[:full]] [mla256[:full]]
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def speed(only: str | None = None, shape=(4, 4096, 32, 8, 128)) -> None:
 
 def mla(mask: str = "causal", shape=(2, 8192, 16, 16, 192, 128)) -> None:
     """DeepSeek's MLA head dims (queries/keys 192, values 128), `mask` "causal" or "full": the Mosaic
-    forward and the Triton one, each with the Triton backward, beside cuDNN (which takes MLA on Hopper)."""
+    forward with the Triton and the Mosaic backward, the Triton forward and backward, beside cuDNN
+    (which takes MLA on Hopper)."""
     b, s, hq, hkv, d, dv = shape
     causal = mask == "causal"
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -145,6 +147,7 @@ def mla(mask: str = "causal", shape=(2, 8192, 16, 16, 192, 128)) -> None:
     do = jax.random.normal(ks[3], (b, s, hq, dv), jnp.bfloat16)
     flops = 2.0 * b * hq * s * s * (d + dv) / (2 if causal else 1)  # S = QK^T over d, O = PV over dv
     for name, backend, metadata in (("mosaic", "flash", _flash(gpu_kernel="mosaic")),
+                                    ("mosaic, Mosaic backward", "flash", MOSAIC),
                                     ("triton", "flash", TRITON), ("cudnn", "cudnn", None)):
         def fwd(q, k, v, backend=backend, metadata=metadata):
             return jaxattn.attention(q, k, v, is_causal=causal, backend=backend, metadata=metadata)
@@ -163,4 +166,5 @@ if __name__ == "__main__":
     parts = sys.argv[1:] or ["check", "conformance", "speed"]
     for part in parts:
         name, _, only = part.partition(":")  # check:segments runs that variant alone
-        {"check": check, "conformance": conformance, "speed": speed, "mla": mla}[name](*([only] if only else []))
+        {"check": check, "conformance": conformance, "speed": speed, "mla": mla,
+         "mla256": functools.partial(mla, shape=(2, 4096, 16, 16, 256, 128))}[name](*([only] if only else []))

@@ -65,20 +65,26 @@ def test_auto_takes_mosaic_on_hopper_only(mosaic_importable):
 
 def test_mosaic_paths_take_a_value_head_dim_of_their_own(mosaic_importable, monkeypatch):
     """MLA-like calls (query/key head_dim 192, values 128) and other head_dim pairs: the forward
-    takes each of 64/128/192/256, the backward each of 64/128 (and 256/256); auto takes the
-    measured MLA forward and keeps a head_dim it has no measurement for on Triton, saying so."""
+    takes each of 64/128/192/256, the backward each of 64/128 and pairs of those summing past 256
+    (mosaic_bwd_wide.py); auto takes the measured MLA forward and backward and keeps what it has
+    no measurement for on Triton, saying so."""
     impl = FlashAttention()
     mosaic = _md(gpu_kernel="mosaic", gpu_backward="mosaic")
     for d, dv in ((64, 128), (128, 64), (192, 128), (256, 128)):
         assert impl.gpu_kernel_for(_request(head_dim=d, value_head_dim=dv), H100, mosaic).kernel == "mosaic"
-    assert impl.gpu_backward_for(_request(head_dim=64, value_head_dim=128), H100, mosaic).kernel == "mosaic"
-    with pytest.raises(ValueError, match=r"value head_dim 64/128 \(got 192/128"):
-        impl.gpu_backward_for(_request(head_dim=192, value_head_dim=128), H100, mosaic)
+        assert impl.gpu_backward_for(_request(head_dim=d, value_head_dim=dv), H100, mosaic).kernel == "mosaic"
+    with pytest.raises(ValueError, match=r"value head_dim 64/128 \(got 64/192"):  # 256 in all: the narrow kernel's
+        impl.gpu_backward_for(_request(head_dim=64, value_head_dim=192), H100, mosaic)
+    with pytest.raises(ValueError, match=r"each of 64/128/192/256 when they sum past 256 \(got 256/96"):
+        impl.gpu_backward_for(_request(head_dim=256, value_head_dim=96), H100, mosaic)
     with pytest.raises(ValueError, match=r"value head_dim 64/128/192/256 \(got 96/128"):
         impl.gpu_kernel_for(_request(head_dim=96, value_head_dim=128), H100, mosaic)
     mla = _request(head_dim=192, value_head_dim=128)
     assert impl.gpu_kernel_for(mla, H100).kernel == "mosaic"  # AUTO_MOSAIC[(192, "band")]
-    assert impl.gpu_backward_for(mla, H100).kernel == "triton"
+    assert impl.gpu_backward_for(mla, H100).kernel == "mosaic"  # AUTO_MOSAIC_BWD[(192, "band")]
+    monkeypatch.delitem(gpu_path.AUTO_MOSAIC_BWD, (192, "band"))
+    mla_bwd = impl.gpu_backward_for(mla, H100)
+    assert mla_bwd.kernel == "triton" and "not measured at head_dim 192" in mla_bwd.reason
     monkeypatch.delitem(gpu_path.AUTO_MOSAIC, (192, "band"))
     auto = impl.gpu_kernel_for(mla, H100)
     assert auto.kernel == "triton" and "not measured at head_dim 192, band mask" in auto.reason
@@ -228,7 +234,8 @@ MOSAIC_BWD_CASES = ["full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa"
 GPU_BWD_RUNS = {  # name: (dtype, head_dim, cases, flash config)
     "d64-bf16": ("bfloat16", 64, MOSAIC_BWD_CASES + ["value_head_dim"], {}),  # values of head_dim 128
     "d256-bf16": ("bfloat16", 256, ["full", "causal", "causal_q_lt_kv", "gqa", "sliding_window_asym",
-                                    "fully_masked_rows", "soft_cap", "sinks", "chunked_causal", "seq_lengths"], {}),
+                                    "fully_masked_rows", "soft_cap", "sinks", "chunked_causal", "seq_lengths",
+                                    "segment_ids"], {}),
     "d128-bf16": ("bfloat16", 128, MOSAIC_BWD_CASES, {}),
     "d128-fp16": ("float16", 128, ["causal", "gqa", "soft_cap", "sinks"], {}),
     "d128-bf16-kv128-3stages": ("bfloat16", 128, ["causal", "gqa", "sliding_window_asym"],
@@ -255,22 +262,26 @@ def test_mosaic_backward_conformance_gpu(run):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("dims,backward", [((192, 128), "triton"), ((192, 128), "mosaic"), ((256, 128), "mosaic")],
+                         ids=["mla-triton-bwd", "mla-mosaic-bwd", "256-128-mosaic-bwd"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_mosaic_forward_mla_head_dims_gpu(causal):
-    """DeepSeek's MLA head dims (queries/keys 192, values 128) on the Mosaic forward, forced,
-    with the Triton backward after it (which pads 192 to its tiles): out, lse and gradients
-    against xla in float32."""
+def test_mosaic_forward_mla_head_dims_gpu(causal, dims, backward):
+    """DeepSeek's MLA head dims (queries/keys 192, values 128), and 256/128, on the Mosaic forward,
+    forced, with the Triton backward after it (which pads 192 to its tiles) or the Mosaic one
+    (mosaic_bwd_wide.py): out, lse and gradients against xla in float32."""
     import jax.numpy as jnp
     import numpy as np
 
     ks = jax.random.split(jax.random.PRNGKey(5), 4)
-    q = jax.random.normal(ks[0], (2, 256, 4, 192), jnp.bfloat16)
-    k = jax.random.normal(ks[1], (2, 256, 2, 192), jnp.bfloat16)
-    v = jax.random.normal(ks[2], (2, 256, 2, 128), jnp.bfloat16)
-    d_out = jax.random.normal(ks[3], (2, 256, 4, 128), jnp.float32)
-    md = _md(gpu_kernel="mosaic")
-    assert FlashAttention().gpu_kernel_for(_request(head_dim=192, value_head_dim=128), jaxattn.hardware.current(),
-                                           md).kernel == "mosaic"
+    d, dv = dims
+    q = jax.random.normal(ks[0], (2, 256, 4, d), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (2, 256, 2, d), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (2, 256, 2, dv), jnp.bfloat16)
+    d_out = jax.random.normal(ks[3], (2, 256, 4, dv), jnp.float32)
+    md = _md(gpu_kernel="mosaic", gpu_backward=backward)
+    here, req = jaxattn.hardware.current(), _request(head_dim=d, value_head_dim=dv)
+    assert FlashAttention().gpu_kernel_for(req, here, md).kernel == "mosaic"
+    assert FlashAttention().gpu_backward_for(req, here, md).kernel == backward
 
     def run(q, k, v, backend, metadata=None):
         return jaxattn.attention(q, k, v, is_causal=causal, backend=backend, metadata=metadata, return_lse=True)
@@ -353,11 +364,8 @@ def test_auto_backward_takes_mosaic_on_hopper_with_soft_cap_and_sinks(mosaic_imp
                    {"head_dim": 64, "value_head_dim": 64, "dtype": "float16", "kv_dtype": "float16"}):
         choice = impl.gpu_backward_for(_request(**fields), H100)
         assert choice.kernel == "mosaic", (fields, choice)
-    # the two choices are independent: head_dim 256 with a value head_dim of 128 runs the Mosaic
-    # forward and the Triton backward
-    uneven = _request(head_dim=256, value_head_dim=128)
-    assert impl.gpu_kernel_for(uneven, H100).kernel == "mosaic"
-    assert impl.gpu_backward_for(uneven, H100).kernel == "triton"
+    mla = _request(head_dim=192, value_head_dim=128)  # measured: the wide Mosaic backward
+    assert impl.gpu_backward_for(mla, H100).kernel == "mosaic"
     on_a100 = impl.gpu_backward_for(_request(), A100)
     assert on_a100.kernel == "triton" and "compute capability 9.x" in on_a100.reason
     d256 = _request(head_dim=256, value_head_dim=256)
@@ -389,11 +397,10 @@ def test_forced_mosaic_backward_says_every_reason(mosaic_importable):
     assert FlashAttention(interpret=True).gpu_backward_for(_request(), H100).kernel == "triton"
     with pytest.raises(ValueError, match="mosaic_block_kv_dq"):
         impl.gpu_backward_for(_request(), H100, _md(mosaic_block_kv_dq=256))
-    # head_dim 256 (mosaic_bwd_wide.py): equal value head_dim, no segment ids, the dq settings it takes
+    # head_dim 256 (mosaic_bwd_wide.py): equal value head_dim, the dq settings it takes
     forced = _md(gpu_backward="mosaic")
     for fields, config, words in (
-            ({"value_head_dim": 128}, {}, "value head_dim 256 only (got 256/128)"),
-            ({"mask_kinds": frozenset({"causal", "segment"})}, {}, "no segment ids at head_dim 256"),
+            ({"value_head_dim": 96}, {}, "when they sum past 256 (got 256/96)"),
             ({}, {"mosaic_stages_bwd": 3}, "mosaic_stages_bwd=3 does not fit in shared memory at head_dim 256"),
             ({}, {"mosaic_dq": "own"}, "mosaic_dq='own' does not fit at head_dim 256"),
             ({}, {"mosaic_block_kv_dq": 64}, "mosaic_block_kv_dq does not apply at head_dim 256")):
@@ -402,6 +409,8 @@ def test_forced_mosaic_backward_says_every_reason(mosaic_importable):
             impl.gpu_backward_for(request, H100, _md(gpu_backward="mosaic", **config))
         assert words in str(err.value), (fields, config, str(err.value))
     assert impl.gpu_backward_for(_request(head_dim=256, value_head_dim=256), H100, forced).kernel == "mosaic"
+    packed = _request(head_dim=256, value_head_dim=256, mask_kinds=frozenset({"causal", "segment"}))
+    assert impl.gpu_backward_for(packed, H100, forced).kernel == "mosaic"  # segment ids at 256 too
     with pytest.raises(ValueError, match="gpu_backward"):
         impl.gpu_backward_for(_request(), H100, _md(gpu_backward="cudnn"))
 
@@ -678,6 +687,8 @@ LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
     "window-softcap-lengths-d256": dict(band_lo=-200, band_hi=0, soft_cap=30.0, kv_lengths=True, head_dim=256,
                                         block_kv=64),
     "chunked-d256": dict(band_lo=None, band_hi=0, chunk=192, head_dim=256, block_kv=64),
+    "segments-causal-lengths-d256": dict(band_lo=None, band_hi=0, segments=True, kv_lengths=True, head_dim=256,
+                                         block_kv=64),
     "causal-guarded": dict(band_lo=None, band_hi=0, guard_values=True),
     "window-guarded-softcap": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0),
     "chunked-guarded-sinks": dict(band_lo=None, band_hi=0, guard_values=True, chunk=192, sinks=True),
@@ -689,6 +700,8 @@ LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
                                        value_head_dim=128, block_kv=64),
     "d64-dv128-window-guarded": dict(band_lo=-200, band_hi=0, guard_values=True, head_dim=64, value_head_dim=128),
     "d128-dv64-full": dict(band_lo=None, band_hi=None, value_head_dim=64),
+    "d256-dv128-window": dict(band_lo=-200, band_hi=0, head_dim=256, value_head_dim=128, block_kv=64),
+    "d128-dv256-full": dict(band_lo=None, band_hi=None, head_dim=128, value_head_dim=256, block_kv=64),
 }
 
 
@@ -719,14 +732,15 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
         q, kv, values, sinks, lengths if spec.q_lengths else None, lengths if spec.kv_lengths else None, *segments)
     assert "mosaic_gpu" in forward.mlir_module()
     assert [o.shape for o in forward.out_avals] == [(1, 512, 4, d_v), (1, 4, 512)]
-    if not (d == d_v == 256 or {d, d_v} <= set(gpu_path.MOSAIC_BWD_HEAD_DIMS)):
+    wide = flash_config.wide_backward(d, d_v)
+    if not (wide or {d, d_v} <= set(gpu_path.MOSAIC_BWD_HEAD_DIMS)):
         return
     # the backward's separate dq kernel and its dk/dv kernel (the fused form writes a mutable ref,
     # which jax.export does not take), with the forward's band and chunk
     bspec = mbk.MosaicBwdSpec(scale=0.1, band_lo=fields["band_lo"], band_hi=fields["band_hi"],
                               soft_cap=fields.get("soft_cap"), chunk=fields.get("chunk"),
                               kv_lengths=fields.get("kv_lengths", False), segments=spec.segments,
-                              dq_block_kv=32 if d == 256 else 64)  # head_dim 256: mosaic_bwd_wide's dk/dv
+                              dq_block_kv=32 if wide else 64)  # wide head dims: mosaic_bwd_wide's dk/dv
     rows = jax.ShapeDtypeStruct((1, 4, 512), jnp.float32)
     backward = export.export(jax.jit(lambda *a: mbk.mosaic_backward(bspec, *a)), platforms=["cuda"])(
         q, kv, values, jax.ShapeDtypeStruct((1, 512, 4, d_v), jnp.bfloat16), rows, rows,

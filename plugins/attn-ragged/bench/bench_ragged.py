@@ -252,6 +252,7 @@ QUANT_DTYPES = ("bfloat16", "int8", "float8_e4m3fn")
 QUANT_BAR = 1.7  # int8 and fp8 decode must reach this multiple of the bf16 cache's tokens/s
 QUANT_VARIANTS = {"bk64": dict(block_kv=64), "bk256": dict(block_kv=256), "w8": dict(num_warps=8),
                   "s4": dict(num_stages=4), "s2": dict(num_stages=2)}
+INT8_DOTS = {"int8 qk": dict(int8_dots=1), "int8 qk+pv": dict(int8_dots=2)}  # int8 pages only
 
 
 def quantized(kp, vp, dtype):
@@ -289,6 +290,8 @@ def quant_cases(section, shape, tokens, q, kp, vp, table, lens, cu, ref_of, conf
         k, v, (ks, vs) = quantized(kp, vp, dtype)
         deq = ref if ks is None else ref_of(dequantized_dense(k, ks, table), dequantized_dense(v, vs, table))
         for name, cfg in configs:
+            if cfg.int8_dots and dtype != "int8":
+                continue
             try:
                 dt, out = timeit(kernel_fn(cfg), q, k, v, lens, table, cu, ks, vs)
                 record_quant(section, shape, dtype, name, dt, tokens, byts_of[dtype], rel_err(out, ref),
@@ -331,7 +334,7 @@ def bench_quant(tune=False):
         q = jax.random.normal(jax.random.fold_in(key, 1), (b, HQ, D), jnp.float32).astype(DT)
         lens = jnp.asarray([kv] * b, jnp.int32)
         shape = f"decode (b={b}, kv={kv}, ps=16)"
-        variants = {"": {}, **(QUANT_VARIANTS if (tune or i == 0) and not SMOKE else {})}
+        variants = {"": {}, **INT8_DOTS, **(QUANT_VARIANTS if (tune or i == 0) and not SMOKE else {})}
         ref, times = quant_cases("quant", shape, b, q, kp, vp, table, lens, None,
                                  lambda kd, vd, q=q, lens=lens: reference(q[:, None], kd, vd, (lens - 1)[:, None],
                                                                           lens)[:, 0],
@@ -351,7 +354,7 @@ def bench_quant(tune=False):
     args = dict(n_prefill=2, chunk=32, context=16, n_decode=3, decode_kv=64) if SMOKE else {}
     q, kp, vp, table, lens, cu, _, ref_of = ragged_problem(**args)
     shape = "ragged ({}x{} prefill + {} decode)".format(*((2, 32, 3) if SMOKE else (8, 512, 56)))
-    variants = {"": {}, **({"bq16": dict(block_q=16), "w8": dict(num_warps=8)} if tune else {})}
+    variants = {"": {}, **INT8_DOTS, **({"bq16": dict(block_q=16), "w8": dict(num_warps=8)} if tune else {})}
     _, times = quant_cases("quant", shape, int(q.shape[0]), q, kp, vp, table, lens, cu, ref_of,
                            cfgs(RAGGED_CONFIG, variants))
     quant_bars("quant", shape, times, default, bar=None)  # the bar is for decode; prefill is not bound by the cache

@@ -11,6 +11,7 @@ import jaxattn
 from jaxattn import AttentionRequest, Hardware
 from jaxattn.request import PagedLayout
 from jaxattn.testing import run_conformance
+from jaxattn.testing.conformance import relative_error
 from jaxattn_ragged import DecodeAttention, RaggedPagedAttention
 from jaxattn_ragged._testing import assert_close, paged_problem, reference, run_impl
 
@@ -181,6 +182,13 @@ def test_gpu_api_shapes_and_quantized_pages():
         for name in ("ragged_paged", "decode"):
             out = jaxattn.paged_attention(**quant, k_scale=ks, v_scale=vs, backend=name, sliding_window=3000)
             assert_close(out, reference(quant, k_scale=ks, v_scale=vs, sliding_window=3000), jnp.bfloat16)
+        if dtype == jnp.int8:  # int8 tensor-core products (config int8_dots): one more rounding each
+            for dots, tol in ((1, 1e-2), (2, 2e-2)):
+                for name in ("ragged_paged", "decode"):
+                    md = jaxattn.OperationMetadata(operation_configs={name: {"int8_dots": dots}})
+                    out = jaxattn.paged_attention(**quant, k_scale=ks, v_scale=vs, backend=name, metadata=md)
+                    err = relative_error(out, reference(quant, k_scale=ks, v_scale=vs))
+                    assert err <= tol, (name, dots, err)
     out2 = run_impl(RaggedPagedAttention(), dec, hardware=Hardware.nvidia())[0]
     assert np.isfinite(np.asarray(out2, np.float32)).all()
 

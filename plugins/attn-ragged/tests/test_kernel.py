@@ -149,3 +149,55 @@ def test_quantized_ragged_with_window_soft_cap_sinks_and_bf16_queries():
     # a scalar scale and a per-kv-head scale (broadcast to [num_pages, page_size, kv_heads])
     kw = dict(k_scale=jnp.asarray([0.02, 0.03]), v_scale=0.05)
     assert_close(run(args, **kw), reference(args, **kw), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("dots,tol", [(1, 1e-2), (2, 2e-2)], ids=["qk", "qk+pv"])
+def test_int8_dots_decode_and_ragged_match_the_dequantized_cache(dots, tol):
+    """`int8_dots`: Q·Kᵀ (1) or both products (2) on int8 tensor cores, the queries (and the scaled
+    probabilities) quantized per row in the kernel. One more rounding per product than widening
+    the pages: the output stays within `tol` of the reference on the dequantized cache (widening:
+    within 1e-4), decode and a ragged batch with a window, soft-cap and sinks, split or not."""
+    from jaxattn.testing.conformance import relative_error
+
+    args, scales = _quantized(paged_problem(21, [45, 0, 100, 64], page_size=16), jnp.int8)
+    for splits in (1, 3):
+        cfg = KernelConfig(block_q=1, block_kv=32, num_splits=splits, int8_dots=dots)
+        err = relative_error(run(args, cfg, **scales), reference(args, **scales))
+        assert 1e-5 < err <= tol, err  # not the widened path's figure: the int8 products ran
+    args = paged_problem(22, [50, 70, 33], [20, 1, 33], pad_tokens=2, hq=6, hkv=2, d=64, dtype=jnp.bfloat16)
+    args, scales = _quantized(args, jnp.int8)
+    sinks = jax.random.normal(jax.random.PRNGKey(23), (6,), jnp.float32)
+    kw = dict(sliding_window=40, logits_soft_cap=2.5, sinks=sinks, **scales)
+    out = run(args, KernelConfig(block_q=4, block_kv=32, num_splits=2, int8_dots=dots), **kw)
+    assert out.dtype == jnp.bfloat16
+    assert relative_error(out, reference(args, **kw)) <= tol
+    assert np.all(np.asarray(out[-2:], np.float32) == 0.0)  # padding tokens
+
+
+def test_int8_dots_says_what_it_takes():
+    args = paged_problem(24, [40], page_size=16)
+    fp8, scales = _quantized(args, jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match="int8_dots=1 takes int8 key and value pages, got float8_e4m3fn"):
+        run(fp8, KernelConfig(block_q=1, block_kv=32, int8_dots=1), **scales)
+    i8, scales = _quantized(args, jnp.int8)
+    with pytest.raises(ValueError, match="block_kv >= 32"):
+        run(i8, KernelConfig(block_q=1, block_kv=16, int8_dots=2), **scales)
+    from jaxattn_ragged.plugin import RaggedConfig
+
+    with pytest.raises(ValueError, match="int8_dots"):
+        RaggedConfig(int8_dots=3)
+
+
+@pytest.mark.parametrize("dots", [1, 2])
+def test_int8_dots_keep_a_nan_query_in_its_row(dots):
+    """A NaN query makes its own row NaN with int8 products too (its row scale is NaN, not the
+    int8 of NaN, which is 0 on a GPU); the other rows stay finite."""
+    args, scales = _quantized(paged_problem(25, [60, 40], page_size=16), jnp.int8)
+    query = np.array(args["query"])
+    query[1, 2, 5] = np.nan  # sequence 1, query head 2
+    out = np.asarray(run({**args, "query": jnp.asarray(query)}, KernelConfig(block_q=1, block_kv=32, int8_dots=dots),
+                         **scales))
+    assert np.isnan(out[1, 2]).all()
+    nan_rows = np.isnan(out).any(-1)
+    nan_rows[1, 2] = False
+    assert not nan_rows.any()

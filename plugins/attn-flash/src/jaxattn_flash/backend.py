@@ -107,10 +107,10 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
     if backward.kernel == "mosaic":
         from .mosaic_bwd_kernels import MosaicBwdSpec
 
-        block_kv_dq, stages_bwd = _config.mosaic_bwd_tiles(config, d)
+        block_kv_dq, stages_bwd = _config.mosaic_bwd_tiles(config, d, dv)
         spec = replace(spec, mosaic_bwd=MosaicBwdSpec(
             scale=spec.scale, band_lo=band_lo, band_hi=band_hi, soft_cap=spec.soft_cap,
-            dq_block_kv=block_kv_dq, stages=stages_bwd, fused_dq=_config.mosaic_fused_dq(config, d),
+            dq_block_kv=block_kv_dq, stages=stages_bwd, fused_dq=_config.mosaic_fused_dq(config, d, dv),
             chunk=spec.chunk_size, chunk_offset=spec.chunk_offset, kv_lengths=kv_lens is not None,
             segments=q_seg is not None))
     if path.kernel == "mosaic":

@@ -109,9 +109,16 @@ MOSAIC_BWD_DEFAULTS: tuple[int, int] = (64, 2)
 # H200 "split" gained 7% fwd+bwd on full masks at head_dim 128 (causal -2% to +3.5%), "own" 3.5-4%
 # at head_dim 64; both sum dq with TMA reductions (not bitwise deterministic: "separate" is).
 MOSAIC_DQ_DEFAULTS: dict[int, str] = {64: "own", 128: "split"}
-# head_dim 256: the backward's dq kernel takes key tiles of 32 (its Q, dO and K/V ring then fit
-# in shared memory) and dk/dv come from mosaic_bwd_wide.py; dq is never fused there.
-WIDE_HEAD_DIM, WIDE_DQ_BLOCK_KV = 256, 32
+# Wide head dims (head_dim + value head_dim > 256: 256/256, MLA's 192/128): dk and dv of one
+# consumer's 64 keys would not fit in its registers, so they come from mosaic_bwd_wide.py and the
+# backward's dq kernel takes key tiles of 32 (its Q, dO and K/V ring then fit in shared memory);
+# dq is never fused there.
+WIDE_DQ_BLOCK_KV = 32
+
+
+def wide_backward(head_dim: int, value_head_dim: int) -> bool:
+    """Whether the Mosaic GPU backward at these head dims is `mosaic_bwd_wide.py`'s."""
+    return head_dim + value_head_dim > 256
 
 
 # Launch passes of the dk/dv grid when a causal band makes its first k/v blocks the heavy
@@ -144,26 +151,32 @@ def gpu_backward(config: Mapping[str, Any]) -> str:
     return validate(config).gpu_backward or "auto"
 
 
-def mosaic_bwd_tiles(config: Mapping[str, Any], head_dim: int | None = None) -> tuple[int, int]:
-    """(dq key tile, stages) of the Mosaic GPU backward (defaults or the config's); at head_dim
-    256 the key tile is 32 (ValueError when the config names another)."""
+def _dims(head_dim: int, value_head_dim: int | None) -> str:
+    return f"head_dim {head_dim}" + (f", value head_dim {value_head_dim}" if value_head_dim not in (None, head_dim)
+                                     else "")
+
+
+def mosaic_bwd_tiles(config: Mapping[str, Any], head_dim: int | None = None,
+                     value_head_dim: int | None = None) -> tuple[int, int]:
+    """(dq key tile, stages) of the Mosaic GPU backward (defaults or the config's); at wide head
+    dims (`wide_backward`) the key tile is 32 (ValueError when the config names another)."""
     cfg = validate(config)
     stages = cfg.mosaic_stages_bwd or MOSAIC_BWD_DEFAULTS[1]
-    if head_dim == WIDE_HEAD_DIM:
+    if head_dim is not None and wide_backward(head_dim, value_head_dim or head_dim):
         if cfg.mosaic_block_kv_dq is not None:
-            raise ValueError(f"flash: mosaic_block_kv_dq does not apply at head_dim {head_dim} (the dq kernel "
-                             f"takes key tiles of {WIDE_DQ_BLOCK_KV} there); got {cfg.mosaic_block_kv_dq}")
+            raise ValueError(f"flash: mosaic_block_kv_dq does not apply at {_dims(head_dim, value_head_dim)} (the "
+                             f"dq kernel takes key tiles of {WIDE_DQ_BLOCK_KV} there); got {cfg.mosaic_block_kv_dq}")
         return WIDE_DQ_BLOCK_KV, stages
     return cfg.mosaic_block_kv_dq or MOSAIC_BWD_DEFAULTS[0], stages
 
 
-def mosaic_fused_dq(config: Mapping[str, Any], head_dim: int) -> str | None:
+def mosaic_fused_dq(config: Mapping[str, Any], head_dim: int, value_head_dim: int | None = None) -> str | None:
     """`MosaicBwdSpec.fused_dq` of the config's `mosaic_dq` or the default for `head_dim` (None: the
     separate dq kernel); ValueError when "split" is asked at a head_dim it cannot tile."""
     mode = validate(config).mosaic_dq or MOSAIC_DQ_DEFAULTS.get(head_dim, "separate")
-    if mode != "separate" and head_dim == WIDE_HEAD_DIM:
-        raise ValueError(f"flash: mosaic_dq={mode!r} does not fit at head_dim {head_dim} (dQ's float32 buffer "
-                         "beside the dk/dv kernel's tiles exceeds shared memory): use 'separate'")
+    if mode != "separate" and wide_backward(head_dim, value_head_dim or head_dim):
+        raise ValueError(f"flash: mosaic_dq={mode!r} does not fit at {_dims(head_dim, value_head_dim)} (dQ's "
+                         "float32 buffer beside the dk/dv kernel's tiles exceeds shared memory): use 'separate'")
     if mode == "split" and head_dim % 128:
         raise ValueError(f"flash: mosaic_dq='split' needs head_dim 128 (each of the two consumer warpgroups "
                          f"adds 64 of dQ's columns); got head_dim {head_dim}: use 'own' or 'separate'")

@@ -35,7 +35,7 @@ from .triton_vjp import Residuals, _flash_bwd
 
 MOSAIC_DTYPES = ("bfloat16", "float16")
 MOSAIC_HEAD_DIMS = (64, 128, 192, 256)  # of queries/keys and of values, each (192/128: MLA)
-MOSAIC_BWD_HEAD_DIMS = (64, 128)  # and 256 with equal value head_dim (`_wide_reasons`)
+MOSAIC_BWD_HEAD_DIMS = (64, 128)  # each; pairs summing past 256 from MOSAIC_HEAD_DIMS (`_wide_reasons`)
 MOSAIC_MASKS = frozenset({"full", "causal", "sliding_window", "chunked_causal", "segment"})
 MIN_CHUNK = 64  # a kernel tile's 64 queries may straddle one chunk boundary, not two
 ROWS = 128  # query rows per CUDA block of the Mosaic kernel (2 warpgroups x 64)
@@ -60,10 +60,12 @@ AUTO_MOSAIC: dict[tuple[int, str], bool] = {
 # (1, 32768, 32/8) soft-cap 370 vs 272, sinks 469 vs 373, window 4096 457 vs 377; head_dim 64
 # (8, 2048, 16, 16) full 325 vs 275, causal 254 vs 230; head_dim 256 (`mosaic_bwd_wide.py`) at
 # (2, 4096, 16, 16 | 4) full 397-398 vs 271-274, causal 323-338 vs 246-249
-# (bench/results/h200_2026-11-30/mosaic_bwd_wide.log).
+# (bench/results/h200_2026-11-30/mosaic_bwd_wide.log); MLA (192 / 128 values) at (2, 8192, 16, 16)
+# full 382 vs 212, causal 353 vs 202 (bench/results/h200_2026-11-30/mosaic_bwd_mla.log).
 AUTO_MOSAIC_BWD: dict[tuple[int, str], bool] = {
     (64, "full"): True, (64, "band"): True,
     (128, "full"): True, (128, "band"): True,
+    (192, "full"): True, (192, "band"): True,
     (256, "full"): True, (256, "band"): True,
 }
 
@@ -170,38 +172,37 @@ def mosaic_backward_reasons(request: AttentionRequest, hardware: Hardware, confi
     what = "backward"
     reasons = _hopper_reasons(request, hardware, what)
     d, dv = request.head_dim, request.value_head_dim
-    if _config.WIDE_HEAD_DIM in (d, dv):
+    if _config.wide_backward(d, dv):
         dim_reasons = _wide_reasons(request, config)
     else:
         dim_reasons = _head_dim_reasons(request, MOSAIC_BWD_HEAD_DIMS, what)
     if dim_reasons:
         reasons += dim_reasons
     else:
-        block_kv_dq, _ = _config.mosaic_bwd_tiles(config, d)
+        block_kv_dq, _ = _config.mosaic_bwd_tiles(config, d, dv)
         reasons += _unpadded_reasons(request, config, ROWS, max(ROWS, block_kv_dq), what)
     return reasons + _unserved_reasons(request, what)
 
 
 def _wide_reasons(request: AttentionRequest, config: Mapping[str, Any]) -> list[str]:
-    """What the backward at head_dim 256 (`mosaic_bwd_wide.py`, the dq kernel's 32-key tiles) needs."""
+    """What the backward at wide head dims (`mosaic_bwd_wide.py`, the dq kernel's 32-key tiles) needs."""
     from .mosaic_bwd_wide import wide_smem_bytes
 
-    wide = _config.WIDE_HEAD_DIM
-    reasons = []
-    if (request.head_dim, request.value_head_dim) != (wide, wide):
-        reasons.append(f"the Mosaic GPU backward takes head_dim {wide} with value head_dim {wide} only "
-                       f"(got {request.head_dim}/{request.value_head_dim})")
-    if request.has_segments:
-        reasons.append(f"the Mosaic GPU backward takes no segment ids at head_dim {wide}")
-    try:  # the config's dq settings must be ones this head_dim takes
-        block_kv_dq, stages = _config.mosaic_bwd_tiles(config, wide)
-        _config.mosaic_fused_dq(config, wide)
+    d, dv = request.head_dim, request.value_head_dim
+    dims = f"head_dim {d}" + (f", value head_dim {dv}" if dv != d else "")
+    if d not in MOSAIC_HEAD_DIMS or dv not in MOSAIC_HEAD_DIMS:
+        return [f"the Mosaic GPU backward takes head_dim and value head_dim each of "
+                f"{'/'.join(map(str, MOSAIC_HEAD_DIMS))} when they sum past 256 (got {d}/{dv})"]
+    try:  # the config's dq settings must be ones these head dims take
+        block_kv_dq, stages = _config.mosaic_bwd_tiles(config, d, dv)
+        _config.mosaic_fused_dq(config, d, dv)
     except ValueError as err:
-        return reasons + [str(err)]
-    dq_bytes = 2 * (2 * 2 * 64 * wide + 2 * stages * block_kv_dq * wide)  # Q, dO of both consumers; K/V ring
-    if max(dq_bytes, wide_smem_bytes(wide, wide, 64, stages)) > _config.MOSAIC_SMEM_BYTES:
-        reasons.append(f"mosaic_stages_bwd={stages} does not fit in shared memory at head_dim {wide}")
-    return reasons
+        return [str(err)]
+    dq_bytes = 2 * (2 * 64 * (d + dv) + stages * block_kv_dq * (d + dv))  # Q, dO of both consumers; K/V ring
+    dkdv_bytes = wide_smem_bytes(d, dv, 64, stages, segments=request.has_segments)
+    if max(dq_bytes, dkdv_bytes) > _config.MOSAIC_SMEM_BYTES:
+        return [f"mosaic_stages_bwd={stages} does not fit in shared memory at {dims}"]
+    return []
 
 
 def _decide(request: AttentionRequest, hardware: Hardware, *, key: str, wanted: str, interpret: bool,

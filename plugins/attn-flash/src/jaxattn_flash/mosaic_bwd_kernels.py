@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import gmem_ref, mosaic_gpu, mosaic_load, ref_transpose
-from .config import WIDE_DQ_BLOCK_KV, WIDE_HEAD_DIM
+from .config import WIDE_DQ_BLOCK_KV, wide_backward
 from .mosaic_kernels import (
     CONSUMERS,
     LOG2E,
@@ -577,14 +577,14 @@ _dkdv_jit = jax.jit(_dkdv, static_argnums=0)
 def mosaic_backward(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg=None, kv_seg=None):
     """(dq, dk, dv) of unpadded q/k/v (see the module docstring for lse₂ and delta); `kv_lens`
     (int32 `[B]`) with `spec.kv_lengths`, segment ids `q_seg`/`kv_seg` (`[B, S]`) with `spec.segments`."""
-    if q.shape[-1] == WIDE_HEAD_DIM:  # dk and dv by column halves; dq from its own kernel
+    if wide_backward(q.shape[-1], v.shape[-1]):  # dk and dv by column halves; dq from its own kernel
         from .mosaic_bwd_wide import mosaic_dkdv_wide
 
-        if spec.fused_dq or spec.segments or spec.dq_block_kv != WIDE_DQ_BLOCK_KV:
-            raise ValueError(f"the Mosaic backward at head_dim {WIDE_HEAD_DIM} takes the separate dq kernel with "
-                             f"key tiles of {WIDE_DQ_BLOCK_KV} and no segment ids; got {spec}")
-        dq = mosaic_dq(spec, q, k, v, do, lse2, delta, kv_lens)
-        return (dq, *mosaic_dkdv_wide(spec, q, k, v, do, lse2, delta, kv_lens))
+        if spec.fused_dq or spec.dq_block_kv != WIDE_DQ_BLOCK_KV:
+            raise ValueError(f"the Mosaic backward at head dims {q.shape[-1]}/{v.shape[-1]} takes the separate dq "
+                             f"kernel with key tiles of {WIDE_DQ_BLOCK_KV}; got {spec}")
+        dq = mosaic_dq(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)
+        return (dq, *mosaic_dkdv_wide(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg))
     if spec.fused_dq:
         return mosaic_dkdv(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)
     dq = mosaic_dq(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)

@@ -1,11 +1,13 @@
-"""The dk/dv kernel of the Mosaic GPU backward at head_dim 256, where dk and dv of one
-consumer's 64 keys (2 x 64 x 256 float32) would not fit in its registers.
+"""The dk/dv kernel of the Mosaic GPU backward at wide head dims (head_dim + value head_dim > 256:
+256/256, MLA's 192/128), where dk and dv of one consumer's 64 keys (64 x (d + dv) float32) would
+not fit in its registers.
 
 FlashAttention-3's split, in Pallas's Mosaic GPU lowering: one CUDA block per (batch, key/value
 head, 64 keys); K and V stay in shared memory for both consumer warpgroups, and consumer `w`
-owns the columns [128 w, 128 w + 128) of dK and dV (2 x 64 x 128 float32: 128 registers per
-thread). For every query tile of 64 rows the producer streams (Q, dO, lse₂, delta of every query
-head of the GQA group, as `mosaic_bwd_kernels._dkdv`), and
+owns the w-th half of dK's columns and of dV's (at 256/256: 2 x 64 x 128 float32, 128 registers
+per thread; at 192/128: 96 and 64 columns). For every query tile of 64 rows the producer
+streams (Q, dO, lse₂, delta of every query head of the GQA group, as
+`mosaic_bwd_kernels._dkdv`), and
 
 * consumer `w` computes its half of the tile's logits, Sᵀ and dPᵀ for keys x queries
   [32 w, 32 w + 32) (wgmma N = 32), then Pᵀ and dSᵀ of that half;
@@ -14,9 +16,10 @@ head of the GQA group, as `mosaic_bwd_kernels._dkdv`), and
   K = 32), and meets the other again before the next tile overwrites the halves.
 
 No logit is computed twice and no accumulator spills; the price is two barriers per tile.
-dQ comes from the separate dq kernel (with key tiles of 32 at this head_dim: its Q, dO and
-the K/V ring then fit in shared memory). Masks, GQA and key/value lengths as the other
-kernels; segment ids are not taken here (the Triton backward serves them at head_dim 256).
+dQ comes from the separate dq kernel (with key tiles of 32 at these head dims: its Q, dO and
+the K/V ring then fit in shared memory). Masks, GQA, key/value lengths and segment ids as the
+other kernels (each consumer reads the block's 64 key ids once; the producer streams each
+query tile's ids, a consumer compares its half of them).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from ._compat import mosaic_gpu, mosaic_load
 from .mosaic_bwd_kernels import (
     MosaicBwdSpec,
     _dlogits,
+    _input_names,
+    _optional_inputs,
     _probabilities,
     _scores_and_dp,
     _three_loops,
@@ -40,13 +45,16 @@ from .mosaic_bwd_kernels import (
     stream_query_tiles,
 )
 from .mosaic_kernels import CONSUMERS, _consumers_sync, _swizzled, launch, visible
+from .mosaic_segments import clip_full, clip_range, masked_by, own_ids, segment_scratch, tile_ids
 
 KEYS = 64  # keys per CUDA block: one wgmma M, shared by both consumers
 HALF = 32  # queries of a tile whose logits one consumer computes
 
 
-def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None):
-    """(dk, dv) `[B, Skv, Hkv, 256]` (Skv % 64 == 0, Sq % dkv_block_q == 0)."""
+def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg=None, kv_seg=None):
+    """(dk `[B, Skv, Hkv, D]`, dv `[B, Skv, Hkv, Dv]`) (Skv % 64 == 0, Sq % dkv_block_q == 0; each half of D
+    and of Dv a multiple of 32: the products' 64-byte swizzle); `kv_lens` with
+    `spec.kv_lengths`, segment ids `q_seg`/`kv_seg` (`[B, S]`) with `spec.segments`."""
     plgpu = mosaic_gpu()
     b, sq, hq, d = q.shape
     _, skv, hkv, dv_dim = v.shape
@@ -56,22 +64,29 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
         raise ValueError(f"mosaic_dkdv_wide: query tiles of {CONSUMERS * HALF} (two halves of {HALF}), got {bq}")
     nq = sq // bq
     cols, v_cols = d // CONSUMERS, dv_dim // CONSUMERS  # the dK / dV columns one consumer owns
+    if cols % HALF or v_cols % HALF:
+        raise ValueError(f"mosaic_dkdv_wide: each consumer's half of head dims {d}/{dv_dim} must be a multiple "
+                         f"of {HALF} columns")
     dtype = q.dtype
     tile_layout = plgpu.Layout.WGMMA
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
     col_layout = plgpu.Layout.WGMMA.reduce(0)
     stages = spec.stages
-    names = ["q", "k", "v", "do", "lse", "delta"] + ["kv_lens"] * spec.kv_lengths
+    names = _input_names(spec)
 
     def kernel(*refs):
         ins = dict(zip(names, refs))
         k_ref, v_ref = ins["k"], ins["v"]  # the producer streams the query side (stream_query_tiles)
         (dk_ref, dv_ref, k_s, v_s, q_smem, do_smem, lse_smem, delta_smem, p_smem, ds_smem,
-         kv_bar, q_bar, do_bar, lse_bar, delta_bar, free) = refs[len(names):]
+         kv_bar, q_bar, do_bar, lse_bar, delta_bar, free, *seg_scratch) = refs[len(names):]
+        kseg_smem, kseg_bar, qseg_smem, qseg_bar = seg_scratch or (None,) * 4
+        ranges = ins.get("seg_ranges")
         bi, kvh = lax.axis_index("b"), lax.axis_index("h")
-        c0, wg = lax.axis_index("k") * KEYS, lax.axis_index("wg")
+        kb, wg = lax.axis_index("k"), lax.axis_index("wg")
+        c0 = kb * KEYS
         kv_end = ins["kv_lens"][bi] if spec.kv_lengths else None
         keys = pl.ds(c0, KEYS)
-        lb, ub = q_tile_range(spec, c0, KEYS, bq, nq, kv_end)
+        lb, ub = clip_range(ranges, bi, kb, *q_tile_range(spec, c0, KEYS, bq, nq, kv_end))
         per_head = ub - lb
 
         def consumer(w: int):
@@ -83,14 +98,20 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
 
             plgpu.barrier_wait(kv_bar.at[0])
             plgpu.barrier_wait(kv_bar.at[1])
-            fs, fe = q_full_range(spec, c0, bq, lb, ub, kv_end)
+            fs, fe = clip_full(ranges, bi, kb, ub, *q_full_range(spec, c0, bq, lb, ub, kv_end))
             half = pl.ds(w * HALF, HALF)
+            k_ids = None
+            if spec.segments:  # each consumer its own copy of the block's key ids
+                k_ids = own_ids(plgpu, ins["kv_seg"].at[bi, keys], kseg_smem.at[w], kseg_bar.at[w], row_layout)
 
             def step(qi, carry, *, gi, masked):
                 dk, dv = carry
                 slot = lax.rem(gi * per_head + (qi - lb), stages)
                 for bar in (q_bar, do_bar, lse_bar, delta_bar):
                     plgpu.barrier_wait(bar.at[slot])
+                q_ids = None
+                if spec.segments:  # this consumer's half of the tile's query ids
+                    q_ids = tile_ids(plgpu, qseg_smem.at[slot, half], qseg_bar.at[slot], masked, col_layout)
                 # this consumer's half of the tile's queries: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ (keys x 32)
                 s, dp = _scores_and_dp(plgpu, (k_s, q_smem.at[slot, half]), (v_s, do_smem.at[slot, half]),
                                        tile_layout)
@@ -101,7 +122,7 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
                     q0 = qi * bq + w * HALF
                     j = plgpu.broadcasted_iota(jnp.int32, (KEYS, HALF), 0, layout=tile_layout)
                     i = plgpu.broadcasted_iota(jnp.int32, (KEYS, HALF), 1, layout=tile_layout)
-                    vis = visible(spec, i + q0, j + c0, q0, kv_end)
+                    vis = masked_by(visible(spec, i + q0, j + c0, q0, kv_end), k_ids, q_ids, (KEYS, HALF))
                 p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_col, s.shape, [1]), vis)
                 ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_col, s.shape, [1]), vis, cap)
                 _consumers_sync(plgpu)  # the other consumer is done reading the previous tile's halves
@@ -145,8 +166,8 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
         @pl.when(wg == CONSUMERS)
         def _producer():
             ring = [(q_smem, q_bar), (do_smem, do_bar), (lse_smem, lse_bar), (delta_smem, delta_bar)]
-            stream_query_tiles(plgpu, ins, ring, free, bi=bi, kvh=kvh, group=group, lb=lb, per_head=per_head,
-                               bq=bq, stages=stages)
+            stream_query_tiles(plgpu, ins, ring + [(qseg_smem, qseg_bar)] * spec.segments, free, bi=bi, kvh=kvh,
+                               group=group, lb=lb, per_head=per_head, bq=bq, stages=stages)
 
     scratch = (
         # 64-byte swizzles: the dK and dV products contract over a query half (32)
@@ -161,16 +182,19 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
         plgpu.Barrier(num_arrivals=1, num_barriers=2),  # K, V loaded
         *[plgpu.Barrier(num_arrivals=1, num_barriers=stages)] * 4,
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        *(segment_scratch(plgpu, CONSUMERS, KEYS, bq, stages) if spec.segments else ()),
     )
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
-    extra = [kv_lens.astype(jnp.int32)] if spec.kv_lengths else []
+    extra = _optional_inputs(spec, kv_lens, q_seg, kv_seg, KEYS, bq, keys_major=True)
     grid = {"b": b, "h": hkv, "k": skv // KEYS}
     return launch(plgpu, kernel, out_type, scratch, grid)(q, k, v, do, lse2, delta, *extra)
 
 
-def wide_smem_bytes(head_dim: int, value_head_dim: int, block_q: int, stages: int, itemsize: int = 2) -> int:
-    """Shared memory of `mosaic_dkdv_wide`'s tiles (barriers apart)."""
+def wide_smem_bytes(head_dim: int, value_head_dim: int, block_q: int, stages: int, itemsize: int = 2,
+                    segments: bool = False) -> int:
+    """Shared memory of `mosaic_dkdv_wide`'s tiles and segment ids (barriers apart)."""
     kv = KEYS * (head_dim + value_head_dim)
     ring = stages * block_q * (head_dim + value_head_dim)
     halves = 2 * CONSUMERS * KEYS * HALF
-    return itemsize * (kv + ring + halves) + 2 * stages * block_q * 4
+    ids = 4 * (CONSUMERS * KEYS + stages * block_q) if segments else 0
+    return itemsize * (kv + ring + halves) + 2 * stages * block_q * 4 + ids

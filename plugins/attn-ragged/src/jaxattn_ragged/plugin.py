@@ -14,7 +14,8 @@ TPU interpreter cannot run it on CPU, so CI cannot check it.
 Settings (`metadata.operation_configs["ragged_paged"]` or `["decode"]`: a `RaggedConfig` /
 `DecodeConfig` or a dict of its keys): `block_q`, `block_kv`, `num_splits` (0 = auto),
 `num_warps`, `num_stages`, `target_programs`, and the switches `gather2d`, `mask_split`,
-`two_tiles` (1/0).
+`two_tiles` (1/0), and `int8_dots` (0/1/2: how many products run on int8 tensor cores for
+int8 pages, see `kernel.KernelConfig`).
 Measured tables (`tuning/*.json`, package data) are shipped through `jaxattn_tuning_tables`.
 
 Quantized caches (int8 or float8_e4m3fn pages with `k_scale`/`v_scale`, per token and head
@@ -58,6 +59,7 @@ class RaggedConfig(BackendConfig):
     gather2d: int | None = None  # switches, 1 or 0
     mask_split: int | None = None
     two_tiles: int | None = None
+    int8_dots: int | None = None  # int8 pages: products on int8 tensor cores (0, 1: Q·Kᵀ, 2: both)
 
     def __post_init__(self) -> None:
         self.check_int("block_q", power_of_two=True)
@@ -68,6 +70,7 @@ class RaggedConfig(BackendConfig):
             self.check_int(key)
         for key in ("gather2d", "mask_split", "two_tiles"):
             self.check_choice(key, (0, 1))
+        self.check_choice("int8_dots", (0, 1, 2))
 
 
 @dataclass(frozen=True)
