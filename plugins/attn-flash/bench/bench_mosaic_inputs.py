@@ -4,7 +4,8 @@ Mosaic forward) against xla in float32, NaN/inf rows, the conformance cases, and
 visible work beside the Triton kernels; `mla` times MLA's head dims (192 / 128) beside cuDNN,
 `mla256` queries/keys of 256 with values of 128.
 
-    python3 plugins/attn-flash/bench/bench_mosaic_inputs.py [check[:VARIANT]] [conformance] [speed[:CASE]] [mla[:full]] [mla256[:full]]
+    python3 plugins/attn-flash/bench/bench_mosaic_inputs.py [check[:VARIANT]] [conformance] [speed[:CASE]]
+        [mla[:full]] [mla256[:full]]
 """
 
 from __future__ import annotations
