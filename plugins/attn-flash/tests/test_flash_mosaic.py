@@ -678,6 +678,10 @@ def test_guarded_forward_traces_with_its_cleaning_state(head_dim, band, sinks, c
             (q.shape, q.dtype), ((1, 4, 512), jnp.float32)]
     marks = f"Ref<smem>{{f32[2,{block_kv}]}}"  # (stages, block_kv)
     assert str(traced[True]).count(marks) > str(traced[False]).count(marks)
+    # the guarded kernel runs its cleaning only for (batch row, kv head) pairs whose values hold a
+    # non-finite entry: one flag per pair, read from v before the kernel (the kernel's own test is
+    # (x - x) == 0)
+    assert "is_finite" in str(traced[True]) and "is_finite" not in str(traced[False])
 
 
 LOWERED = {  # name: forward spec fields (head_dim 128 unless named)

@@ -61,7 +61,8 @@ AUTO_MOSAIC: dict[tuple[int, str], bool] = {
 # (8, 2048, 16, 16) full 325 vs 275, causal 254 vs 230; head_dim 256 (`mosaic_bwd_wide.py`) at
 # (2, 4096, 16, 16 | 4) full 397-398 vs 271-274, causal 323-338 vs 246-249
 # (bench/results/h200_2026-11-30/mosaic_bwd_wide.log); MLA (192 / 128 values) at (2, 8192, 16, 16)
-# full 382 vs 212, causal 353 vs 202 (bench/results/h200_2026-11-30/mosaic_bwd_mla.log).
+# full 382 vs 212, causal 353 vs 202 (bench/results/h200_2026-11-30/mosaic_bwd_mla.log); 256 / 128
+# values at (2, 4096, 16, 16) full 385 vs 231, causal 323 vs 205 (mosaic_bwd_mla256.log).
 AUTO_MOSAIC_BWD: dict[tuple[int, str], bool] = {
     (64, "full"): True, (64, "band"): True,
     (128, "full"): True, (128, "band"): True,

@@ -37,8 +37,11 @@ cuts (the ones outside the block's fully visible range), the consumers stop ping
 clean the value tile in shared memory together (each its 64-key chunks: non-finite entries
 zeroed, the keys that held one written to a small per-stage array), meet on named barrier 10,
 and mark the rows that see a marked key; those rows are NaN at the end. On the fully visible
-tiles a non-finite value reaches every row, as it must, with no work. Nothing outside the
-kernel reads the values, and nothing waits on the host.
+tiles a non-finite value reaches every row, as it must, with no work. The cleaning runs only
+in the blocks of a (batch row, kv head) whose values hold a non-finite entry: one flag per pair,
+from one read of the values before the kernel (no host sync: each block reads its flag and
+takes one of two compiled forms), so clean calls keep ping-pong and the consumers' own full
+ranges on every tile.
 
 A logit soft-cap c replaces the scaled logits by c·tanh(s·scale/c) (one tanh per logit); a
 sink logit per query head joins each row's normalizer after the loop, as in the Triton
@@ -289,7 +292,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     own_out = dv != d  # O (value head_dim) has its own buffer; else it overwrites Q's
 
     names = (["q", "k", "v"] + ["sinks"] * spec.sinks + ["q_lens"] * spec.q_lengths + ["kv_lens"] * spec.kv_lengths
-             + ["q_seg", "kv_seg", "seg_ranges"] * spec.segments)
+             + ["q_seg", "kv_seg", "seg_ranges"] * spec.segments + ["v_dirty"] * guard)
 
     def kernel(*refs):
         ins = dict(zip(names, refs))
@@ -318,21 +321,10 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
             r0 = block_r0 + wg * bq
             qo = qo_smem.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(r0, bq), hi], qo, q_bar.at[wg])
-            # guarded: both consumers clean the same partial tiles together, so the split is the block's
-            if guard:
-                fs, fe = full_range(spec, block_r0, lb, ub, spec.rows, kv_end)
-            else:
-                fs, fe = full_range(spec, r0, lb, ub, kv_end=kv_end)
-            fs, fe = clip_full(ranges, bi, qi, ub, fs, fe)
             q_ids = None
             if spec.segments:  # this consumer's rows' segment ids
                 q_ids = own_ids(plgpu, ins["q_seg"].at[bi, pl.ds(r0, bq)], qseg_smem.at[wg], qseg_bar.at[wg],
                                 row_layout)
-            acc = plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), wgmma_layout)
-            m = plgpu.layout_cast(jnp.full((bq,), M_FLOOR, jnp.float32), row_layout)
-            l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
-            # rows that see a non-finite value in a cleaned tile (1.0), made NaN at the end
-            seen = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout) if guard else None
             plgpu.barrier_wait(q_bar.at[wg])
 
             @pl.when(ub > lb)
@@ -417,50 +409,70 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l, seen
 
-            # Ping-pong pairs the consumers' steps; guarded steps (partial tiles whose values are
-            # cleaned) run side by side instead: both consumers wait for each other's cleaning.
-            pp = spec.pingpong
-            edge = functools.partial(step, masked=True, pingpong=pp and not guard, guarded=guard)
-            if pp and not guard:
-                pl.when(wg == 1)(lambda: _named_barrier(plgpu, "sync", own=True))
-            carry = lax.fori_loop(lb, fs, edge, (acc, m, l, seen))
-            if pp and guard:
-                pl.when(wg == 1)(lambda: _named_barrier(plgpu, "sync", own=True))
-            carry = lax.fori_loop(fs, fe, functools.partial(step, masked=False, pingpong=pp), carry)
-            if pp and guard:
-                pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
-            acc, m, l, seen = lax.fori_loop(fe, ub, edge, carry)
-            if pp and not guard:
-                pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
+            def attend(guarded):
+                """The block's key tiles, then its rows' output and lse. `guarded`: clean the value
+                tiles the mask cuts (both consumers the same tiles, so the full range is the block's)."""
+                if guarded:
+                    fs, fe = full_range(spec, block_r0, lb, ub, spec.rows, kv_end)
+                else:
+                    fs, fe = full_range(spec, r0, lb, ub, kv_end=kv_end)
+                fs, fe = clip_full(ranges, bi, qi, ub, fs, fe)
+                acc = plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), wgmma_layout)
+                m = plgpu.layout_cast(jnp.full((bq,), M_FLOOR, jnp.float32), row_layout)
+                l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
+                # rows that see a non-finite value in a cleaned tile (1.0), made NaN at the end
+                seen = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout) if guarded else None
+                # Ping-pong pairs the consumers' steps; guarded steps (partial tiles whose values are
+                # cleaned) run side by side instead: both consumers wait for each other's cleaning.
+                pp = spec.pingpong
+                edge = functools.partial(step, masked=True, pingpong=pp and not guarded, guarded=guarded)
+                if pp and not guarded:
+                    pl.when(wg == 1)(lambda: _named_barrier(plgpu, "sync", own=True))
+                carry = lax.fori_loop(lb, fs, edge, (acc, m, l, seen))
+                if pp and guarded:
+                    pl.when(wg == 1)(lambda: _named_barrier(plgpu, "sync", own=True))
+                carry = lax.fori_loop(fs, fe, functools.partial(step, masked=False, pingpong=pp), carry)
+                if pp and guarded:
+                    pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
+                acc, m, l, seen = lax.fori_loop(fe, ub, edge, carry)
+                if pp and not guarded:
+                    pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
 
-            live = l != 0.0  # a NaN sum (a non-finite logit the row sees) counts: it propagates
-            real = None
-            if q_end is not None:  # rows past the query length: zeros, lse -inf
-                real = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=row_layout) + r0 < q_end
-                live = live & real
-            if sink_ref is not None:  # the sink joins the normalizer of rows with keys (as Triton)
-                plgpu.copy_gmem_to_smem(sink_ref.at[hi], lse_smem.at[wg], q_bar.at[wg])
-                plgpu.barrier_wait(q_bar.at[wg])
-                sink = mosaic_load(plgpu, lse_smem.at[wg], row_layout)
-                m_all = jnp.maximum(m, sink)
-                corr = jnp.exp2(m - m_all)
-                l = l * corr + jnp.exp2(sink - m_all)
-                acc = acc * lax.broadcast_in_dim(corr, acc.shape, [0])
-                m = m_all
-            l_safe = jnp.where(live, l, 1.0)
-            inv = jnp.where(live, 1.0 / l_safe, 0.0)
-            out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
-            if guard:
-                out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]) > 0, jnp.float32(jnp.nan), out)
-            if real is not None:
-                out = jnp.where(lax.broadcast_in_dim(real, acc.shape, [0]), out, 0.0)
-            o = o_smem.at[wg]
-            o[...] = out.astype(dtype)
-            lse_smem.at[wg][...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o, o_ref.at[bi, pl.ds(r0, bq), hi])
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(r0, bq)])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                live = l != 0.0  # a NaN sum (a non-finite logit the row sees) counts: it propagates
+                real = None
+                if q_end is not None:  # rows past the query length: zeros, lse -inf
+                    real = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=row_layout) + r0 < q_end
+                    live = live & real
+                if sink_ref is not None:  # the sink joins the normalizer of rows with keys (as Triton)
+                    plgpu.copy_gmem_to_smem(sink_ref.at[hi], lse_smem.at[wg], q_bar.at[wg])
+                    plgpu.barrier_wait(q_bar.at[wg])
+                    sink = mosaic_load(plgpu, lse_smem.at[wg], row_layout)
+                    m_all = jnp.maximum(m, sink)
+                    corr = jnp.exp2(m - m_all)
+                    l = l * corr + jnp.exp2(sink - m_all)
+                    acc = acc * lax.broadcast_in_dim(corr, acc.shape, [0])
+                    m = m_all
+                l_safe = jnp.where(live, l, 1.0)
+                inv = jnp.where(live, 1.0 / l_safe, 0.0)
+                out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+                if guarded:
+                    out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]) > 0, jnp.float32(jnp.nan), out)
+                if real is not None:
+                    out = jnp.where(lax.broadcast_in_dim(real, acc.shape, [0]), out, 0.0)
+                o = o_smem.at[wg]
+                o[...] = out.astype(dtype)
+                lse_smem.at[wg][...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o, o_ref.at[bi, pl.ds(r0, bq), hi])
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(r0, bq)])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            if guard:  # the guarded form only where this batch row and kv head hold a non-finite value
+                dirty = ins["v_dirty"][bi * hkv + lax.div(hi, jnp.int32(group))] != 0
+                pl.when(dirty)(lambda: attend(True))
+                pl.when(jnp.logical_not(dirty))(lambda: attend(False))
+            else:
+                attend(False)
 
         @pl.when(wg == CONSUMERS)
         def _producer():
@@ -513,5 +525,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     if spec.segments:
         q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
         segments = [q_seg, kv_seg, segment_tile_ranges(q_seg, kv_seg, rows, bk)]
+    # which (batch row, kv head) holds a non-finite value: one read of v, so clean calls skip the guard
+    dirty = [jnp.any(~jnp.isfinite(v), axis=(1, 3)).reshape(b * hkv).astype(jnp.int32)] if guard else []
     return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, *sink_rows, *lengths,
-                                                                                *segments)
+                                                                                *segments, *dirty)
