@@ -32,9 +32,11 @@ _LLM = [
     (4, 4096, 4096, 32, 32, 128, False, None),   # MHA
     (4, 4096, 4096, 32, 32, 128, True, None),
     (2, 8192, 8192, 32, 8, 128, True, None),
-    (1, 16384, 16384, 16, 16, 128, True, None),  # long context
+    (1, 16384, 16384, 16, 16, 128, False, None),  # long context
+    (1, 16384, 16384, 16, 16, 128, True, None),
     (1, 16384, 16384, 16, 16, 128, True, 1024),  # sliding window (Mistral/Gemma-like)
-    (8, 2048, 2048, 16, 16, 64, True, None),     # small models, head_dim 64
+    (8, 2048, 2048, 16, 16, 64, False, None),    # small models, head_dim 64
+    (8, 2048, 2048, 16, 16, 64, True, None),
     (16, 1024, 1024, 12, 12, 64, False, None),   # encoders (BERT-like)
     (2, 4096, 4096, 16, 8, 256, True, None),     # head_dim 256 (Gemma-like)
 ]
