@@ -297,6 +297,32 @@ def test_mosaic_forward_mla_head_dims_gpu(causal, dims, backward):
         assert g.shape == w.shape and rel(g, w) < 2e-2, name
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_mosaic_backward_launch_passes_gpu(head_dim):
+    """The dk/dv grid launched in passes (`launch_passes_dkv`, the default under causal GQA) only
+    reorders the CUDA blocks: dk and dv equal the plain order's bit for bit, dq (summed by TMA
+    reductions in arrival order) within rounding, on a grid of several passes' worth of blocks."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    ks = jax.random.split(jax.random.PRNGKey(11), 4)
+    q = jax.random.normal(ks[0], (2, 1024, 8, head_dim), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (2, 1024, 2, head_dim), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (2, 1024, 2, head_dim), jnp.bfloat16)
+    d_out = jax.random.normal(ks[3], q.shape, jnp.bfloat16)
+    grads = {}
+    for passes in (1, 4):
+        md = _md(gpu_kernel="mosaic", gpu_backward="mosaic", launch_passes_dkv=passes)
+        _, pull = jax.vjp(lambda *a, md=md: jaxattn.attention(*a, is_causal=True, backend="flash", metadata=md),
+                          q, k, v)
+        grads[passes] = [np.asarray(g, np.float32) for g in pull(d_out)]
+    (dq1, dk1, dv1), (dq4, dk4, dv4) = grads[1], grads[4]
+    assert np.array_equal(dk1, dk4) and np.array_equal(dv1, dv4)
+    assert np.linalg.norm(dq1 - dq4) <= 1e-2 * np.linalg.norm(dq1)
+
+
 @pytest.mark.parametrize("optional", ["none", "lengths", "segments"])
 def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkeypatch, optional):
     """`gpu_path.flash_mosaic` (the Mosaic forward's custom_vjp), its kernel replaced by the
@@ -452,6 +478,10 @@ def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
         segment_ids=None, query_seq_lengths=None, key_value_seq_lengths=None, logits_soft_cap=None, sinks=None,
         dropout_rate=0.0, dropout_rng=None, return_lse=False), md, False, H100)
     assert (wide.spec.mosaic_bwd.dq_block_kv, wide.spec.mosaic_bwd.fused_dq) == (32, None)  # mosaic_bwd_wide
+    # causal GQA: the dk/dv launch passes where they were measured to gain (the Triton kernel and
+    # the wide Mosaic one), the plain order in the 128-key Mosaic kernel; the config key wins
+    assert (call.spec.dkdv_passes, bspec.passes, wide.spec.mosaic_bwd.passes) == (4, 1, 4)
+    assert prepare({"launch_passes_dkv": 3}).spec.mosaic_bwd.passes == 3
     assert prepare({"mosaic_dq": "separate"}).spec.mosaic_bwd.fused_dq is None  # the deterministic kernel
     assert not (bspec.segments or bspec.kv_lengths or call.mosaic.segments or call.mosaic.kv_lengths)
     # segment ids and lengths reach both Mosaic specs and ride with the call, unpadded
@@ -687,13 +717,14 @@ def test_guarded_forward_traces_with_its_cleaning_state(head_dim, band, sinks, c
 LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
     "causal": dict(band_lo=None, band_hi=0),
     "full-d64": dict(band_lo=None, band_hi=None, head_dim=64),
-    "causal-guarded-d256": dict(band_lo=None, band_hi=0, guard_values=True, head_dim=256, block_kv=64),
+    "causal-guarded-d256-passes": dict(band_lo=None, band_hi=0, guard_values=True, head_dim=256, block_kv=64,
+                                       passes=4),
     "window-softcap-lengths-d256": dict(band_lo=-200, band_hi=0, soft_cap=30.0, kv_lengths=True, head_dim=256,
                                         block_kv=64),
     "chunked-d256": dict(band_lo=None, band_hi=0, chunk=192, head_dim=256, block_kv=64),
     "segments-causal-lengths-d256": dict(band_lo=None, band_hi=0, segments=True, kv_lengths=True, head_dim=256,
                                          block_kv=64),
-    "causal-guarded": dict(band_lo=None, band_hi=0, guard_values=True),
+    "causal-guarded-passes": dict(band_lo=None, band_hi=0, guard_values=True, passes=4),
     "window-guarded-softcap": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0),
     "chunked-guarded-sinks": dict(band_lo=None, band_hi=0, guard_values=True, chunk=192, sinks=True),
     "lengths-guarded": dict(band_lo=None, band_hi=0, guard_values=True, q_lengths=True, kv_lengths=True),
@@ -713,7 +744,8 @@ LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
 def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
     """`jax.export(..., platforms=["cuda"])` runs Pallas's Mosaic GPU lowering on this CPU machine:
     every lowering rule and inline PTX emitter of the forward (named barriers, the value guard's
-    cleaning, chunk masks, sinks) and of the dq/dk/dv kernels must accept what we give them. The
+    cleaning, chunk masks, sinks) and of the dq/dk/dv kernels (launch passes' id arithmetic) must
+    accept what we give them. The
     module that comes out is what a GPU compiles (not run here)."""
     import jax.numpy as jnp
     from jax import export
@@ -722,6 +754,7 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
     from jaxattn_flash import mosaic_kernels as mk
 
     fields = dict(LOWERED[name])
+    passes = fields.pop("passes", 1)  # the dk/dv grid's launch passes (backward only)
     d = fields.pop("head_dim", 128)
     d_v = fields.pop("value_head_dim", d)
     q = jax.ShapeDtypeStruct((1, 512, 4, d), jnp.bfloat16)
@@ -744,7 +777,7 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
     bspec = mbk.MosaicBwdSpec(scale=0.1, band_lo=fields["band_lo"], band_hi=fields["band_hi"],
                               soft_cap=fields.get("soft_cap"), chunk=fields.get("chunk"),
                               kv_lengths=fields.get("kv_lengths", False), segments=spec.segments,
-                              dq_block_kv=32 if wide else 64)  # wide head dims: mosaic_bwd_wide's dk/dv
+                              dq_block_kv=32 if wide else 64, passes=passes)  # wide: mosaic_bwd_wide's dk/dv
     rows = jax.ShapeDtypeStruct((1, 4, 512), jnp.float32)
     backward = export.export(jax.jit(lambda *a: mbk.mosaic_backward(bspec, *a)), platforms=["cuda"])(
         q, kv, values, jax.ShapeDtypeStruct((1, 512, 4, d_v), jnp.bfloat16), rows, rows,

@@ -112,7 +112,7 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
             scale=spec.scale, band_lo=band_lo, band_hi=band_hi, soft_cap=spec.soft_cap,
             dq_block_kv=block_kv_dq, stages=stages_bwd, fused_dq=_config.mosaic_fused_dq(config, d, dv),
             chunk=spec.chunk_size, chunk_offset=spec.chunk_offset, kv_lengths=kv_lens is not None,
-            segments=q_seg is not None))
+            segments=q_seg is not None, passes=_config.mosaic_dkv_passes(config, hq // hkv, parts, d, dv)))
     if path.kernel == "mosaic":
         from .mosaic_kernels import MosaicSpec
 

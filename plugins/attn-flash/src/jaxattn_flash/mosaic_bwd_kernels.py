@@ -33,6 +33,11 @@ Measured on an H200 (BENCHMARKS.md, "Mosaic GPU backward"): the forward's ping-p
 taking turns on the tensor cores) costs 8-13% here, and computing dSᵀ while the dV product runs
 gains nothing; the dq key tile (64/128) and 2 or 3 stages are level.
 
+The dk/dv grid may launch in passes (`MosaicBwdSpec.passes`, `launch_order.py`: every
+(batch, kv head)'s heavy key blocks before the light ones); measured on an H200 it gains in the
+wide kernel (causal GQA at head_dim 256: +6%) and not in this one, so only the wide one takes
+it by default (`config.mosaic_dkv_passes`).
+
 The accumulators live in registers: dk + dv of 64 rows take 2·64·D/128 registers per
 thread, so head_dim 256 does not fit here: `mosaic_bwd_wide.py` splits their columns between
 the consumers instead, and dq comes from the dq kernel with key tiles of 32.
@@ -50,6 +55,7 @@ from jax.experimental import pallas as pl
 
 from ._compat import gmem_ref, mosaic_gpu, mosaic_load, ref_transpose
 from .config import WIDE_DQ_BLOCK_KV, wide_backward
+from .launch_order import launch_order
 from .mosaic_kernels import (
     CONSUMERS,
     LOG2E,
@@ -99,6 +105,9 @@ class MosaicBwdSpec:
     # zero. Query lengths need nothing here: rows past them are dead (lse -inf, so P = 0).
     kv_lengths: bool = False
     segments: bool = False  # query and key segment ids (int32 [B, S] inputs), as `MosaicSpec`
+    # launch passes of the dk/dv grid (`launch_order.py`): > 1 launches every (batch, kv head)'s
+    # heavy key blocks first, so the launch does not end on them (causal GQA)
+    passes: int = 1
 
 
 def _probabilities(spec: MosaicBwdSpec, s, lse2, vis):
@@ -185,6 +194,15 @@ def kv_tile_range(spec: MosaicBwdSpec, r0, rows: int, block_kv: int, num_kv_tile
 def kv_full_range(spec: MosaicBwdSpec, r, block_kv: int, lb, ub, kv_end=None):
     """Of [lb, ub), the key tiles fully visible for query rows [r, r + WG_ROWS) (keys before `kv_end`)."""
     return full_key_tiles(spec, r, WG_ROWS, block_kv, lb, ub, kv_end)
+
+
+def dkdv_block_ids(spec: MosaicBwdSpec, num_key_blocks: int, num_kv_heads: int, batch: int):
+    """(batch row, kv head, key block) of this CUDA block of a dk/dv grid {"b", "h", "k"}. CUDA
+    launches it key block fastest (Pallas reverses the grid), then head, then batch: the linear
+    order `launch_order` remaps into `spec.passes` passes (1: the grid's own ids)."""
+    kb, kvh, bi = launch_order(lax.axis_index("k"), lax.axis_index("h"), lax.axis_index("b"), num_key_blocks,
+                               num_kv_heads, batch, spec.passes)
+    return bi, kvh, kb
 
 
 def _three_loops(lb, fs, fe, ub, step, carry):
@@ -423,8 +441,8 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
         kseg_smem, kseg_bar, qseg_smem, qseg_bar = rest[:4] if spec.segments else (None,) * 4
         ds_smem, dq_smem, ds_bar, k_done = rest[4 * spec.segments:] or (None,) * 4
         ranges = ins.get("seg_ranges")
-        bi, kvh = lax.axis_index("b"), lax.axis_index("h")
-        kb, wg = lax.axis_index("k"), lax.axis_index("wg")
+        bi, kvh, kb = dkdv_block_ids(spec, nkb, hkv, b)
+        wg = lax.axis_index("wg")
         c0 = kb * BLOCK_ROWS
         kv_end = ins["kv_lens"][bi] if spec.kv_lengths else None
         lb, ub = clip_range(ranges, bi, kb, *q_tile_range(spec, c0, BLOCK_ROWS, bq, nq, kv_end))

@@ -40,6 +40,7 @@ from .mosaic_bwd_kernels import (
     _probabilities,
     _scores_and_dp,
     _three_loops,
+    dkdv_block_ids,
     q_full_range,
     q_tile_range,
     stream_query_tiles,
@@ -81,8 +82,8 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
          kv_bar, q_bar, do_bar, lse_bar, delta_bar, free, *seg_scratch) = refs[len(names):]
         kseg_smem, kseg_bar, qseg_smem, qseg_bar = seg_scratch or (None,) * 4
         ranges = ins.get("seg_ranges")
-        bi, kvh = lax.axis_index("b"), lax.axis_index("h")
-        kb, wg = lax.axis_index("k"), lax.axis_index("wg")
+        bi, kvh, kb = dkdv_block_ids(spec, skv // KEYS, hkv, b)
+        wg = lax.axis_index("wg")
         c0 = kb * KEYS
         kv_end = ins["kv_lens"][bi] if spec.kv_lengths else None
         keys = pl.ds(c0, KEYS)
