@@ -409,9 +409,41 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l, seen
 
+            def write_rows(acc, m, l, seen):
+                """This consumer's rows: out = acc / l (zeros where no key is seen or past the query
+                length, NaN where a cleaned value was seen), and the lse."""
+                live = l != 0.0  # a NaN sum (a non-finite logit the row sees) counts: it propagates
+                real = None
+                if q_end is not None:  # rows past the query length: zeros, lse -inf
+                    real = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=row_layout) + r0 < q_end
+                    live = live & real
+                if sink_ref is not None:  # the sink joins the normalizer of rows with keys (as Triton)
+                    plgpu.copy_gmem_to_smem(sink_ref.at[hi], lse_smem.at[wg], q_bar.at[wg])
+                    plgpu.barrier_wait(q_bar.at[wg])
+                    sink = mosaic_load(plgpu, lse_smem.at[wg], row_layout)
+                    m_all = jnp.maximum(m, sink)
+                    corr = jnp.exp2(m - m_all)
+                    l = l * corr + jnp.exp2(sink - m_all)
+                    acc = acc * lax.broadcast_in_dim(corr, acc.shape, [0])
+                    m = m_all
+                l_safe = jnp.where(live, l, 1.0)
+                inv = jnp.where(live, 1.0 / l_safe, 0.0)
+                out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+                if seen is not None:
+                    out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]) > 0, jnp.float32(jnp.nan), out)
+                if real is not None:
+                    out = jnp.where(lax.broadcast_in_dim(real, acc.shape, [0]), out, 0.0)
+                o = o_smem.at[wg]
+                o[...] = out.astype(dtype)
+                lse_smem.at[wg][...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o, o_ref.at[bi, pl.ds(r0, bq), hi])
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(r0, bq)])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
             def attend(guarded):
-                """The block's key tiles, then its rows' output and lse. `guarded`: clean the value
-                tiles the mask cuts (both consumers the same tiles, so the full range is the block's)."""
+                """The block's key tiles, then `write_rows`. `guarded`: clean the value tiles the mask
+                cuts (both consumers the same tiles, so the full range is the block's)."""
                 if guarded:
                     fs, fe = full_range(spec, block_r0, lb, ub, spec.rows, kv_end)
                 else:
@@ -437,35 +469,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 acc, m, l, seen = lax.fori_loop(fe, ub, edge, carry)
                 if pp and not guarded:
                     pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
-
-                live = l != 0.0  # a NaN sum (a non-finite logit the row sees) counts: it propagates
-                real = None
-                if q_end is not None:  # rows past the query length: zeros, lse -inf
-                    real = plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=row_layout) + r0 < q_end
-                    live = live & real
-                if sink_ref is not None:  # the sink joins the normalizer of rows with keys (as Triton)
-                    plgpu.copy_gmem_to_smem(sink_ref.at[hi], lse_smem.at[wg], q_bar.at[wg])
-                    plgpu.barrier_wait(q_bar.at[wg])
-                    sink = mosaic_load(plgpu, lse_smem.at[wg], row_layout)
-                    m_all = jnp.maximum(m, sink)
-                    corr = jnp.exp2(m - m_all)
-                    l = l * corr + jnp.exp2(sink - m_all)
-                    acc = acc * lax.broadcast_in_dim(corr, acc.shape, [0])
-                    m = m_all
-                l_safe = jnp.where(live, l, 1.0)
-                inv = jnp.where(live, 1.0 / l_safe, 0.0)
-                out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
-                if guarded:
-                    out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]) > 0, jnp.float32(jnp.nan), out)
-                if real is not None:
-                    out = jnp.where(lax.broadcast_in_dim(real, acc.shape, [0]), out, 0.0)
-                o = o_smem.at[wg]
-                o[...] = out.astype(dtype)
-                lse_smem.at[wg][...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o, o_ref.at[bi, pl.ds(r0, bq), hi])
-                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(r0, bq)])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                write_rows(acc, m, l, seen)
 
             if guard:  # the guarded form only where this batch row and kv head hold a non-finite value
                 dirty = ins["v_dirty"][bi * hkv + lax.div(hi, jnp.int32(group))] != 0
