@@ -126,11 +126,6 @@ def wide_backward(head_dim: int, value_head_dim: int) -> bool:
 # 4 passes take causal GQA/MQA dk/dv from -1% to +21%, fwd+bwd from +0% to +9%; MHA's dk/dv
 # loses 13%, full masks gain nothing). Everything else keeps the plain order (1 pass).
 DKV_PASSES_GROUPED_CAUSAL = 4
-# The Mosaic dk/dv kernels take the same passes only where they were measured to gain (one
-# H200, 2026-11-30, BENCHMARKS.md "launch passes in the Mosaic dk/dv kernels"): the wide kernel
-# (64 keys per block) at (2, 4096, 16/4, 256) causal fwd+bwd 355-358 vs 335-340 TFLOP/s; the
-# 128-key kernel lost (4, 4096, 32/8, 128) 421-438 vs 433-437, (1, 32768, 32/8) 519-523 vs 535-538.
-MOSAIC_DKV_PASSES_WIDE_ONLY = True
 
 
 def next_pow2(n: int) -> int:
@@ -211,10 +206,12 @@ def dkv_passes(config: Mapping[str, Any], group: int, parts: MaskParts) -> int:
 
 def mosaic_dkv_passes(config: Mapping[str, Any], group: int, parts: MaskParts, head_dim: int,
                       value_head_dim: int) -> int:
-    """Launch passes of the Mosaic dk/dv kernel: `launch_passes_dkv`, else `dkv_passes`' rule
-    where the kernel is the wide one (`MOSAIC_DKV_PASSES_WIDE_ONLY`), else the plain order."""
-    if validate(config).launch_passes_dkv is None and MOSAIC_DKV_PASSES_WIDE_ONLY \
-            and not wide_backward(head_dim, value_head_dim):
+    """Launch passes of the Mosaic dk/dv kernel: `launch_passes_dkv`, else `dkv_passes`' rule in
+    the wide kernel and the plain order in the 128-key one. Measured on an H200 (BENCHMARKS.md
+    "launch passes in the Mosaic dk/dv kernels"), causal fwd+bwd TFLOP/s, 4 passes vs 1: the wide
+    kernel (64 keys per block) at (2, 4096, 16/4, 256) 355-358 vs 335-340; the 128-key kernel at
+    (4, 4096, 32/8, 128) 421-438 vs 433-437 and (1, 32768, 32/8, 128) 519-523 vs 535-538."""
+    if validate(config).launch_passes_dkv is None and not wide_backward(head_dim, value_head_dim):
         return 1
     return dkv_passes(config, group, parts)
 
