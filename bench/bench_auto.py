@@ -10,8 +10,8 @@ of auto, of every jaxattn backend forced, of jax.nn.dot_product_attention(implem
 "cudnn") and of tokamax's default dot_product_attention (where tokamax imports), with the two
 ratios issue 16's bars name: auto / the fastest backend, auto / tokamax; then
 rows with a feature (soft-cap, which cuDNN lacks; a 1024 window at 16k) to show what
-`auto` picks there, a chain of 32 short causal calls in one jit (the per-call cost of the value
-guard's `lax.cond`), and paged decode (bandwidth beside cudnn on the same data made dense).
+`auto` picks there, a chain of 32 short causal calls in one jit, each with its own keys and
+values (the per-call cost of the value guards), and paged decode (bandwidth beside cudnn on the same data made dense).
 Method: jaxattn.bench.time_call (median of 5 x 10 calls after 2 warm-ups).
 """
 
@@ -144,24 +144,29 @@ def decode_row(batch: int, kv_len: int, page_size: int = 16) -> str:
 
 
 def layers_row(layers: int = 32, shape=(1, 512, 32, 8, 128)) -> str:
-    """`layers` causal forward calls in a chain (each call's output is the next one's query), in one
-    jit: the per-call costs a single large call hides (the value guard's `lax.cond`, whose
-    predicate XLA reads back to the host) show here, beside jax.nn cuDNN's chain."""
-    q, k, v = inputs(*shape)
+    """`layers` causal forward calls in a chain (each call's output is the next one's query, each
+    layer its own keys and values, as in a model), in one jit: the per-call costs a single large
+    call hides (a value guard's read of the values, a `lax.cond` whose predicate XLA reads back to
+    the host) show here, beside jax.nn cuDNN's chain."""
+    q, _, _ = inputs(*shape)
+    b, s, _, hkv, d = shape
+    ks = jax.random.split(jax.random.PRNGKey(7), 2)
+    keys, values = (jax.random.normal(key, (layers, b, s, hkv, d), jnp.bfloat16) for key in ks)
     infer = jaxattn.OperationMetadata(mode="prefill")
 
     def chain(attend):
-        def run(q, k, v):
-            for _ in range(layers):
-                q = attend(q, k, v)
+        def run(q, keys, values):
+            for i in range(layers):
+                q = attend(q, keys[i], values[i])
             return q
         return jax.jit(run)
 
     ours = chain(lambda q, k, v: jaxattn.attention(q, k, v, is_causal=True, metadata=infer))
     forced = chain(lambda q, k, v: jaxattn.attention(q, k, v, is_causal=True, backend="cudnn", metadata=infer))
     peer = chain(lambda q, k, v: cudnn_direct(q, k, v, True))
-    cells = [f"{time_call(functools.partial(f, q, k, v)) * 1e6 / layers:.1f} µs" for f in (ours, forced, peer)]
-    choice = jaxattn.select(q, k, v, is_causal=True, metadata=infer).name
+    cells = [f"{time_call(functools.partial(f, q, keys, values)) * 1e6 / layers:.1f} µs"
+             for f in (ours, forced, peer)]
+    choice = jaxattn.select(q, keys[0], values[0], is_causal=True, metadata=infer).name
     return f"| {layers} × {shape} | {choice} | " + " | ".join(cells) + " |"
 
 
