@@ -1,5 +1,6 @@
-"""The dk/dv kernel's launch passes: the remap of the grid, when flash uses it, and that the
-gradients do not depend on it (kernels in the Pallas interpreter)."""
+"""The dk/dv kernel's launch passes and the Mosaic kernels' launch clusters: the remaps of the
+grid, when flash uses them, and that the gradients do not depend on the passes (kernels in the
+Pallas interpreter)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import jaxattn
 from jaxattn import Hardware, OperationMetadata
 from jaxattn_flash import FlashAttention
 from jaxattn_flash import config as flash_config
-from jaxattn_flash.launch_order import launch_order, ordered, pass_bounds
+from jaxattn_flash.launch_order import clustered_order, launch_order, ordered, pass_bounds
 
 
 def test_pass_bounds_halve_what_is_left():
@@ -46,6 +47,20 @@ def test_launch_order_is_a_bijection_in_passes(n, nb, nh, passes):
         assert np.all(np.diff(group) >= 0), "inside a pass, groups launch in order"
         for g in np.unique(group):
             assert list(rows[group == g, 0]) == list(range(bounds[k], bounds[k + 1]))
+
+
+@pytest.mark.parametrize("n,groups,cluster", [(32, 8, 4), (5, 7, 3), (4, 6, 8), (1, 5, 2), (9, 4, 4)])
+def test_clustered_order_is_a_bijection_heavy_blocks_first(n, groups, cluster):
+    """Launch position p -> (block, group): a bijection; clusters of `cluster` groups (the last
+    one smaller) launch one after another, each block index across the cluster's groups in
+    order, so every cluster's block 0 launches before any of its block 1."""
+    lin = np.arange(n * groups)
+    got = np.stack([np.asarray(x) for x in clustered_order(jnp.asarray(lin % n, jnp.int32),
+                                                            jnp.asarray(lin // n, jnp.int32), n, groups, cluster)], 1)
+    assert {tuple(row) for row in got} == set(itertools.product(range(n), range(groups)))
+    want = [(j, g) for c in range(0, groups, cluster) for j in range(n) for g in range(c, min(groups, c + cluster))]
+    assert [tuple(row) for row in got] == want
+    assert clustered_order(3, 2, n, groups, 1) == (3, 2)  # 1: the grid's own order, no arithmetic
 
 
 def test_one_pass_is_the_identity_without_arithmetic():

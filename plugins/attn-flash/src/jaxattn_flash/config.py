@@ -16,6 +16,8 @@ optional; None or absent = the measured default), validated before the kernels r
   deterministic; the default at head_dim 128 and 64) or "separate" (its own kernel, one writer
   per tile: deterministic)
 * dk/dv launch order: `launch_passes_dkv` (1 to 8; see `launch_order.py`)
+* Mosaic launch order: `launch_cluster_fwd`, `launch_cluster_dkv` (1 to 64 (batch, head) groups
+  launched together, heavy blocks first: `launch_order.clustered_order`; 1: the grid's order)
 
 Blocks are powers of two >= 16; each is clipped to the (padded) sequence it tiles.
 The defaults were measured on an H100 (see BENCHMARKS.md); other GPUs use them too.
@@ -59,6 +61,8 @@ class FlashConfig(BackendConfig):
     num_stages_dkv: int | None = None
     gpu_kernel: str | None = None
     launch_passes_dkv: int | None = None
+    launch_cluster_fwd: int | None = None
+    launch_cluster_dkv: int | None = None
     mosaic_block_kv: int | None = None
     mosaic_stages: int | None = None
     gpu_backward: str | None = None
@@ -75,6 +79,8 @@ class FlashConfig(BackendConfig):
             self.check_int(f"num_stages{sfx}")
         self.check_choice("gpu_kernel", GPU_KERNELS)
         self.check_int("launch_passes_dkv", minimum=1, maximum=8)
+        self.check_int("launch_cluster_fwd", minimum=1, maximum=64)
+        self.check_int("launch_cluster_dkv", minimum=1, maximum=64)
         self.check_choice("mosaic_block_kv", MOSAIC_BLOCK_KV)
         self.check_int("mosaic_stages", minimum=2, maximum=4)
         self.check_choice("gpu_backward", GPU_KERNELS)
