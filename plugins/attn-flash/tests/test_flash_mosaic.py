@@ -712,6 +712,12 @@ def test_guarded_forward_traces_with_its_cleaning_state(head_dim, band, sinks, c
     # non-finite entry: one flag per pair, read from v before the kernel (the kernel's own test is
     # (x - x) == 0)
     assert "is_finite" in str(traced[True]) and "is_finite" not in str(traced[False])
+    # a differentiated call has the keys' flags already (value_guard.bad_keys, for the backward):
+    # the guard takes them and reads v no second time
+    bad = jax.ShapeDtypeStruct((1, 512, 2), jnp.bool_)
+    with_bad = jax.make_jaxpr(lambda q, k, v, bad, *sink: mk.mosaic_forward(spec, q, k, v, *sink, bad_keys=bad))(
+        q, kv, kv, bad, *extra)
+    assert "is_finite" not in str(with_bad)
 
 
 LOWERED = {  # name: forward spec fields (head_dim 128 unless named)

@@ -266,7 +266,8 @@ def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, sinks, q_lens, kv_lens, 
     non-finite values of masked keys from the rows that do not see them (and make the rows
     that see one NaN), and `bad` (bool `[B, Skv, Hkv]`, `value_guard.bad_keys`; None: nothing
     to guard) names those keys for the backward, whose dv is zero there. The forward reads
-    no value twice: `bad` is computed only where the call is differentiated. `q_lens`/`kv_lens`
+    no value twice: `bad` is computed only where the call is differentiated, and there the
+    kernel's guard flags come from it. `q_lens`/`kv_lens`
     (int32 `[B]` or None) are the sequence lengths, `q_seg`/`kv_seg` (int32 `[B, S]` or None)
     the segment ids."""
     from .mosaic_kernels import mosaic_forward
@@ -277,7 +278,7 @@ def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, sinks, q_lens, kv_lens, 
 def _fwd(spec, mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg, bad):
     from .mosaic_kernels import mosaic_forward
 
-    out, lse = mosaic_forward(mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg)
+    out, lse = mosaic_forward(mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg, bad_keys=bad)
     # v as given: `_flash_bwd` zeroes its non-finite entries itself (`finite_values`); the rows
     # that see one are NaN in `out`, and the backward treats them as the Triton forward's own
     return (out, lse), (Residuals(q, k, v, out, lse, sinks, q_seg, kv_seg, q_lens, kv_lens), bad)
