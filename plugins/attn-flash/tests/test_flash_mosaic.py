@@ -350,8 +350,8 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
     spec = backend._prepare(inputs, blocks, True, None).spec  # the Triton path: interpreter, no padding here
     assert spec.q_pad == 128 and spec.interpret and spec.segments == (ids is not None)
     monkeypatch.setattr(mosaic_kernels, "mosaic_forward",
-                        lambda mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg: triton_kernels.forward(
-                            spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens))
+                        lambda mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg, bad_keys=None:
+                        triton_kernels.forward(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens))
     bad = value_guard.bad_keys(inputs.value)
     lens = dict(query_seq_lengths=q_lens, key_value_seq_lengths=kv_lens, segment_ids=ids)
     ref_out = jaxattn.attention(**args, is_causal=True, backend="xla", **lens)
