@@ -161,8 +161,8 @@ def mosaic_reasons(request: AttentionRequest, hardware: Hardware, config: Mappin
         d, dv = request.head_dim, request.value_head_dim
         bk, stages = _config.mosaic_tiles(config, d)
         if _config.mosaic_smem_bytes(d, bk, stages, value_head_dim=dv) > _config.MOSAIC_SMEM_BYTES:
-            dims = f"head_dim {d}" + (f", value head_dim {dv}" if dv != d else "")
-            reasons.append(f"mosaic_block_kv={bk} with {stages} stages does not fit in shared memory at {dims}")
+            reasons.append(f"mosaic_block_kv={bk} with {stages} stages does not fit in shared memory at "
+                           f"{_config.dims_text(d, dv)}")
         reasons += _unpadded_reasons(request, config, ROWS, bk, what)
     return reasons + _unserved_reasons(request, what)
 
@@ -190,7 +190,6 @@ def _wide_reasons(request: AttentionRequest, config: Mapping[str, Any]) -> list[
     from .mosaic_bwd_wide import wide_smem_bytes
 
     d, dv = request.head_dim, request.value_head_dim
-    dims = f"head_dim {d}" + (f", value head_dim {dv}" if dv != d else "")
     if d not in MOSAIC_HEAD_DIMS or dv not in MOSAIC_HEAD_DIMS:
         return [f"the Mosaic GPU backward takes head_dim and value head_dim each of "
                 f"{'/'.join(map(str, MOSAIC_HEAD_DIMS))} when they sum past 256 (got {d}/{dv})"]
@@ -202,7 +201,7 @@ def _wide_reasons(request: AttentionRequest, config: Mapping[str, Any]) -> list[
     dq_bytes = 2 * (2 * 64 * (d + dv) + stages * block_kv_dq * (d + dv))  # Q, dO of both consumers; K/V ring
     dkdv_bytes = wide_smem_bytes(d, dv, 64, stages, segments=request.has_segments)
     if max(dq_bytes, dkdv_bytes) > _config.MOSAIC_SMEM_BYTES:
-        return [f"mosaic_stages_bwd={stages} does not fit in shared memory at {dims}"]
+        return [f"mosaic_stages_bwd={stages} does not fit in shared memory at {_config.dims_text(d, dv)}"]
     return []
 
 
