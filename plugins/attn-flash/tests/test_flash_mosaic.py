@@ -352,8 +352,8 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
     spec = backend._prepare(inputs, blocks, True, None).spec  # the Triton path: interpreter, no padding here
     assert spec.q_pad == 128 and spec.interpret and spec.segments == (ids is not None)
     monkeypatch.setattr(mosaic_kernels, "mosaic_forward",
-                        lambda mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg: triton_kernels.forward(
-                            spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens))
+                        lambda mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg, bad_keys=None:
+                        triton_kernels.forward(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens))
     bad = value_guard.bad_keys(inputs.value)
     lens = dict(query_seq_lengths=q_lens, key_value_seq_lengths=kv_lens, segment_ids=ids)
     ref_out = jaxattn.attention(**args, is_causal=True, backend="xla", **lens)
@@ -720,6 +720,12 @@ def test_guarded_forward_traces_with_its_cleaning_state(head_dim, band, sinks, c
     # non-finite entry: one flag per pair, read from v before the kernel (the kernel's own test is
     # (x - x) == 0)
     assert "is_finite" in str(traced[True]) and "is_finite" not in str(traced[False])
+    # a differentiated call has the keys' flags already (value_guard.bad_keys, for the backward):
+    # the guard takes them and reads v no second time
+    bad = jax.ShapeDtypeStruct((1, 512, 2), jnp.bool_)
+    with_bad = jax.make_jaxpr(lambda q, k, v, bad, *sink: mk.mosaic_forward(spec, q, k, v, *sink, bad_keys=bad))(
+        q, kv, kv, bad, *extra)
+    assert "is_finite" not in str(with_bad)
 
 
 LOWERED = {  # name: forward spec fields (head_dim 128 unless named)

@@ -157,7 +157,8 @@ def gpu_backward(config: Mapping[str, Any]) -> str:
     return validate(config).gpu_backward or "auto"
 
 
-def _dims(head_dim: int, value_head_dim: int | None) -> str:
+def dims_text(head_dim: int, value_head_dim: int | None) -> str:
+    """`head_dim d`, with `, value head_dim dv` where the values' differs: how error messages name them."""
     return f"head_dim {head_dim}" + (f", value head_dim {value_head_dim}" if value_head_dim not in (None, head_dim)
                                      else "")
 
@@ -170,7 +171,7 @@ def mosaic_bwd_tiles(config: Mapping[str, Any], head_dim: int | None = None,
     stages = cfg.mosaic_stages_bwd or MOSAIC_BWD_DEFAULTS[1]
     if head_dim is not None and wide_backward(head_dim, value_head_dim or head_dim):
         if cfg.mosaic_block_kv_dq is not None:
-            raise ValueError(f"flash: mosaic_block_kv_dq does not apply at {_dims(head_dim, value_head_dim)} (the "
+            raise ValueError(f"flash: mosaic_block_kv_dq does not apply at {dims_text(head_dim, value_head_dim)} (the "
                              f"dq kernel takes key tiles of {WIDE_DQ_BLOCK_KV} there); got {cfg.mosaic_block_kv_dq}")
         return WIDE_DQ_BLOCK_KV, stages
     return cfg.mosaic_block_kv_dq or MOSAIC_BWD_DEFAULTS[0], stages
@@ -181,7 +182,7 @@ def mosaic_fused_dq(config: Mapping[str, Any], head_dim: int, value_head_dim: in
     separate dq kernel); ValueError when "split" is asked at a head_dim it cannot tile."""
     mode = validate(config).mosaic_dq or MOSAIC_DQ_DEFAULTS.get(head_dim, "separate")
     if mode != "separate" and wide_backward(head_dim, value_head_dim or head_dim):
-        raise ValueError(f"flash: mosaic_dq={mode!r} does not fit at {_dims(head_dim, value_head_dim)} (dQ's "
+        raise ValueError(f"flash: mosaic_dq={mode!r} does not fit at {dims_text(head_dim, value_head_dim)} (dQ's "
                          "float32 buffer beside the dk/dv kernel's tiles exceeds shared memory): use 'separate'")
     if mode == "split" and head_dim % 128:
         raise ValueError(f"flash: mosaic_dq='split' needs head_dim 128 (each of the two consumer warpgroups "

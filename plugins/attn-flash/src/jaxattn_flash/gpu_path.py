@@ -161,8 +161,8 @@ def mosaic_reasons(request: AttentionRequest, hardware: Hardware, config: Mappin
         d, dv = request.head_dim, request.value_head_dim
         bk, stages = _config.mosaic_tiles(config, d)
         if _config.mosaic_smem_bytes(d, bk, stages, value_head_dim=dv) > _config.MOSAIC_SMEM_BYTES:
-            dims = f"head_dim {d}" + (f", value head_dim {dv}" if dv != d else "")
-            reasons.append(f"mosaic_block_kv={bk} with {stages} stages does not fit in shared memory at {dims}")
+            reasons.append(f"mosaic_block_kv={bk} with {stages} stages does not fit in shared memory at "
+                           f"{_config.dims_text(d, dv)}")
         reasons += _unpadded_reasons(request, config, ROWS, bk, what)
     return reasons + _unserved_reasons(request, what)
 
@@ -190,7 +190,6 @@ def _wide_reasons(request: AttentionRequest, config: Mapping[str, Any]) -> list[
     from .mosaic_bwd_wide import wide_smem_bytes
 
     d, dv = request.head_dim, request.value_head_dim
-    dims = f"head_dim {d}" + (f", value head_dim {dv}" if dv != d else "")
     if d not in MOSAIC_HEAD_DIMS or dv not in MOSAIC_HEAD_DIMS:
         return [f"the Mosaic GPU backward takes head_dim and value head_dim each of "
                 f"{'/'.join(map(str, MOSAIC_HEAD_DIMS))} when they sum past 256 (got {d}/{dv})"]
@@ -202,7 +201,7 @@ def _wide_reasons(request: AttentionRequest, config: Mapping[str, Any]) -> list[
     dq_bytes = 2 * (2 * 64 * (d + dv) + stages * block_kv_dq * (d + dv))  # Q, dO of both consumers; K/V ring
     dkdv_bytes = wide_smem_bytes(d, dv, 64, stages, segments=request.has_segments)
     if max(dq_bytes, dkdv_bytes) > _config.MOSAIC_SMEM_BYTES:
-        return [f"mosaic_stages_bwd={stages} does not fit in shared memory at {dims}"]
+        return [f"mosaic_stages_bwd={stages} does not fit in shared memory at {_config.dims_text(d, dv)}"]
     return []
 
 
@@ -266,7 +265,8 @@ def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, sinks, q_lens, kv_lens, 
     non-finite values of masked keys from the rows that do not see them (and make the rows
     that see one NaN), and `bad` (bool `[B, Skv, Hkv]`, `value_guard.bad_keys`; None: nothing
     to guard) names those keys for the backward, whose dv is zero there. The forward reads
-    no value twice: `bad` is computed only where the call is differentiated. `q_lens`/`kv_lens`
+    no value twice: `bad` is computed only where the call is differentiated, and there the
+    kernel's guard flags come from it. `q_lens`/`kv_lens`
     (int32 `[B]` or None) are the sequence lengths, `q_seg`/`kv_seg` (int32 `[B, S]` or None)
     the segment ids."""
     from .mosaic_kernels import mosaic_forward
@@ -277,7 +277,7 @@ def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, sinks, q_lens, kv_lens, 
 def _fwd(spec, mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg, bad):
     from .mosaic_kernels import mosaic_forward
 
-    out, lse = mosaic_forward(mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg)
+    out, lse = mosaic_forward(mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg, bad_keys=bad)
     # v as given: `_flash_bwd` zeroes its non-finite entries itself (`finite_values`); the rows
     # that see one are NaN in `out`, and the backward treats them as the Triton forward's own
     return (out, lse), (Residuals(q, k, v, out, lse, sinks, q_seg, kv_seg, q_lens, kv_lens), bad)

@@ -217,6 +217,18 @@ def _three_loops(lb, fs, fe, ub, step, carry):
     return lax.fori_loop(fe, ub, functools.partial(step, masked=True), carry)
 
 
+def sum_over_group(plgpu, step, group: int, tiles, dk_shape, dv_shape, layout):
+    """(dk, dv) of one consumer's keys: float32 accumulators of `dk_shape`/`dv_shape` carried
+    through `step(qi, (dk, dv), gi=..., masked=...)` over the query tiles `tiles` = (lb, fs, fe,
+    ub) (`_three_loops`) of each of the GQA group's query heads."""
+    def head(gi, carry):
+        return _three_loops(*tiles, functools.partial(step, gi=gi), carry)
+
+    dk = plgpu.layout_cast(jnp.zeros(dk_shape, jnp.float32), layout)
+    dv = plgpu.layout_cast(jnp.zeros(dv_shape, jnp.float32), layout)
+    return lax.fori_loop(0, group, head, (dk, dv))
+
+
 # -- dq -------------------------------------------------------------------------------------------
 
 
@@ -534,12 +546,7 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
                     add_dq(w, qi, gi, dq[0])
                 return dk, dv
 
-            def head(gi, carry):
-                return _three_loops(lb, fs, fe, ub, functools.partial(step, gi=gi), carry)
-
-            dk = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), tile_layout)
-            dv = plgpu.layout_cast(jnp.zeros((bk, dv_dim), jnp.float32), tile_layout)
-            dk, dv = lax.fori_loop(0, group, head, (dk, dv))
+            dk, dv = sum_over_group(plgpu, step, group, (lb, fs, fe, ub), (bk, d), (bk, dv_dim), tile_layout)
             if fused == "split":  # the other consumer's last dQ product reads this K
                 plgpu.barrier_arrive(k_done)
                 plgpu.barrier_wait(k_done)

@@ -39,11 +39,11 @@ from .mosaic_bwd_kernels import (
     _optional_inputs,
     _probabilities,
     _scores_and_dp,
-    _three_loops,
     dkdv_block_ids,
     q_full_range,
     q_tile_range,
     stream_query_tiles,
+    sum_over_group,
 )
 from .mosaic_kernels import CONSUMERS, _consumers_sync, _swizzled, launch, visible
 from .mosaic_segments import clip_full, clip_range, masked_by, own_ids, segment_scratch, tile_ids
@@ -143,12 +143,7 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
                 plgpu.barrier_arrive(free.at[slot])
                 return dk, dv
 
-            def head(gi, carry):
-                return _three_loops(lb, fs, fe, ub, functools.partial(step, gi=gi), carry)
-
-            dk = plgpu.layout_cast(jnp.zeros((KEYS, cols), jnp.float32), tile_layout)
-            dv = plgpu.layout_cast(jnp.zeros((KEYS, v_cols), jnp.float32), tile_layout)
-            dk, dv = lax.fori_loop(0, group, head, (dk, dv))
+            dk, dv = sum_over_group(plgpu, step, group, (lb, fs, fe, ub), (KEYS, cols), (KEYS, v_cols), tile_layout)
             _consumers_sync(plgpu)  # both are done with K and V: their buffers take dK and dV
             k_s.at[:, pl.ds(w * cols, cols)][...] = (dk * spec.scale).astype(dtype)
             v_s.at[:, pl.ds(w * v_cols, v_cols)][...] = dv.astype(dtype)

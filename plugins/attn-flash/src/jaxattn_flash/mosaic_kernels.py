@@ -270,10 +270,13 @@ def launch_on_refs(plgpu, body, refs, scratch, grid: dict[str, int]) -> None:
         pl.run_scoped(functools.partial(body, *refs), *scratch, collective_axes="wg")
 
 
-def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=None, q_seg=None, kv_seg=None):
+def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=None, q_seg=None, kv_seg=None,
+                   bad_keys=None):
     """q `[B, Sq, Hq, D]`, k `[B, Skv, Hkv, D]`, v `[B, Skv, Hkv, Dv]` (bf16/fp16, Sq % rows == 0,
     Skv % block_kv == 0), sinks `[Hq]` when `spec.sinks`, int32 `[B]` lengths when
-    `spec.q_lengths`/`spec.kv_lengths`, segment ids `[B, Sq]`/`[B, Skv]` when `spec.segments`
+    `spec.q_lengths`/`spec.kv_lengths`, segment ids `[B, Sq]`/`[B, Skv]` when `spec.segments`;
+    `bad_keys` (bool `[B, Skv, Hkv]`, `value_guard.bad_keys(v)`, where the caller has it already)
+    saves the guard its own read of v
     -> (out `[B, Sq, Hq, Dv]`, lse `[B, Hq, Sq]` natural log, -inf on rows without keys)."""
     plgpu = mosaic_gpu()
     b, sq, hq, d = q.shape
@@ -533,6 +536,9 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
         q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
         segments = [q_seg, kv_seg, segment_tile_ranges(q_seg, kv_seg, rows, bk)]
     # which (batch row, kv head) holds a non-finite value: one read of v, so clean calls skip the guard
-    dirty = [jnp.any(~jnp.isfinite(v), axis=(1, 3)).reshape(b * hkv).astype(jnp.int32)] if guard else []
+    dirty = []
+    if guard:
+        flags = jnp.any(~jnp.isfinite(v), axis=(1, 3)) if bad_keys is None else jnp.any(bad_keys, axis=1)
+        dirty = [flags.reshape(b * hkv).astype(jnp.int32)]
     return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, *sink_rows, *lengths,
                                                                                 *segments, *dirty)

@@ -235,10 +235,9 @@ def _program(w, split, meta_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, o_
             m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
             alpha = jnp.exp2(m_i - m_new)
             p = jnp.exp2(s - m_new[:, None])
-            if masked and int8_dots:  # integer values are finite: nothing to clean
+            if masked:
                 p = jnp.where(visible, p, 0.0)
-            elif masked:
-                p = jnp.where(visible, p, 0.0)
+            if masked and not int8_dots:  # (int8 values are finite: nothing to clean)
                 # Keys a row does not see (slots past the sequence's end, never written, above all)
                 # may hold anything: non-finite values are zeroed, or 0 * NaN would reach the row;
                 # a row that sees one is poisoned (NaN), as the semantics say.
