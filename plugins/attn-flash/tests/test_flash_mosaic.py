@@ -302,7 +302,8 @@ def test_mosaic_forward_mla_head_dims_gpu(causal, dims, backward):
 @pytest.mark.parametrize("head_dim", [128, 256])
 def test_mosaic_backward_launch_passes_gpu(head_dim):
     """The grids launched in another order (dk/dv in passes, `launch_passes_dkv`, the default under
-    causal GQA in the wide kernel; forward and dk/dv in clusters, `launch_cluster_*`) only reorder
+    causal GQA in the wide kernel; forward and dk/dv in clusters, `launch_cluster_*`, the causal
+    defaults of the forward and of the 128-key dk/dv kernel under GQA) only reorder
     the CUDA blocks: the output, dk and dv equal the plain order's bit for bit, dq (summed by TMA
     reductions in arrival order) within rounding, on a grid of several clusters' worth of blocks."""
     import jax.numpy as jnp
@@ -314,7 +315,8 @@ def test_mosaic_backward_launch_passes_gpu(head_dim):
     v = jax.random.normal(ks[2], (2, 1024, 2, head_dim), jnp.bfloat16)
     d_out = jax.random.normal(ks[3], q.shape, jnp.bfloat16)
     results = []
-    for order in ({"launch_passes_dkv": 1}, {"launch_passes_dkv": 4}, {"launch_cluster_fwd": 3, "launch_cluster_dkv": 3}):
+    plain = {"launch_passes_dkv": 1, "launch_cluster_fwd": 1, "launch_cluster_dkv": 1}
+    for order in (plain, {"launch_passes_dkv": 4}, {"launch_cluster_fwd": 3, "launch_cluster_dkv": 3}, {}):
         md = _md(gpu_kernel="mosaic", gpu_backward="mosaic", **order)
         out, pull = jax.vjp(lambda *a, md=md: jaxattn.attention(*a, is_causal=True, backend="flash", metadata=md),
                             q, k, v)
@@ -484,8 +486,10 @@ def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     # the wide Mosaic one), the plain order in the 128-key Mosaic kernel; the config key wins
     assert (call.spec.dkdv_passes, bspec.passes, wide.spec.mosaic_bwd.passes) == (4, 1, 4)
     assert prepare({"launch_passes_dkv": 3}).spec.mosaic_bwd.passes == 3
-    # launch clusters (launch_order.clustered_order): the grid's own order unless asked
-    assert (call.mosaic.cluster, bspec.cluster) == (0, 0)
+    # launch clusters (launch_order.clustered_order): causal forward, causal GQA in the 128-key
+    # dk/dv kernel; the wide kernel keeps its passes
+    assert (call.mosaic.cluster, bspec.cluster, wide.spec.mosaic_bwd.cluster) == (4, 8, 1)
+    assert prepare({"launch_passes_dkv": 3}).spec.mosaic_bwd.cluster == 1
     clustered = prepare({"launch_cluster_fwd": 4, "launch_cluster_dkv": 8})
     assert (clustered.mosaic.cluster, clustered.spec.mosaic_bwd.cluster) == (4, 8)
     with pytest.raises(ValueError, match=r"\['launch_cluster_dkv'\] must be an int from 1 to 64"):

@@ -86,6 +86,28 @@ def test_default_passes_only_for_grouped_heads_under_a_causal_band():
     assert passes(1, None, config={"launch_passes_dkv": 2}) == 2
 
 
+def test_default_launch_clusters_of_the_mosaic_kernels():
+    """The forward clusters its grid under a causal band; the 128-key dk/dv kernel only under causal
+    GQA (MHA lost 2-3% on an H200); the wide kernel keeps its launch passes; a config key wins."""
+    fwd, dkv = flash_config.MOSAIC_FWD_CLUSTER_CAUSAL, flash_config.MOSAIC_DKV_CLUSTER_GROUPED_CAUSAL
+
+    def clusters(group, mask, d=128, config=None):
+        parts = jaxattn.mask_parts(mask, 256, 256)
+        return (flash_config.mosaic_fwd_cluster(config or {}, parts),
+                flash_config.mosaic_dkv_cluster(config or {}, group, parts, d, d))
+
+    assert clusters(4, jaxattn.CausalMask()) == (fwd, dkv)
+    assert clusters(1, jaxattn.CausalMask()) == (fwd, 1)
+    assert clusters(4, jaxattn.CausalMask(), d=256) == (fwd, 1)  # the wide kernel: 4 launch passes
+    assert clusters(4, None) == (1, 1)  # no band: every block is as heavy
+    assert clusters(4, jaxattn.SlidingWindowMask(64, 0)) == (1, 1)
+    assert clusters(4, jaxattn.ChunkedCausalMask(64)) == (1, 1)
+    assert clusters(4, jaxattn.CausalMask(), config={"launch_passes_dkv": 2}) == (fwd, 1)
+    assert clusters(1, None, config={"launch_cluster_fwd": 3, "launch_cluster_dkv": 5}) == (3, 5)
+    with pytest.raises(ValueError, match=r"set at most one of launch_passes_dkv=2 and launch_cluster_dkv=8"):
+        clusters(4, jaxattn.CausalMask(), config={"launch_passes_dkv": 2, "launch_cluster_dkv": 8})
+
+
 @pytest.mark.parametrize("bad", [0, 9, True, "4", 2.0])
 def test_launch_passes_key_rejects_bad_values(bad):
     with pytest.raises(ValueError, match=r"\['launch_passes_dkv'\] must be an int from 1 to 8"):
