@@ -46,7 +46,8 @@ def test_tuning_space_is_small_and_per_call(monkeypatch):
     space = flash_config.tuning_space(_request(), mosaic_by_default=True)
     assert space == [{}, {"gpu_kernel": "triton"}, {"launch_passes_dkv": 1}]
     assert flash_config.tuning_space(_request(), mosaic_by_default=True, mosaic_backward_by_default=True) == [
-        {}, {"gpu_kernel": "triton"}, {"gpu_backward": "triton"}, {"mosaic_dq": "separate"}]
+        {}, {"gpu_kernel": "triton"}, {"gpu_backward": "triton"}, {"mosaic_dq": "separate"},
+        {"launch_cluster_dkv": 1}]  # causal GQA: the dk/dv launch clusters against the grid's order
     assert flash_config.tuning_space(_request(needs_grad=False), mosaic_by_default=True,
                                      mosaic_backward_by_default=True) == [{}, {"gpu_kernel": "triton"}]
     assert flash_config.tuning_space(_request(num_kv_heads=32), mosaic_by_default=False) == [{}]  # MHA
@@ -58,7 +59,8 @@ def test_tuning_space_is_small_and_per_call(monkeypatch):
     # on Hopper both Mosaic paths are the defaults: tune tries each Triton one
     monkeypatch.setattr(gpu_path._compat, "mosaic_import_error", lambda: None)
     h100_space = FlashAttention().tuning_space(_request(), Hardware.nvidia())
-    assert list(h100_space) == [{}, {"gpu_kernel": "triton"}, {"gpu_backward": "triton"}, {"mosaic_dq": "separate"}]
+    assert list(h100_space) == [{}, {"gpu_kernel": "triton"}, {"gpu_backward": "triton"}, {"mosaic_dq": "separate"},
+                                {"launch_cluster_dkv": 1}]
     # without Mosaic GPU: the Triton backward's launch order is what varies
     monkeypatch.setattr(gpu_path._compat, "mosaic_import_error", lambda: "ImportError: none here")
     assert FlashAttention().tuning_space(_request(), Hardware.nvidia()) == [{}, {"launch_passes_dkv": 1}]

@@ -301,9 +301,11 @@ def test_mosaic_forward_mla_head_dims_gpu(causal, dims, backward):
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
 @pytest.mark.parametrize("head_dim", [128, 256])
 def test_mosaic_backward_launch_passes_gpu(head_dim):
-    """The dk/dv grid launched in passes (`launch_passes_dkv`, the default under causal GQA) only
-    reorders the CUDA blocks: dk and dv equal the plain order's bit for bit, dq (summed by TMA
-    reductions in arrival order) within rounding, on a grid of several passes' worth of blocks."""
+    """The grids launched in another order (dk/dv in passes, `launch_passes_dkv`, the default under
+    causal GQA in the wide kernel; forward and dk/dv in clusters, `launch_cluster_*`, the causal
+    defaults of the forward and of the 128-key dk/dv kernel under GQA) only reorder
+    the CUDA blocks: the output, dk and dv equal the plain order's bit for bit, dq (summed by TMA
+    reductions in arrival order) within rounding, on a grid of several clusters' worth of blocks."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -312,15 +314,17 @@ def test_mosaic_backward_launch_passes_gpu(head_dim):
     k = jax.random.normal(ks[1], (2, 1024, 2, head_dim), jnp.bfloat16)
     v = jax.random.normal(ks[2], (2, 1024, 2, head_dim), jnp.bfloat16)
     d_out = jax.random.normal(ks[3], q.shape, jnp.bfloat16)
-    grads = {}
-    for passes in (1, 4):
-        md = _md(gpu_kernel="mosaic", gpu_backward="mosaic", launch_passes_dkv=passes)
-        _, pull = jax.vjp(lambda *a, md=md: jaxattn.attention(*a, is_causal=True, backend="flash", metadata=md),
-                          q, k, v)
-        grads[passes] = [np.asarray(g, np.float32) for g in pull(d_out)]
-    (dq1, dk1, dv1), (dq4, dk4, dv4) = grads[1], grads[4]
-    assert np.array_equal(dk1, dk4) and np.array_equal(dv1, dv4)
-    assert np.linalg.norm(dq1 - dq4) <= 1e-2 * np.linalg.norm(dq1)
+    results = []
+    plain = {"launch_passes_dkv": 1, "launch_cluster_fwd": 1, "launch_cluster_dkv": 1}
+    for order in (plain, {"launch_passes_dkv": 4}, {"launch_cluster_fwd": 3, "launch_cluster_dkv": 3}, {}):
+        md = _md(gpu_kernel="mosaic", gpu_backward="mosaic", **order)
+        out, pull = jax.vjp(lambda *a, md=md: jaxattn.attention(*a, is_causal=True, backend="flash", metadata=md),
+                            q, k, v)
+        results.append([np.asarray(x, np.float32) for x in (out, *pull(d_out))])
+    (out1, dq1, dk1, dv1), *others = results
+    for out, dq, dk, dv in others:
+        assert np.array_equal(out1, out) and np.array_equal(dk1, dk) and np.array_equal(dv1, dv)
+        assert np.linalg.norm(dq1 - dq) <= 1e-2 * np.linalg.norm(dq1)
 
 
 @pytest.mark.parametrize("optional", ["none", "lengths", "segments"])
@@ -482,6 +486,14 @@ def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     # the wide Mosaic one), the plain order in the 128-key Mosaic kernel; the config key wins
     assert (call.spec.dkdv_passes, bspec.passes, wide.spec.mosaic_bwd.passes) == (4, 1, 4)
     assert prepare({"launch_passes_dkv": 3}).spec.mosaic_bwd.passes == 3
+    # launch clusters (launch_order.clustered_order): causal forward, causal GQA in the 128-key
+    # dk/dv kernel; the wide kernel keeps its passes
+    assert (call.mosaic.cluster, bspec.cluster, wide.spec.mosaic_bwd.cluster) == (4, 8, 1)
+    assert prepare({"launch_passes_dkv": 3}).spec.mosaic_bwd.cluster == 1
+    clustered = prepare({"launch_cluster_fwd": 4, "launch_cluster_dkv": 8})
+    assert (clustered.mosaic.cluster, clustered.spec.mosaic_bwd.cluster) == (4, 8)
+    with pytest.raises(ValueError, match=r"\['launch_cluster_dkv'\] must be an int from 1 to 64"):
+        prepare({"launch_cluster_dkv": 0})
     assert prepare({"mosaic_dq": "separate"}).spec.mosaic_bwd.fused_dq is None  # the deterministic kernel
     assert not (bspec.segments or bspec.kv_lengths or call.mosaic.segments or call.mosaic.kv_lengths)
     # segment ids and lengths reach both Mosaic specs and ride with the call, unpadded
@@ -731,6 +743,7 @@ LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
     "segments-causal-lengths-d256": dict(band_lo=None, band_hi=0, segments=True, kv_lengths=True, head_dim=256,
                                          block_kv=64),
     "causal-guarded-passes": dict(band_lo=None, band_hi=0, guard_values=True, passes=4),
+    "causal-clusters": dict(band_lo=None, band_hi=0, cluster=4, dkv_cluster=2),
     "window-guarded-softcap": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0),
     "chunked-guarded-sinks": dict(band_lo=None, band_hi=0, guard_values=True, chunk=192, sinks=True),
     "lengths-guarded": dict(band_lo=None, band_hi=0, guard_values=True, q_lengths=True, kv_lengths=True),
@@ -761,6 +774,7 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
 
     fields = dict(LOWERED[name])
     passes = fields.pop("passes", 1)  # the dk/dv grid's launch passes (backward only)
+    dkv_cluster = fields.pop("dkv_cluster", 0)  # the dk/dv grid's launch clusters
     d = fields.pop("head_dim", 128)
     d_v = fields.pop("value_head_dim", d)
     q = jax.ShapeDtypeStruct((1, 512, 4, d), jnp.bfloat16)
@@ -783,7 +797,8 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
     bspec = mbk.MosaicBwdSpec(scale=0.1, band_lo=fields["band_lo"], band_hi=fields["band_hi"],
                               soft_cap=fields.get("soft_cap"), chunk=fields.get("chunk"),
                               kv_lengths=fields.get("kv_lengths", False), segments=spec.segments,
-                              dq_block_kv=32 if wide else 64, passes=passes)  # wide: mosaic_bwd_wide's dk/dv
+                              dq_block_kv=32 if wide else 64, passes=passes,
+                              cluster=dkv_cluster)  # wide: mosaic_bwd_wide's dk/dv
     rows = jax.ShapeDtypeStruct((1, 4, 512), jnp.float32)
     backward = export.export(jax.jit(lambda *a: mbk.mosaic_backward(bspec, *a)), platforms=["cuda"])(
         q, kv, values, jax.ShapeDtypeStruct((1, 512, 4, d_v), jnp.bfloat16), rows, rows,

@@ -112,7 +112,8 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
             scale=spec.scale, band_lo=band_lo, band_hi=band_hi, soft_cap=spec.soft_cap,
             dq_block_kv=block_kv_dq, stages=stages_bwd, fused_dq=_config.mosaic_fused_dq(config, d, dv),
             chunk=spec.chunk_size, chunk_offset=spec.chunk_offset, kv_lengths=kv_lens is not None,
-            segments=q_seg is not None, passes=_config.mosaic_dkv_passes(config, hq // hkv, parts, d, dv)))
+            segments=q_seg is not None, passes=_config.mosaic_dkv_passes(config, hq // hkv, parts, d, dv),
+            cluster=_config.mosaic_dkv_cluster(config, hq // hkv, parts, d, dv)))
     if path.kernel == "mosaic":
         from .mosaic_kernels import MosaicSpec
 
@@ -120,7 +121,8 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
         mspec = MosaicSpec(scale=spec.scale, band_lo=band_lo, band_hi=band_hi, block_kv=block_kv, stages=stages,
                            soft_cap=spec.soft_cap, sinks=spec.sinks, guard_values=value_guard.hides_keys(inputs),
                            chunk=spec.chunk_size, chunk_offset=spec.chunk_offset,
-                           q_lengths=q_lens is not None, kv_lengths=kv_lens is not None, segments=q_seg is not None)
+                           q_lengths=q_lens is not None, kv_lengths=kv_lens is not None, segments=q_seg is not None,
+                           cluster=_config.mosaic_fwd_cluster(config, parts))
         # Unpadded: the Mosaic path takes no padding; the kernel guards the values itself.
         return _Call(spec, mspec, q, k, v, inputs.sinks, q_seg, kv_seg, q_lens, kv_lens)
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)

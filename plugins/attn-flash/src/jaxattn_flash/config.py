@@ -16,6 +16,9 @@ optional; None or absent = the measured default), validated before the kernels r
   deterministic; the default at head_dim 128 and 64) or "separate" (its own kernel, one writer
   per tile: deterministic)
 * dk/dv launch order: `launch_passes_dkv` (1 to 8; see `launch_order.py`)
+* Mosaic launch order: `launch_cluster_fwd`, `launch_cluster_dkv` (1 to 64 (batch, head) groups
+  launched together, heavy blocks first: `launch_order.clustered_order`; 1: the grid's order;
+  by default 4 in the causal forward, 8 in the 128-key dk/dv kernel under causal GQA)
 
 Blocks are powers of two >= 16; each is clipped to the (padded) sequence it tiles.
 The defaults were measured on an H100 (see BENCHMARKS.md); other GPUs use them too.
@@ -59,6 +62,8 @@ class FlashConfig(BackendConfig):
     num_stages_dkv: int | None = None
     gpu_kernel: str | None = None
     launch_passes_dkv: int | None = None
+    launch_cluster_fwd: int | None = None
+    launch_cluster_dkv: int | None = None
     mosaic_block_kv: int | None = None
     mosaic_stages: int | None = None
     gpu_backward: str | None = None
@@ -75,6 +80,12 @@ class FlashConfig(BackendConfig):
             self.check_int(f"num_stages{sfx}")
         self.check_choice("gpu_kernel", GPU_KERNELS)
         self.check_int("launch_passes_dkv", minimum=1, maximum=8)
+        self.check_int("launch_cluster_fwd", minimum=1, maximum=64)
+        self.check_int("launch_cluster_dkv", minimum=1, maximum=64)
+        if (self.launch_passes_dkv or 1) > 1 and (self.launch_cluster_dkv or 1) > 1:
+            raise ValueError(f"{self._where('launch_cluster_dkv')}: launch passes and launch clusters are two "
+                             f"orders of one grid; set at most one of launch_passes_dkv="
+                             f"{self.launch_passes_dkv} and launch_cluster_dkv={self.launch_cluster_dkv} above 1")
         self.check_choice("mosaic_block_kv", MOSAIC_BLOCK_KV)
         self.check_int("mosaic_stages", minimum=2, maximum=4)
         self.check_choice("gpu_backward", GPU_KERNELS)
@@ -126,6 +137,13 @@ def wide_backward(head_dim: int, value_head_dim: int) -> bool:
 # 4 passes take causal GQA/MQA dk/dv from -1% to +21%, fwd+bwd from +0% to +9%; MHA's dk/dv
 # loses 13%, full masks gain nothing). Everything else keeps the plain order (1 pass).
 DKV_PASSES_GROUPED_CAUSAL = 4
+
+# Launch clusters of the Mosaic kernels (`launch_order.clustered_order`), measured on an H200
+# (BENCHMARKS.md "launch clusters"): the causal forward with 4 (batch, head) groups per cluster
+# gains 1-18% (most at head_dim 256 and 64, none at one 16k row); the 128-key dk/dv kernel with 8
+# gains 3% on causal GQA and loses 2-3% on causal MHA at head_dim 128, so only GQA takes them.
+MOSAIC_FWD_CLUSTER_CAUSAL = 4
+MOSAIC_DKV_CLUSTER_GROUPED_CAUSAL = 8
 
 
 def next_pow2(n: int) -> int:
@@ -217,11 +235,34 @@ def mosaic_dkv_passes(config: Mapping[str, Any], group: int, parts: MaskParts, h
     return dkv_passes(config, group, parts)
 
 
+def mosaic_fwd_cluster(config: Mapping[str, Any], parts: MaskParts) -> int:
+    """Launch cluster of the Mosaic forward grid: `launch_cluster_fwd`, else the measured default
+    where the heavy query blocks launch first (causal), else 1 (the grid's order)."""
+    cfg = validate(config)
+    if cfg.launch_cluster_fwd is not None:
+        return cfg.launch_cluster_fwd
+    return MOSAIC_FWD_CLUSTER_CAUSAL if heavy_first(parts.band_lo, parts.band_hi, parts.chunk_size) else 1
+
+
+def mosaic_dkv_cluster(config: Mapping[str, Any], group: int, parts: MaskParts, head_dim: int,
+                       value_head_dim: int) -> int:
+    """Launch cluster of the Mosaic dk/dv grid: `launch_cluster_dkv`, else the measured default in
+    the 128-key kernel on causal GQA; 1 where launch passes order the grid (the wide kernel's
+    default, or `launch_passes_dkv`)."""
+    cfg = validate(config)
+    if cfg.launch_cluster_dkv is not None:
+        return cfg.launch_cluster_dkv
+    if mosaic_dkv_passes(config, group, parts, head_dim, value_head_dim) > 1:
+        return 1
+    grouped_causal = group > 1 and heavy_first(parts.band_lo, parts.band_hi, parts.chunk_size)
+    return MOSAIC_DKV_CLUSTER_GROUPED_CAUSAL if grouped_causal else 1
+
+
 def tuning_space(request: AttentionRequest, mosaic_by_default: bool,
                  mosaic_backward_by_default: bool = False) -> list[dict[str, Any]]:
     """What `jaxattn tune` tries on a GPU besides the defaults: the Triton forward where the
     Mosaic one is the default, the Triton backward and the separate dq kernel where the Mosaic
-    backward is, else the plain dk/dv launch order where 4 passes are."""
+    backward is, else the plain dk/dv launch order where 4 passes or launch clusters are."""
     space: list[dict[str, Any]] = [{}]
     if mosaic_by_default:
         space.append({"gpu_kernel": "triton"})
@@ -231,6 +272,9 @@ def tuning_space(request: AttentionRequest, mosaic_by_default: bool,
         space.append({"gpu_backward": "triton"})
         if request.head_dim in MOSAIC_DQ_DEFAULTS:
             space.append({"mosaic_dq": "separate"})
+        wide = wide_backward(request.head_dim, request.value_head_dim)
+        if request.is_gqa and heavy_first(band[0], band[1], chunk) and not wide:
+            space.append({"launch_cluster_dkv": 1})
     elif request.needs_grad and request.is_gqa and heavy_first(band[0], band[1], chunk):
         space.append({"launch_passes_dkv": 1})
     return space

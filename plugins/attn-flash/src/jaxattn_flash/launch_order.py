@@ -59,3 +59,20 @@ def ordered(index_map, n: int, nb: int, nh: int, passes: int):
     if passes == 1:
         return index_map
     return lambda i, bb, h: index_map(*launch_order(i, bb, h, n, nb, nh, passes))
+
+
+def clustered_order(i, g, n: int, groups: int, cluster: int):
+    """Grid ids `(i, g)` of a launch that runs block `i` fastest (`n` blocks per group), then group
+    `g` (`groups` of them) -> the `(block, group)` that program works on, launching `cluster`
+    groups at a time block by block: block 0 of the cluster's groups, then block 1, and so on.
+    Where the first blocks are the heavy ones (causal), the launch no longer ends on the heavy
+    blocks of its last groups, while the programs in flight still span about as many groups as
+    in the plain order (their K/V or Q/dO streams shared in L2). `cluster` <= 1: the identity."""
+    if cluster <= 1:
+        return i, g
+    lin = jnp.asarray(i, jnp.int32) + n * jnp.asarray(g, jnp.int32)
+    first = lax.div(lin, jnp.int32(cluster * n)) * cluster  # this cluster's first group
+    within = lin - first * n
+    size = jnp.minimum(cluster, groups - first)  # the last cluster may be smaller
+    block = lax.div(within, size)
+    return block, first + within - block * size

@@ -69,6 +69,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import mosaic_gpu, mosaic_load, mosaic_params, ref_transpose
+from .launch_order import clustered_order
 from .mosaic_segments import (
     clip_full,
     clip_range,
@@ -108,6 +109,7 @@ class MosaicSpec:
     q_lengths: bool = False  # per-batch query lengths: rows past them give zeros and lse -inf
     kv_lengths: bool = False  # per-batch key/value lengths: keys past them are masked
     segments: bool = False  # query and key segment ids: a query sees the keys of its own segment only
+    cluster: int = 0  # > 1: launch this many (batch, head) groups at a time, heavy blocks first (launch_order)
 
     @property
     def rows(self) -> int:
@@ -306,9 +308,10 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
         bad_smem = optional.pop(0) if guard else None
         qseg_smem, qseg_bar, kseg_smem, kseg_bar = optional if spec.segments else (None,) * 4
         ranges = ins.get("seg_ranges")
-        bi = lax.axis_index("b")
-        hi = lax.axis_index("h")
-        ti = lax.axis_index("q")
+        bi, hi, ti = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("q")
+        if spec.cluster > 1:  # clusters of (batch, head) groups, each query block index across them first
+            ti, pair = clustered_order(ti, hi + hq * bi, nq, b * hq, spec.cluster)
+            bi, hi = lax.div(pair, jnp.int32(hq)), lax.rem(pair, jnp.int32(hq))
         wg = lax.axis_index("wg")
         qi = (nq - 1 - ti) if reverse else ti
         block_r0 = qi * rows
