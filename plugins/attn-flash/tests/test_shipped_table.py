@@ -52,12 +52,17 @@ def test_training_on_plain_causal_goes_to_cudnn(table):
     assert _first(table, True)[0] == "cudnn"
 
 
-@pytest.mark.parametrize("shape", [dict(batch=1, q_len=16384, kv_len=16384, num_q_heads=16, num_kv_heads=16),
-                                   dict(batch=8, q_len=2048, kv_len=2048, num_q_heads=16, num_kv_heads=16,
-                                        head_dim=64, value_head_dim=64)])
-def test_the_peers_table_rows_without_a_mask_are_measured(table, shape):
+@pytest.mark.parametrize(("shape", "winners"), [
+    # forward: a tie (flash 1.00x cuDNN in the fourth session's re-tune): either; training: cuDNN 1.02x
+    (dict(batch=1, q_len=16384, kv_len=16384, num_q_heads=16, num_kv_heads=16), (None, "cudnn")),
+    # cuDNN 1.08x / 1.06x
+    (dict(batch=8, q_len=2048, kv_len=2048, num_q_heads=16, num_kv_heads=16, head_dim=64, value_head_dim=64),
+     ("cudnn", "cudnn")),
+])
+def test_the_peers_table_rows_without_a_mask_are_measured(table, shape, winners):
     """Every row of the benchmark table has its own entry (before, these two took the nearest
     bucket of another shape: flash, where cuDNN measured 1.02-1.15x faster)."""
-    for needs_grad in (False, True):
+    for needs_grad, winner in zip((False, True), winners):
         name, match = _first(table, needs_grad, mask_kinds=frozenset(), **shape)
-        assert (name, match) == ("cudnn", "exact shape"), (shape, needs_grad)
+        assert match == "exact shape" and name in ({"cudnn", "flash"} if winner is None else {winner}), \
+            (shape, needs_grad, name)
