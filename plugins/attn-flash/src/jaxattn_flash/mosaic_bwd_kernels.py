@@ -8,7 +8,7 @@ in registers, and a static band `band_lo <= j - i <= band_hi` (and a chunk, as t
 per-batch key lengths and segment ids, `mosaic_segments.py`) limits every block to the tiles
 that hold a visible pair, applying the mask only on the partial tiles.
 
-* dq, one CUDA block per (batch, query head, 128 query rows): for every key tile,
+* dq (`mosaic_bwd_dq.py`), one CUDA block per (batch, query head, 128 query rows): for every key tile,
   S = Q·Kᵀ and dP = dO·Vᵀ (issued together), P = exp2(S·log2e·scale - lse₂),
   dS = P ∘ (dP - delta), dQ += dS·K.
 * dk/dv, one CUDA block per (batch, key/value head, 128 key rows): K and V stay in shared
@@ -229,7 +229,7 @@ def sum_over_group(plgpu, step, group: int, tiles, dk_shape, dv_shape, layout):
     return lax.fori_loop(0, group, head, (dk, dv))
 
 
-# -- dq -------------------------------------------------------------------------------------------
+# -- inputs of both kernels ----------------------------------------------------------------------
 
 
 INPUTS = ("q", "k", "v", "do", "lse", "delta")
@@ -250,127 +250,6 @@ def _optional_inputs(spec: MosaicBwdSpec, kv_lens, q_seg, kv_seg, row_block: int
         rows, cols = (kv_seg, q_seg) if keys_major else (q_seg, kv_seg)
         extra += [q_seg, kv_seg, segment_tile_ranges(rows, cols, row_block, col_block)]
     return extra
-
-
-def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg=None, kv_seg=None):
-    """dq `[B, Sq, Hq, D]` (Sq % 128 == 0, Skv % dq_block_kv == 0)."""
-    plgpu = mosaic_gpu()
-    b, sq, hq, d = q.shape
-    _, skv, hkv, dv = v.shape
-    group = hq // hkv
-    bq, bk = WG_ROWS, spec.dq_block_kv
-    nq, nk = sq // BLOCK_ROWS, skv // bk
-    stages = max(1, min(spec.stages, nk))
-    dtype = q.dtype
-    reverse = spec.band_hi is not None and spec.band_lo is None and spec.chunk is None
-    tile_layout = plgpu.Layout.WGMMA
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
-    col_layout = plgpu.Layout.WGMMA.reduce(0)
-    widest = 128 if bk % 64 == 0 else 64  # dQ += dS·K contracts over the key tile
-
-    names = _input_names(spec)
-
-    def kernel(*refs):
-        ins = dict(zip(names, refs))
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = (ins[n] for n in INPUTS)
-        (dq_ref, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem,
-         q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, free, *seg_scratch) = refs[len(names):]
-        qseg_smem, qseg_bar, kseg_smem, kseg_bar = seg_scratch or (None,) * 4
-        ranges = ins.get("seg_ranges")
-        bi, hi = lax.axis_index("b"), lax.axis_index("h")
-        ti, wg = lax.axis_index("q"), lax.axis_index("wg")
-        qb = (nq - 1 - ti) if reverse else ti
-        block_r0 = qb * BLOCK_ROWS
-        kv_end = ins["kv_lens"][bi] if spec.kv_lengths else None
-        lb, ub = clip_range(ranges, bi, qb, *kv_tile_range(spec, block_r0, BLOCK_ROWS, bk, nk, kv_end))
-
-        @pl.when(wg < CONSUMERS)
-        def _consumer():
-            plgpu.set_max_registers(232, action="increase")
-            r0 = block_r0 + wg * bq
-            rows = pl.ds(r0, bq)
-            q_s, do_s = q_smem.at[wg], do_smem.at[wg]
-            plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_s, q_bar.at[wg])
-            plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_s, do_bar.at[wg])
-            plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem.at[wg], lse_bar.at[wg])
-            plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem.at[wg], delta_bar.at[wg])
-            for bar in (q_bar, do_bar, lse_bar, delta_bar):
-                plgpu.barrier_wait(bar.at[wg])
-            lse_row = mosaic_load(plgpu, lse_smem.at[wg], row_layout)
-            delta_row = mosaic_load(plgpu, delta_smem.at[wg], row_layout)
-            fs, fe = clip_full(ranges, bi, qb, ub, *kv_full_range(spec, r0, bk, lb, ub, kv_end))
-            q_ids = None
-            if spec.segments:
-                q_ids = own_ids(plgpu, ins["q_seg"].at[bi, rows], qseg_smem.at[wg], qseg_bar.at[wg], row_layout)
-
-            def step(ki, dq, *, masked):
-                slot = lax.rem(ki, stages)
-                plgpu.barrier_wait(k_bar.at[slot])
-                plgpu.barrier_wait(v_bar.at[slot])
-                k_ids = None
-                if spec.segments:
-                    k_ids = tile_ids(plgpu, kseg_smem.at[slot], kseg_bar.at[slot], masked, col_layout)
-
-                s, dp = _scores_and_dp(plgpu, (q_s, k_smem.at[slot]), (do_s, v_smem.at[slot]), tile_layout)
-                vis = None
-                if masked:
-                    i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=tile_layout)
-                    j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=tile_layout)
-                    vis = masked_by(visible(spec, i + r0, j + ki * bk, r0, kv_end), q_ids, k_ids, (bq, bk))
-                p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_row, s.shape, [0]), vis)
-                ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_row, s.shape, [0]), vis, cap)
-
-                def dq_product(acc_ref):
-                    plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
-
-                dq = pl.run_state(dq_product)(plgpu.ACC.init(dq))
-                plgpu.barrier_arrive(free.at[slot])
-                return dq
-
-            dq = plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), tile_layout)
-            dq = _three_loops(lb, fs, fe, ub, step, dq)
-            q_s[...] = (dq * spec.scale).astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_s, dq_ref.at[bi, rows, hi])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-        @pl.when(wg == CONSUMERS)
-        def _producer():
-            plgpu.set_max_registers(40, action="decrease")
-            kvh = lax.div(hi, jnp.int32(group))
-
-            def load(tile):
-                slot = lax.rem(tile, stages)
-                keys = pl.ds(tile * bk, bk)
-                plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_smem.at[slot], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_smem.at[slot], v_bar.at[slot])
-                if spec.segments:
-                    plgpu.copy_gmem_to_smem(ins["kv_seg"].at[bi, keys], kseg_smem.at[slot], kseg_bar.at[slot])
-
-            for i in range(stages):
-                pl.when(lb + i < ub)(functools.partial(load, lb + i))
-
-            @pl.loop(lb, ub - stages)
-            def _(ki):
-                plgpu.barrier_wait(free.at[lax.rem(ki, stages)])
-                load(ki + stages)
-
-    scratch = (
-        _swizzled(plgpu, (CONSUMERS, bq, d), dtype, widest),  # Q, then dQ, of each consumer
-        _swizzled(plgpu, (CONSUMERS, bq, dv), dtype, widest),
-        plgpu.SMEM((CONSUMERS, bq), jnp.float32),
-        plgpu.SMEM((CONSUMERS, bq), jnp.float32),
-        _swizzled(plgpu, (stages, bk, d), dtype, widest),
-        _swizzled(plgpu, (stages, bk, dv), dtype, widest),
-        *[plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS)] * 4,
-        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-        *(segment_scratch(plgpu, CONSUMERS, bq, bk, stages) if spec.segments else ()),
-    )
-    out_type = jax.ShapeDtypeStruct(q.shape, dtype)
-    extra = _optional_inputs(spec, kv_lens, q_seg, kv_seg, BLOCK_ROWS, bk)
-    return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, do, lse2, delta, *extra)
 
 
 # -- dk, dv ---------------------------------------------------------------------------------------
@@ -604,6 +483,13 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
 _dkdv_jit = jax.jit(_dkdv, static_argnums=0)
 
 
+def _dq_kernel():
+    """`mosaic_bwd_dq.mosaic_dq` (its module imports this one's spec and helpers)."""
+    from .mosaic_bwd_dq import mosaic_dq
+
+    return mosaic_dq
+
+
 def mosaic_backward(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg=None, kv_seg=None):
     """(dq, dk, dv) of unpadded q/k/v (see the module docstring for lse₂ and delta); `kv_lens`
     (int32 `[B]`) with `spec.kv_lengths`, segment ids `q_seg`/`kv_seg` (`[B, S]`) with `spec.segments`."""
@@ -613,10 +499,10 @@ def mosaic_backward(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None,
         if spec.fused_dq or spec.dq_block_kv != WIDE_DQ_BLOCK_KV:
             raise ValueError(f"the Mosaic backward at head dims {q.shape[-1]}/{v.shape[-1]} takes the separate dq "
                              f"kernel with key tiles of {WIDE_DQ_BLOCK_KV}; got {spec}")
-        dq = mosaic_dq(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)
+        dq = _dq_kernel()(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)
         return (dq, *mosaic_dkdv_wide(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg))
     if spec.fused_dq:
         return mosaic_dkdv(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)
-    dq = mosaic_dq(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)
+    dq = _dq_kernel()(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)
     dk, dv = mosaic_dkdv(spec, q, k, v, do, lse2, delta, kv_lens, q_seg, kv_seg)
     return dq, dk, dv

@@ -1,0 +1,155 @@
+"""The Mosaic GPU backward's dq kernel (`mosaic_bwd_kernels.py` has the spec, the dk/dv kernel
+and the entry point `mosaic_backward`): one CUDA block per (batch, query head, 128 query rows);
+for every key tile of the band, S = Q·Kᵀ and dP = dO·Vᵀ (issued together),
+P = exp2(S·log2e·scale - lse₂), dS = P ∘ (dP - delta), dQ += dS·K. Each dq tile has one writer,
+so it is bitwise deterministic; it serves `mosaic_dq="separate"` and head dims past 128
+(with key tiles of 32 beside `mosaic_bwd_wide.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from ._compat import mosaic_gpu, mosaic_load
+from .mosaic_bwd_kernels import (
+    BLOCK_ROWS,
+    INPUTS,
+    WG_ROWS,
+    MosaicBwdSpec,
+    _dlogits,
+    _input_names,
+    _optional_inputs,
+    _probabilities,
+    _scores_and_dp,
+    _three_loops,
+    kv_full_range,
+    kv_tile_range,
+)
+from .mosaic_kernels import CONSUMERS, _swizzled, launch, visible
+from .mosaic_segments import clip_full, clip_range, masked_by, own_ids, segment_scratch, tile_ids
+
+
+def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg=None, kv_seg=None):
+    """dq `[B, Sq, Hq, D]` (Sq % 128 == 0, Skv % dq_block_kv == 0)."""
+    plgpu = mosaic_gpu()
+    b, sq, hq, d = q.shape
+    _, skv, hkv, dv = v.shape
+    group = hq // hkv
+    bq, bk = WG_ROWS, spec.dq_block_kv
+    nq, nk = sq // BLOCK_ROWS, skv // bk
+    stages = max(1, min(spec.stages, nk))
+    dtype = q.dtype
+    reverse = spec.band_hi is not None and spec.band_lo is None and spec.chunk is None
+    tile_layout = plgpu.Layout.WGMMA
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    col_layout = plgpu.Layout.WGMMA.reduce(0)
+    widest = 128 if bk % 64 == 0 else 64  # dQ += dS·K contracts over the key tile
+
+    names = _input_names(spec)
+
+    def kernel(*refs):
+        ins = dict(zip(names, refs))
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = (ins[n] for n in INPUTS)
+        (dq_ref, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem,
+         q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, free, *seg_scratch) = refs[len(names):]
+        qseg_smem, qseg_bar, kseg_smem, kseg_bar = seg_scratch or (None,) * 4
+        ranges = ins.get("seg_ranges")
+        bi, hi = lax.axis_index("b"), lax.axis_index("h")
+        ti, wg = lax.axis_index("q"), lax.axis_index("wg")
+        qb = (nq - 1 - ti) if reverse else ti
+        block_r0 = qb * BLOCK_ROWS
+        kv_end = ins["kv_lens"][bi] if spec.kv_lengths else None
+        lb, ub = clip_range(ranges, bi, qb, *kv_tile_range(spec, block_r0, BLOCK_ROWS, bk, nk, kv_end))
+
+        @pl.when(wg < CONSUMERS)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            r0 = block_r0 + wg * bq
+            rows = pl.ds(r0, bq)
+            q_s, do_s = q_smem.at[wg], do_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_s, q_bar.at[wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_s, do_bar.at[wg])
+            plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem.at[wg], lse_bar.at[wg])
+            plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem.at[wg], delta_bar.at[wg])
+            for bar in (q_bar, do_bar, lse_bar, delta_bar):
+                plgpu.barrier_wait(bar.at[wg])
+            lse_row = mosaic_load(plgpu, lse_smem.at[wg], row_layout)
+            delta_row = mosaic_load(plgpu, delta_smem.at[wg], row_layout)
+            fs, fe = clip_full(ranges, bi, qb, ub, *kv_full_range(spec, r0, bk, lb, ub, kv_end))
+            q_ids = None
+            if spec.segments:
+                q_ids = own_ids(plgpu, ins["q_seg"].at[bi, rows], qseg_smem.at[wg], qseg_bar.at[wg], row_layout)
+
+            def step(ki, dq, *, masked):
+                slot = lax.rem(ki, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_wait(v_bar.at[slot])
+                k_ids = None
+                if spec.segments:
+                    k_ids = tile_ids(plgpu, kseg_smem.at[slot], kseg_bar.at[slot], masked, col_layout)
+
+                s, dp = _scores_and_dp(plgpu, (q_s, k_smem.at[slot]), (do_s, v_smem.at[slot]), tile_layout)
+                vis = None
+                if masked:
+                    i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=tile_layout)
+                    j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=tile_layout)
+                    vis = masked_by(visible(spec, i + r0, j + ki * bk, r0, kv_end), q_ids, k_ids, (bq, bk))
+                p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_row, s.shape, [0]), vis)
+                ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_row, s.shape, [0]), vis, cap)
+
+                def dq_product(acc_ref):
+                    plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+
+                dq = pl.run_state(dq_product)(plgpu.ACC.init(dq))
+                plgpu.barrier_arrive(free.at[slot])
+                return dq
+
+            dq = plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), tile_layout)
+            dq = _three_loops(lb, fs, fe, ub, step, dq)
+            q_s[...] = (dq * spec.scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_s, dq_ref.at[bi, rows, hi])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        @pl.when(wg == CONSUMERS)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            kvh = lax.div(hi, jnp.int32(group))
+
+            def load(tile):
+                slot = lax.rem(tile, stages)
+                keys = pl.ds(tile * bk, bk)
+                plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_smem.at[slot], v_bar.at[slot])
+                if spec.segments:
+                    plgpu.copy_gmem_to_smem(ins["kv_seg"].at[bi, keys], kseg_smem.at[slot], kseg_bar.at[slot])
+
+            for i in range(stages):
+                pl.when(lb + i < ub)(functools.partial(load, lb + i))
+
+            @pl.loop(lb, ub - stages)
+            def _(ki):
+                plgpu.barrier_wait(free.at[lax.rem(ki, stages)])
+                load(ki + stages)
+
+    scratch = (
+        _swizzled(plgpu, (CONSUMERS, bq, d), dtype, widest),  # Q, then dQ, of each consumer
+        _swizzled(plgpu, (CONSUMERS, bq, dv), dtype, widest),
+        plgpu.SMEM((CONSUMERS, bq), jnp.float32),
+        plgpu.SMEM((CONSUMERS, bq), jnp.float32),
+        _swizzled(plgpu, (stages, bk, d), dtype, widest),
+        _swizzled(plgpu, (stages, bk, dv), dtype, widest),
+        *[plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS)] * 4,
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        *(segment_scratch(plgpu, CONSUMERS, bq, bk, stages) if spec.segments else ()),
+    )
+    out_type = jax.ShapeDtypeStruct(q.shape, dtype)
+    extra = _optional_inputs(spec, kv_lens, q_seg, kv_seg, BLOCK_ROWS, bk)
+    return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, do, lse2, delta, *extra)
