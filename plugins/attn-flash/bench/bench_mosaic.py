@@ -79,7 +79,7 @@ def smoke(everything: bool):
 def tune(no_pingpong: bool = False):
     from bench_flash import flash_fn
 
-    variants = {128: [dict(), dict(fence=False), dict(pingpong=False), dict(block_kv=64, stages=3),
+    variants = {128: [dict(), dict(fence=True), dict(pingpong=False), dict(block_kv=64, stages=3),
                       dict(block_kv=64, stages=4)],
                 64: [dict(), dict(stages=3), dict(stages=4), dict(block_kv=256, stages=2), dict(pingpong=False),
                      dict(block_kv=64, stages=4)]}
