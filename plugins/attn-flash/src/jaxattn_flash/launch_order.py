@@ -76,3 +76,11 @@ def clustered_order(i, g, n: int, groups: int, cluster: int):
     size = jnp.minimum(cluster, groups - first)  # the last cluster may be smaller
     block = lax.div(within, size)
     return block, first + within - block * size
+
+
+def clustered_ids(i, bb, h, n: int, nb: int, nh: int, cluster: int):
+    """`clustered_order` on the ids `(i, bb, h)` of a grid `(n, nb, nh)` launched `i` fastest, then
+    head, then batch (the order `launch_order` takes) -> the `(block, batch, head)` that program
+    works on; the (batch, head) pairs are its groups."""
+    block, pair = clustered_order(i, h + nh * bb, n, nb * nh, cluster)
+    return block, lax.div(pair, jnp.int32(nh)), lax.rem(pair, jnp.int32(nh))

@@ -55,7 +55,7 @@ from jax.experimental import pallas as pl
 
 from ._compat import gmem_ref, mosaic_gpu, mosaic_load, ref_transpose
 from .config import WIDE_DQ_BLOCK_KV, wide_backward
-from .launch_order import clustered_order, launch_order
+from .launch_order import clustered_ids, launch_order
 from .mosaic_kernels import (
     CONSUMERS,
     LOG2E,
@@ -200,12 +200,12 @@ def kv_full_range(spec: MosaicBwdSpec, r, block_kv: int, lb, ub, kv_end=None):
 def dkdv_block_ids(spec: MosaicBwdSpec, num_key_blocks: int, num_kv_heads: int, batch: int):
     """(batch row, kv head, key block) of this CUDA block of a dk/dv grid {"b", "h", "k"}. CUDA
     launches it key block fastest (Pallas reverses the grid), then head, then batch: the linear
-    order `launch_order` remaps into `spec.passes` passes, or `clustered_order` into clusters of
+    order `launch_order` remaps into `spec.passes` passes, or `clustered_ids` into clusters of
     `spec.cluster` (batch, kv head) groups (neither: the grid's own ids)."""
     kb, kvh, bi = lax.axis_index("k"), lax.axis_index("h"), lax.axis_index("b")
     if spec.cluster > 1:
-        kb, pair = clustered_order(kb, kvh + num_kv_heads * bi, num_key_blocks, batch * num_kv_heads, spec.cluster)
-        return lax.div(pair, jnp.int32(num_kv_heads)), lax.rem(pair, jnp.int32(num_kv_heads)), kb
+        kb, bi, kvh = clustered_ids(kb, bi, kvh, num_key_blocks, batch, num_kv_heads, spec.cluster)
+        return bi, kvh, kb
     kb, kvh, bi = launch_order(kb, kvh, bi, num_key_blocks, num_kv_heads, batch, spec.passes)
     return bi, kvh, kb
 

@@ -69,7 +69,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import mosaic_gpu, mosaic_load, mosaic_params, ref_transpose
-from .launch_order import clustered_order
+from .launch_order import clustered_ids
 from .mosaic_segments import (
     clip_full,
     clip_range,
@@ -310,8 +310,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
         ranges = ins.get("seg_ranges")
         bi, hi, ti = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("q")
         if spec.cluster > 1:  # clusters of (batch, head) groups, each query block index across them first
-            ti, pair = clustered_order(ti, hi + hq * bi, nq, b * hq, spec.cluster)
-            bi, hi = lax.div(pair, jnp.int32(hq)), lax.rem(pair, jnp.int32(hq))
+            ti, bi, hi = clustered_ids(ti, bi, hi, nq, b, hq, spec.cluster)
         wg = lax.axis_index("wg")
         qi = (nq - 1 - ti) if reverse else ti
         block_r0 = qi * rows
