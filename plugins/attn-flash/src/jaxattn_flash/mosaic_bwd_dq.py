@@ -16,6 +16,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import mosaic_gpu, mosaic_load
+from .config import heavy_first
 from .mosaic_bwd_kernels import (
     BLOCK_ROWS,
     INPUTS,
@@ -44,7 +45,7 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg
     nq, nk = sq // BLOCK_ROWS, skv // bk
     stages = max(1, min(spec.stages, nk))
     dtype = q.dtype
-    reverse = spec.band_hi is not None and spec.band_lo is None and spec.chunk is None
+    reverse = heavy_first(spec.band_lo, spec.band_hi, spec.chunk)
     tile_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     col_layout = plgpu.Layout.WGMMA.reduce(0)

@@ -69,6 +69,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import mosaic_gpu, mosaic_load, mosaic_params, ref_transpose
+from .config import heavy_first
 from .launch_order import clustered_ids
 from .mosaic_segments import (
     clip_full,
@@ -289,7 +290,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     dtype = q.dtype
     c = spec.scale * LOG2E
     # causal-like bands: later query blocks have more keys; start them first
-    reverse = spec.band_hi is not None and spec.band_lo is None and spec.chunk is None
+    reverse = heavy_first(spec.band_lo, spec.band_hi, spec.chunk)
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     col_layout = plgpu.Layout.WGMMA.reduce(0)
