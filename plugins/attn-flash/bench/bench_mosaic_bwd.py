@@ -3,9 +3,10 @@
     python3 bench/bench_mosaic_bwd.py check      # gradients vs xla in float32, small shapes, each backward
     python3 bench/bench_mosaic_bwd.py table      # fwd+bwd TFLOP/s on the peers-table shapes (and cuDNN, tokamax)
     python3 bench/bench_mosaic_bwd.py wide       # the same at head_dim 256 (mosaic_bwd_wide.py)
-    python3 bench/bench_mosaic_bwd.py features   # (1, 32768, 32/8, 128): causal, soft-cap 50, sinks,
-                                                 # window 4096, chunked 8192; fwd and fwd+bwd, beside
-                                                 # cuDNN and tokamax where they take the row
+    python3 bench/bench_mosaic_bwd.py features   # (1, 32768, 32/8, 128): causal, soft-cap 50 (without
+                                                 # and with the running max), sinks, window 4096,
+                                                 # chunked 8192; fwd and fwd+bwd, beside cuDNN and
+                                                 # tokamax where they take the row
     python3 bench/bench_mosaic_bwd.py nonfinite  # NaN/inf values: gradients' finiteness vs xla per mosaic_dq
 
 A second argument names the backwards of `check` and `table` (comma-separated keys of BACKWARDS).
@@ -155,10 +156,11 @@ def features():
     sinks = jax.random.normal(jax.random.key(5), (hq,), jnp.float32)
     causal = causal_pairs(s)
     window = {"is_causal": True, "local_window_size": (4095, 0)}
+    capped = {"is_causal": True, "logits_soft_cap": 50.0}
     rows = {  # name: (attention kwargs, visible pairs, cuDNN kwargs or None, tokamax kwargs or None)
         "causal": ({"is_causal": True}, causal, {"is_causal": True}, {"is_causal": True}),
-        "soft-cap 50": ({"is_causal": True, "logits_soft_cap": 50.0}, causal, None,
-                        {"is_causal": True, "logits_soft_cap": 50.0}),
+        "soft-cap 50": (capped, causal, None, capped),
+        "soft-cap 50, running max": (capped, causal, None, None),  # the forward as before 2026-12-01
         "sinks": ({"is_causal": True, "sinks": sinks}, causal, None, None),  # neither peer takes sinks
         "window 4096": ({"is_causal": True, "sliding_window": 4096}, causal_pairs(s, window=4096), window, window),
         # neither peer has a chunked mask (a dense [S, S] mask skips no tile)
@@ -167,14 +169,15 @@ def features():
     for name, (kw, pairs, cudnn_kw, tokamax_kw) in rows.items():
         flops = 4 * b * hq * pairs * d
         row = []
+        extra = {"mosaic_softcap_running_max": True} if name.endswith("running max") else {}
         for label, kernel in (("fwd", "auto"), ("fwd triton", "triton")):
-            md = OperationMetadata(operation_configs={"flash": {"gpu_kernel": kernel}})
+            md = OperationMetadata(operation_configs={"flash": {"gpu_kernel": kernel, **extra}})
             fwd = jax.jit(lambda q, k, v, md=md, kw=kw: jaxattn.attention(q, k, v, backend="flash", metadata=md,
                                                                            **kw))
             row.append((label, flops / timeit(fwd, q, k, v)[0] / 1e12))
         for label in ("triton", "mosaic"):
             try:
-                seconds, _ = timeit(grads(kw, BACKWARDS[label]), q, k, v, do)
+                seconds, _ = timeit(grads(kw, {**BACKWARDS[label], **extra}), q, k, v, do)
                 row.append((f"fwd+bwd {label}", 3.5 * flops / seconds / 1e12))
             except ValueError as e:  # the Mosaic backward says why it cannot serve the call
                 log(f"  {name} {label}: {e}")

@@ -75,3 +75,20 @@ def test_mosaic_dq_defaults_per_head_dim_and_split_needs_head_dim_128():
     assert flash_config.mosaic_fused_dq({"mosaic_dq": "own"}, 128) == "own"
     with pytest.raises(ValueError, match=r"mosaic_dq='split' needs head_dim 128.*got head_dim 64.*'own' or 'separate'"):
         flash_config.mosaic_fused_dq({"mosaic_dq": "split"}, 64)
+
+
+def test_softcap_without_max_only_where_the_cap_bounds_exp2():
+    """bfloat16 with a cap whose exp2 summed over the keys stays under 2**96 (30 at 128k keys,
+    50 at 32k); not float16 (p would pass 65504), not a cap of 100, not without a cap, not when
+    `mosaic_softcap_running_max` asks for the running max."""
+    import jax.numpy as jnp
+
+    without_max = flash_config.softcap_without_max
+    assert without_max({}, 30.0, jnp.bfloat16, 131072) and without_max({}, 50.0, jnp.bfloat16, 32768)
+    assert not without_max({}, 30.0, jnp.float16, 4096)
+    assert not without_max({}, 100.0, jnp.bfloat16, 128)
+    assert not without_max({}, 60.0, jnp.bfloat16, 1 << 20)
+    assert not without_max({}, None, jnp.bfloat16, 4096)
+    assert not without_max({"mosaic_softcap_running_max": True}, 30.0, jnp.bfloat16, 4096)
+    with pytest.raises(ValueError, match="mosaic_softcap_running_max"):
+        flash_config.validate({"mosaic_softcap_running_max": 1})

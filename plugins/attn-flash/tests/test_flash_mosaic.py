@@ -327,6 +327,42 @@ def test_mosaic_backward_launch_passes_gpu(head_dim):
         assert np.linalg.norm(dq1 - dq) <= 1e-2 * np.linalg.norm(dq1)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("sinks", [False, True])
+def test_mosaic_softcap_without_max_gpu(sinks):
+    """A soft-capped causal call with logits pushed against the cap (q scaled by 8): the forward
+    without a running max (the bfloat16 default under a cap of 30) and the one with it, each
+    against xla in float32 (out, lse, gradients), and against each other."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    ks = jax.random.split(jax.random.PRNGKey(3), 5)
+    q = (8 * jax.random.normal(ks[0], (2, 1024, 8, 128), jnp.float32)).astype(jnp.bfloat16)
+    k = jax.random.normal(ks[1], (2, 1024, 2, 128), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (2, 1024, 2, 128), jnp.bfloat16)
+    sink = 2 * jax.random.normal(ks[3], (8,), jnp.float32) if sinks else None
+    d_out = jax.random.normal(ks[4], q.shape, jnp.float32)
+
+    def run(md, backend="flash", *args):
+        def f(q, k, v):
+            return jaxattn.attention(q, k, v, is_causal=True, logits_soft_cap=30.0, sinks=sink, return_lse=True,
+                                     backend=backend, metadata=md)
+        (out, lse), pull = jax.vjp(f, *(args or (q, k, v)))
+        return [np.asarray(x, np.float32) for x in (out, lse, *pull((d_out.astype(out.dtype), jnp.zeros_like(lse))))]
+
+    base = {"gpu_kernel": "mosaic", "gpu_backward": "mosaic"}
+    bounded = run(_md(**base))
+    running = run(_md(**base, mosaic_softcap_running_max=True))
+    ref = run(None, "xla", *(x.astype(jnp.float32) for x in (q, k, v)))
+    rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))  # noqa: E731
+    for name, got in (("bounded", bounded), ("running max", running)):
+        assert rel(got[0], ref[0]) < 1e-2 and np.allclose(got[1], ref[1], atol=2e-2), name
+        for g, w, grad in zip(got[2:], ref[2:], ("dq", "dk", "dv")):
+            assert rel(g, w) < 2e-2, (name, grad)
+    assert rel(bounded[0], running[0]) < 5e-3 and np.allclose(bounded[1], running[1], atol=1e-3)
+
+
 @pytest.mark.parametrize("optional", ["none", "lengths", "segments"])
 def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkeypatch, optional):
     """`gpu_path.flash_mosaic` (the Mosaic forward's custom_vjp), its kernel replaced by the
@@ -473,6 +509,8 @@ def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     tuned = prepare({"mosaic_block_kv_dq": 128, "mosaic_stages_bwd": 3}).spec.mosaic_bwd
     assert (tuned.dq_block_kv, tuned.stages) == (128, 3)
     assert prepare({"gpu_backward": "triton"}).spec.mosaic_bwd is None
+    # a bfloat16 soft-cap of 30 bounds exp2: no running max, unless the config keeps it
+    assert call.mosaic.bounded_logits and not prepare({"mosaic_softcap_running_max": True}).mosaic.bounded_logits
     assert bspec.fused_dq == "split"  # head_dim 128: dq inside the dk/dv kernel
     q256 = jax.random.normal(jax.random.PRNGKey(2), (1, 256, 4, 256), jax.numpy.bfloat16)
     kv256 = jax.random.normal(jax.random.PRNGKey(3), (1, 256, 2, 256), jax.numpy.bfloat16)
@@ -756,6 +794,10 @@ LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
     "d128-dv64-full": dict(band_lo=None, band_hi=None, value_head_dim=64),
     "d256-dv128-window": dict(band_lo=-200, band_hi=0, head_dim=256, value_head_dim=128, block_kv=64),
     "d128-dv256-full": dict(band_lo=None, band_hi=None, head_dim=128, value_head_dim=256, block_kv=64),
+    # soft-capped logits without a running max
+    "causal-softcap-bounded": dict(band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True),
+    "window-guarded-softcap-bounded-sinks": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0,
+                                                 bounded_logits=True, sinks=True),
 }
 
 

@@ -15,6 +15,8 @@ optional; None or absent = the measured default), validated before the kernels r
   or "own" (dq made inside the dk/dv kernel and summed by TMA reductions: faster, not bitwise
   deterministic; the default at head_dim 128 and 64) or "separate" (its own kernel, one writer
   per tile: deterministic)
+* soft-cap: `mosaic_softcap_running_max` (True: the Mosaic forward keeps a running max under a
+  soft-cap too; by default it skips it where `softcap_without_max` says the cap bounds exp2)
 * dk/dv launch order: `launch_passes_dkv` (1 to 8; see `launch_order.py`)
 * Mosaic launch order: `launch_cluster_fwd`, `launch_cluster_dkv` (1 to 64 (batch, head) groups
   launched together, heavy blocks first: `launch_order.clustered_order`; 1: the grid's order;
@@ -27,9 +29,12 @@ The defaults were measured on an H100 (see BENCHMARKS.md); other GPUs use them t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import jax.numpy as jnp
 
 from jaxattn import AttentionRequest, BackendConfig, MaskParts
 
@@ -70,6 +75,7 @@ class FlashConfig(BackendConfig):
     mosaic_block_kv_dq: int | None = None
     mosaic_stages_bwd: int | None = None
     mosaic_dq: str | None = None
+    mosaic_softcap_running_max: bool | None = None
 
     def __post_init__(self) -> None:
         for kernel in KERNELS:
@@ -92,6 +98,7 @@ class FlashConfig(BackendConfig):
         self.check_choice("mosaic_block_kv_dq", MOSAIC_BLOCK_KV_DQ)
         self.check_int("mosaic_stages_bwd", minimum=2, maximum=4)
         self.check_choice("mosaic_dq", MOSAIC_DQ)
+        self.check_choice("mosaic_softcap_running_max", (True, False))
 
 
 KEYS = frozenset(FlashConfig.keys())
@@ -125,6 +132,9 @@ MOSAIC_DQ_DEFAULTS: dict[int, str] = {64: "own", 128: "split"}
 # backward's dq kernel takes key tiles of 32 (its Q, dO and K/V ring then fit in shared memory);
 # dq is never fused there.
 WIDE_DQ_BLOCK_KV = 32
+# log2 of the largest sum of exp2(logit) a soft-capped row may reach without a running max:
+# float32 ends at 2**128, leaving 2**32 for the values' magnitude in the accumulator.
+SOFTCAP_LOG2_BOUND = 96.0
 
 
 def wide_backward(head_dim: int, value_head_dim: int) -> bool:
@@ -256,6 +266,16 @@ def mosaic_dkv_cluster(config: Mapping[str, Any], group: int, parts: MaskParts, 
         return 1
     grouped_causal = group > 1 and heavy_first(parts.band_lo, parts.band_hi, parts.chunk_size)
     return MOSAIC_DKV_CLUSTER_GROUPED_CAUSAL if grouped_causal else 1
+
+
+def softcap_without_max(config: Mapping[str, Any], soft_cap: float | None, dtype: Any, kv_len: int) -> bool:
+    """Whether the Mosaic forward may take p = exp2(logit) without a running max under this soft-cap:
+    logits lie within ±soft_cap, so the sum of kv_len such terms stays under 2**SOFTCAP_LOG2_BOUND
+    (float32's 2**128 less room for the values it weighs) and its smallest term above 2**-126 (no
+    flush); bfloat16 holds p (float16's 65504 would overflow). `mosaic_softcap_running_max` keeps it."""
+    if soft_cap is None or validate(config).mosaic_softcap_running_max or jnp.dtype(dtype) != jnp.bfloat16:
+        return False
+    return soft_cap * math.log2(math.e) + math.log2(max(kv_len, 1)) <= SOFTCAP_LOG2_BOUND
 
 
 def tuning_space(request: AttentionRequest, mosaic_by_default: bool,

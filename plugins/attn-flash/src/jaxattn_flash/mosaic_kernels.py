@@ -43,7 +43,10 @@ from one read of the values before the kernel (no host sync: each block reads it
 takes one of two compiled forms), so clean calls keep ping-pong and the consumers' own full
 ranges on every tile.
 
-A logit soft-cap c replaces the scaled logits by c·tanh(s·scale/c) (one tanh per logit); a
+A logit soft-cap c replaces the scaled logits by c·tanh(s·scale/c) (one tanh per logit). Such
+logits lie within ±c, so where exp2 of ±c·log2(e) summed over the keys stays far inside float32
+and bfloat16 (`bounded_logits`, config.softcap_without_max), p = exp2(logit) needs no running max:
+no row max, no rescale of the accumulator (tokamax's SM90 kernel skips it the same way); a
 sink logit per query head joins each row's normalizer after the loop, as in the Triton
 forward (a row without keys stays out 0, lse -inf).
 
@@ -111,6 +114,7 @@ class MosaicSpec:
     kv_lengths: bool = False  # per-batch key/value lengths: keys past them are masked
     segments: bool = False  # query and key segment ids: a query sees the keys of its own segment only
     cluster: int = 0  # > 1: launch this many (batch, head) groups at a time, heavy blocks first (launch_order)
+    bounded_logits: bool = False  # soft-capped logits bound exp2: no running max (config.softcap_without_max)
 
     @property
     def rows(self) -> int:
@@ -390,11 +394,17 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     z = jnp.tanh(s * (spec.scale / spec.soft_cap)) * (spec.soft_cap * LOG2E)
                     if ok is not None:
                         z = jnp.where(ok, z, -jnp.inf)
-                    m_new = jnp.maximum(m, z.max(axis=1))
-                    p = jnp.exp2(z - lax.broadcast_in_dim(m_new, z.shape, [0]))
-                alpha = jnp.exp2(m - m_new)
-                l = l * alpha + p.sum(axis=1)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    if spec.bounded_logits:  # |z| <= c·log2(e): exp2(z) neither overflows nor flushes
+                        m_new, p = m, jnp.exp2(z)
+                    else:
+                        m_new = jnp.maximum(m, z.max(axis=1))
+                        p = jnp.exp2(z - lax.broadcast_in_dim(m_new, z.shape, [0]))
+                if spec.bounded_logits:  # the max stays 0: nothing to rescale
+                    l = l + p.sum(axis=1)
+                else:
+                    alpha = jnp.exp2(m - m_new)
+                    l = l * alpha + p.sum(axis=1)
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(dtype)
                 if spec.fence:
                     acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
@@ -456,7 +466,8 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     fs, fe = full_range(spec, r0, lb, ub, kv_end=kv_end)
                 fs, fe = clip_full(ranges, bi, qi, ub, fs, fe)
                 acc = plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), wgmma_layout)
-                m = plgpu.layout_cast(jnp.full((bq,), M_FLOOR, jnp.float32), row_layout)
+                m = plgpu.layout_cast(jnp.full((bq,), 0.0 if spec.bounded_logits else M_FLOOR, jnp.float32),
+                                      row_layout)
                 l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
                 # rows that see a non-finite value in a cleaned tile (1.0), made NaN at the end
                 seen = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout) if guarded else None
