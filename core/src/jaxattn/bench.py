@@ -12,6 +12,7 @@ halved when causal with q_len == kv_len; the backward pass counts 2.5× the forw
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 import sys
 import time
@@ -40,6 +41,22 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5, inner
         jax.block_until_ready(result)
         samples.append((time.perf_counter() - start) / inner)
     return statistics.median(samples)
+
+
+def program_text(fn: Any, *args: Any) -> str:
+    """The optimized HLO that the jitted `fn` compiles to for `args`, without what names where it
+    came from (op metadata, the source-location tables, the module's name)."""
+    hlo = fn.lower(*args).compile().as_text()
+    tables = r"\s*(FileNames|FunctionNames|FileLocations|StackFrames)\b"
+    blocks = [b for b in hlo.split("\n\n") if not re.match(tables, b)]
+    hlo = re.sub(r", metadata=\{[^}]*\}", "", "\n\n".join(blocks))
+    return re.sub(r"^HloModule \S+", "HloModule", hlo, flags=re.M)
+
+
+def same_program(first: Any, second: Any, *args: Any) -> bool:
+    """Whether two jitted callables compile to one program for `args`: timing both then times one
+    program twice, and the gap between the two figures is the run's noise, not a difference."""
+    return program_text(first, *args) == program_text(second, *args)
 
 
 def _is_int(value: Any) -> bool:

@@ -1,0 +1,37 @@
+"""`jaxattn.bench.same_program`: what lets a benchmark say that two of its columns timed one program."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import jaxattn
+from jaxattn.bench import program_text, same_program
+
+
+def _inputs():
+    ks = jax.random.split(jax.random.PRNGKey(7), 3)
+    return [jax.random.normal(x, (1, 64, 4, 16), jnp.float32) for x in ks]
+
+
+def _call(**kwargs):
+    md = jaxattn.OperationMetadata(mode="prefill")
+    return jax.jit(lambda q, k, v: jaxattn.attention(q, k, v, metadata=md, **kwargs))
+
+
+def test_auto_and_the_backend_it_picks_are_one_program():
+    q, k, v = _inputs()
+    assert jaxattn.select(q, k, v, is_causal=True, metadata=jaxattn.OperationMetadata(mode="prefill")).name == "xla"
+    # two lambdas on different source lines: only their metadata and location tables differ
+    assert same_program(_call(is_causal=True), _call(is_causal=True, backend="xla"), q, k, v)
+    text = program_text(_call(is_causal=True), q, k, v)
+    assert "ENTRY" in text and "metadata=" not in text and "StackFrames" not in text
+
+
+def test_other_masks_scales_and_call_kinds_are_other_programs():
+    q, k, v = _inputs()
+    causal = _call(is_causal=True, backend="xla")
+    assert not same_program(causal, _call(is_causal=False, backend="xla"), q, k, v)
+    assert not same_program(causal, _call(is_causal=True, backend="xla", scale=0.5), q, k, v)
+    grad = jax.jit(jax.grad(lambda q, k, v: jaxattn.attention(q, k, v, is_causal=True).sum(), argnums=(0, 1, 2)))
+    assert not same_program(causal, grad, q, k, v)
