@@ -3,7 +3,8 @@
 # each fit one 10-minute device call:
 #   bash bench/gpu_checks.sh PART [OUTDIR]
 #     flash    flash's conformance on the compiled kernels (tests/test_flash.py; ~6.5 min on an H100)
-#     mosaic   flash's Mosaic GPU path (tests/test_flash_mosaic.py; ~3 min)
+#     mosaic   flash's Mosaic GPU paths (tests/test_flash_mosaic_gpu.py; more than one call since the
+#              backward's runs: -k to split)
 #     rest     the cudnn and ragged GPU tests (ragged ~1 min), then bench/bench_auto.py (~1 min)
 #     quant    the ragged GPU tests (quantized pages included), then the quantized-cache benchmark
 #              (bench_ragged.py --sections quant: bf16 vs int8 vs fp8 pages beside cuDNN; JSON in OUTDIR)
@@ -34,7 +35,7 @@ if [ "$part" = flash ] || [ "$part" = all ]; then
   run_tests flash plugins/attn-flash/tests/test_flash.py
 fi
 if [ "$part" = mosaic ] || [ "$part" = all ]; then
-  run_tests mosaic plugins/attn-flash/tests/test_flash_mosaic.py
+  run_tests mosaic plugins/attn-flash/tests/test_flash_mosaic_gpu.py
 fi
 if [ "$part" = rest ] || [ "$part" = all ]; then
   run_tests rest plugins/attn-cudnn/tests/test_gpu.py plugins/attn-ragged/tests/test_backends.py

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxattn import AttentionRequest
+from jaxattn import AttentionRequest, OperationMetadata
 
 # Every platform (GPU Triton, TPU) declares the same cases.
 DECLARED = [
@@ -29,3 +29,13 @@ def request(**fields: Any) -> AttentionRequest:
         dtype="bfloat16", kv_dtype="bfloat16", mask_kinds=frozenset({"causal"}), needs_grad=True)
     base.update(fields)
     return AttentionRequest(**base)
+
+
+def peers_request(**fields: Any) -> AttentionRequest:
+    """`request` at the peers-table shape (4, 4096, 32 q / 8 kv heads, 128)."""
+    return request(**{"batch": 4, "q_len": 4096, "kv_len": 4096, "num_q_heads": 32, "num_kv_heads": 8, **fields})
+
+
+def flash_metadata(**config: Any) -> OperationMetadata:
+    """Metadata whose `operation_configs["flash"]` is `config`."""
+    return OperationMetadata(operation_configs={"flash": config})

@@ -1,0 +1,315 @@
+"""The Mosaic GPU kernels' structure, checked on CPU: the tile ranges and masks every visible pair
+falls in, segment tile ranges, what the kernels trace to, and that Pallas's Mosaic GPU lowering
+for CUDA accepts every form (`jax.export`), since the kernels cannot run in the interpreter.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxattn_flash import config as flash_config
+from jaxattn_flash import gpu_path
+
+BANDS = [(None, None), (None, 0), (None, 256), (None, -128), (-255, 0), (-1000, 37), (-64, 300), (5, None)]
+# chunked causal (band_lo, band_hi, chunk, chunk_offset): band_hi <= chunk_offset, as the mask makes it
+CHUNKED = [(None, -256, 256, -256), (None, 0, 200, 0), (None, 0, 128, 64), (-300, -256, 384, -256)]
+MASKS = [(lo, hi, None, 0) for lo, hi in BANDS] + CHUNKED
+
+
+def _visibility(mask, q_len: int, kv_len: int):
+    import numpy as np
+
+    lo, hi, chunk, offset = mask
+    i = np.arange(q_len)[:, None]
+    j = np.arange(kv_len)[None, :]
+    vis = np.ones((q_len, kv_len), bool)
+    if lo is not None:
+        vis &= j - i >= lo
+    if hi is not None:
+        vis &= j - i <= hi
+    if chunk is not None:
+        vis &= j // chunk == (i + offset) // chunk
+    return vis
+
+
+@pytest.mark.parametrize("kv_end", [None, 700, 640])
+@pytest.mark.parametrize("mask", MASKS)
+def test_mosaic_tile_ranges_and_masks_hold_every_visible_pair(mask, kv_end):
+    """The Mosaic kernels visit only the tiles in [lb, ub) and skip the mask on [fs, fe). Brute
+    force, for the forward (key tiles of 128-row blocks; [fs, fe) per consumer and, for the value
+    guard, per block), the dk/dv kernel (query tiles of its 128 keys) and the dq kernel (key tiles
+    of 128 rows): every visible pair is inside the visited range, the unmasked range holds only
+    visible pairs, the visited range holds no tile without one; and `visible` on every tile
+    equals the mask (bands, chunks: a tile's queries may straddle a chunk boundary; a batch row's
+    key length `kv_end`, inside a tile or on its edge)."""
+    import numpy as np
+
+    from jaxattn_flash import mosaic_bwd_kernels as mbk
+    from jaxattn_flash import mosaic_kernels as mk
+
+    lo, hi, chunk, offset = mask
+    spec = mbk.MosaicBwdSpec(scale=1.0, band_lo=lo, band_hi=hi, chunk=chunk, chunk_offset=offset)
+    q_len, kv_len, tile = 1024, 768, 64
+    vis = _visibility(mask, q_len, kv_len)
+    if kv_end is not None:
+        vis[:, kv_end:] = False
+
+    def tiles_of(block, size=tile):  # [tiles] any / all visible within `block` (rows x cols of vis)
+        t = block.reshape(block.shape[0], -1, size)
+        return t.any(axis=(0, 2)), t.all(axis=(0, 2))
+
+    for c0 in range(0, kv_len, mbk.BLOCK_ROWS):  # dk/dv: query tiles of key rows
+        lb, ub = (int(x) for x in mbk.q_tile_range(spec, c0, mbk.BLOCK_ROWS, tile, q_len // tile, kv_end))
+        any_vis, _ = tiles_of(vis[:, c0:c0 + mbk.BLOCK_ROWS].T)
+        assert set(np.flatnonzero(any_vis)) <= set(range(lb, ub)), (c0, lb, ub)
+        assert lb == ub or (any_vis[lb] and any_vis[ub - 1]), (c0, lb, ub)
+        for c in (c0, c0 + mbk.WG_ROWS):
+            fs, fe = (int(x) for x in mbk.q_full_range(spec, c, tile, lb, ub, kv_end))
+            _, all_vis = tiles_of(vis[:, c:c + mbk.WG_ROWS].T)
+            assert lb <= fs <= fe <= ub and all(all_vis[fs:fe]), (c, fs, fe)
+            full = np.flatnonzero(all_vis[lb:ub]) + lb
+            assert set(full) <= set(range(fs, fe)), (c, fs, fe, full)
+    for r0 in range(0, q_len, mbk.BLOCK_ROWS):  # dq: key tiles of query rows
+        lb, ub = (int(x) for x in mbk.kv_tile_range(spec, r0, mbk.BLOCK_ROWS, tile, kv_len // tile, kv_end))
+        any_vis, _ = tiles_of(vis[r0:r0 + mbk.BLOCK_ROWS])
+        assert set(np.flatnonzero(any_vis)) <= set(range(lb, ub)), (r0, lb, ub)
+        for r in (r0, r0 + mbk.WG_ROWS):
+            fs, fe = (int(x) for x in mbk.kv_full_range(spec, r, tile, lb, ub, kv_end))
+            _, all_vis = tiles_of(vis[r:r + mbk.WG_ROWS])
+            assert lb <= fs <= fe <= ub and all(all_vis[fs:fe]), (r, fs, fe)
+            assert set(np.flatnonzero(all_vis[lb:ub]) + lb) <= set(range(fs, fe)), (r, fs, fe)
+
+    fwd = mk.MosaicSpec(scale=1.0, band_lo=lo, band_hi=hi, chunk=chunk, chunk_offset=offset)  # 64 x 128 tiles
+    bk = fwd.block_kv
+    for r0 in range(0, q_len, fwd.rows):  # forward: key tiles of 128-row blocks
+        lb, ub = (int(x) for x in mk.block_range(fwd, r0, kv_len // bk, kv_end))
+        any_vis, _ = tiles_of(vis[r0:r0 + fwd.rows], bk)
+        assert set(np.flatnonzero(any_vis)) <= set(range(lb, ub)), (r0, lb, ub)
+        for r, rows in ((r0, fwd.block_q), (r0 + fwd.block_q, fwd.block_q), (r0, fwd.rows)):
+            fs, fe = (int(x) for x in mk.full_range(fwd, r, lb, ub, rows, kv_end))
+            _, all_vis = tiles_of(vis[r:r + rows], bk)
+            assert lb <= fs <= fe <= ub and all(all_vis[fs:fe]), (r, rows, fs, fe)
+            assert set(np.flatnonzero(all_vis[lb:ub]) + lb) <= set(range(fs, fe)), (r, rows, fs, fe)
+
+    for q0 in range(0, q_len, fwd.block_q):  # the in-tile mask, on every 64 x 128 tile
+        for k0 in range(0, kv_len, bk):
+            q_pos = np.arange(q0, q0 + fwd.block_q)[:, None] + np.zeros((1, bk), int)
+            k_pos = np.arange(k0, k0 + bk)[None, :] + np.zeros((fwd.block_q, 1), int)
+            ok = mk.visible(fwd, jax.numpy.asarray(q_pos), jax.numpy.asarray(k_pos), q0, kv_end)
+            want = vis[q0:q0 + fwd.block_q, k0:k0 + bk]
+            got = np.ones_like(want) if ok is None else np.asarray(ok)
+            assert np.array_equal(got, want), (q0, k0)
+
+
+def _packed_ids(rng, length: int, docs: int):
+    """Segment ids 0..docs-1 of packed documents of random lengths, in order along `length`."""
+    cuts = np.sort(rng.choice(np.arange(1, length), docs - 1, replace=False))
+    return np.searchsorted(cuts, np.arange(length), side="right").astype(np.int32)
+
+
+@pytest.mark.parametrize("ids", ["packed", "packed-causal", "one-document", "returning"])
+def test_segment_tile_ranges_hold_every_visible_pair(ids):
+    """With segment ids the Mosaic kernels visit the tiles `segment_tile_ranges` bounds, cut
+    by the band's (`clip_range`, `clip_full`, as the forward's blocks and the dk/dv kernel's key
+    blocks do). Brute force over random ids: every pair with equal ids (and inside the causal
+    band) is in a visited tile, the unmasked tiles hold only such pairs; packed documents visit
+    no tile without one and run their one-document tiles unmasked; ids that come back (0, 1, 0)
+    stay correct."""
+    from jaxattn_flash import mosaic_kernels as mk
+    from jaxattn_flash.mosaic_segments import clip_full, clip_range, segment_tile_ranges
+
+    rng = np.random.default_rng(7)
+    n, rows, tile = 1024, 128, 64
+    if ids == "returning":
+        q_ids = (np.arange(n) // 100 % 2).astype(np.int32)
+    elif ids == "one-document":
+        q_ids = np.zeros(n, np.int32)
+    else:
+        q_ids = _packed_ids(rng, n, 5)
+    causal = ids == "packed-causal"
+    vis = q_ids[:, None] == q_ids[None, :]
+    if causal:
+        vis &= np.tri(n, dtype=bool)
+    spec = mk.MosaicSpec(scale=1.0, band_lo=None, band_hi=0 if causal else None, block_kv=tile)
+    for keys_major, v in ((False, vis), (True, vis.T)):  # forward / dq blocks, and dk/dv key blocks
+        ranges = segment_tile_ranges(jax.numpy.asarray(q_ids[None]), jax.numpy.asarray(q_ids[None]), rows, tile)
+        for blk in range(n // rows):
+            block = v[blk * rows:(blk + 1) * rows].reshape(rows, n // tile, tile)
+            any_vis, all_vis = block.any(axis=(0, 2)), block.all(axis=(0, 2))
+            # in the kernels' order: the band's visited range, cut; its full tiles within, cut
+            if keys_major:  # the band seen from keys (not checked here): all tiles visited, none full
+                lb, ub = clip_range(ranges, 0, blk, 0, n // tile)
+                fs, fe = lb, (lb if causal else ub)
+            else:
+                lb, ub = clip_range(ranges, 0, blk, *mk.block_range(spec, blk * rows, n // tile))
+                fs, fe = mk.full_range(spec, blk * rows, lb, ub, rows)
+            fs, fe = clip_full(ranges, 0, blk, ub, fs, fe)
+            lb, ub, fs, fe = (int(x) for x in (lb, ub, fs, fe))
+            assert lb <= fs <= fe <= ub, (keys_major, blk, lb, fs, fe, ub)
+            assert set(np.flatnonzero(any_vis)) <= set(range(lb, ub)), (keys_major, blk, lb, ub)
+            assert all(all_vis[fs:fe]), (keys_major, blk, fs, fe)
+            if ids != "returning" and not (keys_major and causal):
+                assert all(any_vis[lb:ub]), (keys_major, blk, lb, ub)  # tight: no tile without a pair
+                assert set(np.flatnonzero(all_vis)) <= set(range(fs, fe)), (keys_major, blk, fs, fe)
+
+
+@pytest.mark.parametrize("fused, head_dim, chunk", [(None, 128, None), ("split", 128, None), ("own", 128, None),
+                                                    ("own", 64, None), (None, 64, 96), ("split", 128, 128)])
+def test_mosaic_backward_traces_in_each_dq_form(fused, head_dim, chunk):
+    """The Mosaic backward kernels trace (jax.make_jaxpr, no GPU) for each way of making dq, with a
+    causal GQA band (chunked causal where `chunk`) and soft-cap, and give dq/dk/dv of the inputs'
+    shapes and dtype: two kernels for the dq kernel's form, one writing in place with TMA
+    add-reductions for the fused ones."""
+    import jax.numpy as jnp
+
+    from jaxattn_flash.mosaic_bwd_kernels import MosaicBwdSpec, mosaic_backward
+
+    b, s, hq, hkv = 1, 256, 4, 2
+    q = jax.ShapeDtypeStruct((b, s, hq, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, s, hkv, head_dim), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((b, hq, s), jnp.float32)
+    spec = MosaicBwdSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, fused_dq=fused, chunk=chunk)
+    traced = jax.make_jaxpr(lambda *a: mosaic_backward(spec, *a))(q, kv, kv, q, rows, rows)
+    assert [(o.aval.shape, o.aval.dtype) for o in traced.jaxpr.outvars] == [
+        (q.shape, q.dtype), (kv.shape, kv.dtype), (kv.shape, kv.dtype)]
+    text = str(traced)
+    if fused is None:
+        assert text.count("mpmd_map") == 2 and "core_map" not in text and "reduction_op=add" not in text
+    else:
+        assert "mpmd_map" not in text and "core_map" in text and "reduction_op=add" in text
+
+
+def test_fused_dq_backward_traces_under_vmap():
+    """`core_map`, which the fused form's in-place dq buffer needs, has no batching rule: under
+    `vmap` (nested, with an unmapped key) the mapped axes join the batch axis of one kernel call."""
+    import jax.numpy as jnp
+
+    from jaxattn_flash.mosaic_bwd_kernels import MosaicBwdSpec, mosaic_backward
+
+    spec = MosaicBwdSpec(scale=0.1, band_lo=None, band_hi=0, fused_dq="split")
+    q = jax.ShapeDtypeStruct((3, 2, 1, 256, 4, 128), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((3, 2, 1, 256, 2, 128), jnp.bfloat16)
+    k = jax.random.normal(jax.random.PRNGKey(0), (1, 256, 2, 128), jnp.bfloat16)  # shared by every mapped call
+    rows = jax.ShapeDtypeStruct((3, 2, 1, 4, 256), jnp.float32)
+    inner = jax.vmap(lambda q, v, do, l, dl: mosaic_backward(spec, q, k, v, do, l, dl))
+    traced = jax.make_jaxpr(jax.vmap(inner))(q, v, q, rows, rows)
+    assert [o.aval.shape for o in traced.jaxpr.outvars] == [q.shape, (3, 2, 1, 256, 2, 128), (3, 2, 1, 256, 2, 128)]
+    text = str(traced)
+    assert "core_map" in text and "bf16[6,256,4,128]" in text  # one call over 3 x 2 x 1 batch rows
+
+
+@pytest.mark.parametrize("head_dim, band, sinks, chunk", [(128, (None, 0), False, None), (64, (-100, 0), False, None),
+                                                          (256, (None, 0), True, None), (128, (None, 0), False, 192)])
+def test_guarded_forward_traces_with_its_cleaning_state(head_dim, band, sinks, chunk):
+    """`guard_values` (the Mosaic forward's in-kernel value guard) traces (no GPU) for causal,
+    a window and head_dim 256 (K/V tiles of 64, column chunks of 128), with the same outputs as
+    the unguarded kernel and one more shared-memory buffer: the per-stage marks of the keys
+    whose value was non-finite. The GPU tests (`test_gpu_nonfinite.py`) check its numbers."""
+    import jax.numpy as jnp
+
+    from jaxattn_flash import mosaic_kernels as mk
+
+    block_kv = 64 if head_dim == 256 else 128
+    q = jax.ShapeDtypeStruct((1, 512, 4, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 512, 2, head_dim), jnp.bfloat16)
+    extra = (jax.ShapeDtypeStruct((4,), jnp.float32),) if sinks else ()
+    traced = {}
+    for guard in (False, True):
+        spec = mk.MosaicSpec(scale=0.1, band_lo=band[0], band_hi=band[1], block_kv=block_kv, sinks=sinks,
+                             guard_values=guard, chunk=chunk)
+        jaxpr = jax.make_jaxpr(lambda *a, spec=spec: mk.mosaic_forward(spec, *a))(q, kv, kv, *extra)
+        traced[guard] = jaxpr
+        assert [(o.aval.shape, o.aval.dtype) for o in jaxpr.jaxpr.outvars] == [
+            (q.shape, q.dtype), ((1, 4, 512), jnp.float32)]
+    marks = f"Ref<smem>{{f32[2,{block_kv}]}}"  # (stages, block_kv)
+    assert str(traced[True]).count(marks) > str(traced[False]).count(marks)
+    # the guarded kernel runs its cleaning only for (batch row, kv head) pairs whose values hold a
+    # non-finite entry: one flag per pair, read from v before the kernel (the kernel's own test is
+    # (x - x) == 0)
+    assert "is_finite" in str(traced[True]) and "is_finite" not in str(traced[False])
+    # a differentiated call has the keys' flags already (value_guard.bad_keys, for the backward):
+    # the guard takes them and reads v no second time
+    bad = jax.ShapeDtypeStruct((1, 512, 2), jnp.bool_)
+    with_bad = jax.make_jaxpr(lambda q, k, v, bad, *sink: mk.mosaic_forward(spec, q, k, v, *sink, bad_keys=bad))(
+        q, kv, kv, bad, *extra)
+    assert "is_finite" not in str(with_bad)
+
+
+LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
+    "causal": dict(band_lo=None, band_hi=0),
+    "full-d64": dict(band_lo=None, band_hi=None, head_dim=64),
+    "causal-guarded-d256-passes": dict(band_lo=None, band_hi=0, guard_values=True, head_dim=256, block_kv=64,
+                                       passes=4),
+    "window-softcap-lengths-d256": dict(band_lo=-200, band_hi=0, soft_cap=30.0, kv_lengths=True, head_dim=256,
+                                        block_kv=64),
+    "chunked-d256": dict(band_lo=None, band_hi=0, chunk=192, head_dim=256, block_kv=64),
+    "segments-causal-lengths-d256": dict(band_lo=None, band_hi=0, segments=True, kv_lengths=True, head_dim=256,
+                                         block_kv=64),
+    "causal-guarded-passes": dict(band_lo=None, band_hi=0, guard_values=True, passes=4),
+    "causal-clusters": dict(band_lo=None, band_hi=0, cluster=4, dkv_cluster=2),
+    "window-guarded-softcap": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0),
+    "chunked-guarded-sinks": dict(band_lo=None, band_hi=0, guard_values=True, chunk=192, sinks=True),
+    "lengths-guarded": dict(band_lo=None, band_hi=0, guard_values=True, q_lengths=True, kv_lengths=True),
+    "segments-full-d64": dict(band_lo=None, band_hi=None, segments=True, head_dim=64),
+    "segments-causal-guarded-lengths": dict(band_lo=None, band_hi=0, guard_values=True, segments=True,
+                                            kv_lengths=True),
+    "mla-192-128-causal-guarded": dict(band_lo=None, band_hi=0, guard_values=True, head_dim=192,
+                                       value_head_dim=128, block_kv=64),
+    "d64-dv128-window-guarded": dict(band_lo=-200, band_hi=0, guard_values=True, head_dim=64, value_head_dim=128),
+    "d128-dv64-full": dict(band_lo=None, band_hi=None, value_head_dim=64),
+    "d256-dv128-window": dict(band_lo=-200, band_hi=0, head_dim=256, value_head_dim=128, block_kv=64),
+    "d128-dv256-full": dict(band_lo=None, band_hi=None, head_dim=128, value_head_dim=256, block_kv=64),
+    # soft-capped logits without a running max
+    "causal-softcap-bounded": dict(band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True),
+    "window-guarded-softcap-bounded-sinks": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0,
+                                                 bounded_logits=True, sinks=True),
+}
+
+
+@pytest.mark.parametrize("name", list(LOWERED))
+def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
+    """`jax.export(..., platforms=["cuda"])` runs Pallas's Mosaic GPU lowering on this CPU machine:
+    every lowering rule and inline PTX emitter of the forward (named barriers, the value guard's
+    cleaning, chunk masks, sinks) and of the dq/dk/dv kernels (launch passes' id arithmetic) must
+    accept what we give them. The
+    module that comes out is what a GPU compiles (not run here)."""
+    import jax.numpy as jnp
+    from jax import export
+
+    from jaxattn_flash import mosaic_bwd_kernels as mbk
+    from jaxattn_flash import mosaic_kernels as mk
+
+    fields = dict(LOWERED[name])
+    passes = fields.pop("passes", 1)  # the dk/dv grid's launch passes (backward only)
+    dkv_cluster = fields.pop("dkv_cluster", 0)  # the dk/dv grid's launch clusters
+    d = fields.pop("head_dim", 128)
+    d_v = fields.pop("value_head_dim", d)
+    q = jax.ShapeDtypeStruct((1, 512, 4, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 512, 2, d), jnp.bfloat16)
+    values = jax.ShapeDtypeStruct((1, 512, 2, d_v), jnp.bfloat16)
+    sinks = jax.ShapeDtypeStruct((4,), jnp.float32) if fields.get("sinks") else None
+    lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
+    ids = jax.ShapeDtypeStruct((1, 512), jnp.int32)
+    segments = (ids, ids) if fields.get("segments") else (None, None)
+    spec = mk.MosaicSpec(scale=0.1, **fields)
+    forward = export.export(jax.jit(lambda *a: mk.mosaic_forward(spec, *a)), platforms=["cuda"])(
+        q, kv, values, sinks, lengths if spec.q_lengths else None, lengths if spec.kv_lengths else None, *segments)
+    assert "mosaic_gpu" in forward.mlir_module()
+    assert [o.shape for o in forward.out_avals] == [(1, 512, 4, d_v), (1, 4, 512)]
+    wide = flash_config.wide_backward(d, d_v)
+    if not (wide or {d, d_v} <= set(gpu_path.MOSAIC_BWD_HEAD_DIMS)):
+        return
+    # the backward's separate dq kernel and its dk/dv kernel (the fused form writes a mutable ref,
+    # which jax.export does not take), with the forward's band and chunk
+    bspec = mbk.MosaicBwdSpec(scale=0.1, band_lo=fields["band_lo"], band_hi=fields["band_hi"],
+                              soft_cap=fields.get("soft_cap"), chunk=fields.get("chunk"),
+                              kv_lengths=fields.get("kv_lengths", False), segments=spec.segments,
+                              dq_block_kv=32 if wide else 64, passes=passes,
+                              cluster=dkv_cluster)  # wide: mosaic_bwd_wide's dk/dv
+    rows = jax.ShapeDtypeStruct((1, 4, 512), jnp.float32)
+    backward = export.export(jax.jit(lambda *a: mbk.mosaic_backward(bspec, *a)), platforms=["cuda"])(
+        q, kv, values, jax.ShapeDtypeStruct((1, 512, 4, d_v), jnp.bfloat16), rows, rows,
+        lengths if bspec.kv_lengths else None, *segments)
+    assert [o.shape for o in backward.out_avals] == [q.shape, kv.shape, values.shape]
