@@ -313,3 +313,12 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
         q, kv, values, jax.ShapeDtypeStruct((1, 512, 4, d_v), jnp.bfloat16), rows, rows,
         lengths if bspec.kv_lengths else None, *segments)
     assert [o.shape for o in backward.out_avals] == [q.shape, kv.shape, values.shape]
+
+
+def test_bounded_logits_need_a_soft_cap():
+    """Without a cap nothing bounds the logits: a spec that skips the running max there is refused."""
+    from jaxattn_flash.mosaic_kernels import MosaicSpec
+
+    with pytest.raises(ValueError, match="bounded_logits=True needs a soft_cap"):
+        MosaicSpec(scale=0.1, band_lo=None, band_hi=0, bounded_logits=True)
+    assert MosaicSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True).bounded_logits

@@ -116,6 +116,10 @@ class MosaicSpec:
     cluster: int = 0  # > 1: launch this many (batch, head) groups at a time, heavy blocks first (launch_order)
     bounded_logits: bool = False  # soft-capped logits bound exp2: no running max (config.softcap_without_max)
 
+    def __post_init__(self) -> None:
+        if self.bounded_logits and self.soft_cap is None:  # only a cap bounds the logits
+            raise ValueError("MosaicSpec: bounded_logits=True needs a soft_cap")
+
     @property
     def rows(self) -> int:
         return CONSUMERS * self.block_q
