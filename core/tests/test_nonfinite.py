@@ -113,14 +113,20 @@ def _unguarded_kernel(inputs):
     return jnp.einsum("bhqk,bkhd->bqhd", p, v), lse
 
 
+@pytest.mark.parametrize("branchless", [True, False], ids=["small call", "large call"])
 @pytest.mark.parametrize("bad", [True, False], ids=["non-finite value", "finite values"])
-def test_value_guard_gives_the_same_output_and_gradients_with_and_without_differentiation(bad):
-    """`value_guard.guarded`: its not-differentiated form (a `lax.cond` that skips the guard when
-    every value is finite) and its differentiated form (always guarded) agree, and agree with
-    the xla reference on which rows are non-finite."""
+def test_value_guard_gives_the_same_output_and_gradients_with_and_without_differentiation(bad, branchless,
+                                                                                           monkeypatch):
+    """`value_guard.guarded`: its not-differentiated form (below `BRANCHLESS_BYTES` the guard run
+    always, else a `lax.cond` that skips it when every value is finite) and its differentiated
+    form (always guarded) agree, and agree with the xla reference on which rows are non-finite."""
     from jaxattn import value_guard
 
     inputs = _guard_problem(bad, is_causal=True)
+    # make the problem the small or the large kind of call
+    monkeypatch.setattr(value_guard, "BRANCHLESS_BYTES", value_guard.moved_bytes(inputs) + (1 if branchless else 0))
+    jaxpr = str(jax.make_jaxpr(lambda x: value_guard.guarded(_unguarded_kernel, x))(inputs))
+    assert ("cond[" in jaxpr) != branchless
     run = jax.jit(lambda x: value_guard.guarded(_unguarded_kernel, x))
     out, lse = run(inputs)
     ref_out, ref_lse = jaxattn.attention(inputs.query, inputs.key, inputs.value, is_causal=True, return_lse=True,
