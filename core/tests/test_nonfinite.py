@@ -123,10 +123,12 @@ def test_value_guard_gives_the_same_output_and_gradients_with_and_without_differ
     from jaxattn import value_guard
 
     inputs = _guard_problem(bad, is_causal=True)
-    # make the problem the small or the large kind of call
+    # make the problem the small or the large kind of call (0: every call keeps the cond)
     monkeypatch.setattr(value_guard, "BRANCHLESS_BYTES", value_guard.moved_bytes(inputs) + (1 if branchless else 0))
     jaxpr = str(jax.make_jaxpr(lambda x: value_guard.guarded(_unguarded_kernel, x))(inputs))
     assert ("cond[" in jaxpr) != branchless
+    kept = str(jax.make_jaxpr(lambda x: value_guard.guarded(_unguarded_kernel, x, branchless_bytes=0))(inputs))
+    assert "cond[" in kept
     run = jax.jit(lambda x: value_guard.guarded(_unguarded_kernel, x))
     out, lse = run(inputs)
     ref_out, ref_lse = jaxattn.attention(inputs.query, inputs.key, inputs.value, is_causal=True, return_lse=True,

@@ -154,17 +154,19 @@ def moved_bytes(inputs: AttentionInputs) -> int:
     return (value.size + out) * value.dtype.itemsize
 
 
-def guarded(run: Callable[[AttentionInputs], Output], inputs: AttentionInputs) -> Output:
+def guarded(run: Callable[[AttentionInputs], Output], inputs: AttentionInputs, *,
+            branchless_bytes: int | None = None) -> Output:
     """`run(inputs)` with the values of masked keys kept from the rows that do not see them.
 
     Not differentiated, the kernel gets the values as they are unless one is non-finite (a
     `lax.cond`: the common case costs one read of `value`, not a cleaned copy and a pass over
     the output; under `vmap` with a batched predicate both branches run), except in calls
-    smaller than `BRANCHLESS_BYTES`, which run the guard always. Differentiated, it always runs
-    on the cleaned values, so its backward sees finite ones."""
+    smaller than `branchless_bytes` (default `BRANCHLESS_BYTES`: a GPU's cond waits for the
+    host; a TPU's does not, and 0 keeps the cond at every size), which run the guard always.
+    Differentiated, it always runs on the cleaned values, so its backward sees finite ones."""
     if not hides_keys(inputs):
         return run(inputs)
-    return _guarded(run, inputs)
+    return _guarded(run, inputs, BRANCHLESS_BYTES if branchless_bytes is None else branchless_bytes)
 
 
 def _always_guarded(run: Callable[[AttentionInputs], Output], inputs: AttentionInputs,
@@ -175,7 +177,7 @@ def _always_guarded(run: Callable[[AttentionInputs], Output], inputs: AttentionI
     return poison(out, seen_rows(bad, inputs)), lse
 
 
-def _guarded(run: Callable[[AttentionInputs], Output], inputs: AttentionInputs) -> Output:
+def _guarded(run: Callable[[AttentionInputs], Output], inputs: AttentionInputs, branchless_bytes: int) -> Output:
     # A custom_vjp over the floating-point leaves only (integer lengths, segment ids and masks
     # have no cotangent to rebuild an `AttentionInputs` from): its primal is the cheap form.
     leaves, treedef = jax.tree_util.tree_flatten(inputs)
@@ -191,7 +193,7 @@ def _guarded(run: Callable[[AttentionInputs], Output], inputs: AttentionInputs) 
     def guard(floats):
         x = rebuild(floats)
         bad = bad_keys(x.value)  # the predicate's pass over the values serves the guard too
-        if moved_bytes(x) < BRANCHLESS_BYTES:
+        if moved_bytes(x) < branchless_bytes:
             return _always_guarded(run, x, bad)
         return lax.cond(jnp.any(bad), lambda: _always_guarded(run, x, bad), lambda: run(x))
 

@@ -112,8 +112,10 @@ class SplashAttention(OperationImpl):
 def _guarded(inputs: AttentionInputs, metadata: OperationMetadata, interpret: Any,
              hardware: Hardware | None) -> Any:
     """jax's splash kernel multiplies p @ v with p = 0 on masked keys: the guard keeps a
-    non-finite value of a masked key from the rows that do not see it (README "Semantics")."""
-    return value_guard.guarded(lambda clean: _attention(clean, metadata, interpret, hardware), inputs)
+    non-finite value of a masked key from the rows that do not see it (README "Semantics"). A
+    TPU's `lax.cond` does not wait for the host: the guard keeps it at every size."""
+    return value_guard.guarded(lambda clean: _attention(clean, metadata, interpret, hardware), inputs,
+                               branchless_bytes=0)
 
 
 def _hardware_or_none() -> Hardware | None:
