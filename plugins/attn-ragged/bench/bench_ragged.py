@@ -100,6 +100,11 @@ def reference(q, k, v, q_pos, kv_len):
 
 def kernel_fn(cfg, cu=False):
     def f(q, kp, vp, lens, table, cu_q_lens=None, k_scale=None, v_scale=None):
+        if cfg.mosaic:  # the Hopper decode kernel (mosaic_decode.py)
+            from jaxattn_ragged.mosaic_decode import mosaic_paged_decode
+
+            return mosaic_paged_decode(q, kp, vp, lens, table, scale=1 / np.sqrt(D), k_scale=k_scale,
+                                       v_scale=v_scale, config=cfg)[0]
         out, _ = paged_attention_kernel(q, kp, vp, lens, table, cu_q_lens, scale=1 / np.sqrt(D), config=cfg,
                                         k_scale=k_scale, v_scale=v_scale, interpret=SMOKE)
         return out
@@ -253,6 +258,8 @@ QUANT_BAR = 1.7  # int8 and fp8 decode must reach this multiple of the bf16 cach
 QUANT_VARIANTS = {"bk64": dict(block_kv=64), "bk256": dict(block_kv=256), "w8": dict(num_warps=8),
                   "s4": dict(num_stages=4), "s2": dict(num_stages=2)}
 INT8_DOTS = {"int8 qk": dict(int8_dots=1), "int8 qk+pv": dict(int8_dots=2)}  # int8 pages only
+MOSAIC = {"mosaic": dict(mosaic=1), "mosaic int8 qk": dict(mosaic=1, int8_dots=1),  # decode; bf16 and int8 pages
+          "mosaic s2": dict(mosaic=1, num_stages=2), "mosaic bk64": dict(mosaic=1, block_kv=64)}
 
 
 def quantized(kp, vp, dtype):
@@ -334,7 +341,8 @@ def bench_quant(tune=False):
         q = jax.random.normal(jax.random.fold_in(key, 1), (b, HQ, D), jnp.float32).astype(DT)
         lens = jnp.asarray([kv] * b, jnp.int32)
         shape = f"decode (b={b}, kv={kv}, ps=16)"
-        variants = {"": {}, **INT8_DOTS, **(QUANT_VARIANTS if (tune or i == 0) and not SMOKE else {})}
+        variants = {"": {}, **INT8_DOTS, **({} if SMOKE else MOSAIC),
+                    **(QUANT_VARIANTS if (tune or i == 0) and not SMOKE else {})}
         ref, times = quant_cases("quant", shape, b, q, kp, vp, table, lens, None,
                                  lambda kd, vd, q=q, lens=lens: reference(q[:, None], kd, vd, (lens - 1)[:, None],
                                                                           lens)[:, 0],

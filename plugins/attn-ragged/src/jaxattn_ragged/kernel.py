@@ -95,6 +95,7 @@ class KernelConfig:
     mask_split: int = 1
     two_tiles: int = 1
     int8_dots: int = 0
+    mosaic: int = 0  # 1: decode calls run mosaic_decode.py's Hopper kernel
 
     def replace(self, **changes: int) -> KernelConfig:
         return KernelConfig(**{**self.__dict__, **changes})

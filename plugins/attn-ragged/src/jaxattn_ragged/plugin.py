@@ -60,6 +60,7 @@ class RaggedConfig(BackendConfig):
     mask_split: int | None = None
     two_tiles: int | None = None
     int8_dots: int | None = None  # int8 pages: products on int8 tensor cores (0, 1: Q·Kᵀ, 2: both)
+    mosaic: int | None = None  # 1: decode on the Mosaic GPU kernel (mosaic_decode.py; Hopper)
 
     def __post_init__(self) -> None:
         self.check_int("block_q", power_of_two=True)
@@ -71,6 +72,7 @@ class RaggedConfig(BackendConfig):
         for key in ("gather2d", "mask_split", "two_tiles"):
             self.check_choice(key, (0, 1))
         self.check_choice("int8_dots", (0, 1, 2))
+        self.check_choice("mosaic", (0, 1))
 
 
 @dataclass(frozen=True)
@@ -187,11 +189,30 @@ class RaggedPagedAttention(OperationImpl):
         cfg = self.config or _config(metadata, self, DECODE_CONFIG if decode else RAGGED_CONFIG)
         if self.interpret and cfg.num_splits == 0:  # the interpreter runs programs one by one: no auto split
             cfg = cfg.replace(num_splits=1)
+        if cfg.mosaic:
+            return self._run_mosaic(inputs, cfg)
         return paged_attention_kernel(
             inputs.query, inputs.key_pages, inputs.value_pages, inputs.kv_lengths, inputs.page_indices,
             inputs.cu_q_lens, scale=inputs.scale, window_left=_window_left(inputs),
             soft_cap=inputs.logits_soft_cap, sinks=inputs.sinks, k_scale=inputs.k_scale, v_scale=inputs.v_scale,
             config=cfg, interpret=self.interpret)
+
+    def _run_mosaic(self, inputs: PagedAttentionInputs, cfg: KernelConfig):
+        """The decode call on `mosaic_decode.py`'s kernel (config `mosaic=1`); ValueError with
+        every reason where it cannot serve the call (never a silent fallback)."""
+        from .mosaic_decode import mosaic_paged_decode, mosaic_reasons
+
+        reasons = mosaic_reasons(inputs.query, inputs.key_pages, inputs.value_pages, cu_q_lens=inputs.cu_q_lens,
+                                 window_left=_window_left(inputs), soft_cap=inputs.logits_soft_cap,
+                                 sinks=inputs.sinks, block_kv=cfg.block_kv, stages=cfg.num_stages,
+                                 int8_dots=cfg.int8_dots)
+        if self.interpret:
+            reasons.append("the Mosaic decode kernel runs on a Hopper GPU only (no interpreter)")
+        if reasons:
+            raise ValueError(f"{self.name}: mosaic=1: " + "; ".join(reasons))
+        return mosaic_paged_decode(inputs.query, inputs.key_pages, inputs.value_pages, inputs.kv_lengths,
+                                   inputs.page_indices, scale=inputs.scale, k_scale=inputs.k_scale,
+                                   v_scale=inputs.v_scale, config=cfg)
 
     def forward_gpu(self, inputs: PagedAttentionInputs, metadata: OperationMetadata) -> Any:
         return self._run_kernel(inputs, metadata)

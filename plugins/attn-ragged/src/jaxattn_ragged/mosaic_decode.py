@@ -1,0 +1,398 @@
+"""A Hopper decode kernel over a paged KV cache in Pallas's Mosaic GPU lowering (opt-in:
+config `mosaic=1`; measured on an H200 in BENCHMARKS.md, "The Mosaic decode kernel in
+FlashDecoding's transposed form").
+
+Why: the Triton kernel (`kernel.py`) reads bf16 pages at ~3.8 TB/s but one-byte pages at only
+2.3-2.7 TB/s: its per-element widening and the dot operands' layout changes bound it, not the
+bytes. Here a producer warpgroup brings whole pages with TMA (one copy per page and kv head: a
+`[page_size, D]` box of the `[pages, page_size, kv_heads, D]` cache) into a ring of `stages`
+slots of `block_kv` tokens, so loads run ahead of the math without registers.
+
+The tokens are the rows of both products (FlashDecoding's transposed form): logitsᵀ
+`[block_kv, G]` = K·Qᵀ and outᵀ `[Dv, G]` += Vᵀ·Pᵀ, with the G query heads of a kv head as the
+columns, padded to a multiple of 8 (wgmma's N), where the first form padded them to 64 rows
+(wgmma's M) and spent 16x the tensor-core work and softmax at G = 4. Keys are wgmma's A operand
+as they lie in the slot (their contraction dimension, head_dim, is contiguous), so int8 keys
+need no widening when the queries are quantized too (`int8_qk`: per query head, int8 wgmma with
+int32 accumulation, as the Triton kernel's `int8_dots=1`). Values are read transposed, which
+wgmma allows for 16-bit operands only: one-byte values (int8, float8_e4m3fn) are widened to the
+query's dtype in shared memory (exact for both), and one-byte keys too without `int8_qk`.
+
+A key's scale multiplies its logit row, a value's scale its probability row (per token and
+head, `[pages, page_size, kv_heads]`, gathered per call into each sequence's token order
+`[batch, kv_heads, tokens]` so a step's scales are one contiguous TMA box: a page's own box
+would land at shared addresses that are not 128-byte aligned, which TMA faults on (found on an
+H200 at page_size 16)). Keys past the sequence's length are masked and their value rows zeroed
+before Vᵀ·Pᵀ (a never-written slot may hold NaN). Split-KV: the third grid axis cuts a
+sequence's steps; each split writes its normalized partial output and natural-log lse, and
+`kernel.merge_splits` combines them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from ._compat import mosaic_gpu, mosaic_interpret_kwargs, mosaic_load, mosaic_params, ref_transpose
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+M_FLOOR = -1e30  # initial running max (log2 units): finite, below any real logit
+MAX_GROUP = 256  # wgmma's largest N: query heads per kv head
+ONE_BYTE = (jnp.int8, jnp.float8_e4m3fn)  # page dtypes with per-token scales, widened in shared memory
+SMEM_BYTES = 227 * 1024 - 4096  # what the tiles may take (barriers and reduction scratch apart)
+
+
+def _swizzled(plgpu, shape, dtype):
+    """Shared memory for wgmma operands and TMA boxes: 128-byte swizzle where a row is that wide."""
+    elem = jnp.dtype(dtype).itemsize
+    swizzle = min(128, shape[-1] * elem)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // elem)),
+                                                plgpu.SwizzleTransform(swizzle)))
+
+
+def _cdiv(a, b: int):
+    return lax.div(jnp.asarray(a, jnp.int32) + (b - 1), jnp.int32(b))
+
+
+def padded_group(group: int) -> int:
+    """The query heads of a kv head as wgmma columns: a multiple of 8."""
+    return max(8, -(-group // 8) * 8)
+
+
+def smem_bytes(d: int, dv: int, group: int, block_kv: int, stages: int, page_itemsize: int,
+               widen_keys: bool, widen_values: bool, q_itemsize: int = 2) -> int:
+    """Shared memory of one CUDA block: each scratch buffer starts on a 1024-byte boundary (as
+    Pallas's Mosaic GPU lays them out), the three barrier arrays included."""
+    gn = padded_group(group)
+    sizes = [gn * d * q_itemsize, gn * 4, stages * block_kv * d * page_itemsize, stages * block_kv * dv * page_itemsize,
+             gn * block_kv * 2, dv * gn * 4, gn * 4, 8, 8 * stages, 8 * stages]
+    if widen_keys:
+        sizes.append(block_kv * d * 2)
+    if widen_values:
+        sizes += [block_kv * dv * 2, stages * block_kv * 4, stages * block_kv * 4]
+    return sum(-(-size // 1024) * 1024 for size in sizes)
+
+
+def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_scale=None, *, scale: float,
+                  block_kv: int = 128, stages: int = 2, splits: int = 1, int8_qk: bool = False,
+                  interpret: bool = False):
+    """q `[B, Hq, D]` (bf16/fp16), pages `[P, page_size, Hkv, D]` (q's dtype, or int8 /
+    float8_e4m3fn with per-token scales `[P, page_size, Hkv]` float32), kv_lengths `[B]`, page_table `[B, max_pages]`
+    -> (out `[splits, B, Hq, D]` float32, normalized per split; lse `[splits, B, Hq]`, -inf where a
+    split saw no key). `int8_qk` (int8 pages only): K·Qᵀ on int8 tensor cores, the queries
+    quantized per head (symmetric, scale max|q| / 127). `interpret`: Pallas's Mosaic GPU
+    interpreter (CPU; checks the kernel's logic, slowly)."""
+    plgpu = mosaic_gpu()
+    b, hq, d = q.shape
+    num_pages, ps, hkv, dv = v_pages.shape
+    group = hq // hkv
+    gn = padded_group(group)
+    if group > MAX_GROUP or block_kv % ps or ps % 8 or block_kv % 64:
+        raise ValueError(f"mosaic_decode: at most {MAX_GROUP} query heads per kv head, page_size a multiple of 8 "
+                         f"dividing block_kv, block_kv a multiple of 64; got group {group}, page_size {ps}, "
+                         f"block_kv {block_kv}")
+    quant = k_pages.dtype in ONE_BYTE
+    if quant != (k_scale is not None) or v_pages.dtype != k_pages.dtype:
+        raise ValueError("mosaic_decode: one-byte pages take k_scale and v_scale; 16-bit pages take none")
+    if int8_qk and k_pages.dtype != jnp.int8:
+        raise ValueError("mosaic_decode: int8_qk needs int8 pages")
+    dtype = q.dtype
+    widen_keys = quant and not int8_qk
+    need = smem_bytes(d, dv, group, block_kv, stages, k_pages.dtype.itemsize, widen_keys, quant,
+                      1 if int8_qk else 2)
+    if need > SMEM_BYTES:
+        raise ValueError(f"mosaic_decode: block_kv {block_kv} with {stages} stages needs {need} bytes of shared "
+                         f"memory, more than {SMEM_BYTES}; use fewer stages or a smaller block_kv")
+    pages_per_step = block_kv // ps
+    max_pages = page_table.shape[1]
+    steps_per_split = math.ceil(math.ceil(max_pages / pages_per_step) / splits)
+    c = scale * LOG2E
+
+    q_cols = jnp.zeros((b, hkv, gn, d), dtype).at[:, :, :group].set(q.reshape(b, hkv, group, d))
+    if int8_qk:  # per query head: the logits' columns carry its scale (and the softmax's c)
+        q32 = q_cols.astype(jnp.float32)
+        q_scale = jnp.maximum(jnp.max(jnp.abs(q32), axis=-1), 1e-30) / 127.0
+        q_cols = jnp.clip(jnp.round(q32 / q_scale[..., None]), -127, 127).astype(jnp.int8)
+        col_scale = q_scale * c
+    else:
+        col_scale = jnp.full((b, hkv, gn), c, jnp.float32)
+    args = [q_cols, col_scale, k_pages, v_pages, kv_lengths.astype(jnp.int32), page_table.astype(jnp.int32)]
+    names = ["q", "qs", "k", "v", "lens", "table"]
+    if quant:  # each sequence's scales in token order, one step's a contiguous TMA box: [B, Hkv, tokens]
+        tokens = steps_per_split * splits * block_kv
+        safe_table = jnp.clip(page_table, 0, num_pages - 1)
+
+        def in_token_order(s):
+            s = jnp.broadcast_to(s, (num_pages, ps, hkv)).astype(jnp.float32)[safe_table]  # [B, pages, ps, Hkv]
+            s = s.reshape(b, max_pages * ps, hkv).transpose(0, 2, 1)
+            return jnp.pad(s, ((0, 0), (0, 0), (0, tokens - max_pages * ps)))
+
+        args += [in_token_order(k_scale), in_token_order(v_scale)]
+        names += ["ks", "vs"]
+    # TMA copies that arrive on a slot's barrier: K and V per page, the scales per step
+    copies = 2 * pages_per_step + (2 if quant else 0)
+
+    # Register layouts: the interpreter has none, so there these are a plain read, the value
+    # itself and a plain iota.
+    def load(ref, layout):
+        return ref[...] if interpret else mosaic_load(plgpu, ref, layout)
+
+    def cast(x, layout):
+        return x if interpret else plgpu.layout_cast(x, layout)
+
+    def iota(shape, dim, layout):
+        return lax.broadcasted_iota(jnp.int32, shape, dim) if interpret else plgpu.broadcasted_iota(
+            jnp.int32, shape, dim, layout=layout)
+
+    acc_dtype = jnp.int32 if int8_qk else jnp.float32  # of the logits' wgmma
+
+    def kernel(*refs):
+        ins = dict(zip(names, refs))
+        o_ref, lse_ref, *scratch = refs[len(names):]
+        q_smem, qs_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, kv_bar, free, *extra = scratch
+        k16 = extra.pop(0) if widen_keys else None
+        v16, ks_smem, vs_smem = extra if quant else (None,) * 3
+        bi, hi, si = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
+        wg = lax.axis_index("wg")
+        length = ins["lens"][bi]
+        n_steps = _cdiv(length, block_kv)
+        lb = jnp.minimum(si * steps_per_split, n_steps)
+        ub = jnp.minimum(lb + steps_per_split, n_steps)
+        full_end = jnp.maximum(jnp.minimum(ub, lax.div(length, jnp.int32(block_kv))), lb)  # unmasked steps
+
+        @pl.when(wg == 0)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            layout = plgpu.Layout.WGMMA
+            rows_l, cols_l = layout.reduce(1), layout.reduce(0)  # per token / per query head
+            plgpu.copy_gmem_to_smem(ins["q"].at[bi, hi], q_smem, q_bar)
+            plgpu.copy_gmem_to_smem(ins["qs"].at[bi, hi], qs_smem, q_bar)
+            plgpu.barrier_wait(q_bar)
+            col_c = load(qs_smem, cols_l)
+
+            def widen(src, dst, ok_rows):
+                """One-byte tile -> the query's dtype (exact), rows past the length zeroed."""
+                x = load(src, layout).astype(jnp.float32)
+                if ok_rows is not None:
+                    x = jnp.where(ok_rows, x, 0.0)
+                dst[...] = x.astype(dtype)
+
+            def step(t, carry, *, masked):
+                acc, m, l = carry
+                slot = lax.rem(t - lb, stages)
+                plgpu.barrier_wait(kv_bar.at[slot])
+                ok = ok_rows = None
+                if masked:  # keys past the length: -inf logits, zero value rows
+                    j = iota((block_kv, gn), 0, layout) + t * block_kv
+                    ok = j < length
+                    r = iota((block_kv, dv), 0, layout) + t * block_kv
+                    ok_rows = r < length
+                keys, values = k_smem.at[slot], v_smem.at[slot]
+                if widen_keys:
+                    widen(keys, k16, None)
+                    keys = k16
+                if quant:
+                    widen(values, v16, ok_rows)
+                    values = v16
+                elif masked:  # a 16-bit slot: clean its rows past the length in place
+                    x = load(values, layout)
+                    values[...] = jnp.where(ok_rows, x, jnp.zeros_like(x))
+                if quant or masked:
+                    plgpu.commit_smem()
+
+                def qk(s_ref):  # logitsᵀ [block_kv, gn] = K · Qᵀ
+                    plgpu.wgmma(s_ref, keys, ref_transpose(plgpu, q_smem))
+                    return s_ref[...]
+
+                if interpret:  # the interpreter's wgmma takes no transposed operand
+                    s = jnp.dot(keys[...], q_smem[...].T, preferred_element_type=acc_dtype)
+                else:
+                    s = pl.run_scoped(qk, plgpu.ACC((block_kv, gn), acc_dtype))
+                s = s.astype(jnp.float32) * lax.broadcast_in_dim(col_c, (block_kv, gn), [1])
+                if quant:
+                    ks = load(ks_smem.at[slot], rows_l)
+                    s = s * lax.broadcast_in_dim(ks, s.shape, [0])
+                if ok is not None:
+                    s = jnp.where(ok, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=0))
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
+                alpha = jnp.exp2(m - m_new)
+                l = l * alpha + p.sum(axis=0)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+                if quant:
+                    vs = load(vs_smem.at[slot], rows_l)
+                    p = p * lax.broadcast_in_dim(vs, p.shape, [0])
+                    if ok is not None:  # a never-written slot's scale may be NaN: 0 * NaN
+                        p = jnp.where(ok, p, 0.0)
+                # Pᵀ into shared memory, tokens contiguous: wgmma's B operand of Vᵀ·Pᵀ
+                if interpret:
+                    p_smem[...] = p.astype(dtype).T
+                else:
+                    ref_transpose(plgpu, p_smem)[...] = cast(p.astype(dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+                plgpu.commit_smem()
+
+                def pv(pv_ref):  # Vᵀ · Pᵀ [dv, gn], added to outᵀ in registers (8 per thread at gn 8)
+                    plgpu.wgmma(pv_ref, ref_transpose(plgpu, values), ref_transpose(plgpu, p_smem))
+                    return pv_ref[...]
+
+                if interpret:
+                    acc = acc + jnp.dot(values[...].T, p_smem[...].T, preferred_element_type=jnp.float32)
+                else:
+                    acc = acc + pl.run_scoped(pv, plgpu.ACC((dv, gn), jnp.float32))
+                plgpu.barrier_arrive(free.at[slot])
+                return acc, m_new, l
+
+            acc = cast(jnp.zeros((dv, gn), jnp.float32), layout)
+            m = cast(jnp.full((gn,), M_FLOOR, jnp.float32), cols_l)
+            l = cast(jnp.zeros((gn,), jnp.float32), cols_l)
+            carry = lax.fori_loop(lb, full_end, lambda t, cr: step(t, cr, masked=False), (acc, m, l))
+            acc, m, l = lax.fori_loop(full_end, ub, lambda t, cr: step(t, cr, masked=True), carry)
+            live = l != 0.0
+            l_safe = jnp.where(live, l, 1.0)
+            o_smem[...] = acc * lax.broadcast_in_dim(jnp.where(live, 1.0 / l_safe, 0.0), acc.shape, [1])
+            lse_smem[...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[si, bi, hi])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[si, bi, hi])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        @pl.when(wg == 1)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def fetch(t, slot):
+                for i in range(pages_per_step):  # every copy arrives, so the barrier's count holds
+                    idx = jnp.minimum(t * pages_per_step + i, max_pages - 1)
+                    page = jnp.clip(ins["table"][bi, idx], 0, num_pages - 1)
+                    rows = pl.ds(i * ps, ps)
+                    plgpu.copy_gmem_to_smem(ins["k"].at[page, :, hi], k_smem.at[slot, rows], kv_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(ins["v"].at[page, :, hi], v_smem.at[slot, rows], kv_bar.at[slot])
+                if quant:  # one box per step (a page's own box may not be 128-byte aligned in smem)
+                    step_tokens = pl.ds(t * block_kv, block_kv)
+                    plgpu.copy_gmem_to_smem(ins["ks"].at[bi, hi, step_tokens], ks_smem.at[slot], kv_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(ins["vs"].at[bi, hi, step_tokens], vs_smem.at[slot], kv_bar.at[slot])
+
+            for i in range(stages):
+                @pl.when(lb + i < ub)
+                def _(i=i):
+                    fetch(lb + i, i)
+
+            @pl.loop(lb, ub - stages)
+            def _(t):
+                slot = lax.rem(t - lb, stages)
+                plgpu.barrier_wait(free.at[slot])
+                fetch(t + stages, slot)
+
+    page_dtype = k_pages.dtype
+    scratch = [
+        _swizzled(plgpu, (gn, d), q_cols.dtype),
+        plgpu.SMEM((gn,), jnp.float32),
+        _swizzled(plgpu, (stages, block_kv, d), page_dtype),
+        _swizzled(plgpu, (stages, block_kv, dv), page_dtype),
+        _swizzled(plgpu, (gn, block_kv), dtype),
+        plgpu.SMEM((dv, gn), jnp.float32),
+        plgpu.SMEM((gn,), jnp.float32),
+        plgpu.Barrier(num_arrivals=2),
+        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+    ]
+    if widen_keys:
+        scratch.append(_swizzled(plgpu, (block_kv, d), dtype))
+    if quant:  # the widened values and each slot's scales
+        scratch += [_swizzled(plgpu, (block_kv, dv), dtype),
+                    plgpu.SMEM((stages, block_kv), jnp.float32), plgpu.SMEM((stages, block_kv), jnp.float32)]
+    out_type = (jax.ShapeDtypeStruct((splits, b, hkv, dv, gn), jnp.float32),
+                jax.ShapeDtypeStruct((splits, b, hkv, gn), jnp.float32))
+    out, lse = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(b, hkv, splits),
+                            grid_names=("b", "h", "s"), num_threads=2, thread_name="wg",
+                            compiler_params=mosaic_params(plgpu), **mosaic_interpret_kwargs(interpret))(*args)
+    out = jnp.swapaxes(out, -1, -2)[:, :, :, :group].reshape(splits, b, hq, dv)
+    return out, lse[:, :, :, :group].reshape(splits, b, hq)
+
+
+def mosaic_reasons(query, key_pages, value_pages, *, cu_q_lens=None, window_left=None, soft_cap=None,
+                   sinks=None, block_kv: int = 128, stages: int = 2, int8_dots: int = 0) -> list[str]:
+    """Why `mosaic_decode` cannot serve a call (empty: it can)."""
+    reasons = []
+    _, hq, d = query.shape
+    _, ps, hkv, dv = value_pages.shape
+    if cu_q_lens is not None:
+        reasons.append("the Mosaic decode kernel serves decode calls only (no cu_q_lens)")
+    if window_left is not None or soft_cap is not None or sinks is not None:
+        reasons.append("the Mosaic decode kernel has no sliding window, soft-cap or sinks yet")
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+        reasons.append(f"the Mosaic decode kernel takes bf16/fp16 queries, not {query.dtype}")
+    if key_pages.dtype not in (query.dtype, *ONE_BYTE):
+        reasons.append(f"the Mosaic decode kernel takes pages of the query's dtype, int8 or float8_e4m3fn, "
+                       f"not {key_pages.dtype}")
+    if int8_dots and key_pages.dtype != jnp.int8:
+        reasons.append("the Mosaic decode kernel's int8_dots needs int8 pages")
+    if d != dv or d not in (64, 128):
+        reasons.append(f"the Mosaic decode kernel takes head_dim 64 or 128 for keys and values, got {d}/{dv}")
+    if ps % 8 or block_kv % ps:
+        reasons.append(f"the Mosaic decode kernel needs page_size a multiple of 8 dividing block_kv {block_kv}, "
+                       f"got {ps}")
+    if block_kv % 64:
+        reasons.append(f"the Mosaic decode kernel needs block_kv a multiple of 64 (wgmma's rows), got {block_kv}")
+    if int8_dots > 1:
+        reasons.append("the Mosaic decode kernel runs P·V on 16-bit tensor cores only (int8_dots 0 or 1)")
+    quant = key_pages.dtype in ONE_BYTE
+    need = smem_bytes(d, dv, hq // hkv, block_kv, stages, jnp.dtype(key_pages.dtype).itemsize,
+                      quant and not int8_dots, quant, 1 if quant and int8_dots else 2)
+    if need > SMEM_BYTES:
+        reasons.append(f"the Mosaic decode kernel's tiles at block_kv {block_kv} and {stages} stages need {need} "
+                       f"bytes of shared memory, more than {SMEM_BYTES}")
+    if hq // hkv > MAX_GROUP:
+        reasons.append(f"the Mosaic decode kernel takes at most {MAX_GROUP} query heads per kv head")
+    return reasons
+
+
+def one_wave_splits(items: int, kv_heads: int, max_steps: int, config) -> int:
+    """Splits of the grid's sequences (`config.num_splits` where set): one CUDA block fills an SM
+    (the K/V ring takes most of its shared memory), so where the (sequence, kv head) pairs are
+    fewer than the SMs the split fills them once, rounding down: rounding up (as the Triton
+    kernel's several blocks per SM allow) would start a second wave of a few blocks that runs as
+    long as the first (17 splits of 8 kv heads: 136 blocks on 132 SMs). Each split keeps at
+    least `MIN_STEPS_PER_SPLIT` steps beyond the first 4 splits."""
+    from ._compat import num_sms
+    from .kernel import MIN_STEPS_PER_SPLIT
+
+    if config.num_splits > 0:
+        return max(1, min(config.num_splits, max_steps))
+    programs = items * kv_heads
+    sms = config.target_programs or num_sms()
+    if programs >= sms:
+        return 1
+    return max(1, min(sms // programs, max(4, max_steps // MIN_STEPS_PER_SPLIT), max_steps))
+
+
+def mosaic_paged_decode(query, key_pages, value_pages, kv_lengths, page_table, *, scale: float, k_scale=None,
+                        v_scale=None, config=None):
+    """`kernel.paged_attention_kernel`'s decode outputs through `mosaic_decode`: out `[B, Hq, Dv]`
+    (query dtype; zeros for a sequence without keys) and lse `[Hq, B]` float32. `config` (a
+    `kernel.KernelConfig`): its `block_kv`, `num_stages` (the ring's slots), `int8_dots` (>= 1:
+    K·Qᵀ on int8 tensor cores) and `num_splits` / `target_programs` as the Triton kernel reads
+    them, the automatic split by `one_wave_splits`."""
+    from .kernel import DECODE_CONFIG, merge_splits
+
+    config = config or DECODE_CONFIG
+    block_kv = config.block_kv
+    num_seqs, pages_per_seq = page_table.shape
+    steps = -(-pages_per_seq * key_pages.shape[1] // block_kv)
+    splits = one_wave_splits(num_seqs, key_pages.shape[2], steps, config)
+
+    num_pages, ps, hkv, _ = key_pages.shape
+    quant = key_pages.dtype in ONE_BYTE
+    if quant:  # scalar scales become per token: the kernel reads one kind
+        k_scale, v_scale = (jnp.broadcast_to(jnp.asarray(s, jnp.float32), (num_pages, ps, hkv))
+                            for s in (k_scale, v_scale))
+    out, lse = mosaic_decode(query, key_pages, value_pages, kv_lengths, page_table, k_scale, v_scale, scale=scale,
+                             block_kv=block_kv, stages=config.num_stages, splits=splits,
+                             int8_qk=key_pages.dtype == jnp.int8 and config.int8_dots >= 1)
+    out, lse = merge_splits(out, lse)
+    return out.astype(query.dtype), lse.T

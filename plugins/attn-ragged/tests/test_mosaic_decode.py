@@ -1,0 +1,153 @@
+"""The Hopper decode kernel (`mosaic_decode.py`, config `mosaic=1`): it lowers
+for CUDA on this CPU machine (every Mosaic GPU rule it uses), its logic matches the reference in
+Pallas's Mosaic GPU interpreter, it says why it cannot serve a call, and on a Hopper GPU it
+matches the reference over bf16 and int8 pages (GPU tests)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn
+from jaxattn.testing.conformance import relative_error
+from jaxattn_ragged import RaggedPagedAttention
+from jaxattn_ragged._testing import assert_close, paged_problem, reference, run_impl
+
+
+@pytest.mark.parametrize("pages", ["bfloat16", "int8", "float8_e4m3fn"])
+def test_mosaic_decode_lowers_for_cuda_without_a_gpu(pages):
+    from jax import export
+
+    from jaxattn_ragged.mosaic_decode import mosaic_decode
+
+    b, hq, hkv, d, ps, max_pages = 2, 8, 2, 128, 16, 32
+    q = jax.ShapeDtypeStruct((b, hq, d), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((b * max_pages, ps, hkv, d), jnp.dtype(pages))
+    scales = jax.ShapeDtypeStruct((b * max_pages, ps, hkv), jnp.float32) if pages != "bfloat16" else None
+    lowered = export.export(jax.jit(lambda *a: mosaic_decode(*a, scale=0.1, splits=2)), platforms=["cuda"])(
+        q, cache, cache, jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b, max_pages), jnp.int32),
+        scales, scales)
+    assert "mosaic_gpu" in lowered.mlir_module()
+    assert [o.shape for o in lowered.out_avals] == [(2, b, hq, d), (2, b, hq)]
+
+
+def test_mosaic_switch_says_every_reason_it_cannot_serve_a_call():
+    from jaxattn_ragged.kernel import RAGGED_CONFIG
+    from jaxattn_ragged.plugin import RaggedConfig
+
+    args = paged_problem(3, [40, 7], [5, 1], hq=4, hkv=2, d=32, dtype=jnp.float32, page_size=8)
+    impl = RaggedPagedAttention(interpret=True, config=RAGGED_CONFIG.replace(mosaic=1))
+    with pytest.raises(ValueError) as err:
+        run_impl(impl, args, sliding_window=8)
+    text = str(err.value)
+    for reason in ("mosaic=1", "decode calls only", "no sliding window", "bf16/fp16 queries", "head_dim 64 or 128",
+                   "Hopper GPU only"):
+        assert reason in text, reason
+    with pytest.raises(ValueError, match="mosaic"):
+        RaggedConfig(mosaic=2)
+    from jaxattn_ragged.mosaic_decode import mosaic_reasons
+
+    q = jax.ShapeDtypeStruct((2, 8, 128), jnp.bfloat16)
+    fp16 = jax.ShapeDtypeStruct((16, 12, 2, 128), jnp.float16)
+    reasons = " ".join(mosaic_reasons(q, fp16, fp16))
+    assert "pages of the query's dtype, int8 or float8_e4m3fn" in reasons and "page_size a multiple of 8" in reasons
+    fp8 = jax.ShapeDtypeStruct((16, 16, 2, 128), jnp.float8_e4m3fn)
+    assert mosaic_reasons(q, fp8, fp8) == []
+    assert "int8_dots needs int8 pages" in " ".join(mosaic_reasons(q, fp8, fp8, int8_dots=1))
+    bf16 = jax.ShapeDtypeStruct((16, 16, 2, 128), jnp.bfloat16)
+    assert mosaic_reasons(q, bf16, bf16) == []
+
+
+def _past_lengths_poisoned(args, k_scale=None, v_scale=None):
+    """NaN in every cache slot past a sequence's length (16-bit pages: the keys and values; int8
+    pages: their scales), as a never-written slot of a real cache may hold."""
+    ps = args["key_pages"].shape[1]
+    table, lengths = np.asarray(args["page_indices"]), np.asarray(args["kv_lengths"])
+    pages, slots = [], []
+    for seq, length in enumerate(lengths):
+        for j in range(int(length), table.shape[1] * ps):
+            pages.append(table[seq, j // ps])
+            slots.append(j % ps)
+    pages, slots = np.asarray(pages), np.asarray(slots)
+    if k_scale is None:
+        return {**args, **{name: args[name].at[pages, slots].set(jnp.nan) for name in ("key_pages", "value_pages")}}
+    return (args, *(s.at[pages, slots].set(jnp.nan) for s in (k_scale, v_scale)))
+
+
+@pytest.mark.parametrize("pages", ["bfloat16", "int8", "int8 qk", "float8_e4m3fn"])
+def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
+    """The kernel's pipeline, page gathers, splits, masking and scales run in Pallas's Mosaic GPU
+    interpreter on CPU (its products as plain dots: the interpreter's wgmma takes no transposed
+    operand): lengths of 0, partial pages, a sequence across both splits, NaN past each length;
+    the reference's numbers (int8: against the dequantized cache)."""
+    from jaxattn_ragged.kernel import merge_splits
+    from jaxattn_ragged.mosaic_decode import mosaic_decode
+
+    args = paged_problem(40, [150, 0, 64, 17], hq=8, hkv=2, d=64, dtype=jnp.bfloat16, page_size=16)
+    ks = vs = None
+    if pages == "bfloat16":
+        args = _past_lengths_poisoned(args)
+    else:
+        dtype = jnp.dtype(pages.split()[0])
+        k, ks = jaxattn.quantize_kv(args["key_pages"], dtype)
+        v, vs = jaxattn.quantize_kv(args["value_pages"], dtype)
+        args, ks, vs = _past_lengths_poisoned({**args, "key_pages": k, "value_pages": v}, ks, vs)
+    out, lse = mosaic_decode(args["query"], args["key_pages"], args["value_pages"], args["kv_lengths"],
+                             args["page_indices"], ks, vs, scale=64 ** -0.5, block_kv=64, stages=2, splits=2,
+                             int8_qk=pages == "int8 qk", interpret=True)
+    out, lse = merge_splits(out, lse)
+    ref = reference(args) if ks is None else reference(args, k_scale=ks, v_scale=vs)
+    assert relative_error(out.astype(jnp.bfloat16), ref) < (6e-3 if pages == "int8 qk" else 3e-3)
+    lse = np.asarray(lse)
+    assert np.isfinite(lse[[0, 2, 3]]).all() and np.isneginf(lse[1]).all()  # [B, Hq]; no keys: -inf
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
+def _on_hopper() -> bool:
+    return jax.default_backend() == "gpu" and jaxattn.hardware.current().compute_capability[0] == 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+def test_mosaic_decode_gpu():
+    """bf16, int8 and fp8 pages, lengths of 0, partial pages and several splits, NaN in the slots
+    past a length: the reference's numbers (one-byte pages: against the dequantized cache)."""
+    md = jaxattn.OperationMetadata(operation_configs={"decode": {"mosaic": 1}})
+    md_qk = jaxattn.OperationMetadata(operation_configs={"decode": {"mosaic": 1, "int8_dots": 1}})
+    for seed, (lengths, hq, hkv, d, ps) in enumerate([([300, 0, 1000, 17], 32, 8, 128, 16),
+                                                     ([5000, 1, 77], 8, 1, 64, 64)]):
+        args = paged_problem(30 + seed, lengths, hq=hq, hkv=hkv, d=d, dtype=jnp.bfloat16, page_size=ps)
+        k, ks = jaxattn.quantize_kv(args["key_pages"], jnp.int8)
+        v, vs = jaxattn.quantize_kv(args["value_pages"], jnp.int8)
+        quant, ks, vs = _past_lengths_poisoned({**args, "key_pages": k, "value_pages": v}, ks, vs)
+        args = _past_lengths_poisoned(args)
+        out = jaxattn.paged_attention(**args, backend="decode", metadata=md)
+        assert_close(out, reference(args), jnp.bfloat16)
+        ref = reference(quant, k_scale=ks, v_scale=vs)
+        for meta, bound in ((md, 1e-2), (md_qk, 1.5e-2)):  # int8_dots=1: K·Qᵀ on int8 tensor cores
+            out = jaxattn.paged_attention(**quant, k_scale=ks, v_scale=vs, backend="decode", metadata=meta)
+            assert relative_error(out, ref) < bound
+            assert np.isfinite(np.asarray(out, np.float32)).all()
+        k8, ks8 = jaxattn.quantize_kv(args["key_pages"], jnp.float8_e4m3fn)
+        v8, vs8 = jaxattn.quantize_kv(args["value_pages"], jnp.float8_e4m3fn)
+        fp8, ks8, vs8 = _past_lengths_poisoned({**args, "key_pages": k8, "value_pages": v8}, ks8, vs8)
+        out = jaxattn.paged_attention(**fp8, k_scale=ks8, v_scale=vs8, backend="decode", metadata=md)
+        assert relative_error(out, reference(fp8, k_scale=ks8, v_scale=vs8)) < 1e-2  # against the dequantized cache
+
+
+def test_automatic_split_fills_the_sms_once():
+    """One CUDA block per SM: the (sequence, kv head, split) blocks never pass the SMs when the
+    pairs are fewer (8 kv heads on 132 SMs: 16 splits, not 17); a batch that fills them is not
+    split; `num_splits` is taken as set; each split keeps a share of the steps."""
+    from jaxattn_ragged.kernel import DECODE_CONFIG
+    from jaxattn_ragged.mosaic_decode import one_wave_splits
+
+    cfg = DECODE_CONFIG.replace(target_programs=132, num_splits=0)
+    assert one_wave_splits(1, 8, 1024, cfg) == 16 and 16 * 8 <= 132
+    assert one_wave_splits(3, 8, 1024, cfg) == 5  # 120 blocks
+    assert one_wave_splits(32, 8, 64, cfg) == 1 and one_wave_splits(17, 8, 64, cfg) == 1
+    assert one_wave_splits(1, 8, 40, cfg) == 4  # 40 steps: at most max(4, 40 // 32) splits
+    assert one_wave_splits(1, 8, 3, cfg) == 3
+    assert one_wave_splits(1, 8, 1024, cfg.replace(num_splits=6)) == 6
