@@ -151,3 +151,31 @@ def test_automatic_split_fills_the_sms_once():
     assert one_wave_splits(1, 8, 40, cfg) == 4  # 40 steps: at most max(4, 40 // 32) splits
     assert one_wave_splits(1, 8, 3, cfg) == 3
     assert one_wave_splits(1, 8, 1024, cfg.replace(num_splits=6)) == 6
+
+
+def test_tune_tries_the_mosaic_kernel_on_hopper_decode_it_serves():
+    """`tuning_space`: the defaults, plus `mosaic=1` for a decode call on a Hopper GPU that the
+    kernel serves at the decode defaults' tiles; not for a ragged batch, another GPU, a soft-cap,
+    a window, or pages of 4 tokens."""
+    import dataclasses
+
+    from jaxattn import Hardware
+    from jaxattn.request import AttentionRequest, PagedLayout
+
+    def req(ragged=False, page_size=16, **changes):
+        base = AttentionRequest(op="paged_attention", batch=32, q_len=32, kv_len=8192, num_q_heads=32, num_kv_heads=8,
+                                head_dim=128, value_head_dim=128, dtype="bfloat16", kv_dtype="bfloat16",
+                                mask_kinds=frozenset({"causal"}), kv_seq_lengths=True, needs_grad=False,
+                                mode="decode", paged=PagedLayout(32 * 512, page_size, 8192 // page_size, 32, ragged))
+        return dataclasses.replace(base, **changes)
+
+    impl, hopper = RaggedPagedAttention(), Hardware.nvidia()
+    assert list(impl.tuning_space(req(), hopper)) == [{}, {"mosaic": 1}]
+    int8 = req(kv_dtype="int8", kv_scale="per_token")
+    assert list(impl.tuning_space(int8, hopper)) == [{}, {"mosaic": 1}]
+    a100 = Hardware.nvidia(compute_capability=(8, 0), device_kind="NVIDIA A100-SXM4-80GB")
+    for request, hw in ((req(ragged=True), hopper), (req(), a100), (req(logits_soft_cap=True), hopper),
+                        (req(mask_kinds=frozenset({"causal", "sliding_window"})), hopper),
+                        (req(page_size=4), hopper)):
+        assert list(impl.tuning_space(request, hw)) == [{}], (request, hw)
+    assert list(RaggedPagedAttention(interpret=True).tuning_space(req(), hopper)) == [{}]

@@ -318,19 +318,44 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
 def mosaic_reasons(query, key_pages, value_pages, *, cu_q_lens=None, window_left=None, soft_cap=None,
                    sinks=None, block_kv: int = 128, stages: int = 2, int8_dots: int = 0) -> list[str]:
     """Why `mosaic_decode` cannot serve a call (empty: it can)."""
-    reasons = []
     _, hq, d = query.shape
     _, ps, hkv, dv = value_pages.shape
-    if cu_q_lens is not None:
+    return layout_reasons(q_dtype=query.dtype, kv_dtype=key_pages.dtype, num_q_heads=hq, num_kv_heads=hkv,
+                          head_dim=d, value_head_dim=dv, page_size=ps, ragged=cu_q_lens is not None,
+                          masked_or_capped=window_left is not None or soft_cap is not None or sinks is not None,
+                          block_kv=block_kv, stages=stages, int8_dots=int8_dots)
+
+
+def request_reasons(request, block_kv: int = 128, stages: int = 2) -> list[str]:
+    """`mosaic_reasons` for a paged `AttentionRequest` (what `tuning_space` asks before it offers
+    the kernel to `jaxattn tune`)."""
+    paged = request.paged
+    if paged is None:
+        return ["the Mosaic decode kernel serves paged calls only"]
+    extra = request.logits_soft_cap or request.has_sinks or "sliding_window" in request.mask_kinds
+    return layout_reasons(q_dtype=request.dtype, kv_dtype=request.kv_dtype, num_q_heads=request.num_q_heads,
+                          num_kv_heads=request.num_kv_heads, head_dim=request.head_dim,
+                          value_head_dim=request.value_head_dim, page_size=paged.page_size, ragged=paged.ragged,
+                          masked_or_capped=extra, block_kv=block_kv, stages=stages, int8_dots=0)
+
+
+def layout_reasons(*, q_dtype, kv_dtype, num_q_heads: int, num_kv_heads: int, head_dim: int, value_head_dim: int,
+                   page_size: int, ragged: bool, masked_or_capped: bool, block_kv: int, stages: int,
+                   int8_dots: int) -> list[str]:
+    """The reasons of `mosaic_reasons` and `request_reasons`, from the call's dtypes and sizes."""
+    reasons = []
+    q_dtype, kv_dtype = jnp.dtype(q_dtype), jnp.dtype(kv_dtype)
+    d, dv, ps, hq, hkv = head_dim, value_head_dim, page_size, num_q_heads, num_kv_heads
+    if ragged:
         reasons.append("the Mosaic decode kernel serves decode calls only (no cu_q_lens)")
-    if window_left is not None or soft_cap is not None or sinks is not None:
+    if masked_or_capped:
         reasons.append("the Mosaic decode kernel has no sliding window, soft-cap or sinks yet")
-    if query.dtype not in (jnp.bfloat16, jnp.float16):
-        reasons.append(f"the Mosaic decode kernel takes bf16/fp16 queries, not {query.dtype}")
-    if key_pages.dtype not in (query.dtype, *ONE_BYTE):
+    if q_dtype not in (jnp.bfloat16, jnp.float16):
+        reasons.append(f"the Mosaic decode kernel takes bf16/fp16 queries, not {q_dtype}")
+    if kv_dtype not in (q_dtype, *ONE_BYTE):
         reasons.append(f"the Mosaic decode kernel takes pages of the query's dtype, int8 or float8_e4m3fn, "
-                       f"not {key_pages.dtype}")
-    if int8_dots and key_pages.dtype != jnp.int8:
+                       f"not {kv_dtype}")
+    if int8_dots and kv_dtype != jnp.int8:
         reasons.append("the Mosaic decode kernel's int8_dots needs int8 pages")
     if d != dv or d not in (64, 128):
         reasons.append(f"the Mosaic decode kernel takes head_dim 64 or 128 for keys and values, got {d}/{dv}")
@@ -341,9 +366,9 @@ def mosaic_reasons(query, key_pages, value_pages, *, cu_q_lens=None, window_left
         reasons.append(f"the Mosaic decode kernel needs block_kv a multiple of 64 (wgmma's rows), got {block_kv}")
     if int8_dots > 1:
         reasons.append("the Mosaic decode kernel runs P·V on 16-bit tensor cores only (int8_dots 0 or 1)")
-    quant = key_pages.dtype in ONE_BYTE
-    need = smem_bytes(d, dv, hq // hkv, block_kv, stages, jnp.dtype(key_pages.dtype).itemsize,
-                      quant and not int8_dots, quant, 1 if quant and int8_dots else 2)
+    quant = kv_dtype in ONE_BYTE
+    need = smem_bytes(d, dv, hq // hkv, block_kv, stages, kv_dtype.itemsize, quant and not int8_dots, quant,
+                      1 if quant and int8_dots else 2)
     if need > SMEM_BYTES:
         reasons.append(f"the Mosaic decode kernel's tiles at block_kv {block_kv} and {stages} stages need {need} "
                        f"bytes of shared memory, more than {SMEM_BYTES}")

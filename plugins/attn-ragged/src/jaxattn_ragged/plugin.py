@@ -14,8 +14,9 @@ TPU interpreter cannot run it on CPU, so CI cannot check it.
 Settings (`metadata.operation_configs["ragged_paged"]` or `["decode"]`: a `RaggedConfig` /
 `DecodeConfig` or a dict of its keys): `block_q`, `block_kv`, `num_splits` (0 = auto),
 `num_warps`, `num_stages`, `target_programs`, and the switches `gather2d`, `mask_split`,
-`two_tiles` (1/0), and `int8_dots` (0/1/2: how many products run on int8 tensor cores for
-int8 pages, see `kernel.KernelConfig`).
+`two_tiles` (1/0), `int8_dots` (0/1/2: how many products run on int8 tensor cores for
+int8 pages, see `kernel.KernelConfig`) and `mosaic` (1: decode calls on the Hopper kernel of
+`mosaic_decode.py`; `jaxattn tune` tries it on a Hopper GPU where it serves the call).
 Measured tables (`tuning/*.json`, package data) are shipped through `jaxattn_tuning_tables`.
 
 Quantized caches (int8 or float8_e4m3fn pages with `k_scale`/`v_scale`, per token and head
@@ -145,6 +146,19 @@ class RaggedPagedAttention(OperationImpl):
         if hardware.platform == "tpu" and not self.interpret:
             return reasons + self._tpu_reasons(request)
         return reasons + self._gpu_reasons(request, hardware)
+
+    def tuning_space(self, request: AttentionRequest, hardware: Hardware) -> list[dict[str, Any]]:
+        """What `jaxattn tune` times: the defaults and, for a decode call on a Hopper GPU that the
+        Mosaic decode kernel serves at the decode defaults' tiles, that kernel (`mosaic=1`)."""
+        from .mosaic_decode import request_reasons
+
+        space: list[dict[str, Any]] = [{}]
+        cc = hardware.compute_capability
+        hopper = hardware.platform == "gpu" and hardware.is_cuda and cc is not None and cc[0] == 9
+        if hopper and not self.interpret and request.paged is not None and not request.paged.ragged:
+            if not request_reasons(request, DECODE_CONFIG.block_kv, DECODE_CONFIG.num_stages):
+                space.append({"mosaic": 1})
+        return space
 
     def _gpu_reasons(self, request: AttentionRequest, hardware: Hardware) -> list[str]:
         reasons = []
