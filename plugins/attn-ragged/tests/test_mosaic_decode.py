@@ -179,3 +179,18 @@ def test_tune_tries_the_mosaic_kernel_on_hopper_decode_it_serves():
                         (req(page_size=4), hopper)):
         assert list(impl.tuning_space(request, hw)) == [{}], (request, hw)
     assert list(RaggedPagedAttention(interpret=True).tuning_space(req(), hopper)) == [{}]
+
+
+def test_mosaic_switch_refuses_a_device_that_is_not_hopper():
+    """A call the kernel would serve, on a device that is not a Hopper GPU (this CPU, dispatched as
+    if on an A100): a ValueError naming the device, not a compile error from deep in Mosaic."""
+    from jaxattn import Hardware
+    from jaxattn_ragged.kernel import DECODE_CONFIG
+
+    args = paged_problem(5, [40, 17], [1, 1], hq=4, hkv=2, d=128, dtype=jnp.bfloat16, page_size=16)
+    args = {k: v for k, v in args.items() if k != "cu_q_lens"}
+    a100 = Hardware.nvidia(compute_capability=(8, 0), device_kind="NVIDIA A100-SXM4-80GB")
+    impl = RaggedPagedAttention(config=DECODE_CONFIG.replace(mosaic=1))
+    with pytest.raises(ValueError, match=r"Hopper GPU only \(compute capability 9.x\)") as err:
+        run_impl(impl, args, hardware=a100)
+    assert "decode calls only" not in str(err.value) and "head_dim" not in str(err.value)

@@ -222,6 +222,12 @@ class RaggedPagedAttention(OperationImpl):
                                  int8_dots=cfg.int8_dots)
         if self.interpret:
             reasons.append("the Mosaic decode kernel runs on a Hopper GPU only (no interpreter)")
+        else:
+            here = jaxattn.hardware.current()
+            cc = here.compute_capability
+            if here.platform != "gpu" or not here.is_cuda or cc is None or cc[0] != 9:
+                reasons.append(f"the Mosaic decode kernel runs on a Hopper GPU only (compute capability 9.x), "
+                               f"not on {here.device_kind} ({cc})")
         if reasons:
             raise ValueError(f"{self.name}: mosaic=1: " + "; ".join(reasons))
         return mosaic_paged_decode(inputs.query, inputs.key_pages, inputs.value_pages, inputs.kv_lengths,
