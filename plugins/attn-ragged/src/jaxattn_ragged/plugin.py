@@ -88,6 +88,12 @@ def _config(metadata: OperationMetadata, impl: OperationImpl, base: KernelConfig
     return base.replace(**metadata.operation_config(impl.name, config_class).to_dict())
 
 
+def _is_hopper(hardware: Hardware) -> bool:
+    """An NVIDIA GPU of compute capability 9.x: what the Mosaic decode kernel runs on."""
+    cc = hardware.compute_capability
+    return hardware.platform == "gpu" and hardware.is_cuda and cc is not None and cc[0] == 9
+
+
 def _window_left(inputs: PagedAttentionInputs) -> int | None:
     return None if inputs.sliding_window is None else int(inputs.sliding_window[0])
 
@@ -153,9 +159,7 @@ class RaggedPagedAttention(OperationImpl):
         from .mosaic_decode import request_reasons
 
         space: list[dict[str, Any]] = [{}]
-        cc = hardware.compute_capability
-        hopper = hardware.platform == "gpu" and hardware.is_cuda and cc is not None and cc[0] == 9
-        if hopper and not self.interpret and request.paged is not None and not request.paged.ragged:
+        if _is_hopper(hardware) and not self.interpret and request.paged is not None and not request.paged.ragged:
             if not request_reasons(request, DECODE_CONFIG.block_kv, DECODE_CONFIG.num_stages):
                 space.append({"mosaic": 1})
         return space
@@ -222,12 +226,9 @@ class RaggedPagedAttention(OperationImpl):
                                  int8_dots=cfg.int8_dots)
         if self.interpret:
             reasons.append("the Mosaic decode kernel runs on a Hopper GPU only (no interpreter)")
-        else:
-            here = jaxattn.hardware.current()
-            cc = here.compute_capability
-            if here.platform != "gpu" or not here.is_cuda or cc is None or cc[0] != 9:
-                reasons.append(f"the Mosaic decode kernel runs on a Hopper GPU only (compute capability 9.x), "
-                               f"not on {here.device_kind} ({cc})")
+        elif not _is_hopper(here := jaxattn.hardware.current()):
+            reasons.append(f"the Mosaic decode kernel runs on a Hopper GPU only (compute capability 9.x), "
+                           f"not on {here.device_kind} ({here.compute_capability})")
         if reasons:
             raise ValueError(f"{self.name}: mosaic=1: " + "; ".join(reasons))
         return mosaic_paged_decode(inputs.query, inputs.key_pages, inputs.value_pages, inputs.kv_lengths,
