@@ -302,14 +302,20 @@ def _int8_rows(x):
     return y.astype(jnp.int32).astype(jnp.int8), scale
 
 
-def choose_splits(items: int, kv_heads: int, max_steps: int, cfg: KernelConfig) -> int:
+def choose_splits(items: int, kv_heads: int, max_steps: int, cfg: KernelConfig, *, blocks_per_sm: int = 4,
+                  round_down: bool = False) -> int:
+    """KV splits of each (item, kv head): `cfg.num_splits` where set, else enough programs to reach
+    `cfg.target_programs` (default `blocks_per_sm` per SM), rounded up, or down where a second,
+    mostly empty wave would cost a whole one (`round_down`), each split at least
+    `MIN_STEPS_PER_SPLIT` steps beyond the first 4, never more splits than steps."""
     if cfg.num_splits > 0:
         return max(1, min(cfg.num_splits, max_steps))
-    target = cfg.target_programs or 4 * num_sms()
+    target = cfg.target_programs or blocks_per_sm * num_sms()
     programs = items * kv_heads
     if programs >= target:
         return 1
-    splits = min(-(-target // programs), max(4, max_steps // MIN_STEPS_PER_SPLIT))
+    wanted = target // programs if round_down else -(-target // programs)
+    splits = min(wanted, max(4, max_steps // MIN_STEPS_PER_SPLIT))
     return max(1, min(splits, max_steps))
 
 

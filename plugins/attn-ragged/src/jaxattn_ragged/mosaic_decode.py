@@ -382,18 +382,11 @@ def one_wave_splits(items: int, kv_heads: int, max_steps: int, config) -> int:
     (the K/V ring takes most of its shared memory), so where the (sequence, kv head) pairs are
     fewer than the SMs the split fills them once, rounding down: rounding up (as the Triton
     kernel's several blocks per SM allow) would start a second wave of a few blocks that runs as
-    long as the first (17 splits of 8 kv heads: 136 blocks on 132 SMs). Each split keeps at
-    least `MIN_STEPS_PER_SPLIT` steps beyond the first 4 splits."""
-    from ._compat import num_sms
-    from .kernel import MIN_STEPS_PER_SPLIT
+    long as the first (17 splits of 8 kv heads: 136 blocks on 132 SMs): `kernel.choose_splits` at
+    one block per SM, rounding down."""
+    from .kernel import choose_splits
 
-    if config.num_splits > 0:
-        return max(1, min(config.num_splits, max_steps))
-    programs = items * kv_heads
-    sms = config.target_programs or num_sms()
-    if programs >= sms:
-        return 1
-    return max(1, min(sms // programs, max(4, max_steps // MIN_STEPS_PER_SPLIT), max_steps))
+    return choose_splits(items, kv_heads, max_steps, config, blocks_per_sm=1, round_down=True)
 
 
 def mosaic_paged_decode(query, key_pages, value_pages, kv_lengths, page_table, *, scale: float, k_scale=None,
