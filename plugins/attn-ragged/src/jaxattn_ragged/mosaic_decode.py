@@ -114,11 +114,11 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     c = scale * LOG2E
 
     q_cols = jnp.zeros((b, hkv, gn, d), dtype).at[:, :, :group].set(q.reshape(b, hkv, group, d))
-    if int8_qk:  # per query head: the logits' columns carry its scale (and the softmax's c)
-        q32 = q_cols.astype(jnp.float32)
-        q_scale = jnp.maximum(jnp.max(jnp.abs(q32), axis=-1), 1e-30) / 127.0
-        q_cols = jnp.clip(jnp.round(q32 / q_scale[..., None]), -127, 127).astype(jnp.int8)
-        col_scale = q_scale * c
+    if int8_qk:  # per query head, as the Triton kernel's int8_dots: the logits' columns carry its scale (and c)
+        from .kernel import _int8_rows
+
+        q_int, q_scale = _int8_rows(q_cols.reshape(-1, d))
+        q_cols, col_scale = q_int.reshape(q_cols.shape), q_scale.reshape(b, hkv, gn) * c
     else:
         col_scale = jnp.full((b, hkv, gn), c, jnp.float32)
     args = [q_cols, col_scale, k_pages, v_pages, kv_lengths.astype(jnp.int32), page_table.astype(jnp.int32)]
