@@ -14,19 +14,13 @@ from jaxattn import OperationMetadata
 from jaxattn.testing import Shape, run_conformance
 from jaxattn_flash import FlashAttention
 from jaxattn_flash._testing import flash_metadata as _md
+from jaxattn_flash._testing import on_hopper as _on_hopper
 from jaxattn_flash._testing import peers_request as _request
 
 MOSAIC = OperationMetadata(operation_configs={"flash": {"gpu_kernel": "mosaic"}})
 MOSAIC_CASES = ["full", "causal", "causal_q_lt_kv", "causal_top_left", "gqa", "mqa", "sliding_window",
                 "sliding_window_asym", "fully_masked_rows", "return_lse", "soft_cap", "sinks", "chunked_causal",
                 "seq_lengths", "segment_ids", "value_head_dim"]
-
-
-def _on_hopper() -> bool:
-    if jax.default_backend() != "gpu":
-        return False
-    cc = jaxattn.hardware.current().compute_capability
-    return cc is not None and cc[0] == 9
 
 
 GPU_RUNS = {  # name: (dtype, head_dim, cases, gradients)

@@ -16,6 +16,7 @@ import pytest
 import jaxattn
 from jaxattn import CausalMask, ChunkedCausalMask, OperationMetadata
 from jaxattn.testing import assert_same_nonfinite, nonfinite_problem
+from jaxattn_flash._testing import on_hopper as _on_hopper
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
 
@@ -32,10 +33,6 @@ MASKS = {
 }
 MOSAIC_MASKS = ["full", "causal", "fully_masked_rows", "window", "chunked", "kv_lengths", "segments_causal"]
 TOL = dict(rtol=3e-2, atol=3e-2)
-
-
-def _on_hopper() -> bool:
-    return jax.default_backend() == "gpu" and jaxattn.hardware.current().compute_capability[0] == 9
 
 
 def _check(kernel: str, mask: str) -> None:

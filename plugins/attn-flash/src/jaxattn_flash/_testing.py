@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+
+import jaxattn
 from jaxattn import AttentionRequest, OperationMetadata
 
 # Every platform (GPU Triton, TPU) declares the same cases.
@@ -39,3 +42,11 @@ def peers_request(**fields: Any) -> AttentionRequest:
 def flash_metadata(**config: Any) -> OperationMetadata:
     """Metadata whose `operation_configs["flash"]` is `config`."""
     return OperationMetadata(operation_configs={"flash": config})
+
+
+def on_hopper() -> bool:
+    """Whether this process runs on a Hopper GPU (compute capability 9.x): the Mosaic paths' GPU tests."""
+    if jax.default_backend() != "gpu":
+        return False
+    cc = jaxattn.hardware.current().compute_capability
+    return cc is not None and cc[0] == 9
