@@ -182,6 +182,32 @@ def test_gpu_kernel_config_keys():
         flash_config.mosaic_tiles({"mosaic_stages": 5}, 128)
     with pytest.raises(ValueError, match="unknown keys"):
         flash_config.gpu_kernel({"gpu_kernels": "auto"})
+
+
+def test_mosaic_key_tiles_widen_only_without_a_band():
+    """head_dim 64 without a band takes key tiles of 256 where they divide kv_len and fit; a
+    band (causal, window, chunk), another kv_len, a head_dim without the rule, or the config's
+    own tile keeps the measured default."""
+    tiles = flash_config.mosaic_tiles
+    assert tiles({}, 64, 64, 4096, banded=False) == flash_config.MOSAIC_FULL_DEFAULTS[64] == (256, 2)
+    assert tiles({}, 64, 64, 4096, banded=True) == flash_config.MOSAIC_DEFAULTS[64]
+    assert tiles({}, 64, 64, 4096 + 128, banded=False) == flash_config.MOSAIC_DEFAULTS[64]
+    assert tiles({}, 64, 64, None, banded=False) == flash_config.MOSAIC_DEFAULTS[64]
+    assert tiles({}, 128, 128, 4096, banded=False) == flash_config.MOSAIC_DEFAULTS[128]
+    # value head_dim 128 beside head_dim 64: 256-key tiles of both would not fit in shared memory
+    assert flash_config.mosaic_smem_bytes(64, 256, 2, value_head_dim=128) > flash_config.MOSAIC_SMEM_BYTES
+    assert tiles({}, 64, 128, 4096, banded=False) == flash_config.MOSAIC_DEFAULTS[64]
+    assert tiles({"mosaic_block_kv": 64}, 64, 64, 4096, banded=False) == (64, 2)
+    # the call's own band decides: the forward's spec and the path's shared-memory check agree
+    from jaxattn_flash import backend
+
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 512, 4, 64), jax.numpy.bfloat16)
+    for causal, window, block_kv in ((False, None, 256), (True, None, 128), (False, (64, 64), 128)):
+        inputs = jaxattn.validation.build_attention_inputs(
+            q, q, q, None, None, metadata=MOSAIC, scale=None, is_causal=causal, sliding_window=window,
+            segment_ids=None, query_seq_lengths=None, key_value_seq_lengths=None, logits_soft_cap=None, sinks=None,
+            dropout_rate=0.0, dropout_rng=None, return_lse=False)
+        assert backend._prepare(inputs, MOSAIC, False, H100).mosaic.block_kv == block_kv, (causal, window)
     # the Triton tiles still resolve with the new keys present
     assert flash_config.resolve({"gpu_kernel": "triton", "mosaic_stages": 2}, 64, 256, 256)["fwd"].block_q == 128
 

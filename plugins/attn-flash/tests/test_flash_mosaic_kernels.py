@@ -239,7 +239,7 @@ def test_guarded_forward_traces_with_its_cleaning_state(head_dim, band, sinks, c
 
 LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
     "causal": dict(band_lo=None, band_hi=0),
-    "full-d64": dict(band_lo=None, band_hi=None, head_dim=64),
+    "full-d64": dict(band_lo=None, band_hi=None, head_dim=64, block_kv=256),  # MOSAIC_FULL_DEFAULTS
     "causal-guarded-d256-passes": dict(band_lo=None, band_hi=0, guard_values=True, head_dim=256, block_kv=64,
                                        passes=4),
     "window-softcap-lengths-d256": dict(band_lo=-200, band_hi=0, soft_cap=30.0, kv_lengths=True, head_dim=256,
@@ -252,7 +252,7 @@ LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
     "window-guarded-softcap": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0),
     "chunked-guarded-sinks": dict(band_lo=None, band_hi=0, guard_values=True, chunk=192, sinks=True),
     "lengths-guarded": dict(band_lo=None, band_hi=0, guard_values=True, q_lengths=True, kv_lengths=True),
-    "segments-full-d64": dict(band_lo=None, band_hi=None, segments=True, head_dim=64),
+    "segments-full-d64": dict(band_lo=None, band_hi=None, segments=True, head_dim=64, block_kv=256),
     "segments-causal-guarded-lengths": dict(band_lo=None, band_hi=0, guard_values=True, segments=True,
                                             kv_lengths=True),
     "mla-192-128-causal-guarded": dict(band_lo=None, band_hi=0, guard_values=True, head_dim=192,

@@ -117,7 +117,7 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
     if path.kernel == "mosaic":
         from .mosaic_kernels import MosaicSpec
 
-        block_kv, stages = _config.mosaic_tiles(config, d)
+        block_kv, stages = _config.mosaic_tiles(config, d, dv, skv, banded=(band_lo, band_hi) != (None, None))
         mspec = MosaicSpec(scale=spec.scale, band_lo=band_lo, band_hi=band_hi, block_kv=block_kv, stages=stages,
                            soft_cap=spec.soft_cap, sinks=spec.sinks, guard_values=value_guard.hides_keys(inputs),
                            chunk=spec.chunk_size, chunk_offset=spec.chunk_offset,

@@ -119,6 +119,12 @@ DEFAULTS: dict[int, dict[str, tuple[int, int, int, int]]] = {
 # 559 causal at (2, 4096, 16, 16)). Triton defaults of head_dim 256: bench/results/tune_d256.log.
 # Shared memory: Q/O 2*64*d, K and V stages*block_kv*d each (2 bytes), under 227 KiB.
 MOSAIC_DEFAULTS: dict[int, tuple[int, int]] = {64: (128, 2), 128: (128, 2), 256: (64, 2)}
+# head_dim -> (block_kv, stages) where no band bounds the keys (no causal, window or chunk: every key
+# tile is read), used where kv_len is a multiple and the tiles fit. On an H200 (2026-12-01,
+# bench/results/h200_2026-12-01/d64_probe.log) head_dim 64 full forward at (8, 2048, 16, 16) 399 vs
+# 370 TFLOP/s, (4, 4096, 16, 16) 436 vs 406 (cuDNN 416/438), fwd+bwd level (365/400 vs 364/395);
+# causal 270 vs 290 and 353 vs 354, hence the band keeps 128.
+MOSAIC_FULL_DEFAULTS: dict[int, tuple[int, int]] = {64: (256, 2)}
 MOSAIC_SMEM_BYTES = 227 * 1024 - 4096  # what the kernel's tiles may take (barriers, reductions apart)
 # (dq key tile, stages) of the Mosaic GPU backward (mosaic_bwd_kernels.py): on an H200 a key tile
 # of 128 and 3 stages were level with these (within 1-4%, BENCHMARKS.md "Mosaic GPU backward").
@@ -212,10 +218,17 @@ def mosaic_fused_dq(config: Mapping[str, Any], head_dim: int, value_head_dim: in
     return None if mode == "separate" else mode
 
 
-def mosaic_tiles(config: Mapping[str, Any], head_dim: int) -> tuple[int, int]:
-    """(block_kv, stages) of the Mosaic GPU forward for this head_dim (defaults or the config's)."""
+def mosaic_tiles(config: Mapping[str, Any], head_dim: int, value_head_dim: int | None = None,
+                 kv_len: int | None = None, banded: bool = True) -> tuple[int, int]:
+    """(block_kv, stages) of the Mosaic GPU forward for this call (defaults or the config's).
+    A call whose mask has no band (`banded=False`) takes `MOSAIC_FULL_DEFAULTS` where they
+    divide `kv_len` and fit in shared memory; else `MOSAIC_DEFAULTS`."""
     cfg = validate(config)
     bk, stages = MOSAIC_DEFAULTS.get(head_dim, (64, 2))
+    wide = MOSAIC_FULL_DEFAULTS.get(head_dim)
+    if (wide is not None and not banded and kv_len is not None and kv_len % wide[0] == 0
+            and mosaic_smem_bytes(head_dim, *wide, value_head_dim=value_head_dim) <= MOSAIC_SMEM_BYTES):
+        bk, stages = wide
     return cfg.mosaic_block_kv or bk, cfg.mosaic_stages or stages
 
 

@@ -159,7 +159,7 @@ def mosaic_reasons(request: AttentionRequest, hardware: Hardware, config: Mappin
         reasons += dim_reasons
     else:
         d, dv = request.head_dim, request.value_head_dim
-        bk, stages = _config.mosaic_tiles(config, d)
+        bk, stages = _config.mosaic_tiles(config, d, dv, request.kv_len, banded=band_of(request) != (None, None))
         if _config.mosaic_smem_bytes(d, bk, stages, value_head_dim=dv) > _config.MOSAIC_SMEM_BYTES:
             reasons.append(f"mosaic_block_kv={bk} with {stages} stages does not fit in shared memory at "
                            f"{_config.dims_text(d, dv)}")
