@@ -42,7 +42,7 @@ DATA = {  # files each installed package must carry beside its modules
     "jaxattn": ["jaxattn/py.typed", "jaxattn/testing/suite.py"],
     "jaxattn-cudnn": ["jaxattn_cudnn/py.typed", "jaxattn_cudnn/tuning/NVIDIA-H200.json"],
     "jaxattn-flash": ["jaxattn_flash/py.typed", "jaxattn_flash/tuning/NVIDIA-H200.json"],
-    "jaxattn-ragged": ["jaxattn_ragged/py.typed"],
+    "jaxattn-ragged": ["jaxattn_ragged/py.typed", "jaxattn_ragged/tuning/NVIDIA-H200.json"],
     "jaxattn-splash": ["jaxattn_splash/py.typed"],
     "jaxattn-example": ["jaxattn_example/py.typed"],
 }
