@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 import jaxattn
-from jaxattn.bench import program_text, same_program
+import jaxattn.bench
+from jaxattn.bench import lowered_text, program_text, same_program
 
 
 def _inputs():
@@ -35,3 +36,17 @@ def test_other_masks_scales_and_call_kinds_are_other_programs():
     assert not same_program(causal, _call(is_causal=True, backend="xla", scale=0.5), q, k, v)
     grad = jax.jit(jax.grad(lambda q, k, v: jaxattn.attention(q, k, v, is_causal=True).sum(), argnums=(0, 1, 2)))
     assert not same_program(causal, grad, q, k, v)
+
+
+def test_one_stablehlo_is_one_program_whatever_names_the_compiled_text_carries(monkeypatch):
+    """On a GPU, auto's forward and flash's (the custom_vjp of a split call around it) lowered to
+    one StableHLO, locations apart, while their compiled texts differed: the lowered text decides
+    first. A differing StableHLO still falls back to the compiled programs."""
+    q, k, v = _inputs()
+    auto, xla = _call(is_causal=True), _call(is_causal=True, backend="xla")
+    assert lowered_text(auto, q, k, v) == lowered_text(xla, q, k, v)
+    assert "loc(" not in lowered_text(auto, q, k, v)
+    names = iter(range(10))
+    monkeypatch.setattr(jaxattn.bench, "program_text", lambda fn, *args: f"compiled {next(names)}")
+    assert same_program(auto, xla, q, k, v)
+    assert not same_program(auto, _call(is_causal=False, backend="xla"), q, k, v)
