@@ -108,6 +108,10 @@ class MosaicSpec:
     soft_cap: float | None = None  # logits c·tanh(s/c)
     sinks: bool = False  # one sink logit per query head joins each row's normalizer
     guard_values: bool = False  # keep non-finite values of masked keys from the rows that do not see them
+    # with guard_values: read v once before the kernel for a flag per (batch row, kv head), so the
+    # blocks of clean pairs skip the cleaning; False: every block cleans the tiles its mask cuts
+    # (one form of the loop, no pass over v: the cost of that pass is what a probe weighs)
+    guard_prepass: bool = True
     chunk: int | None = None  # chunked causal: query i sees keys of chunk (i + chunk_offset) // chunk only
     chunk_offset: int = 0
     q_lengths: bool = False  # per-batch query lengths: rows past them give zeros and lse -inf
@@ -306,7 +310,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     own_out = dv != d  # O (value head_dim) has its own buffer; else it overwrites Q's
 
     names = (["q", "k", "v"] + ["sinks"] * spec.sinks + ["q_lens"] * spec.q_lengths + ["kv_lens"] * spec.kv_lengths
-             + ["q_seg", "kv_seg", "seg_ranges"] * spec.segments + ["v_dirty"] * guard)
+             + ["q_seg", "kv_seg", "seg_ranges"] * spec.segments + ["v_dirty"] * (guard and spec.guard_prepass))
 
     def kernel(*refs):
         ins = dict(zip(names, refs))
@@ -492,12 +496,12 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
                 write_rows(acc, m, l, seen)
 
-            if guard:  # the guarded form only where this batch row and kv head hold a non-finite value
+            if guard and spec.guard_prepass:  # the guarded form only where this pair holds a non-finite value
                 dirty = ins["v_dirty"][bi * hkv + lax.div(hi, jnp.int32(group))] != 0
                 pl.when(dirty)(lambda: attend(True))
                 pl.when(jnp.logical_not(dirty))(lambda: attend(False))
             else:
-                attend(False)
+                attend(guard)
 
         @pl.when(wg == CONSUMERS)
         def _producer():
@@ -552,7 +556,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
         segments = [q_seg, kv_seg, segment_tile_ranges(q_seg, kv_seg, rows, bk)]
     # which (batch row, kv head) holds a non-finite value: one read of v, so clean calls skip the guard
     dirty = []
-    if guard:
+    if guard and spec.guard_prepass:
         flags = jnp.any(~jnp.isfinite(v), axis=(1, 3)) if bad_keys is None else jnp.any(bad_keys, axis=1)
         dirty = [flags.reshape(b * hkv).astype(jnp.int32)]
     return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, *sink_rows, *lengths,
