@@ -90,6 +90,7 @@ M_FLOOR = -1e30  # initial running max (log2 units): finite, below any real logi
 CONSUMERS = 2
 SCHEDULE_BARRIER = 8  # named barriers 8 (warpgroup 0) and 9 (warpgroup 1)
 CONSUMERS_BARRIER = 10  # both consumers (a guarded tile is clean)
+RELEASE_BARRIER = 11  # `named_release`: K slot s frees on 11 + s, V slot s on 13 + s (2 stages at most)
 GUARD_KEYS, GUARD_COLS = 64, 128  # the value guard cleans a tile in chunks of this many keys x columns
 
 
@@ -119,10 +120,16 @@ class MosaicSpec:
     segments: bool = False  # query and key segment ids: a query sees the keys of its own segment only
     cluster: int = 0  # > 1: launch this many (batch, head) groups at a time, heavy blocks first (launch_order)
     bounded_logits: bool = False  # soft-capped logits bound exp2: no running max (config.softcap_without_max)
+    # Consumers free a K/V slot with `bar.arrive` on a named barrier the producer `bar.sync`s
+    # (tokamax's way) instead of an mbarrier arrival from each of their 256 threads: an experiment
+    # for the next session's probe; named barriers 11-14 hold 2 stages at most.
+    named_release: bool = False
 
     def __post_init__(self) -> None:
         if self.bounded_logits and self.soft_cap is None:  # only a cap bounds the logits
             raise ValueError("MosaicSpec: bounded_logits=True needs a soft_cap")
+        if self.named_release and self.stages > 2:
+            raise ValueError(f"MosaicSpec: named_release=True takes 2 stages at most; got {self.stages}")
 
     @property
     def rows(self) -> int:
@@ -216,8 +223,8 @@ def full_range(spec: MosaicSpec, r0, lb, ub, rows: int | None = None, kv_end=Non
     return full_key_tiles(spec, r0, spec.block_q if rows is None else rows, spec.block_kv, lb, ub, kv_end)
 
 
-def _bar(plgpu, op: str, barrier_id) -> None:
-    """`bar.<op>` of both consumer warpgroups (256 threads) on the named barrier
+def _bar(plgpu, op: str, barrier_id, threads: int = CONSUMERS * 128) -> None:
+    """`bar.<op>` of `threads` threads (both consumer warpgroups unless told) on the named barrier
     `barrier_id(wg)` (`wg`: this warpgroup's index, an MLIR i32 value)."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import llvm
@@ -226,7 +233,7 @@ def _bar(plgpu, op: str, barrier_id) -> None:
     @plgpu.inline_mgpu()
     def emit(_ctx):
         bid = barrier_id(mgpu_utils.warpgroup_idx(sync=False))
-        llvm.inline_asm(ir.Type.parse("!llvm.void"), [bid], f"bar.{op} $0, {CONSUMERS * 128};", "r",
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [bid], f"bar.{op} $0, {threads};", "r",
                         has_side_effects=True)
 
     emit()
@@ -247,6 +254,13 @@ def _named_barrier(plgpu, op: str, own: bool) -> None:
         _bar(plgpu, op, lambda wg: arith.addi(wg, _i32_const(SCHEDULE_BARRIER)))
     else:
         _bar(plgpu, op, lambda wg: arith.subi(_i32_const(SCHEDULE_BARRIER + 1), wg))
+
+
+def _slot_barrier(plgpu, op: str, first: int, slot, stages: int) -> None:
+    """`bar.<op>` of all three warpgroups on named barrier `first + slot` (`slot` traced, < `stages`):
+    the consumers arrive when they are done with a K/V slot, the producer syncs before refilling it."""
+    for s in range(stages):
+        pl.when(slot == s)(lambda s=s: _bar(plgpu, op, lambda _wg: _i32_const(first + s), (CONSUMERS + 1) * 128))
 
 
 def _consumers_sync(plgpu) -> None:
@@ -299,6 +313,20 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     rows = spec.rows
     nq, nk = sq // rows, skv // bk
     stages = max(1, min(spec.stages, nk))
+
+    def free_slot(bar, which: int, slot):
+        """Consumers: done with K (`which` 0) or V (1) of `slot`."""
+        if spec.named_release:
+            _slot_barrier(plgpu, "arrive", RELEASE_BARRIER + which * 2, slot, stages)
+        else:
+            plgpu.barrier_arrive(bar.at[slot])
+
+    def await_slot(bar, which: int, slot):
+        """Producer: wait until both consumers are done with K (`which` 0) or V (1) of `slot`."""
+        if spec.named_release:
+            _slot_barrier(plgpu, "sync", RELEASE_BARRIER + which * 2, slot, stages)
+        else:
+            plgpu.barrier_wait(bar.at[slot])
     dtype = q.dtype
     c = spec.scale * LOG2E
     # causal-like bands: later query blocks have more keys; start them first
@@ -391,7 +419,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     return s_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
+                free_slot(k_free, 0, slot)
                 ok = band() if masked else None
                 if spec.soft_cap is None:  # scale after the max: one multiply per row, an FMA per logit
                     if ok is not None:
@@ -430,7 +458,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                         plgpu.barrier_wait(k_bar.at[lax.rem(ki + 1, stages)])
 
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[slot])
+                free_slot(v_free, 1, slot)
                 return acc, m_new, l, seen
 
             def write_rows(acc, m, l, seen):
@@ -526,10 +554,16 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
             @pl.loop(lb, ub - stages)
             def _(ki):
                 slot = lax.rem(ki, stages)
-                plgpu.barrier_wait(k_free.at[slot])
+                await_slot(k_free, 0, slot)
                 load(k_ref, k_smem, k_bar, ki + stages, slot)
-                plgpu.barrier_wait(v_free.at[slot])
+                await_slot(v_free, 1, slot)
                 load(v_ref, v_smem, v_bar, ki + stages, slot)
+
+            if spec.named_release:  # the last tiles' releases too: every arrival meets its sync
+                @pl.loop(jnp.maximum(lb, ub - stages), ub)
+                def _(ki):
+                    await_slot(k_free, 0, lax.rem(ki, stages))
+                    await_slot(v_free, 1, lax.rem(ki, stages))
 
     # each row's sink logit in log2 units, a row of block_q per head (TMA-loaded like the lse)
     sink_rows = [] if not spec.sinks else [
