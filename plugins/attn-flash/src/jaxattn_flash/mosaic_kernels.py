@@ -41,7 +41,7 @@ tiles a non-finite value reaches every row, as it must, with no work. The cleani
 in the blocks of a (batch row, kv head) whose values hold a non-finite entry: one flag per pair,
 from one read of the values before the kernel (no host sync: each block reads its flag and
 takes one of two compiled forms), so clean calls keep ping-pong and the consumers' own full
-ranges on every tile.
+ranges on every tile (`guard_prepass=False`: no read, every block takes the cleaning form).
 
 A logit soft-cap c replaces the scaled logits by c·tanh(s·scale/c) (one tanh per logit). Such
 logits lie within ±c, so where exp2 of ±c·log2(e) summed over the keys stays far inside float32
@@ -90,7 +90,7 @@ M_FLOOR = -1e30  # initial running max (log2 units): finite, below any real logi
 CONSUMERS = 2
 SCHEDULE_BARRIER = 8  # named barriers 8 (warpgroup 0) and 9 (warpgroup 1)
 CONSUMERS_BARRIER = 10  # both consumers (a guarded tile is clean)
-RELEASE_BARRIER = 11  # `named_release`: K slot s frees on 11 + s, V slot s on 13 + s (2 stages at most)
+RELEASE_BARRIER, RELEASE_STAGES = 11, 2  # `named_release`: K slot s frees on 11 + s, V slot s on 13 + s
 GUARD_KEYS, GUARD_COLS = 64, 128  # the value guard cleans a tile in chunks of this many keys x columns
 
 
@@ -128,8 +128,8 @@ class MosaicSpec:
     def __post_init__(self) -> None:
         if self.bounded_logits and self.soft_cap is None:  # only a cap bounds the logits
             raise ValueError("MosaicSpec: bounded_logits=True needs a soft_cap")
-        if self.named_release and self.stages > 2:
-            raise ValueError(f"MosaicSpec: named_release=True takes 2 stages at most; got {self.stages}")
+        if self.named_release and self.stages > RELEASE_STAGES:
+            raise ValueError(f"MosaicSpec: named_release=True takes {RELEASE_STAGES} stages at most; got {self.stages}")
 
     @property
     def rows(self) -> int:
@@ -317,14 +317,14 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     def free_slot(bar, which: int, slot):
         """Consumers: done with K (`which` 0) or V (1) of `slot`."""
         if spec.named_release:
-            _slot_barrier(plgpu, "arrive", RELEASE_BARRIER + which * 2, slot, stages)
+            _slot_barrier(plgpu, "arrive", RELEASE_BARRIER + which * RELEASE_STAGES, slot, stages)
         else:
             plgpu.barrier_arrive(bar.at[slot])
 
     def await_slot(bar, which: int, slot):
         """Producer: wait until both consumers are done with K (`which` 0) or V (1) of `slot`."""
         if spec.named_release:
-            _slot_barrier(plgpu, "sync", RELEASE_BARRIER + which * 2, slot, stages)
+            _slot_barrier(plgpu, "sync", RELEASE_BARRIER + which * RELEASE_STAGES, slot, stages)
         else:
             plgpu.barrier_wait(bar.at[slot])
     dtype = q.dtype
