@@ -261,13 +261,22 @@ def _call(shape: BenchShape, train: bool, backend: str = "auto",
 
 
 def _selection(shape: BenchShape, train: bool) -> Selection:
-    arrays = _arrays(shape)
-    if shape.page_size is not None:
-        q, kp, vp, lengths, table, *cu_q_lens = arrays
-        return select(q, kp, vp, lengths, table, op="paged_attention", sliding_window=shape.window,
-                      cu_q_lens=cu_q_lens[0] if cu_q_lens else None)
-    return select(*arrays, is_causal=shape.causal, sliding_window=shape.window, segment_ids=shape.segment_ids(),
-                  metadata=OperationMetadata(needs_grad=train))
+    """What `auto` selects for `shape`, traced on abstract inputs: selection reads shapes, dtypes
+    and static arguments only, as under `jit`, so no array of the shape is made."""
+    found: list[Selection] = []
+
+    def trace(*arrays: jax.Array) -> jax.Array:
+        if shape.page_size is not None:
+            q, kp, vp, lengths, table, *cu_q_lens = arrays
+            found.append(select(q, kp, vp, lengths, table, op="paged_attention", sliding_window=shape.window,
+                                cu_q_lens=cu_q_lens[0] if cu_q_lens else None))
+        else:
+            found.append(select(*arrays, is_causal=shape.causal, sliding_window=shape.window,
+                                segment_ids=shape.segment_ids(), metadata=OperationMetadata(needs_grad=train)))
+        return arrays[0]
+
+    jax.eval_shape(trace, *jax.eval_shape(lambda: _arrays(shape)))
+    return found[0]
 
 
 def requests(shape: BenchShape) -> tuple[AttentionRequest, AttentionRequest | None]:
