@@ -28,48 +28,16 @@ def multiple_of(x: Any, m: int) -> Any:
     return fn(x, m) if fn is not None else x
 
 
-# -- Mosaic GPU (the Hopper forward path) ----------------------------------------------------
-# Imported only when that path is asked about or used: CPU CI never needs it to work.
+# -- Mosaic GPU (the Hopper paths): the version guards every GPU backend shares live in the core
+# (`jaxattn.pallas_compat`, imported only when a Mosaic module is); only this plugin's own here.
 
-_MOSAIC: dict[str, Any] = {}
-
-
-def mosaic_gpu() -> Any:
-    """`jax.experimental.pallas.mosaic_gpu`, imported on first use (ImportError if it cannot be)."""
-    if "module" not in _MOSAIC:
-        try:
-            from jax.experimental.pallas import mosaic_gpu as plgpu_mosaic
-
-            _MOSAIC["module"] = plgpu_mosaic
-        except Exception as e:  # noqa: BLE001 - any failure means "no Mosaic GPU here"
-            _MOSAIC["module"] = None
-            _MOSAIC["error"] = f"{type(e).__name__}: {e}"
-    if _MOSAIC["module"] is None:
-        raise ImportError(f"jax.experimental.pallas.mosaic_gpu cannot be imported ({_MOSAIC['error']})")
-    return _MOSAIC["module"]
-
-
-def mosaic_import_error() -> str | None:
-    """Why Mosaic GPU cannot be imported here, or None when it can."""
-    try:
-        mosaic_gpu()
-    except ImportError as e:
-        return str(e)
-    return None
-
-
-def mosaic_params(plgpu_mosaic: Any) -> Any:
-    """Compiler parameters of our Mosaic GPU kernels. The default lowering semantics changed from
-    Lane (jax 0.10) to Warpgroup (jax 0.11); we name Warpgroup on both."""
-    return plgpu_mosaic.CompilerParams(
-        approx_math=True, lowering_semantics=plgpu_mosaic.LoweringSemantics.Warpgroup)
-
-
-def ref_transpose(plgpu_mosaic: Any, ref: Any) -> Any:
-    """A 2-D shared-memory ref seen transposed (`transpose_ref` is deprecated from jax 0.11)."""
-    if JAX_VERSION >= (0, 11):
-        return ref.transpose((1, 0))
-    return plgpu_mosaic.transpose_ref(ref, (1, 0))
+from jaxattn.pallas_compat import (  # noqa: E402, F401 - re-exported for the kernel modules
+    mosaic_gpu,
+    mosaic_import_error,
+    mosaic_load,
+    mosaic_params,
+    ref_transpose,
+)
 
 
 def gmem_ref(plgpu_mosaic: Any, value: Any) -> Any:
@@ -77,14 +45,6 @@ def gmem_ref(plgpu_mosaic: Any, value: Any) -> Any:
     if not hasattr(jax, "new_ref"):
         raise NotImplementedError(f"mutable refs need jax >= 0.11 (this is {jax.__version__})")
     return jax.new_ref(value, memory_space=plgpu_mosaic.GMEM)
-
-
-def mosaic_load(plgpu_mosaic: Any, ref: Any, layout: Any) -> Any:
-    """A whole shared-memory ref loaded into registers with `layout` (the separate index
-    argument of `load` is required before jax 0.11 and deprecated from it)."""
-    if JAX_VERSION >= (0, 11):
-        return plgpu_mosaic.load(ref, layout=layout)
-    return plgpu_mosaic.load(ref, (), layout=layout)
 
 
 # -- Pallas TPU (Mosaic) ----------------------------------------------------------------

@@ -67,42 +67,8 @@ def num_sms(default: int = 132) -> int:
     return int(count) if count else default
 
 
-_MOSAIC: dict[str, Any] = {}
-
-
-def mosaic_gpu() -> Any:
-    """`jax.experimental.pallas.mosaic_gpu`, imported on first use (ImportError if it cannot be):
-    the Hopper decode kernel's API; CPU CI only lowers it."""
-    if "module" not in _MOSAIC:
-        try:
-            from jax.experimental.pallas import mosaic_gpu as plgpu_mosaic
-
-            _MOSAIC["module"], _MOSAIC["error"] = plgpu_mosaic, None
-        except Exception as e:  # noqa: BLE001 - any failure means "no Mosaic GPU here"
-            _MOSAIC["module"], _MOSAIC["error"] = None, f"{type(e).__name__}: {e}"
-    if _MOSAIC["module"] is None:
-        raise ImportError(f"jax.experimental.pallas.mosaic_gpu cannot be imported ({_MOSAIC['error']})")
-    return _MOSAIC["module"]
-
-
-def mosaic_load(plgpu_mosaic: Any, ref: Any, layout: Any) -> Any:
-    """A whole shared-memory ref in registers with `layout` (the index argument of `load` is
-    required before jax 0.11 and deprecated from it)."""
-    if JAX_VERSION >= (0, 11):
-        return plgpu_mosaic.load(ref, layout=layout)
-    return plgpu_mosaic.load(ref, (), layout=layout)
-
-
-def ref_transpose(plgpu_mosaic: Any, ref: Any) -> Any:
-    """A 2-D shared-memory ref seen transposed (`transpose_ref` is deprecated from jax 0.11)."""
-    if JAX_VERSION >= (0, 11):
-        return ref.transpose((1, 0))
-    return plgpu_mosaic.transpose_ref(ref, (1, 0))
-
-
-def mosaic_params(plgpu_mosaic: Any) -> Any:
-    """Compiler parameters of the Mosaic GPU kernels (Warpgroup semantics on jax 0.10 and 0.11)."""
-    return plgpu_mosaic.CompilerParams(approx_math=True, lowering_semantics=plgpu_mosaic.LoweringSemantics.Warpgroup)
+# The Mosaic GPU version guards every GPU backend shares live in the core (`jaxattn.pallas_compat`).
+from jaxattn.pallas_compat import mosaic_gpu, mosaic_load, mosaic_params, ref_transpose  # noqa: E402
 
 
 def mosaic_interpret_kwargs(interpret: bool) -> dict[str, Any]:
