@@ -67,7 +67,10 @@ def test_hardware_is_detected_once_and_overridable():
     fake = Hardware.nvidia(compute_capability=(8, 0), cudnn_version=90100)
     with jaxattn.hardware.override(fake):
         assert jaxattn.hardware.current() is fake
-        assert fake.is_cuda and not fake.is_rocm
+        assert fake.is_cuda and not fake.is_rocm and not fake.is_hopper
+    assert Hardware.nvidia(compute_capability=(9, 0)).is_hopper
+    assert not Hardware.cpu().is_hopper and not Hardware.nvidia(compute_capability=None).is_hopper
+    assert not Hardware.nvidia().with_(gpu_vendor="amd").is_hopper
     assert jaxattn.hardware.current() is hw
     assert Hardware.tpu(6).tpu_generation == 6
     with pytest.raises(ValueError, match="platform must be one of"):

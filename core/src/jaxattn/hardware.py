@@ -50,6 +50,12 @@ class Hardware:
     def is_rocm(self) -> bool:
         return self.platform == "gpu" and self.gpu_vendor == "amd"
 
+    @property
+    def is_hopper(self) -> bool:
+        """An NVIDIA GPU of compute capability 9.x: what kernels written for wgmma and TMA need."""
+        cc = self.compute_capability
+        return self.is_cuda and cc is not None and cc[0] == 9
+
     def with_(self, **changes: object) -> Hardware:
         """A copy with some fields changed (for tests and what-if questions)."""
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -106,7 +106,7 @@ def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
 
 
 def _on_hopper() -> bool:
-    return jax.default_backend() == "gpu" and jaxattn.hardware.current().compute_capability[0] == 9
+    return jax.default_backend() == "gpu" and jaxattn.hardware.current().is_hopper
 
 
 @pytest.mark.gpu

@@ -46,7 +46,4 @@ def flash_metadata(**config: Any) -> OperationMetadata:
 
 def on_hopper() -> bool:
     """Whether this process runs on a Hopper GPU (compute capability 9.x): the Mosaic paths' GPU tests."""
-    if jax.default_backend() != "gpu":
-        return False
-    cc = jaxattn.hardware.current().compute_capability
-    return cc is not None and cc[0] == 9
+    return jax.default_backend() == "gpu" and jaxattn.hardware.current().is_hopper

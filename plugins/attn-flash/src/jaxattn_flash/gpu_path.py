@@ -97,7 +97,7 @@ def _hopper_reasons(request: AttentionRequest, hardware: Hardware, what: str) ->
     cc = hardware.compute_capability
     if not hardware.is_cuda:
         reasons.append(f"the Mosaic GPU {what} needs an NVIDIA GPU")
-    elif cc is None or cc[0] != 9:
+    elif not hardware.is_hopper:
         have = "unknown" if cc is None else f"{cc[0]}.{cc[1]}"
         reasons.append(f"the Mosaic GPU {what} uses Hopper's wgmma (compute capability 9.x); this GPU has {have}")
     if request.dtype not in MOSAIC_DTYPES or request.kv_dtype != request.dtype:

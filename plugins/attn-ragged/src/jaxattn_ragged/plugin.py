@@ -88,12 +88,6 @@ def _config(metadata: OperationMetadata, impl: OperationImpl, base: KernelConfig
     return base.replace(**metadata.operation_config(impl.name, config_class).to_dict())
 
 
-def _is_hopper(hardware: Hardware) -> bool:
-    """An NVIDIA GPU of compute capability 9.x: what the Mosaic decode kernel runs on."""
-    cc = hardware.compute_capability
-    return hardware.platform == "gpu" and hardware.is_cuda and cc is not None and cc[0] == 9
-
-
 def _window_left(inputs: PagedAttentionInputs) -> int | None:
     return None if inputs.sliding_window is None else int(inputs.sliding_window[0])
 
@@ -159,7 +153,7 @@ class RaggedPagedAttention(OperationImpl):
         from .mosaic_decode import request_reasons
 
         space: list[dict[str, Any]] = [{}]
-        if _is_hopper(hardware) and not self.interpret and request.paged is not None and not request.paged.ragged:
+        if hardware.is_hopper and not self.interpret and request.paged is not None and not request.paged.ragged:
             if not request_reasons(request, DECODE_CONFIG.block_kv, DECODE_CONFIG.num_stages):
                 space.append({"mosaic": 1})
         return space
@@ -226,7 +220,7 @@ class RaggedPagedAttention(OperationImpl):
                                  int8_dots=cfg.int8_dots)
         if self.interpret:
             reasons.append("the Mosaic decode kernel runs on a Hopper GPU only (no interpreter)")
-        elif not _is_hopper(here := jaxattn.hardware.current()):
+        elif not (here := jaxattn.hardware.current()).is_hopper:
             reasons.append(f"the Mosaic decode kernel runs on a Hopper GPU only (compute capability 9.x), "
                            f"not on {here.device_kind} ({here.compute_capability})")
         if reasons:
