@@ -58,6 +58,17 @@ def test_mosaic_switch_says_every_reason_it_cannot_serve_a_call():
     assert "int8_dots needs int8 pages" in " ".join(mosaic_reasons(q, fp8, fp8, int8_dots=1))
     bf16 = jax.ShapeDtypeStruct((16, 16, 2, 128), jnp.bfloat16)
     assert mosaic_reasons(q, bf16, bf16) == []
+    # the kernel itself refuses with the same reasons (and pages without their scales)
+    from jaxattn_ragged.mosaic_decode import mosaic_decode
+
+    qa = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 128), jnp.bfloat16)
+    pages = jax.random.normal(jax.random.PRNGKey(1), (4, 12, 2, 128), jnp.bfloat16)
+    table, lens = jnp.zeros((2, 2), jnp.int32), jnp.full((2,), 20, jnp.int32)
+    with pytest.raises(ValueError, match=r"mosaic_decode: .*page_size a multiple of 8"):
+        mosaic_decode(qa, pages, pages, lens, table, scale=0.1)
+    int8 = pages.astype(jnp.int8)[:, :8]
+    with pytest.raises(ValueError, match="one-byte pages take k_scale and v_scale"):
+        mosaic_decode(qa, int8, int8, lens, table, scale=0.1)
 
 
 def _past_lengths_poisoned(args, k_scale=None, v_scale=None):

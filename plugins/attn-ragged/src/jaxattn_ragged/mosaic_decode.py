@@ -92,22 +92,14 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     num_pages, ps, hkv, dv = v_pages.shape
     group = hq // hkv
     gn = padded_group(group)
-    if group > MAX_GROUP or block_kv % ps or ps % 8 or block_kv % 64:
-        raise ValueError(f"mosaic_decode: at most {MAX_GROUP} query heads per kv head, page_size a multiple of 8 "
-                         f"dividing block_kv, block_kv a multiple of 64; got group {group}, page_size {ps}, "
-                         f"block_kv {block_kv}")
     quant = k_pages.dtype in ONE_BYTE
+    reasons = mosaic_reasons(q, k_pages, v_pages, block_kv=block_kv, stages=stages, int8_dots=int(int8_qk))
     if quant != (k_scale is not None) or v_pages.dtype != k_pages.dtype:
-        raise ValueError("mosaic_decode: one-byte pages take k_scale and v_scale; 16-bit pages take none")
-    if int8_qk and k_pages.dtype != jnp.int8:
-        raise ValueError("mosaic_decode: int8_qk needs int8 pages")
+        reasons.append("one-byte pages take k_scale and v_scale; 16-bit pages take none")
+    if reasons:
+        raise ValueError("mosaic_decode: " + "; ".join(reasons))
     dtype = q.dtype
     widen_keys = quant and not int8_qk
-    need = smem_bytes(d, dv, group, block_kv, stages, k_pages.dtype.itemsize, widen_keys, quant,
-                      1 if int8_qk else 2)
-    if need > SMEM_BYTES:
-        raise ValueError(f"mosaic_decode: block_kv {block_kv} with {stages} stages needs {need} bytes of shared "
-                         f"memory, more than {SMEM_BYTES}; use fewer stages or a smaller block_kv")
     pages_per_step = block_kv // ps
     max_pages = page_table.shape[1]
     steps_per_split = math.ceil(math.ceil(max_pages / pages_per_step) / splits)
