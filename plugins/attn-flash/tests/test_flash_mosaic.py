@@ -212,6 +212,30 @@ def test_mosaic_key_tiles_widen_only_without_a_band():
     assert flash_config.resolve({"gpu_kernel": "triton", "mosaic_stages": 2}, 64, 256, 256)["fwd"].block_q == 128
 
 
+def test_mosaic_backward_stages_follow_the_head_dim():
+    """head_dim 64 (value head_dim the same) runs the Mosaic backward with 3 stages
+    (`MOSAIC_BWD_STAGES`); head_dim 128, a value head_dim of its own, or the config's stages keep
+    theirs; the config's stages outside 2..4 are refused by name."""
+    tiles = flash_config.mosaic_bwd_tiles
+    assert flash_config.MOSAIC_BWD_STAGES[64] == 3
+    assert tiles({}, 64, 64) == (flash_config.MOSAIC_BWD_DEFAULTS[0], 3)
+    assert tiles({}, 64) == (flash_config.MOSAIC_BWD_DEFAULTS[0], 3)
+    assert tiles({}, 128, 128) == flash_config.MOSAIC_BWD_DEFAULTS
+    assert tiles({}, 64, 128) == flash_config.MOSAIC_BWD_DEFAULTS
+    assert tiles({"mosaic_stages_bwd": 2}, 64, 64)[1] == 2
+    with pytest.raises(ValueError, match="mosaic_stages_bwd"):
+        tiles({"mosaic_stages_bwd": 5}, 64, 64)
+    # the backward's spec the backend builds takes them
+    from jaxattn_flash import backend
+
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 512, 4, 64), jax.numpy.bfloat16)
+    inputs = jaxattn.validation.build_attention_inputs(
+        q, q, q, None, None, metadata=MOSAIC, scale=None, is_causal=True, sliding_window=None,
+        segment_ids=None, query_seq_lengths=None, key_value_seq_lengths=None, logits_soft_cap=None, sinks=None,
+        dropout_rate=0.0, dropout_rng=None, return_lse=False)
+    assert backend._prepare(inputs, MOSAIC, False, H100).spec.mosaic_bwd.stages == 3
+
+
 @pytest.mark.parametrize("optional", ["none", "lengths", "segments"])
 def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkeypatch, optional):
     """`gpu_path.flash_mosaic` (the Mosaic forward's custom_vjp), its kernel replaced by the

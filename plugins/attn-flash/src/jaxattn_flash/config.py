@@ -129,6 +129,11 @@ MOSAIC_SMEM_BYTES = 227 * 1024 - 4096  # what the kernel's tiles may take (barri
 # (dq key tile, stages) of the Mosaic GPU backward (mosaic_bwd_kernels.py): on an H200 a key tile
 # of 128 and 3 stages were level with these (within 1-4%, BENCHMARKS.md "Mosaic GPU backward").
 MOSAIC_BWD_DEFAULTS: tuple[int, int] = (64, 2)
+# head_dim (value head_dim the same) -> stages of the Mosaic backward where 3 beat 2: on an H200
+# (2026-12-01, bench/results/h200_2026-12-01/d64_bwd.log) head_dim 64 fwd+bwd at (8, 2048, 16, 16)
+# 374 vs 367 TFLOP/s full and 276 vs 268 causal, at (4, 4096, 16, 16) 416 vs 403 and 348 vs 335
+# (cuDNN 383 / 278 / 426 / 347).
+MOSAIC_BWD_STAGES: dict[int, int] = {64: 3}
 # head_dim -> how the Mosaic GPU backward makes dq (`mosaic_dq`, BENCHMARKS.md "Fused dQ"): on an
 # H200 "split" gained 7% fwd+bwd on full masks at head_dim 128 (causal -2% to +3.5%), "own" 3.5-4%
 # at head_dim 64; both sum dq with TMA reductions (not bitwise deterministic: "separate" is).
@@ -193,10 +198,13 @@ def dims_text(head_dim: int, value_head_dim: int | None) -> str:
 
 def mosaic_bwd_tiles(config: Mapping[str, Any], head_dim: int | None = None,
                      value_head_dim: int | None = None) -> tuple[int, int]:
-    """(dq key tile, stages) of the Mosaic GPU backward (defaults or the config's); at wide head
+    """(dq key tile, stages) of the Mosaic GPU backward (the config's, else the defaults, with
+    `MOSAIC_BWD_STAGES` where head_dim and value head_dim are one of its keys); at wide head
     dims (`wide_backward`) the key tile is 32 (ValueError when the config names another)."""
     cfg = validate(config)
-    stages = cfg.mosaic_stages_bwd or MOSAIC_BWD_DEFAULTS[1]
+    default = MOSAIC_BWD_STAGES.get(head_dim, MOSAIC_BWD_DEFAULTS[1]) if value_head_dim in (None, head_dim) \
+        else MOSAIC_BWD_DEFAULTS[1]
+    stages = cfg.mosaic_stages_bwd or default
     if head_dim is not None and wide_backward(head_dim, value_head_dim or head_dim):
         if cfg.mosaic_block_kv_dq is not None:
             raise ValueError(f"flash: mosaic_block_kv_dq does not apply at {dims_text(head_dim, value_head_dim)} (the "
