@@ -248,11 +248,6 @@ LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
     "segments-causal-lengths-d256": dict(band_lo=None, band_hi=0, segments=True, kv_lengths=True, head_dim=256,
                                          block_kv=64),
     "causal-guarded-passes": dict(band_lo=None, band_hi=0, guard_values=True, passes=4),
-    "causal-guarded-without-prepass": dict(band_lo=None, band_hi=0, guard_values=True, guard_prepass=False),
-    # K/V slots freed on named barriers (an experiment: MosaicSpec.named_release)
-    "causal-named-release": dict(band_lo=None, band_hi=0, named_release=True),
-    "window-guarded-named-release-d64": dict(band_lo=-200, band_hi=0, guard_values=True, named_release=True,
-                                             head_dim=64, block_kv=256),
     "causal-clusters": dict(band_lo=None, band_hi=0, cluster=4, dkv_cluster=2),
     "window-guarded-softcap": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0),
     "chunked-guarded-sinks": dict(band_lo=None, band_hi=0, guard_values=True, chunk=192, sinks=True),
@@ -302,8 +297,6 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
     forward = export.export(jax.jit(lambda *a: mk.mosaic_forward(spec, *a)), platforms=["cuda"])(
         q, kv, values, sinks, lengths if spec.q_lengths else None, lengths if spec.kv_lengths else None, *segments)
     assert "mosaic_gpu" in forward.mlir_module()
-    if spec.guard_values:  # the pass over v for the dirty flags, or none: every block cleans its cut tiles
-        assert ("is_finite" in forward.mlir_module()) == spec.guard_prepass
     assert [o.shape for o in forward.out_avals] == [(1, 512, 4, d_v), (1, 4, 512)]
     wide = flash_config.wide_backward(d, d_v)
     if not (wide or {d, d_v} <= set(gpu_path.MOSAIC_BWD_HEAD_DIMS)):
@@ -320,14 +313,6 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
         q, kv, values, jax.ShapeDtypeStruct((1, 512, 4, d_v), jnp.bfloat16), rows, rows,
         lengths if bspec.kv_lengths else None, *segments)
     assert [o.shape for o in backward.out_avals] == [q.shape, kv.shape, values.shape]
-
-
-def test_named_release_takes_two_stages_at_most():
-    from jaxattn_flash import mosaic_kernels as mk
-
-    assert mk.MosaicSpec(scale=1.0, band_lo=None, band_hi=0, named_release=True, stages=2).named_release
-    with pytest.raises(ValueError, match="named_release=True takes 2 stages at most; got 3"):
-        mk.MosaicSpec(scale=1.0, band_lo=None, band_hi=0, named_release=True, stages=3)
 
 
 def test_bounded_logits_need_a_soft_cap():

@@ -41,7 +41,7 @@ tiles a non-finite value reaches every row, as it must, with no work. The cleani
 in the blocks of a (batch row, kv head) whose values hold a non-finite entry: one flag per pair,
 from one read of the values before the kernel (no host sync: each block reads its flag and
 takes one of two compiled forms), so clean calls keep ping-pong and the consumers' own full
-ranges on every tile (`guard_prepass=False`: no read, every block takes the cleaning form).
+ranges on every tile.
 
 A logit soft-cap c replaces the scaled logits by c·tanh(s·scale/c) (one tanh per logit). Such
 logits lie within ±c, so where exp2 of ±c·log2(e) summed over the keys stays far inside float32
@@ -90,7 +90,6 @@ M_FLOOR = -1e30  # initial running max (log2 units): finite, below any real logi
 CONSUMERS = 2
 SCHEDULE_BARRIER = 8  # named barriers 8 (warpgroup 0) and 9 (warpgroup 1)
 CONSUMERS_BARRIER = 10  # both consumers (a guarded tile is clean)
-RELEASE_BARRIER, RELEASE_STAGES = 11, 2  # `named_release`: K slot s frees on 11 + s, V slot s on 13 + s
 GUARD_KEYS, GUARD_COLS = 64, 128  # the value guard cleans a tile in chunks of this many keys x columns
 
 
@@ -109,10 +108,6 @@ class MosaicSpec:
     soft_cap: float | None = None  # logits c·tanh(s/c)
     sinks: bool = False  # one sink logit per query head joins each row's normalizer
     guard_values: bool = False  # keep non-finite values of masked keys from the rows that do not see them
-    # with guard_values: read v once before the kernel for a flag per (batch row, kv head), so the
-    # blocks of clean pairs skip the cleaning; False: every block cleans the tiles its mask cuts
-    # (one form of the loop, no pass over v: the cost of that pass is what a probe weighs)
-    guard_prepass: bool = True
     chunk: int | None = None  # chunked causal: query i sees keys of chunk (i + chunk_offset) // chunk only
     chunk_offset: int = 0
     q_lengths: bool = False  # per-batch query lengths: rows past them give zeros and lse -inf
@@ -120,16 +115,10 @@ class MosaicSpec:
     segments: bool = False  # query and key segment ids: a query sees the keys of its own segment only
     cluster: int = 0  # > 1: launch this many (batch, head) groups at a time, heavy blocks first (launch_order)
     bounded_logits: bool = False  # soft-capped logits bound exp2: no running max (config.softcap_without_max)
-    # Consumers free a K/V slot with `bar.arrive` on a named barrier the producer `bar.sync`s
-    # (tokamax's way) instead of an mbarrier arrival from each of their 256 threads: an experiment
-    # for the next session's probe; named barriers 11-14 hold 2 stages at most.
-    named_release: bool = False
 
     def __post_init__(self) -> None:
         if self.bounded_logits and self.soft_cap is None:  # only a cap bounds the logits
             raise ValueError("MosaicSpec: bounded_logits=True needs a soft_cap")
-        if self.named_release and self.stages > RELEASE_STAGES:
-            raise ValueError(f"MosaicSpec: named_release=True takes {RELEASE_STAGES} stages at most; got {self.stages}")
 
     @property
     def rows(self) -> int:
@@ -223,8 +212,8 @@ def full_range(spec: MosaicSpec, r0, lb, ub, rows: int | None = None, kv_end=Non
     return full_key_tiles(spec, r0, spec.block_q if rows is None else rows, spec.block_kv, lb, ub, kv_end)
 
 
-def _bar(plgpu, op: str, barrier_id, threads: int = CONSUMERS * 128) -> None:
-    """`bar.<op>` of `threads` threads (both consumer warpgroups unless told) on the named barrier
+def _bar(plgpu, op: str, barrier_id) -> None:
+    """`bar.<op>` of both consumer warpgroups (256 threads) on the named barrier
     `barrier_id(wg)` (`wg`: this warpgroup's index, an MLIR i32 value)."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import llvm
@@ -233,7 +222,7 @@ def _bar(plgpu, op: str, barrier_id, threads: int = CONSUMERS * 128) -> None:
     @plgpu.inline_mgpu()
     def emit(_ctx):
         bid = barrier_id(mgpu_utils.warpgroup_idx(sync=False))
-        llvm.inline_asm(ir.Type.parse("!llvm.void"), [bid], f"bar.{op} $0, {threads};", "r",
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [bid], f"bar.{op} $0, {CONSUMERS * 128};", "r",
                         has_side_effects=True)
 
     emit()
@@ -254,13 +243,6 @@ def _named_barrier(plgpu, op: str, own: bool) -> None:
         _bar(plgpu, op, lambda wg: arith.addi(wg, _i32_const(SCHEDULE_BARRIER)))
     else:
         _bar(plgpu, op, lambda wg: arith.subi(_i32_const(SCHEDULE_BARRIER + 1), wg))
-
-
-def _slot_barrier(plgpu, op: str, first: int, slot, stages: int) -> None:
-    """`bar.<op>` of all three warpgroups on named barrier `first + slot` (`slot` traced, < `stages`):
-    the consumers arrive when they are done with a K/V slot, the producer syncs before refilling it."""
-    for s in range(stages):
-        pl.when(slot == s)(lambda s=s: _bar(plgpu, op, lambda _wg: _i32_const(first + s), (CONSUMERS + 1) * 128))
 
 
 def _consumers_sync(plgpu) -> None:
@@ -313,20 +295,6 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     rows = spec.rows
     nq, nk = sq // rows, skv // bk
     stages = max(1, min(spec.stages, nk))
-
-    def free_slot(bar, which: int, slot):
-        """Consumers: done with K (`which` 0) or V (1) of `slot`."""
-        if spec.named_release:
-            _slot_barrier(plgpu, "arrive", RELEASE_BARRIER + which * RELEASE_STAGES, slot, stages)
-        else:
-            plgpu.barrier_arrive(bar.at[slot])
-
-    def await_slot(bar, which: int, slot):
-        """Producer: wait until both consumers are done with K (`which` 0) or V (1) of `slot`."""
-        if spec.named_release:
-            _slot_barrier(plgpu, "sync", RELEASE_BARRIER + which * RELEASE_STAGES, slot, stages)
-        else:
-            plgpu.barrier_wait(bar.at[slot])
     dtype = q.dtype
     c = spec.scale * LOG2E
     # causal-like bands: later query blocks have more keys; start them first
@@ -338,7 +306,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     own_out = dv != d  # O (value head_dim) has its own buffer; else it overwrites Q's
 
     names = (["q", "k", "v"] + ["sinks"] * spec.sinks + ["q_lens"] * spec.q_lengths + ["kv_lens"] * spec.kv_lengths
-             + ["q_seg", "kv_seg", "seg_ranges"] * spec.segments + ["v_dirty"] * (guard and spec.guard_prepass))
+             + ["q_seg", "kv_seg", "seg_ranges"] * spec.segments + ["v_dirty"] * guard)
 
     def kernel(*refs):
         ins = dict(zip(names, refs))
@@ -419,7 +387,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     return s_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-                free_slot(k_free, 0, slot)
+                plgpu.barrier_arrive(k_free.at[slot])
                 ok = band() if masked else None
                 if spec.soft_cap is None:  # scale after the max: one multiply per row, an FMA per logit
                     if ok is not None:
@@ -458,7 +426,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                         plgpu.barrier_wait(k_bar.at[lax.rem(ki + 1, stages)])
 
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                free_slot(v_free, 1, slot)
+                plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l, seen
 
             def write_rows(acc, m, l, seen):
@@ -524,12 +492,12 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
                 write_rows(acc, m, l, seen)
 
-            if guard and spec.guard_prepass:  # the guarded form only where this pair holds a non-finite value
+            if guard:  # the guarded form only where this batch row and kv head hold a non-finite value
                 dirty = ins["v_dirty"][bi * hkv + lax.div(hi, jnp.int32(group))] != 0
                 pl.when(dirty)(lambda: attend(True))
                 pl.when(jnp.logical_not(dirty))(lambda: attend(False))
             else:
-                attend(guard)
+                attend(False)
 
         @pl.when(wg == CONSUMERS)
         def _producer():
@@ -554,16 +522,10 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
             @pl.loop(lb, ub - stages)
             def _(ki):
                 slot = lax.rem(ki, stages)
-                await_slot(k_free, 0, slot)
+                plgpu.barrier_wait(k_free.at[slot])
                 load(k_ref, k_smem, k_bar, ki + stages, slot)
-                await_slot(v_free, 1, slot)
+                plgpu.barrier_wait(v_free.at[slot])
                 load(v_ref, v_smem, v_bar, ki + stages, slot)
-
-            if spec.named_release:  # the last tiles' releases too: every arrival meets its sync
-                @pl.loop(jnp.maximum(lb, ub - stages), ub)
-                def _(ki):
-                    await_slot(k_free, 0, lax.rem(ki, stages))
-                    await_slot(v_free, 1, lax.rem(ki, stages))
 
     # each row's sink logit in log2 units, a row of block_q per head (TMA-loaded like the lse)
     sink_rows = [] if not spec.sinks else [
@@ -590,7 +552,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
         segments = [q_seg, kv_seg, segment_tile_ranges(q_seg, kv_seg, rows, bk)]
     # which (batch row, kv head) holds a non-finite value: one read of v, so clean calls skip the guard
     dirty = []
-    if guard and spec.guard_prepass:
+    if guard:
         flags = jnp.any(~jnp.isfinite(v), axis=(1, 3)) if bad_keys is None else jnp.any(bad_keys, axis=1)
         dirty = [flags.reshape(b * hkv).astype(jnp.int32)]
     return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, *sink_rows, *lengths,
