@@ -202,9 +202,8 @@ def mosaic_bwd_tiles(config: Mapping[str, Any], head_dim: int | None = None,
     `MOSAIC_BWD_STAGES` where head_dim and value head_dim are one of its keys); at wide head
     dims (`wide_backward`) the key tile is 32 (ValueError when the config names another)."""
     cfg = validate(config)
-    default = MOSAIC_BWD_STAGES.get(head_dim, MOSAIC_BWD_DEFAULTS[1]) if value_head_dim in (None, head_dim) \
-        else MOSAIC_BWD_DEFAULTS[1]
-    stages = cfg.mosaic_stages_bwd or default
+    measured = MOSAIC_BWD_STAGES.get(head_dim) if value_head_dim in (None, head_dim) else None
+    stages = cfg.mosaic_stages_bwd or measured or MOSAIC_BWD_DEFAULTS[1]
     if head_dim is not None and wide_backward(head_dim, value_head_dim or head_dim):
         if cfg.mosaic_block_kv_dq is not None:
             raise ValueError(f"flash: mosaic_block_kv_dq does not apply at {dims_text(head_dim, value_head_dim)} (the "
