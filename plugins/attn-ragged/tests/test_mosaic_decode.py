@@ -16,7 +16,8 @@ from jaxattn_ragged import RaggedPagedAttention
 from jaxattn_ragged._testing import assert_close, paged_problem, reference, run_impl
 
 
-@pytest.mark.parametrize("pages", ["bfloat16", "int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("pages", ["bfloat16", "int8", "float8_e4m3fn", "int8 widener", "int8 qk widener",
+                                   "float8_e4m3fn widener"])
 def test_mosaic_decode_lowers_for_cuda_without_a_gpu(pages):
     from jax import export
 
@@ -24,9 +25,11 @@ def test_mosaic_decode_lowers_for_cuda_without_a_gpu(pages):
 
     b, hq, hkv, d, ps, max_pages = 2, 8, 2, 128, 16, 32
     q = jax.ShapeDtypeStruct((b, hq, d), jnp.bfloat16)
-    cache = jax.ShapeDtypeStruct((b * max_pages, ps, hkv, d), jnp.dtype(pages))
+    cache = jax.ShapeDtypeStruct((b * max_pages, ps, hkv, d), jnp.dtype(pages.split()[0]))
     scales = jax.ShapeDtypeStruct((b * max_pages, ps, hkv), jnp.float32) if pages != "bfloat16" else None
-    lowered = export.export(jax.jit(lambda *a: mosaic_decode(*a, scale=0.1, splits=2)), platforms=["cuda"])(
+    options = dict(widener="widener" in pages, int8_qk=" qk" in pages)
+    lowered = export.export(jax.jit(lambda *a: mosaic_decode(*a, scale=0.1, splits=2, **options)),
+                            platforms=["cuda"])(
         q, cache, cache, jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b, max_pages), jnp.int32),
         scales, scales)
     assert "mosaic_gpu" in lowered.mlir_module()
@@ -87,7 +90,8 @@ def _past_lengths_poisoned(args, k_scale=None, v_scale=None):
     return (args, *(s.at[pages, slots].set(jnp.nan) for s in (k_scale, v_scale)))
 
 
-@pytest.mark.parametrize("pages", ["bfloat16", "int8", "int8 qk", "float8_e4m3fn"])
+@pytest.mark.parametrize("pages", ["bfloat16", "int8", "int8 qk", "float8_e4m3fn", "int8 widener",
+                                   "int8 qk widener", "float8_e4m3fn widener"])
 def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
     """The kernel's pipeline, page gathers, splits, masking and scales run in Pallas's Mosaic GPU
     interpreter on CPU (its products as plain dots: the interpreter's wgmma takes no transposed
@@ -107,10 +111,10 @@ def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
         args, ks, vs = _past_lengths_poisoned({**args, "key_pages": k, "value_pages": v}, ks, vs)
     out, lse = mosaic_decode(args["query"], args["key_pages"], args["value_pages"], args["kv_lengths"],
                              args["page_indices"], ks, vs, scale=64 ** -0.5, block_kv=64, stages=2, splits=2,
-                             int8_qk=pages == "int8 qk", interpret=True)
+                             int8_qk=" qk" in pages, widener="widener" in pages, interpret=True)
     out, lse = merge_splits(out, lse)
     ref = reference(args) if ks is None else reference(args, k_scale=ks, v_scale=vs)
-    assert relative_error(out.astype(jnp.bfloat16), ref) < (6e-3 if pages == "int8 qk" else 3e-3)
+    assert relative_error(out.astype(jnp.bfloat16), ref) < (6e-3 if " qk" in pages else 3e-3)
     lse = np.asarray(lse)
     assert np.isfinite(lse[[0, 2, 3]]).all() and np.isneginf(lse[1]).all()  # [B, Hq]; no keys: -inf
     assert np.isfinite(np.asarray(out, np.float32)).all()
@@ -141,6 +145,15 @@ def test_mosaic_decode_gpu():
             out = jaxattn.paged_attention(**quant, k_scale=ks, v_scale=vs, backend="decode", metadata=meta)
             assert relative_error(out, ref) < bound
             assert np.isfinite(np.asarray(out, np.float32)).all()
+        from jaxattn_ragged.kernel import merge_splits
+        from jaxattn_ragged.mosaic_decode import mosaic_decode
+
+        for widener in (False, True):  # the widener warpgroup beside the consumer's own widening
+            out, _ = merge_splits(*mosaic_decode(quant["query"], quant["key_pages"], quant["value_pages"],
+                                                 quant["kv_lengths"], quant["page_indices"], ks, vs, scale=d ** -0.5,
+                                                 stages=3, splits=2, int8_qk=True, widener=widener))
+            assert relative_error(out.astype(jnp.bfloat16), ref) < 1.5e-2, widener
+            assert np.isfinite(np.asarray(out, np.float32)[np.asarray(quant["kv_lengths"]) > 0]).all(), widener
         k8, ks8 = jaxattn.quantize_kv(args["key_pages"], jnp.float8_e4m3fn)
         v8, vs8 = jaxattn.quantize_kv(args["value_pages"], jnp.float8_e4m3fn)
         fp8, ks8, vs8 = _past_lengths_poisoned({**args, "key_pages": k8, "value_pages": v8}, ks8, vs8)

@@ -16,7 +16,9 @@ as they lie in the slot (their contraction dimension, head_dim, is contiguous), 
 need no widening when the queries are quantized too (`int8_qk`: per query head, int8 wgmma with
 int32 accumulation, as the Triton kernel's `int8_dots=1`). Values are read transposed, which
 wgmma allows for 16-bit operands only: one-byte values (int8, float8_e4m3fn) are widened to the
-query's dtype in shared memory (exact for both), and one-byte keys too without `int8_qk`.
+query's dtype in shared memory (exact for both), and one-byte keys too without `int8_qk`:
+by the consumer before its products, or (`widener=True`) by a third warpgroup into a ring of
+16-bit slots, one per one-byte slot, while the consumer computes on the slot before.
 
 A key's scale multiplies its logit row, a value's scale its probability row (per token and
 head, `[pages, page_size, kv_heads]`, gathered per call into each sequence's token order
@@ -45,6 +47,12 @@ M_FLOOR = -1e30  # initial running max (log2 units): finite, below any real logi
 MAX_GROUP = 256  # wgmma's largest N: query heads per kv head
 ONE_BYTE = (jnp.int8, jnp.float8_e4m3fn)  # page dtypes with per-token scales, widened in shared memory
 SMEM_BYTES = 227 * 1024 - 4096  # what the tiles may take (barriers and reduction scratch apart)
+# The widener warpgroup for int8 pages with int8 products where its ring fits: on an H200 at 3
+# stages 1.03-1.07x faster than the consumer widening (32 x 8192, 64 x 4096, 1 x 131072; float8
+# pages, whose keys are widened too, fit 2 stages with it and ran 1-4% slower; BENCHMARKS.md "A
+# widener warpgroup"). Off until its GPU test with partial pages and NaN past the lengths has run
+# (`test_mosaic_decode_gpu`; the interpreter test covers that logic).
+WIDENER_BY_DEFAULT = False
 
 
 def _swizzled(plgpu, shape, dtype):
@@ -65,27 +73,32 @@ def padded_group(group: int) -> int:
 
 
 def smem_bytes(d: int, dv: int, group: int, block_kv: int, stages: int, page_itemsize: int,
-               widen_keys: bool, widen_values: bool, q_itemsize: int = 2) -> int:
+               widen_keys: bool, widen_values: bool, q_itemsize: int = 2, widened_slots: int = 1) -> int:
     """Shared memory of one CUDA block: each scratch buffer starts on a 1024-byte boundary (as
-    Pallas's Mosaic GPU lays them out), the three barrier arrays included."""
+    Pallas's Mosaic GPU lays them out), the barrier arrays included. `widened_slots`: 16-bit
+    slots of the widened tiles (`stages` with the widener warpgroup, else one)."""
     gn = padded_group(group)
     sizes = [gn * d * q_itemsize, gn * 4, stages * block_kv * d * page_itemsize, stages * block_kv * dv * page_itemsize,
              gn * block_kv * 2, dv * gn * 4, gn * 4, 8, 8 * stages, 8 * stages]
     if widen_keys:
-        sizes.append(block_kv * d * 2)
+        sizes.append(widened_slots * block_kv * d * 2)
     if widen_values:
-        sizes += [block_kv * dv * 2, stages * block_kv * 4, stages * block_kv * 4]
+        sizes += [widened_slots * block_kv * dv * 2, stages * block_kv * 4, stages * block_kv * 4]
+    if widened_slots > 1:
+        sizes.append(8 * stages)  # the widened slots' barriers
     return sum(-(-size // 1024) * 1024 for size in sizes)
 
 
 def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_scale=None, *, scale: float,
                   block_kv: int = 128, stages: int = 2, splits: int = 1, int8_qk: bool = False,
-                  interpret: bool = False):
+                  widener: bool = False, interpret: bool = False):
     """q `[B, Hq, D]` (bf16/fp16), pages `[P, page_size, Hkv, D]` (q's dtype, or int8 /
     float8_e4m3fn with per-token scales `[P, page_size, Hkv]` float32), kv_lengths `[B]`, page_table `[B, max_pages]`
     -> (out `[splits, B, Hq, D]` float32, normalized per split; lse `[splits, B, Hq]`, -inf where a
     split saw no key). `int8_qk` (int8 pages only): K·Qᵀ on int8 tensor cores, the queries
-    quantized per head (symmetric, scale max|q| / 127). `interpret`: Pallas's Mosaic GPU
+    quantized per head (symmetric, scale max|q| / 127). `widener` (one-byte pages only): a third
+    warpgroup widens each slot's values (and keys without `int8_qk`) into a ring of 16-bit slots
+    while the consumer computes on the previous slot. `interpret`: Pallas's Mosaic GPU
     interpreter (CPU; checks the kernel's logic, slowly)."""
     plgpu = mosaic_gpu()
     b, hq, d = q.shape
@@ -96,6 +109,10 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     reasons = mosaic_reasons(q, k_pages, v_pages, block_kv=block_kv, stages=stages, int8_dots=int(int8_qk))
     if quant != (k_scale is not None) or v_pages.dtype != k_pages.dtype:
         reasons.append("one-byte pages take k_scale and v_scale; 16-bit pages take none")
+    if widener and not quant:
+        reasons.append("widener=True widens one-byte pages; these are 16-bit")
+    elif widener and not widener_fits(d, group, block_kv, stages, int8_qk):
+        reasons.append(f"widener=True at block_kv {block_kv} and {stages} stages does not fit in shared memory")
     if reasons:
         raise ValueError("mosaic_decode: " + "; ".join(reasons))
     dtype = q.dtype
@@ -148,7 +165,8 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
         o_ref, lse_ref, *scratch = refs[len(names):]
         q_smem, qs_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, kv_bar, free, *extra = scratch
         k16 = extra.pop(0) if widen_keys else None
-        v16, ks_smem, vs_smem = extra if quant else (None,) * 3
+        v16, ks_smem, vs_smem = extra[:3] if quant else (None,) * 3
+        wide_bar = extra[3] if widener else None  # a slot's widened tiles are ready
         bi, hi, si = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
         wg = lax.axis_index("wg")
         length = ins["lens"][bi]
@@ -156,28 +174,30 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
         lb = jnp.minimum(si * steps_per_split, n_steps)
         ub = jnp.minimum(lb + steps_per_split, n_steps)
         full_end = jnp.maximum(jnp.minimum(ub, lax.div(length, jnp.int32(block_kv))), lb)  # unmasked steps
+        layout = plgpu.Layout.WGMMA
+
+        def widen(src, dst, ok_rows):
+            """One-byte tile -> the query's dtype (exact), rows past the length zeroed."""
+            x = load(src, layout).astype(jnp.float32)
+            if ok_rows is not None:
+                x = jnp.where(ok_rows, x, 0.0)
+            dst[...] = x.astype(dtype)
 
         @pl.when(wg == 0)
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
-            layout = plgpu.Layout.WGMMA
             rows_l, cols_l = layout.reduce(1), layout.reduce(0)  # per token / per query head
             plgpu.copy_gmem_to_smem(ins["q"].at[bi, hi], q_smem, q_bar)
             plgpu.copy_gmem_to_smem(ins["qs"].at[bi, hi], qs_smem, q_bar)
             plgpu.barrier_wait(q_bar)
             col_c = load(qs_smem, cols_l)
 
-            def widen(src, dst, ok_rows):
-                """One-byte tile -> the query's dtype (exact), rows past the length zeroed."""
-                x = load(src, layout).astype(jnp.float32)
-                if ok_rows is not None:
-                    x = jnp.where(ok_rows, x, 0.0)
-                dst[...] = x.astype(dtype)
-
             def step(t, carry, *, masked):
                 acc, m, l = carry
                 slot = lax.rem(t - lb, stages)
                 plgpu.barrier_wait(kv_bar.at[slot])
+                if widener:
+                    plgpu.barrier_wait(wide_bar.at[slot])
                 ok = ok_rows = None
                 if masked:  # keys past the length: -inf logits, zero value rows
                     j = iota((block_kv, gn), 0, layout) + t * block_kv
@@ -185,16 +205,19 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
                     r = iota((block_kv, dv), 0, layout) + t * block_kv
                     ok_rows = r < length
                 keys, values = k_smem.at[slot], v_smem.at[slot]
-                if widen_keys:
-                    widen(keys, k16, None)
-                    keys = k16
-                if quant:
+                if widener:  # the widener warpgroup made this slot's 16-bit tiles
+                    keys = k16.at[slot] if widen_keys else keys
+                    values = v16.at[slot]
+                elif quant:
+                    if widen_keys:
+                        widen(keys, k16, None)
+                        keys = k16
                     widen(values, v16, ok_rows)
                     values = v16
                 elif masked:  # a 16-bit slot: clean its rows past the length in place
                     x = load(values, layout)
                     values[...] = jnp.where(ok_rows, x, jnp.zeros_like(x))
-                if quant or masked:
+                if (quant and not widener) or (masked and not quant):
                     plgpu.commit_smem()
 
                 def qk(s_ref):  # logitsᵀ [block_kv, gn] = K · Qᵀ
@@ -253,6 +276,28 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[si, bi, hi])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+        if widener:
+            @pl.when(wg == 2)
+            def _widener():
+                def widen_slot(t, masked: bool):
+                    """Step `t`'s one-byte tiles -> its 16-bit slot, 64 rows at a time (rows past
+                    the length zeroed where `masked`); then the consumer may take the slot."""
+                    slot = lax.rem(t - lb, stages)
+                    plgpu.barrier_wait(kv_bar.at[slot])
+                    for r in range(0, block_kv, 64):
+                        rows = pl.ds(r, 64)
+                        ok_rows = None
+                        if masked:
+                            ok_rows = iota((64, dv), 0, layout) + (t * block_kv + r) < length
+                        widen(v_smem.at[slot, rows], v16.at[slot, rows], ok_rows)
+                        if widen_keys:
+                            widen(k_smem.at[slot, rows], k16.at[slot, rows], None)
+                    plgpu.commit_smem()  # the stores, visible to the consumer's wgmma
+                    plgpu.barrier_arrive(wide_bar.at[slot])
+
+                pl.loop(lb, full_end)(lambda t: widen_slot(t, False))
+                pl.loop(full_end, ub)(lambda t: widen_slot(t, True))
+
         @pl.when(wg == 1)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
@@ -293,18 +338,28 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
     ]
+    ring = (stages,) if widener else ()  # the widener fills a 16-bit slot per one-byte slot
     if widen_keys:
-        scratch.append(_swizzled(plgpu, (block_kv, d), dtype))
+        scratch.append(_swizzled(plgpu, (*ring, block_kv, d), dtype))
     if quant:  # the widened values and each slot's scales
-        scratch += [_swizzled(plgpu, (block_kv, dv), dtype),
+        scratch += [_swizzled(plgpu, (*ring, block_kv, dv), dtype),
                     plgpu.SMEM((stages, block_kv), jnp.float32), plgpu.SMEM((stages, block_kv), jnp.float32)]
+    if widener:
+        scratch.append(plgpu.Barrier(num_arrivals=1, num_barriers=stages))
     out_type = (jax.ShapeDtypeStruct((splits, b, hkv, dv, gn), jnp.float32),
                 jax.ShapeDtypeStruct((splits, b, hkv, gn), jnp.float32))
     out, lse = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(b, hkv, splits),
-                            grid_names=("b", "h", "s"), num_threads=2, thread_name="wg",
+                            grid_names=("b", "h", "s"), num_threads=3 if widener else 2, thread_name="wg",
                             compiler_params=mosaic_params(plgpu), **mosaic_interpret_kwargs(interpret))(*args)
     out = jnp.swapaxes(out, -1, -2)[:, :, :, :group].reshape(splits, b, hq, dv)
     return out, lse[:, :, :, :group].reshape(splits, b, hq)
+
+
+def widener_fits(d: int, group: int, block_kv: int, stages: int, int8_qk: bool) -> bool:
+    """Whether one-byte pages' ring and the widener's 16-bit ring of as many slots fit in shared
+    memory (keys widened too without `int8_qk`)."""
+    need = smem_bytes(d, d, group, block_kv, stages, 1, not int8_qk, True, 1 if int8_qk else 2, widened_slots=stages)
+    return need <= SMEM_BYTES
 
 
 def mosaic_reasons(query, key_pages, value_pages, *, cu_q_lens=None, window_left=None, soft_cap=None,
@@ -401,8 +456,11 @@ def mosaic_paged_decode(query, key_pages, value_pages, kv_lengths, page_table, *
     if quant:  # scalar scales become per token: the kernel reads one kind
         k_scale, v_scale = (jnp.broadcast_to(jnp.asarray(s, jnp.float32), (num_pages, ps, hkv))
                             for s in (k_scale, v_scale))
+    int8_qk = key_pages.dtype == jnp.int8 and config.int8_dots >= 1
+    widener = WIDENER_BY_DEFAULT and int8_qk and widener_fits(query.shape[-1], query.shape[1] // hkv, block_kv,
+                                                              config.num_stages, True)
     out, lse = mosaic_decode(query, key_pages, value_pages, kv_lengths, page_table, k_scale, v_scale, scale=scale,
-                             block_kv=block_kv, stages=config.num_stages, splits=splits,
-                             int8_qk=key_pages.dtype == jnp.int8 and config.int8_dots >= 1)
+                             block_kv=block_kv, stages=config.num_stages, splits=splits, int8_qk=int8_qk,
+                             widener=widener)
     out, lse = merge_splits(out, lse)
     return out.astype(query.dtype), lse.T
