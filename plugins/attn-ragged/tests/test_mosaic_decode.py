@@ -72,6 +72,18 @@ def test_mosaic_switch_says_every_reason_it_cannot_serve_a_call():
     int8 = pages.astype(jnp.int8)[:, :8]
     with pytest.raises(ValueError, match="one-byte pages take k_scale and v_scale"):
         mosaic_decode(qa, int8, int8, lens, table, scale=0.1)
+    # the widener takes one-byte pages only, and only where its 16-bit ring fits
+    from jaxattn_ragged.mosaic_decode import widener_fits
+
+    bf16_pages = pages[:, :8]
+    with pytest.raises(ValueError, match="widener=True widens one-byte pages; these are 16-bit"):
+        mosaic_decode(qa, bf16_pages, bf16_pages, lens, table, scale=0.1, widener=True)
+    assert widener_fits(128, 4, 128, 3, True) and widener_fits(128, 4, 128, 2, False)
+    assert not widener_fits(128, 4, 128, 3, False) and not widener_fits(128, 4, 128, 4, True)
+    fp8_pages = bf16_pages.astype(jnp.float8_e4m3fn)
+    scales = jnp.ones(fp8_pages.shape[:3], jnp.float32)
+    with pytest.raises(ValueError, match="widener=True at block_kv 128 and 3 stages does not fit"):
+        mosaic_decode(qa, fp8_pages, fp8_pages, lens, table, scales, scales, scale=0.1, stages=3, widener=True)
 
 
 def _past_lengths_poisoned(args, k_scale=None, v_scale=None):
