@@ -12,8 +12,6 @@ import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-JAX_VERSION: tuple[int, ...] = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
-
 _TritonParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
 
 

@@ -18,8 +18,6 @@ try:  # Triton-specific Pallas API
 except ImportError:  # pragma: no cover - a JAX without the Triton backend
     plgpu = None  # type: ignore[assignment]
 
-JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
-
 
 def triton_params(num_warps: int, num_stages: int) -> Any:
     """Compiler parameters for the Triton lowering (None when unavailable)."""
@@ -82,5 +80,5 @@ def mosaic_interpret_kwargs(interpret: bool) -> dict[str, Any]:
 
 
 __all__ = ["mosaic_gpu", "mosaic_interpret_kwargs", "mosaic_load", "mosaic_params", "ref_transpose", "pl", "plgpu",
-           "JAX_VERSION", "triton_params", "masked_load", "masked_store", "tpu_ragged_paged_attention",
+           "triton_params", "masked_load", "masked_store", "tpu_ragged_paged_attention",
            "tpu_interpret_mode", "num_sms"]
