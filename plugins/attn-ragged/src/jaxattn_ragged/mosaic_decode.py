@@ -50,9 +50,9 @@ SMEM_BYTES = 227 * 1024 - 4096  # what the tiles may take (barriers and reductio
 # The widener warpgroup for int8 pages with int8 products where its ring fits: on an H200 at 3
 # stages 1.03-1.07x faster than the consumer widening (32 x 8192, 64 x 4096, 1 x 131072; float8
 # pages, whose keys are widened too, fit 2 stages with it and ran 1-4% slower; BENCHMARKS.md "A
-# widener warpgroup"). Off until its GPU test with partial pages and NaN past the lengths has run
-# (`test_mosaic_decode_gpu`; the interpreter test covers that logic).
-WIDENER_BY_DEFAULT = False
+# widener warpgroup"). `test_mosaic_decode_gpu` runs both forms with partial pages and NaN past
+# the lengths.
+WIDENER_BY_DEFAULT = True
 
 
 def _swizzled(plgpu, shape, dtype):
