@@ -17,7 +17,8 @@ from jaxattn_ragged._testing import assert_close, paged_problem, reference, run_
 
 
 @pytest.mark.parametrize("pages", ["bfloat16", "int8", "float8_e4m3fn", "int8 widener", "int8 qk widener",
-                                   "float8_e4m3fn widener"])
+                                   "float8_e4m3fn widener", "bfloat16 two consumers", "int8 qk two consumers",
+                                   "float8_e4m3fn two consumers"])
 def test_mosaic_decode_lowers_for_cuda_without_a_gpu(pages):
     from jax import export
 
@@ -26,14 +27,15 @@ def test_mosaic_decode_lowers_for_cuda_without_a_gpu(pages):
     b, hq, hkv, d, ps, max_pages = 2, 8, 2, 128, 16, 32
     q = jax.ShapeDtypeStruct((b, hq, d), jnp.bfloat16)
     cache = jax.ShapeDtypeStruct((b * max_pages, ps, hkv, d), jnp.dtype(pages.split()[0]))
-    scales = jax.ShapeDtypeStruct((b * max_pages, ps, hkv), jnp.float32) if pages != "bfloat16" else None
-    options = dict(widener="widener" in pages, int8_qk=" qk" in pages)
+    scales = jax.ShapeDtypeStruct((b * max_pages, ps, hkv), jnp.float32) if "bfloat16" not in pages else None
+    consumers = 2 if "two consumers" in pages else 1
+    options = dict(widener="widener" in pages, int8_qk=" qk" in pages, consumers=consumers, stages=2)
     lowered = export.export(jax.jit(lambda *a: mosaic_decode(*a, scale=0.1, splits=2, **options)),
                             platforms=["cuda"])(
         q, cache, cache, jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b, max_pages), jnp.int32),
         scales, scales)
     assert "mosaic_gpu" in lowered.mlir_module()
-    assert [o.shape for o in lowered.out_avals] == [(2, b, hq, d), (2, b, hq)]
+    assert [o.shape for o in lowered.out_avals] == [(2 * consumers, b, hq, d), (2 * consumers, b, hq)]
 
 
 def test_mosaic_switch_says_every_reason_it_cannot_serve_a_call():
@@ -48,8 +50,6 @@ def test_mosaic_switch_says_every_reason_it_cannot_serve_a_call():
     for reason in ("mosaic=1", "decode calls only", "no sliding window", "bf16/fp16 queries", "head_dim 64 or 128",
                    "Hopper GPU only"):
         assert reason in text, reason
-    with pytest.raises(ValueError, match="mosaic"):
-        RaggedConfig(mosaic=2)
     from jaxattn_ragged.mosaic_decode import mosaic_reasons
 
     q = jax.ShapeDtypeStruct((2, 8, 128), jnp.bfloat16)
@@ -84,6 +84,18 @@ def test_mosaic_switch_says_every_reason_it_cannot_serve_a_call():
     scales = jnp.ones(fp8_pages.shape[:3], jnp.float32)
     with pytest.raises(ValueError, match="widener=True at block_kv 128 and 3 stages does not fit"):
         mosaic_decode(qa, fp8_pages, fp8_pages, lens, table, scales, scales, scale=0.1, stages=3, widener=True)
+    # two consumer warpgroups: each owns every other slot, and the widener feeds one consumer only
+    assert mosaic_reasons(q, bf16, bf16, stages=2, consumers=2) == []
+    assert "needs stages (num_stages) a multiple of 2" in " ".join(mosaic_reasons(q, bf16, bf16, stages=3,
+                                                                                   consumers=2))
+    assert "consumers 1 or 2, got 3" in " ".join(mosaic_reasons(q, bf16, bf16, stages=3, consumers=3))
+    assert "more than" in " ".join(mosaic_reasons(q, bf16, bf16, stages=4, consumers=2))  # 4 bf16 slots of 128
+    with pytest.raises(ValueError, match="widener=True feeds one consumer warpgroup, not consumers=2"):
+        mosaic_decode(qa, fp8_pages, fp8_pages, lens, table, scales, scales, scale=0.1, stages=2, widener=True,
+                      consumers=2)
+    assert RaggedConfig(mosaic=2).mosaic == 2
+    with pytest.raises(ValueError, match="mosaic"):
+        RaggedConfig(mosaic=3)
 
 
 def _past_lengths_poisoned(args, k_scale=None, v_scale=None):
@@ -103,18 +115,21 @@ def _past_lengths_poisoned(args, k_scale=None, v_scale=None):
 
 
 @pytest.mark.parametrize("pages", ["bfloat16", "int8", "int8 qk", "float8_e4m3fn", "int8 widener",
-                                   "int8 qk widener", "float8_e4m3fn widener"])
+                                   "int8 qk widener", "float8_e4m3fn widener", "bfloat16 two consumers",
+                                   "int8 qk two consumers"])
 def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
     """The kernel's pipeline, page gathers, splits, masking and scales run in Pallas's Mosaic GPU
     interpreter on CPU (its products as plain dots: the interpreter's wgmma takes no transposed
     operand): lengths of 0, partial pages, a sequence across both splits, NaN past each length;
-    the reference's numbers (int8: against the dequantized cache)."""
+    the reference's numbers (int8: against the dequantized cache). With two consumers a split's
+    steps alternate between them (one sees none at length 17) and their reductions take turns:
+    the interpreter fails a barrier phase that no warpgroup waits for."""
     from jaxattn_ragged.kernel import merge_splits
     from jaxattn_ragged.mosaic_decode import mosaic_decode
 
     args = paged_problem(40, [150, 0, 64, 17], hq=8, hkv=2, d=64, dtype=jnp.bfloat16, page_size=16)
     ks = vs = None
-    if pages == "bfloat16":
+    if pages.startswith("bfloat16"):
         args = _past_lengths_poisoned(args)
     else:
         dtype = jnp.dtype(pages.split()[0])
@@ -122,8 +137,9 @@ def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
         v, vs = jaxattn.quantize_kv(args["value_pages"], dtype)
         args, ks, vs = _past_lengths_poisoned({**args, "key_pages": k, "value_pages": v}, ks, vs)
     out, lse = mosaic_decode(args["query"], args["key_pages"], args["value_pages"], args["kv_lengths"],
-                             args["page_indices"], ks, vs, scale=64 ** -0.5, block_kv=64, stages=2, splits=2,
-                             int8_qk=" qk" in pages, widener="widener" in pages, interpret=True)
+                             args["page_indices"], ks, vs, scale=64 ** -0.5, block_kv=64, splits=2,
+                             int8_qk=" qk" in pages, widener="widener" in pages, interpret=True,
+                             **(dict(consumers=2, stages=4) if "two consumers" in pages else dict(stages=2)))
     out, lse = merge_splits(out, lse)
     ref = reference(args) if ks is None else reference(args, k_scale=ks, v_scale=vs)
     assert relative_error(out.astype(jnp.bfloat16), ref) < (6e-3 if " qk" in pages else 3e-3)
@@ -160,17 +176,28 @@ def test_mosaic_decode_gpu():
         from jaxattn_ragged.kernel import merge_splits
         from jaxattn_ragged.mosaic_decode import mosaic_decode
 
-        for widener in (False, True):  # the widener warpgroup beside the consumer's own widening
+        # the widener warpgroup beside the consumer's own widening; two consumer warpgroups
+        for form in (dict(widener=False, stages=3), dict(widener=True, stages=3), dict(consumers=2, stages=4)):
             out, _ = merge_splits(*mosaic_decode(quant["query"], quant["key_pages"], quant["value_pages"],
                                                  quant["kv_lengths"], quant["page_indices"], ks, vs, scale=d ** -0.5,
-                                                 stages=3, splits=2, int8_qk=True, widener=widener))
-            assert relative_error(out.astype(jnp.bfloat16), ref) < 1.5e-2, widener
-            assert np.isfinite(np.asarray(out, np.float32)[np.asarray(quant["kv_lengths"]) > 0]).all(), widener
+                                                 splits=2, int8_qk=True, **form))
+            assert relative_error(out.astype(jnp.bfloat16), ref) < 1.5e-2, form
+            assert np.isfinite(np.asarray(out, np.float32)[np.asarray(quant["kv_lengths"]) > 0]).all(), form
+        for pages, form in ((args, dict(stages=2)), (quant, dict(stages=2))):  # two consumers, 16-bit and int8 pages
+            scales = (ks, vs) if pages is quant else (None, None)
+            out, _ = merge_splits(*mosaic_decode(pages["query"], pages["key_pages"], pages["value_pages"],
+                                                 pages["kv_lengths"], pages["page_indices"], *scales, scale=d ** -0.5,
+                                                 splits=2, consumers=2, **form))
+            expected = ref if pages is quant else reference(args)
+            assert relative_error(out.astype(jnp.bfloat16), expected) < 1e-2
         k8, ks8 = jaxattn.quantize_kv(args["key_pages"], jnp.float8_e4m3fn)
         v8, vs8 = jaxattn.quantize_kv(args["value_pages"], jnp.float8_e4m3fn)
         fp8, ks8, vs8 = _past_lengths_poisoned({**args, "key_pages": k8, "value_pages": v8}, ks8, vs8)
         out = jaxattn.paged_attention(**fp8, k_scale=ks8, v_scale=vs8, backend="decode", metadata=md)
         assert relative_error(out, reference(fp8, k_scale=ks8, v_scale=vs8)) < 1e-2  # against the dequantized cache
+        two = jaxattn.OperationMetadata(operation_configs={"decode": {"mosaic": 2, "num_stages": 4, "block_kv": 64}})
+        out = jaxattn.paged_attention(**fp8, k_scale=ks8, v_scale=vs8, backend="decode", metadata=two)
+        assert relative_error(out, reference(fp8, k_scale=ks8, v_scale=vs8)) < 1e-2  # two consumer warpgroups
 
 
 def test_automatic_split_fills_the_sms_once():

@@ -95,7 +95,7 @@ class KernelConfig:
     mask_split: int = 1
     two_tiles: int = 1
     int8_dots: int = 0
-    mosaic: int = 0  # 1: decode calls run mosaic_decode.py's Hopper kernel
+    mosaic: int = 0  # 1: decode calls run mosaic_decode.py's Hopper kernel; 2: with two consumer warpgroups
 
     def replace(self, **changes: int) -> KernelConfig:
         return KernelConfig(**{**self.__dict__, **changes})

@@ -18,7 +18,8 @@ int32 accumulation, as the Triton kernel's `int8_dots=1`). Values are read trans
 wgmma allows for 16-bit operands only: one-byte values (int8, float8_e4m3fn) are widened to the
 query's dtype in shared memory (exact for both), and one-byte keys too without `int8_qk`:
 by the consumer before its products, or (`widener=True`) by a third warpgroup into a ring of
-16-bit slots, one per one-byte slot, while the consumer computes on the slot before.
+16-bit slots, one per one-byte slot, while the consumer computes on the slot before. With
+`consumers=2` (config `mosaic=2`) two consumer warpgroups take a split's steps in turn.
 
 A key's scale multiplies its logit row, a value's scale its probability row (per token and
 head, `[pages, page_size, kv_heads]`, gathered per call into each sequence's token order
@@ -73,32 +74,42 @@ def padded_group(group: int) -> int:
 
 
 def smem_bytes(d: int, dv: int, group: int, block_kv: int, stages: int, page_itemsize: int,
-               widen_keys: bool, widen_values: bool, q_itemsize: int = 2, widened_slots: int = 1) -> int:
+               widen_keys: bool, widen_values: bool, q_itemsize: int = 2, widened_slots: int = 1,
+               consumers: int = 1) -> int:
     """Shared memory of one CUDA block: each scratch buffer starts on a 1024-byte boundary (as
     Pallas's Mosaic GPU lays them out), the barrier arrays included. `widened_slots`: 16-bit
-    slots of the widened tiles (`stages` with the widener warpgroup, else one)."""
+    slots of the widened tiles (`stages` with the widener warpgroup, else one per consumer);
+    each consumer warpgroup has its own probabilities and output tiles."""
     gn = padded_group(group)
     sizes = [gn * d * q_itemsize, gn * 4, stages * block_kv * d * page_itemsize, stages * block_kv * dv * page_itemsize,
-             gn * block_kv * 2, dv * gn * 4, gn * 4, 8, 8 * stages, 8 * stages]
+             consumers * gn * block_kv * 2, consumers * dv * gn * 4, consumers * gn * 4, 8, 8 * stages, 8 * stages]
+    widened_slots = max(widened_slots, consumers)
     if widen_keys:
         sizes.append(widened_slots * block_kv * d * 2)
     if widen_values:
         sizes += [widened_slots * block_kv * dv * 2, stages * block_kv * 4, stages * block_kv * 4]
     if widened_slots > 1:
         sizes.append(8 * stages)  # the widened slots' barriers
+    if consumers > 1:
+        sizes.append(16)  # the consumers' turns
     return sum(-(-size // 1024) * 1024 for size in sizes)
 
 
 def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_scale=None, *, scale: float,
                   block_kv: int = 128, stages: int = 2, splits: int = 1, int8_qk: bool = False,
-                  widener: bool = False, interpret: bool = False):
+                  widener: bool = False, consumers: int = 1, interpret: bool = False):
     """q `[B, Hq, D]` (bf16/fp16), pages `[P, page_size, Hkv, D]` (q's dtype, or int8 /
     float8_e4m3fn with per-token scales `[P, page_size, Hkv]` float32), kv_lengths `[B]`, page_table `[B, max_pages]`
-    -> (out `[splits, B, Hq, D]` float32, normalized per split; lse `[splits, B, Hq]`, -inf where a
-    split saw no key). `int8_qk` (int8 pages only): K·Qᵀ on int8 tensor cores, the queries
-    quantized per head (symmetric, scale max|q| / 127). `widener` (one-byte pages only): a third
-    warpgroup widens each slot's values (and keys without `int8_qk`) into a ring of 16-bit slots
-    while the consumer computes on the previous slot. `interpret`: Pallas's Mosaic GPU
+    -> (out `[splits * consumers, B, Hq, D]` float32, normalized per part; lse
+    `[splits * consumers, B, Hq]`, -inf where a part saw no key). `int8_qk` (int8 pages only):
+    K·Qᵀ on int8 tensor cores, the queries quantized per head (symmetric, scale max|q| / 127).
+    `widener` (one-byte pages only): a third warpgroup widens each slot's values (and keys
+    without `int8_qk`) into a ring of 16-bit slots while the consumer computes on the previous
+    slot. `consumers` (1 or 2): consumer warpgroups
+    taking a split's steps in turn, each with its own running softmax and slots (`stages` a
+    multiple of it), so one's products overlap the other's softmax (each writes its own part of
+    the output); their reductions across warps take turns, in step order, since Mosaic GPU gives
+    every reduction the same shared-memory scratch. `interpret`: Pallas's Mosaic GPU
     interpreter (CPU; checks the kernel's logic, slowly)."""
     plgpu = mosaic_gpu()
     b, hq, d = q.shape
@@ -106,11 +117,14 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     group = hq // hkv
     gn = padded_group(group)
     quant = k_pages.dtype in ONE_BYTE
-    reasons = mosaic_reasons(q, k_pages, v_pages, block_kv=block_kv, stages=stages, int8_dots=int(int8_qk))
+    reasons = mosaic_reasons(q, k_pages, v_pages, block_kv=block_kv, stages=stages, int8_dots=int(int8_qk),
+                             consumers=consumers)
     if quant != (k_scale is not None) or v_pages.dtype != k_pages.dtype:
         reasons.append("one-byte pages take k_scale and v_scale; 16-bit pages take none")
     if widener and not quant:
         reasons.append("widener=True widens one-byte pages; these are 16-bit")
+    elif widener and consumers != 1:
+        reasons.append(f"widener=True feeds one consumer warpgroup, not consumers={consumers}")
     elif widener and not widener_fits(d, group, block_kv, stages, int8_qk):
         reasons.append(f"widener=True at block_kv {block_kv} and {stages} stages does not fit in shared memory")
     if reasons:
@@ -167,6 +181,7 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
         k16 = extra.pop(0) if widen_keys else None
         v16, ks_smem, vs_smem = extra[:3] if quant else (None,) * 3
         wide_bar = extra[3] if widener else None  # a slot's widened tiles are ready
+        turn = extra[-1] if consumers > 1 else None  # whose softmax reductions run now
         bi, hi, si = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
         wg = lax.axis_index("wg")
         length = ins["lens"][bi]
@@ -183,14 +198,18 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
                 x = jnp.where(ok_rows, x, 0.0)
             dst[...] = x.astype(dtype)
 
-        @pl.when(wg == 0)
-        def _consumer():
+        def consumer(ci: int):
+            """Consumer warpgroup `ci`: the split's steps lb + ci, lb + ci + consumers, ..."""
             plgpu.set_max_registers(232, action="increase")
             rows_l, cols_l = layout.reduce(1), layout.reduce(0)  # per token / per query head
-            plgpu.copy_gmem_to_smem(ins["q"].at[bi, hi], q_smem, q_bar)
-            plgpu.copy_gmem_to_smem(ins["qs"].at[bi, hi], qs_smem, q_bar)
+            if ci == 0:
+                plgpu.copy_gmem_to_smem(ins["q"].at[bi, hi], q_smem, q_bar)
+                plgpu.copy_gmem_to_smem(ins["qs"].at[bi, hi], qs_smem, q_bar)
+            if ci == 1:  # the first step's reductions are consumer 0's
+                pl.when(lb < ub)(lambda: plgpu.barrier_arrive(turn.at[0]))
             plgpu.barrier_wait(q_bar)
             col_c = load(qs_smem, cols_l)
+            p_tile, o_tile, lse_tile = p_smem.at[ci], o_smem.at[ci], lse_smem.at[ci]
 
             def step(t, carry, *, masked):
                 acc, m, l = carry
@@ -208,12 +227,12 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
                 if widener:  # the widener warpgroup made this slot's 16-bit tiles
                     keys = k16.at[slot] if widen_keys else keys
                     values = v16.at[slot]
-                elif quant:
+                elif quant:  # this consumer's own 16-bit tiles
                     if widen_keys:
-                        widen(keys, k16, None)
-                        keys = k16
-                    widen(values, v16, ok_rows)
-                    values = v16
+                        widen(keys, k16.at[ci], None)
+                        keys = k16.at[ci]
+                    widen(values, v16.at[ci], ok_rows)
+                    values = v16.at[ci]
                 elif masked:  # a 16-bit slot: clean its rows past the length in place
                     x = load(values, layout)
                     values[...] = jnp.where(ok_rows, x, jnp.zeros_like(x))
@@ -234,6 +253,8 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
                     s = s * lax.broadcast_in_dim(ks, s.shape, [0])
                 if ok is not None:
                     s = jnp.where(ok, s, -jnp.inf)
+                if turn is not None:  # the reductions across warps share one scratch: in step order
+                    plgpu.barrier_wait(turn.at[ci])
                 m_new = jnp.maximum(m, s.max(axis=0))
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
                 alpha = jnp.exp2(m - m_new)
@@ -246,17 +267,19 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
                         p = jnp.where(ok, p, 0.0)
                 # Pᵀ into shared memory, tokens contiguous: wgmma's B operand of Vᵀ·Pᵀ
                 if interpret:
-                    p_smem[...] = p.astype(dtype).T
+                    p_tile[...] = p.astype(dtype).T
                 else:
-                    ref_transpose(plgpu, p_smem)[...] = cast(p.astype(dtype), plgpu.Layout.WGMMA_TRANSPOSED)
-                plgpu.commit_smem()
+                    ref_transpose(plgpu, p_tile)[...] = cast(p.astype(dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+                plgpu.commit_smem()  # (a warpgroup barrier: every warp is past the reductions)
+                if turn is not None:  # the next step is the other's (every arrival has its wait)
+                    pl.when(t + 1 < ub)(lambda: plgpu.barrier_arrive(turn.at[1 - ci]))
 
                 def pv(pv_ref):  # Vᵀ · Pᵀ [dv, gn], added to outᵀ in registers (8 per thread at gn 8)
-                    plgpu.wgmma(pv_ref, ref_transpose(plgpu, values), ref_transpose(plgpu, p_smem))
+                    plgpu.wgmma(pv_ref, ref_transpose(plgpu, values), ref_transpose(plgpu, p_tile))
                     return pv_ref[...]
 
                 if interpret:
-                    acc = acc + jnp.dot(values[...].T, p_smem[...].T, preferred_element_type=jnp.float32)
+                    acc = acc + jnp.dot(values[...].T, p_tile[...].T, preferred_element_type=jnp.float32)
                 else:
                     acc = acc + pl.run_scoped(pv, plgpu.ACC((dv, gn), jnp.float32))
                 plgpu.barrier_arrive(free.at[slot])
@@ -265,19 +288,31 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
             acc = cast(jnp.zeros((dv, gn), jnp.float32), layout)
             m = cast(jnp.full((gn,), M_FLOOR, jnp.float32), cols_l)
             l = cast(jnp.zeros((gn,), jnp.float32), cols_l)
-            carry = lax.fori_loop(lb, full_end, lambda t, cr: step(t, cr, masked=False), (acc, m, l))
-            acc, m, l = lax.fori_loop(full_end, ub, lambda t, cr: step(t, cr, masked=True), carry)
+            carry = own_steps(lb, full_end, ci, lambda t, cr: step(t, cr, masked=False), (acc, m, l))
+            acc, m, l = own_steps(full_end, ub, ci, lambda t, cr: step(t, cr, masked=True), carry)
             live = l != 0.0
             l_safe = jnp.where(live, l, 1.0)
-            o_smem[...] = acc * lax.broadcast_in_dim(jnp.where(live, 1.0 / l_safe, 0.0), acc.shape, [1])
-            lse_smem[...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
+            o_tile[...] = acc * lax.broadcast_in_dim(jnp.where(live, 1.0 / l_safe, 0.0), acc.shape, [1])
+            lse_tile[...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[si, bi, hi])
-            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[si, bi, hi])
+            part = si * consumers + ci
+            plgpu.copy_smem_to_gmem(o_tile, o_ref.at[part, bi, hi])
+            plgpu.copy_smem_to_gmem(lse_tile, lse_ref.at[part, bi, hi])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+        def own_steps(start, end, ci: int, body, carry):
+            """`body` over the steps t in [start, end) with (t - lb) % consumers == ci."""
+            if consumers == 1:
+                return lax.fori_loop(start, end, body, carry)
+            first = start + lax.rem(lax.rem(ci - (start - lb), consumers) + consumers, consumers)
+            count = jnp.maximum(_cdiv(jnp.maximum(end - first, 0), consumers), 0)
+            return lax.fori_loop(0, count, lambda k, cr: body(first + k * consumers, cr), carry)
+
+        for ci in range(consumers):
+            pl.when(wg == ci)(lambda ci=ci: consumer(ci))
+
         if widener:
-            @pl.when(wg == 2)
+            @pl.when(wg == consumers + 1)
             def _widener():
                 def widen_slot(t, masked: bool):
                     """Step `t`'s one-byte tiles -> its 16-bit slot, 64 rows at a time (rows past
@@ -298,7 +333,7 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
                 pl.loop(lb, full_end)(lambda t: widen_slot(t, False))
                 pl.loop(full_end, ub)(lambda t: widen_slot(t, True))
 
-        @pl.when(wg == 1)
+        @pl.when(wg == consumers)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
 
@@ -331,14 +366,14 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
         plgpu.SMEM((gn,), jnp.float32),
         _swizzled(plgpu, (stages, block_kv, d), page_dtype),
         _swizzled(plgpu, (stages, block_kv, dv), page_dtype),
-        _swizzled(plgpu, (gn, block_kv), dtype),
-        plgpu.SMEM((dv, gn), jnp.float32),
-        plgpu.SMEM((gn,), jnp.float32),
+        _swizzled(plgpu, (consumers, gn, block_kv), dtype),
+        plgpu.SMEM((consumers, dv, gn), jnp.float32),
+        plgpu.SMEM((consumers, gn), jnp.float32),
         plgpu.Barrier(num_arrivals=2),
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
     ]
-    ring = (stages,) if widener else ()  # the widener fills a 16-bit slot per one-byte slot
+    ring = (stages,) if widener else (consumers,)  # the widener's ring of 16-bit slots, or one per consumer
     if widen_keys:
         scratch.append(_swizzled(plgpu, (*ring, block_kv, d), dtype))
     if quant:  # the widened values and each slot's scales
@@ -346,13 +381,16 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
                     plgpu.SMEM((stages, block_kv), jnp.float32), plgpu.SMEM((stages, block_kv), jnp.float32)]
     if widener:
         scratch.append(plgpu.Barrier(num_arrivals=1, num_barriers=stages))
-    out_type = (jax.ShapeDtypeStruct((splits, b, hkv, dv, gn), jnp.float32),
-                jax.ShapeDtypeStruct((splits, b, hkv, gn), jnp.float32))
+    if consumers > 1:
+        scratch.append(plgpu.Barrier(num_arrivals=1, num_barriers=2))
+    parts = splits * consumers
+    out_type = (jax.ShapeDtypeStruct((parts, b, hkv, dv, gn), jnp.float32),
+                jax.ShapeDtypeStruct((parts, b, hkv, gn), jnp.float32))
     out, lse = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(b, hkv, splits),
-                            grid_names=("b", "h", "s"), num_threads=3 if widener else 2, thread_name="wg",
+                            grid_names=("b", "h", "s"), num_threads=consumers + (2 if widener else 1), thread_name="wg",
                             compiler_params=mosaic_params(plgpu), **mosaic_interpret_kwargs(interpret))(*args)
-    out = jnp.swapaxes(out, -1, -2)[:, :, :, :group].reshape(splits, b, hq, dv)
-    return out, lse[:, :, :, :group].reshape(splits, b, hq)
+    out = jnp.swapaxes(out, -1, -2)[:, :, :, :group].reshape(parts, b, hq, dv)
+    return out, lse[:, :, :, :group].reshape(parts, b, hq)
 
 
 def widener_fits(d: int, group: int, block_kv: int, stages: int, int8_qk: bool) -> bool:
@@ -363,14 +401,15 @@ def widener_fits(d: int, group: int, block_kv: int, stages: int, int8_qk: bool) 
 
 
 def mosaic_reasons(query, key_pages, value_pages, *, cu_q_lens=None, window_left=None, soft_cap=None,
-                   sinks=None, block_kv: int = 128, stages: int = 2, int8_dots: int = 0) -> list[str]:
+                   sinks=None, block_kv: int = 128, stages: int = 2, int8_dots: int = 0,
+                   consumers: int = 1) -> list[str]:
     """Why `mosaic_decode` cannot serve a call (empty: it can)."""
     _, hq, d = query.shape
     _, ps, hkv, dv = value_pages.shape
     return layout_reasons(q_dtype=query.dtype, kv_dtype=key_pages.dtype, num_q_heads=hq, num_kv_heads=hkv,
                           head_dim=d, value_head_dim=dv, page_size=ps, ragged=cu_q_lens is not None,
                           masked_or_capped=window_left is not None or soft_cap is not None or sinks is not None,
-                          block_kv=block_kv, stages=stages, int8_dots=int8_dots)
+                          block_kv=block_kv, stages=stages, int8_dots=int8_dots, consumers=consumers)
 
 
 def request_reasons(request, block_kv: int = 128, stages: int = 2) -> list[str]:
@@ -388,7 +427,7 @@ def request_reasons(request, block_kv: int = 128, stages: int = 2) -> list[str]:
 
 def layout_reasons(*, q_dtype, kv_dtype, num_q_heads: int, num_kv_heads: int, head_dim: int, value_head_dim: int,
                    page_size: int, ragged: bool, masked_or_capped: bool, block_kv: int, stages: int,
-                   int8_dots: int) -> list[str]:
+                   int8_dots: int, consumers: int = 1) -> list[str]:
     """The reasons of `mosaic_reasons` and `request_reasons`, from the call's dtypes and sizes."""
     reasons = []
     q_dtype, kv_dtype = jnp.dtype(q_dtype), jnp.dtype(kv_dtype)
@@ -414,8 +453,13 @@ def layout_reasons(*, q_dtype, kv_dtype, num_q_heads: int, num_kv_heads: int, he
     if int8_dots > 1:
         reasons.append("the Mosaic decode kernel runs P·V on 16-bit tensor cores only (int8_dots 0 or 1)")
     quant = kv_dtype in ONE_BYTE
+    if consumers not in (1, 2):
+        reasons.append(f"the Mosaic decode kernel takes consumers 1 or 2, got {consumers}")
+    elif stages % consumers:  # a warpgroup tracks a barrier's phase by its own waits: it must see every one
+        reasons.append(f"the Mosaic decode kernel with {consumers} consumer warpgroups needs stages (num_stages) "
+                       f"a multiple of {consumers}, each owning its slots; got {stages}")
     need = smem_bytes(d, dv, hq // hkv, block_kv, stages, kv_dtype.itemsize, quant and not int8_dots, quant,
-                      1 if quant and int8_dots else 2)
+                      1 if quant and int8_dots else 2, consumers=consumers)
     if need > SMEM_BYTES:
         reasons.append(f"the Mosaic decode kernel's tiles at block_kv {block_kv} and {stages} stages need {need} "
                        f"bytes of shared memory, more than {SMEM_BYTES}")
@@ -441,8 +485,8 @@ def mosaic_paged_decode(query, key_pages, value_pages, kv_lengths, page_table, *
     """`kernel.paged_attention_kernel`'s decode outputs through `mosaic_decode`: out `[B, Hq, Dv]`
     (query dtype; zeros for a sequence without keys) and lse `[Hq, B]` float32. `config` (a
     `kernel.KernelConfig`): its `block_kv`, `num_stages` (the ring's slots), `int8_dots` (>= 1:
-    K·Qᵀ on int8 tensor cores) and `num_splits` / `target_programs` as the Triton kernel reads
-    them, the automatic split by `one_wave_splits`."""
+    K·Qᵀ on int8 tensor cores), `mosaic` (the consumer warpgroups: 1 or 2) and `num_splits` /
+    `target_programs` as the Triton kernel reads them, the automatic split by `one_wave_splits`."""
     from .kernel import DECODE_CONFIG, merge_splits
 
     config = config or DECODE_CONFIG
@@ -457,10 +501,11 @@ def mosaic_paged_decode(query, key_pages, value_pages, kv_lengths, page_table, *
         k_scale, v_scale = (jnp.broadcast_to(jnp.asarray(s, jnp.float32), (num_pages, ps, hkv))
                             for s in (k_scale, v_scale))
     int8_qk = key_pages.dtype == jnp.int8 and config.int8_dots >= 1
-    widener = WIDENER_BY_DEFAULT and int8_qk and widener_fits(query.shape[-1], query.shape[1] // hkv, block_kv,
-                                                              config.num_stages, True)
+    consumers = max(1, config.mosaic)
+    widener = (WIDENER_BY_DEFAULT and consumers == 1 and int8_qk
+               and widener_fits(query.shape[-1], query.shape[1] // hkv, block_kv, config.num_stages, True))
     out, lse = mosaic_decode(query, key_pages, value_pages, kv_lengths, page_table, k_scale, v_scale, scale=scale,
                              block_kv=block_kv, stages=config.num_stages, splits=splits, int8_qk=int8_qk,
-                             widener=widener)
+                             widener=widener, consumers=consumers)
     out, lse = merge_splits(out, lse)
     return out.astype(query.dtype), lse.T

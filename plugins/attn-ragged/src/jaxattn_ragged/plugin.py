@@ -16,7 +16,8 @@ Settings (`metadata.operation_configs["ragged_paged"]` or `["decode"]`: a `Ragge
 `num_warps`, `num_stages`, `target_programs`, and the switches `gather2d`, `mask_split`,
 `two_tiles` (1/0), `int8_dots` (0/1/2: how many products run on int8 tensor cores for
 int8 pages, see `kernel.KernelConfig`) and `mosaic` (1: decode calls on the Hopper kernel of
-`mosaic_decode.py`; `jaxattn tune` tries it on a Hopper GPU where it serves the call).
+`mosaic_decode.py`; `jaxattn tune` tries it on a Hopper GPU where it serves the call; 2: that
+kernel with two consumer warpgroups, `num_stages` even).
 Measured tables (`tuning/*.json`, package data) are shipped through `jaxattn_tuning_tables`.
 
 Quantized caches (int8 or float8_e4m3fn pages with `k_scale`/`v_scale`, per token and head
@@ -61,7 +62,7 @@ class RaggedConfig(BackendConfig):
     mask_split: int | None = None
     two_tiles: int | None = None
     int8_dots: int | None = None  # int8 pages: products on int8 tensor cores (0, 1: Q·Kᵀ, 2: both)
-    mosaic: int | None = None  # 1: decode on the Mosaic GPU kernel (mosaic_decode.py; Hopper)
+    mosaic: int | None = None  # 1: decode on the Mosaic GPU kernel (mosaic_decode.py; Hopper); 2: two consumers
 
     def __post_init__(self) -> None:
         self.check_int("block_q", power_of_two=True)
@@ -73,7 +74,7 @@ class RaggedConfig(BackendConfig):
         for key in ("gather2d", "mask_split", "two_tiles"):
             self.check_choice(key, (0, 1))
         self.check_choice("int8_dots", (0, 1, 2))
-        self.check_choice("mosaic", (0, 1))
+        self.check_choice("mosaic", (0, 1, 2))
 
 
 @dataclass(frozen=True)
@@ -210,21 +211,22 @@ class RaggedPagedAttention(OperationImpl):
             config=cfg, interpret=self.interpret)
 
     def _run_mosaic(self, inputs: PagedAttentionInputs, cfg: KernelConfig):
-        """The decode call on `mosaic_decode.py`'s kernel (config `mosaic=1`); ValueError with
+        """The decode call on `mosaic_decode.py`'s kernel (config `mosaic=1`, or 2 for two consumer
+        warpgroups); ValueError with
         every reason where it cannot serve the call (never a silent fallback)."""
         from .mosaic_decode import mosaic_paged_decode, mosaic_reasons
 
         reasons = mosaic_reasons(inputs.query, inputs.key_pages, inputs.value_pages, cu_q_lens=inputs.cu_q_lens,
                                  window_left=_window_left(inputs), soft_cap=inputs.logits_soft_cap,
                                  sinks=inputs.sinks, block_kv=cfg.block_kv, stages=cfg.num_stages,
-                                 int8_dots=cfg.int8_dots)
+                                 int8_dots=cfg.int8_dots, consumers=cfg.mosaic)
         if self.interpret:
             reasons.append("the Mosaic decode kernel runs on a Hopper GPU only (no interpreter)")
         elif not (here := jaxattn.hardware.current()).is_hopper:
             reasons.append(f"the Mosaic decode kernel runs on a Hopper GPU only (compute capability 9.x), "
                            f"not on {here.device_kind} ({here.compute_capability})")
         if reasons:
-            raise ValueError(f"{self.name}: mosaic=1: " + "; ".join(reasons))
+            raise ValueError(f"{self.name}: mosaic={cfg.mosaic}: " + "; ".join(reasons))
         return mosaic_paged_decode(inputs.query, inputs.key_pages, inputs.value_pages, inputs.kv_lengths,
                                    inputs.page_indices, scale=inputs.scale, k_scale=inputs.k_scale,
                                    v_scale=inputs.v_scale, config=cfg)
