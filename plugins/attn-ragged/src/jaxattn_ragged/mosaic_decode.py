@@ -105,12 +105,11 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     K·Qᵀ on int8 tensor cores, the queries quantized per head (symmetric, scale max|q| / 127).
     `widener` (one-byte pages only): a third warpgroup widens each slot's values (and keys
     without `int8_qk`) into a ring of 16-bit slots while the consumer computes on the previous
-    slot. `consumers` (1 or 2): consumer warpgroups
-    taking a split's steps in turn, each with its own running softmax and slots (`stages` a
-    multiple of it), so one's products overlap the other's softmax (each writes its own part of
-    the output); their reductions across warps take turns, in step order, since Mosaic GPU gives
-    every reduction the same shared-memory scratch. `interpret`: Pallas's Mosaic GPU
-    interpreter (CPU; checks the kernel's logic, slowly)."""
+    slot. `consumers` (1 or 2): consumer warpgroups taking a split's steps in turn, each with
+    its own running softmax and slots (`stages` a multiple of it), so one's products overlap the
+    other's softmax (each writes its own part of the output); their reductions across warps take
+    turns, in step order, since Mosaic GPU gives every reduction the same shared-memory scratch.
+    `interpret`: Pallas's Mosaic GPU interpreter (CPU; checks the kernel's logic, slowly)."""
     plgpu = mosaic_gpu()
     b, hq, d = q.shape
     num_pages, ps, hkv, dv = v_pages.shape

@@ -212,8 +212,8 @@ class RaggedPagedAttention(OperationImpl):
 
     def _run_mosaic(self, inputs: PagedAttentionInputs, cfg: KernelConfig):
         """The decode call on `mosaic_decode.py`'s kernel (config `mosaic=1`, or 2 for two consumer
-        warpgroups); ValueError with
-        every reason where it cannot serve the call (never a silent fallback)."""
+        warpgroups); ValueError with every reason where it cannot serve the call (never a silent
+        fallback)."""
         from .mosaic_decode import mosaic_paged_decode, mosaic_reasons
 
         reasons = mosaic_reasons(inputs.query, inputs.key_pages, inputs.value_pages, cu_q_lens=inputs.cu_q_lens,
