@@ -259,7 +259,10 @@ QUANT_VARIANTS = {"bk64": dict(block_kv=64), "bk256": dict(block_kv=256), "w8": 
                   "s4": dict(num_stages=4), "s2": dict(num_stages=2)}
 INT8_DOTS = {"int8 qk": dict(int8_dots=1), "int8 qk+pv": dict(int8_dots=2)}  # int8 pages only
 MOSAIC = {"mosaic": dict(mosaic=1), "mosaic int8 qk": dict(mosaic=1, int8_dots=1),  # decode; bf16 and int8 pages
-          "mosaic s2": dict(mosaic=1, num_stages=2), "mosaic bk64": dict(mosaic=1, block_kv=64)}
+          "mosaic s2": dict(mosaic=1, num_stages=2), "mosaic bk64": dict(mosaic=1, block_kv=64),
+          # two consumer warpgroups (an even number of stages): fp8 pages' best, int8's with int8 products
+          "mosaic2 s4 bk64": dict(mosaic=2, num_stages=4, block_kv=64),
+          "mosaic2 int8 qk s4": dict(mosaic=2, int8_dots=1, num_stages=4)}
 
 
 def quantized(kp, vp, dtype):
