@@ -28,8 +28,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-JAX_VERSION: tuple[int, ...] = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
-
 try:  # private: the entry point under jax.nn.dot_product_attention(implementation="cudnn")
     from jax._src.cudnn import fused_attention_stablehlo as _fa
 
@@ -116,6 +114,6 @@ def public_cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array, *
 
 
 __all__ = [
-    "CAUSAL_ALIGNMENT", "HAS_PRIVATE_API", "JAX_VERSION", "cudnn_version_of_jax", "fused_attention",
+    "CAUSAL_ALIGNMENT", "HAS_PRIVATE_API", "cudnn_version_of_jax", "fused_attention",
     "mask_value", "public_cudnn_attention",
 ]
