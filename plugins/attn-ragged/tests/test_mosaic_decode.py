@@ -50,6 +50,9 @@ def test_mosaic_switch_says_every_reason_it_cannot_serve_a_call():
     for reason in ("mosaic=1", "decode calls only", "no sliding window", "bf16/fp16 queries", "head_dim 64 or 128",
                    "Hopper GPU only"):
         assert reason in text, reason
+    impl = RaggedPagedAttention(interpret=True, config=RAGGED_CONFIG.replace(mosaic=2, num_stages=3))
+    with pytest.raises(ValueError, match=r"mosaic=2: .*2 consumer warpgroups needs stages \(num_stages\) a multiple"):
+        run_impl(impl, args)
     from jaxattn_ragged.mosaic_decode import mosaic_reasons
 
     q = jax.ShapeDtypeStruct((2, 8, 128), jnp.bfloat16)
