@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # The GPU checks of the repository, for the device machine (jax 0.11.x, CUDA), in parts that
-# each fit one 10-minute device call:
+# each fit one 10-minute device call (times seen on an H200):
 #   bash bench/gpu_checks.sh PART [OUTDIR]
 #     flash    flash's conformance on the compiled kernels (tests/test_flash.py; ~6.5 min on an H100)
 #     mosaic   flash's Mosaic GPU paths (tests/test_flash_mosaic_gpu.py; more than one call since the
 #              backward's runs: -k to split)
-#     rest     the cudnn and ragged GPU tests (ragged ~1 min), then bench/bench_auto.py (~1 min)
-#     quant    the ragged GPU tests (quantized pages included), then the quantized-cache benchmark
-#              (bench_ragged.py --sections quant: bf16 vs int8 vs fp8 pages beside cuDNN; JSON in OUTDIR)
-#     all      the three in order (more than one device call)
+#     ragged   every gpu test of the ragged plugin: conformance of both backends, quantized pages,
+#              the Mosaic decode kernel's forms (~7.5 min)
+#     rest     the cudnn GPU tests and flash's non-finite-value tests, then bench/bench_auto.py (~1 min)
+#     quant    the quantized-cache benchmark (bench_ragged.py --sections quant: bf16 vs int8 vs fp8
+#              pages beside cuDNN; JSON in OUTDIR; ~5 min)
+#     all      the parts in order (more than one device call)
 # Every part installs the core and all plugins (no network needed) and lists the backends.
 # Logs go to OUTDIR (default ./gpu-logs); the exit status is that of the tests.
 set -o pipefail
 part="${1:-}"
 out="${2:-gpu-logs}"
 case "$part" in
-  flash|mosaic|rest|quant|all) ;;
-  *) echo "usage: bash bench/gpu_checks.sh flash|mosaic|rest|quant|all [OUTDIR]" >&2; exit 2 ;;
+  flash|mosaic|ragged|rest|quant|all) ;;
+  *) echo "usage: bash bench/gpu_checks.sh flash|mosaic|ragged|rest|quant|all [OUTDIR]" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -37,12 +39,14 @@ fi
 if [ "$part" = mosaic ] || [ "$part" = all ]; then
   run_tests mosaic plugins/attn-flash/tests/test_flash_mosaic_gpu.py
 fi
+if [ "$part" = ragged ] || [ "$part" = all ]; then
+  run_tests ragged plugins/attn-ragged/tests
+fi
 if [ "$part" = rest ] || [ "$part" = all ]; then
-  run_tests rest plugins/attn-cudnn/tests/test_gpu.py plugins/attn-ragged/tests/test_backends.py
+  run_tests rest plugins/attn-cudnn/tests/test_gpu.py plugins/attn-flash/tests/test_gpu_nonfinite.py
   python3 bench/bench_auto.py 2>&1 | tee "$out/auto.md"
 fi
-if [ "$part" = quant ]; then
-  run_tests ragged plugins/attn-ragged/tests/test_backends.py
+if [ "$part" = quant ] || [ "$part" = all ]; then
   python3 plugins/attn-ragged/bench/bench_ragged.py --sections quant --json "$out/bench_ragged_quant.json" 2>&1 \
     | tee "$out/bench_ragged_quant.log"
 fi
