@@ -7,7 +7,8 @@
 #              backward's runs: -k to split)
 #     ragged   every gpu test of the ragged plugin: conformance of both backends, quantized pages,
 #              the Mosaic decode kernel's forms (~7.5 min)
-#     rest     the cudnn GPU tests and flash's non-finite-value tests, then bench/bench_auto.py (~1 min)
+#     rest     the cudnn GPU tests and flash's non-finite-value tests (a few minutes), then
+#              bench/bench_auto.py (~1 min)
 #     quant    the quantized-cache benchmark (bench_ragged.py --sections quant: bf16 vs int8 vs fp8
 #              pages beside cuDNN; JSON in OUTDIR; ~5 min)
 #     all      the parts in order (more than one device call)
