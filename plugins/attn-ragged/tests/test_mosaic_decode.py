@@ -18,7 +18,8 @@ from jaxattn_ragged._testing import assert_close, paged_problem, reference, run_
 
 @pytest.mark.parametrize("pages", ["bfloat16", "int8", "float8_e4m3fn", "int8 widener", "int8 qk widener",
                                    "float8_e4m3fn widener", "bfloat16 two consumers", "int8 qk two consumers",
-                                   "float8_e4m3fn two consumers"])
+                                   "float8_e4m3fn two consumers",
+                                   "bfloat16 one producer warp", "float8_e4m3fn widener one producer warp"])
 def test_mosaic_decode_lowers_for_cuda_without_a_gpu(pages):
     from jax import export
 
@@ -29,7 +30,8 @@ def test_mosaic_decode_lowers_for_cuda_without_a_gpu(pages):
     cache = jax.ShapeDtypeStruct((b * max_pages, ps, hkv, d), jnp.dtype(pages.split()[0]))
     scales = jax.ShapeDtypeStruct((b * max_pages, ps, hkv), jnp.float32) if "bfloat16" not in pages else None
     consumers = 2 if "two consumers" in pages else 1
-    options = dict(widener="widener" in pages, int8_qk=" qk" in pages, consumers=consumers, stages=2)
+    options = dict(widener="widener" in pages, int8_qk=" qk" in pages, consumers=consumers, stages=2,
+                   producer_warps=1 if "one producer warp" in pages else 4)
     lowered = export.export(jax.jit(lambda *a: mosaic_decode(*a, scale=0.1, splits=2, **options)),
                             platforms=["cuda"])(
         q, cache, cache, jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b, max_pages), jnp.int32),
@@ -96,9 +98,49 @@ def test_mosaic_switch_says_every_reason_it_cannot_serve_a_call():
     with pytest.raises(ValueError, match="widener=True feeds one consumer warpgroup, not consumers=2"):
         mosaic_decode(qa, fp8_pages, fp8_pages, lens, table, scales, scales, scale=0.1, stages=2, widener=True,
                       consumers=2)
+    with pytest.raises(ValueError, match="producer_warps is 1 or 4 .*, got 2"):
+        mosaic_decode(qa, bf16_pages, bf16_pages, lens, table, scale=0.1, producer_warps=2)
+    with pytest.raises(ValueError, match="producer_warps=4 runs per-warp code, which Pallas's Mosaic GPU interpreter"):
+        mosaic_decode(qa, bf16_pages, bf16_pages, lens, table, scale=0.1, producer_warps=4, interpret=True)
     assert RaggedConfig(mosaic=2).mosaic == 2
     with pytest.raises(ValueError, match="mosaic"):
         RaggedConfig(mosaic=3)
+
+
+def test_one_byte_decode_defaults_to_the_mosaic_kernel_on_hopper_only_where_it_serves():
+    """With no settings given, int8/fp8 decode on a Hopper GPU takes `ONE_BYTE_DECODE` (int8: two
+    consumers, int8 K·Qᵀ, 4 stages; fp8: 64-token blocks); everywhere else the Triton defaults:
+    bf16 pages, a window, ragged calls, another GPU, the interpreter, and any settings given."""
+    from jaxattn import Hardware, OperationMetadata
+    from jaxattn.validation import build_paged_inputs
+    from jaxattn_ragged.kernel import DECODE_CONFIG, RAGGED_CONFIG
+    from jaxattn_ragged.mosaic_decode import ONE_BYTE_DECODE
+
+    def config(dtype, hardware, impl=None, q_counts=None, configs=None, sliding_window=None):
+        args = paged_problem(5, [40, 23], q_counts, hq=8, hkv=2, d=128, dtype=jnp.bfloat16, page_size=16)
+        k_scale = v_scale = None
+        if dtype != "bfloat16":
+            (args["key_pages"], k_scale), (args["value_pages"], v_scale) = (
+                jaxattn.quantize_kv(args[name], jnp.dtype(dtype)) for name in ("key_pages", "value_pages"))
+        metadata = OperationMetadata(operation_configs=configs or {})
+        inputs = build_paged_inputs(args["query"], args["key_pages"], args["value_pages"], args["kv_lengths"],
+                                    args["page_indices"], cu_q_lens=args.get("cu_q_lens"), metadata=metadata,
+                                    k_scale=k_scale, v_scale=v_scale, scale=None, sliding_window=sliding_window,
+                                    logits_soft_cap=None, sinks=None)
+        with jaxattn.hardware.override(hardware):
+            return (impl or RaggedPagedAttention()).kernel_config(inputs, metadata)
+
+    hopper, ampere = Hardware.nvidia(compute_capability=(9, 0)), Hardware.nvidia(compute_capability=(8, 0))
+    assert config("int8", hopper) == DECODE_CONFIG.replace(**ONE_BYTE_DECODE["int8"])
+    assert config("int8", hopper).mosaic == 2 and config("int8", hopper).int8_dots == 1
+    assert config("float8_e4m3fn", hopper) == DECODE_CONFIG.replace(**ONE_BYTE_DECODE["float8_e4m3fn"])
+    assert config("bfloat16", hopper) == DECODE_CONFIG
+    assert config("int8", ampere) == DECODE_CONFIG
+    assert config("int8", hopper, sliding_window=16) == DECODE_CONFIG  # the Mosaic kernel has no window
+    assert config("int8", hopper, q_counts=[3, 1]) == RAGGED_CONFIG  # ragged calls: the Triton kernel
+    assert config("int8", hopper, impl=RaggedPagedAttention(interpret=True)) == DECODE_CONFIG
+    given = config("int8", hopper, configs={"ragged_paged": {"num_warps": 8}})
+    assert given == DECODE_CONFIG.replace(num_warps=8)  # settings given: over the defaults, no rule
 
 
 def _past_lengths_poisoned(args, k_scale=None, v_scale=None):
@@ -260,3 +302,24 @@ def test_mosaic_switch_refuses_a_device_that_is_not_hopper():
     with pytest.raises(ValueError, match=r"Hopper GPU only \(compute capability 9.x\)") as err:
         run_impl(impl, args, hardware=a100)
     assert "decode calls only" not in str(err.value) and "head_dim" not in str(err.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+def test_one_byte_decode_default_gpu():
+    """int8 and fp8 decode with no settings, through the public API: the Mosaic kernel runs (its
+    custom call is in the program) and gives the dequantized reference's numbers; pages of 16 and
+    64, lengths of 0 and 1, partial pages, NaN in the slots past each length."""
+    for seed, (ps, names) in enumerate([(16, ("ragged_paged",)), (64, ("ragged_paged", "decode"))]):
+        args = paged_problem(40 + seed, [5000, 1, 77, 0], hq=32, hkv=8, d=128, dtype=jnp.bfloat16, page_size=ps)
+        for dtype, tol in ((jnp.int8, 1e-2), (jnp.float8_e4m3fn, 5e-3)):  # int8: queries quantized too
+            k, ks = jaxattn.quantize_kv(args["key_pages"], dtype)
+            v, vs = jaxattn.quantize_kv(args["value_pages"], dtype)
+            quant, ks, vs = _past_lengths_poisoned({**args, "key_pages": k, "value_pages": v}, ks, vs)
+            ref = reference(quant, k_scale=ks, v_scale=vs)
+            for name in names:
+                call = jax.jit(lambda a, ks, vs, name=name: jaxattn.paged_attention(**a, k_scale=ks, v_scale=vs,
+                                                                                    backend=name))
+                assert "mosaic_gpu" in call.lower(quant, ks, vs).as_text(), (ps, dtype, name)
+                err = relative_error(call(quant, ks, vs), ref)
+                assert err <= tol, (ps, jnp.dtype(dtype).name, name, err)

@@ -97,7 +97,8 @@ def smem_bytes(d: int, dv: int, group: int, block_kv: int, stages: int, page_ite
 
 def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_scale=None, *, scale: float,
                   block_kv: int = 128, stages: int = 2, splits: int = 1, int8_qk: bool = False,
-                  widener: bool = False, consumers: int = 1, interpret: bool = False):
+                  widener: bool = False, consumers: int = 1, producer_warps: int | None = None,
+                  interpret: bool = False):
     """q `[B, Hq, D]` (bf16/fp16), pages `[P, page_size, Hkv, D]` (q's dtype, or int8 /
     float8_e4m3fn with per-token scales `[P, page_size, Hkv]` float32), kv_lengths `[B]`, page_table `[B, max_pages]`
     -> (out `[splits * consumers, B, Hq, D]` float32, normalized per part; lse
@@ -109,6 +110,11 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     its own running softmax and slots (`stages` a multiple of it), so one's products overlap the
     other's softmax (each writes its own part of the output); their reductions across warps take
     turns, in step order, since Mosaic GPU gives every reduction the same shared-memory scratch.
+    `producer_warps` (1 or 4; default 4, 1 in the interpreter, which runs no per-warp code): the
+    producer warpgroup's copies issued by one thread, or by each of its four warps for every
+    fourth page of a step (each reading its own page numbers from the table), so a step's
+    page-table reads and TMA issues run four at a time: a page of 16 one-byte tokens is 2 KB, and
+    one thread issuing them one by one bounded int8 pages at 2.7 TB/s (BENCHMARKS.md).
     `interpret`: Pallas's Mosaic GPU interpreter (CPU; checks the kernel's logic, slowly)."""
     plgpu = mosaic_gpu()
     b, hq, d = q.shape
@@ -126,6 +132,13 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
         reasons.append(f"widener=True feeds one consumer warpgroup, not consumers={consumers}")
     elif widener and not widener_fits(d, group, block_kv, stages, int8_qk):
         reasons.append(f"widener=True at block_kv {block_kv} and {stages} stages does not fit in shared memory")
+    if producer_warps is None:
+        producer_warps = 1 if interpret else 4
+    if producer_warps not in (1, 4):
+        reasons.append(f"producer_warps is 1 or 4 (the producer warpgroup's warps), got {producer_warps}")
+    elif producer_warps == 4 and interpret:
+        reasons.append("producer_warps=4 runs per-warp code, which Pallas's Mosaic GPU interpreter cannot run: "
+                       "use producer_warps=1 with interpret=True")
     if reasons:
         raise ValueError("mosaic_decode: " + "; ".join(reasons))
     dtype = q.dtype
@@ -332,21 +345,21 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
                 pl.loop(lb, full_end)(lambda t: widen_slot(t, False))
                 pl.loop(full_end, ub)(lambda t: widen_slot(t, True))
 
-        @pl.when(wg == consumers)
-        def _producer():
-            plgpu.set_max_registers(40, action="decrease")
+        def produce(my_pages: tuple[int, ...], my_scales: tuple[str, ...]):
+            """Fill the ring: the copies of `my_pages` (a step's pages, by position) and of
+            `my_scales` for every step."""
 
             def fetch(t, slot):
-                for i in range(pages_per_step):  # every copy arrives, so the barrier's count holds
-                    idx = jnp.minimum(t * pages_per_step + i, max_pages - 1)
-                    page = jnp.clip(ins["table"][bi, idx], 0, num_pages - 1)
+                for i in my_pages:  # every copy arrives, so the barrier's count holds
+                    idx = lax.min(t * pages_per_step + i, max_pages - 1)  # lax: warp code lowers no jit (clip)
+                    page = lax.max(0, lax.min(ins["table"][bi, idx], num_pages - 1))
                     rows = pl.ds(i * ps, ps)
                     plgpu.copy_gmem_to_smem(ins["k"].at[page, :, hi], k_smem.at[slot, rows], kv_bar.at[slot])
                     plgpu.copy_gmem_to_smem(ins["v"].at[page, :, hi], v_smem.at[slot, rows], kv_bar.at[slot])
-                if quant:  # one box per step (a page's own box may not be 128-byte aligned in smem)
-                    step_tokens = pl.ds(t * block_kv, block_kv)
-                    plgpu.copy_gmem_to_smem(ins["ks"].at[bi, hi, step_tokens], ks_smem.at[slot], kv_bar.at[slot])
-                    plgpu.copy_gmem_to_smem(ins["vs"].at[bi, hi, step_tokens], vs_smem.at[slot], kv_bar.at[slot])
+                for name in my_scales:  # one box per step (a page's own box may not be 128-byte aligned in smem)
+                    dst = ks_smem if name == "ks" else vs_smem
+                    plgpu.copy_gmem_to_smem(ins[name].at[bi, hi, pl.ds(t * block_kv, block_kv)], dst.at[slot],
+                                            kv_bar.at[slot])
 
             for i in range(stages):
                 @pl.when(lb + i < ub)
@@ -358,6 +371,23 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
                 slot = lax.rem(t - lb, stages)
                 plgpu.barrier_wait(free.at[slot])
                 fetch(t + stages, slot)
+
+        @pl.when(wg == consumers)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            scales = ("ks", "vs") if quant else ()
+            if producer_warps == 1:
+                produce(tuple(range(pages_per_step)), scales)
+                return
+
+            @pl.core_map(plgpu.WarpMesh(axis_name="warp"))
+            def _per_warp():  # warp w: the pages w, w + 4, ... of each step; the scales after them
+                warp = lax.axis_index("warp")
+                for w in range(4):
+                    mine = tuple(range(w, pages_per_step, 4))
+                    my_scales = tuple(s for j, s in enumerate(scales) if (pages_per_step + j) % 4 == w)
+                    if mine or my_scales:
+                        pl.when(warp == w)(lambda mine=mine, my_scales=my_scales: produce(mine, my_scales))
 
     page_dtype = k_pages.dtype
     scratch = [
@@ -390,6 +420,28 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
                             compiler_params=mosaic_params(plgpu), **mosaic_interpret_kwargs(interpret))(*args)
     out = jnp.swapaxes(out, -1, -2)[:, :, :, :group].reshape(parts, b, hq, dv)
     return out, lse[:, :, :, :group].reshape(parts, b, hq)
+
+
+# Decode over one-byte pages runs on this kernel by default on a Hopper GPU wherever it serves the
+# call and no config is given (the Triton kernel otherwise): on an H200 with four producer warps,
+# int8 pages with int8 K·Qᵀ and two consumers read 1.29-1.57x the tokens/s of bf16 pages, the
+# Triton kernel's int8 1.15-1.21x; fp8 pages 1.00-1.11x against 0.93-0.96x (BENCHMARKS.md,
+# "Four producer warps"). int8 K·Qᵀ quantizes the queries per head: 1.2e-2 from the unquantized
+# cache's output on random data where the Triton kernel's default gives 9.6e-3.
+ONE_BYTE_DECODE = {"int8": dict(mosaic=2, int8_dots=1, num_stages=4, block_kv=128),
+                   "float8_e4m3fn": dict(mosaic=2, num_stages=4, block_kv=64)}
+
+
+def one_byte_decode_config(query, key_pages, value_pages, *, window_left=None, soft_cap=None,
+                           sinks=None) -> dict | None:
+    """The `ONE_BYTE_DECODE` settings of a decode call's page dtype where this kernel serves the
+    call with them, else None (the caller checks that the GPU is a Hopper one)."""
+    changes = ONE_BYTE_DECODE.get(jnp.dtype(key_pages.dtype).name)
+    if changes is None or mosaic_reasons(query, key_pages, value_pages, window_left=window_left, soft_cap=soft_cap,
+                                         sinks=sinks, block_kv=changes["block_kv"], stages=changes["num_stages"],
+                                         int8_dots=changes.get("int8_dots", 0), consumers=changes["mosaic"]):
+        return None
+    return changes
 
 
 def widener_fits(d: int, group: int, block_kv: int, stages: int, int8_qk: bool) -> bool:

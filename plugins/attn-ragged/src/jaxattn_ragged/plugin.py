@@ -22,7 +22,9 @@ Measured tables (`tuning/*.json`, package data) are shipped through `jaxattn_tun
 
 Quantized caches (int8 or float8_e4m3fn pages with `k_scale`/`v_scale`, per token and head
 or scalar) run in the same GPU kernel, dequantized tile by tile (fp8 needs compute
-capability 8.9). The TPU path takes 16-bit caches only.
+capability 8.9); with no settings given, their decode calls on a Hopper GPU run the Mosaic
+decode kernel (`mosaic_decode.ONE_BYTE_DECODE`: two consumers, int8 K·Qᵀ for int8 pages)
+wherever it serves the call. The TPU path takes 16-bit caches only.
 """
 
 from __future__ import annotations
@@ -82,11 +84,6 @@ class DecodeConfig(RaggedConfig):
     """Settings of `decode`: the same keys as `ragged_paged`."""
 
     backend = "decode"
-
-
-def _config(metadata: OperationMetadata, impl: OperationImpl, base: KernelConfig) -> KernelConfig:
-    config_class = impl.config_class or RaggedConfig
-    return base.replace(**metadata.operation_config(impl.name, config_class).to_dict())
 
 
 def _window_left(inputs: PagedAttentionInputs) -> int | None:
@@ -197,9 +194,27 @@ class RaggedPagedAttention(OperationImpl):
         return reasons
 
     # -- what it computes -------------------------------------------------------------
-    def _run_kernel(self, inputs: PagedAttentionInputs, metadata: OperationMetadata):
+    def kernel_config(self, inputs: PagedAttentionInputs, metadata: OperationMetadata) -> KernelConfig:
+        """The call's launch settings: the instance's config, else the call's settings for this
+        backend over the defaults; with no settings given, decode over int8/fp8 pages on a Hopper
+        GPU takes the Mosaic decode kernel's (`mosaic_decode.ONE_BYTE_DECODE`) where it serves
+        the call."""
+        if self.config is not None:
+            return self.config
         decode = inputs.cu_q_lens is None
-        cfg = self.config or _config(metadata, self, DECODE_CONFIG if decode else RAGGED_CONFIG)
+        base = DECODE_CONFIG if decode else RAGGED_CONFIG
+        given = metadata.operation_config(self.name, self.config_class or RaggedConfig).to_dict()
+        if decode and not given and not self.interpret and jaxattn.hardware.current().is_hopper:
+            from .mosaic_decode import one_byte_decode_config
+
+            changes = one_byte_decode_config(inputs.query, inputs.key_pages, inputs.value_pages,
+                                             window_left=_window_left(inputs), soft_cap=inputs.logits_soft_cap,
+                                             sinks=inputs.sinks)
+            base = base.replace(**changes) if changes else base
+        return base.replace(**given)
+
+    def _run_kernel(self, inputs: PagedAttentionInputs, metadata: OperationMetadata):
+        cfg = self.kernel_config(inputs, metadata)
         if self.interpret and cfg.num_splits == 0:  # the interpreter runs programs one by one: no auto split
             cfg = cfg.replace(num_splits=1)
         if cfg.mosaic:
