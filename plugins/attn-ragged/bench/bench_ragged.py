@@ -99,7 +99,13 @@ def reference(q, k, v, q_pos, kv_len):
 
 
 def kernel_fn(cfg, cu=False):
+    """The kernel at `cfg`; None: `jaxattn.paged_attention` through the `ragged_paged` backend with
+    no settings (what a user gets: the backend's own defaults, e.g. the Mosaic kernel for
+    one-byte pages on Hopper)."""
     def f(q, kp, vp, lens, table, cu_q_lens=None, k_scale=None, v_scale=None):
+        if cfg is None:
+            return jaxattn.paged_attention(q, kp, vp, lens, table, cu_q_lens=cu_q_lens, scale=1 / np.sqrt(D),
+                                           k_scale=k_scale, v_scale=v_scale, backend="ragged_paged")
         if cfg.mosaic:  # the Hopper decode kernel (mosaic_decode.py)
             from jaxattn_ragged.mosaic_decode import mosaic_paged_decode
 
@@ -263,6 +269,7 @@ MOSAIC = {"mosaic": dict(mosaic=1), "mosaic int8 qk": dict(mosaic=1, int8_dots=1
           # two consumer warpgroups (an even number of stages): fp8 pages' best, int8's with int8 products
           "mosaic2 s4 bk64": dict(mosaic=2, num_stages=4, block_kv=64),
           "mosaic2 int8 qk s4": dict(mosaic=2, int8_dots=1, num_stages=4)}
+BACKEND_DEFAULT = "paged_attention (backend default)"  # the bars: what a user gets with no settings
 
 
 def quantized(kp, vp, dtype):
@@ -300,7 +307,7 @@ def quant_cases(section, shape, tokens, q, kp, vp, table, lens, cu, ref_of, conf
         k, v, (ks, vs) = quantized(kp, vp, dtype)
         deq = ref if ks is None else ref_of(dequantized_dense(k, ks, table), dequantized_dense(v, vs, table))
         for name, cfg in configs:
-            if cfg.int8_dots and dtype != "int8":
+            if cfg is not None and cfg.int8_dots and dtype != "int8":
                 continue
             try:
                 dt, out = timeit(kernel_fn(cfg), q, k, v, lens, table, cu, ks, vs)
@@ -333,10 +340,12 @@ def _verdict(bar, ok):
     return "no bar" if bar is None else f"bar {bar}x: {'pass' if ok else 'FAIL'}"
 
 
-def bench_quant(tune=False):
+def bench_quant(tune=False, final=False):
     """Decode (32 x 8192, 64 x 4096, 1 x 131072) and a ragged mix, bf16 vs int8 vs fp8 pages (32 q / 8 kv
-    heads, head_dim 128, pages of 16), beside cuDNN on a dense bf16 cache."""
-    default = "ragged_paged (default)"
+    heads, head_dim 128, pages of 16), beside cuDNN on a dense bf16 cache. `final`: only the
+    backend's default, the Triton kernel's, its int8 products and the Mosaic kernel at 2 stages
+    (bf16's best) for decode."""
+    default = BACKEND_DEFAULT
     shapes = [(2, 64), (2, 32), (1, 256)] if SMOKE else [(32, 8192), (64, 4096), (1, 131072)]
     for i, (b, kv) in enumerate(shapes):
         key = jax.random.PRNGKey(b * 7 + kv)
@@ -346,10 +355,13 @@ def bench_quant(tune=False):
         shape = f"decode (b={b}, kv={kv}, ps=16)"
         variants = {"": {}, **INT8_DOTS, **({} if SMOKE else MOSAIC),
                     **(QUANT_VARIANTS if (tune or i == 0) and not SMOKE else {})}
+        if final:
+            variants = {"": {}, "int8 qk": INT8_DOTS["int8 qk"],
+                        **({} if SMOKE else {"mosaic s2": MOSAIC["mosaic s2"]})}
         ref, times = quant_cases("quant", shape, b, q, kp, vp, table, lens, None,
                                  lambda kd, vd, q=q, lens=lens: reference(q[:, None], kd, vd, (lens - 1)[:, None],
                                                                           lens)[:, 0],
-                                 cfgs(DECODE_CONFIG, variants))
+                                 cfgs(DECODE_CONFIG, variants, backend_default=not SMOKE))
         if not SMOKE:
             kd, vd = dense_kv(kp, table), dense_kv(vp, table)
             try:
@@ -367,7 +379,7 @@ def bench_quant(tune=False):
     shape = "ragged ({}x{} prefill + {} decode)".format(*((2, 32, 3) if SMOKE else (8, 512, 56)))
     variants = {"": {}, **INT8_DOTS, **({"bq16": dict(block_q=16), "w8": dict(num_warps=8)} if tune else {})}
     _, times = quant_cases("quant", shape, int(q.shape[0]), q, kp, vp, table, lens, cu, ref_of,
-                           cfgs(RAGGED_CONFIG, variants))
+                           cfgs(RAGGED_CONFIG, variants, backend_default=not SMOKE))
     quant_bars("quant", shape, times, default, bar=None)  # the bar is for decode; prefill is not bound by the cache
     print("\nQUANT SUMMARY (tokens/s: decode tokens, or query tokens of the ragged call)")
     for r in ROWS:
@@ -379,8 +391,9 @@ def bench_quant(tune=False):
                   f"best {r['best_config']} {r['best_speedup_vs_best_bf16']:.2f}x)")
 
 
-def cfgs(base: KernelConfig, variants: dict[str, dict]) -> list[tuple[str, KernelConfig]]:
-    out = []
+def cfgs(base: KernelConfig, variants: dict[str, dict], backend_default: bool = False):
+    """(name, config) of each variant over `base`, after the backend's own default (config None)."""
+    out = [(BACKEND_DEFAULT, None)] if backend_default else []
     for name, ch in variants.items():
         c = base.replace(**ch)
         out.append((f"ragged_paged {name}" if name else "ragged_paged (default)", c))
@@ -443,7 +456,7 @@ def main():
         else:
             bench_ragged(cfgs(RAGGED_CONFIG, rag_var), DECODE_CONFIG)
     if "quant" in sections:
-        bench_quant(tune=args.tune)
+        bench_quant(tune=args.tune, final=args.final)
     if args.json is None and os.environ.get("OUT"):
         args.json = os.path.join(os.environ["OUT"], f"bench_ragged_{'_'.join(sections)}.json")
     if args.json:

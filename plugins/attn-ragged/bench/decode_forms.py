@@ -10,7 +10,8 @@ which inflates quantization errors), int8 / fp8 pages from `jaxattn.quantize_kv`
 times every form (20 calls after one warm-up); the median of five rounds is reported, with
 tokens/s over the first bf16 form and the output's relative difference from the first form of
 the same page dtype. A form is named by words: its page dtype (bf16, int8, int8qk: int8 with
-int8 K·Qᵀ, fp8), then `cN` consumers, `sN` stages, `bkN` block_kv, `widener`, `halfsplits`.
+int8 K·Qᵀ, fp8), then `cN` consumers, `sN` stages, `bkN` block_kv, `pwN` producer warps (1 or 4;
+default 4), `psN` pages of N tokens (default 16), `widener`, `halfsplits`.
 Why: the decode forms differ by a few percent, less than the spread between runs, so they are
 compared inside one process, round by round (BENCHMARKS.md cites its logs).
 """
@@ -32,8 +33,8 @@ from jaxattn_ragged.kernel import DECODE_CONFIG, merge_splits
 from jaxattn_ragged.mosaic_decode import mosaic_decode, one_wave_splits
 
 HQ, HKV, D, PS = 32, 8, 128, 16
-DEFAULT_FORMS = ("bf16 c1 s3", "bf16 c2 s2", "int8qk c1 s3 widener", "int8qk c2 s4", "int8qk c1 s4",
-                 "int8qk c2 s8 bk64", "int8qk c2 s6 bk64", "fp8 c1 s3", "fp8 c2 s4 bk64", "fp8 c2 s8 bk64")
+DEFAULT_FORMS = ("bf16 c1 s3", "bf16 c1 s3 pw1", "int8qk c2 s4", "int8qk c2 s4 pw1", "int8qk c1 s3 widener",
+                 "int8qk c2 s4 ps64", "fp8 c2 s4 bk64", "fp8 c2 s4 bk64 pw1", "fp8 c2 s4 bk64 ps64")
 PAGES = {"bf16": None, "int8": jnp.int8, "int8qk": jnp.int8, "fp8": jnp.float8_e4m3fn}
 
 
@@ -43,25 +44,28 @@ def parse_form(name: str) -> tuple[str, dict]:
     if pages not in PAGES:
         raise ValueError(f"forms: a form starts with one of {sorted(PAGES)}, got {name!r}")
     kw: dict = {"int8_qk": pages == "int8qk"}
+    numbered = {"c": "consumers", "s": "stages", "bk": "block_kv", "pw": "producer_warps", "ps": "page_size"}
     for w in words:
+        prefix = w.rstrip("0123456789")
         if w in ("widener", "halfsplits"):
             kw[w] = True
-        elif w[:1] in "cs" and w[1:].isdigit():
-            kw["consumers" if w[0] == "c" else "stages"] = int(w[1:])
-        elif w.startswith("bk") and w[2:].isdigit():
-            kw["block_kv"] = int(w[2:])
+        elif prefix in numbered and w[len(prefix):]:
+            kw[numbered[prefix]] = int(w[len(prefix):])
         else:
-            raise ValueError(f"forms: unknown word {w!r} in {name!r} (cN, sN, bkN, widener, halfsplits)")
+            raise ValueError(f"forms: unknown word {w!r} in {name!r} (cN, sN, bkN, pwN, psN, widener, "
+                             "halfsplits)")
     return pages, kw
 
 
-def problem(b: int, kv: int, hq: int, hkv: int, d: int, smoke: bool):
+def problem(b: int, kv: int, hq: int, hkv: int, d: int, smoke: bool, ps: int = PS):
     key = jax.random.PRNGKey(b + kv)
-    per_seq = kv // PS
-    shape = (b * per_seq, PS, hkv, d)
-    kp, vp = (jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32).astype(jnp.bfloat16) for i in (0, 1))
+    per_seq = kv // ps
+    table = jax.random.permutation(jax.random.fold_in(key, 3), b * per_seq).astype(jnp.int32)
+    # the same tokens at every page size: sequence-ordered pages put where the table says
+    kp, vp = (jax.random.normal(jax.random.fold_in(key, i), (b * per_seq, ps, hkv, d), jnp.float32)
+              .astype(jnp.bfloat16)[jnp.argsort(table)] for i in (0, 1))
+    table = table.reshape(b, per_seq)
     q = jax.random.normal(jax.random.fold_in(key, 2), (b, hq, d), jnp.float32).astype(jnp.bfloat16)
-    table = jax.random.permutation(jax.random.fold_in(key, 3), b * per_seq).reshape(b, per_seq).astype(jnp.int32)
     lens = jnp.full((b,), kv - (3 if smoke else 0), jnp.int32)  # smoke: a partial last page too
     caches = {}
     for name, dtype in PAGES.items():
@@ -74,15 +78,20 @@ def problem(b: int, kv: int, hq: int, hkv: int, d: int, smoke: bool):
 
 
 def run_shape(b: int, kv: int, forms, rounds: int, calls: int, smoke: bool) -> list[dict]:
-    """Every form at one shape (smoke: 8 q / 2 kv heads, head_dim 64, 64-token blocks, interpreted)."""
+    """Every form at one shape (smoke: 8 q / 2 kv heads, head_dim 64, 64-token blocks, interpreted, one
+    producer warp: the interpreter runs no per-warp code)."""
     hq, hkv, d = (8, 2, 64) if smoke else (HQ, HKV, D)
-    q, table, lens, caches = problem(b, kv, hq, hkv, d, smoke)
+    problems = {}
     fns, outs = {}, {}
     for name in forms:
         pages, kw = parse_form(name)
         if smoke:
-            kw["block_kv"] = 64
+            kw["block_kv"], kw["producer_warps"] = 64, 1
         halve = kw.pop("halfsplits", False)
+        ps = kw.pop("page_size", PS)
+        if ps not in problems:  # the same draws for every page size: only the cache's layout differs
+            problems[ps] = problem(b, kv, hq, hkv, d, smoke, ps)
+        q, table, lens, caches = problems[ps]
         steps = -(-kv // kw.get("block_kv", 128))
         splits = 1 if smoke else one_wave_splits(b, hkv, steps, DECODE_CONFIG)
         splits = max(1, splits // 2) if halve else splits
