@@ -9,9 +9,10 @@ shuffled page table; pages from float32 normals cast to bf16 (bf16 draws have a 
 which inflates quantization errors), int8 / fp8 pages from `jaxattn.quantize_kv`. Each round
 times every form (20 calls after one warm-up); the median of five rounds is reported, with
 tokens/s over the first bf16 form and the output's relative difference from the first form of
-the same page dtype. A form is named by words: its page dtype (bf16, int8, int8qk: int8 with
-int8 K·Qᵀ, fp8), then `cN` consumers, `sN` stages, `bkN` block_kv, `pwN` producer warps (1 or 4;
-default 4), `psN` pages of N tokens (default 16), `widener`, `halfsplits`.
+the same page dtype and (`unq`) from the first bf16 form's: what quantizing the cache costs. A
+form is named by words: its page dtype (bf16, int8, int8qk: int8 with int8 K·Qᵀ, fp8, fp8qk:
+fp8 with fp8 K·Qᵀ), then `cN` consumers, `sN` stages, `bkN` block_kv, `pwN` producer warps (1
+or 4; default 4), `psN` pages of N tokens (default 16), `widener`, `halfsplits`.
 Why: the decode forms differ by a few percent, less than the spread between runs, so they are
 compared inside one process, round by round (BENCHMARKS.md cites its logs).
 """
@@ -34,8 +35,9 @@ from jaxattn_ragged.mosaic_decode import mosaic_decode, one_wave_splits
 
 HQ, HKV, D, PS = 32, 8, 128, 16
 DEFAULT_FORMS = ("bf16 c1 s3", "bf16 c1 s3 pw1", "int8qk c2 s4", "int8qk c2 s4 pw1", "int8qk c1 s3 widener",
-                 "int8qk c2 s4 ps64", "fp8 c2 s4 bk64", "fp8 c2 s4 bk64 pw1", "fp8 c2 s4 bk64 ps64")
-PAGES = {"bf16": None, "int8": jnp.int8, "int8qk": jnp.int8, "fp8": jnp.float8_e4m3fn}
+                 "int8qk c2 s4 ps64", "fp8 c2 s4 bk64", "fp8qk c2 s4", "fp8qk c2 s4 ps64")
+PAGES = {"bf16": None, "int8": jnp.int8, "int8qk": jnp.int8, "fp8": jnp.float8_e4m3fn,
+         "fp8qk": jnp.float8_e4m3fn}
 
 
 def parse_form(name: str) -> tuple[str, dict]:
@@ -43,7 +45,7 @@ def parse_form(name: str) -> tuple[str, dict]:
     pages, *words = name.split()
     if pages not in PAGES:
         raise ValueError(f"forms: a form starts with one of {sorted(PAGES)}, got {name!r}")
-    kw: dict = {"int8_qk": pages == "int8qk"}
+    kw: dict = {"quantized_qk": pages in ("int8qk", "fp8qk")}
     numbered = {"c": "consumers", "s": "stages", "bk": "block_kv", "pw": "producer_warps", "ps": "page_size"}
     for w in words:
         prefix = w.rstrip("0123456789")
@@ -127,12 +129,16 @@ def run_shape(b: int, kv: int, forms, rounds: int, calls: int, smoke: bool) -> l
         med = statistics.median(times[n]) if rounds else float("nan")
         ref = outs[first[pages]]
         diff = float(np.linalg.norm(outs[n] - ref) / np.linalg.norm(ref))
+        unq = outs.get(first.get("bf16"))
+        unq = None if unq is None else float(np.linalg.norm(outs[n] - unq) / np.linalg.norm(unq))
         row = dict(shape=f"{b}x{kv}", form=n, splits=splits, median_us=med * 1e6,
-                   rounds_us=[t * 1e6 for t in times[n]], vs_bf16=base / med if base else None, diff=diff)
+                   rounds_us=[t * 1e6 for t in times[n]], vs_bf16=base / med if base else None, diff=diff,
+                   unquantized_diff=unq)
         rows.append(row)
         timing = (f"{row['median_us']:8.1f} us" + (f" x{row['vs_bf16']:5.2f} bf16" if base else "")
                   + f"  rounds {' '.join(f'{t:.0f}' for t in row['rounds_us'])}") if rounds else "(not timed)"
-        print(f"{b:3d} x {kv:6d} splits={splits:2d} {n:24s} {timing}  diff vs {first[pages]!r} {diff:.1e}",
+        print(f"{b:3d} x {kv:6d} splits={splits:2d} {n:24s} {timing}  diff vs {first[pages]!r} {diff:.1e}"
+              + (f" unq {unq:.1e}" if unq is not None else ""),
               flush=True)
     return rows
 

@@ -179,6 +179,8 @@ def test_int8_dots_says_what_it_takes():
     fp8, scales = _quantized(args, jnp.float8_e4m3fn)
     with pytest.raises(ValueError, match="int8_dots=1 takes int8 key and value pages, got float8_e4m3fn"):
         run(fp8, KernelConfig(block_q=1, block_kv=32, int8_dots=1), **scales)
+    with pytest.raises(ValueError, match=r"fp8_dots=1 runs on the Mosaic decode kernel only \(mosaic=1 or 2"):
+        run(fp8, KernelConfig(block_q=1, block_kv=32, fp8_dots=1), **scales)
     i8, scales = _quantized(args, jnp.int8)
     with pytest.raises(ValueError, match="block_kv >= 32"):
         run(i8, KernelConfig(block_q=1, block_kv=16, int8_dots=2), **scales)

@@ -13,10 +13,13 @@ The tokens are the rows of both products (FlashDecoding's transposed form): logi
 columns, padded to a multiple of 8 (wgmma's N), where the first form padded them to 64 rows
 (wgmma's M) and spent 16x the tensor-core work and softmax at G = 4. Keys are wgmma's A operand
 as they lie in the slot (their contraction dimension, head_dim, is contiguous), so int8 keys
-need no widening when the queries are quantized too (`int8_qk`: per query head, int8 wgmma with
-int32 accumulation, as the Triton kernel's `int8_dots=1`). Values are read transposed, which
-wgmma allows for 16-bit operands only: one-byte values (int8, float8_e4m3fn) are widened to the
-query's dtype in shared memory (exact for both), and one-byte keys too without `int8_qk`:
+need no widening when the queries are quantized too (`quantized_qk`: per query head, to the pages'
+dtype: int8 wgmma with int32 sums, as the Triton kernel's `int8_dots=1`, or float8 wgmma with
+float32 sums, config `fp8_dots=1`). Values are read transposed, which
+wgmma allows for 16-bit operands only: one-byte values are widened in shared memory (exact: int8
+to the query's dtype, float8_e4m3fn to float16, one instruction per pair; the products of float8
+pages then run in float16, which holds the widened values and probabilities more finely than
+bfloat16), and one-byte keys too without `quantized_qk`:
 by the consumer before its products, or (`widener=True`) by a third warpgroup into a ring of
 16-bit slots, one per one-byte slot, while the consumer computes on the slot before. With
 `consumers=2` (config `mosaic=2`) two consumer warpgroups take a split's steps in turn.
@@ -96,16 +99,17 @@ def smem_bytes(d: int, dv: int, group: int, block_kv: int, stages: int, page_ite
 
 
 def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_scale=None, *, scale: float,
-                  block_kv: int = 128, stages: int = 2, splits: int = 1, int8_qk: bool = False,
+                  block_kv: int = 128, stages: int = 2, splits: int = 1, quantized_qk: bool = False,
                   widener: bool = False, consumers: int = 1, producer_warps: int | None = None,
                   interpret: bool = False):
     """q `[B, Hq, D]` (bf16/fp16), pages `[P, page_size, Hkv, D]` (q's dtype, or int8 /
     float8_e4m3fn with per-token scales `[P, page_size, Hkv]` float32), kv_lengths `[B]`, page_table `[B, max_pages]`
     -> (out `[splits * consumers, B, Hq, D]` float32, normalized per part; lse
-    `[splits * consumers, B, Hq]`, -inf where a part saw no key). `int8_qk` (int8 pages only):
-    K·Qᵀ on int8 tensor cores, the queries quantized per head (symmetric, scale max|q| / 127).
+    `[splits * consumers, B, Hq]`, -inf where a part saw no key). `quantized_qk` (one-byte
+    pages only): K·Qᵀ on the pages' one-byte tensor cores, the queries quantized per head
+    (symmetric: int8 at max|q| / 127, float8_e4m3fn at max|q| / 448).
     `widener` (one-byte pages only): a third warpgroup widens each slot's values (and keys
-    without `int8_qk`) into a ring of 16-bit slots while the consumer computes on the previous
+    without `quantized_qk`) into a ring of 16-bit slots while the consumer computes on the previous
     slot. `consumers` (1 or 2): consumer warpgroups taking a split's steps in turn, each with
     its own running softmax and slots (`stages` a multiple of it), so one's products overlap the
     other's softmax (each writes its own part of the output); their reductions across warps take
@@ -122,15 +126,19 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     group = hq // hkv
     gn = padded_group(group)
     quant = k_pages.dtype in ONE_BYTE
-    reasons = mosaic_reasons(q, k_pages, v_pages, block_kv=block_kv, stages=stages, int8_dots=int(int8_qk),
-                             consumers=consumers)
+    int8_pages = k_pages.dtype == jnp.int8
+    reasons = mosaic_reasons(q, k_pages, v_pages, block_kv=block_kv, stages=stages,
+                             int8_dots=int(quantized_qk and int8_pages),
+                             fp8_dots=int(quantized_qk and k_pages.dtype == jnp.float8_e4m3fn), consumers=consumers)
+    if quantized_qk and not quant:
+        reasons.append("quantized_qk=True quantizes the queries to the pages' one-byte dtype; these are 16-bit")
     if quant != (k_scale is not None) or v_pages.dtype != k_pages.dtype:
         reasons.append("one-byte pages take k_scale and v_scale; 16-bit pages take none")
     if widener and not quant:
         reasons.append("widener=True widens one-byte pages; these are 16-bit")
     elif widener and consumers != 1:
         reasons.append(f"widener=True feeds one consumer warpgroup, not consumers={consumers}")
-    elif widener and not widener_fits(d, group, block_kv, stages, int8_qk):
+    elif widener and not widener_fits(d, group, block_kv, stages, quantized_qk):
         reasons.append(f"widener=True at block_kv {block_kv} and {stages} stages does not fit in shared memory")
     if producer_warps is None:
         producer_warps = 1 if interpret else 4
@@ -142,20 +150,32 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     if reasons:
         raise ValueError("mosaic_decode: " + "; ".join(reasons))
     dtype = q.dtype
-    widen_keys = quant and not int8_qk
+    # The 16-bit operands' dtype: float8 pages widen to float16 in one instruction per pair (exact),
+    # to bfloat16 only through float32 before ptxas's ISA 9.2 (CUDA 13.0 has 9.0), so their
+    # products run in float16 (queries by `f16_operands`, value scales by `unit_scales`).
+    wide = jnp.dtype(jnp.float16) if k_pages.dtype == jnp.float8_e4m3fn else jnp.dtype(dtype)
+    widen_keys = quant and not quantized_qk
     pages_per_step = block_kv // ps
     max_pages = page_table.shape[1]
     steps_per_split = math.ceil(math.ceil(max_pages / pages_per_step) / splits)
     c = scale * LOG2E
 
     q_cols = jnp.zeros((b, hkv, gn, d), dtype).at[:, :, :group].set(q.reshape(b, hkv, group, d))
-    if int8_qk:  # per query head, as the Triton kernel's int8_dots: the logits' columns carry its scale (and c)
-        from .kernel import _int8_rows
+    if quantized_qk and int8_pages:  # per query head, as the Triton kernel's int8_dots: the logits' columns
+        from .kernel import _int8_rows  # carry its scale (and c)
 
         q_int, q_scale = _int8_rows(q_cols.reshape(-1, d))
         q_cols, col_scale = q_int.reshape(q_cols.shape), q_scale.reshape(b, hkv, gn) * c
+    elif quantized_qk:
+        from jaxattn import quantize_kv
+
+        q_cols, q_scale = quantize_kv(q_cols, k_pages.dtype)
+        col_scale = q_scale * c
     else:
         col_scale = jnp.full((b, hkv, gn), c, jnp.float32)
+    if wide != q_cols.dtype and not quantized_qk:
+        q_cols, shift = f16_operands(q_cols)
+        col_scale = col_scale * shift
     args = [q_cols, col_scale, k_pages, v_pages, kv_lengths.astype(jnp.int32), page_table.astype(jnp.int32)]
     names = ["q", "qs", "k", "v", "lens", "table"]
     if quant:  # each sequence's scales in token order, one step's a contiguous TMA box: [B, Hkv, tokens]
@@ -167,7 +187,10 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
             s = s.reshape(b, max_pages * ps, hkv).transpose(0, 2, 1)
             return jnp.pad(s, ((0, 0), (0, 0), (0, tokens - max_pages * ps)))
 
-        args += [in_token_order(k_scale), in_token_order(v_scale)]
+        vs_tokens = in_token_order(v_scale)
+        if wide == jnp.float16:  # probabilities times value scales as float16: over their largest, in [0, 1]
+            vs_tokens, v_max = unit_scales(vs_tokens, kv_lengths)
+        args += [in_token_order(k_scale), vs_tokens]
         names += ["ks", "vs"]
     # TMA copies that arrive on a slot's barrier: K and V per page, the scales per step
     copies = 2 * pages_per_step + (2 if quant else 0)
@@ -184,7 +207,7 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
         return lax.broadcasted_iota(jnp.int32, shape, dim) if interpret else plgpu.broadcasted_iota(
             jnp.int32, shape, dim, layout=layout)
 
-    acc_dtype = jnp.int32 if int8_qk else jnp.float32  # of the logits' wgmma
+    acc_dtype = jnp.int32 if quantized_qk and int8_pages else jnp.float32  # of the logits' wgmma
 
     def kernel(*refs):
         ins = dict(zip(names, refs))
@@ -203,12 +226,14 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
         full_end = jnp.maximum(jnp.minimum(ub, lax.div(length, jnp.int32(block_kv))), lb)  # unmasked steps
         layout = plgpu.Layout.WGMMA
 
-        def widen(src, dst, ok_rows):
-            """One-byte tile -> the query's dtype (exact), rows past the length zeroed."""
-            x = load(src, layout).astype(jnp.float32)
-            if ok_rows is not None:
-                x = jnp.where(ok_rows, x, 0.0)
-            dst[...] = x.astype(dtype)
+        def widen(src, dst, row0=None):
+            """One-byte tile -> the 16-bit operands' dtype (exact); with `row0` (the token of its
+            first row), rows past the length zeroed."""
+            lay = layout if interpret else plgpu.Layout.WGMMA_8BIT  # four bytes a thread, no float32
+            x = load(src, lay).astype(wide)
+            if row0 is not None:
+                x = jnp.where(iota(x.shape, 0, lay) + row0 < length, x, jnp.zeros_like(x))
+            dst[...] = x
 
         def consumer(ci: int):
             """Consumer warpgroup `ci`: the split's steps lb + ci, lb + ci + consumers, ..."""
@@ -241,9 +266,9 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
                     values = v16.at[slot]
                 elif quant:  # this consumer's own 16-bit tiles
                     if widen_keys:
-                        widen(keys, k16.at[ci], None)
+                        widen(keys, k16.at[ci])
                         keys = k16.at[ci]
-                    widen(values, v16.at[ci], ok_rows)
+                    widen(values, v16.at[ci], t * block_kv if masked else None)
                     values = v16.at[ci]
                 elif masked:  # a 16-bit slot: clean its rows past the length in place
                     x = load(values, layout)
@@ -279,9 +304,9 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
                         p = jnp.where(ok, p, 0.0)
                 # Pᵀ into shared memory, tokens contiguous: wgmma's B operand of Vᵀ·Pᵀ
                 if interpret:
-                    p_tile[...] = p.astype(dtype).T
+                    p_tile[...] = p.astype(wide).T
                 else:
-                    ref_transpose(plgpu, p_tile)[...] = cast(p.astype(dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+                    ref_transpose(plgpu, p_tile)[...] = cast(p.astype(wide), plgpu.Layout.WGMMA_TRANSPOSED)
                 plgpu.commit_smem()  # (a warpgroup barrier: every warp is past the reductions)
                 if turn is not None:  # the next step is the other's (every arrival has its wait)
                     pl.when(t + 1 < ub)(lambda: plgpu.barrier_arrive(turn.at[1 - ci]))
@@ -333,12 +358,9 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
                     plgpu.barrier_wait(kv_bar.at[slot])
                     for r in range(0, block_kv, 64):
                         rows = pl.ds(r, 64)
-                        ok_rows = None
-                        if masked:
-                            ok_rows = iota((64, dv), 0, layout) + (t * block_kv + r) < length
-                        widen(v_smem.at[slot, rows], v16.at[slot, rows], ok_rows)
+                        widen(v_smem.at[slot, rows], v16.at[slot, rows], t * block_kv + r if masked else None)
                         if widen_keys:
-                            widen(k_smem.at[slot, rows], k16.at[slot, rows], None)
+                            widen(k_smem.at[slot, rows], k16.at[slot, rows])
                     plgpu.commit_smem()  # the stores, visible to the consumer's wgmma
                     plgpu.barrier_arrive(wide_bar.at[slot])
 
@@ -395,7 +417,7 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
         plgpu.SMEM((gn,), jnp.float32),
         _swizzled(plgpu, (stages, block_kv, d), page_dtype),
         _swizzled(plgpu, (stages, block_kv, dv), page_dtype),
-        _swizzled(plgpu, (consumers, gn, block_kv), dtype),
+        _swizzled(plgpu, (consumers, gn, block_kv), wide),
         plgpu.SMEM((consumers, dv, gn), jnp.float32),
         plgpu.SMEM((consumers, gn), jnp.float32),
         plgpu.Barrier(num_arrivals=2),
@@ -404,9 +426,9 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     ]
     ring = (stages,) if widener else (consumers,)  # the widener's ring of 16-bit slots, or one per consumer
     if widen_keys:
-        scratch.append(_swizzled(plgpu, (*ring, block_kv, d), dtype))
+        scratch.append(_swizzled(plgpu, (*ring, block_kv, d), wide))
     if quant:  # the widened values and each slot's scales
-        scratch += [_swizzled(plgpu, (*ring, block_kv, dv), dtype),
+        scratch += [_swizzled(plgpu, (*ring, block_kv, dv), wide),
                     plgpu.SMEM((stages, block_kv), jnp.float32), plgpu.SMEM((stages, block_kv), jnp.float32)]
     if widener:
         scratch.append(plgpu.Barrier(num_arrivals=1, num_barriers=stages))
@@ -418,18 +440,21 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     out, lse = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(b, hkv, splits),
                             grid_names=("b", "h", "s"), num_threads=consumers + (2 if widener else 1), thread_name="wg",
                             compiler_params=mosaic_params(plgpu), **mosaic_interpret_kwargs(interpret))(*args)
+    if quant and wide == jnp.float16:
+        out = out * v_max[None, :, :, None, None]
     out = jnp.swapaxes(out, -1, -2)[:, :, :, :group].reshape(parts, b, hq, dv)
     return out, lse[:, :, :, :group].reshape(parts, b, hq)
 
 
 # Decode over one-byte pages runs on this kernel by default on a Hopper GPU wherever it serves the
-# call and no config is given (the Triton kernel otherwise): on an H200 with four producer warps,
-# int8 pages with int8 K·Qᵀ and two consumers read 1.29-1.57x the tokens/s of bf16 pages, the
-# Triton kernel's int8 1.15-1.21x; fp8 pages 1.00-1.11x against 0.93-0.96x (BENCHMARKS.md,
-# "Four producer warps"). int8 K·Qᵀ quantizes the queries per head: 1.2e-2 from the unquantized
-# cache's output on random data where the Triton kernel's default gives 9.6e-3.
+# call and no config is given (the Triton kernel otherwise): on an H200 with four producer warps
+# and two consumers, K·Qᵀ in the pages' dtype, int8 pages read 1.23-1.57x the tokens/s of bf16
+# pages and fp8 pages 1.28-1.54x, where the Triton kernel reads 1.15-1.21x and 0.93-0.96x
+# (BENCHMARKS.md, "Four producer warps" and "Float8 products"). Both quantize the queries per
+# head: on random data the output moves from the unquantized cache's by 1.2e-2 for int8 (the
+# Triton kernel's default: 9.6e-3) and 4.6e-2 for fp8 (3.7e-2 with 16-bit products).
 ONE_BYTE_DECODE = {"int8": dict(mosaic=2, int8_dots=1, num_stages=4, block_kv=128),
-                   "float8_e4m3fn": dict(mosaic=2, num_stages=4, block_kv=64)}
+                   "float8_e4m3fn": dict(mosaic=2, fp8_dots=1, num_stages=4, block_kv=128)}
 
 
 def one_byte_decode_config(query, key_pages, value_pages, *, window_left=None, soft_cap=None,
@@ -439,28 +464,52 @@ def one_byte_decode_config(query, key_pages, value_pages, *, window_left=None, s
     changes = ONE_BYTE_DECODE.get(jnp.dtype(key_pages.dtype).name)
     if changes is None or mosaic_reasons(query, key_pages, value_pages, window_left=window_left, soft_cap=soft_cap,
                                          sinks=sinks, block_kv=changes["block_kv"], stages=changes["num_stages"],
-                                         int8_dots=changes.get("int8_dots", 0), consumers=changes["mosaic"]):
+                                         int8_dots=changes.get("int8_dots", 0), fp8_dots=changes.get("fp8_dots", 0),
+                                         consumers=changes["mosaic"]):
         return None
     return changes
 
 
-def widener_fits(d: int, group: int, block_kv: int, stages: int, int8_qk: bool) -> bool:
+def f16_operands(q_cols):
+    """Queries as float16 for float8 pages' float16 products: each query head's row over a power
+    of two that puts its largest magnitude in [2^13, 2^14) (exact, far from float16's 65504
+    and its subnormals); returns (rows, the powers of two `[B, Hkv, G]` that undo it)."""
+    x = q_cols.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    shift = jnp.exp2(jnp.where(amax > 0, jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))) - 13, 0.0))
+    return (x / shift[..., None]).astype(jnp.float16), shift
+
+
+def unit_scales(scales, kv_lengths):
+    """Value scales `[B, Hkv, tokens]` over each (sequence, kv head)'s largest written one, so
+    probabilities times them stay in [0, 1] as float16; returns (scales, the largest `[B, Hkv]`).
+    Slots past a sequence's length (never written: any value) are zeroed."""
+    written = jnp.arange(scales.shape[-1])[None, None, :] < kv_lengths[:, None, None]
+    scales = jnp.where(written, scales, 0.0)
+    top = jnp.max(jnp.abs(scales), axis=-1)
+    top = jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)
+    return scales / top[..., None], top
+
+
+def widener_fits(d: int, group: int, block_kv: int, stages: int, quantized_qk: bool) -> bool:
     """Whether one-byte pages' ring and the widener's 16-bit ring of as many slots fit in shared
-    memory (keys widened too without `int8_qk`)."""
-    need = smem_bytes(d, d, group, block_kv, stages, 1, not int8_qk, True, 1 if int8_qk else 2, widened_slots=stages)
+    memory (keys widened too without `quantized_qk`)."""
+    need = smem_bytes(d, d, group, block_kv, stages, 1, not quantized_qk, True, 1 if quantized_qk else 2,
+                      widened_slots=stages)
     return need <= SMEM_BYTES
 
 
 def mosaic_reasons(query, key_pages, value_pages, *, cu_q_lens=None, window_left=None, soft_cap=None,
                    sinks=None, block_kv: int = 128, stages: int = 2, int8_dots: int = 0,
-                   consumers: int = 1) -> list[str]:
+                   fp8_dots: int = 0, consumers: int = 1) -> list[str]:
     """Why `mosaic_decode` cannot serve a call (empty: it can)."""
     _, hq, d = query.shape
     _, ps, hkv, dv = value_pages.shape
     return layout_reasons(q_dtype=query.dtype, kv_dtype=key_pages.dtype, num_q_heads=hq, num_kv_heads=hkv,
                           head_dim=d, value_head_dim=dv, page_size=ps, ragged=cu_q_lens is not None,
                           masked_or_capped=window_left is not None or soft_cap is not None or sinks is not None,
-                          block_kv=block_kv, stages=stages, int8_dots=int8_dots, consumers=consumers)
+                          block_kv=block_kv, stages=stages, int8_dots=int8_dots, fp8_dots=fp8_dots,
+                          consumers=consumers)
 
 
 def request_reasons(request, block_kv: int = 128, stages: int = 2) -> list[str]:
@@ -478,7 +527,7 @@ def request_reasons(request, block_kv: int = 128, stages: int = 2) -> list[str]:
 
 def layout_reasons(*, q_dtype, kv_dtype, num_q_heads: int, num_kv_heads: int, head_dim: int, value_head_dim: int,
                    page_size: int, ragged: bool, masked_or_capped: bool, block_kv: int, stages: int,
-                   int8_dots: int, consumers: int = 1) -> list[str]:
+                   int8_dots: int, fp8_dots: int = 0, consumers: int = 1) -> list[str]:
     """The reasons of `mosaic_reasons` and `request_reasons`, from the call's dtypes and sizes."""
     reasons = []
     q_dtype, kv_dtype = jnp.dtype(q_dtype), jnp.dtype(kv_dtype)
@@ -494,6 +543,8 @@ def layout_reasons(*, q_dtype, kv_dtype, num_q_heads: int, num_kv_heads: int, he
                        f"not {kv_dtype}")
     if int8_dots and kv_dtype != jnp.int8:
         reasons.append("the Mosaic decode kernel's int8_dots needs int8 pages")
+    if fp8_dots and kv_dtype != jnp.float8_e4m3fn:
+        reasons.append("the Mosaic decode kernel's fp8_dots needs float8_e4m3fn pages")
     if d != dv or d not in (64, 128):
         reasons.append(f"the Mosaic decode kernel takes head_dim 64 or 128 for keys and values, got {d}/{dv}")
     if ps % 8 or block_kv % ps:
@@ -509,8 +560,9 @@ def layout_reasons(*, q_dtype, kv_dtype, num_q_heads: int, num_kv_heads: int, he
     elif stages % consumers:  # a warpgroup tracks a barrier's phase by its own waits: it must see every one
         reasons.append(f"the Mosaic decode kernel with {consumers} consumer warpgroups needs stages (num_stages) "
                        f"a multiple of {consumers}, each owning its slots; got {stages}")
-    need = smem_bytes(d, dv, hq // hkv, block_kv, stages, kv_dtype.itemsize, quant and not int8_dots, quant,
-                      1 if quant and int8_dots else 2, consumers=consumers)
+    one_byte_qk = quant and (int8_dots or fp8_dots)
+    need = smem_bytes(d, dv, hq // hkv, block_kv, stages, kv_dtype.itemsize, quant and not one_byte_qk, quant,
+                      1 if one_byte_qk else 2, consumers=consumers)
     if need > SMEM_BYTES:
         reasons.append(f"the Mosaic decode kernel's tiles at block_kv {block_kv} and {stages} stages need {need} "
                        f"bytes of shared memory, more than {SMEM_BYTES}")
@@ -551,12 +603,13 @@ def mosaic_paged_decode(query, key_pages, value_pages, kv_lengths, page_table, *
     if quant:  # scalar scales become per token: the kernel reads one kind
         k_scale, v_scale = (jnp.broadcast_to(jnp.asarray(s, jnp.float32), (num_pages, ps, hkv))
                             for s in (k_scale, v_scale))
-    int8_qk = key_pages.dtype == jnp.int8 and config.int8_dots >= 1
+    quantized_qk = (config.int8_dots >= 1 if key_pages.dtype == jnp.int8
+                    else key_pages.dtype == jnp.float8_e4m3fn and config.fp8_dots >= 1)
     consumers = max(1, config.mosaic)
-    widener = (WIDENER_BY_DEFAULT and consumers == 1 and int8_qk
+    widener = (WIDENER_BY_DEFAULT and consumers == 1 and quantized_qk
                and widener_fits(query.shape[-1], query.shape[1] // hkv, block_kv, config.num_stages, True))
     out, lse = mosaic_decode(query, key_pages, value_pages, kv_lengths, page_table, k_scale, v_scale, scale=scale,
-                             block_kv=block_kv, stages=config.num_stages, splits=splits, int8_qk=int8_qk,
+                             block_kv=block_kv, stages=config.num_stages, splits=splits, quantized_qk=quantized_qk,
                              widener=widener, consumers=consumers)
     out, lse = merge_splits(out, lse)
     return out.astype(query.dtype), lse.T

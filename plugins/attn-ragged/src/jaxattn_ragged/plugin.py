@@ -15,7 +15,8 @@ Settings (`metadata.operation_configs["ragged_paged"]` or `["decode"]`: a `Ragge
 `DecodeConfig` or a dict of its keys): `block_q`, `block_kv`, `num_splits` (0 = auto),
 `num_warps`, `num_stages`, `target_programs`, and the switches `gather2d`, `mask_split`,
 `two_tiles` (1/0), `int8_dots` (0/1/2: how many products run on int8 tensor cores for
-int8 pages, see `kernel.KernelConfig`) and `mosaic` (1: decode calls on the Hopper kernel of
+int8 pages, see `kernel.KernelConfig`), `fp8_dots` (0/1: K·Qᵀ on float8 tensor cores for
+float8_e4m3fn pages, Mosaic decode kernel only) and `mosaic` (1: decode calls on the Hopper kernel of
 `mosaic_decode.py`; `jaxattn tune` tries it on a Hopper GPU where it serves the call; 2: that
 kernel with two consumer warpgroups, `num_stages` even).
 Measured tables (`tuning/*.json`, package data) are shipped through `jaxattn_tuning_tables`.
@@ -23,8 +24,8 @@ Measured tables (`tuning/*.json`, package data) are shipped through `jaxattn_tun
 Quantized caches (int8 or float8_e4m3fn pages with `k_scale`/`v_scale`, per token and head
 or scalar) run in the same GPU kernel, dequantized tile by tile (fp8 needs compute
 capability 8.9); with no settings given, their decode calls on a Hopper GPU run the Mosaic
-decode kernel (`mosaic_decode.ONE_BYTE_DECODE`: two consumers, int8 K·Qᵀ for int8 pages)
-wherever it serves the call. The TPU path takes 16-bit caches only.
+decode kernel (`mosaic_decode.ONE_BYTE_DECODE`: two consumers, K·Qᵀ in the pages' one-byte
+dtype) wherever it serves the call. The TPU path takes 16-bit caches only.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class RaggedConfig(BackendConfig):
     mask_split: int | None = None
     two_tiles: int | None = None
     int8_dots: int | None = None  # int8 pages: products on int8 tensor cores (0, 1: Q·Kᵀ, 2: both)
+    fp8_dots: int | None = None  # float8 pages, Mosaic decode kernel: Q·Kᵀ on float8 tensor cores (0, 1)
     mosaic: int | None = None  # 1: decode on the Mosaic GPU kernel (mosaic_decode.py; Hopper); 2: two consumers
 
     def __post_init__(self) -> None:
@@ -76,6 +78,7 @@ class RaggedConfig(BackendConfig):
         for key in ("gather2d", "mask_split", "two_tiles"):
             self.check_choice(key, (0, 1))
         self.check_choice("int8_dots", (0, 1, 2))
+        self.check_choice("fp8_dots", (0, 1))
         self.check_choice("mosaic", (0, 1, 2))
 
 
@@ -234,7 +237,7 @@ class RaggedPagedAttention(OperationImpl):
         reasons = mosaic_reasons(inputs.query, inputs.key_pages, inputs.value_pages, cu_q_lens=inputs.cu_q_lens,
                                  window_left=_window_left(inputs), soft_cap=inputs.logits_soft_cap,
                                  sinks=inputs.sinks, block_kv=cfg.block_kv, stages=cfg.num_stages,
-                                 int8_dots=cfg.int8_dots, consumers=cfg.mosaic)
+                                 int8_dots=cfg.int8_dots, fp8_dots=cfg.fp8_dots, consumers=cfg.mosaic)
         if self.interpret:
             reasons.append("the Mosaic decode kernel runs on a Hopper GPU only (no interpreter)")
         elif not (here := jaxattn.hardware.current()).is_hopper:
