@@ -56,7 +56,7 @@ def test_mosaic_switch_says_every_reason_it_cannot_serve_a_call():
     impl = RaggedPagedAttention(interpret=True, config=RAGGED_CONFIG.replace(mosaic=2, num_stages=3))
     with pytest.raises(ValueError, match=r"mosaic=2: .*2 consumer warpgroups needs stages \(num_stages\) a multiple"):
         run_impl(impl, args)
-    from jaxattn_ragged.mosaic_decode import mosaic_reasons
+    from jaxattn_ragged.mosaic_serves import mosaic_reasons
 
     q = jax.ShapeDtypeStruct((2, 8, 128), jnp.bfloat16)
     fp16 = jax.ShapeDtypeStruct((16, 12, 2, 128), jnp.float16)
@@ -83,7 +83,7 @@ def test_mosaic_switch_says_every_reason_it_cannot_serve_a_call():
     with pytest.raises(ValueError, match="one-byte pages take k_scale and v_scale"):
         mosaic_decode(qa, int8, int8, lens, table, scale=0.1)
     # the widener takes one-byte pages only, and only where its 16-bit ring fits
-    from jaxattn_ragged.mosaic_decode import widener_fits
+    from jaxattn_ragged.mosaic_serves import widener_fits
 
     bf16_pages = pages[:, :8]
     with pytest.raises(ValueError, match="widener=True widens one-byte pages; these are 16-bit"):
@@ -123,7 +123,7 @@ def test_one_byte_decode_defaults_to_the_mosaic_kernel_on_hopper_only_where_it_s
     from jaxattn import Hardware, OperationMetadata
     from jaxattn.validation import build_paged_inputs
     from jaxattn_ragged.kernel import DECODE_CONFIG, RAGGED_CONFIG
-    from jaxattn_ragged.mosaic_decode import ONE_BYTE_DECODE
+    from jaxattn_ragged.mosaic_serves import ONE_BYTE_DECODE
 
     def config(dtype, hardware, impl=None, q_counts=None, configs=None, sliding_window=None):
         args = paged_problem(5, [40, 23], q_counts, hq=8, hkv=2, d=128, dtype=jnp.bfloat16, page_size=16)

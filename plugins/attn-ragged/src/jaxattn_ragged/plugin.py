@@ -24,7 +24,7 @@ Measured tables (`tuning/*.json`, package data) are shipped through `jaxattn_tun
 Quantized caches (int8 or float8_e4m3fn pages with `k_scale`/`v_scale`, per token and head
 or scalar) run in the same GPU kernel, dequantized tile by tile (fp8 needs compute
 capability 8.9); with no settings given, their decode calls on a Hopper GPU run the Mosaic
-decode kernel (`mosaic_decode.ONE_BYTE_DECODE`: two consumers, K·Qᵀ in the pages' one-byte
+decode kernel (`mosaic_serves.ONE_BYTE_DECODE`: two consumers, K·Qᵀ in the pages' one-byte
 dtype) wherever it serves the call. The TPU path takes 16-bit caches only.
 """
 
@@ -151,7 +151,7 @@ class RaggedPagedAttention(OperationImpl):
     def tuning_space(self, request: AttentionRequest, hardware: Hardware) -> list[dict[str, Any]]:
         """What `jaxattn tune` times: the defaults and, for a decode call on a Hopper GPU that the
         Mosaic decode kernel serves at the decode defaults' tiles, that kernel (`mosaic=1`)."""
-        from .mosaic_decode import request_reasons
+        from .mosaic_serves import request_reasons
 
         space: list[dict[str, Any]] = [{}]
         if hardware.is_hopper and not self.interpret and request.paged is not None and not request.paged.ragged:
@@ -200,7 +200,7 @@ class RaggedPagedAttention(OperationImpl):
     def kernel_config(self, inputs: PagedAttentionInputs, metadata: OperationMetadata) -> KernelConfig:
         """The call's launch settings: the instance's config, else the call's settings for this
         backend over the defaults; with no settings given, decode over int8/fp8 pages on a Hopper
-        GPU takes the Mosaic decode kernel's (`mosaic_decode.ONE_BYTE_DECODE`) where it serves
+        GPU takes the Mosaic decode kernel's (`mosaic_serves.ONE_BYTE_DECODE`) where it serves
         the call."""
         if self.config is not None:
             return self.config
@@ -208,7 +208,7 @@ class RaggedPagedAttention(OperationImpl):
         base = DECODE_CONFIG if decode else RAGGED_CONFIG
         given = metadata.operation_config(self.name, self.config_class or RaggedConfig).to_dict()
         if decode and not given and not self.interpret and jaxattn.hardware.current().is_hopper:
-            from .mosaic_decode import one_byte_decode_config
+            from .mosaic_serves import one_byte_decode_config
 
             changes = one_byte_decode_config(inputs.query, inputs.key_pages, inputs.value_pages,
                                              window_left=_window_left(inputs), soft_cap=inputs.logits_soft_cap,
@@ -232,7 +232,8 @@ class RaggedPagedAttention(OperationImpl):
         """The decode call on `mosaic_decode.py`'s kernel (config `mosaic=1`, or 2 for two consumer
         warpgroups); ValueError with every reason where it cannot serve the call (never a silent
         fallback)."""
-        from .mosaic_decode import mosaic_paged_decode, mosaic_reasons
+        from .mosaic_decode import mosaic_paged_decode
+        from .mosaic_serves import mosaic_reasons
 
         reasons = mosaic_reasons(inputs.query, inputs.key_pages, inputs.value_pages, cu_q_lens=inputs.cu_q_lens,
                                  window_left=_window_left(inputs), soft_cap=inputs.logits_soft_cap,
