@@ -20,14 +20,15 @@ from jaxattn_ragged._testing import assert_close, paged_problem, reference, run_
                                    "float8_e4m3fn widener", "bfloat16 two consumers", "int8 qk two consumers",
                                    "float8_e4m3fn two consumers",
                                    "bfloat16 one producer warp", "float8_e4m3fn widener one producer warp",
-                                   "float8_e4m3fn qk two consumers", "float8_e4m3fn qk widener"])
+                                   "float8_e4m3fn qk two consumers", "float8_e4m3fn qk widener",
+                                   "int8 fp16 queries", "float8_e4m3fn qk fp16 queries"])
 def test_mosaic_decode_lowers_for_cuda_without_a_gpu(pages):
     from jax import export
 
     from jaxattn_ragged.mosaic_decode import mosaic_decode
 
     b, hq, hkv, d, ps, max_pages = 2, 8, 2, 128, 16, 32
-    q = jax.ShapeDtypeStruct((b, hq, d), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((b, hq, d), jnp.float16 if "fp16 queries" in pages else jnp.bfloat16)
     cache = jax.ShapeDtypeStruct((b * max_pages, ps, hkv, d), jnp.dtype(pages.split()[0]))
     scales = jax.ShapeDtypeStruct((b * max_pages, ps, hkv), jnp.float32) if "bfloat16" not in pages else None
     consumers = 2 if "two consumers" in pages else 1
@@ -171,7 +172,7 @@ def _past_lengths_poisoned(args, k_scale=None, v_scale=None):
 
 @pytest.mark.parametrize("pages", ["bfloat16", "int8", "int8 qk", "float8_e4m3fn", "int8 widener",
                                    "int8 qk widener", "float8_e4m3fn widener", "bfloat16 two consumers",
-                                   "int8 qk two consumers", "float8_e4m3fn qk two consumers"])
+                                   "int8 qk two consumers", "float8_e4m3fn qk two consumers", "int8 fp16 queries"])
 def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
     """The kernel's pipeline, page gathers, splits, masking and scales run in Pallas's Mosaic GPU
     interpreter on CPU (its products as plain dots: the interpreter's wgmma takes no transposed
@@ -182,7 +183,8 @@ def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
     from jaxattn_ragged.kernel import merge_splits
     from jaxattn_ragged.mosaic_decode import mosaic_decode
 
-    args = paged_problem(40, [150, 0, 64, 17], hq=8, hkv=2, d=64, dtype=jnp.bfloat16, page_size=16)
+    q_dtype = jnp.float16 if "fp16 queries" in pages else jnp.bfloat16  # fp16: the products in float16
+    args = paged_problem(40, [150, 0, 64, 17], hq=8, hkv=2, d=64, dtype=q_dtype, page_size=16)
     ks = vs = None
     if pages.startswith("bfloat16"):
         args = _past_lengths_poisoned(args)
@@ -199,7 +201,7 @@ def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
     ref = reference(args) if ks is None else reference(args, k_scale=ks, v_scale=vs)
     # against the dequantized cache: quantizing the queries too adds int8's or float8's rounding
     bound = {"int8": 6e-3, "float8_e4m3fn": 3e-2}[pages.split()[0]] if " qk" in pages else 3e-3
-    assert relative_error(out.astype(jnp.bfloat16), ref) < bound
+    assert relative_error(out.astype(q_dtype), ref) < bound
     lse = np.asarray(lse)
     assert np.isfinite(lse[[0, 2, 3]]).all() and np.isneginf(lse[1]).all()  # [B, Hq]; no keys: -inf
     assert np.isfinite(np.asarray(out, np.float32)).all()
