@@ -328,9 +328,11 @@ def test_mosaic_switch_refuses_a_device_that_is_not_hopper():
 def test_one_byte_decode_default_gpu():
     """int8 and fp8 decode with no settings, through the public API: the Mosaic kernel runs (its
     custom call is in the program) and gives the dequantized reference's numbers; pages of 16 and
-    64, lengths of 0 and 1, partial pages, NaN in the slots past each length."""
-    for seed, (ps, names) in enumerate([(16, ("ragged_paged",)), (64, ("ragged_paged", "decode"))]):
-        args = paged_problem(40 + seed, [5000, 1, 77, 0], hq=32, hkv=8, d=128, dtype=jnp.bfloat16, page_size=ps)
+    64, bf16 and fp16 queries, lengths of 0 and 1, partial pages, NaN in the slots past each length."""
+    for seed, (ps, names, q_dtype) in enumerate([(16, ("ragged_paged",), jnp.bfloat16),
+                                                 (64, ("ragged_paged", "decode"), jnp.bfloat16),
+                                                 (16, ("decode",), jnp.float16)]):  # fp16: products in float16
+        args = paged_problem(40 + seed, [5000, 1, 77, 0], hq=32, hkv=8, d=128, dtype=q_dtype, page_size=ps)
         for dtype, tol in ((jnp.int8, 1e-2), (jnp.float8_e4m3fn, 3e-2)):  # the queries quantized too
             k, ks = jaxattn.quantize_kv(args["key_pages"], dtype)
             v, vs = jaxattn.quantize_kv(args["value_pages"], dtype)
