@@ -1,30 +1,17 @@
 """How much of a one-byte decode call is outside the Mosaic kernel, each part its own jit (so the
 gather's figure is host dispatch, not GPU time; scale_gather_probe_in_jit.py times it on the GPU).
 Run from the repository root: python3 bench/results/h200_2026-12-02/scale_gather_probe.py"""
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, "plugins/attn-ragged/bench")
+from bench_ragged import timeit  # noqa: E402 - median of 5 rounds of 20 calls, as bench_ragged times
 from decode_forms import problem  # noqa: E402
 
 from jaxattn_ragged.kernel import merge_splits  # noqa: E402
 from jaxattn_ragged.mosaic_decode import mosaic_decode  # noqa: E402
-
-
-def timeit(f, *args, rounds=5, calls=20):
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = f(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(times)
 
 
 def probe(b, kv, name):
@@ -48,9 +35,8 @@ def probe(b, kv, name):
     def plain_gather(ks, vs):  # one fused read and write of both
         return jnp.stack([ks, vs])[:, jnp.clip(table, 0, num_pages - 1)]
 
-    t_full = timeit(jax.jit(full), q, k, v, lens, table, ks, vs)
-    t_gather = timeit(jax.jit(gather), ks, vs)
-    t_plain = timeit(jax.jit(plain_gather), ks, vs)
+    t_full, t_gather, t_plain = (timeit(jax.jit(f), *args)[0] * 1e6 for f, args in (
+        (full, (q, k, v, lens, table, ks, vs)), (gather, (ks, vs)), (plain_gather, (ks, vs))))
     print(f"{b:3d} x {kv:6d} {name}: full call {t_full:7.1f} us; scale gather in token order {t_gather:6.1f} us; "
           f"plain gather of both {t_plain:6.1f} us", flush=True)
 
