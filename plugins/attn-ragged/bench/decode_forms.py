@@ -12,7 +12,8 @@ tokens/s over the first bf16 form and the output's relative difference from the 
 the same page dtype and (`unq`) from the first bf16 form's: what quantizing the cache costs. A
 form is named by words: its page dtype (bf16, int8, int8qk: int8 with int8 K·Qᵀ, fp8, fp8qk:
 fp8 with fp8 K·Qᵀ), then `cN` consumers, `sN` stages, `bkN` block_kv, `pwN` producer warps (1
-or 4; default 4), `psN` pages of N tokens (default 16), `widener`, `halfsplits`.
+or 4; default 4), `psN` pages of N tokens (default 16), `widener`, `halfsplits`, `ctaN` N
+persistent blocks (`persistent`: one per SM), `seqs` the units in sequence order.
 Why: the decode forms differ by a few percent, less than the spread between runs, so they are
 compared inside one process, round by round (BENCHMARKS.md cites its logs).
 """
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxattn
+from jaxattn_ragged._compat import num_sms
 from jaxattn_ragged.kernel import DECODE_CONFIG, merge_splits
 from jaxattn_ragged.mosaic_decode import mosaic_decode, one_wave_splits
 
@@ -46,16 +48,21 @@ def parse_form(name: str) -> tuple[str, dict]:
     if pages not in PAGES:
         raise ValueError(f"forms: a form starts with one of {sorted(PAGES)}, got {name!r}")
     kw: dict = {"quantized_qk": pages in ("int8qk", "fp8qk")}
-    numbered = {"c": "consumers", "s": "stages", "bk": "block_kv", "pw": "producer_warps", "ps": "page_size"}
+    numbered = {"c": "consumers", "s": "stages", "bk": "block_kv", "pw": "producer_warps", "ps": "page_size",
+                "cta": "ctas"}
     for w in words:
         prefix = w.rstrip("0123456789")
         if w in ("widener", "halfsplits"):
             kw[w] = True
+        elif w == "persistent":
+            kw["ctas"] = num_sms()
+        elif w == "seqs":
+            kw["order"] = "sequences"
         elif prefix in numbered and w[len(prefix):]:
             kw[numbered[prefix]] = int(w[len(prefix):])
         else:
             raise ValueError(f"forms: unknown word {w!r} in {name!r} (cN, sN, bkN, pwN, psN, widener, "
-                             "halfsplits)")
+                             "halfsplits, ctaN, persistent, seqs)")
     return pages, kw
 
 

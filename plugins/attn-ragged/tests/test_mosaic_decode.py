@@ -115,6 +115,10 @@ def test_mosaic_switch_says_every_reason_it_cannot_serve_a_call():
         RaggedConfig(fp8_dots=2)
     with pytest.raises(ValueError, match="quantized_qk"):  # 16-bit pages have no one-byte products
         mosaic_decode(qa, bf16_pages, bf16_pages, lens, table, scale=0.1, quantized_qk=True)
+    with pytest.raises(ValueError, match=r"ctas is None \(a block per unit\) or a positive int, got 0"):
+        mosaic_decode(qa, bf16_pages, bf16_pages, lens, table, scale=0.1, ctas=0)
+    with pytest.raises(ValueError, match="order is 'heads' or 'sequences', got 'rows'"):
+        mosaic_decode(qa, bf16_pages, bf16_pages, lens, table, scale=0.1, order="rows")
 
 
 def test_one_byte_decode_defaults_to_the_mosaic_kernel_on_hopper_only_where_it_serves():
@@ -172,14 +176,17 @@ def _past_lengths_poisoned(args, k_scale=None, v_scale=None):
 
 @pytest.mark.parametrize("pages", ["bfloat16", "int8", "int8 qk", "float8_e4m3fn", "int8 widener",
                                    "int8 qk widener", "float8_e4m3fn widener", "bfloat16 two consumers",
-                                   "int8 qk two consumers", "float8_e4m3fn qk two consumers", "int8 fp16 queries"])
+                                   "int8 qk two consumers", "float8_e4m3fn qk two consumers", "int8 fp16 queries",
+                                   "int8 qk two consumers cta3", "bfloat16 cta5 sequences", "int8 qk widener cta3"])
 def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
     """The kernel's pipeline, page gathers, splits, masking and scales run in Pallas's Mosaic GPU
     interpreter on CPU (its products as plain dots: the interpreter's wgmma takes no transposed
     operand): lengths of 0, partial pages, a sequence across both splits, NaN past each length;
     the reference's numbers (int8: against the dequantized cache). With two consumers a split's
     steps alternate between them (one sees none at length 17) and their reductions take turns:
-    the interpreter fails a barrier phase that no warpgroup waits for."""
+    the interpreter fails a barrier phase that no warpgroup waits for. `ctaN`: N persistent blocks
+    over the 16 (sequence, kv head, split) units, five or six each, empty ones among them, the ring
+    and the query slots running on from unit to unit; `sequences`: the units in sequence order."""
     from jaxattn_ragged.kernel import merge_splits
     from jaxattn_ragged.mosaic_decode import mosaic_decode
 
@@ -196,6 +203,8 @@ def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
     out, lse = mosaic_decode(args["query"], args["key_pages"], args["value_pages"], args["kv_lengths"],
                              args["page_indices"], ks, vs, scale=64 ** -0.5, block_kv=64, splits=2,
                              quantized_qk=" qk" in pages, widener="widener" in pages, interpret=True,
+                             ctas=next((int(w[3:]) for w in pages.split() if w.startswith("cta")), None),
+                             order="sequences" if "sequences" in pages else "heads",
                              **(dict(consumers=2, stages=4) if "two consumers" in pages else dict(stages=2)))
     out, lse = merge_splits(out, lse)
     ref = reference(args) if ks is None else reference(args, k_scale=ks, v_scale=vs)
@@ -235,14 +244,16 @@ def test_mosaic_decode_gpu():
         from jaxattn_ragged.kernel import merge_splits
         from jaxattn_ragged.mosaic_decode import mosaic_decode
 
-        # the widener warpgroup beside the consumer's own widening; two consumer warpgroups
-        for form in (dict(widener=False, stages=3), dict(widener=True, stages=3), dict(consumers=2, stages=4)):
+        # the widener warpgroup beside the consumer's own widening; two consumer warpgroups; persistent blocks
+        for form in (dict(widener=False, stages=3), dict(widener=True, stages=3), dict(consumers=2, stages=4),
+                     dict(consumers=2, stages=4, ctas=5), dict(widener=True, stages=3, ctas=3, order="sequences")):
             out, _ = merge_splits(*mosaic_decode(quant["query"], quant["key_pages"], quant["value_pages"],
                                                  quant["kv_lengths"], quant["page_indices"], ks, vs, scale=d ** -0.5,
                                                  splits=2, quantized_qk=True, **form))
             assert relative_error(out.astype(jnp.bfloat16), ref) < 1.5e-2, form
             assert np.isfinite(np.asarray(out, np.float32)[np.asarray(quant["kv_lengths"]) > 0]).all(), form
-        for pages, form in ((args, dict(stages=2)), (quant, dict(stages=2))):  # two consumers, 16-bit and int8 pages
+        for pages, form in ((args, dict(stages=2)), (quant, dict(stages=2)),  # two consumers, 16-bit and int8 pages
+                            (args, dict(stages=2, ctas=3))):
             scales = (ks, vs) if pages is quant else (None, None)
             out, _ = merge_splits(*mosaic_decode(pages["query"], pages["key_pages"], pages["value_pages"],
                                                  pages["kv_lengths"], pages["page_indices"], *scales, scale=d ** -0.5,

@@ -72,7 +72,8 @@ class KernelConfig:
     block_kv: key/value tokens per loop step (a power of two).
     num_splits: KV splits per work item; 0 chooses from the grid size and the GPU.
     num_warps, num_stages: Triton settings (warps per program, pipelining depth).
-    target_programs: programs the automatic split aims at (0: 4 per SM).
+    target_programs: programs the automatic split aims at (0: 4 per SM; the Mosaic decode
+      kernel: one per SM, which is also its count of persistent blocks).
     gather2d: gather whole pages as one `[block_kv, D]` tile (1) or as `[pages, page_size,
       D]` reshaped (0).
     mask_split: run the fully visible KV steps without the mask computation (1).

@@ -29,9 +29,12 @@ head, `[pages, page_size, kv_heads]`, gathered per call into each sequence's tok
 `[batch, kv_heads, tokens]` so a step's scales are one contiguous TMA box: a page's own box
 would land at shared addresses that are not 128-byte aligned, which TMA faults on (found on an
 H200 at page_size 16)). Keys past the sequence's length are masked and their value rows zeroed
-before Vᵀ·Pᵀ (a never-written slot may hold NaN). Split-KV: the third grid axis cuts a
-sequence's steps; each split writes its normalized partial output and natural-log lse, and
-`kernel.merge_splits` combines them.
+before Vᵀ·Pᵀ (a never-written slot may hold NaN). Split-KV: a unit of work is a (sequence,
+kv head, split) triple, a split a range of the sequence's steps; each unit writes its normalized
+partial output and natural-log lse, and `kernel.merge_splits` combines them. Either each unit
+has its own CUDA block, or (`ctas`) the blocks stay resident and take units in turn, the ring
+and a pair of query slots running on from one unit into the next, so only a block's first unit
+starts from an empty ring (and no block waits for a wave to finish).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ._compat import mosaic_gpu, mosaic_interpret_kwargs, mosaic_load, mosaic_params, ref_transpose
+from ._compat import mosaic_gpu, mosaic_interpret_kwargs, mosaic_load, mosaic_params, num_sms, ref_transpose
 from .mosaic_serves import ONE_BYTE, mosaic_reasons, padded_group, widener_fits
 
 LOG2E = math.log2(math.e)
@@ -72,7 +75,7 @@ def _cdiv(a, b: int):
 def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_scale=None, *, scale: float,
                   block_kv: int = 128, stages: int = 2, splits: int = 1, quantized_qk: bool = False,
                   widener: bool = False, consumers: int = 1, producer_warps: int | None = None,
-                  interpret: bool = False):
+                  ctas: int | None = None, order: str = "heads", interpret: bool = False):
     """q `[B, Hq, D]` (bf16/fp16), pages `[P, page_size, Hkv, D]` (q's dtype, or int8 /
     float8_e4m3fn with per-token scales `[P, page_size, Hkv]` float32), kv_lengths `[B]`, page_table `[B, max_pages]`
     -> (out `[splits * consumers, B, Hq, D]` float32, normalized per part; lse
@@ -90,6 +93,10 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     fourth page of a step (each reading its own page numbers from the table), so a step's
     page-table reads and TMA issues run four at a time: a page of 16 one-byte tokens is 2 KB, and
     one thread issuing them one by one bounded int8 pages at 2.7 TB/s (BENCHMARKS.md).
+    `ctas`: CUDA blocks that stay resident (persistent), block c taking the (sequence, kv head,
+    split) units c, c + ctas, ... in turn, its ring running on from one unit into the next; None:
+    one block per unit. `order`: which runs fastest along the units: "heads" (the kv heads of a
+    sequence's split side by side, sharing its pages' rows) or "sequences".
     `interpret`: Pallas's Mosaic GPU interpreter (CPU; checks the kernel's logic, slowly)."""
     plgpu = mosaic_gpu()
     b, hq, d = q.shape
@@ -118,6 +125,10 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     elif producer_warps == 4 and interpret:
         reasons.append("producer_warps=4 runs per-warp code, which Pallas's Mosaic GPU interpreter cannot run: "
                        "use producer_warps=1 with interpret=True")
+    if ctas is not None and (not isinstance(ctas, int) or ctas < 1):
+        reasons.append(f"ctas is None (a block per unit) or a positive int, got {ctas!r}")
+    if order not in ("heads", "sequences"):
+        reasons.append(f"order is 'heads' or 'sequences', got {order!r}")
     if reasons:
         raise ValueError("mosaic_decode: " + "; ".join(reasons))
     dtype = q.dtype
@@ -179,27 +190,51 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
             jnp.int32, shape, dim, layout=layout)
 
     acc_dtype = jnp.int32 if quantized_qk and int8_pages else jnp.float32  # of the logits' wgmma
+    units = b * hkv * splits
+    grid = units if ctas is None else min(ctas, units)
+
+    def unit_at(c, j):
+        """Block `c`'s `j`-th unit: (sequence, kv head, split)."""
+        pos = c + j * grid
+        if order == "heads":
+            return lax.div(pos, hkv * splits), lax.rem(pos, hkv), lax.rem(lax.div(pos, hkv), splits)
+        return lax.rem(pos, b), lax.rem(lax.div(pos, b), hkv), lax.div(pos, b * hkv)
+
+    def unit_steps(length, si):
+        """(lb, ub, full_end): a unit's steps [lb, ub), those before full_end unmasked."""
+        n_steps = lax.max(_cdiv(length, block_kv), 0)
+        lb = lax.min(si * steps_per_split, n_steps)
+        ub = lax.min(lb + steps_per_split, n_steps)
+        return lb, ub, lax.max(lax.min(ub, lax.div(length, jnp.int32(block_kv))), lb)
 
     def kernel(*refs):
         ins = dict(zip(names, refs))
         o_ref, lse_ref, *scratch = refs[len(names):]
-        q_smem, qs_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, kv_bar, free, *extra = scratch
+        q_smem, qs_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, q_free, kv_bar, free, *extra = scratch
         k16 = extra.pop(0) if widen_keys else None
         v16, ks_smem, vs_smem = extra[:3] if quant else (None,) * 3
         wide_bar = extra[3] if widener else None  # a slot's widened tiles are ready
         turn = extra[-1] if consumers > 1 else None  # whose softmax reductions run now
-        bi, hi, si = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
+        c = lax.axis_index("c")
         wg = lax.axis_index("wg")
-        length = ins["lens"][bi]
-        n_steps = _cdiv(length, block_kv)
-        lb = jnp.minimum(si * steps_per_split, n_steps)
-        ub = jnp.minimum(lb + steps_per_split, n_steps)
-        full_end = jnp.maximum(jnp.minimum(ub, lax.div(length, jnp.int32(block_kv))), lb)  # unmasked steps
+        my_units = _cdiv(units - c, grid)
         layout = plgpu.Layout.WGMMA
 
-        def widen(src, dst, row0=None):
+        def each_unit(body):
+            """`body(j, bi, hi, si, length, lb, ub, full_end, g0)` over the block's units in turn; g0: the
+            block's steps before this unit's (a step's ring slot is its block-wide count mod stages)."""
+            def one(j, g0):
+                bi, hi, si = unit_at(c, j)
+                length = ins["lens"][bi]
+                lb, ub, full_end = unit_steps(length, si)
+                body(j, bi, hi, si, length, lb, ub, full_end, g0)
+                return g0 + (ub - lb)
+
+            return lax.fori_loop(0, my_units, one, jnp.int32(0))
+
+        def widen(src, dst, length=None, row0=None):
             """One-byte tile -> the 16-bit operands' dtype (exact); with `row0` (the token of its
-            first row), rows past the length zeroed."""
+            first row), rows at or past `length` zeroed."""
             lay = layout if interpret else plgpu.Layout.WGMMA_8BIT  # four bytes a thread, no float32
             x = load(src, lay).astype(wide)
             if row0 is not None:
@@ -207,112 +242,119 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
             dst[...] = x
 
         def consumer(ci: int):
-            """Consumer warpgroup `ci`: the split's steps lb + ci, lb + ci + consumers, ..."""
+            """Consumer warpgroup `ci`: the block-wide steps g with g % consumers == ci."""
             plgpu.set_max_registers(232, action="increase")
             rows_l, cols_l = layout.reduce(1), layout.reduce(0)  # per token / per query head
-            if ci == 0:
-                plgpu.copy_gmem_to_smem(ins["q"].at[bi, hi], q_smem, q_bar)
-                plgpu.copy_gmem_to_smem(ins["qs"].at[bi, hi], qs_smem, q_bar)
-            if ci == 1:  # the first step's reductions are consumer 0's
-                pl.when(lb < ub)(lambda: plgpu.barrier_arrive(turn.at[0]))
-            plgpu.barrier_wait(q_bar)
-            col_c = load(qs_smem, cols_l)
             p_tile, o_tile, lse_tile = p_smem.at[ci], o_smem.at[ci], lse_smem.at[ci]
+            if turn is not None:  # the block's steps, for the last hand-over of the reductions' turn
+                total = each_unit(lambda *_: None)
+                if ci == 1:  # the first step's reductions are consumer 0's
+                    pl.when(total > 0)(lambda: plgpu.barrier_arrive(turn.at[0]))
 
-            def step(t, carry, *, masked):
-                acc, m, l = carry
-                slot = lax.rem(t - lb, stages)
-                plgpu.barrier_wait(kv_bar.at[slot])
-                if widener:
-                    plgpu.barrier_wait(wide_bar.at[slot])
-                ok = ok_rows = None
-                if masked:  # keys past the length: -inf logits, zero value rows
-                    j = iota((block_kv, gn), 0, layout) + t * block_kv
-                    ok = j < length
-                    r = iota((block_kv, dv), 0, layout) + t * block_kv
-                    ok_rows = r < length
-                keys, values = k_smem.at[slot], v_smem.at[slot]
-                if widener:  # the widener warpgroup made this slot's 16-bit tiles
-                    keys = k16.at[slot] if widen_keys else keys
-                    values = v16.at[slot]
-                elif quant:  # this consumer's own 16-bit tiles
-                    if widen_keys:
-                        widen(keys, k16.at[ci])
-                        keys = k16.at[ci]
-                    widen(values, v16.at[ci], t * block_kv if masked else None)
-                    values = v16.at[ci]
-                elif masked:  # a 16-bit slot: clean its rows past the length in place
-                    x = load(values, layout)
-                    values[...] = jnp.where(ok_rows, x, jnp.zeros_like(x))
-                if (quant and not widener) or (masked and not quant):
-                    plgpu.commit_smem()
+            def unit(j, bi, hi, si, length, lb, ub, full_end, g0):
+                q_slot = lax.rem(j, 2)
+                plgpu.barrier_wait(q_bar.at[q_slot])
+                col_c = load(qs_smem.at[q_slot, pl.ds(0, gn)], cols_l)
+                q_tile = q_smem.at[q_slot]
+                shift = g0 - lb  # step t is the block's step t + shift
 
-                def qk(s_ref):  # logitsᵀ [block_kv, gn] = K · Qᵀ
-                    plgpu.wgmma(s_ref, keys, ref_transpose(plgpu, q_smem))
-                    return s_ref[...]
+                def step(t, carry, *, masked):
+                    acc, m, l = carry
+                    slot = lax.rem(t + shift, stages)
+                    plgpu.barrier_wait(kv_bar.at[slot])
+                    if widener:
+                        plgpu.barrier_wait(wide_bar.at[slot])
+                    ok = ok_rows = None
+                    if masked:  # keys past the length: -inf logits, zero value rows
+                        j_tok = iota((block_kv, gn), 0, layout) + t * block_kv
+                        ok = j_tok < length
+                        r = iota((block_kv, dv), 0, layout) + t * block_kv
+                        ok_rows = r < length
+                    keys, values = k_smem.at[slot], v_smem.at[slot]
+                    if widener:  # the widener warpgroup made this slot's 16-bit tiles
+                        keys = k16.at[slot] if widen_keys else keys
+                        values = v16.at[slot]
+                    elif quant:  # this consumer's own 16-bit tiles
+                        if widen_keys:
+                            widen(keys, k16.at[ci])
+                            keys = k16.at[ci]
+                        widen(values, v16.at[ci], length, t * block_kv if masked else None)
+                        values = v16.at[ci]
+                    elif masked:  # a 16-bit slot: clean its rows past the length in place
+                        x = load(values, layout)
+                        values[...] = jnp.where(ok_rows, x, jnp.zeros_like(x))
+                    if (quant and not widener) or (masked and not quant):
+                        plgpu.commit_smem()
 
-                if interpret:  # the interpreter's wgmma takes no transposed operand
-                    s = jnp.dot(keys[...], q_smem[...].T, preferred_element_type=acc_dtype)
-                else:
-                    s = pl.run_scoped(qk, plgpu.ACC((block_kv, gn), acc_dtype))
-                s = s.astype(jnp.float32) * lax.broadcast_in_dim(col_c, (block_kv, gn), [1])
-                if quant:
-                    ks = load(ks_smem.at[slot], rows_l)
-                    s = s * lax.broadcast_in_dim(ks, s.shape, [0])
-                if ok is not None:
-                    s = jnp.where(ok, s, -jnp.inf)
-                if turn is not None:  # the reductions across warps share one scratch: in step order
-                    plgpu.barrier_wait(turn.at[ci])
-                m_new = jnp.maximum(m, s.max(axis=0))
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
-                alpha = jnp.exp2(m - m_new)
-                l = l * alpha + p.sum(axis=0)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
-                if quant:
-                    vs = load(vs_smem.at[slot], rows_l)
-                    p = p * lax.broadcast_in_dim(vs, p.shape, [0])
-                    if ok is not None:  # a never-written slot's scale may be NaN: 0 * NaN
-                        p = jnp.where(ok, p, 0.0)
-                # Pᵀ into shared memory, tokens contiguous: wgmma's B operand of Vᵀ·Pᵀ
-                if interpret:
-                    p_tile[...] = p.astype(wide).T
-                else:
-                    ref_transpose(plgpu, p_tile)[...] = cast(p.astype(wide), plgpu.Layout.WGMMA_TRANSPOSED)
-                plgpu.commit_smem()  # (a warpgroup barrier: every warp is past the reductions)
-                if turn is not None:  # the next step is the other's (every arrival has its wait)
-                    pl.when(t + 1 < ub)(lambda: plgpu.barrier_arrive(turn.at[1 - ci]))
+                    def qk(s_ref):  # logitsᵀ [block_kv, gn] = K · Qᵀ
+                        plgpu.wgmma(s_ref, keys, ref_transpose(plgpu, q_tile))
+                        return s_ref[...]
 
-                def pv(pv_ref):  # Vᵀ · Pᵀ [dv, gn], added to outᵀ in registers (8 per thread at gn 8)
-                    plgpu.wgmma(pv_ref, ref_transpose(plgpu, values), ref_transpose(plgpu, p_tile))
-                    return pv_ref[...]
+                    if interpret:  # the interpreter's wgmma takes no transposed operand
+                        s = jnp.dot(keys[...], q_tile[...].T, preferred_element_type=acc_dtype)
+                    else:
+                        s = pl.run_scoped(qk, plgpu.ACC((block_kv, gn), acc_dtype))
+                    s = s.astype(jnp.float32) * lax.broadcast_in_dim(col_c, (block_kv, gn), [1])
+                    if quant:
+                        ks = load(ks_smem.at[slot], rows_l)
+                        s = s * lax.broadcast_in_dim(ks, s.shape, [0])
+                    if ok is not None:
+                        s = jnp.where(ok, s, -jnp.inf)
+                    if turn is not None:  # the reductions across warps share one scratch: in step order
+                        plgpu.barrier_wait(turn.at[ci])
+                    m_new = jnp.maximum(m, s.max(axis=0))
+                    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
+                    alpha = jnp.exp2(m - m_new)
+                    l = l * alpha + p.sum(axis=0)
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+                    if quant:
+                        vs = load(vs_smem.at[slot], rows_l)
+                        p = p * lax.broadcast_in_dim(vs, p.shape, [0])
+                        if ok is not None:  # a never-written slot's scale may be NaN: 0 * NaN
+                            p = jnp.where(ok, p, 0.0)
+                    # Pᵀ into shared memory, tokens contiguous: wgmma's B operand of Vᵀ·Pᵀ
+                    if interpret:
+                        p_tile[...] = p.astype(wide).T
+                    else:
+                        ref_transpose(plgpu, p_tile)[...] = cast(p.astype(wide), plgpu.Layout.WGMMA_TRANSPOSED)
+                    plgpu.commit_smem()  # (a warpgroup barrier: every warp is past the reductions)
+                    if turn is not None:  # the next step is the other's (every arrival has its wait)
+                        pl.when(t + shift + 1 < total)(lambda: plgpu.barrier_arrive(turn.at[1 - ci]))
 
-                if interpret:
-                    acc = acc + jnp.dot(values[...].T, p_tile[...].T, preferred_element_type=jnp.float32)
-                else:
-                    acc = acc + pl.run_scoped(pv, plgpu.ACC((dv, gn), jnp.float32))
-                plgpu.barrier_arrive(free.at[slot])
-                return acc, m_new, l
+                    def pv(pv_ref):  # Vᵀ · Pᵀ [dv, gn], added to outᵀ in registers (8 per thread at gn 8)
+                        plgpu.wgmma(pv_ref, ref_transpose(plgpu, values), ref_transpose(plgpu, p_tile))
+                        return pv_ref[...]
 
-            acc = cast(jnp.zeros((dv, gn), jnp.float32), layout)
-            m = cast(jnp.full((gn,), M_FLOOR, jnp.float32), cols_l)
-            l = cast(jnp.zeros((gn,), jnp.float32), cols_l)
-            carry = own_steps(lb, full_end, ci, lambda t, cr: step(t, cr, masked=False), (acc, m, l))
-            acc, m, l = own_steps(full_end, ub, ci, lambda t, cr: step(t, cr, masked=True), carry)
-            live = l != 0.0
-            l_safe = jnp.where(live, l, 1.0)
-            o_tile[...] = acc * lax.broadcast_in_dim(jnp.where(live, 1.0 / l_safe, 0.0), acc.shape, [1])
-            lse_tile[...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
-            plgpu.commit_smem()
-            part = si * consumers + ci
-            plgpu.copy_smem_to_gmem(o_tile, o_ref.at[part, bi, hi])
-            plgpu.copy_smem_to_gmem(lse_tile, lse_ref.at[part, bi, hi])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    if interpret:
+                        acc = acc + jnp.dot(values[...].T, p_tile[...].T, preferred_element_type=jnp.float32)
+                    else:
+                        acc = acc + pl.run_scoped(pv, plgpu.ACC((dv, gn), jnp.float32))
+                    plgpu.barrier_arrive(free.at[slot])
+                    return acc, m_new, l
 
-        def own_steps(start, end, ci: int, body, carry):
-            """`body` over the steps t in [start, end) with (t - lb) % consumers == ci."""
+                acc = cast(jnp.zeros((dv, gn), jnp.float32), layout)
+                m = cast(jnp.full((gn,), M_FLOOR, jnp.float32), cols_l)
+                l = cast(jnp.zeros((gn,), jnp.float32), cols_l)
+                carry = own_steps(lb, full_end, ci, shift, lambda t, cr: step(t, cr, masked=False), (acc, m, l))
+                acc, m, l = own_steps(full_end, ub, ci, shift, lambda t, cr: step(t, cr, masked=True), carry)
+                plgpu.barrier_arrive(q_free.at[q_slot])  # its products have waited: the queries are read
+                live = l != 0.0
+                l_safe = jnp.where(live, l, 1.0)
+                o_tile[...] = acc * lax.broadcast_in_dim(jnp.where(live, 1.0 / l_safe, 0.0), acc.shape, [1])
+                lse_tile[...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
+                plgpu.commit_smem()
+                part = ((bi * hkv + hi) * splits + si) * consumers + ci  # [B, Hkv, splits, consumers]
+                plgpu.copy_smem_to_gmem(o_tile, o_ref.at[part])
+                plgpu.copy_smem_to_gmem(lse_tile, lse_ref.at[part])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the tiles are the next unit's
+
+            each_unit(unit)
+
+        def own_steps(start, end, ci: int, shift, body, carry):
+            """`body` over the steps t in [start, end) with (t + shift) % consumers == ci."""
             if consumers == 1:
                 return lax.fori_loop(start, end, body, carry)
-            first = start + lax.rem(lax.rem(ci - (start - lb), consumers) + consumers, consumers)
+            first = start + lax.rem(lax.rem(ci - (start + shift), consumers) + consumers, consumers)
             count = jnp.maximum(_cdiv(jnp.maximum(end - first, 0), consumers), 0)
             return lax.fori_loop(0, count, lambda k, cr: body(first + k * consumers, cr), carry)
 
@@ -322,55 +364,66 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
         if widener:
             @pl.when(wg == consumers + 1)
             def _widener():
-                def widen_slot(t, masked: bool):
-                    """Step `t`'s one-byte tiles -> its 16-bit slot, 64 rows at a time (rows past
-                    the length zeroed where `masked`); then the consumer may take the slot."""
-                    slot = lax.rem(t - lb, stages)
-                    plgpu.barrier_wait(kv_bar.at[slot])
-                    for r in range(0, block_kv, 64):
-                        rows = pl.ds(r, 64)
-                        widen(v_smem.at[slot, rows], v16.at[slot, rows], t * block_kv + r if masked else None)
-                        if widen_keys:
-                            widen(k_smem.at[slot, rows], k16.at[slot, rows])
-                    plgpu.commit_smem()  # the stores, visible to the consumer's wgmma
-                    plgpu.barrier_arrive(wide_bar.at[slot])
+                def unit(j, bi, hi, si, length, lb, ub, full_end, g0):
+                    def widen_slot(t, masked: bool):
+                        """Step `t`'s one-byte tiles -> its 16-bit slot, 64 rows at a time (rows past
+                        the length zeroed where `masked`); then the consumer may take the slot."""
+                        slot = lax.rem(t + g0 - lb, stages)
+                        plgpu.barrier_wait(kv_bar.at[slot])
+                        for r in range(0, block_kv, 64):
+                            rows = pl.ds(r, 64)
+                            widen(v_smem.at[slot, rows], v16.at[slot, rows], length,
+                                  t * block_kv + r if masked else None)
+                            if widen_keys:
+                                widen(k_smem.at[slot, rows], k16.at[slot, rows])
+                        plgpu.commit_smem()  # the stores, visible to the consumer's wgmma
+                        plgpu.barrier_arrive(wide_bar.at[slot])
 
-                pl.loop(lb, full_end)(lambda t: widen_slot(t, False))
-                pl.loop(full_end, ub)(lambda t: widen_slot(t, True))
+                    pl.loop(lb, full_end)(lambda t: widen_slot(t, False))
+                    pl.loop(full_end, ub)(lambda t: widen_slot(t, True))
 
-        def produce(my_pages: tuple[int, ...], my_scales: tuple[str, ...]):
+                each_unit(unit)
+
+        def produce(my_pages: tuple[int, ...], my_scales: tuple[str, ...], loads_q: bool):
             """Fill the ring: the copies of `my_pages` (a step's pages, by position) and of
-            `my_scales` for every step."""
+            `my_scales` for every step of every unit of the block; `loads_q`: each unit's queries
+            too, into the ring of two query slots."""
 
-            def fetch(t, slot):
-                for i in my_pages:  # every copy arrives, so the barrier's count holds
-                    idx = lax.min(t * pages_per_step + i, max_pages - 1)  # lax: warp code lowers no jit (clip)
-                    page = lax.max(0, lax.min(ins["table"][bi, idx], num_pages - 1))
-                    rows = pl.ds(i * ps, ps)
-                    plgpu.copy_gmem_to_smem(ins["k"].at[page, :, hi], k_smem.at[slot, rows], kv_bar.at[slot])
-                    plgpu.copy_gmem_to_smem(ins["v"].at[page, :, hi], v_smem.at[slot, rows], kv_bar.at[slot])
-                for name in my_scales:  # one box per step (a page's own box may not be 128-byte aligned in smem)
-                    dst = ks_smem if name == "ks" else vs_smem
-                    plgpu.copy_gmem_to_smem(ins[name].at[bi, hi, pl.ds(t * block_kv, block_kv)], dst.at[slot],
-                                            kv_bar.at[slot])
+            def unit(j, bi, hi, si, length, lb, ub, full_end, g0):
+                if loads_q:
+                    q_slot = lax.rem(j, 2)
+                    pl.when(j >= 2)(lambda: plgpu.barrier_wait(q_free.at[q_slot]))  # unit j - 2 is done
+                    plgpu.copy_gmem_to_smem(ins["q"].at[bi, hi], q_smem.at[q_slot], q_bar.at[q_slot])
+                    plgpu.copy_gmem_to_smem(ins["qs"].at[bi, hi], qs_smem.at[q_slot, pl.ds(0, gn)], q_bar.at[q_slot])
 
-            for i in range(stages):
-                @pl.when(lb + i < ub)
-                def _(i=i):
-                    fetch(lb + i, i)
+                @pl.loop(lb, ub)
+                def _(t):
+                    g = t + g0 - lb
+                    slot = lax.rem(g, stages)
+                    pl.when(g >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))  # step g - stages is done
+                    for i in my_pages:  # every copy arrives, so the barrier's count holds
+                        idx = lax.min(t * pages_per_step + i, max_pages - 1)  # lax: warp code lowers no jit
+                        page = lax.max(0, lax.min(ins["table"][bi, idx], num_pages - 1))
+                        rows = pl.ds(i * ps, ps)
+                        plgpu.copy_gmem_to_smem(ins["k"].at[page, :, hi], k_smem.at[slot, rows], kv_bar.at[slot])
+                        plgpu.copy_gmem_to_smem(ins["v"].at[page, :, hi], v_smem.at[slot, rows], kv_bar.at[slot])
+                    for name in my_scales:  # one box per step (a page's own box may not be 128-byte aligned)
+                        dst = ks_smem if name == "ks" else vs_smem
+                        plgpu.copy_gmem_to_smem(ins[name].at[bi, hi, pl.ds(t * block_kv, block_kv)], dst.at[slot],
+                                                kv_bar.at[slot])
 
-            @pl.loop(lb, ub - stages)
-            def _(t):
-                slot = lax.rem(t - lb, stages)
-                plgpu.barrier_wait(free.at[slot])
-                fetch(t + stages, slot)
+            total = each_unit(unit)
+            # the phases not yet waited for, so every wait sees each phase (Pallas's interpreter checks it)
+            pl.loop(lax.max(total - stages, 0), total)(lambda g: plgpu.barrier_wait(free.at[lax.rem(g, stages)]))
+            if loads_q:
+                pl.loop(lax.max(my_units - 2, 0), my_units)(lambda j: plgpu.barrier_wait(q_free.at[lax.rem(j, 2)]))
 
         @pl.when(wg == consumers)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
             scales = ("ks", "vs") if quant else ()
             if producer_warps == 1:
-                produce(tuple(range(pages_per_step)), scales)
+                produce(tuple(range(pages_per_step)), scales, True)
                 return
 
             @pl.core_map(plgpu.WarpMesh(axis_name="warp"))
@@ -379,19 +432,23 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
                 for w in range(4):
                     mine = tuple(range(w, pages_per_step, 4))
                     my_scales = tuple(s for j, s in enumerate(scales) if (pages_per_step + j) % 4 == w)
-                    if mine or my_scales:
-                        pl.when(warp == w)(lambda mine=mine, my_scales=my_scales: produce(mine, my_scales))
+                    loads_q = w == (pages_per_step + len(scales)) % 4  # the warp with the fewest copies
+                    if mine or my_scales or loads_q:
+                        pl.when(warp == w)(lambda mine=mine, my_scales=my_scales, loads_q=loads_q:
+                                           produce(mine, my_scales, loads_q))
 
     page_dtype = k_pages.dtype
+    qs_row = -(-gn // 32) * 32
     scratch = [
-        _swizzled(plgpu, (gn, d), q_cols.dtype),
-        plgpu.SMEM((gn,), jnp.float32),
+        _swizzled(plgpu, (2, gn, d), q_cols.dtype),  # two units' queries: the next one's load runs ahead
+        plgpu.SMEM((2, qs_row), jnp.float32),  # rows of 128 bytes: a TMA copy's destination is 128-byte aligned
         _swizzled(plgpu, (stages, block_kv, d), page_dtype),
         _swizzled(plgpu, (stages, block_kv, dv), page_dtype),
         _swizzled(plgpu, (consumers, gn, block_kv), wide),
         plgpu.SMEM((consumers, dv, gn), jnp.float32),
         plgpu.SMEM((consumers, gn), jnp.float32),
-        plgpu.Barrier(num_arrivals=2),
+        plgpu.Barrier(num_arrivals=2, num_barriers=2),
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=2),
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
     ]
@@ -406,11 +463,14 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     if consumers > 1:
         scratch.append(plgpu.Barrier(num_arrivals=1, num_barriers=2))
     parts = splits * consumers
-    out_type = (jax.ShapeDtypeStruct((parts, b, hkv, dv, gn), jnp.float32),
-                jax.ShapeDtypeStruct((parts, b, hkv, gn), jnp.float32))
-    out, lse = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(b, hkv, splits),
-                            grid_names=("b", "h", "s"), num_threads=consumers + (2 if widener else 1), thread_name="wg",
+    out_type = (jax.ShapeDtypeStruct((b * hkv * parts, dv, gn), jnp.float32),
+                jax.ShapeDtypeStruct((b * hkv * parts, gn), jnp.float32))
+    out, lse = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(grid,),
+                            grid_names=("c",), num_threads=consumers + (2 if widener else 1), thread_name="wg",
                             compiler_params=mosaic_params(plgpu), **mosaic_interpret_kwargs(interpret))(*args)
+    # [B, Hkv, parts, ...] -> [parts, B, Hkv, ...]
+    out = jnp.moveaxis(out.reshape(b, hkv, parts, dv, gn), 2, 0)
+    lse = jnp.moveaxis(lse.reshape(b, hkv, parts, gn), 2, 0)
     if quant and wide == jnp.float16:
         out = out * v_max[None, :, :, None, None]
     out = jnp.swapaxes(out, -1, -2)[:, :, :, :group].reshape(parts, b, hq, dv)
@@ -456,7 +516,9 @@ def mosaic_paged_decode(query, key_pages, value_pages, kv_lengths, page_table, *
     (query dtype; zeros for a sequence without keys) and lse `[Hq, B]` float32. `config` (a
     `kernel.KernelConfig`): its `block_kv`, `num_stages` (the ring's slots), `int8_dots` (>= 1:
     K·Qᵀ on int8 tensor cores), `mosaic` (the consumer warpgroups: 1 or 2) and `num_splits` /
-    `target_programs` as the Triton kernel reads them, the automatic split by `one_wave_splits`."""
+    `target_programs` as the Triton kernel reads them, the automatic split by `one_wave_splits`; as
+    many persistent blocks as `target_programs` (default: one per SM) where the units outnumber
+    them (BENCHMARKS.md "Persistent blocks": 9% faster for int8 pages at 64 x 4096)."""
     from .kernel import DECODE_CONFIG, merge_splits
 
     config = config or DECODE_CONFIG
@@ -477,6 +539,6 @@ def mosaic_paged_decode(query, key_pages, value_pages, kv_lengths, page_table, *
                and widener_fits(query.shape[-1], query.shape[1] // hkv, block_kv, config.num_stages, True))
     out, lse = mosaic_decode(query, key_pages, value_pages, kv_lengths, page_table, k_scale, v_scale, scale=scale,
                              block_kv=block_kv, stages=config.num_stages, splits=splits, quantized_qk=quantized_qk,
-                             widener=widener, consumers=consumers)
+                             widener=widener, consumers=consumers, ctas=config.target_programs or num_sms())
     out, lse = merge_splits(out, lse)
     return out.astype(query.dtype), lse.T

@@ -22,10 +22,11 @@ def smem_bytes(d: int, dv: int, group: int, block_kv: int, stages: int, page_ite
     """Shared memory of one CUDA block: each scratch buffer starts on a 1024-byte boundary (as
     Pallas's Mosaic GPU lays them out), the barrier arrays included. `widened_slots`: 16-bit
     slots of the widened tiles (`stages` with the widener warpgroup, else one per consumer);
-    each consumer warpgroup has its own probabilities and output tiles."""
+    each consumer warpgroup has its own probabilities and output tiles; two units' queries."""
     gn = padded_group(group)
-    sizes = [gn * d * q_itemsize, gn * 4, stages * block_kv * d * page_itemsize, stages * block_kv * dv * page_itemsize,
-             consumers * gn * block_kv * 2, consumers * dv * gn * 4, consumers * gn * 4, 8, 8 * stages, 8 * stages]
+    sizes = [2 * gn * d * q_itemsize, 2 * -(-gn // 32) * 32 * 4, stages * block_kv * d * page_itemsize,
+             stages * block_kv * dv * page_itemsize, consumers * gn * block_kv * 2, consumers * dv * gn * 4,
+             consumers * gn * 4, 16, 16, 8 * stages, 8 * stages]
     widened_slots = max(widened_slots, consumers)
     if widen_keys:
         sizes.append(widened_slots * block_kv * d * 2)
@@ -40,9 +41,9 @@ def smem_bytes(d: int, dv: int, group: int, block_kv: int, stages: int, page_ite
 
 # Decode over one-byte pages runs on the Mosaic decode kernel by default on a Hopper GPU
 # wherever it serves the call and no config is given (the Triton kernel otherwise): on an H200,
-# with four producer warps, two consumers and K·Qᵀ in the pages' dtype, int8 pages decode at
-# 1.32-1.55x the tokens/s of bf16 pages and fp8 pages at 1.26-1.55x, where the Triton kernel
-# gives 1.11-1.17x and 0.93-0.94x (BENCHMARKS.md, "Four producer warps and float8 products").
+# with persistent blocks, four producer warps, two consumers and K·Qᵀ in the pages' dtype, int8
+# pages decode at 1.28-1.58x the tokens/s of bf16 pages and fp8 pages at 1.27-1.55x (BENCHMARKS.md,
+# "Persistent blocks"), where the Triton kernel gives 1.11-1.21x and 0.93-0.97x.
 # Both quantize the queries per head: on random data the output moves from the unquantized
 # cache's by 1.2e-2 for int8 (the Triton kernel's default: 9.6e-3) and 4.5e-2 for fp8 (3.7e-2
 # with 16-bit products).
