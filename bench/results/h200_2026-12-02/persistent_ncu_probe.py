@@ -3,8 +3,10 @@
     ncu --metrics gpu__time_duration.sum --csv python3 persistent_ncu_probe.py 32x8192
 """
 import sys
+
 import jax
 import jax.numpy as jnp
+
 import jaxattn
 
 b, kv = (int(x) for x in sys.argv[1].split("x"))
