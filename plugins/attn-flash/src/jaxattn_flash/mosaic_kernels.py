@@ -136,14 +136,14 @@ def _i32(x):
     return jnp.asarray(x, jnp.int32)
 
 
-def soft_capped_exp2(z, mufu_cols: int):
-    """exp2 of a tile of capped logits: its first `mufu_cols` key columns on the special-function
-    unit (ex2), the rest on the FMA units (`fma_exp2`), so the tanh of every logit and this exp2
-    share two kinds of units; a pair of column ranges where both take some."""
+def soft_capped_exp2(z, mufu_cols: int) -> tuple:
+    """exp2 of a tile of capped logits, as its column ranges: the first `mufu_cols` key columns on
+    the special-function unit (ex2), the rest on the FMA units (`fma_exp2`), so the tanh of every
+    logit and this exp2 share two kinds of units."""
     if mufu_cols == z.shape[1]:
-        return jnp.exp2(z)
+        return (jnp.exp2(z),)
     if mufu_cols == 0:
-        return exp2_fma(z)
+        return (exp2_fma(z),)
     return jnp.exp2(z[:, :mufu_cols]), exp2_fma(z[:, mufu_cols:])
 
 
@@ -411,7 +411,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     if ok is not None:
                         s = jnp.where(ok, s, -jnp.inf)
                     m_new = jnp.maximum(m, s.max(axis=1) * c)
-                    p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    parts = (jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0])),)
                 else:  # logits in log2 units: c·tanh(s·scale/c)·log2(e)
                     z = jnp.tanh(s * (spec.scale / spec.soft_cap)) * (spec.soft_cap * LOG2E)
                     if ok is not None:
@@ -421,8 +421,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     else:
                         m_new = jnp.maximum(m, z.max(axis=1))
                         z = z - lax.broadcast_in_dim(m_new, z.shape, [0])
-                    p = soft_capped_exp2(z, bk - spec.fma_exp2)
-                parts = p if isinstance(p, tuple) else (p,)
+                    parts = soft_capped_exp2(z, bk - spec.fma_exp2)  # p, by key column ranges
                 row_sum = functools.reduce(lambda a, b: a + b, [x.sum(axis=1) for x in parts])
                 if spec.bounded_logits:  # the max stays 0: nothing to rescale
                     l = l + row_sum
@@ -430,7 +429,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     alpha = jnp.exp2(m - m_new)
                     l = l * alpha + row_sum
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                p16 = tuple(x.astype(dtype) for x in parts) if isinstance(p, tuple) else p.astype(dtype)
+                p16 = tuple(x.astype(dtype) for x in parts)
                 if spec.fence:
                     acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
                 plgpu.barrier_wait(v_bar.at[slot])
@@ -440,12 +439,12 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     _named_barrier(plgpu, "sync", own=True)
 
                 def pv(acc_ref):
-                    if isinstance(p16, tuple):  # the probabilities in two column ranges: two products
+                    if len(p16) == 1:
+                        plgpu.wgmma(acc_ref, p16[0], v_smem.at[slot])
+                    else:  # a product per column range of the probabilities, over those keys' values
                         k0 = p16[0].shape[1]
                         plgpu.wgmma(acc_ref, p16[0], v_smem.at[slot, pl.ds(0, k0)])
                         plgpu.wgmma(acc_ref, p16[1], v_smem.at[slot, pl.ds(k0, bk - k0)])
-                    else:
-                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
 
                     @pl.when(ki + 1 < ub)
                     def _():
