@@ -174,19 +174,21 @@ def _past_lengths_poisoned(args, k_scale=None, v_scale=None):
     return (args, *(s.at[pages, slots].set(jnp.nan) for s in (k_scale, v_scale)))
 
 
-@pytest.mark.parametrize("pages", ["bfloat16", "int8", "int8 qk", "float8_e4m3fn", "int8 widener",
-                                   "int8 qk widener", "float8_e4m3fn widener", "bfloat16 two consumers",
-                                   "int8 qk two consumers", "float8_e4m3fn qk two consumers", "int8 fp16 queries",
-                                   "int8 qk two consumers cta3", "bfloat16 cta5 sequences", "int8 qk widener cta3"])
+@pytest.mark.parametrize("pages", ["bfloat16 grid", "bfloat16 cta5 sequences", "int8", "int8 qk", "float8_e4m3fn",
+                                   "int8 widener", "int8 qk widener", "float8_e4m3fn widener", "bfloat16 two consumers",
+                                   "int8 qk two consumers", "int8 qk two consumers grid",
+                                   "float8_e4m3fn qk two consumers", "int8 fp16 queries"])
 def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
     """The kernel's pipeline, page gathers, splits, masking and scales run in Pallas's Mosaic GPU
     interpreter on CPU (its products as plain dots: the interpreter's wgmma takes no transposed
     operand): lengths of 0, partial pages, a sequence across both splits, NaN past each length;
     the reference's numbers (int8: against the dequantized cache). With two consumers a split's
     steps alternate between them (one sees none at length 17) and their reductions take turns:
-    the interpreter fails a barrier phase that no warpgroup waits for. `ctaN`: N persistent blocks
-    over the 16 (sequence, kv head, split) units, five or six each, empty ones among them, the ring
-    and the query slots running on from unit to unit; `sequences`: the units in sequence order."""
+    the interpreter fails a barrier phase that no warpgroup waits for. Three persistent blocks (as
+    on a GPU by default; `ctaN`: N) over the 16 (sequence, kv head, split) units, five or six each,
+    empty ones among them, the ring and the query slots running on from unit to unit; `grid`: a
+    block per unit; `sequences`: the units in sequence order. (The interpreter runs a block at a
+    time: three blocks take a third of the time sixteen do.)"""
     from jaxattn_ragged.kernel import merge_splits
     from jaxattn_ragged.mosaic_decode import mosaic_decode
 
@@ -203,7 +205,8 @@ def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
     out, lse = mosaic_decode(args["query"], args["key_pages"], args["value_pages"], args["kv_lengths"],
                              args["page_indices"], ks, vs, scale=64 ** -0.5, block_kv=64, splits=2,
                              quantized_qk=" qk" in pages, widener="widener" in pages, interpret=True,
-                             ctas=next((int(w[3:]) for w in pages.split() if w.startswith("cta")), None),
+                             ctas=None if "grid" in pages else next(
+                                 (int(w[3:]) for w in pages.split() if w.startswith("cta")), 3),
                              order="sequences" if "sequences" in pages else "heads",
                              **(dict(consumers=2, stages=4) if "two consumers" in pages else dict(stages=2)))
     out, lse = merge_splits(out, lse)
