@@ -47,7 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import mosaic_gpu, mosaic_interpret_kwargs, mosaic_load, mosaic_params, num_sms, ref_transpose
-from .mosaic_serves import ONE_BYTE, mosaic_reasons, padded_group, widener_fits
+from .mosaic_serves import ONE_BYTE, mosaic_reasons, padded_group, query_scale_row, widener_fits
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -438,10 +438,9 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
                                            produce(mine, my_scales, loads_q))
 
     page_dtype = k_pages.dtype
-    qs_row = -(-gn // 32) * 32
     scratch = [
         _swizzled(plgpu, (2, gn, d), q_cols.dtype),  # two units' queries: the next one's load runs ahead
-        plgpu.SMEM((2, qs_row), jnp.float32),  # rows of 128 bytes: a TMA copy's destination is 128-byte aligned
+        plgpu.SMEM((2, query_scale_row(group)), jnp.float32),  # two units' query scales
         _swizzled(plgpu, (stages, block_kv, d), page_dtype),
         _swizzled(plgpu, (stages, block_kv, dv), page_dtype),
         _swizzled(plgpu, (consumers, gn, block_kv), wide),

@@ -16,6 +16,12 @@ def padded_group(group: int) -> int:
     return max(8, -(-group // 8) * 8)
 
 
+def query_scale_row(group: int) -> int:
+    """Floats in a shared-memory row of one unit's query scales: the padded group rounded up to
+    32 (128 bytes), since each row is a TMA copy's destination, which must be 128-byte aligned."""
+    return -(-padded_group(group) // 32) * 32
+
+
 def smem_bytes(d: int, dv: int, group: int, block_kv: int, stages: int, page_itemsize: int,
                widen_keys: bool, widen_values: bool, q_itemsize: int = 2, widened_slots: int = 1,
                consumers: int = 1) -> int:
@@ -24,7 +30,7 @@ def smem_bytes(d: int, dv: int, group: int, block_kv: int, stages: int, page_ite
     slots of the widened tiles (`stages` with the widener warpgroup, else one per consumer);
     each consumer warpgroup has its own probabilities and output tiles; two units' queries."""
     gn = padded_group(group)
-    sizes = [2 * gn * d * q_itemsize, 2 * -(-gn // 32) * 32 * 4, stages * block_kv * d * page_itemsize,
+    sizes = [2 * gn * d * q_itemsize, 2 * query_scale_row(group) * 4, stages * block_kv * d * page_itemsize,
              stages * block_kv * dv * page_itemsize, consumers * gn * block_kv * 2, consumers * dv * gn * 4,
              consumers * gn * 4, 16, 16, 8 * stages, 8 * stages]
     widened_slots = max(widened_slots, consumers)
