@@ -384,12 +384,6 @@ def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     assert prepare({"gpu_backward": "triton"}).spec.mosaic_bwd is None
     # a bfloat16 soft-cap of 30 bounds exp2: no running max, unless the config keeps it
     assert call.mosaic.bounded_logits and not prepare({"mosaic_softcap_running_max": True}).mosaic.bounded_logits
-    # the FMA units' share of a capped tile's exp2: off by default, at most the key tile, a listed choice
-    assert call.mosaic.fma_exp2 == 0 and prepare({"mosaic_fma_exp2": 64}).mosaic.fma_exp2 == 64
-    with pytest.raises(ValueError, match=r"mosaic_fma_exp2 is at most the Mosaic forward's key tile \(64 here"):
-        prepare({"mosaic_fma_exp2": 128, "mosaic_block_kv": 64})
-    with pytest.raises(ValueError, match="mosaic_fma_exp2.* must be one of 0, 64, 128, 256, got 32"):
-        prepare({"mosaic_fma_exp2": 32})
     assert bspec.fused_dq == "split"  # head_dim 128: dq inside the dk/dv kernel
     q256 = jax.random.normal(jax.random.PRNGKey(2), (1, 256, 4, 256), jax.numpy.bfloat16)
     kv256 = jax.random.normal(jax.random.PRNGKey(3), (1, 256, 2, 256), jax.numpy.bfloat16)

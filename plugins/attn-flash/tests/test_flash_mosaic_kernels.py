@@ -265,9 +265,6 @@ LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
     "causal-softcap-bounded": dict(band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True),
     "window-guarded-softcap-bounded-sinks": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0,
                                                  bounded_logits=True, sinks=True),
-    # part or all of a capped tile's exp2 on the FMA units (fma_exp2.py)
-    "causal-softcap-bounded-fma64": dict(band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True, fma_exp2=64),
-    "window-guarded-softcap-fma128": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0, fma_exp2=128),
 }
 
 
@@ -325,7 +322,3 @@ def test_bounded_logits_need_a_soft_cap():
     with pytest.raises(ValueError, match="bounded_logits=True needs a soft_cap"):
         MosaicSpec(scale=0.1, band_lo=None, band_hi=0, bounded_logits=True)
     assert MosaicSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True).bounded_logits
-    with pytest.raises(ValueError, match="fma_exp2 is a multiple of 64 up to block_kv 128, got 96"):
-        MosaicSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, fma_exp2=96)
-    with pytest.raises(ValueError, match="fma_exp2 is a multiple of 64 up to block_kv 64, got 128"):
-        MosaicSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, block_kv=64, fma_exp2=128)

@@ -16,10 +16,7 @@ optional; None or absent = the measured default), validated before the kernels r
   deterministic; the default at head_dim 128 and 64) or "separate" (its own kernel, one writer
   per tile: deterministic)
 * soft-cap: `mosaic_softcap_running_max` (True: the Mosaic forward keeps a running max under a
-  soft-cap too; by default it skips it where `softcap_without_max` says the cap bounds exp2);
-  `mosaic_fma_exp2` (0 by default, 64, 128 or 256, at most the key tile): the last that many
-  key columns of each soft-capped tile take exp2 on the FMA units (`fma_exp2.py`), not on the
-  special-function unit that also takes every logit's tanh
+  soft-cap too; by default it skips it where `softcap_without_max` says the cap bounds exp2)
 * dk/dv launch order: `launch_passes_dkv` (1 to 8; see `launch_order.py`)
 * Mosaic launch order: `launch_cluster_fwd`, `launch_cluster_dkv` (1 to 64 (batch, head) groups
   launched together, heavy blocks first: `launch_order.clustered_order`; 1: the grid's order;
@@ -49,7 +46,6 @@ GPU_KERNELS = ("auto", "triton", "mosaic")
 MOSAIC_BLOCK_KV = (64, 128, 256)
 MOSAIC_BLOCK_KV_DQ = (64, 128)
 MOSAIC_DQ = ("separate", "split", "own")  # see mosaic_bwd_kernels.MosaicBwdSpec.fused_dq
-MOSAIC_FMA_EXP2 = (0, 64, 128, 256)  # key columns of a soft-capped tile whose exp2 runs on the FMA units
 
 
 @dataclass(frozen=True)
@@ -80,7 +76,6 @@ class FlashConfig(BackendConfig):
     mosaic_stages_bwd: int | None = None
     mosaic_dq: str | None = None
     mosaic_softcap_running_max: bool | None = None
-    mosaic_fma_exp2: int | None = None
 
     def __post_init__(self) -> None:
         for kernel in KERNELS:
@@ -104,7 +99,6 @@ class FlashConfig(BackendConfig):
         self.check_int("mosaic_stages_bwd", minimum=2, maximum=4)
         self.check_choice("mosaic_dq", MOSAIC_DQ)
         self.check_choice("mosaic_softcap_running_max", (True, False))
-        self.check_choice("mosaic_fma_exp2", MOSAIC_FMA_EXP2)
 
 
 KEYS = frozenset(FlashConfig.keys())
@@ -292,18 +286,6 @@ def mosaic_dkv_cluster(config: Mapping[str, Any], group: int, parts: MaskParts, 
         return 1
     grouped_causal = group > 1 and heavy_first(parts.band_lo, parts.band_hi, parts.chunk_size)
     return MOSAIC_DKV_CLUSTER_GROUPED_CAUSAL if grouped_causal else 1
-
-
-def mosaic_fma_exp2(config: Mapping[str, Any], soft_cap: float | None, block_kv: int) -> int:
-    """Key columns of each soft-capped Mosaic forward tile whose exp2 runs on the FMA units
-    (`mosaic_fma_exp2`; 0 without a soft-cap); ValueError where it passes the key tile."""
-    cols = validate(config).mosaic_fma_exp2 or 0
-    if soft_cap is None:
-        return 0
-    if cols > block_kv:
-        raise ValueError(f"flash config: mosaic_fma_exp2 is at most the Mosaic forward's key tile ({block_kv} "
-                         f"here, mosaic_block_kv), got {cols}")
-    return cols
 
 
 def softcap_without_max(config: Mapping[str, Any], soft_cap: float | None, dtype: Any, kv_len: int) -> bool:

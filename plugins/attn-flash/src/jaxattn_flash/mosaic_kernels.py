@@ -48,9 +48,7 @@ logits lie within ±c, so where exp2 of ±c·log2(e) summed over the keys stays 
 and bfloat16 (`bounded_logits`, config.softcap_without_max), p = exp2(logit) needs no running max:
 no row max, no rescale of the accumulator (tokamax's SM90 kernel skips it the same way); a
 sink logit per query head joins each row's normalizer after the loop, as in the Triton
-forward (a row without keys stays out 0, lse -inf). Each capped logit takes the special-function
-unit twice (tanh, exp2); `fma_exp2` moves the exp2 of a tile's last key columns to the FMA units
-(`fma_exp2.py`), their probabilities then entering P·V as a second product over those keys.
+forward (a row without keys stays out 0, lse -inf).
 
 Per-batch sequence lengths (`q_lengths`, `kv_lengths`: int32 `[B]`, read as scalars in the
 kernel) stop a block's key range at the row's last key (that tile becomes a partial one) and
@@ -75,7 +73,6 @@ from jax.experimental import pallas as pl
 
 from ._compat import mosaic_gpu, mosaic_load, mosaic_params, ref_transpose
 from .config import heavy_first
-from .fma_exp2 import exp2_fma
 from .launch_order import clustered_ids
 from .mosaic_segments import (
     clip_full,
@@ -118,14 +115,10 @@ class MosaicSpec:
     segments: bool = False  # query and key segment ids: a query sees the keys of its own segment only
     cluster: int = 0  # > 1: launch this many (batch, head) groups at a time, heavy blocks first (launch_order)
     bounded_logits: bool = False  # soft-capped logits bound exp2: no running max (config.softcap_without_max)
-    fma_exp2: int = 0  # soft-cap: the last this many keys of a tile take exp2 on the FMA units (fma_exp2.py)
 
     def __post_init__(self) -> None:
         if self.bounded_logits and self.soft_cap is None:  # only a cap bounds the logits
             raise ValueError("MosaicSpec: bounded_logits=True needs a soft_cap")
-        if self.fma_exp2 % 64 or not 0 <= self.fma_exp2 <= self.block_kv:
-            raise ValueError(f"MosaicSpec: fma_exp2 is a multiple of 64 up to block_kv {self.block_kv}, "
-                             f"got {self.fma_exp2}")
 
     @property
     def rows(self) -> int:
@@ -134,17 +127,6 @@ class MosaicSpec:
 
 def _i32(x):
     return jnp.asarray(x, jnp.int32)
-
-
-def soft_capped_exp2(z, mufu_cols: int) -> tuple:
-    """exp2 of a tile of capped logits, as its column ranges: the first `mufu_cols` key columns on
-    the special-function unit (ex2), the rest on the FMA units (`fma_exp2`), so the tanh of every
-    logit and this exp2 share two kinds of units."""
-    if mufu_cols == z.shape[1]:
-        return (jnp.exp2(z),)
-    if mufu_cols == 0:
-        return (exp2_fma(z),)
-    return jnp.exp2(z[:, :mufu_cols]), exp2_fma(z[:, mufu_cols:])
 
 
 def _div(a, b: int):
@@ -411,25 +393,23 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     if ok is not None:
                         s = jnp.where(ok, s, -jnp.inf)
                     m_new = jnp.maximum(m, s.max(axis=1) * c)
-                    parts = (jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0])),)
+                    p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 else:  # logits in log2 units: c·tanh(s·scale/c)·log2(e)
                     z = jnp.tanh(s * (spec.scale / spec.soft_cap)) * (spec.soft_cap * LOG2E)
                     if ok is not None:
                         z = jnp.where(ok, z, -jnp.inf)
                     if spec.bounded_logits:  # |z| <= c·log2(e): exp2(z) neither overflows nor flushes
-                        m_new = m
+                        m_new, p = m, jnp.exp2(z)
                     else:
                         m_new = jnp.maximum(m, z.max(axis=1))
-                        z = z - lax.broadcast_in_dim(m_new, z.shape, [0])
-                    parts = soft_capped_exp2(z, bk - spec.fma_exp2)  # p, by key column ranges
-                row_sum = functools.reduce(lambda a, b: a + b, [x.sum(axis=1) for x in parts])
+                        p = jnp.exp2(z - lax.broadcast_in_dim(m_new, z.shape, [0]))
                 if spec.bounded_logits:  # the max stays 0: nothing to rescale
-                    l = l + row_sum
+                    l = l + p.sum(axis=1)
                 else:
                     alpha = jnp.exp2(m - m_new)
-                    l = l * alpha + row_sum
+                    l = l * alpha + p.sum(axis=1)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                p16 = tuple(x.astype(dtype) for x in parts)
+                p16 = p.astype(dtype)
                 if spec.fence:
                     acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
                 plgpu.barrier_wait(v_bar.at[slot])
@@ -439,12 +419,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     _named_barrier(plgpu, "sync", own=True)
 
                 def pv(acc_ref):
-                    if len(p16) == 1:
-                        plgpu.wgmma(acc_ref, p16[0], v_smem.at[slot])
-                    else:  # a product per column range of the probabilities, over those keys' values
-                        k0 = p16[0].shape[1]
-                        plgpu.wgmma(acc_ref, p16[0], v_smem.at[slot, pl.ds(0, k0)])
-                        plgpu.wgmma(acc_ref, p16[1], v_smem.at[slot, pl.ds(k0, bk - k0)])
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
 
                     @pl.when(ki + 1 < ub)
                     def _():
