@@ -203,3 +203,22 @@ def test_int8_dots_keep_a_nan_query_in_its_row(dots):
     nan_rows = np.isnan(out).any(-1)
     nan_rows[1, 2] = False
     assert not nan_rows.any()
+
+
+def test_int8_rows_scales_and_non_finite_rows():
+    """`_int8_rows` (the int8 products' row quantizer, in the kernels and before the Mosaic decode
+    kernel): rows round to nearest at max|row| / 127, an all-zero row gets scale 1, and a row
+    holding a NaN, +inf or -inf gets a NaN scale, so its products stay NaN."""
+    from jaxattn_ragged.kernel import _int8_rows
+
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (6, 32), jnp.float32)) * 5.0
+    x[1] = 0.0
+    x[2, 7], x[3, 0], x[4, 31] = np.nan, np.inf, -np.inf
+    q, scale = (np.asarray(a) for a in _int8_rows(jnp.asarray(x)))
+    assert q.dtype == np.int8 and scale.dtype == np.float32
+    for r in (0, 5):
+        np.testing.assert_allclose(scale[r], np.abs(x[r]).max() / 127.0, rtol=1e-6)
+        np.testing.assert_array_equal(q[r], np.round(x[r] / scale[r]).astype(np.int8))
+        assert np.abs(q[r]).max() == 127
+    assert scale[1] == 1.0 and not q[1].any()
+    assert np.isnan(scale[2:5]).all()

@@ -300,9 +300,10 @@ def _int8_rows(x):
     that the product's row is NaN as the widened path's would be (a GPU max skips NaN, and the
     int8 of NaN is 0: without this the value would vanish)."""
     x = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x), axis=1)
-    finite = jnp.min(jnp.where(jnp.abs(x) < jnp.inf, 1.0, 0.0), axis=1) > 0.0  # False for NaN and +-inf
-    scale = jnp.where(finite, jnp.where(amax > 0.0, amax / 127.0, 1.0), jnp.nan)
+    # one reduction: a NaN or an infinity counts as +inf (a NaN compares false), so amax is
+    # finite exactly where the row is
+    amax = jnp.max(jnp.where(jnp.abs(x) < jnp.inf, jnp.abs(x), jnp.inf), axis=1)
+    scale = jnp.where(amax < jnp.inf, jnp.where(amax > 0.0, amax / 127.0, 1.0), jnp.nan)
     y = x / scale[:, None]
     y = y + jnp.where(y >= 0.0, 0.5, -0.5)  # then truncation toward zero rounds to nearest
     return y.astype(jnp.int32).astype(jnp.int8), scale

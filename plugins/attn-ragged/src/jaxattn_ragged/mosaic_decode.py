@@ -142,30 +142,33 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     steps_per_split = math.ceil(math.ceil(max_pages / pages_per_step) / splits)
     c = scale * LOG2E
 
-    q_cols = jnp.zeros((b, hkv, gn, d), dtype).at[:, :, :group].set(q.reshape(b, hkv, group, d))
+    # The queries per head first (quantized, or shifted into float16), then their kv head's group
+    # padded to gn columns (zero rows, scale 1): each step reads q once, in one fusion.
+    q_rows = q.reshape(b, hkv, group, d)
     if quantized_qk and int8_pages:  # per query head, as the Triton kernel's int8_dots: the logits' columns
         from .kernel import _int8_rows  # carry its scale (and c)
 
-        q_int, q_scale = _int8_rows(q_cols.reshape(-1, d))
-        q_cols, col_scale = q_int.reshape(q_cols.shape), q_scale.reshape(b, hkv, gn) * c
+        q_int, q_scale = _int8_rows(q_rows.reshape(-1, d))
+        q_rows, q_scale = q_int.reshape(q_rows.shape), q_scale.reshape(b, hkv, group)
     elif quantized_qk:
         from jaxattn import quantize_kv
 
-        q_cols, q_scale = quantize_kv(q_cols, k_pages.dtype)
-        col_scale = q_scale * c
+        q_rows, q_scale = quantize_kv(q_rows, k_pages.dtype)
+    elif wide != dtype:
+        q_rows, q_scale = f16_operands(q_rows)
     else:
-        col_scale = jnp.full((b, hkv, gn), c, jnp.float32)
-    if wide != q_cols.dtype and not quantized_qk:
-        q_cols, shift = f16_operands(q_cols)
-        col_scale = col_scale * shift
+        q_scale = jnp.ones((b, hkv, group), jnp.float32)
+    pad = ((0, 0), (0, 0), (0, gn - group))
+    q_cols = jnp.pad(q_rows, (*pad, (0, 0)))
+    col_scale = jnp.pad(q_scale, pad, constant_values=1.0) * c
     args = [q_cols, col_scale, k_pages, v_pages, kv_lengths.astype(jnp.int32), page_table.astype(jnp.int32)]
     names = ["q", "qs", "k", "v", "lens", "table"]
     if quant:  # each sequence's scales in token order, one step's a contiguous TMA box: [B, Hkv, tokens]
         tokens = steps_per_split * splits * block_kv
-        safe_table = jnp.clip(page_table, 0, num_pages - 1)
 
-        def in_token_order(s):
-            s = jnp.broadcast_to(s, (num_pages, ps, hkv)).astype(jnp.float32)[safe_table]  # [B, pages, ps, Hkv]
+        def in_token_order(s):  # (a gather clamps its indices itself: no pass over the table before it)
+            s = jnp.take(jnp.broadcast_to(s, (num_pages, ps, hkv)).astype(jnp.float32), page_table, axis=0,
+                         mode="clip")  # [B, pages, ps, Hkv]
             s = s.reshape(b, max_pages * ps, hkv).transpose(0, 2, 1)
             return jnp.pad(s, ((0, 0), (0, 0), (0, tokens - max_pages * ps)))
 
