@@ -20,8 +20,9 @@ that hold a visible pair, applying the mask only on the partial tiles.
   reads a transposed A only from there) and adds dSᵀ·K into a zero-initialised float32 dq
   with a TMA reduction per tile pair: 5 matrix products per pair instead of 7 and no dq
   kernel, but float32 sums in arrival order (not bitwise deterministic; the dq kernel, where
-  each output tile has one writer, is). The buffer is a mutable ref (`jax.new_ref`) that the
-  kernel writes in place under `pl.core_map`, which exists only under jit.
+  each output tile has one writer, is). The buffer is a mutable ref (`jax.new_ref`, which exists only
+  under jit) that the kernel closes over and adds into in place; its other inputs are plain
+  operands and dk, dv plain outputs.
 
 The inputs follow the Triton backward's conventions (`triton_vjp._flash_bwd`): lse₂ is
 the lse in base 2, +inf on rows without keys (every probability 0), NaN on a row that
@@ -66,7 +67,7 @@ from .mosaic_kernels import (
     full_key_tiles,
     key_tiles,
     launch,
-    launch_on_refs,
+    launch_closing_over_refs,
     visible,
 )
 from .mosaic_segments import (
@@ -463,21 +464,26 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
         *(segment_scratch(plgpu, CONSUMERS, bk, bq, stages) if spec.segments else ()),
     )
     grid = {"b": b, "h": hkv, "k": nkb}
+    out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
+    args = (q, k, v, do, lse2, delta, *extra)
     if not fused:
-        out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
-        return launch(plgpu, kernel, out_type, scratch, grid)(q, k, v, do, lse2, delta, *extra)
+        return launch(plgpu, kernel, out_type, scratch, grid)(*args)
     scratch += (
         _swizzled(plgpu, (2, CONSUMERS, bk, bq), dtype),  # dSᵀ of each consumer, two tiles deep
         _swizzled(plgpu, (CONSUMERS, bq, dq_cols), jnp.float32),  # the dQ part a consumer adds
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2),  # both halves of dS are stored
         plgpu.Barrier(num_arrivals=CONSUMERS),  # both consumers are done with K
     )
-    refs = [gmem_ref(plgpu, x) for x in (q, k, v, do, lse2, delta, *extra)]
-    outs = [gmem_ref(plgpu, jnp.zeros(shape, dt))
-            for shape, dt in ((q.shape, jnp.float32), (k.shape, dtype), (v.shape, dtype))]
-    launch_on_refs(plgpu, kernel, [*refs, *outs], scratch, grid)
-    dq_sum, dk, dv = (r[...] for r in outs)
-    return (dq_sum * spec.scale).astype(dtype), dk, dv
+    # Only dq is a mutable ref (zeros the TMA reductions add into), closed over by the kernel; the
+    # inputs stay plain operands and dk, dv plain outputs: a ref of every input (the earlier form)
+    # cost copies, 2% of fwd+bwd at (4, 4096, 32/8, 128) on an H200 (BENCHMARKS.md).
+    dq_sum = gmem_ref(plgpu, jnp.zeros(q.shape, jnp.float32))
+
+    def with_dq(*refs):
+        kernel(*refs[:len(names)], dq_sum, *refs[len(names):])
+
+    dk, dv = launch_closing_over_refs(plgpu, with_dq, out_type, scratch, grid)(*args)
+    return (dq_sum[...] * spec.scale).astype(dtype), dk, dv
 
 
 _dkdv_jit = jax.jit(_dkdv, static_argnums=0)

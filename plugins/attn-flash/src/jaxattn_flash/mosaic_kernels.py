@@ -268,15 +268,17 @@ def launch(plgpu, body, out_type, scratch, grid: dict[str, int]):
                         compiler_params=mosaic_params(plgpu))
 
 
-def launch_on_refs(plgpu, body, refs, scratch, grid: dict[str, int]) -> None:
-    """`body(*refs, *scratch)` as `launch` runs it, for kernels that write into `refs` in place
-    (`gmem_ref` arrays): a zero-initialised buffer that TMA reductions add into has no other form."""
+def launch_closing_over_refs(plgpu, body, out_type, scratch, grid: dict[str, int]):
+    """`launch` for a body that closes over mutable global-memory refs (`gmem_ref`: the fused
+    backward's dq sum), which Pallas's `pl.kernel` aliases in and out of the kernel (`plgpu.kernel`'s
+    batching wrapper cannot trace a closed-over ref on jax 0.10)."""
     mesh = plgpu.Mesh(grid=tuple(grid.values()), grid_names=tuple(grid), num_threads=CONSUMERS + 1,
                       thread_name="wg")
 
-    @pl.core_map(mesh, compiler_params=mosaic_params(plgpu))
-    def _():
+    def scoped(*refs):
         pl.run_scoped(functools.partial(body, *refs), *scratch, collective_axes="wg")
+
+    return pl.kernel(scoped, out_type=out_type, mesh=mesh, compiler_params=mosaic_params(plgpu))
 
 
 def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=None, q_seg=None, kv_seg=None,
