@@ -14,9 +14,9 @@ forward only (the backward's orders stay), then the compiled forms are timed in 
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,9 @@ import numpy as np
 import jaxattn
 from jaxattn import ChunkedCausalMask, OperationMetadata
 from jaxattn_flash import mosaic_kernels
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_flash import round_timer  # noqa: E402
 
 b, s, hq, hkv, d = 1, 32768, 32, 8, 128
 MASKS = {"window 4096": dict(is_causal=True, sliding_window=4096), "chunked 8192": dict(mask=ChunkedCausalMask(8192))}
@@ -59,15 +62,11 @@ for mask_name, kw in MASKS.items():
         diff = float(np.abs(np.asarray(fns[(form, "fwd")](q, k, v), np.float32) - base).max())
         print(f"{mask_name}: {form}: forward's largest difference from the default {diff:.1e}; "
               f"its own program: {form == 'default' or texts[form] != texts['default']}", flush=True)
+    timers = {f: round_timer(fn, q, k, v, n=5)[0] for f, fn in fns.items()}
     times = {f: [] for f in fns}
-    for _ in range(rounds):
-        for f, fn in fns.items():
-            jax.block_until_ready(fn(q, k, v))
-            t0 = time.perf_counter()
-            for _ in range(5):
-                out = fn(q, k, v)
-            jax.block_until_ready(out)
-            times[f].append((time.perf_counter() - t0) / 5)
+    for _ in range(rounds):  # alternated: each round times every form once
+        for f, once in timers.items():
+            times[f].append(once())
     for (form, kind), t in times.items():
         print(f"{mask_name:13s} {kind:8s} {form:26s} {statistics.median(t) * 1e3:8.3f} ms ({min(t) * 1e3:.3f})",
               flush=True)
