@@ -309,6 +309,11 @@ def _int8_rows(x):
     return y.astype(jnp.int32).astype(jnp.int8), scale
 
 
+def target_programs(cfg: KernelConfig, blocks_per_sm: int) -> int:
+    """The CUDA blocks a launch aims at: `cfg.target_programs`, else `blocks_per_sm` per SM."""
+    return cfg.target_programs or blocks_per_sm * num_sms()
+
+
 def choose_splits(items: int, kv_heads: int, max_steps: int, cfg: KernelConfig, *, blocks_per_sm: int = 4,
                   round_down: bool = False) -> int:
     """KV splits of each (item, kv head): `cfg.num_splits` where set, else enough programs to reach
@@ -317,7 +322,7 @@ def choose_splits(items: int, kv_heads: int, max_steps: int, cfg: KernelConfig, 
     `MIN_STEPS_PER_SPLIT` steps beyond the first 4, never more splits than steps."""
     if cfg.num_splits > 0:
         return max(1, min(cfg.num_splits, max_steps))
-    target = cfg.target_programs or blocks_per_sm * num_sms()
+    target = target_programs(cfg, blocks_per_sm)
     programs = items * kv_heads
     if programs >= target:
         return 1

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ._compat import mosaic_gpu, mosaic_interpret_kwargs, mosaic_load, mosaic_params, num_sms, ref_transpose
+from ._compat import mosaic_gpu, mosaic_interpret_kwargs, mosaic_load, mosaic_params, ref_transpose
 from .mosaic_serves import ONE_BYTE, mosaic_reasons, padded_group, query_scale_row, widener_fits
 
 LOG2E = math.log2(math.e)
@@ -521,7 +521,7 @@ def mosaic_paged_decode(query, key_pages, value_pages, kv_lengths, page_table, *
     `target_programs` as the Triton kernel reads them, the automatic split by `one_wave_splits`; as
     many persistent blocks as `target_programs` (default: one per SM) where the units outnumber
     them (BENCHMARKS.md "Persistent blocks": 9% faster for int8 pages at 64 x 4096)."""
-    from .kernel import DECODE_CONFIG, merge_splits
+    from .kernel import DECODE_CONFIG, merge_splits, target_programs
 
     config = config or DECODE_CONFIG
     block_kv = config.block_kv
@@ -541,6 +541,6 @@ def mosaic_paged_decode(query, key_pages, value_pages, kv_lengths, page_table, *
                and widener_fits(query.shape[-1], query.shape[1] // hkv, block_kv, config.num_stages, True))
     out, lse = mosaic_decode(query, key_pages, value_pages, kv_lengths, page_table, k_scale, v_scale, scale=scale,
                              block_kv=block_kv, stages=config.num_stages, splits=splits, quantized_qk=quantized_qk,
-                             widener=widener, consumers=consumers, ctas=config.target_programs or num_sms())
+                             widener=widener, consumers=consumers, ctas=target_programs(config, 1))
     out, lse = merge_splits(out, lse)
     return out.astype(query.dtype), lse.T
