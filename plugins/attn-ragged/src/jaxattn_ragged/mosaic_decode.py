@@ -142,8 +142,8 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     steps_per_split = math.ceil(math.ceil(max_pages / pages_per_step) / splits)
     c = scale * LOG2E
 
-    # The queries per head first (quantized, or shifted into float16), then their kv head's group
-    # padded to gn columns (zero rows, scale 1): each step reads q once, in one fusion.
+    # The queries per head first (quantized, or shifted into float16), then each kv head's group
+    # padded to gn columns (zero rows, scale 1): XLA makes one reduction over q and one pass after it.
     q_rows = q.reshape(b, hkv, group, d)
     if quantized_qk and int8_pages:  # per query head, as the Triton kernel's int8_dots: the logits' columns
         from .kernel import _int8_rows  # carry its scale (and c)
@@ -479,11 +479,11 @@ def mosaic_decode(q, k_pages, v_pages, kv_lengths, page_table, k_scale=None, v_s
     return out, lse[:, :, :, :group].reshape(parts, b, hq)
 
 
-def f16_operands(q_cols):
+def f16_operands(q_rows):
     """Queries as float16 for float8 pages' float16 products: each query head's row over a power
     of two that puts its largest magnitude in [2^13, 2^14) (exact, far from float16's 65504
     and its subnormals); returns (rows, the powers of two `[B, Hkv, G]` that undo it)."""
-    x = q_cols.astype(jnp.float32)
+    x = q_rows.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=-1)
     shift = jnp.exp2(jnp.where(amax > 0, jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))) - 13, 0.0))
     return (x / shift[..., None]).astype(jnp.float16), shift
