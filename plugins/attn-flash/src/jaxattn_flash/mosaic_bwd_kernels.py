@@ -295,7 +295,7 @@ def mosaic_dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_s
 
 def _fused(spec: MosaicBwdSpec, *args):
     """The fused form: jitted (its dq buffer is a mutable ref, which exists only under jit), and
-    under vmap the mapped axis joins the batch axis (`core_map` has no batching rule)."""
+    under vmap the mapped axis joins the batch axis (the kernel that closes over the buffer has no batching rule)."""
 
     @jax.custom_batching.custom_vmap
     def run(*args):
