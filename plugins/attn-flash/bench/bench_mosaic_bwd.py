@@ -7,6 +7,8 @@
                                                  # and with the running max), sinks, window 4096,
                                                  # chunked 8192; fwd and fwd+bwd, beside cuDNN and
                                                  # tokamax where they take the row
+    python3 bench/bench_mosaic_bwd.py alone [ROWS]  # the features rows' backward alone, Triton vs Mosaic
+                                                 # (ROWS: comma-separated names, e.g. "window 4096")
     python3 bench/bench_mosaic_bwd.py nonfinite  # NaN/inf values: gradients' finiteness vs xla per mosaic_dq
 
 A second argument names the backwards of `check` and `table` (comma-separated keys of BACKWARDS).
@@ -29,7 +31,7 @@ import jaxattn
 from jaxattn import ChunkedCausalMask, OperationMetadata
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_flash import SHAPES, inputs, log, rel, timeit  # noqa: E402
+from bench_flash import SHAPES, inputs, log, rel, round_timer, timeit  # noqa: E402
 
 BACKWARDS = {
     "triton": {"gpu_backward": "triton"},
@@ -149,15 +151,16 @@ def table(shapes=SHAPES):
             log(f"{shape} causal={causal}: " + "  ".join(f"{n} {t:.0f}" for n, t in row))
 
 
-def features():
-    shape = (1, 32768, 32, 8, 128)
-    b, s, hq, _, d = shape
-    q, k, v, do = inputs(shape)
+FEATURE_SHAPE = (1, 32768, 32, 8, 128)  # issue 22's features row
+
+
+def feature_rows(s: int, hq: int) -> dict:
+    """name: (attention kwargs, visible pairs, cuDNN kwargs or None, tokamax kwargs or None)."""
     sinks = jax.random.normal(jax.random.key(5), (hq,), jnp.float32)
     causal = causal_pairs(s)
     window = {"is_causal": True, "local_window_size": (4095, 0)}
     capped = {"is_causal": True, "logits_soft_cap": 50.0}
-    rows = {  # name: (attention kwargs, visible pairs, cuDNN kwargs or None, tokamax kwargs or None)
+    return {
         "causal": ({"is_causal": True}, causal, {"is_causal": True}, {"is_causal": True}),
         "soft-cap 50": (capped, causal, None, capped),
         "soft-cap 50, running max": (capped, causal, None, None),  # the forward as before 2026-12-01
@@ -166,7 +169,12 @@ def features():
         # neither peer has a chunked mask (a dense [S, S] mask skips no tile)
         "chunked 8192": ({"mask": ChunkedCausalMask(8192)}, causal_pairs(s, chunk=8192), None, None),
     }
-    for name, (kw, pairs, cudnn_kw, tokamax_kw) in rows.items():
+
+
+def features():
+    b, s, hq, _, d = FEATURE_SHAPE
+    q, k, v, do = inputs(FEATURE_SHAPE)
+    for name, (kw, pairs, cudnn_kw, tokamax_kw) in feature_rows(s, hq).items():
         flops = 4 * b * hq * pairs * d
         row = []
         extra = {"mosaic_softcap_running_max": True} if name.endswith("running max") else {}
@@ -193,6 +201,38 @@ def features():
                 if timed is not None:
                     row.append((label, factor * flops / timed[0] / 1e12))
         log(f"{name}: " + "  ".join(f"{n} {t:.0f}" for n, t in row))
+
+
+def backward_alone(shape=FEATURE_SHAPE, names=None, rounds=5):
+    """Issue 22's "1.3x its Triton backward", measured on the backward: each backward's pullback
+    timed alone over residuals its forward made once (the forward is flash's default in both, so
+    fwd+bwd figures dilute the ratio with a shared forward), the two in alternated rounds; ms
+    median (best) and Triton over Mosaic. `names`: rows of `feature_rows` (default: all)."""
+    import statistics
+
+    b, s, hq, _, d = shape
+    q, k, v, do = inputs(shape)
+    rows = feature_rows(s, hq)
+    for name in names or list(rows):
+        kw = rows[name][0]
+        extra = {"mosaic_softcap_running_max": True} if name.endswith("running max") else {}
+        timers = {}
+        for label in ("triton", "mosaic"):
+            md = OperationMetadata(operation_configs={"flash": {**BACKWARDS[label], **extra}})
+            _, pull = jax.vjp(lambda q, k, v, md=md, kw=kw: jaxattn.attention(
+                q, k, v, backend="flash", metadata=md, **kw), q, k, v)
+            timers[label] = attempt(f"{name} {label}", lambda pull=pull: round_timer(
+                jax.jit(lambda pull, do: pull(do)), pull, do, n=5))
+        if any(t is None for t in timers.values()):
+            continue
+        times = {label: [] for label in timers}
+        for _ in range(rounds):
+            for label, (once, _out) in timers.items():
+                times[label].append(once())
+        med = {label: statistics.median(t) for label, t in times.items()}
+        log(f"{name}: backward alone, ms median (best): " + "  ".join(
+            f"{label} {med[label] * 1e3:.3f} ({min(times[label]) * 1e3:.3f})" for label in times)
+            + f"  triton/mosaic {med['triton'] / med['mosaic']:.2f}x")
 
 
 def nonfinite():
@@ -229,4 +269,5 @@ def nonfinite():
 
 if __name__ == "__main__":
     {"check": check, "table": table, "features": features, "nonfinite": nonfinite,
-     "wide": lambda: table(WIDE_SHAPES)}[sys.argv[1]]()
+     "wide": lambda: table(WIDE_SHAPES),
+     "alone": lambda: backward_alone(names=sys.argv[2].split(",") if len(sys.argv) > 2 else None)}[sys.argv[1]]()
