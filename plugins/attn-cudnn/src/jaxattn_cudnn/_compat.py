@@ -53,20 +53,6 @@ def mask_value(dtype: Any) -> float:
     return _MASK_VALUE.get(jnp.dtype(dtype).name, -float(2 << 40))
 
 
-def cudnn_version_of_jax() -> int | None:
-    """The cuDNN version JAX loaded (9.8.0 -> 90800), or None without one (CPU jaxlib)."""
-    try:
-        from jax._src.lib import cuda_versions
-    except ImportError:
-        return None
-    if cuda_versions is None:
-        return None
-    try:
-        return int(cuda_versions.cudnn_get_version())
-    except Exception:  # noqa: BLE001 - no cuDNN loaded is an answer, not an error
-        return None
-
-
 def fused_attention(
     query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array | None,
     q_seqlen: jax.Array | None, kv_seqlen: jax.Array | None, *, scale: float, causal: bool,
@@ -114,6 +100,6 @@ def public_cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array, *
 
 
 __all__ = [
-    "CAUSAL_ALIGNMENT", "HAS_PRIVATE_API", "cudnn_version_of_jax", "fused_attention",
+    "CAUSAL_ALIGNMENT", "HAS_PRIVATE_API", "fused_attention",
     "mask_value", "public_cudnn_attention",
 ]
