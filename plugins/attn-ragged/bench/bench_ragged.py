@@ -340,19 +340,21 @@ def _verdict(bar, ok):
     return "no bar" if bar is None else f"bar {bar}x: {'pass' if ok else 'FAIL'}"
 
 
-def bench_quant(tune=False, final=False):
+def bench_quant(tune=False, final=False, page_size=16):
     """Decode (32 x 8192, 64 x 4096, 1 x 131072) and a ragged mix, bf16 vs int8 vs fp8 pages (32 q / 8 kv
-    heads, head_dim 128, pages of 16), beside cuDNN on a dense bf16 cache. `final`: only the
-    backend's default, the Triton kernel's, its int8 products and the Mosaic kernel at 2 stages
-    (bf16's best) for decode."""
+    heads, head_dim 128, pages of `page_size` for decode, 16 for the mix), beside cuDNN on a dense
+    bf16 cache. `final`: only the backend's default, the Triton kernel's, its int8 products and the
+    Mosaic kernel at 2 stages (bf16's best) for decode. Larger pages ask whether one-byte decode is
+    bound by its copies: the Mosaic kernel issues one TMA copy per page, kv head and K or V, and a
+    page of 16 one-byte tokens is 2 KB."""
     default = BACKEND_DEFAULT
     shapes = [(2, 64), (2, 32), (1, 256)] if SMOKE else [(32, 8192), (64, 4096), (1, 131072)]
     for i, (b, kv) in enumerate(shapes):
         key = jax.random.PRNGKey(b * 7 + kv)
-        kp, vp, table = make_cache(key, [kv] * b, 16)
+        kp, vp, table = make_cache(key, [kv] * b, page_size)
         q = jax.random.normal(jax.random.fold_in(key, 1), (b, HQ, D), jnp.float32).astype(DT)
         lens = jnp.asarray([kv] * b, jnp.int32)
-        shape = f"decode (b={b}, kv={kv}, ps=16)"
+        shape = f"decode (b={b}, kv={kv}, ps={page_size})"
         variants = {"": {}, **INT8_DOTS, **({} if SMOKE else MOSAIC),
                     **(QUANT_VARIANTS if (tune or i == 0) and not SMOKE else {})}
         if final:
@@ -408,6 +410,7 @@ def main():
     ap.add_argument("--sections", default="decode,long,ragged,pages",
                     help="comma-separated: decode, long, ragged, pages, quant (bf16 vs int8 vs fp8 pages)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, Pallas interpreter (CPU check)")
+    ap.add_argument("--page-size", type=int, default=16, help="the quant section's decode pages (default 16)")
     args = ap.parse_args()
     global SMOKE
     SMOKE = args.smoke
@@ -456,7 +459,7 @@ def main():
         else:
             bench_ragged(cfgs(RAGGED_CONFIG, rag_var), DECODE_CONFIG)
     if "quant" in sections:
-        bench_quant(tune=args.tune, final=args.final)
+        bench_quant(tune=args.tune, final=args.final, page_size=args.page_size)
     if args.json is None and os.environ.get("OUT"):
         args.json = os.path.join(os.environ["OUT"], f"bench_ragged_{'_'.join(sections)}.json")
     if args.json:

@@ -21,13 +21,15 @@ from jaxattn_ragged._testing import assert_close, paged_problem, reference, run_
                                    "float8_e4m3fn two consumers",
                                    "bfloat16 one producer warp", "float8_e4m3fn widener one producer warp",
                                    "float8_e4m3fn qk two consumers", "float8_e4m3fn qk widener",
-                                   "int8 fp16 queries", "float8_e4m3fn qk fp16 queries"])
+                                   "int8 fp16 queries", "float8_e4m3fn qk fp16 queries",
+                                   "int8 qk two consumers ps64"])
 def test_mosaic_decode_lowers_for_cuda_without_a_gpu(pages):
     from jax import export
 
     from jaxattn_ragged.mosaic_decode import mosaic_decode
 
-    b, hq, hkv, d, ps, max_pages = 2, 8, 2, 128, 16, 32
+    b, hq, hkv, d, max_pages = 2, 8, 2, 128, 32
+    ps = _page_size(pages)  # 64: two pages a step, so two of the four producer warps copy only scales
     q = jax.ShapeDtypeStruct((b, hq, d), jnp.float16 if "fp16 queries" in pages else jnp.bfloat16)
     cache = jax.ShapeDtypeStruct((b * max_pages, ps, hkv, d), jnp.dtype(pages.split()[0]))
     scales = jax.ShapeDtypeStruct((b * max_pages, ps, hkv), jnp.float32) if "bfloat16" not in pages else None
@@ -177,7 +179,8 @@ def _past_lengths_poisoned(args, k_scale=None, v_scale=None):
 @pytest.mark.parametrize("pages", ["bfloat16 grid", "bfloat16 cta5 sequences", "int8", "int8 qk", "float8_e4m3fn",
                                    "int8 widener", "int8 qk widener", "float8_e4m3fn widener", "bfloat16 two consumers",
                                    "int8 qk two consumers", "int8 qk two consumers grid",
-                                   "float8_e4m3fn qk two consumers", "int8 fp16 queries"])
+                                   "float8_e4m3fn qk two consumers", "int8 fp16 queries",
+                                   "int8 qk two consumers ps32"])
 def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
     """The kernel's pipeline, page gathers, splits, masking and scales run in Pallas's Mosaic GPU
     interpreter on CPU (its products as plain dots: the interpreter's wgmma takes no transposed
@@ -187,13 +190,14 @@ def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
     the interpreter fails a barrier phase that no warpgroup waits for. Three persistent blocks (as
     on a GPU by default; `ctaN`: N) over the 16 (sequence, kv head, split) units, five or six each,
     empty ones among them, the ring and the query slots running on from unit to unit; `grid`: a
-    block per unit; `sequences`: the units in sequence order. (The interpreter runs a block at a
-    time: three blocks take a third of the time sixteen do.)"""
+    block per unit; `sequences`: the units in sequence order; `ps32`: pages of 32 (two a step,
+    of 64 keys), else 16. (The interpreter runs a block at a time: three blocks take a third of
+    the time sixteen do.)"""
     from jaxattn_ragged.kernel import merge_splits
     from jaxattn_ragged.mosaic_decode import mosaic_decode
 
     q_dtype = jnp.float16 if "fp16 queries" in pages else jnp.bfloat16  # fp16: the products in float16
-    args = paged_problem(40, [150, 0, 64, 17], hq=8, hkv=2, d=64, dtype=q_dtype, page_size=16)
+    args = paged_problem(40, [150, 0, 64, 17], hq=8, hkv=2, d=64, dtype=q_dtype, page_size=_page_size(pages))
     ks = vs = None
     if pages.startswith("bfloat16"):
         args = _past_lengths_poisoned(args)
@@ -217,6 +221,11 @@ def test_mosaic_decode_logic_in_the_gpu_interpreter(pages):
     lse = np.asarray(lse)
     assert np.isfinite(lse[[0, 2, 3]]).all() and np.isneginf(lse[1]).all()  # [B, Hq]; no keys: -inf
     assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
+def _page_size(pages: str) -> int:
+    """A case's page size: `psN` in its name, else 16."""
+    return next((int(w[2:]) for w in pages.split() if w.startswith("ps")), 16)
 
 
 def _on_hopper() -> bool:
