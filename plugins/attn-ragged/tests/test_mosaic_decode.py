@@ -123,6 +123,57 @@ def test_mosaic_switch_says_every_reason_it_cannot_serve_a_call():
         mosaic_decode(qa, bf16_pages, bf16_pages, lens, table, scale=0.1, order="rows")
 
 
+@pytest.mark.parametrize("case", ["bfloat16 c1 s2", "bfloat16 c2 s6 bk64 g16", "int8 qk c2 s4", "float8_e4m3fn qk c2 s4",
+                                  "int8 qk widener c1 s3", "int8 c1 s2", "float8_e4m3fn widener c1 s2 d64 g8"])
+def test_smem_bytes_bounds_what_the_lowering_allocates(case, monkeypatch):
+    """`mosaic_serves.smem_bytes`, the budget the plugin and `tune` judge a config by before
+    tracing, against the shared memory Mosaic GPU's own lowering allocates for the kernel (on this
+    CPU machine, lowering for CUDA): the same bytes (the defaults and a config 3 KB under the
+    limit), and a config it refuses is one the lowering refuses too."""
+    from jax import export
+
+    from jaxattn_ragged import mosaic_serves
+    from jaxattn_ragged.mosaic_decode import mosaic_decode
+
+    mgpu_core = pytest.importorskip("jax.experimental.mosaic.gpu.core")
+    if not hasattr(mgpu_core, "_smem_tree_size"):
+        pytest.skip("this jax counts a kernel's shared memory elsewhere (private Mosaic GPU API)")
+    counted = []
+    count = mgpu_core._smem_tree_size
+    monkeypatch.setattr(mgpu_core, "_smem_tree_size", lambda tree: counted.append(count(tree)) or counted[-1])
+    words = case.split()
+    dtype = jnp.dtype(words[0])
+    option = {w[0]: int(w[1:]) if w[1:].isdigit() else w for w in words[1:] if w[0] in "csg"}
+    d = 64 if "d64" in words else 128
+    block_kv = 64 if "bk64" in words else 128
+    consumers, stages, group = option["c"], option["s"], option.get("g", 4)
+    quant, qk, widener = dtype != jnp.bfloat16, "qk" in words, "widener" in words
+    b, hkv, ps, max_pages = 2, 2, 16, 32
+    scales = jax.ShapeDtypeStruct((b * max_pages, ps, hkv), jnp.float32) if quant else None
+    cache = jax.ShapeDtypeStruct((b * max_pages, ps, hkv, d), dtype)
+    args = (jax.ShapeDtypeStruct((b, hkv * group, d), jnp.bfloat16), cache, cache,
+            jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b, max_pages), jnp.int32), scales, scales)
+    export.export(jax.jit(lambda *a: mosaic_decode(*a, scale=0.1, block_kv=block_kv, stages=stages, consumers=consumers,
+                                                   quantized_qk=qk, widener=widener)), platforms=["cuda"])(*args)
+    model = mosaic_serves.smem_bytes(d, d, group, block_kv, stages, dtype.itemsize, quant and not qk, quant,
+                                     1 if qk else 2, widened_slots=stages if widener else 1, consumers=consumers)
+    assert counted and model == max(counted) <= mosaic_serves.SMEM_BYTES
+    # one slot more than fits: the model refuses it and so does the lowering (its own message)
+    over = stages + consumers if not widener else stages + 1
+    while mosaic_serves.smem_bytes(d, d, group, block_kv, over, dtype.itemsize, quant and not qk, quant,
+                                   1 if qk else 2, widened_slots=over if widener else 1,
+                                   consumers=consumers) <= mosaic_serves.SMEM_BYTES:
+        over += consumers
+    import jaxattn_ragged.mosaic_decode as decode_module
+
+    monkeypatch.setattr(decode_module, "mosaic_reasons", lambda *a, **k: [])  # let the lowering judge it
+    monkeypatch.setattr(decode_module, "widener_fits", lambda *a: True)
+    with pytest.raises(Exception, match="exceeds available shared memory"):
+        export.export(jax.jit(lambda *a: mosaic_decode(*a, scale=0.1, block_kv=block_kv, stages=over,
+                                                       consumers=consumers, quantized_qk=qk, widener=widener)),
+                      platforms=["cuda"])(*args)
+
+
 def test_one_byte_decode_defaults_to_the_mosaic_kernel_on_hopper_only_where_it_serves():
     """With no settings given, int8/fp8 decode on a Hopper GPU takes `ONE_BYTE_DECODE` (two
     consumers, 4 stages, K·Qᵀ in the pages' dtype); everywhere else the Triton defaults:

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 
 MAX_GROUP = 256  # wgmma's largest N: query heads per kv head
 ONE_BYTE = (jnp.int8, jnp.float8_e4m3fn)  # page dtypes with per-token scales, widened in shared memory
-SMEM_BYTES = 227 * 1024 - 4096  # what the tiles may take (barriers and reduction scratch apart)
+SMEM_BYTES = 227 * 1024  # a Hopper block's opt-in shared memory: the limit Mosaic GPU's lowering checks
+REDUCTION_SCRATCH = 2048  # Pallas's Mosaic GPU CompilerParams.reduction_scratch_bytes (its default)
+MBARRIER_BYTES = 8
 
 
 def padded_group(group: int) -> int:
@@ -25,24 +27,27 @@ def query_scale_row(group: int) -> int:
 def smem_bytes(d: int, dv: int, group: int, block_kv: int, stages: int, page_itemsize: int,
                widen_keys: bool, widen_values: bool, q_itemsize: int = 2, widened_slots: int = 1,
                consumers: int = 1) -> int:
-    """Shared memory of one CUDA block: each scratch buffer starts on a 1024-byte boundary (as
-    Pallas's Mosaic GPU lays them out), the barrier arrays included. `widened_slots`: 16-bit
-    slots of the widened tiles (`stages` with the widener warpgroup, else one per consumer);
-    each consumer warpgroup has its own probabilities and output tiles; two units' queries."""
+    """Shared memory of one CUDA block, as Pallas's Mosaic GPU lowering lays it out: each scratch
+    buffer from a 1024-byte boundary, the reductions' scratch, then the barriers (8 bytes each,
+    packed). `test_smem_bytes_bounds_what_the_lowering_allocates` holds it to the lowering's
+    own count (at most 1 KB over). `widened_slots`: 16-bit slots of the widened tiles (`stages`
+    with the widener warpgroup, else one per consumer); each consumer warpgroup has its own
+    probabilities and output tiles; two units' queries."""
     gn = padded_group(group)
     sizes = [2 * gn * d * q_itemsize, 2 * query_scale_row(group) * 4, stages * block_kv * d * page_itemsize,
              stages * block_kv * dv * page_itemsize, consumers * gn * block_kv * 2, consumers * dv * gn * 4,
-             consumers * gn * 4, 16, 16, 8 * stages, 8 * stages]
+             consumers * gn * 4, REDUCTION_SCRATCH]
+    barriers = 2 + 2 + 2 * stages  # the query slots' (loaded, free), the ring's (loaded, free)
+    if widened_slots > 1 and consumers == 1:
+        barriers += stages  # the widener warpgroup's: a slot's 16-bit tiles are ready
     widened_slots = max(widened_slots, consumers)
     if widen_keys:
         sizes.append(widened_slots * block_kv * d * 2)
     if widen_values:
         sizes += [widened_slots * block_kv * dv * 2, stages * block_kv * 4, stages * block_kv * 4]
-    if widened_slots > 1:
-        sizes.append(8 * stages)  # the widened slots' barriers
     if consumers > 1:
-        sizes.append(16)  # the consumers' turns
-    return sum(-(-size // 1024) * 1024 for size in sizes)
+        barriers += 2  # the consumers' turns
+    return sum(-(-size // 1024) * 1024 for size in sizes) + MBARRIER_BYTES * barriers
 
 
 # Decode over one-byte pages runs on the Mosaic decode kernel by default on a Hopper GPU
