@@ -322,3 +322,43 @@ def test_bounded_logits_need_a_soft_cap():
     with pytest.raises(ValueError, match="bounded_logits=True needs a soft_cap"):
         MosaicSpec(scale=0.1, band_lo=None, band_hi=0, bounded_logits=True)
     assert MosaicSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True).bounded_logits
+
+
+@pytest.mark.parametrize("dims", [(d, dv) for d in gpu_path.MOSAIC_HEAD_DIMS for dv in gpu_path.MOSAIC_HEAD_DIMS])
+def test_mosaic_smem_budget_agrees_with_the_lowering(dims):
+    """`config.mosaic_smem_bytes` against `MOSAIC_SMEM_BYTES` is how the plugin decides, before
+    tracing, whether a Mosaic forward's tiles fit; Mosaic GPU's lowering decides it again when it
+    lays the kernel out (and refuses with its own message). For each pair of head dims, the
+    largest configurable tiles the budget admits lower with every input that adds shared memory
+    (segment ids, lengths, sinks, the value guard), and the smallest it refuses are refused by
+    the lowering too (no call passes the plugin's check and then fails to compile). 192/256 and
+    256/192 fit no tiles: the plugin says so (`gpu_path.mosaic_reasons`) and the lowering agrees."""
+    import jax.numpy as jnp
+    from jax import export
+
+    from jaxattn_flash import mosaic_kernels as mk
+
+    d, dv = dims
+    grid = [(bk, st) for bk in flash_config.MOSAIC_BLOCK_KV for st in (2, 3, 4)]
+    size = {t: flash_config.mosaic_smem_bytes(d, *t, value_head_dim=dv) for t in grid}
+    admitted = [t for t in grid if size[t] <= flash_config.MOSAIC_SMEM_BYTES]
+    refused = [t for t in grid if t not in admitted]
+    n = 4096  # enough key tiles for every stage of the ring
+    q = jax.ShapeDtypeStruct((1, n, 4, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, n, 2, d), jnp.bfloat16)
+    values = jax.ShapeDtypeStruct((1, n, 2, dv), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
+    ids = jax.ShapeDtypeStruct((1, n), jnp.int32)
+
+    def lower(tiles):
+        spec = mk.MosaicSpec(scale=0.1, band_lo=-200, band_hi=0, block_kv=tiles[0], stages=tiles[1], guard_values=True,
+                             sinks=True, q_lengths=True, kv_lengths=True, segments=True)
+        return export.export(jax.jit(lambda *a: mk.mosaic_forward(spec, *a)), platforms=["cuda"])(
+            q, kv, values, jax.ShapeDtypeStruct((4,), jnp.float32), lengths, lengths, ids, ids)
+
+    assert bool(admitted) != (dims in [(192, 256), (256, 192)])
+    if admitted:
+        assert "mosaic_gpu" in lower(max(admitted, key=size.get)).mlir_module()
+    if refused:
+        with pytest.raises(Exception, match="exceeds available shared memory"):
+            lower(min(refused, key=size.get))
