@@ -5,9 +5,19 @@ party's. Nothing here is imported by `import jaxattn`; a kernel module imports i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from ._compat import JAX_VERSION
+
+# How Pallas's Mosaic GPU lowering lays out a kernel's shared memory (jax 0.10 and 0.11): each
+# scratch buffer from a 1024-byte boundary, then the scratch of cross-warp reductions where the
+# kernel has any (`CompilerParams.reduction_scratch_bytes`, 2048 by default), the mbarriers after
+# them, 8 bytes each; the lowering refuses a kernel over the block's opt-in 227 KB on Hopper.
+SMEM_ALIGNMENT = 1024
+SMEM_PER_BLOCK = 227 * 1024
+REDUCTION_SCRATCH = 2048
+MBARRIER_BYTES = 8
 
 _MOSAIC: dict[str, Any] = {}
 
@@ -58,4 +68,13 @@ def mosaic_load(plgpu_mosaic: Any, ref: Any, layout: Any) -> Any:
     return plgpu_mosaic.load(ref, (), layout=layout)
 
 
-__all__ = ["mosaic_gpu", "mosaic_import_error", "mosaic_load", "mosaic_params", "ref_transpose"]
+def smem_footprint(buffers: Iterable[int], barriers: int, reductions: bool) -> int:
+    """Shared memory of a Mosaic GPU kernel with scratch `buffers` (bytes each), `barriers`
+    mbarriers and, where `reductions`, cross-warp reductions: what its lowering allocates, so a
+    plugin can refuse tiles that do not fit (`SMEM_PER_BLOCK`) before it traces them."""
+    aligned = sum(-(-size // SMEM_ALIGNMENT) * SMEM_ALIGNMENT for size in buffers)
+    return aligned + (REDUCTION_SCRATCH if reductions else 0) + MBARRIER_BYTES * barriers
+
+
+__all__ = ["SMEM_PER_BLOCK", "mosaic_gpu", "mosaic_import_error", "mosaic_load", "mosaic_params", "ref_transpose",
+           "smem_footprint"]

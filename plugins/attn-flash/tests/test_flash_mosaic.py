@@ -354,6 +354,33 @@ def test_forced_mosaic_backward_says_every_reason(mosaic_importable):
         impl.gpu_backward_for(_request(), H100, _md(gpu_backward="cudnn"))
 
 
+@pytest.mark.parametrize("config, segments, kernel", [
+    ({"mosaic_stages_bwd": 4}, False, "dk/dv kernel"),  # "split" dQ (the default at 128): 264,408 bytes
+    ({"mosaic_stages_bwd": 3}, True, "dk/dv kernel"),  # fits without segment ids (231,600), not with them
+    ({"mosaic_dq": "own"}, True, "dk/dv kernel"),  # "own" keeps all of dQ's columns: 233,640 with ids
+    ({"mosaic_dq": "separate", "mosaic_block_kv_dq": 128, "mosaic_stages_bwd": 3}, False, "dq kernel")])
+def test_backward_tiles_over_shared_memory_are_refused_before_tracing(mosaic_importable, config, segments, kernel):
+    """Configs of the head_dim 128 backward whose kernels Mosaic GPU's lowering would refuse (by
+    `dkdv_smem_bytes` / `dq_smem_bytes`, which test_flash_mosaic_kernels holds to the lowering):
+    forced, the plugin names the kernel, the settings and the bytes; on `auto` the Triton
+    backward serves the call and says why. One stage fewer, or no segment ids, fits."""
+    impl = FlashAttention()
+    kinds = frozenset({"causal", "segment"}) if segments else frozenset({"causal"})
+    request = _request(mask_kinds=kinds)
+    with pytest.raises(ValueError) as err:
+        impl.gpu_backward_for(request, H100, _md(gpu_backward="mosaic", **config))
+    text = str(err.value)
+    assert f"backward's {kernel} needs" in text and "bytes of shared memory" in text and "more than 232448" in text
+    assert ("segment ids" in text) == segments
+    choice = impl.gpu_backward_for(request, H100, _md(**config))
+    assert choice.kernel == "triton" and kernel in choice.reason
+    if segments:
+        fits, request = config, _request()
+    else:
+        fits = dict(config, mosaic_stages_bwd=config["mosaic_stages_bwd"] - 1)
+    assert impl.gpu_backward_for(request, H100, _md(gpu_backward="mosaic", **fits)).kernel == "mosaic"
+
+
 def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     """On Hopper (injected) a soft-capped causal call runs the Mosaic forward with the cap and
     carries the Mosaic backward's spec; forcing Triton leaves each out. Segment ids and lengths

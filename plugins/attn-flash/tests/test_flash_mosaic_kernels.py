@@ -362,3 +362,60 @@ def test_mosaic_smem_budget_agrees_with_the_lowering(dims):
     if refused:
         with pytest.raises(Exception, match="exceeds available shared memory"):
             lower(min(refused, key=size.get))
+
+
+@pytest.mark.parametrize("case", ["128 split s3", "128 split s3 segments", "128 own s2", "128 own s2 segments",
+                                  "64 own s4 segments", "128 separate kv128 s2 segments", "128 separate kv128 s3",
+                                  "64 separate s4"])
+def test_backward_smem_bytes_are_what_the_lowering_allocates(case, monkeypatch):
+    """`dkdv_smem_bytes` and `dq_smem_bytes`, by which `gpu_path` refuses backward configs before
+    tracing, against the shared memory Mosaic GPU's lowering allocates for each kernel (lowered for
+    CUDA on this CPU machine): the same bytes where it fits, its own refusal where they exceed the
+    block's 227 KB. The fused form's batching wrapper (`custom_vmap`, which this jax cannot
+    lower for CUDA around a mutable ref) is bypassed: it changes no shared memory."""
+    import jax.numpy as jnp
+
+    from jaxattn.pallas_compat import SMEM_PER_BLOCK
+    from jaxattn_flash import mosaic_bwd_kernels as mbk
+    from jaxattn_flash.mosaic_bwd_dq import dq_smem_bytes
+
+    mgpu_core = pytest.importorskip("jax.experimental.mosaic.gpu.core")
+    if not hasattr(mgpu_core, "_smem_tree_size"):
+        pytest.skip("this jax counts a kernel's shared memory elsewhere (private Mosaic GPU API)")
+    counted = []
+    count = mgpu_core._smem_tree_size
+    monkeypatch.setattr(mgpu_core, "_smem_tree_size", lambda tree: counted.append(count(tree)) or counted[-1])
+
+    class Unbatched:  # custom_vmap without its batching rule
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, *args):
+            return self.fn(*args)
+
+        def def_vmap(self, rule):
+            return rule
+
+    monkeypatch.setattr(jax.custom_batching, "custom_vmap", Unbatched)
+    words = case.split()
+    d, fused = int(words[0]), None if words[1] == "separate" else words[1]
+    stages = int(next(w for w in words if w.startswith("s") and w[1:].isdigit())[1:])
+    segments, dq_block_kv = "segments" in words, 128 if "kv128" in words else 64
+    want = [mbk.dkdv_smem_bytes(d, d, stages, fused, segments)]
+    if fused is None:
+        want.append(dq_smem_bytes(d, d, dq_block_kv, stages, segments))
+    n = 4096
+    q = jax.ShapeDtypeStruct((1, n, 4, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, n, 2, d), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((1, 4, n), jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, n), jnp.int32)
+    spec = mbk.MosaicBwdSpec(scale=0.1, band_lo=None, band_hi=0, stages=stages, segments=segments, fused_dq=fused,
+                             dq_block_kv=dq_block_kv)
+    traced = jax.jit(lambda *a: mbk.mosaic_backward(spec, *a)).trace(
+        q, kv, kv, q, rows, rows, None, *((ids, ids) if segments else (None, None)))
+    if max(want) <= SMEM_PER_BLOCK:
+        traced.lower(lowering_platforms=("cuda",))
+        assert sorted(counted) == sorted(want)
+    else:
+        with pytest.raises(Exception, match=f"exceeds available shared memory: smem_bytes={max(want)} "):
+            traced.lower(lowering_platforms=("cuda",))

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 
 from jaxattn import AttentionRequest, Hardware, value_guard
+from jaxattn.pallas_compat import SMEM_PER_BLOCK
 
 from . import _compat
 from . import config as _config
@@ -173,16 +174,39 @@ def mosaic_backward_reasons(request: AttentionRequest, hardware: Hardware, confi
     what = "backward"
     reasons = _hopper_reasons(request, hardware, what)
     d, dv = request.head_dim, request.value_head_dim
-    if _config.wide_backward(d, dv):
-        dim_reasons = _wide_reasons(request, config)
-    else:
-        dim_reasons = _head_dim_reasons(request, MOSAIC_BWD_HEAD_DIMS, what)
+    wide = _config.wide_backward(d, dv)
+    dim_reasons = _wide_reasons(request, config) if wide else _head_dim_reasons(request, MOSAIC_BWD_HEAD_DIMS, what)
     if dim_reasons:
         reasons += dim_reasons
     else:
         block_kv_dq, _ = _config.mosaic_bwd_tiles(config, d, dv)
+        reasons += [] if wide else _smem_reasons(request, config)
         reasons += _unpadded_reasons(request, config, ROWS, max(ROWS, block_kv_dq), what)
     return reasons + _unserved_reasons(request, what)
+
+
+def _smem_reasons(request: AttentionRequest, config: Mapping[str, Any]) -> list[str]:
+    """Whether the backward's kernels at head dims 64/128 fit in shared memory with the config's
+    stages, dq key tile and dq form (`mosaic_stages_bwd=3` with "split" and segment ids does not
+    at 128, nor "own" there with either): said here, not by Mosaic GPU's compiler."""
+    from .mosaic_bwd_dq import dq_smem_bytes
+    from .mosaic_bwd_kernels import dkdv_smem_bytes
+
+    d, dv = request.head_dim, request.value_head_dim
+    block_kv_dq, stages = _config.mosaic_bwd_tiles(config, d, dv)
+    try:
+        fused = _config.mosaic_fused_dq(config, d, dv)
+    except ValueError as err:
+        return [str(err)]
+    need = {"dk/dv kernel": dkdv_smem_bytes(d, dv, stages, fused, request.has_segments)}
+    if not fused:
+        need["dq kernel"] = dq_smem_bytes(d, dv, block_kv_dq, stages, request.has_segments)
+    settings = (f"mosaic_stages_bwd={stages}, mosaic_dq={fused or 'separate'!r}"
+                + ("" if fused else f", mosaic_block_kv_dq={block_kv_dq}")
+                + (", segment ids" if request.has_segments else ""))
+    return [f"the Mosaic GPU backward's {kernel} needs {size} bytes of shared memory with {settings} at "
+            f"{_config.dims_text(d, dv)}, more than {SMEM_PER_BLOCK}" for kernel, size in need.items()
+            if size > SMEM_PER_BLOCK]
 
 
 def _wide_reasons(request: AttentionRequest, config: Mapping[str, Any]) -> list[str]:

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxattn.pallas_compat import smem_footprint
+
 from ._compat import mosaic_gpu, mosaic_load
 from .config import heavy_first
 from .mosaic_bwd_kernels import (
@@ -33,6 +35,20 @@ from .mosaic_bwd_kernels import (
 )
 from .mosaic_kernels import CONSUMERS, _swizzled, launch, visible
 from .mosaic_segments import clip_full, clip_range, masked_by, own_ids, segment_scratch, tile_ids
+
+
+def dq_smem_bytes(head_dim: int, value_head_dim: int, block_kv: int, stages: int, segments: bool,
+                  itemsize: int = 2) -> int:
+    """Shared memory of `mosaic_dq`'s scratch (its list below, buffer by buffer; no cross-warp
+    reductions), as Mosaic GPU's lowering lays it out: what `gpu_path` checks a config by."""
+    bq, d, dv = WG_ROWS, head_dim, value_head_dim
+    buffers = [CONSUMERS * bq * d * itemsize, CONSUMERS * bq * dv * itemsize, CONSUMERS * bq * 4,
+               CONSUMERS * bq * 4, stages * block_kv * d * itemsize, stages * block_kv * dv * itemsize]
+    barriers = 4 * CONSUMERS + 3 * stages
+    if segments:  # segment_scratch: a consumer's query ids, a ring of key tiles' ids
+        buffers += [CONSUMERS * bq * 4, stages * block_kv * 4]
+        barriers += CONSUMERS + stages
+    return smem_footprint(buffers, barriers, reductions=False)
 
 
 def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg=None, kv_seg=None):

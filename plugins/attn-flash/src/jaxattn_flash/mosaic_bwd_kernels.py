@@ -54,6 +54,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxattn.pallas_compat import smem_footprint
+
 from ._compat import gmem_ref, mosaic_gpu, mosaic_load, ref_transpose
 from .config import WIDE_DQ_BLOCK_KV, wide_backward
 from .launch_order import clustered_ids, launch_order
@@ -308,6 +310,25 @@ def _fused(spec: MosaicBwdSpec, *args):
         return tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in outs), (True,) * len(outs)
 
     return run(*args)
+
+
+def dkdv_smem_bytes(head_dim: int, value_head_dim: int, stages: int, fused: str | None, segments: bool,
+                    itemsize: int = 2) -> int:
+    """Shared memory of `_dkdv`'s scratch (its list below, buffer by buffer; no cross-warp
+    reductions), as Mosaic GPU's lowering lays it out: what `gpu_path` checks a config by."""
+    bk, bq = WG_ROWS, 64  # keys of a consumer, queries of a tile (`MosaicBwdSpec.dkv_block_q`)
+    d, dv = head_dim, value_head_dim
+    buffers = [CONSUMERS * bk * d * itemsize, CONSUMERS * bk * dv * itemsize, stages * bq * d * itemsize,
+               stages * bq * dv * itemsize, stages * bq * 4, stages * bq * 4]
+    barriers = 2 * CONSUMERS + 5 * stages
+    if segments:  # segment_scratch: a consumer's key ids, a ring of query tiles' ids
+        buffers += [CONSUMERS * bk * 4, stages * bq * 4]
+        barriers += CONSUMERS + stages
+    if fused:  # dSᵀ two tiles deep, the float32 dQ part each consumer adds
+        dq_cols = d // CONSUMERS if fused == "split" else d
+        buffers += [2 * CONSUMERS * bk * bq * itemsize, CONSUMERS * bq * dq_cols * 4]
+        barriers += 2 + 1
+    return smem_footprint(buffers, barriers, reductions=False)
 
 
 def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jaxattn.pallas_compat import SMEM_PER_BLOCK, smem_footprint
+
 MAX_GROUP = 256  # wgmma's largest N: query heads per kv head
 ONE_BYTE = (jnp.int8, jnp.float8_e4m3fn)  # page dtypes with per-token scales, widened in shared memory
-SMEM_BYTES = 227 * 1024  # a Hopper block's opt-in shared memory: the limit Mosaic GPU's lowering checks
-REDUCTION_SCRATCH = 2048  # Pallas's Mosaic GPU CompilerParams.reduction_scratch_bytes (its default)
-MBARRIER_BYTES = 8
+SMEM_BYTES = SMEM_PER_BLOCK  # the limit Mosaic GPU's lowering checks
 
 
 def padded_group(group: int) -> int:
@@ -27,16 +27,16 @@ def query_scale_row(group: int) -> int:
 def smem_bytes(d: int, dv: int, group: int, block_kv: int, stages: int, page_itemsize: int,
                widen_keys: bool, widen_values: bool, q_itemsize: int = 2, widened_slots: int = 1,
                consumers: int = 1) -> int:
-    """Shared memory of one CUDA block, as Pallas's Mosaic GPU lowering lays it out: each scratch
-    buffer from a 1024-byte boundary, the reductions' scratch, then the barriers (8 bytes each,
-    packed). `test_smem_bytes_bounds_what_the_lowering_allocates` holds it to the lowering's
-    own count (at most 1 KB over). `widened_slots`: 16-bit slots of the widened tiles (`stages`
+    """Shared memory of one CUDA block, as Pallas's Mosaic GPU lowering lays it out
+    (`pallas_compat.smem_footprint`: the buffers, the softmax's reductions, the barriers);
+    `test_smem_bytes_bounds_what_the_lowering_allocates` holds it to the lowering's own count.
+    `widened_slots`: 16-bit slots of the widened tiles (`stages`
     with the widener warpgroup, else one per consumer); each consumer warpgroup has its own
     probabilities and output tiles; two units' queries."""
     gn = padded_group(group)
     sizes = [2 * gn * d * q_itemsize, 2 * query_scale_row(group) * 4, stages * block_kv * d * page_itemsize,
              stages * block_kv * dv * page_itemsize, consumers * gn * block_kv * 2, consumers * dv * gn * 4,
-             consumers * gn * 4, REDUCTION_SCRATCH]
+             consumers * gn * 4]
     barriers = 2 + 2 + 2 * stages  # the query slots' (loaded, free), the ring's (loaded, free)
     if widened_slots > 1 and consumers == 1:
         barriers += stages  # the widener warpgroup's: a slot's 16-bit tiles are ready
@@ -47,7 +47,7 @@ def smem_bytes(d: int, dv: int, group: int, block_kv: int, stages: int, page_ite
         sizes += [widened_slots * block_kv * dv * 2, stages * block_kv * 4, stages * block_kv * 4]
     if consumers > 1:
         barriers += 2  # the consumers' turns
-    return sum(-(-size // 1024) * 1024 for size in sizes) + MBARRIER_BYTES * barriers
+    return smem_footprint(sizes, barriers, reductions=True)
 
 
 # Decode over one-byte pages runs on the Mosaic decode kernel by default on a Hopper GPU
