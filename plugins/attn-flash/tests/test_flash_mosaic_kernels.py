@@ -376,15 +376,9 @@ def test_backward_smem_bytes_are_what_the_lowering_allocates(case, monkeypatch):
     import jax.numpy as jnp
 
     from jaxattn.pallas_compat import SMEM_PER_BLOCK
+    from jaxattn.testing.smem import lowered_smem
     from jaxattn_flash import mosaic_bwd_kernels as mbk
     from jaxattn_flash.mosaic_bwd_dq import dq_smem_bytes
-
-    mgpu_core = pytest.importorskip("jax.experimental.mosaic.gpu.core")
-    if not hasattr(mgpu_core, "_smem_tree_size"):
-        pytest.skip("this jax counts a kernel's shared memory elsewhere (private Mosaic GPU API)")
-    counted = []
-    count = mgpu_core._smem_tree_size
-    monkeypatch.setattr(mgpu_core, "_smem_tree_size", lambda tree: counted.append(count(tree)) or counted[-1])
 
     class Unbatched:  # custom_vmap without its batching rule
         def __init__(self, fn):
@@ -414,7 +408,8 @@ def test_backward_smem_bytes_are_what_the_lowering_allocates(case, monkeypatch):
     traced = jax.jit(lambda *a: mbk.mosaic_backward(spec, *a)).trace(
         q, kv, kv, q, rows, rows, None, *((ids, ids) if segments else (None, None)))
     if max(want) <= SMEM_PER_BLOCK:
-        traced.lower(lowering_platforms=("cuda",))
+        with lowered_smem() as counted:
+            traced.lower(lowering_platforms=("cuda",))
         assert sorted(counted) == sorted(want)
     else:
         with pytest.raises(Exception, match=f"exceeds available shared memory: smem_bytes={max(want)} "):

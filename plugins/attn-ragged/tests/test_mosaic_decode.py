@@ -132,15 +132,10 @@ def test_smem_bytes_bounds_what_the_lowering_allocates(case, monkeypatch):
     limit), and a config it refuses is one the lowering refuses too."""
     from jax import export
 
+    from jaxattn.testing.smem import lowered_smem
     from jaxattn_ragged import mosaic_serves
     from jaxattn_ragged.mosaic_decode import mosaic_decode
 
-    mgpu_core = pytest.importorskip("jax.experimental.mosaic.gpu.core")
-    if not hasattr(mgpu_core, "_smem_tree_size"):
-        pytest.skip("this jax counts a kernel's shared memory elsewhere (private Mosaic GPU API)")
-    counted = []
-    count = mgpu_core._smem_tree_size
-    monkeypatch.setattr(mgpu_core, "_smem_tree_size", lambda tree: counted.append(count(tree)) or counted[-1])
     words = case.split()
     dtype = jnp.dtype(words[0])
     option = {w[0]: int(w[1:]) if w[1:].isdigit() else w for w in words[1:] if w[0] in "csg"}
@@ -153,8 +148,10 @@ def test_smem_bytes_bounds_what_the_lowering_allocates(case, monkeypatch):
     cache = jax.ShapeDtypeStruct((b * max_pages, ps, hkv, d), dtype)
     args = (jax.ShapeDtypeStruct((b, hkv * group, d), jnp.bfloat16), cache, cache,
             jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b, max_pages), jnp.int32), scales, scales)
-    export.export(jax.jit(lambda *a: mosaic_decode(*a, scale=0.1, block_kv=block_kv, stages=stages, consumers=consumers,
-                                                   quantized_qk=qk, widener=widener)), platforms=["cuda"])(*args)
+    with lowered_smem() as counted:
+        export.export(jax.jit(lambda *a: mosaic_decode(*a, scale=0.1, block_kv=block_kv, stages=stages,
+                                                       consumers=consumers, quantized_qk=qk, widener=widener)),
+                      platforms=["cuda"])(*args)
     model = mosaic_serves.smem_bytes(d, d, group, block_kv, stages, dtype.itemsize, quant and not qk, quant,
                                      1 if qk else 2, widened_slots=stages if widener else 1, consumers=consumers)
     assert counted and model == max(counted) <= mosaic_serves.SMEM_BYTES
