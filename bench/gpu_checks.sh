@@ -11,6 +11,8 @@
 #              bench/bench_auto.py (~1 min)
 #     quant    the quantized-cache benchmark (bench_ragged.py --sections quant: bf16 vs int8 vs fp8
 #              pages beside cuDNN; JSON in OUTDIR; ~5 min)
+#     pages    the same at pages of 64 and 32 tokens, defaults and the few cited variants only
+#              (--final): is one-byte decode bound by its per-page copies (ragged BENCHMARKS.md)
 #     all      the parts in order (more than one device call)
 # Every part installs the core and all plugins (no network needed) and lists the backends.
 # Logs go to OUTDIR (default ./gpu-logs); the exit status is that of the tests.
@@ -18,8 +20,8 @@ set -o pipefail
 part="${1:-}"
 out="${2:-gpu-logs}"
 case "$part" in
-  flash|mosaic|ragged|rest|quant|all) ;;
-  *) echo "usage: bash bench/gpu_checks.sh flash|mosaic|ragged|rest|quant|all [OUTDIR]" >&2; exit 2 ;;
+  flash|mosaic|ragged|rest|quant|pages|all) ;;
+  *) echo "usage: bash bench/gpu_checks.sh flash|mosaic|ragged|rest|quant|pages|all [OUTDIR]" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -50,5 +52,11 @@ fi
 if [ "$part" = quant ] || [ "$part" = all ]; then
   python3 plugins/attn-ragged/bench/bench_ragged.py --sections quant --json "$out/bench_ragged_quant.json" 2>&1 \
     | tee "$out/bench_ragged_quant.log"
+fi
+if [ "$part" = pages ] || [ "$part" = all ]; then
+  for ps in 64 32; do
+    python3 plugins/attn-ragged/bench/bench_ragged.py --sections quant --final --page-size "$ps" \
+      --json "$out/bench_ragged_quant_ps$ps.json" 2>&1 | tee "$out/bench_ragged_quant_ps$ps.log"
+  done
 fi
 exit $status
