@@ -15,6 +15,7 @@ import pytest
 
 import jaxattn
 from jaxattn import Hardware, OperationMetadata
+from jaxattn.pallas_compat import SMEM_PER_BLOCK
 from jaxattn_flash import FlashAttention, gpu_path
 from jaxattn_flash import config as flash_config
 from jaxattn_flash._testing import flash_metadata as _md
@@ -195,7 +196,7 @@ def test_mosaic_key_tiles_widen_only_without_a_band():
     assert tiles({}, 64, 64, None, banded=False) == flash_config.MOSAIC_DEFAULTS[64]
     assert tiles({}, 128, 128, 4096, banded=False) == flash_config.MOSAIC_DEFAULTS[128]
     # value head_dim 128 beside head_dim 64: 256-key tiles of both would not fit in shared memory
-    assert flash_config.mosaic_smem_bytes(64, 256, 2, value_head_dim=128) > flash_config.MOSAIC_SMEM_BYTES
+    assert flash_config.mosaic_smem_bytes(64, 256, 2, value_head_dim=128) > SMEM_PER_BLOCK
     assert tiles({}, 64, 128, 4096, banded=False) == flash_config.MOSAIC_DEFAULTS[64]
     assert tiles({"mosaic_block_kv": 64}, 64, 64, 4096, banded=False) == (64, 2)
     # the call's own band decides: the forward's spec and the path's shared-memory check agree

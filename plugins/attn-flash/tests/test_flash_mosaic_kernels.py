@@ -325,23 +325,25 @@ def test_bounded_logits_need_a_soft_cap():
 
 
 @pytest.mark.parametrize("dims", [(d, dv) for d in gpu_path.MOSAIC_HEAD_DIMS for dv in gpu_path.MOSAIC_HEAD_DIMS])
-def test_mosaic_smem_budget_agrees_with_the_lowering(dims):
-    """`config.mosaic_smem_bytes` against `MOSAIC_SMEM_BYTES` is how the plugin decides, before
-    tracing, whether a Mosaic forward's tiles fit; Mosaic GPU's lowering decides it again when it
-    lays the kernel out (and refuses with its own message). For each pair of head dims, the
-    largest configurable tiles the budget admits lower with every input that adds shared memory
-    (segment ids, lengths, sinks, the value guard), and the smallest it refuses are refused by
-    the lowering too (no call passes the plugin's check and then fails to compile). 192/256 and
-    256/192 fit no tiles: the plugin says so (`gpu_path.mosaic_reasons`) and the lowering agrees."""
+def test_mosaic_smem_budget_is_what_the_lowering_allocates(dims):
+    """`config.mosaic_smem_bytes` against `SMEM_PER_BLOCK` is how the plugin decides, before
+    tracing, whether a Mosaic forward's tiles fit; Mosaic GPU's lowering lays the kernel out again
+    (and refuses one over the block's limit with its own message). For each pair of head dims,
+    the largest configurable tiles the budget admits take exactly its bytes, with and without the
+    inputs that add shared memory (segment ids, the value guard's flags; lengths and sinks add
+    none), and the smallest it refuses are refused by the lowering too. 192/256 and 256/192 fit
+    no tiles: the plugin says so (`gpu_path.mosaic_reasons`) and the lowering agrees."""
     import jax.numpy as jnp
     from jax import export
 
+    from jaxattn.pallas_compat import SMEM_PER_BLOCK
+    from jaxattn.testing.smem import lowered_smem
     from jaxattn_flash import mosaic_kernels as mk
 
     d, dv = dims
     grid = [(bk, st) for bk in flash_config.MOSAIC_BLOCK_KV for st in (2, 3, 4)]
-    size = {t: flash_config.mosaic_smem_bytes(d, *t, value_head_dim=dv) for t in grid}
-    admitted = [t for t in grid if size[t] <= flash_config.MOSAIC_SMEM_BYTES]
+    size = {t: flash_config.mosaic_smem_bytes(d, *t, value_head_dim=dv, segments=True) for t in grid}
+    admitted = [t for t in grid if size[t] <= SMEM_PER_BLOCK]
     refused = [t for t in grid if t not in admitted]
     n = 4096  # enough key tiles for every stage of the ring
     q = jax.ShapeDtypeStruct((1, n, 4, d), jnp.bfloat16)
@@ -350,15 +352,22 @@ def test_mosaic_smem_budget_agrees_with_the_lowering(dims):
     lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
     ids = jax.ShapeDtypeStruct((1, n), jnp.int32)
 
-    def lower(tiles):
-        spec = mk.MosaicSpec(scale=0.1, band_lo=-200, band_hi=0, block_kv=tiles[0], stages=tiles[1], guard_values=True,
-                             sinks=True, q_lengths=True, kv_lengths=True, segments=True)
+    def lower(tiles, heavy=True):
+        spec = mk.MosaicSpec(scale=0.1, band_lo=-200 if heavy else None, band_hi=0, block_kv=tiles[0],
+                             stages=tiles[1], guard_values=heavy, sinks=heavy, q_lengths=heavy, kv_lengths=heavy,
+                             segments=heavy)
         return export.export(jax.jit(lambda *a: mk.mosaic_forward(spec, *a)), platforms=["cuda"])(
-            q, kv, values, jax.ShapeDtypeStruct((4,), jnp.float32), lengths, lengths, ids, ids)
+            q, kv, values, *(jax.ShapeDtypeStruct((4,), jnp.float32), lengths, lengths, ids, ids) if heavy
+            else (None,) * 5)
 
     assert bool(admitted) != (dims in [(192, 256), (256, 192)])
     if admitted:
-        assert "mosaic_gpu" in lower(max(admitted, key=size.get)).mlir_module()
+        largest = max(admitted, key=size.get)
+        for heavy in (True, False):
+            with lowered_smem() as counted:
+                lower(largest, heavy)
+            assert counted == [flash_config.mosaic_smem_bytes(d, *largest, value_head_dim=dv, guard=heavy,
+                                                              segments=heavy)]
     if refused:
         with pytest.raises(Exception, match="exceeds available shared memory"):
             lower(min(refused, key=size.get))
@@ -366,10 +375,11 @@ def test_mosaic_smem_budget_agrees_with_the_lowering(dims):
 
 @pytest.mark.parametrize("case", ["128 split s3", "128 split s3 segments", "128 own s2", "128 own s2 segments",
                                   "64 own s4 segments", "128 separate kv128 s2 segments", "128 separate kv128 s3",
-                                  "64 separate s4"])
+                                  "64 separate s4", "256 separate kv32 s3 segments", "192 dv128 separate kv32 s3",
+                                  "256 dv192 separate kv32 s3"])
 def test_backward_smem_bytes_are_what_the_lowering_allocates(case, monkeypatch):
-    """`dkdv_smem_bytes` and `dq_smem_bytes`, by which `gpu_path` refuses backward configs before
-    tracing, against the shared memory Mosaic GPU's lowering allocates for each kernel (lowered for
+    """`dkdv_smem_bytes` (`wide_smem_bytes` where head dims sum past 256) and `dq_smem_bytes`, by
+    which `gpu_path` refuses backward configs before tracing, against the shared memory Mosaic GPU's lowering allocates for each kernel (lowered for
     CUDA on this CPU machine): the same bytes where it fits, its own refusal where they exceed the
     block's 227 KB. The fused form's batching wrapper (`custom_vmap`, which this jax cannot
     lower for CUDA around a mutable ref) is bypassed: it changes no shared memory."""
@@ -379,6 +389,7 @@ def test_backward_smem_bytes_are_what_the_lowering_allocates(case, monkeypatch):
     from jaxattn.testing.smem import lowered_smem
     from jaxattn_flash import mosaic_bwd_kernels as mbk
     from jaxattn_flash.mosaic_bwd_dq import dq_smem_bytes
+    from jaxattn_flash.mosaic_bwd_wide import wide_smem_bytes
 
     class Unbatched:  # custom_vmap without its batching rule
         def __init__(self, fn):
@@ -392,25 +403,35 @@ def test_backward_smem_bytes_are_what_the_lowering_allocates(case, monkeypatch):
 
     monkeypatch.setattr(jax.custom_batching, "custom_vmap", Unbatched)
     words = case.split()
-    d, fused = int(words[0]), None if words[1] == "separate" else words[1]
+    d = int(words[0])
+    fused = next(w for w in words if w in ("split", "own", "separate"))
+    fused = None if fused == "separate" else fused
     stages = int(next(w for w in words if w.startswith("s") and w[1:].isdigit())[1:])
-    segments, dq_block_kv = "segments" in words, 128 if "kv128" in words else 64
-    want = [mbk.dkdv_smem_bytes(d, d, stages, fused, segments)]
+    dv = next((int(w[2:]) for w in words if w.startswith("dv")), d)
+    segments = "segments" in words
+    dq_block_kv = next((int(w[2:]) for w in words if w.startswith("kv")), 64)
+    if flash_config.wide_backward(d, dv):
+        want = [wide_smem_bytes(d, dv, 64, stages, segments=segments)]
+    else:
+        want = [mbk.dkdv_smem_bytes(d, dv, stages, fused, segments)]
     if fused is None:
-        want.append(dq_smem_bytes(d, d, dq_block_kv, stages, segments))
+        want.append(dq_smem_bytes(d, dv, dq_block_kv, stages, segments))
     n = 4096
     q = jax.ShapeDtypeStruct((1, n, 4, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, n, 2, d), jnp.bfloat16)
+    values = jax.ShapeDtypeStruct((1, n, 2, dv), jnp.bfloat16)
+    d_out = jax.ShapeDtypeStruct((1, n, 4, dv), jnp.bfloat16)
     rows = jax.ShapeDtypeStruct((1, 4, n), jnp.float32)
     ids = jax.ShapeDtypeStruct((1, n), jnp.int32)
     spec = mbk.MosaicBwdSpec(scale=0.1, band_lo=None, band_hi=0, stages=stages, segments=segments, fused_dq=fused,
                              dq_block_kv=dq_block_kv)
     traced = jax.jit(lambda *a: mbk.mosaic_backward(spec, *a)).trace(
-        q, kv, kv, q, rows, rows, None, *((ids, ids) if segments else (None, None)))
+        q, kv, values, d_out, rows, rows, None, *((ids, ids) if segments else (None, None)))
     if max(want) <= SMEM_PER_BLOCK:
         with lowered_smem() as counted:
             traced.lower(lowering_platforms=("cuda",))
         assert sorted(counted) == sorted(want)
     else:
-        with pytest.raises(Exception, match=f"exceeds available shared memory: smem_bytes={max(want)} "):
+        over = "|".join(str(size) for size in want if size > SMEM_PER_BLOCK)  # the first kernel lowered fails
+        with pytest.raises(Exception, match=f"exceeds available shared memory: smem_bytes=({over}) "):
             traced.lower(lowering_platforms=("cuda",))

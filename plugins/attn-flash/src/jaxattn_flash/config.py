@@ -37,6 +37,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxattn import AttentionRequest, BackendConfig, MaskParts
+from jaxattn.pallas_compat import SMEM_PER_BLOCK, smem_footprint
 
 from .triton_kernels import Tiles
 
@@ -125,7 +126,6 @@ MOSAIC_DEFAULTS: dict[int, tuple[int, int]] = {64: (128, 2), 128: (128, 2), 256:
 # 370 TFLOP/s, (4, 4096, 16, 16) 436 vs 406 (cuDNN 416/438), fwd+bwd level (365/400 vs 364/395);
 # causal 270 vs 290 and 353 vs 354, hence the band keeps 128.
 MOSAIC_FULL_DEFAULTS: dict[int, tuple[int, int]] = {64: (256, 2)}
-MOSAIC_SMEM_BYTES = 227 * 1024 - 4096  # what the kernel's tiles may take (barriers, reductions apart)
 # (dq key tile, stages) of the Mosaic GPU backward (mosaic_bwd_kernels.py): on an H200 a key tile
 # of 128 and 3 stages were level with these (within 1-4%, BENCHMARKS.md "Mosaic GPU backward").
 MOSAIC_BWD_DEFAULTS: tuple[int, int] = (64, 2)
@@ -234,7 +234,7 @@ def mosaic_tiles(config: Mapping[str, Any], head_dim: int, value_head_dim: int |
     bk, stages = MOSAIC_DEFAULTS.get(head_dim, (64, 2))
     wide = MOSAIC_FULL_DEFAULTS.get(head_dim)
     if (wide is not None and not banded and kv_len is not None and kv_len % wide[0] == 0
-            and mosaic_smem_bytes(head_dim, *wide, value_head_dim=value_head_dim) <= MOSAIC_SMEM_BYTES):
+            and mosaic_smem_bytes(head_dim, *wide, value_head_dim=value_head_dim) <= SMEM_PER_BLOCK):
         bk, stages = wide
     return cfg.mosaic_block_kv or bk, cfg.mosaic_stages or stages
 
@@ -321,12 +321,25 @@ def tuning_space(request: AttentionRequest, mosaic_by_default: bool,
 
 
 def mosaic_smem_bytes(head_dim: int, block_kv: int, stages: int, itemsize: int = 2,
-                      value_head_dim: int | None = None) -> int:
-    """Shared memory the Mosaic forward's tiles take: Q/O of both consumers (O apart when the
-    value head_dim differs), K and V slots."""
+                      value_head_dim: int | None = None, guard: bool = True, segments: bool = False) -> int:
+    """Shared memory of the Mosaic forward (`mosaic_kernels.mosaic_forward`'s scratch, buffer by
+    buffer, and its softmax's reductions), as Mosaic GPU's lowering lays it out: Q (then O) of
+    both consumers' 64 rows, O apart when the value head_dim differs, the K and V slots, the lse
+    rows; with the value guard each slot's cleaned-key flags; with segment ids the rows' and the
+    key tiles' ids. Held to the lowering by test_flash_mosaic_kernels."""
     dv = head_dim if value_head_dim is None else value_head_dim
-    q_and_o = 2 * 64 * (head_dim + (dv if dv != head_dim else 0))
-    return itemsize * (q_and_o + stages * block_kv * (head_dim + dv)) + 2 * 64 * 4
+    rows, consumers = 64, 2
+    buffers = [consumers * rows * head_dim * itemsize, stages * block_kv * head_dim * itemsize,
+               stages * block_kv * dv * itemsize, consumers * rows * 4]
+    barriers = consumers + 4 * stages
+    if dv != head_dim:
+        buffers.append(consumers * rows * dv * itemsize)
+    if guard:
+        buffers.append(stages * block_kv * 4)
+    if segments:
+        buffers += [consumers * rows * 4, stages * block_kv * 4]
+        barriers += consumers + stages
+    return smem_footprint(buffers, barriers, reductions=True)
 
 
 def resolve(config: Mapping[str, Any], head_dim: int, q_len: int, kv_len: int) -> dict[str, Tiles]:

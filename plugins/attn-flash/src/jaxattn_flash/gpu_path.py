@@ -161,7 +161,7 @@ def mosaic_reasons(request: AttentionRequest, hardware: Hardware, config: Mappin
     else:
         d, dv = request.head_dim, request.value_head_dim
         bk, stages = _config.mosaic_tiles(config, d, dv, request.kv_len, banded=band_of(request) != (None, None))
-        if _config.mosaic_smem_bytes(d, bk, stages, value_head_dim=dv) > _config.MOSAIC_SMEM_BYTES:
+        if _config.mosaic_smem_bytes(d, bk, stages, value_head_dim=dv, segments=request.has_segments) > SMEM_PER_BLOCK:
             reasons.append(f"mosaic_block_kv={bk} with {stages} stages does not fit in shared memory at "
                            f"{_config.dims_text(d, dv)}")
         reasons += _unpadded_reasons(request, config, ROWS, bk, what)
@@ -211,6 +211,7 @@ def _smem_reasons(request: AttentionRequest, config: Mapping[str, Any]) -> list[
 
 def _wide_reasons(request: AttentionRequest, config: Mapping[str, Any]) -> list[str]:
     """What the backward at wide head dims (`mosaic_bwd_wide.py`, the dq kernel's 32-key tiles) needs."""
+    from .mosaic_bwd_dq import dq_smem_bytes
     from .mosaic_bwd_wide import wide_smem_bytes
 
     d, dv = request.head_dim, request.value_head_dim
@@ -222,9 +223,9 @@ def _wide_reasons(request: AttentionRequest, config: Mapping[str, Any]) -> list[
         _config.mosaic_fused_dq(config, d, dv)
     except ValueError as err:
         return [str(err)]
-    dq_bytes = 2 * (2 * 64 * (d + dv) + stages * block_kv_dq * (d + dv))  # Q, dO of both consumers; K/V ring
+    dq_bytes = dq_smem_bytes(d, dv, block_kv_dq, stages, request.has_segments)
     dkdv_bytes = wide_smem_bytes(d, dv, 64, stages, segments=request.has_segments)
-    if max(dq_bytes, dkdv_bytes) > _config.MOSAIC_SMEM_BYTES:
+    if max(dq_bytes, dkdv_bytes) > SMEM_PER_BLOCK:
         return [f"mosaic_stages_bwd={stages} does not fit in shared memory at {_config.dims_text(d, dv)}"]
     return []
 

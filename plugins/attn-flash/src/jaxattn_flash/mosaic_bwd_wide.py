@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxattn.pallas_compat import smem_footprint
+
 from ._compat import mosaic_gpu, mosaic_load
 from .mosaic_bwd_kernels import (
     MosaicBwdSpec,
@@ -188,9 +190,14 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
 
 def wide_smem_bytes(head_dim: int, value_head_dim: int, block_q: int, stages: int, itemsize: int = 2,
                     segments: bool = False) -> int:
-    """Shared memory of `mosaic_dkdv_wide`'s tiles and segment ids (barriers apart)."""
-    kv = KEYS * (head_dim + value_head_dim)
-    ring = stages * block_q * (head_dim + value_head_dim)
-    halves = 2 * CONSUMERS * KEYS * HALF
-    ids = 4 * (CONSUMERS * KEYS + stages * block_q) if segments else 0
-    return itemsize * (kv + ring + halves) + 2 * stages * block_q * 4 + ids
+    """Shared memory of `mosaic_dkdv_wide`'s scratch (its list above, buffer by buffer; no
+    cross-warp reductions), as Mosaic GPU's lowering lays it out: what `gpu_path` checks by."""
+    d, dv = head_dim, value_head_dim
+    buffers = [KEYS * d * itemsize, KEYS * dv * itemsize, stages * block_q * d * itemsize,
+               stages * block_q * dv * itemsize, stages * block_q * 4, stages * block_q * 4,
+               CONSUMERS * KEYS * HALF * itemsize, CONSUMERS * KEYS * HALF * itemsize]
+    barriers = 2 + 5 * stages
+    if segments:  # segment_scratch: the block's key ids, a ring of query tiles' ids
+        buffers += [CONSUMERS * KEYS * 4, stages * block_q * 4]
+        barriers += CONSUMERS + stages
+    return smem_footprint(buffers, barriers, reductions=False)
