@@ -187,8 +187,8 @@ def mosaic_backward_reasons(request: AttentionRequest, hardware: Hardware, confi
 
 def _smem_reasons(request: AttentionRequest, config: Mapping[str, Any]) -> list[str]:
     """Whether the backward's kernels at head dims 64/128 fit in shared memory with the config's
-    stages, dq key tile and dq form (`mosaic_stages_bwd=3` with "split" and segment ids does not
-    at 128, nor "own" there with either): said here, not by Mosaic GPU's compiler."""
+    stages, dq key tile and dq form (at head_dim 128, 3 stages with "split" dQ and segment ids do
+    not, nor "own" dQ with segment ids or 3 stages): said here, not by Mosaic GPU's compiler."""
     from .mosaic_bwd_dq import dq_smem_bytes
     from .mosaic_bwd_kernels import dkdv_smem_bytes
 
