@@ -125,7 +125,7 @@ def test_mosaic_switch_says_every_reason_it_cannot_serve_a_call():
 
 @pytest.mark.parametrize("case", ["bfloat16 c1 s2", "bfloat16 c2 s6 bk64 g16", "int8 qk c2 s4", "float8_e4m3fn qk c2 s4",
                                   "int8 qk widener c1 s3", "int8 c1 s2", "float8_e4m3fn widener c1 s2 d64 g8"])
-def test_smem_bytes_bounds_what_the_lowering_allocates(case, monkeypatch):
+def test_smem_bytes_are_what_the_lowering_allocates(case, monkeypatch):
     """`mosaic_serves.smem_bytes`, the budget the plugin and `tune` judge a config by before
     tracing, against the shared memory Mosaic GPU's own lowering allocates for the kernel (on this
     CPU machine, lowering for CUDA): the same bytes (the defaults and a config 3 KB under the

@@ -29,7 +29,7 @@ def smem_bytes(d: int, dv: int, group: int, block_kv: int, stages: int, page_ite
                consumers: int = 1) -> int:
     """Shared memory of one CUDA block, as Pallas's Mosaic GPU lowering lays it out
     (`pallas_compat.smem_footprint`: the buffers, the softmax's reductions, the barriers);
-    `test_smem_bytes_bounds_what_the_lowering_allocates` holds it to the lowering's own count.
+    `test_smem_bytes_are_what_the_lowering_allocates` holds it to the lowering's own count.
     `widened_slots`: 16-bit slots of the widened tiles (`stages`
     with the widener warpgroup, else one per consumer); each consumer warpgroup has its own
     probabilities and output tiles; two units' queries."""
