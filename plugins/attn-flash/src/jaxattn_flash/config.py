@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jaxattn import AttentionRequest, BackendConfig, MaskParts
 from jaxattn.pallas_compat import SMEM_PER_BLOCK, smem_footprint
 
+from .mosaic_segments import segment_smem
 from .triton_kernels import Tiles
 
 KERNELS = ("fwd", "dq", "dkv")
@@ -337,8 +338,9 @@ def mosaic_smem_bytes(head_dim: int, block_kv: int, stages: int, itemsize: int =
     if guard:
         buffers.append(stages * block_kv * 4)
     if segments:
-        buffers += [consumers * rows * 4, stages * block_kv * 4]
-        barriers += consumers + stages
+        ids, id_barriers = segment_smem(consumers, rows, block_kv, stages)
+        buffers += ids
+        barriers += id_barriers
     return smem_footprint(buffers, barriers, reductions=True)
 
 

@@ -34,7 +34,7 @@ from .mosaic_bwd_kernels import (
     kv_tile_range,
 )
 from .mosaic_kernels import CONSUMERS, _swizzled, launch, visible
-from .mosaic_segments import clip_full, clip_range, masked_by, own_ids, segment_scratch, tile_ids
+from .mosaic_segments import clip_full, clip_range, masked_by, own_ids, segment_scratch, segment_smem, tile_ids
 
 
 def dq_smem_bytes(head_dim: int, value_head_dim: int, block_kv: int, stages: int, segments: bool,
@@ -45,9 +45,10 @@ def dq_smem_bytes(head_dim: int, value_head_dim: int, block_kv: int, stages: int
     buffers = [CONSUMERS * bq * d * itemsize, CONSUMERS * bq * dv * itemsize, CONSUMERS * bq * 4,
                CONSUMERS * bq * 4, stages * block_kv * d * itemsize, stages * block_kv * dv * itemsize]
     barriers = 4 * CONSUMERS + 3 * stages
-    if segments:  # segment_scratch: a consumer's query ids, a ring of key tiles' ids
-        buffers += [CONSUMERS * bq * 4, stages * block_kv * 4]
-        barriers += CONSUMERS + stages
+    if segments:  # a consumer's query ids, a ring of key tiles' ids
+        ids, id_barriers = segment_smem(CONSUMERS, bq, block_kv, stages)
+        buffers += ids
+        barriers += id_barriers
     return smem_footprint(buffers, barriers, reductions=False)
 
 

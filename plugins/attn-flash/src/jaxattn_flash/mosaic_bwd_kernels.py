@@ -78,6 +78,7 @@ from .mosaic_segments import (
     masked_by,
     own_ids,
     segment_scratch,
+    segment_smem,
     segment_tile_ranges,
     tile_ids,
 )
@@ -321,9 +322,10 @@ def dkdv_smem_bytes(head_dim: int, value_head_dim: int, stages: int, fused: str 
     buffers = [CONSUMERS * bk * d * itemsize, CONSUMERS * bk * dv * itemsize, stages * bq * d * itemsize,
                stages * bq * dv * itemsize, stages * bq * 4, stages * bq * 4]
     barriers = 2 * CONSUMERS + 5 * stages
-    if segments:  # segment_scratch: a consumer's key ids, a ring of query tiles' ids
-        buffers += [CONSUMERS * bk * 4, stages * bq * 4]
-        barriers += CONSUMERS + stages
+    if segments:  # a consumer's key ids, a ring of query tiles' ids
+        ids, id_barriers = segment_smem(CONSUMERS, bk, bq, stages)
+        buffers += ids
+        barriers += id_barriers
     if fused:  # dSᵀ two tiles deep, the float32 dQ part each consumer adds
         dq_cols = d // CONSUMERS if fused == "split" else d
         buffers += [2 * CONSUMERS * bk * bq * itemsize, CONSUMERS * bq * dq_cols * 4]

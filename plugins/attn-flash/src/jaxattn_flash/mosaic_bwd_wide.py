@@ -48,7 +48,7 @@ from .mosaic_bwd_kernels import (
     sum_over_group,
 )
 from .mosaic_kernels import CONSUMERS, _consumers_sync, _swizzled, launch, visible
-from .mosaic_segments import clip_full, clip_range, masked_by, own_ids, segment_scratch, tile_ids
+from .mosaic_segments import clip_full, clip_range, masked_by, own_ids, segment_scratch, segment_smem, tile_ids
 
 KEYS = 64  # keys per CUDA block: one wgmma M, shared by both consumers
 HALF = 32  # queries of a tile whose logits one consumer computes
@@ -197,7 +197,8 @@ def wide_smem_bytes(head_dim: int, value_head_dim: int, block_q: int, stages: in
                stages * block_q * dv * itemsize, stages * block_q * 4, stages * block_q * 4,
                CONSUMERS * KEYS * HALF * itemsize, CONSUMERS * KEYS * HALF * itemsize]
     barriers = 2 + 5 * stages
-    if segments:  # segment_scratch: the block's key ids, a ring of query tiles' ids
-        buffers += [CONSUMERS * KEYS * 4, stages * block_q * 4]
-        barriers += CONSUMERS + stages
+    if segments:  # the block's key ids, a ring of query tiles' ids
+        ids, id_barriers = segment_smem(CONSUMERS, KEYS, block_q, stages)
+        buffers += ids
+        barriers += id_barriers
     return smem_footprint(buffers, barriers, reductions=False)

@@ -94,6 +94,12 @@ def segment_scratch(plgpu, consumers: int, own: int, tile: int, stages: int) -> 
             plgpu.SMEM((stages, tile), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=stages))
 
 
+def segment_smem(consumers: int, own: int, tile: int, stages: int) -> tuple[list[int], int]:
+    """What `segment_scratch` takes: (its buffers' bytes, its barriers), for the kernels'
+    shared-memory budgets (`pallas_compat.smem_footprint`)."""
+    return [consumers * own * 4, stages * tile * 4], consumers + stages
+
+
 def own_ids(plgpu, src, smem, barrier, layout):
     """The ids of a consumer's own rows (`src`, a gmem slice), copied once and loaded in `layout`."""
     plgpu.copy_gmem_to_smem(src, smem, barrier)
