@@ -7,8 +7,9 @@
                                                  # and with the running max), sinks, window 4096,
                                                  # chunked 8192; fwd and fwd+bwd, beside cuDNN and
                                                  # tokamax where they take the row
-    python3 bench/bench_mosaic_bwd.py alone [ROWS]  # the features rows' backward alone, Triton vs Mosaic
-                                                 # (ROWS: comma-separated names, e.g. "window 4096")
+    python3 bench/bench_mosaic_bwd.py alone [ROWS [BWDS]]  # the features rows' backward alone, Triton vs
+                                                 # Mosaic (ROWS: comma-separated names, e.g. "window 4096",
+                                                 # or "all"; BWDS: keys of BACKWARDS, default triton,mosaic)
     python3 bench/bench_mosaic_bwd.py nonfinite  # NaN/inf values: gradients' finiteness vs xla per mosaic_dq
 
 A second argument names the backwards of `check` and `table` (comma-separated keys of BACKWARDS).
@@ -40,6 +41,7 @@ BACKWARDS = {
     "mosaic 3 stages": {"gpu_backward": "mosaic", "mosaic_stages_bwd": 3},
     "mosaic split": {"gpu_backward": "mosaic", "mosaic_dq": "split"},
     "mosaic own": {"gpu_backward": "mosaic", "mosaic_dq": "own"},
+    "mosaic separate": {"gpu_backward": "mosaic", "mosaic_dq": "separate"},
 }
 
 
@@ -203,11 +205,12 @@ def features():
         log(f"{name}: " + "  ".join(f"{n} {t:.0f}" for n, t in row))
 
 
-def backward_alone(shape=FEATURE_SHAPE, names=None, rounds=5):
+def backward_alone(shape=FEATURE_SHAPE, names=None, labels=("triton", "mosaic"), rounds=5):
     """Issue 22's "1.3x its Triton backward", measured on the backward: each backward's pullback
     timed alone over residuals its forward made once (the forward is flash's default in both, so
     fwd+bwd figures dilute the ratio with a shared forward), the two in alternated rounds; ms
-    median (best) and Triton over Mosaic. `names`: rows of `feature_rows` (default: all)."""
+    median (best) and the first label's time over each other's. `names`: rows of `feature_rows`
+    (default: all); `labels`: keys of BACKWARDS, timed in alternated rounds."""
     import statistics
 
     b, s, hq, _, d = shape
@@ -217,7 +220,7 @@ def backward_alone(shape=FEATURE_SHAPE, names=None, rounds=5):
         kw = rows[name][0]
         extra = {"mosaic_softcap_running_max": True} if name.endswith("running max") else {}
         timers = {}
-        for label in ("triton", "mosaic"):
+        for label in labels:
             md = OperationMetadata(operation_configs={"flash": {**BACKWARDS[label], **extra}})
             _, pull = jax.vjp(lambda q, k, v, md=md, kw=kw: jaxattn.attention(
                 q, k, v, backend="flash", metadata=md, **kw), q, k, v)
@@ -230,9 +233,10 @@ def backward_alone(shape=FEATURE_SHAPE, names=None, rounds=5):
             for label, (once, _out) in timers.items():
                 times[label].append(once())
         med = {label: statistics.median(t) for label, t in times.items()}
+        first = labels[0]
         log(f"{name}: backward alone, ms median (best): " + "  ".join(
             f"{label} {med[label] * 1e3:.3f} ({min(times[label]) * 1e3:.3f})" for label in times)
-            + f"  triton/mosaic {med['triton'] / med['mosaic']:.2f}x")
+            + "".join(f"  {first}/{label} {med[first] / med[label]:.2f}x" for label in labels[1:]))
 
 
 def nonfinite():
@@ -270,4 +274,6 @@ def nonfinite():
 if __name__ == "__main__":
     {"check": check, "table": table, "features": features, "nonfinite": nonfinite,
      "wide": lambda: table(WIDE_SHAPES),
-     "alone": lambda: backward_alone(names=sys.argv[2].split(",") if len(sys.argv) > 2 else None)}[sys.argv[1]]()
+     "alone": lambda: backward_alone(
+         names=sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] != "all" else None,
+         labels=tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else ("triton", "mosaic"))}[sys.argv[1]]()

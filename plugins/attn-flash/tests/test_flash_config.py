@@ -77,6 +77,23 @@ def test_mosaic_dq_defaults_per_head_dim_and_split_needs_head_dim_128():
         flash_config.mosaic_fused_dq({"mosaic_dq": "split"}, 64)
 
 
+def test_a_window_or_chunks_take_the_separate_dq_kernel_at_head_dim_128():
+    """Where every row sees few key blocks, the fused forms' float32 dQ fill and cast cost more than
+    the separate kernel's second pass (H200: window 1024 fwd+bwd 7% faster); head_dim 64 was not
+    measured there and keeps "own"; the config's `mosaic_dq` still wins."""
+    assert not flash_config.bounds_keys(None, None)  # causal (band_hi only) or full
+    assert flash_config.bounds_keys(-1023, None) and flash_config.bounds_keys(None, 8192)
+    assert flash_config.mosaic_fused_dq({}, 128, bounded=True) is None
+    assert flash_config.mosaic_fused_dq({}, 64, bounded=True) == "own"
+    assert flash_config.mosaic_fused_dq({"mosaic_dq": "split"}, 128, bounded=True) == "split"
+    # `jaxattn tune` tries the other form: the fused one where the separate kernel is the default
+    windowed = _request(band=(-1023, 0), mask_kinds=frozenset({"causal", "sliding_window"}))
+    chunked = _request(chunk=(8192, 0), mask_kinds=frozenset({"chunked_causal"}))
+    for request in (windowed, chunked):
+        space = flash_config.tuning_space(request, mosaic_by_default=True, mosaic_backward_by_default=True)
+        assert {"mosaic_dq": "split"} in space and {"mosaic_dq": "separate"} not in space
+
+
 def test_softcap_without_max_only_where_the_cap_bounds_exp2():
     """bfloat16 with a cap whose exp2 summed over the keys stays under 2**96 (30 at 128k keys,
     50 at 32k); not float16 (p would pass 65504), not a cap of 100, not without a cap, not when

@@ -382,6 +382,18 @@ def test_backward_tiles_over_shared_memory_are_refused_before_tracing(mosaic_imp
     assert impl.gpu_backward_for(request, H100, _md(gpu_backward="mosaic", **fits)).kernel == "mosaic"
 
 
+def test_the_shared_memory_check_follows_the_windows_dq_form(mosaic_importable):
+    """A window makes "separate" dQ the default at head_dim 128 (`MOSAIC_DQ_BOUNDED`): 3 stages with
+    segment ids then fit (the dk/dv kernel holds no dQ buffer), where causal alone's "split" does not."""
+    impl = FlashAttention()
+    forced = _md(gpu_backward="mosaic", mosaic_stages_bwd=3)
+    packed = frozenset({"causal", "segment"})
+    with pytest.raises(ValueError, match="mosaic_dq='split', segment ids"):
+        impl.gpu_backward_for(_request(mask_kinds=packed), H100, forced)
+    windowed = _request(mask_kinds=packed | {"sliding_window"}, band=(-1023, 0))
+    assert impl.gpu_backward_for(windowed, H100, forced).kernel == "mosaic"
+
+
 def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     """On Hopper (injected) a soft-capped causal call runs the Mosaic forward with the cap and
     carries the Mosaic backward's spec; forcing Triton leaves each out. Segment ids and lengths
@@ -392,11 +404,11 @@ def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     q = jax.random.normal(jax.random.PRNGKey(0), (1, 256, 4, 128), jax.numpy.bfloat16)
     k = jax.random.normal(jax.random.PRNGKey(1), (1, 256, 2, 128), jax.numpy.bfloat16)
 
-    def prepare(config, **optional):
+    def prepare(config, sliding_window=None, **optional):
         md = _md(**config)
         optional = {"segment_ids": None, "query_seq_lengths": None, "key_value_seq_lengths": None, **optional}
         inputs = jaxattn.validation.build_attention_inputs(
-            q, k, k, None, None, metadata=md, scale=None, is_causal=True, sliding_window=None, **optional,
+            q, k, k, None, None, metadata=md, scale=None, is_causal=True, sliding_window=sliding_window, **optional,
             logits_soft_cap=30.0, sinks=None, dropout_rate=0.0, dropout_rng=None, return_lse=False)
         return backend._prepare(inputs, md, False, H100)
 
@@ -434,6 +446,9 @@ def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     with pytest.raises(ValueError, match=r"\['launch_cluster_dkv'\] must be an int from 1 to 64"):
         prepare({"launch_cluster_dkv": 0})
     assert prepare({"mosaic_dq": "separate"}).spec.mosaic_bwd.fused_dq is None  # the deterministic kernel
+    # a window bounds every row's keys: the separate dq kernel by default (config.MOSAIC_DQ_BOUNDED)
+    assert prepare({}, sliding_window=64).spec.mosaic_bwd.fused_dq is None
+    assert prepare({"mosaic_dq": "split"}, sliding_window=64).spec.mosaic_bwd.fused_dq == "split"
     assert not (bspec.segments or bspec.kv_lengths or call.mosaic.segments or call.mosaic.kv_lengths)
     # segment ids and lengths reach both Mosaic specs and ride with the call, unpadded
     ids = jax.numpy.asarray(np.repeat([[0] * 100 + [1] * 156], 1, axis=0), jax.numpy.int32)

@@ -110,7 +110,8 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
         block_kv_dq, stages_bwd = _config.mosaic_bwd_tiles(config, d, dv)
         spec = replace(spec, mosaic_bwd=MosaicBwdSpec(
             scale=spec.scale, band_lo=band_lo, band_hi=band_hi, soft_cap=spec.soft_cap,
-            dq_block_kv=block_kv_dq, stages=stages_bwd, fused_dq=_config.mosaic_fused_dq(config, d, dv),
+            dq_block_kv=block_kv_dq, stages=stages_bwd, fused_dq=_config.mosaic_fused_dq(
+                config, d, dv, bounded=_config.bounds_keys(band_lo, parts.chunk_size)),
             chunk=spec.chunk_size, chunk_offset=spec.chunk_offset, kv_lengths=kv_lens is not None,
             segments=q_seg is not None, passes=_config.mosaic_dkv_passes(config, hq // hkv, parts, d, dv),
             cluster=_config.mosaic_dkv_cluster(config, hq // hkv, parts, d, dv)))

@@ -14,7 +14,7 @@ optional; None or absent = the measured default), validated before the kernels r
   `mosaic_stages_bwd` (shared-memory slots of both kernels, 2 to 4) and `mosaic_dq`: "split"
   or "own" (dq made inside the dk/dv kernel and summed by TMA reductions: faster, not bitwise
   deterministic; the default at head_dim 128 and 64) or "separate" (its own kernel, one writer
-  per tile: deterministic)
+  per tile: deterministic; the default at head_dim 128 under a window or chunks)
 * soft-cap: `mosaic_softcap_running_max` (True: the Mosaic forward keeps a running max under a
   soft-cap too; by default it skips it where `softcap_without_max` says the cap bounds exp2)
 * dk/dv launch order: `launch_passes_dkv` (1 to 8; see `launch_order.py`)
@@ -139,6 +139,13 @@ MOSAIC_BWD_STAGES: dict[int, int] = {64: 3}
 # H200 "split" gained 7% fwd+bwd on full masks at head_dim 128 (causal -2% to +3.5%), "own" 3.5-4%
 # at head_dim 64; both sum dq with TMA reductions (not bitwise deterministic: "separate" is).
 MOSAIC_DQ_DEFAULTS: dict[int, str] = {64: "own", 128: "split"}
+# head_dim -> the dq form where a window or chunks bound every row's keys: there each dq tile sums
+# few key blocks, so the fused forms' fixed cost (dQ's float32 buffer zeroed, then cast) outweighs
+# the separate kernel's second pass. On an H200 (2026-12-02, bench/results/h200_2026-12-02/
+# tune_win1024.log, bwd_alone_dq.log) at head_dim 128: window 1024 at (1, 16384, 16, 16) fwd+bwd
+# 1.319 vs 1.421 ms "split" (cuDNN 1.336); at (1, 32768, 32, 8) the backward alone with window 4096
+# 11.59 vs 12.10 ms, chunks of 8192 12.94 vs 12.88 (level).
+MOSAIC_DQ_BOUNDED: dict[int, str] = {128: "separate"}
 # Wide head dims (head_dim + value head_dim > 256: 256/256, MLA's 192/128): dk and dv of one
 # consumer's 64 keys would not fit in its registers, so they come from mosaic_bwd_wide.py and the
 # backward's dq kernel takes key tiles of 32 (its Q, dO and K/V ring then fit in shared memory);
@@ -213,10 +220,24 @@ def mosaic_bwd_tiles(config: Mapping[str, Any], head_dim: int | None = None,
     return cfg.mosaic_block_kv_dq or MOSAIC_BWD_DEFAULTS[0], stages
 
 
-def mosaic_fused_dq(config: Mapping[str, Any], head_dim: int, value_head_dim: int | None = None) -> str | None:
-    """`MosaicBwdSpec.fused_dq` of the config's `mosaic_dq` or the default for `head_dim` (None: the
-    separate dq kernel); ValueError when "split" is asked at a head_dim it cannot tile."""
-    mode = validate(config).mosaic_dq or MOSAIC_DQ_DEFAULTS.get(head_dim, "separate")
+def mosaic_dq_default(head_dim: int, bounded: bool = False) -> str:
+    """The `mosaic_dq` a call takes unless its config names one: `MOSAIC_DQ_BOUNDED` where a window
+    or chunks bound the keys (`bounded`), else `MOSAIC_DQ_DEFAULTS`, else "separate"."""
+    return ((MOSAIC_DQ_BOUNDED.get(head_dim) if bounded else None)
+            or MOSAIC_DQ_DEFAULTS.get(head_dim, "separate"))
+
+
+def bounds_keys(band_lo: int | None, chunk_size: int | None) -> bool:
+    """Whether a window (a band's left edge) or chunks bound the keys every query sees."""
+    return band_lo is not None or chunk_size is not None
+
+
+def mosaic_fused_dq(config: Mapping[str, Any], head_dim: int, value_head_dim: int | None = None,
+                    bounded: bool = False) -> str | None:
+    """`MosaicBwdSpec.fused_dq` of the config's `mosaic_dq` or the default for `head_dim` and the
+    mask (`mosaic_dq_default`; None: the separate dq kernel); ValueError when "split" is asked at a
+    head_dim it cannot tile."""
+    mode = validate(config).mosaic_dq or mosaic_dq_default(head_dim, bounded)
     if mode != "separate" and wide_backward(head_dim, value_head_dim or head_dim):
         raise ValueError(f"flash: mosaic_dq={mode!r} does not fit at {dims_text(head_dim, value_head_dim)} (dQ's "
                          "float32 buffer beside the dk/dv kernel's tiles exceeds shared memory): use 'separate'")
@@ -302,8 +323,8 @@ def softcap_without_max(config: Mapping[str, Any], soft_cap: float | None, dtype
 def tuning_space(request: AttentionRequest, mosaic_by_default: bool,
                  mosaic_backward_by_default: bool = False) -> list[dict[str, Any]]:
     """What `jaxattn tune` tries on a GPU besides the defaults: the Triton forward where the
-    Mosaic one is the default, the Triton backward and the separate dq kernel where the Mosaic
-    backward is, else the plain dk/dv launch order where 4 passes or launch clusters are."""
+    Mosaic one is the default, the Triton backward and the other dq form (fused or separate) where
+    the Mosaic backward is, else the plain dk/dv launch order where 4 passes or launch clusters are."""
     space: list[dict[str, Any]] = [{}]
     if mosaic_by_default:
         space.append({"gpu_kernel": "triton"})
@@ -312,7 +333,9 @@ def tuning_space(request: AttentionRequest, mosaic_by_default: bool,
     if request.needs_grad and mosaic_backward_by_default:
         space.append({"gpu_backward": "triton"})
         if request.head_dim in MOSAIC_DQ_DEFAULTS:
-            space.append({"mosaic_dq": "separate"})
+            default = mosaic_dq_default(request.head_dim, bounds_keys(band[0], chunk))
+            other = MOSAIC_DQ_DEFAULTS[request.head_dim] if default == "separate" else "separate"
+            space.append({"mosaic_dq": other})
         wide = wide_backward(request.head_dim, request.value_head_dim)
         if request.is_gqa and heavy_first(band[0], band[1], chunk) and not wide:
             space.append({"launch_cluster_dkv": 1})

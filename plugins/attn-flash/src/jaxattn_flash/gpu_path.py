@@ -194,8 +194,9 @@ def _smem_reasons(request: AttentionRequest, config: Mapping[str, Any]) -> list[
 
     d, dv = request.head_dim, request.value_head_dim
     block_kv_dq, stages = _config.mosaic_bwd_tiles(config, d, dv)
+    chunk = request.chunk[0] if request.chunk else None
     try:
-        fused = _config.mosaic_fused_dq(config, d, dv)
+        fused = _config.mosaic_fused_dq(config, d, dv, bounded=_config.bounds_keys(band_of(request)[0], chunk))
     except ValueError as err:
         return [str(err)]
     need = {"dk/dv kernel": dkdv_smem_bytes(d, dv, stages, fused, request.has_segments)}
