@@ -13,18 +13,28 @@
 #              pages beside cuDNN; JSON in OUTDIR; ~5 min)
 #     pages    the same at pages of 64 and 32 tokens, defaults and the few cited variants only
 #              (--final): is one-byte decode bound by its per-page copies (ragged BENCHMARKS.md)
+#     peers    bench/bench_auto.py (auto beside every backend, cuDNN and tokamax's default: issue 16's
+#              bars) and plugins/attn-flash/bench/bench_mosaic_bwd.py table mosaic (fwd+bwd beside cuDNN
+#              and tokamax's Mosaic kernel: issue 22's); tokamax only where it imports (see below)
 #     all      the parts in order (more than one device call)
-# Every part installs the core and all plugins (no network needed) and lists the backends.
+# Every part installs the core and all plugins (no network needed) and lists the backends. Wheels
+# in ./.whl (e.g. tokamax and the packages it needs that the machine lacks, fetched elsewhere with
+# `pip download --no-deps`) are installed first into /tmp/site, put on PYTHONPATH.
 # Logs go to OUTDIR (default ./gpu-logs); the exit status is that of the tests.
 set -o pipefail
 part="${1:-}"
 out="${2:-gpu-logs}"
 case "$part" in
-  flash|mosaic|ragged|rest|quant|pages|all) ;;
-  *) echo "usage: bash bench/gpu_checks.sh flash|mosaic|ragged|rest|quant|pages|all [OUTDIR]" >&2; exit 2 ;;
+  flash|mosaic|ragged|rest|quant|pages|peers|all) ;;
+  *) echo "usage: bash bench/gpu_checks.sh flash|mosaic|ragged|rest|quant|pages|peers|all [OUTDIR]" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 python3 -m pip install -q --no-deps --no-build-isolation \
     -e core -e plugins/attn-cudnn -e plugins/attn-flash -e plugins/attn-ragged -e plugins/attn-splash || exit 1
 python3 -m jaxattn.cli list-backends 2>&1 | tee "$out/list-backends.txt"
@@ -58,5 +68,9 @@ if [ "$part" = pages ] || [ "$part" = all ]; then
     python3 plugins/attn-ragged/bench/bench_ragged.py --sections quant --final --page-size "$ps" \
       --json "$out/bench_ragged_quant_ps$ps.json" 2>&1 | tee "$out/bench_ragged_quant_ps$ps.log"
   done
+fi
+if [ "$part" = peers ] || [ "$part" = all ]; then
+  python3 bench/bench_auto.py 2>&1 | tee "$out/auto_peers.md"
+  python3 plugins/attn-flash/bench/bench_mosaic_bwd.py table mosaic 2>&1 | tee "$out/bwd_table_peers.log"
 fi
 exit $status
