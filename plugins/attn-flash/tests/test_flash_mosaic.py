@@ -313,6 +313,25 @@ def test_auto_backward_takes_mosaic_on_hopper_with_soft_cap_and_sinks(mosaic_imp
     assert impl.gpu_backward_for(_request(), H100, _md(gpu_backward="triton")).kernel == "triton"
 
 
+def test_the_mosaic_backward_says_how_it_makes_dq(mosaic_importable):
+    """The choice names the dq form and whether it is deterministic: fused "split" by the measured
+    default on a causal call at head_dim 128, the separate kernel under a window, the config's
+    form where it names one, the separate 32-key kernel at wide head dims."""
+    impl = FlashAttention()
+    causal = impl.gpu_backward_for(_request(), H100).reason
+    assert "dq: fused 'split'" in causal and "not bitwise deterministic" in causal and "MOSAIC_DQ_DEFAULTS" in causal
+    windowed = _request(mask_kinds=frozenset({"causal", "sliding_window"}), band=(-1023, 0))
+    text = impl.gpu_backward_for(windowed, H100).reason
+    assert "dq: the separate kernel (deterministic)" in text and "MOSAIC_DQ_BOUNDED" in text
+    text = impl.gpu_backward_for(_request(), H100, _md(mosaic_dq="separate")).reason
+    assert "dq: the separate kernel (deterministic), by mosaic_dq in the flash config" in text
+    text = impl.gpu_backward_for(_request(head_dim=64, value_head_dim=64), H100).reason
+    assert "dq: fused 'own'" in text
+    text = impl.gpu_backward_for(_request(head_dim=256, value_head_dim=256), H100).reason
+    assert "dq: the separate kernel (32-key tiles at wide head dims; deterministic)" in text
+    assert "dq:" not in impl.gpu_backward_for(_request(), A100).reason  # the Triton backward
+
+
 def test_auto_backward_follows_the_measured_rule(mosaic_importable, monkeypatch):
     monkeypatch.setitem(gpu_path.AUTO_MOSAIC_BWD, (128, "band"), False)
     choice = FlashAttention().gpu_backward_for(_request(), H100)

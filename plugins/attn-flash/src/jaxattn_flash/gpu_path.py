@@ -274,11 +274,34 @@ def choose(request: AttentionRequest, hardware: Hardware, config: Mapping[str, A
 
 def choose_backward(request: AttentionRequest, hardware: Hardware, config: Mapping[str, Any] | None = None,
                     *, interpret: bool = False) -> PathChoice:
-    """The backward kernels `request` takes on `hardware` under `config` (key `gpu_backward`)."""
+    """The backward kernels `request` takes on `hardware` under `config` (key `gpu_backward`); a
+    Mosaic choice also says how it makes dq (whether the gradients are bitwise deterministic)."""
     config = config or {}
-    return _decide(request, hardware, key="gpu_backward", wanted=_config.gpu_backward(config),
-                   interpret=interpret, reasons=lambda: mosaic_backward_reasons(request, hardware, config),
-                   rule=AUTO_MOSAIC_BWD, rule_name="AUTO_MOSAIC_BWD", what="backward")
+    choice = _decide(request, hardware, key="gpu_backward", wanted=_config.gpu_backward(config),
+                     interpret=interpret, reasons=lambda: mosaic_backward_reasons(request, hardware, config),
+                     rule=AUTO_MOSAIC_BWD, rule_name="AUTO_MOSAIC_BWD", what="backward")
+    if choice.kernel != "mosaic":
+        return choice
+    return PathChoice("mosaic", f"{choice.reason}; {_dq_text(request, config)}")
+
+
+def _dq_text(request: AttentionRequest, config: Mapping[str, Any]) -> str:
+    """How the Mosaic backward makes dq for `request` (a call `mosaic_backward_reasons` accepts), and why."""
+    d, dv = request.head_dim, request.value_head_dim
+    if _config.wide_backward(d, dv):
+        return f"dq: the separate kernel ({_config.WIDE_DQ_BLOCK_KV}-key tiles at wide head dims; deterministic)"
+    chunk = request.chunk[0] if request.chunk else None
+    bounded = _config.bounds_keys(band_of(request)[0], chunk)
+    fused = _config.mosaic_fused_dq(config, d, dv, bounded=bounded)
+    if _config.validate(config).mosaic_dq:
+        why = "mosaic_dq in the flash config"
+    elif bounded and d in _config.MOSAIC_DQ_BOUNDED:
+        why = "a window or chunks bound the keys (MOSAIC_DQ_BOUNDED)"
+    else:
+        why = f"the measured default at head_dim {d} (MOSAIC_DQ_DEFAULTS)"
+    form = ("the separate kernel (deterministic)" if fused is None
+            else f"fused {fused!r} into the dk/dv kernel (TMA reductions: not bitwise deterministic)")
+    return f"dq: {form}, by {why}"
 
 
 # -- the Mosaic forward under custom_vjp, with the Triton backward --------------------------------
