@@ -232,6 +232,11 @@ def bounds_keys(band_lo: int | None, chunk_size: int | None) -> bool:
     return band_lo is not None or chunk_size is not None
 
 
+def request_bounds_keys(request: AttentionRequest) -> bool:
+    """`bounds_keys` of a request's static band and chunk."""
+    return bounds_keys((request.band or (None, None))[0], request.chunk[0] if request.chunk else None)
+
+
 def mosaic_fused_dq(config: Mapping[str, Any], head_dim: int, value_head_dim: int | None = None,
                     bounded: bool = False) -> str | None:
     """`MosaicBwdSpec.fused_dq` of the config's `mosaic_dq` or the default for `head_dim` and the
@@ -333,7 +338,7 @@ def tuning_space(request: AttentionRequest, mosaic_by_default: bool,
     if request.needs_grad and mosaic_backward_by_default:
         space.append({"gpu_backward": "triton"})
         if request.head_dim in MOSAIC_DQ_DEFAULTS:
-            default = mosaic_dq_default(request.head_dim, bounds_keys(band[0], chunk))
+            default = mosaic_dq_default(request.head_dim, request_bounds_keys(request))
             other = MOSAIC_DQ_DEFAULTS[request.head_dim] if default == "separate" else "separate"
             space.append({"mosaic_dq": other})
         wide = wide_backward(request.head_dim, request.value_head_dim)

@@ -194,9 +194,8 @@ def _smem_reasons(request: AttentionRequest, config: Mapping[str, Any]) -> list[
 
     d, dv = request.head_dim, request.value_head_dim
     block_kv_dq, stages = _config.mosaic_bwd_tiles(config, d, dv)
-    chunk = request.chunk[0] if request.chunk else None
     try:
-        fused = _config.mosaic_fused_dq(config, d, dv, bounded=_config.bounds_keys(band_of(request)[0], chunk))
+        fused = _config.mosaic_fused_dq(config, d, dv, bounded=_config.request_bounds_keys(request))
     except ValueError as err:
         return [str(err)]
     need = {"dk/dv kernel": dkdv_smem_bytes(d, dv, stages, fused, request.has_segments)}
@@ -290,8 +289,7 @@ def _dq_text(request: AttentionRequest, config: Mapping[str, Any]) -> str:
     d, dv = request.head_dim, request.value_head_dim
     if _config.wide_backward(d, dv):
         return f"dq: the separate kernel ({_config.WIDE_DQ_BLOCK_KV}-key tiles at wide head dims; deterministic)"
-    chunk = request.chunk[0] if request.chunk else None
-    bounded = _config.bounds_keys(band_of(request)[0], chunk)
+    bounded = _config.request_bounds_keys(request)
     fused = _config.mosaic_fused_dq(config, d, dv, bounded=bounded)
     if _config.validate(config).mosaic_dq:
         why = "mosaic_dq in the flash config"
