@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import jaxattn
+from jaxattn.pallas_compat import SMEM_PER_BLOCK
 from jaxattn.testing.conformance import relative_error
 from jaxattn_ragged import RaggedPagedAttention
 from jaxattn_ragged._testing import assert_close, paged_problem, reference, run_impl
@@ -154,12 +155,12 @@ def test_smem_bytes_are_what_the_lowering_allocates(case, monkeypatch):
                       platforms=["cuda"])(*args)
     model = mosaic_serves.smem_bytes(d, d, group, block_kv, stages, dtype.itemsize, quant and not qk, quant,
                                      1 if qk else 2, widened_slots=stages if widener else 1, consumers=consumers)
-    assert counted and model == max(counted) <= mosaic_serves.SMEM_BYTES
+    assert counted and model == max(counted) <= SMEM_PER_BLOCK
     # one slot more than fits: the model refuses it and so does the lowering (its own message)
     over = stages + consumers if not widener else stages + 1
     while mosaic_serves.smem_bytes(d, d, group, block_kv, over, dtype.itemsize, quant and not qk, quant,
                                    1 if qk else 2, widened_slots=over if widener else 1,
-                                   consumers=consumers) <= mosaic_serves.SMEM_BYTES:
+                                   consumers=consumers) <= SMEM_PER_BLOCK:
         over += consumers
     import jaxattn_ragged.mosaic_decode as decode_module
 

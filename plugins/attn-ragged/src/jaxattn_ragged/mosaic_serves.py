@@ -10,7 +10,6 @@ from jaxattn.pallas_compat import SMEM_PER_BLOCK, smem_footprint
 
 MAX_GROUP = 256  # wgmma's largest N: query heads per kv head
 ONE_BYTE = (jnp.int8, jnp.float8_e4m3fn)  # page dtypes with per-token scales, widened in shared memory
-SMEM_BYTES = SMEM_PER_BLOCK  # the limit Mosaic GPU's lowering checks
 
 
 def padded_group(group: int) -> int:
@@ -80,7 +79,7 @@ def widener_fits(d: int, group: int, block_kv: int, stages: int, quantized_qk: b
     memory (keys widened too without `quantized_qk`)."""
     need = smem_bytes(d, d, group, block_kv, stages, 1, not quantized_qk, True, 1 if quantized_qk else 2,
                       widened_slots=stages)
-    return need <= SMEM_BYTES
+    return need <= SMEM_PER_BLOCK
 
 
 def mosaic_reasons(query, key_pages, value_pages, *, cu_q_lens=None, window_left=None, soft_cap=None,
@@ -147,9 +146,9 @@ def layout_reasons(*, q_dtype, kv_dtype, num_q_heads: int, num_kv_heads: int, he
     one_byte_qk = quant and (int8_dots or fp8_dots)
     need = smem_bytes(d, dv, hq // hkv, block_kv, stages, kv_dtype.itemsize, quant and not one_byte_qk, quant,
                       1 if one_byte_qk else 2, consumers=consumers)
-    if need > SMEM_BYTES:
+    if need > SMEM_PER_BLOCK:
         reasons.append(f"the Mosaic decode kernel's tiles at block_kv {block_kv} and {stages} stages need {need} "
-                       f"bytes of shared memory, more than {SMEM_BYTES}")
+                       f"bytes of shared memory, more than {SMEM_PER_BLOCK}")
     if hq // hkv > MAX_GROUP:
         reasons.append(f"the Mosaic decode kernel takes at most {MAX_GROUP} query heads per kv head")
     return reasons
