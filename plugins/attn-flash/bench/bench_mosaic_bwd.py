@@ -42,6 +42,10 @@ BACKWARDS = {
     "mosaic split": {"gpu_backward": "mosaic", "mosaic_dq": "split"},
     "mosaic own": {"gpu_backward": "mosaic", "mosaic_dq": "own"},
     "mosaic separate": {"gpu_backward": "mosaic", "mosaic_dq": "separate"},
+    "mosaic separate kv128": {"gpu_backward": "mosaic", "mosaic_dq": "separate", "mosaic_block_kv_dq": 128},
+    "mosaic separate 3 stages": {"gpu_backward": "mosaic", "mosaic_dq": "separate", "mosaic_stages_bwd": 3},
+    "mosaic dkv cluster 4": {"gpu_backward": "mosaic", "launch_cluster_dkv": 4},
+    "mosaic dkv passes 2": {"gpu_backward": "mosaic", "launch_passes_dkv": 2},
 }
 
 

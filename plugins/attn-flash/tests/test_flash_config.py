@@ -94,6 +94,18 @@ def test_a_window_or_chunks_take_the_separate_dq_kernel_at_head_dim_128():
         assert {"mosaic_dq": "split"} in space and {"mosaic_dq": "separate"} not in space
 
 
+def test_the_dq_choice_names_what_chose_it():
+    """`explain`'s dq line quotes the table that set the form; a head_dim no table names falls to
+    "separate" and says so rather than citing a measurement that does not exist."""
+    choice = flash_config.mosaic_dq_choice
+    assert choice({"mosaic_dq": "own"}, 128, bounded=True) == ("own", "mosaic_dq in the flash config")
+    assert choice({}, 128, bounded=True) == ("separate", "a window or chunks bound the keys (MOSAIC_DQ_BOUNDED)")
+    assert choice({}, 64, bounded=True) == ("own", "the measured default at head_dim 64 (MOSAIC_DQ_DEFAULTS)")
+    mode, why = choice({}, 96)
+    assert mode == "separate" and "no fused form measured at head_dim 96" == why
+    assert flash_config.mosaic_dq_default(96) == "separate" and flash_config.mosaic_fused_dq({}, 96) is None
+
+
 def test_softcap_without_max_only_where_the_cap_bounds_exp2():
     """bfloat16 with a cap whose exp2 summed over the keys stays under 2**96 (30 at 128k keys,
     50 at 32k); not float16 (p would pass 65504), not a cap of 100, not without a cap, not when

@@ -220,11 +220,22 @@ def mosaic_bwd_tiles(config: Mapping[str, Any], head_dim: int | None = None,
     return cfg.mosaic_block_kv_dq or MOSAIC_BWD_DEFAULTS[0], stages
 
 
+def mosaic_dq_choice(config: Mapping[str, Any], head_dim: int, bounded: bool = False) -> tuple[str, str]:
+    """(the `mosaic_dq` a call takes, what chose it): the config's, else `MOSAIC_DQ_BOUNDED` where a
+    window or chunks bound the keys (`bounded`), else `MOSAIC_DQ_DEFAULTS`, else "separate"."""
+    named = validate(config).mosaic_dq
+    if named:
+        return named, "mosaic_dq in the flash config"
+    if bounded and head_dim in MOSAIC_DQ_BOUNDED:
+        return MOSAIC_DQ_BOUNDED[head_dim], "a window or chunks bound the keys (MOSAIC_DQ_BOUNDED)"
+    if head_dim in MOSAIC_DQ_DEFAULTS:
+        return MOSAIC_DQ_DEFAULTS[head_dim], f"the measured default at head_dim {head_dim} (MOSAIC_DQ_DEFAULTS)"
+    return "separate", f"no fused form measured at head_dim {head_dim}"
+
+
 def mosaic_dq_default(head_dim: int, bounded: bool = False) -> str:
-    """The `mosaic_dq` a call takes unless its config names one: `MOSAIC_DQ_BOUNDED` where a window
-    or chunks bound the keys (`bounded`), else `MOSAIC_DQ_DEFAULTS`, else "separate"."""
-    return ((MOSAIC_DQ_BOUNDED.get(head_dim) if bounded else None)
-            or MOSAIC_DQ_DEFAULTS.get(head_dim, "separate"))
+    """The `mosaic_dq` a call takes unless its config names one (`mosaic_dq_choice`)."""
+    return mosaic_dq_choice({}, head_dim, bounded)[0]
 
 
 def bounds_keys(band_lo: int | None, chunk_size: int | None) -> bool:
@@ -240,9 +251,9 @@ def request_bounds_keys(request: AttentionRequest) -> bool:
 def mosaic_fused_dq(config: Mapping[str, Any], head_dim: int, value_head_dim: int | None = None,
                     bounded: bool = False) -> str | None:
     """`MosaicBwdSpec.fused_dq` of the config's `mosaic_dq` or the default for `head_dim` and the
-    mask (`mosaic_dq_default`; None: the separate dq kernel); ValueError when "split" is asked at a
+    mask (`mosaic_dq_choice`; None: the separate dq kernel); ValueError when "split" is asked at a
     head_dim it cannot tile."""
-    mode = validate(config).mosaic_dq or mosaic_dq_default(head_dim, bounded)
+    mode, _ = mosaic_dq_choice(config, head_dim, bounded)
     if mode != "separate" and wide_backward(head_dim, value_head_dim or head_dim):
         raise ValueError(f"flash: mosaic_dq={mode!r} does not fit at {dims_text(head_dim, value_head_dim)} (dQ's "
                          "float32 buffer beside the dk/dv kernel's tiles exceeds shared memory): use 'separate'")

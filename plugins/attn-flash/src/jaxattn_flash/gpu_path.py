@@ -291,12 +291,7 @@ def _dq_text(request: AttentionRequest, config: Mapping[str, Any]) -> str:
         return f"dq: the separate kernel ({_config.WIDE_DQ_BLOCK_KV}-key tiles at wide head dims; deterministic)"
     bounded = _config.request_bounds_keys(request)
     fused = _config.mosaic_fused_dq(config, d, dv, bounded=bounded)
-    if _config.validate(config).mosaic_dq:
-        why = "mosaic_dq in the flash config"
-    elif bounded and d in _config.MOSAIC_DQ_BOUNDED:
-        why = "a window or chunks bound the keys (MOSAIC_DQ_BOUNDED)"
-    else:
-        why = f"the measured default at head_dim {d} (MOSAIC_DQ_DEFAULTS)"
+    _, why = _config.mosaic_dq_choice(config, d, bounded)
     form = ("the separate kernel (deterministic)" if fused is None
             else f"fused {fused!r} into the dk/dv kernel (TMA reductions: not bitwise deterministic)")
     return f"dq: {form}, by {why}"
