@@ -19,7 +19,10 @@
 #     all      the parts in order (more than one device call)
 # Every part installs the core and all plugins (no network needed) and lists the backends. Wheels
 # in ./.whl (e.g. tokamax and the packages it needs that the machine lacks, fetched elsewhere with
-# `pip download --no-deps`) are installed first into /tmp/site, put on PYTHONPATH.
+# `pip download --no-deps`) are installed first into /tmp/site, put on PYTHONPATH. For tokamax 0.0.17
+# on the H200 image (2026-12-03) that is: tokamax, einshape, immutabledict, pydantic, pydantic-core,
+# annotated-types, typing-inspection, typing-extensions (>= 4.16), qwix, tensorboardx, xprof, and
+# xprof's fire and termcolor (37 MB; without fire, `import tokamax` fails and its columns read "-").
 # Logs go to OUTDIR (default ./gpu-logs); the exit status is that of the tests.
 set -o pipefail
 part="${1:-}"
