@@ -35,10 +35,10 @@ MOSAIC_MASKS = ["full", "causal", "fully_masked_rows", "window", "chunked", "kv_
 TOL = dict(rtol=3e-2, atol=3e-2)
 
 
-def _check(kernel: str, mask: str) -> None:
+def _check(kernel: str, mask: str, shape=SHAPE, dtype=jnp.bfloat16) -> None:
     meta = OperationMetadata(operation_configs={"flash": {"gpu_kernel": kernel}})
     for seed in range(3):
-        args = nonfinite_problem(seed, SHAPE, dtype=jnp.bfloat16)
+        args = nonfinite_problem(seed, shape, dtype=dtype)
         got = jaxattn.attention(**args, **MASKS[mask], return_lse=True, backend="flash", metadata=meta)
         ref_args = {name: x.astype(jnp.float32) for name, x in args.items()}
         want = jaxattn.attention(**ref_args, **MASKS[mask], return_lse=True, backend="xla")
@@ -54,6 +54,14 @@ def test_triton_forward_keeps_non_finite_values_to_their_rows(mask):
 @pytest.mark.parametrize("mask", MOSAIC_MASKS)
 def test_mosaic_forward_keeps_non_finite_values_to_their_rows(mask):
     _check("mosaic", mask)
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("head_dim,dtype", [(256, jnp.bfloat16), (128, jnp.float16)])
+@pytest.mark.parametrize("mask", ["causal", "window", "kv_lengths"])
+def test_mosaic_forward_guard_at_other_head_dims_and_dtypes(mask, head_dim, dtype):
+    """The guard cleans value tiles in 64-key x 128-column chunks: two column chunks at 256."""
+    _check("mosaic", mask, SHAPE[:4] + (head_dim,), dtype)
 
 
 @pytest.mark.parametrize("kernel", ["triton", "mosaic", "triton+mosaic_bwd", "mosaic+mosaic_bwd"])

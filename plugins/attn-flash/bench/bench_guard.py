@@ -1,0 +1,126 @@
+"""The Mosaic forward's value guard on a Hopper GPU: what keeping a masked key's NaN value out of
+the rows that do not see it costs, in its two forms, beside no guard and tokamax's default.
+
+    python3 plugins/attn-flash/bench/bench_guard.py [ROUNDS]
+
+Forms (`MosaicSpec`): "flags" (`guard_flags=True`: one pass over v before the kernel finds the
+(batch row, kv head) pairs holding a non-finite value, and only their blocks clean the cut tiles),
+"in kernel" (`guard_flags=False`: every block cleans its cut tiles, no pass over v; under
+ping-pong consumer 0 cleans a tile whole while its QK^T runs), "no guard"
+(what a kernel without the guarantee costs; wrong on such inputs), and "attention" (the call as a
+user makes it: `jaxattn.attention(..., backend="flash")`). First each form's NaN rows are checked
+against the xla reference on inputs with non-finite values (`jaxattn.testing.nonfinite_problem`),
+then the causal forward and a 4096-key window are timed: TFLOP/s of visible work, each column the
+best of ROUNDS rounds (every other round in reverse order), `jaxattn.bench.time_call` inside.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+
+import jaxattn
+from jaxattn.bench import time_call
+from jaxattn.testing import assert_same_nonfinite, nonfinite_problem
+from jaxattn_flash import config as flash_config
+from jaxattn_flash.mosaic_kernels import MosaicSpec, mosaic_forward
+
+ROUNDS = 3
+SHAPES = [  # (b, s, hq, hkv, d), window (None: causal)
+    ((4, 4096, 32, 32, 128), None), ((4, 4096, 32, 8, 128), None), ((1, 16384, 16, 16, 128), None),
+    ((8, 2048, 16, 16, 64), None), ((1, 32768, 32, 8, 128), 4096),
+]
+
+
+def spec_for(shape, window, **changes) -> MosaicSpec:
+    """The spec the flash backend builds for this causal / windowed call (its tiles and launch order)."""
+    _, s, hq, hkv, d = shape
+    block_kv, stages = flash_config.mosaic_tiles({}, d, d, s, banded=True)
+    lo = None if window is None else -(window - 1)
+    base = MosaicSpec(scale=d ** -0.5, band_lo=lo, band_hi=0, block_kv=block_kv, stages=stages,
+                      guard_values=True,
+                      cluster=flash_config.MOSAIC_FWD_CLUSTER_CAUSAL if flash_config.heavy_first(lo, 0, None) else 1)
+    return replace(base, **changes)
+
+
+def forms(shape, window, checks=False):
+    """name -> jitted (q, k, v) -> (out, lse); `checks`: also the in-kernel guard without ping-pong
+    (its consumers clean their halves of a tile and meet)."""
+    mask = jaxattn.CausalMask() if window is None else jaxattn.SlidingWindowMask(window - 1, 0)
+
+    def kernel(**changes):
+        spec = spec_for(shape, window, **changes)
+        return jax.jit(lambda q, k, v: mosaic_forward(spec, q, k, v))
+
+    return {
+        "attention": jax.jit(lambda q, k, v: jaxattn.attention(q, k, v, mask=mask, backend="flash", return_lse=True)),
+        "flags": kernel(guard_flags=True),
+        "in kernel": kernel(guard_flags=False),
+        "no guard": kernel(guard_values=False),
+        **({"in kernel, no ping-pong": kernel(guard_flags=False, pingpong=False)} if checks else {}),
+        **({"tokamax": tokamax_forward()} if window is None and tokamax_forward() is not None else {}),
+    }
+
+
+def tokamax_forward():
+    try:
+        import tokamax
+    except Exception:  # noqa: BLE001
+        return None
+    return jax.jit(lambda q, k, v: (tokamax.dot_product_attention(q, k, v, is_causal=True), None))
+
+
+def check_nan_rows() -> None:
+    """Each guarded form's NaN rows and values against xla's on small inputs with NaN/inf values."""
+    for shape, window in (((2, 1024, 4, 2, 128), None), ((2, 1024, 4, 2, 64), None), ((2, 2048, 4, 2, 128), 384)):
+        mask = jaxattn.CausalMask() if window is None else jaxattn.SlidingWindowMask(window - 1, 0)
+        for seed in (0, 3, 6):
+            x = nonfinite_problem(seed, shape, bad_keys=False, dtype=jnp.bfloat16)
+            q, k, v = x["query"], x["key"], x["value"]
+            ref, ref_lse = jaxattn.attention(*(t.astype(jnp.float32) for t in (q, k, v)), mask=mask, backend="xla",
+                                             return_lse=True)
+            for name, f in forms(shape, window, checks=True).items():
+                if name in ("no guard", "tokamax"):
+                    continue
+                out, lse = f(q, k, v)
+                try:
+                    assert_same_nonfinite(out, lse, ref, ref_lse, f"{name} {shape} window={window} seed={seed}",
+                                          rtol=3e-2, atol=3e-2)
+                    verdict = "ok"
+                except AssertionError as err:
+                    verdict = f"FAIL {str(err)[:300]}"
+                print(f"NAN {shape} window={window} seed={seed} {name}: {verdict}", flush=True)
+
+
+def timing(rounds: int) -> None:
+    for shape, window in SHAPES:
+        b, s, hq, hkv, d = shape
+        ks = jax.random.split(jax.random.key(s + d), 3)
+        q = jax.random.normal(ks[0], (b, s, hq, d), jnp.bfloat16)
+        k = jax.random.normal(ks[1], (b, s, hkv, d), jnp.bfloat16)
+        v = jax.random.normal(ks[2], (b, s, hkv, d), jnp.bfloat16)
+        visible = s * (s + 1) / 2 if window is None else s * window - window * (window - 1) / 2
+        flops = 4 * b * hq * d * visible
+        fns = forms(shape, window)
+        ref = fns["no guard"](q, k, v)[0].astype(jnp.float32)
+        for name, f in fns.items():
+            out = f(q, k, v)[0].astype(jnp.float32)
+            err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+            print(f"DIFF {shape} window={window} {name}: {err:.1e}")
+        best = {name: 0.0 for name in fns}
+        for r in range(rounds):
+            for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                f = fns[name]
+                best[name] = max(best[name], flops / time_call(functools.partial(f, q, k, v)) / 1e12)
+        print(f"GUARD {shape} {'causal' if window is None else f'window {window}'} fwd TFLOP/s: "
+              + "  ".join(f"{n} {t:.0f}" for n, t in best.items()), flush=True)
+
+
+if __name__ == "__main__":
+    print("jax", jax.__version__, jax.devices()[0].device_kind)
+    check_nan_rows()
+    timing(int(sys.argv[1]) if len(sys.argv) > 1 else ROUNDS)
