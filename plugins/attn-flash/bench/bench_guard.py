@@ -5,8 +5,8 @@ the rows that do not see it costs, in its two forms, beside no guard and tokamax
 
 Forms (`MosaicSpec`): "flags" (`guard_flags=True`: one pass over v before the kernel finds the
 (batch row, kv head) pairs holding a non-finite value, and only their blocks clean the cut tiles),
-"in kernel" (`guard_flags=False`: every block cleans its cut tiles, no pass over v; under
-ping-pong consumer 0 cleans a tile whole while its QK^T runs), "no guard"
+"in kernel" (`guard_flags=False`: every block cleans its cut tiles, no pass over v; the three
+other in-kernel forms tried on 2026-12-03 are in the plugin's BENCHMARKS.md), "no guard"
 (what a kernel without the guarantee costs; wrong on such inputs), and "attention" (the call as a
 user makes it: `jaxattn.attention(..., backend="flash")`). First each form's NaN rows are checked
 against the xla reference on inputs with non-finite values (`jaxattn.testing.nonfinite_problem`),
@@ -47,9 +47,8 @@ def spec_for(shape, window, **changes) -> MosaicSpec:
     return replace(base, **changes)
 
 
-def forms(shape, window, checks=False):
-    """name -> jitted (q, k, v) -> (out, lse); `checks`: also the in-kernel guard without ping-pong
-    (its consumers clean their halves of a tile and meet)."""
+def forms(shape, window):
+    """name -> jitted (q, k, v) -> (out, lse)."""
     mask = jaxattn.CausalMask() if window is None else jaxattn.SlidingWindowMask(window - 1, 0)
 
     def kernel(**changes):
@@ -61,7 +60,6 @@ def forms(shape, window, checks=False):
         "flags": kernel(guard_flags=True),
         "in kernel": kernel(guard_flags=False),
         "no guard": kernel(guard_values=False),
-        **({"in kernel, no ping-pong": kernel(guard_flags=False, pingpong=False)} if checks else {}),
         **({"tokamax": tokamax_forward()} if window is None and tokamax_forward() is not None else {}),
     }
 
@@ -83,7 +81,7 @@ def check_nan_rows() -> None:
             q, k, v = x["query"], x["key"], x["value"]
             ref, ref_lse = jaxattn.attention(*(t.astype(jnp.float32) for t in (q, k, v)), mask=mask, backend="xla",
                                              return_lse=True)
-            for name, f in forms(shape, window, checks=True).items():
+            for name, f in forms(shape, window).items():
                 if name in ("no guard", "tokamax"):
                     continue
                 out, lse = f(q, k, v)

@@ -33,18 +33,17 @@ logit the row sees) propagates.
 
 Non-finite values (`guard_values`, where a mask can hide a key): `p @ v` with p = 0 on a
 masked key would carry a NaN value into every row of its tile. On the tiles the block's mask
-cuts (the ones outside the block's fully visible range, the same for both consumers), the value
-tile is cleaned in shared memory (non-finite entries zeroed, the keys that held one written to a
-small per-stage array) and the rows that see a marked key are marked; those rows are NaN at the
-end. Under ping-pong consumer 0 cleans the whole tile while its QK^T runs, before the arrive that
-lets consumer 1 go on, so consumer 1 finds it clean without waiting; without ping-pong each
-consumer cleans its 64-key chunks and they meet on named barrier 10. On the fully visible tiles
-a non-finite value reaches every row, as it must, with no work. By default (`guard_flags`) the
-cleaning runs only in the blocks of a (batch row, kv head) whose values hold a non-finite entry:
-one flag per pair, from one read of the values before the kernel (no host sync: each block reads
-its flag and takes one of two compiled forms), so clean calls run no guard work at all. Cleaning
-the cut tiles of every block instead, without the pass, measured slower on an H200 (the flash
-plugin's BENCHMARKS.md, "The value guard in the kernel, under ping-pong").
+cuts (the ones outside the block's fully visible range), the consumers stop ping-ponging and
+clean the value tile in shared memory together (each its 64-key chunks: non-finite entries
+zeroed, the keys that held one written to a small per-stage array), meet on named barrier 10,
+and mark the rows that see a marked key; those rows are NaN at the end. On the fully visible
+tiles a non-finite value reaches every row, as it must, with no work. The cleaning runs only
+in the blocks of a (batch row, kv head) whose values hold a non-finite entry: one flag per pair,
+from one read of the values before the kernel (no host sync: each block reads its flag and
+takes one of two compiled forms), so clean calls keep ping-pong and the consumers' own full
+ranges on every tile. Cleaning in every block instead, without the pass (`guard_flags=False`),
+measured slower on an H200 in this form and in three others (the flash plugin's BENCHMARKS.md,
+"The value guard in the kernel").
 
 A logit soft-cap c replaces the scaled logits by c·tanh(s·scale/c) (one tanh per logit). Such
 logits lie within ±c, so where exp2 of ±c·log2(e) summed over the keys stays far inside float32
@@ -112,7 +111,7 @@ class MosaicSpec:
     sinks: bool = False  # one sink logit per query head joins each row's normalizer
     guard_values: bool = False  # keep non-finite values of masked keys from the rows that do not see them
     guard_flags: bool = True  # guard only the (batch row, kv head) pairs a pass over v finds non-finite values in
-    # (False: every block cleans the tiles its mask cuts, no pass; measured slower)
+    # (False: every block cleans the tiles its mask cuts, no pass over v; measured slower)
     chunk: int | None = None  # chunked causal: query i sees keys of chunk (i + chunk_offset) // chunk only
     chunk_offset: int = 0
     q_lengths: bool = False  # per-batch query lengths: rows past them give zeros and lse -inf
@@ -352,25 +351,25 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
             def _():
                 plgpu.barrier_wait(k_bar.at[lax.rem(lb, stages)])
 
-            def clean_chunks(slot, chunks):
-                """Zero the non-finite values of these 64-key chunks of a value tile in place and
-                write which keys held one to `bad_smem`: `p @ v` with p = 0 on a masked key must not
+            def clean_values(slot, ok, seen):
+                """Zero the non-finite values of this tile in place (each consumer its 64-key chunks),
+                then mark the rows that see one of them: `p @ v` with p = 0 on a masked key must not
                 turn a NaN value into a NaN row."""
-                for chunk in chunks:
-                    bad = None
-                    for d0 in range(0, dv, GUARD_COLS):
-                        cols = pl.ds(d0, min(GUARD_COLS, dv - d0))
-                        part = v_smem.at[slot, pl.ds(chunk * GUARD_KEYS, GUARD_KEYS), cols]
-                        x = mosaic_load(plgpu, part, wgmma_layout)
-                        finite = (x - x) == 0  # false for NaN and +-inf
-                        part[...] = jnp.where(finite, x, jnp.zeros_like(x))
-                        worst = jnp.where(finite, jnp.float32(0.0), jnp.float32(1.0)).max(axis=1)
-                        bad = worst if bad is None else jnp.maximum(bad, worst)
-                    bad_smem.at[slot, pl.ds(chunk * GUARD_KEYS, GUARD_KEYS)][...] = bad
+                for c in range(bk // GUARD_KEYS):
+                    @pl.when(wg == c % CONSUMERS)
+                    def _(c=c):
+                        bad = None
+                        for d0 in range(0, dv, GUARD_COLS):
+                            cols = pl.ds(d0, min(GUARD_COLS, dv - d0))
+                            part = v_smem.at[slot, pl.ds(c * GUARD_KEYS, GUARD_KEYS), cols]
+                            x = mosaic_load(plgpu, part, wgmma_layout)
+                            finite = (x - x) == 0  # false for NaN and +-inf
+                            part[...] = jnp.where(finite, x, jnp.zeros_like(x))
+                            worst = jnp.where(finite, jnp.float32(0.0), jnp.float32(1.0)).max(axis=1)
+                            bad = worst if bad is None else jnp.maximum(bad, worst)
+                        bad_smem.at[slot, pl.ds(c * GUARD_KEYS, GUARD_KEYS)][...] = bad
                 plgpu.commit_smem()  # visible to the tensor cores and to this warpgroup
-
-            def mark_seen(slot, ok, seen):
-                """The rows that see a key whose value was cleaned (1.0), made NaN at the end."""
+                _consumers_sync(plgpu)  # and to the other consumer
                 bad_keys = mosaic_load(plgpu, bad_smem.at[slot], col_layout)
                 hit = jnp.where(ok, lax.broadcast_in_dim(bad_keys, (bq, bk), [1]), 0.0).max(axis=1)
                 return jnp.maximum(seen, hit)
@@ -387,15 +386,8 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
                     return masked_by(visible(spec, i + r0, j + ki * bk, r0, kv_end), q_ids, k_ids, (bq, bk))
 
-                # a guarded tile under ping-pong: consumer 0 cleans it whole while its QK^T runs, before
-                # its arrive lets consumer 1 go on (consumer 1 reaches this tile only after that)
-                lead_cleans = guarded and pingpong
-
                 def qk(s_ref):
                     plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[slot]))
-                    if lead_cleans:
-                        plgpu.barrier_wait(v_bar.at[slot])
-                        pl.when(wg == 0)(lambda: clean_chunks(slot, range(bk // GUARD_KEYS)))
                     if pingpong:
                         _named_barrier(plgpu, "arrive", own=False)
                     return s_ref[...]
@@ -426,15 +418,10 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 p16 = p.astype(dtype)
                 if spec.fence:
                     acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-                if not lead_cleans:
-                    plgpu.barrier_wait(v_bar.at[slot])
-                if guarded and not pingpong:  # each consumer its chunks, then both meet
-                    for chunk in range(bk // GUARD_KEYS):
-                        pl.when(wg == chunk % CONSUMERS)(functools.partial(clean_chunks, slot, [chunk]))
-                    _consumers_sync(plgpu)
+                plgpu.barrier_wait(v_bar.at[slot])
                 if guarded:
-                    seen = mark_seen(slot, ok, seen)
-                if pingpong:
+                    seen = clean_values(slot, ok, seen)
+                elif pingpong:
                     _named_barrier(plgpu, "sync", own=True)
 
                 def pv(acc_ref):
@@ -494,14 +481,20 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
                 # rows that see a non-finite value in a cleaned tile (1.0), made NaN at the end
                 seen = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout) if guarded else None
+                # Ping-pong pairs the consumers' steps; guarded steps (partial tiles whose values are
+                # cleaned) run side by side instead: both consumers wait for each other's cleaning.
                 pp = spec.pingpong
-                edge = functools.partial(step, masked=True, pingpong=pp, guarded=guarded)
-                if pp:
+                edge = functools.partial(step, masked=True, pingpong=pp and not guarded, guarded=guarded)
+                if pp and not guarded:
                     pl.when(wg == 1)(lambda: _named_barrier(plgpu, "sync", own=True))
                 carry = lax.fori_loop(lb, fs, edge, (acc, m, l, seen))
+                if pp and guarded:
+                    pl.when(wg == 1)(lambda: _named_barrier(plgpu, "sync", own=True))
                 carry = lax.fori_loop(fs, fe, functools.partial(step, masked=False, pingpong=pp), carry)
+                if pp and guarded:
+                    pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
                 acc, m, l, seen = lax.fori_loop(fe, ub, edge, carry)
-                if pp:
+                if pp and not guarded:
                     pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
                 write_rows(acc, m, l, seen)
 
