@@ -24,9 +24,11 @@ import jax
 import jax.numpy as jnp
 
 import jaxattn
+from jaxattn import OperationMetadata
 from jaxattn.bench import time_call
+from jaxattn.inputs import AttentionInputs
 from jaxattn.testing import assert_same_nonfinite, nonfinite_problem
-from jaxattn_flash import config as flash_config
+from jaxattn_flash import backend as flash_backend
 from jaxattn_flash.mosaic_kernels import MosaicSpec, mosaic_forward
 
 ROUNDS = 3
@@ -36,31 +38,31 @@ SHAPES = [  # (b, s, hq, hkv, d), window (None: causal)
 ]
 
 
-def spec_for(shape, window, **changes) -> MosaicSpec:
-    """The spec the flash backend builds for this causal / windowed call (its tiles and launch order)."""
-    _, s, hq, hkv, d = shape
-    block_kv, stages = flash_config.mosaic_tiles({}, d, d, s, banded=True)
-    lo = None if window is None else -(window - 1)
-    base = MosaicSpec(scale=d ** -0.5, band_lo=lo, band_hi=0, block_kv=block_kv, stages=stages,
-                      guard_values=True,
-                      cluster=flash_config.MOSAIC_FWD_CLUSTER_CAUSAL if flash_config.heavy_first(lo, 0, None) else 1)
-    return replace(base, **changes)
+def mask_for(window):
+    return jaxattn.CausalMask() if window is None else jaxattn.SlidingWindowMask(window - 1, 0)
 
 
-def forms(shape, window):
-    """name -> jitted (q, k, v) -> (out, lse)."""
-    mask = jaxattn.CausalMask() if window is None else jaxattn.SlidingWindowMask(window - 1, 0)
+def spec_for(q, k, v, window) -> MosaicSpec:
+    """The Mosaic spec the flash backend builds for this causal / windowed call on this device."""
+    inputs = AttentionInputs(q, k, v, mask=mask_for(window), scale=q.shape[-1] ** -0.5)
+    return flash_backend._prepare(inputs, OperationMetadata(), False, None).mosaic
+
+
+def forms(q, k, v, window):
+    """name -> jitted (q, k, v) -> (out, lse), for arrays shaped like these."""
+    mask, spec = mask_for(window), spec_for(q, k, v, window)
 
     def kernel(**changes):
-        spec = spec_for(shape, window, **changes)
-        return jax.jit(lambda q, k, v: mosaic_forward(spec, q, k, v))
+        changed = replace(spec, **changes)
+        return jax.jit(lambda q, k, v: mosaic_forward(changed, q, k, v))
 
+    tokamax = tokamax_forward() if window is None else None
     return {
         "attention": jax.jit(lambda q, k, v: jaxattn.attention(q, k, v, mask=mask, backend="flash", return_lse=True)),
         "flags": kernel(guard_flags=True),
         "in kernel": kernel(guard_flags=False),
         "no guard": kernel(guard_values=False),
-        **({"tokamax": tokamax_forward()} if window is None and tokamax_forward() is not None else {}),
+        **({"tokamax": tokamax} if tokamax is not None else {}),
     }
 
 
@@ -75,13 +77,14 @@ def tokamax_forward():
 def check_nan_rows() -> None:
     """Each guarded form's NaN rows and values against xla's on small inputs with NaN/inf values."""
     for shape, window in (((2, 1024, 4, 2, 128), None), ((2, 1024, 4, 2, 64), None), ((2, 2048, 4, 2, 128), 384)):
-        mask = jaxattn.CausalMask() if window is None else jaxattn.SlidingWindowMask(window - 1, 0)
+        fns = None
         for seed in (0, 3, 6):
             x = nonfinite_problem(seed, shape, bad_keys=False, dtype=jnp.bfloat16)
             q, k, v = x["query"], x["key"], x["value"]
-            ref, ref_lse = jaxattn.attention(*(t.astype(jnp.float32) for t in (q, k, v)), mask=mask, backend="xla",
-                                             return_lse=True)
-            for name, f in forms(shape, window).items():
+            fns = fns or forms(q, k, v, window)  # one compile per shape, not per seed
+            ref, ref_lse = jaxattn.attention(*(t.astype(jnp.float32) for t in (q, k, v)), mask=mask_for(window),
+                                             backend="xla", return_lse=True)
+            for name, f in fns.items():
                 if name in ("no guard", "tokamax"):
                     continue
                 out, lse = f(q, k, v)
@@ -103,7 +106,7 @@ def timing(rounds: int) -> None:
         v = jax.random.normal(ks[2], (b, s, hkv, d), jnp.bfloat16)
         visible = s * (s + 1) / 2 if window is None else s * window - window * (window - 1) / 2
         flops = 4 * b * hq * d * visible
-        fns = forms(shape, window)
+        fns = forms(q, k, v, window)
         ref = fns["no guard"](q, k, v)[0].astype(jnp.float32)
         for name, f in fns.items():
             out = f(q, k, v)[0].astype(jnp.float32)
