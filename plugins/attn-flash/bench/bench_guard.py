@@ -3,10 +3,12 @@ the rows that do not see it costs, in its two forms, beside no guard and tokamax
 
     python3 plugins/attn-flash/bench/bench_guard.py [ROUNDS]
 
-Forms (`MosaicSpec`): "flags" (`guard_flags=True`: one pass over v before the kernel finds the
-(batch row, kv head) pairs holding a non-finite value, and only their blocks clean the cut tiles),
-"in kernel" (`guard_flags=False`: every block cleans its cut tiles, no pass over v; the three
-other in-kernel forms tried on 2026-12-03 are in the plugin's BENCHMARKS.md), "no guard"
+Forms (`MosaicSpec.guard_form`, `mosaic_kernels.GUARD_FORMS`): "flags" (one pass over v before
+the kernel finds the (batch row, kv head) pairs holding a non-finite value, and only their blocks
+clean the cut tiles), "retry" (every block runs unguarded first, and again guarded where its
+output holds a non-finite value; no pass over v), "every block" (every block cleans its cut tiles,
+no pass over v; the three other in-kernel forms tried on 2026-12-03 are in the plugin's
+BENCHMARKS.md), "no guard"
 (what a kernel without the guarantee costs; wrong on such inputs), and "attention" (the call as a
 user makes it: `jaxattn.attention(..., backend="flash")`). First each form's NaN rows are checked
 against the xla reference on inputs with non-finite values (`jaxattn.testing.nonfinite_problem`),
@@ -59,8 +61,9 @@ def forms(q, k, v, window):
     tokamax = tokamax_forward() if window is None else None
     return {
         "attention": jax.jit(lambda q, k, v: jaxattn.attention(q, k, v, mask=mask, backend="flash", return_lse=True)),
-        "flags": kernel(guard_flags=True),
-        "in kernel": kernel(guard_flags=False),
+        "flags": kernel(guard_form="flags"),
+        "retry": kernel(guard_form="retry"),
+        "every block": kernel(guard_form="every block"),
         "no guard": kernel(guard_values=False),
         **({"tokamax": tokamax} if tokamax is not None else {}),
     }

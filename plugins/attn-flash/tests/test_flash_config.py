@@ -27,6 +27,8 @@ def test_dicts_and_configs_are_the_same_settings():
     ({"mosaic_block_kv": True}, r"\['mosaic_block_kv'\] must be one of 64, 128, 256, got True"),
     ({"blockq": 64}, r"\['flash'\]: unknown keys \['blockq'\]"),
     ({"mosaic_dq": "fused"}, r"\['mosaic_dq'\] must be one of 'separate', 'split', 'own', got 'fused'"),
+    ({"mosaic_value_guard": "none"},
+     r"\['mosaic_value_guard'\] must be one of 'flags', 'retry', 'every block', got 'none'"),
 ])
 def test_bad_settings_name_the_key(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -213,6 +213,27 @@ def test_mosaic_key_tiles_widen_only_without_a_band():
     assert flash_config.resolve({"gpu_kernel": "triton", "mosaic_stages": 2}, 64, 256, 256)["fwd"].block_q == 128
 
 
+def test_the_value_guard_form_comes_from_the_config():
+    """A causal call's Mosaic forward guards the values ("retry" by default, the measured form);
+    `mosaic_value_guard` picks another; a full mask hides no key and has no guard at all."""
+    from jaxattn_flash import backend
+
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 512, 4, 64), jax.numpy.bfloat16)
+
+    def mosaic_spec(causal, **config):
+        md = OperationMetadata(operation_configs={"flash": {"gpu_kernel": "mosaic", **config}})
+        inputs = jaxattn.validation.build_attention_inputs(
+            q, q, q, None, None, metadata=md, scale=None, is_causal=causal, sliding_window=None,
+            segment_ids=None, query_seq_lengths=None, key_value_seq_lengths=None, logits_soft_cap=None, sinks=None,
+            dropout_rate=0.0, dropout_rng=None, return_lse=False)
+        return backend._prepare(inputs, md, False, H100).mosaic
+
+    assert mosaic_spec(True).guard_values and mosaic_spec(True).guard_form == "retry"
+    assert mosaic_spec(True, mosaic_value_guard="flags").guard_form == "flags"
+    assert mosaic_spec(True, mosaic_value_guard="every block").guard_form == "every block"
+    assert not mosaic_spec(False).guard_values
+
+
 def test_mosaic_backward_stages_follow_the_head_dim():
     """head_dim 64 (value head_dim the same) runs the Mosaic backward with 3 stages
     (`MOSAIC_BWD_STAGES`); head_dim 128, a value head_dim of its own, or the config's stages keep

@@ -216,19 +216,26 @@ def test_guarded_forward_traces_with_its_cleaning_state(head_dim, band, sinks, c
     kv = jax.ShapeDtypeStruct((1, 512, 2, head_dim), jnp.bfloat16)
     extra = (jax.ShapeDtypeStruct((4,), jnp.float32),) if sinks else ()
     traced = {}
-    for guard in (False, True):
+    for form in (None, *mk.GUARD_FORMS):
         spec = mk.MosaicSpec(scale=0.1, band_lo=band[0], band_hi=band[1], block_kv=block_kv, sinks=sinks,
-                             guard_values=guard, chunk=chunk)
+                             guard_values=form is not None, guard_form=form or "flags", chunk=chunk)
         jaxpr = jax.make_jaxpr(lambda *a, spec=spec: mk.mosaic_forward(spec, *a))(q, kv, kv, *extra)
-        traced[guard] = jaxpr
+        traced[form] = str(jaxpr)
         assert [(o.aval.shape, o.aval.dtype) for o in jaxpr.jaxpr.outvars] == [
             (q.shape, q.dtype), ((1, 4, 512), jnp.float32)]
     marks = f"Ref<smem>{{f32[2,{block_kv}]}}"  # (stages, block_kv)
-    assert str(traced[True]).count(marks) > str(traced[False]).count(marks)
-    # the guarded kernel runs its cleaning only for (batch row, kv head) pairs whose values hold a
-    # non-finite entry: one flag per pair, read from v before the kernel (the kernel's own test is
-    # (x - x) == 0)
-    assert "is_finite" in str(traced[True]) and "is_finite" not in str(traced[False])
+    for form in mk.GUARD_FORMS:
+        assert traced[form].count(marks) > traced[None].count(marks), form
+    # "flags" cleans only in the (batch row, kv head) pairs whose values hold a non-finite entry:
+    # one flag per pair, read from v before the kernel (the kernel's own test is (x - x) == 0);
+    # "retry" and "every block" read v only inside the kernel
+    assert "is_finite" in traced["flags"]
+    assert all("is_finite" not in traced[form] for form in (None, "retry", "every block"))
+    # "retry": the block-wide vote (one inline PTX call per warpgroup kind: consumers and producer)
+    # and a second pass of the guarded steps exist only in that form
+    assert traced["retry"].count("inline_mgpu") > traced["flags"].count("inline_mgpu")
+    spec = mk.MosaicSpec(scale=0.1, band_lo=band[0], band_hi=band[1], block_kv=block_kv, sinks=sinks,
+                         guard_values=True, guard_form="flags", chunk=chunk)
     # a differentiated call has the keys' flags already (value_guard.bad_keys, for the backward):
     # the guard takes them and reads v no second time
     bad = jax.ShapeDtypeStruct((1, 512, 2), jnp.bool_)
@@ -248,6 +255,8 @@ LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
     "segments-causal-lengths-d256": dict(band_lo=None, band_hi=0, segments=True, kv_lengths=True, head_dim=256,
                                          block_kv=64),
     "causal-guarded-passes": dict(band_lo=None, band_hi=0, guard_values=True, passes=4),
+    "causal-guarded-flags-d64": dict(band_lo=None, band_hi=0, guard_values=True, guard_form="flags", head_dim=64),
+    "window-guarded-every-block": dict(band_lo=-200, band_hi=0, guard_values=True, guard_form="every block"),
     "causal-clusters": dict(band_lo=None, band_hi=0, cluster=4, dkv_cluster=2),
     "window-guarded-softcap": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0),
     "chunked-guarded-sinks": dict(band_lo=None, band_hi=0, guard_values=True, chunk=192, sinks=True),
@@ -313,6 +322,18 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
         q, kv, values, jax.ShapeDtypeStruct((1, 512, 4, d_v), jnp.bfloat16), rows, rows,
         lengths if bspec.kv_lengths else None, *segments)
     assert [o.shape for o in backward.out_avals] == [q.shape, kv.shape, values.shape]
+
+
+def test_guard_forms_are_checked_and_match_the_config():
+    """`MosaicSpec.guard_form` refuses a name it does not know, naming the field and the choices;
+    the forms are the ones the flash config accepts, and the spec's default is the config's."""
+    from jaxattn_flash import config as flash_config
+    from jaxattn_flash import mosaic_kernels as mk
+
+    with pytest.raises(ValueError, match=r"guard_form must be one of \['every block', 'flags', 'retry'\], got 'sometimes'"):
+        mk.MosaicSpec(scale=0.1, band_lo=None, band_hi=0, guard_values=True, guard_form="sometimes")
+    assert set(mk.GUARD_FORMS) == set(flash_config.MOSAIC_VALUE_GUARDS)
+    assert mk.MosaicSpec(scale=0.1, band_lo=None, band_hi=0).guard_form == flash_config.MOSAIC_VALUE_GUARD == "retry"
 
 
 def test_bounded_logits_need_a_soft_cap():

@@ -35,8 +35,8 @@ MOSAIC_MASKS = ["full", "causal", "fully_masked_rows", "window", "chunked", "kv_
 TOL = dict(rtol=3e-2, atol=3e-2)
 
 
-def _check(kernel: str, mask: str, shape=SHAPE, dtype=jnp.bfloat16) -> None:
-    meta = OperationMetadata(operation_configs={"flash": {"gpu_kernel": kernel}})
+def _check(kernel: str, mask: str, shape=SHAPE, dtype=jnp.bfloat16, **config) -> None:
+    meta = OperationMetadata(operation_configs={"flash": {"gpu_kernel": kernel, **config}})
     for seed in range(3):
         args = nonfinite_problem(seed, shape, dtype=dtype)
         got = jaxattn.attention(**args, **MASKS[mask], return_lse=True, backend="flash", metadata=meta)
@@ -54,6 +54,15 @@ def test_triton_forward_keeps_non_finite_values_to_their_rows(mask):
 @pytest.mark.parametrize("mask", MOSAIC_MASKS)
 def test_mosaic_forward_keeps_non_finite_values_to_their_rows(mask):
     _check("mosaic", mask)
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("form", ["flags", "every block"])
+@pytest.mark.parametrize("mask", ["causal", "fully_masked_rows", "window"])
+def test_mosaic_forward_guard_forms_that_are_not_the_default(mask, form):
+    """The default ("retry", every test above) runs each block unguarded and again, guarded, where its
+    output holds a non-finite value; the two other forms guard by a pass over v or in every block."""
+    _check("mosaic", mask, mosaic_value_guard=form)
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")

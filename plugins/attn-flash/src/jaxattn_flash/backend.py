@@ -124,6 +124,7 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
                            chunk=spec.chunk_size, chunk_offset=spec.chunk_offset,
                            q_lengths=q_lens is not None, kv_lengths=kv_lens is not None, segments=q_seg is not None,
                            cluster=_config.mosaic_fwd_cluster(config, parts),
+                           guard_form=_config.mosaic_value_guard(config),
                            bounded_logits=_config.softcap_without_max(config, spec.soft_cap, q.dtype, skv))
         # Unpadded: the Mosaic path takes no padding; the kernel guards the values itself.
         return _Call(spec, mspec, q, k, v, inputs.sinks, q_seg, kv_seg, q_lens, kv_lens)

@@ -15,6 +15,9 @@ optional; None or absent = the measured default), validated before the kernels r
   or "own" (dq made inside the dk/dv kernel and summed by TMA reductions: faster, not bitwise
   deterministic; the default at head_dim 128 and 64) or "separate" (its own kernel, one writer
   per tile: deterministic; the default at head_dim 128 under a window or chunks)
+* the Mosaic forward's value guard: `mosaic_value_guard` = "flags", "retry" or "every block"
+  (`mosaic_kernels.GUARD_FORMS`: which blocks clean the value tiles a mask cuts; default
+  `MOSAIC_VALUE_GUARD`)
 * soft-cap: `mosaic_softcap_running_max` (True: the Mosaic forward keeps a running max under a
   soft-cap too; by default it skips it where `softcap_without_max` says the cap bounds exp2)
 * dk/dv launch order: `launch_passes_dkv` (1 to 8; see `launch_order.py`)
@@ -48,6 +51,8 @@ GPU_KERNELS = ("auto", "triton", "mosaic")
 MOSAIC_BLOCK_KV = (64, 128, 256)
 MOSAIC_BLOCK_KV_DQ = (64, 128)
 MOSAIC_DQ = ("separate", "split", "own")  # see mosaic_bwd_kernels.MosaicBwdSpec.fused_dq
+MOSAIC_VALUE_GUARDS = ("flags", "retry", "every block")  # mosaic_kernels.GUARD_FORMS
+MOSAIC_VALUE_GUARD = "retry"  # measured: BENCHMARKS.md, "The value guard as a retry"
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class FlashConfig(BackendConfig):
     mosaic_stages_bwd: int | None = None
     mosaic_dq: str | None = None
     mosaic_softcap_running_max: bool | None = None
+    mosaic_value_guard: str | None = None
 
     def __post_init__(self) -> None:
         for kernel in KERNELS:
@@ -101,6 +107,7 @@ class FlashConfig(BackendConfig):
         self.check_int("mosaic_stages_bwd", minimum=2, maximum=4)
         self.check_choice("mosaic_dq", MOSAIC_DQ)
         self.check_choice("mosaic_softcap_running_max", (True, False))
+        self.check_choice("mosaic_value_guard", MOSAIC_VALUE_GUARDS)
 
 
 KEYS = frozenset(FlashConfig.keys())
@@ -324,6 +331,12 @@ def mosaic_dkv_cluster(config: Mapping[str, Any], group: int, parts: MaskParts, 
         return 1
     grouped_causal = group > 1 and heavy_first(parts.band_lo, parts.band_hi, parts.chunk_size)
     return MOSAIC_DKV_CLUSTER_GROUPED_CAUSAL if grouped_causal else 1
+
+
+def mosaic_value_guard(config: Mapping[str, Any]) -> str:
+    """Which blocks of a Mosaic forward with the value guard clean the tiles their mask cuts
+    (`mosaic_kernels.GUARD_FORMS`): `mosaic_value_guard`, else the measured default."""
+    return validate(config).mosaic_value_guard or MOSAIC_VALUE_GUARD
 
 
 def softcap_without_max(config: Mapping[str, Any], soft_cap: float | None, dtype: Any, kv_len: int) -> bool:

@@ -308,7 +308,7 @@ def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, sinks, q_lens, kv_lens, 
     that see one NaN), and `bad` (bool `[B, Skv, Hkv]`, `value_guard.bad_keys`; None: nothing
     to guard) names those keys for the backward, whose dv is zero there. The forward reads
     no value twice: `bad` is computed only where the call is differentiated, and there the
-    kernel's guard flags come from it. `q_lens`/`kv_lens`
+    kernel's guard flags come from it (`guard_form` "flags"; "retry" reads none). `q_lens`/`kv_lens`
     (int32 `[B]` or None) are the sequence lengths, `q_seg`/`kv_seg` (int32 `[B, S]` or None)
     the segment ids."""
     from .mosaic_kernels import mosaic_forward

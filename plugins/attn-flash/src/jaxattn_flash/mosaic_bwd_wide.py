@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jaxattn.pallas_compat import smem_footprint
 
 from ._compat import mosaic_gpu, mosaic_load
+from .mosaic_barriers import consumers_sync
 from .mosaic_bwd_kernels import (
     MosaicBwdSpec,
     _dlogits,
@@ -47,7 +48,7 @@ from .mosaic_bwd_kernels import (
     stream_query_tiles,
     sum_over_group,
 )
-from .mosaic_kernels import CONSUMERS, _consumers_sync, _swizzled, launch, visible
+from .mosaic_kernels import CONSUMERS, _swizzled, launch, visible
 from .mosaic_segments import clip_full, clip_range, masked_by, own_ids, segment_scratch, segment_smem, tile_ids
 
 KEYS = 64  # keys per CUDA block: one wgmma M, shared by both consumers
@@ -128,11 +129,11 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
                     vis = masked_by(visible(spec, i + q0, j + c0, q0, kv_end), k_ids, q_ids, (KEYS, HALF))
                 p, cap = _probabilities(spec, s, lax.broadcast_in_dim(lse_col, s.shape, [1]), vis)
                 ds = _dlogits(p, dp, lax.broadcast_in_dim(delta_col, s.shape, [1]), vis, cap)
-                _consumers_sync(plgpu)  # the other consumer is done reading the previous tile's halves
+                consumers_sync(plgpu)  # the other consumer is done reading the previous tile's halves
                 p_smem.at[w][...] = p.astype(dtype)
                 ds_smem.at[w][...] = ds.astype(dtype)
                 plgpu.commit_smem()
-                _consumers_sync(plgpu)  # both halves are written
+                consumers_sync(plgpu)  # both halves are written
 
                 def accumulate(refs):
                     dv_ref, dk_ref = refs
@@ -146,11 +147,11 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
                 return dk, dv
 
             dk, dv = sum_over_group(plgpu, step, group, (lb, fs, fe, ub), (KEYS, cols), (KEYS, v_cols), tile_layout)
-            _consumers_sync(plgpu)  # both are done with K and V: their buffers take dK and dV
+            consumers_sync(plgpu)  # both are done with K and V: their buffers take dK and dV
             k_s.at[:, pl.ds(w * cols, cols)][...] = (dk * spec.scale).astype(dtype)
             v_s.at[:, pl.ds(w * v_cols, v_cols)][...] = dv.astype(dtype)
             plgpu.commit_smem()
-            _consumers_sync(plgpu)  # both halves are in place: one copy each, of whole tiles (TMA takes
+            consumers_sync(plgpu)  # both halves are in place: one copy each, of whole tiles (TMA takes
             # contiguous shared memory only)
             if w == 0:
                 plgpu.copy_smem_to_gmem(k_s, dk_ref.at[bi, keys, kvh])

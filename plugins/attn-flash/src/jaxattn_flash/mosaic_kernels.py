@@ -32,18 +32,25 @@ row with no visible key keeps l = 0 and gives out 0, lse -inf; a NaN sum (a non-
 logit the row sees) propagates.
 
 Non-finite values (`guard_values`, where a mask can hide a key): `p @ v` with p = 0 on a
-masked key would carry a NaN value into every row of its tile. On the tiles the block's mask
-cuts (the ones outside the block's fully visible range), the consumers stop ping-ponging and
-clean the value tile in shared memory together (each its 64-key chunks: non-finite entries
-zeroed, the keys that held one written to a small per-stage array), meet on named barrier 10,
-and mark the rows that see a marked key; those rows are NaN at the end. On the fully visible
-tiles a non-finite value reaches every row, as it must, with no work. The cleaning runs only
-in the blocks of a (batch row, kv head) whose values hold a non-finite entry: one flag per pair,
-from one read of the values before the kernel (no host sync: each block reads its flag and
-takes one of two compiled forms), so clean calls keep ping-pong and the consumers' own full
-ranges on every tile. Cleaning in every block instead, without the pass (`guard_flags=False`),
-measured slower on an H200 in this form and in three others (the flash plugin's BENCHMARKS.md,
-"The value guard in the kernel").
+masked key would carry a NaN value into every row of its tile. The guarded form of a block: on the
+tiles its mask cuts (the ones outside the block's fully visible range), the consumers stop
+ping-ponging and clean the value tile in shared memory together (each its 64-key chunks:
+non-finite entries zeroed, the keys that held one written to a small per-stage array), meet on
+named barrier 10, and mark the rows that see a marked key; those rows are NaN at the end. On the
+fully visible tiles a non-finite value reaches every row, as it must, with no work. Which blocks
+take the guarded form is `guard_form` (`GUARD_FORMS`; the flash plugin's BENCHMARKS.md, "The value
+guard as a retry", has the measurements):
+
+* "retry" (the default): every block runs unguarded first. A masked key's non-finite value can
+  only make rows NaN, so where none of the block's output is non-finite that output stands; the
+  consumers test theirs, and one `bar.red.or` across the block's three warpgroups
+  (`mosaic_barriers.block_any`) tells all of them whether to run the block again, guarded (the
+  producer streams the tiles a second time). Clean calls pay a test of the output in registers,
+  nothing else; a block whose rows see a NaN runs twice.
+* "flags": one flag per (batch row, kv head) from a read of the values before the kernel; each
+  block reads its flag and takes one of the two forms (a pass over v: 6-8% of a head_dim 64 call).
+* "every block": all blocks guarded, no pass (slower: the cleaning sits on the consumers' path;
+  three other in-kernel forms measured slower too, BENCHMARKS.md "The value guard in the kernel").
 
 A logit soft-cap c replaces the scaled logits by c·tanh(s·scale/c) (one tanh per logit). Such
 logits lie within ±c, so where exp2 of ±c·log2(e) summed over the keys stays far inside float32
@@ -74,8 +81,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import mosaic_gpu, mosaic_load, mosaic_params, ref_transpose
-from .config import heavy_first
+from .config import MOSAIC_VALUE_GUARD, heavy_first
 from .launch_order import clustered_ids
+from .mosaic_barriers import CONSUMERS, block_any, consumers_sync, named_barrier
 from .mosaic_segments import (
     clip_full,
     clip_range,
@@ -89,10 +97,12 @@ from .mosaic_segments import (
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 M_FLOOR = -1e30  # initial running max (log2 units): finite, below any real logit
-CONSUMERS = 2
-SCHEDULE_BARRIER = 8  # named barriers 8 (warpgroup 0) and 9 (warpgroup 1)
-CONSUMERS_BARRIER = 10  # both consumers (a guarded tile is clean)
 GUARD_KEYS, GUARD_COLS = 64, 128  # the value guard cleans a tile in chunks of this many keys x columns
+GUARD_FORMS = {  # MosaicSpec.guard_form: which blocks of a guarded call clean the tiles their mask cuts
+    "flags": "those of the (batch row, kv head) pairs a pass over v before the kernel finds a non-finite value in",
+    "retry": "those whose first, unguarded pass wrote a non-finite output: they run again, guarded (no pass over v)",
+    "every block": "all of them (no pass over v)",
+}
 
 
 @dataclass(frozen=True)
@@ -110,8 +120,7 @@ class MosaicSpec:
     soft_cap: float | None = None  # logits c·tanh(s/c)
     sinks: bool = False  # one sink logit per query head joins each row's normalizer
     guard_values: bool = False  # keep non-finite values of masked keys from the rows that do not see them
-    guard_flags: bool = True  # guard only the (batch row, kv head) pairs a pass over v finds non-finite values in
-    # (False: every block cleans the tiles its mask cuts, no pass over v; measured slower)
+    guard_form: str = MOSAIC_VALUE_GUARD  # which blocks clean (GUARD_FORMS): "retry", "flags" or "every block"
     chunk: int | None = None  # chunked causal: query i sees keys of chunk (i + chunk_offset) // chunk only
     chunk_offset: int = 0
     q_lengths: bool = False  # per-batch query lengths: rows past them give zeros and lse -inf
@@ -121,6 +130,8 @@ class MosaicSpec:
     bounded_logits: bool = False  # soft-capped logits bound exp2: no running max (config.softcap_without_max)
 
     def __post_init__(self) -> None:
+        if self.guard_form not in GUARD_FORMS:
+            raise ValueError(f"MosaicSpec: guard_form must be one of {sorted(GUARD_FORMS)}, got {self.guard_form!r}")
         if self.bounded_logits and self.soft_cap is None:  # only a cap bounds the logits
             raise ValueError("MosaicSpec: bounded_logits=True needs a soft_cap")
 
@@ -216,44 +227,6 @@ def full_range(spec: MosaicSpec, r0, lb, ub, rows: int | None = None, kv_end=Non
     return full_key_tiles(spec, r0, spec.block_q if rows is None else rows, spec.block_kv, lb, ub, kv_end)
 
 
-def _bar(plgpu, op: str, barrier_id) -> None:
-    """`bar.<op>` of both consumer warpgroups (256 threads) on the named barrier
-    `barrier_id(wg)` (`wg`: this warpgroup's index, an MLIR i32 value)."""
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import llvm
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
-
-    @plgpu.inline_mgpu()
-    def emit(_ctx):
-        bid = barrier_id(mgpu_utils.warpgroup_idx(sync=False))
-        llvm.inline_asm(ir.Type.parse("!llvm.void"), [bid], f"bar.{op} $0, {CONSUMERS * 128};", "r",
-                        has_side_effects=True)
-
-    emit()
-
-
-def _i32_const(value: int):
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith
-
-    return arith.constant(ir.IntegerType.get_signless(32), value)
-
-
-def _named_barrier(plgpu, op: str, own: bool) -> None:
-    """`bar.<op>` on a consumer's own schedule barrier (8 + wg) or the other's (9 - wg)."""
-    from jax._src.lib.mlir.dialects import arith
-
-    if own:
-        _bar(plgpu, op, lambda wg: arith.addi(wg, _i32_const(SCHEDULE_BARRIER)))
-    else:
-        _bar(plgpu, op, lambda wg: arith.subi(_i32_const(SCHEDULE_BARRIER + 1), wg))
-
-
-def _consumers_sync(plgpu) -> None:
-    """`bar.sync` of both consumer warpgroups on their own named barrier."""
-    _bar(plgpu, "sync", lambda _wg: _i32_const(CONSUMERS_BARRIER))
-
-
 def _swizzled(plgpu, shape, dtype, widest: int = 128):
     """Shared memory for wgmma operands, swizzled by the row's bytes up to `widest`. A product's
     contraction must be a multiple of swizzle / itemsize (64 elements of 2 bytes at 128), so
@@ -291,7 +264,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     Skv % block_kv == 0), sinks `[Hq]` when `spec.sinks`, int32 `[B]` lengths when
     `spec.q_lengths`/`spec.kv_lengths`, segment ids `[B, Sq]`/`[B, Skv]` when `spec.segments`;
     `bad_keys` (bool `[B, Skv, Hkv]`, `value_guard.bad_keys(v)`, where the caller has it already)
-    saves the guard its own read of v
+    saves the "flags" form its own read of v (the other forms read none)
     -> (out `[B, Sq, Hq, Dv]`, lse `[B, Hq, Sq]` natural log, -inf on rows without keys)."""
     plgpu = mosaic_gpu()
     b, sq, hq, d = q.shape
@@ -312,7 +285,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     own_out = dv != d  # O (value head_dim) has its own buffer; else it overwrites Q's
 
     names = (["q", "k", "v"] + ["sinks"] * spec.sinks + ["q_lens"] * spec.q_lengths + ["kv_lens"] * spec.kv_lengths
-             + ["q_seg", "kv_seg", "seg_ranges"] * spec.segments + ["v_dirty"] * (guard and spec.guard_flags))
+             + ["q_seg", "kv_seg", "seg_ranges"] * spec.segments + ["v_dirty"] * (guard and spec.guard_form == "flags"))
 
     def kernel(*refs):
         ins = dict(zip(names, refs))
@@ -347,10 +320,6 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                                 row_layout)
             plgpu.barrier_wait(q_bar.at[wg])
 
-            @pl.when(ub > lb)
-            def _():
-                plgpu.barrier_wait(k_bar.at[lax.rem(lb, stages)])
-
             def clean_values(slot, ok, seen):
                 """Zero the non-finite values of this tile in place (each consumer its 64-key chunks),
                 then mark the rows that see one of them: `p @ v` with p = 0 on a masked key must not
@@ -369,7 +338,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                             bad = worst if bad is None else jnp.maximum(bad, worst)
                         bad_smem.at[slot, pl.ds(c * GUARD_KEYS, GUARD_KEYS)][...] = bad
                 plgpu.commit_smem()  # visible to the tensor cores and to this warpgroup
-                _consumers_sync(plgpu)  # and to the other consumer
+                consumers_sync(plgpu)  # and to the other consumer
                 bad_keys = mosaic_load(plgpu, bad_smem.at[slot], col_layout)
                 hit = jnp.where(ok, lax.broadcast_in_dim(bad_keys, (bq, bk), [1]), 0.0).max(axis=1)
                 return jnp.maximum(seen, hit)
@@ -389,7 +358,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 def qk(s_ref):
                     plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[slot]))
                     if pingpong:
-                        _named_barrier(plgpu, "arrive", own=False)
+                        named_barrier(plgpu, "arrive", own=False)
                     return s_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
@@ -422,7 +391,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 if guarded:
                     seen = clean_values(slot, ok, seen)
                 elif pingpong:
-                    _named_barrier(plgpu, "sync", own=True)
+                    named_barrier(plgpu, "sync", own=True)
 
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -466,10 +435,15 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 plgpu.copy_smem_to_gmem(o, o_ref.at[bi, pl.ds(r0, bq), hi])
                 plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(r0, bq)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                return out
 
             def attend(guarded):
-                """The block's key tiles, then `write_rows`. `guarded`: clean the value tiles the mask
-                cuts (both consumers the same tiles, so the full range is the block's)."""
+                """The block's key tiles, then `write_rows` (its float32 output). `guarded`: clean the
+                value tiles the mask cuts (both consumers the same tiles, so the full range is the block's)."""
+                @pl.when(ub > lb)
+                def _():
+                    plgpu.barrier_wait(k_bar.at[lax.rem(lb, stages)])
+
                 if guarded:
                     fs, fe = full_range(spec, block_r0, lb, ub, spec.rows, kv_end)
                 else:
@@ -486,22 +460,43 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 pp = spec.pingpong
                 edge = functools.partial(step, masked=True, pingpong=pp and not guarded, guarded=guarded)
                 if pp and not guarded:
-                    pl.when(wg == 1)(lambda: _named_barrier(plgpu, "sync", own=True))
+                    pl.when(wg == 1)(lambda: named_barrier(plgpu, "sync", own=True))
                 carry = lax.fori_loop(lb, fs, edge, (acc, m, l, seen))
                 if pp and guarded:
-                    pl.when(wg == 1)(lambda: _named_barrier(plgpu, "sync", own=True))
+                    pl.when(wg == 1)(lambda: named_barrier(plgpu, "sync", own=True))
                 carry = lax.fori_loop(fs, fe, functools.partial(step, masked=False, pingpong=pp), carry)
                 if pp and guarded:
-                    pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
+                    pl.when(wg == 0)(lambda: named_barrier(plgpu, "arrive", own=False))
                 acc, m, l, seen = lax.fori_loop(fe, ub, edge, carry)
                 if pp and not guarded:
-                    pl.when(wg == 0)(lambda: _named_barrier(plgpu, "arrive", own=False))
-                write_rows(acc, m, l, seen)
+                    pl.when(wg == 0)(lambda: named_barrier(plgpu, "arrive", own=False))
+                return write_rows(acc, m, l, seen)
 
-            if guard and spec.guard_flags:  # the guarded form only where this batch row and kv head hold one
+            if guard and spec.guard_form == "flags":  # the guarded form only where this batch row and kv head hold one
                 dirty = ins["v_dirty"][bi * hkv + lax.div(hi, jnp.int32(group))] != 0
-                pl.when(dirty)(lambda: attend(True))
-                pl.when(jnp.logical_not(dirty))(lambda: attend(False))
+
+                @pl.when(dirty)
+                def _():
+                    attend(True)
+
+                @pl.when(jnp.logical_not(dirty))
+                def _():
+                    attend(False)
+            elif guard and spec.guard_form == "retry":
+                out = attend(False)
+                # a masked key's non-finite value can only have made rows NaN: where no row of the
+                # block is, the output stands; else the block runs again, guarded
+                # (not `(out - out) == 0`: out is a product, and the compiler's fused multiply-add
+                # leaves that product's rounding error in the difference)
+                worst = jnp.where(jnp.abs(out) < jnp.inf, jnp.float32(0.0), jnp.float32(1.0)).max(axis=1)
+
+                @pl.when(block_any(plgpu, worst, row_layout) != 0)
+                def _():
+                    plgpu.wait_smem_to_gmem(0)  # the first pass's rows are written before these
+                    if not own_out:  # O took Q's buffer
+                        plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(r0, bq), hi], qo, q_bar.at[wg])
+                        plgpu.barrier_wait(q_bar.at[wg])
+                    attend(True)
             else:
                 attend(guard)
 
@@ -516,22 +511,35 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     plgpu.copy_gmem_to_smem(ins["kv_seg"].at[bi, pl.ds(tile * bk, bk)], kseg_smem.at[slot],
                                             kseg_bar.at[slot])
 
-            for i in range(stages):
-                tile = lb + i
+            def stream():
+                """The block's key and value tiles, through the ring of `stages` slots."""
+                for i in range(stages):
+                    tile = lb + i
 
-                @pl.when(tile < ub)
-                def _(tile=tile):
-                    slot = lax.rem(tile, stages)
-                    load(k_ref, k_smem, k_bar, tile, slot)
-                    load(v_ref, v_smem, v_bar, tile, slot)
+                    @pl.when(tile < ub)
+                    def _(tile=tile):
+                        slot = lax.rem(tile, stages)
+                        load(k_ref, k_smem, k_bar, tile, slot)
+                        load(v_ref, v_smem, v_bar, tile, slot)
 
-            @pl.loop(lb, ub - stages)
-            def _(ki):
-                slot = lax.rem(ki, stages)
-                plgpu.barrier_wait(k_free.at[slot])
-                load(k_ref, k_smem, k_bar, ki + stages, slot)
-                plgpu.barrier_wait(v_free.at[slot])
-                load(v_ref, v_smem, v_bar, ki + stages, slot)
+                @pl.loop(lb, ub - stages)
+                def _(ki):
+                    slot = lax.rem(ki, stages)
+                    plgpu.barrier_wait(k_free.at[slot])
+                    load(k_ref, k_smem, k_bar, ki + stages, slot)
+                    plgpu.barrier_wait(v_free.at[slot])
+                    load(v_ref, v_smem, v_bar, ki + stages, slot)
+
+            stream()
+            if guard and spec.guard_form == "retry":  # the consumers' verdict: stream the tiles again?
+                @pl.when(block_any(plgpu) != 0)
+                def _():
+                    @pl.loop(jnp.maximum(lb, ub - stages), ub)  # the slots' last frees, not waited for yet
+                    def _(ki):
+                        plgpu.barrier_wait(k_free.at[lax.rem(ki, stages)])
+                        plgpu.barrier_wait(v_free.at[lax.rem(ki, stages)])
+
+                    stream()
 
     # each row's sink logit in log2 units, a row of block_q per head (TMA-loaded like the lse)
     sink_rows = [] if not spec.sinks else [
@@ -558,7 +566,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
         segments = [q_seg, kv_seg, segment_tile_ranges(q_seg, kv_seg, rows, bk)]
     # which (batch row, kv head) holds a non-finite value: one read of v, so clean calls skip the guard
     dirty = []
-    if guard and spec.guard_flags:
+    if guard and spec.guard_form == "flags":
         flags = jnp.any(~jnp.isfinite(v), axis=(1, 3)) if bad_keys is None else jnp.any(bad_keys, axis=1)
         dirty = [flags.reshape(b * hkv).astype(jnp.int32)]
     return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, *sink_rows, *lengths,
