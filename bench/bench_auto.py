@@ -12,10 +12,12 @@ ratios issue 16's bars name: auto / the fastest backend, auto / tokamax; then
 rows with a feature (soft-cap, which cuDNN lacks; a 1024 window at 16k) to show what
 `auto` picks there, a chain of 32 short causal calls in one jit, each with its own keys and
 values (the per-call cost of the value guards), and paged decode (bandwidth beside cudnn on the same data made dense).
-Method: jaxattn.bench.time_call (median of 5 x 10 calls after 2 warm-ups) in ROUNDS rounds over
-a row's columns, every other round in reverse order, each column its best round: one pass gave
-the same program 5-9% apart in two columns of one run (clocks drift over a run), which is the
-size of the gaps the bars judge. `python3 bench/bench_auto.py 1` for one pass. Where auto compiles
+Method: jaxattn.bench.time_side_by_side: each column the median of 5 x ROUNDS samples of 10
+calls after 2 warm-ups, the samples taken in turn from every column of the row, the order
+rotated each cycle (until 2026-12-03: each column's best of ROUNDS whole-column rounds, every
+other round reversed, which gave the same program 5-13% apart in two columns of one run: the
+first and last columns open every round; that is the size of the gaps the bars judge).
+`python3 bench/bench_auto.py 1` for 5 cycles. Where auto compiles
 to the very program of the backend it picked (`jaxattn.bench.same_program`), the row marks the
 pick with `=` and both columns show the better of the two timings of that program.
 """
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxattn
-from jaxattn.bench import attention_flops, same_program, time_call
+from jaxattn.bench import attention_flops, same_program, time_call, time_side_by_side
 
 SHAPES = [  # (batch, seq, q heads, kv heads, head_dim)
     (4, 4096, 32, 32, 128),
@@ -74,25 +76,6 @@ BACKENDS = ("cudnn", "flash")  # the jaxattn backends that serve these shapes on
 ROUNDS = 3
 
 
-def best_of_rounds(calls: dict) -> tuple[dict[str, float], dict[str, str]]:
-    """Each call's best `time_call` over ROUNDS rounds, the order reversed every other round; and
-    the calls that failed (name -> exception type), timed no further."""
-    best: dict[str, float] = {}
-    failed: dict[str, str] = {}
-    names = list(calls)
-    for r in range(ROUNDS):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            if name in failed:
-                continue
-            try:
-                t = time_call(calls[name])
-            except Exception as err:  # noqa: BLE001 - a failing backend is a cell, not the end
-                failed[name] = type(err).__name__
-                continue
-            best[name] = min(best.get(name, t), t)
-    return best, failed
-
-
 def row(shape, causal: bool, tokamax_fn) -> str:
     """One table row: auto's choice and TFLOP/s beside every jaxattn backend and the peers, in one
     run, for the forward and for forward+backward; then auto / best backend and auto / tokamax."""
@@ -116,7 +99,8 @@ def row(shape, causal: bool, tokamax_fn) -> str:
             else:
                 compiled[name] = jax.jit(jax.grad(lambda q, k, v, fn=fn: fn(q, k, v).astype(jnp.float32).sum(),
                                                   argnums=(0, 1, 2)))
-        seconds, failed = best_of_rounds({n: functools.partial(f, q, k, v) for n, f in compiled.items()})
+        seconds, failed = time_side_by_side({n: functools.partial(f, q, k, v) for n, f in compiled.items()},
+                                            repeats=5 * ROUNDS)
         # where auto compiled to a backend's very program, the two columns timed it twice: both
         # show the better of the two (their gap is the run's noise), and the row says so
         twin = next((n for n in BACKENDS if n not in failed and "auto" not in failed
@@ -218,7 +202,7 @@ def main() -> None:
     names = ["auto", *BACKENDS, "jax.nn cudnn", *(["tokamax"] if tokamax_fn is not None else [])]
     columns = [f"{kind} {n}" for kind in ("fwd", "fwd+bwd")
                for n in (*names, "auto / best backend", "auto / tokamax")]
-    print(f"TFLOP/s, each the best of {ROUNDS} alternated rounds; auto picks: forward-only / differentiated "
+    print(f"TFLOP/s, each the median of {5 * ROUNDS} samples taken in turn; auto picks: forward-only / differentiated "
           "(`=`: auto compiled to that backend's very program; both columns show the better of their two timings)."
           "\n")
     print("| shape (b, s, hq, hkv, d) | causal | auto picks | " + " | ".join(columns) + " |")

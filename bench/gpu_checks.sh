@@ -8,7 +8,7 @@
 #     ragged   every gpu test of the ragged plugin: conformance of both backends, quantized pages,
 #              the Mosaic decode kernel's forms (~7.5 min)
 #     rest     the cudnn GPU tests and flash's non-finite-value tests (a few minutes), then
-#              bench/bench_auto.py (~1 min)
+#              bench/bench_auto.py (~5 min with tokamax installed)
 #     quant    the quantized-cache benchmark (bench_ragged.py --sections quant: bf16 vs int8 vs fp8
 #              pages beside cuDNN; JSON in OUTDIR; ~5 min)
 #     pages    the same at pages of 64 and 32 tokens, defaults and the few cited variants only

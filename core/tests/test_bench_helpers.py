@@ -1,4 +1,5 @@
-"""`jaxattn.bench.same_program`: what lets a benchmark say that two of its columns timed one program."""
+"""`jaxattn.bench.same_program`: what lets a benchmark say that two of its columns timed one program;
+`time_side_by_side`: columns timed in turn, so none owns the first slot."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 
 import jaxattn
 import jaxattn.bench
-from jaxattn.bench import lowered_text, program_text, same_program
+from jaxattn.bench import lowered_text, program_text, same_program, time_side_by_side
 
 
 def _inputs():
@@ -50,3 +51,31 @@ def test_one_stablehlo_is_one_program_whatever_names_the_compiled_text_carries(m
     monkeypatch.setattr(jaxattn.bench, "program_text", lambda fn, *args: f"compiled {next(names)}")
     assert same_program(auto, xla, q, k, v)
     assert not same_program(auto, _call(is_causal=False, backend="xla"), q, k, v)
+
+
+def test_side_by_side_timing_takes_turns_and_keeps_failures_apart():
+    order = []
+
+    def call(name):
+        def fn():
+            order.append(name)
+            return jnp.zeros(())
+        return fn
+
+    def broken():
+        raise RuntimeError("no kernel for this")
+
+    calls = {"a": call("a"), "b": call("b"), "c": call("c"), "broken": broken}
+    seconds, failed = time_side_by_side(calls, warmup=1, repeats=3, inner=2)
+    assert failed == {"broken": "RuntimeError"} and set(seconds) == {"a", "b", "c"}
+    assert all(t >= 0.0 for t in seconds.values())
+    timed = order[3:]  # after one warm-up call each
+    samples = [timed[i] for i in range(0, len(timed), 2)]  # each sample is 2 calls of one column
+    assert samples == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # each column opens one cycle
+
+
+def test_side_by_side_timing_rejects_empty_samples():
+    import pytest
+
+    with pytest.raises(ValueError, match="repeats and inner must be ints >= 1, got repeats=0"):
+        time_side_by_side({"a": lambda: jnp.zeros(())}, repeats=0)

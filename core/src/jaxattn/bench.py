@@ -43,6 +43,42 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5, inner
     return statistics.median(samples)
 
 
+def time_side_by_side(calls: Mapping[str, Callable[[], Any]], *, warmup: int = 2, repeats: int = 5,
+                      inner: int = 10) -> tuple[dict[str, float], dict[str, str]]:
+    """Median seconds of one call of each of `calls` (jitted closures by name), timed in turn: each
+    cycle takes one sample of `inner` calls from every call, the order rotated by one from cycle to
+    cycle, so a drift of the device over the run (clocks settling under load) and the first slot
+    after a pause land on every column alike, not on whichever a loop times first. Returns the
+    medians and the calls that raised (name -> exception type), timed no further."""
+    if not _is_int(repeats) or repeats < 1 or not _is_int(inner) or inner < 1:
+        raise ValueError(f"repeats and inner must be ints >= 1, got repeats={repeats!r}, inner={inner!r}")
+    failed: dict[str, str] = {}
+    for name, fn in calls.items():
+        try:
+            for _ in range(warmup):
+                jax.block_until_ready(fn())
+        except Exception as err:  # noqa: BLE001 - a failing column is a cell, not the end of the run
+            failed[name] = type(err).__name__
+    names = [n for n in calls if n not in failed]
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for cycle in range(repeats):
+        shift = cycle % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            if name in failed:
+                continue
+            fn = calls[name]
+            try:
+                start = time.perf_counter()
+                for _ in range(inner):
+                    result = fn()
+                jax.block_until_ready(result)
+            except Exception as err:  # noqa: BLE001
+                failed[name] = type(err).__name__
+                continue
+            samples[name].append((time.perf_counter() - start) / inner)
+    return {n: statistics.median(t) for n, t in samples.items() if n not in failed}, failed
+
+
 def program_text(fn: Any, *args: Any) -> str:
     """The optimized HLO that the jitted `fn` compiles to for `args`, without what names where it
     came from (op metadata, the source-location tables, the module's name)."""

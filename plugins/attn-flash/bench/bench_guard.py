@@ -1,7 +1,7 @@
 """The Mosaic forward's value guard on a Hopper GPU: what keeping a masked key's NaN value out of
 the rows that do not see it costs, in its two forms, beside no guard and tokamax's default.
 
-    python3 plugins/attn-flash/bench/bench_guard.py [ROUNDS]
+    python3 plugins/attn-flash/bench/bench_guard.py [CYCLES]
 
 Forms (`MosaicSpec.guard_form`, `mosaic_kernels.GUARD_FORMS`): "flags" (one pass over v before
 the kernel finds the (batch row, kv head) pairs holding a non-finite value, and only their blocks
@@ -13,7 +13,9 @@ BENCHMARKS.md), "no guard"
 user makes it: `jaxattn.attention(..., backend="flash")`). First each form's NaN rows are checked
 against the xla reference on inputs with non-finite values (`jaxattn.testing.nonfinite_problem`),
 then the causal forward and a 4096-key window are timed: TFLOP/s of visible work, each column the
-best of ROUNDS rounds (every other round in reverse order), `jaxattn.bench.time_call` inside.
+median of CYCLES samples of 10 calls taken in turn from every column (`jaxattn.bench.time_side_by_side`:
+until 2026-12-03 each column was its best of ROUNDS whole-column rounds, which let the first and last
+columns open every round; "attention" then ran 6-13% ahead of the same program as "retry").
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ import jax.numpy as jnp
 
 import jaxattn
 from jaxattn import OperationMetadata
-from jaxattn.bench import time_call
+from jaxattn.bench import time_side_by_side
 from jaxattn.inputs import AttentionInputs
 from jaxattn.testing import assert_same_nonfinite, nonfinite_problem
 from jaxattn_flash import backend as flash_backend
 from jaxattn_flash.mosaic_kernels import MosaicSpec, mosaic_forward
 
-ROUNDS = 3
+CYCLES = 15
 SHAPES = [  # (b, s, hq, hkv, d), window (None: causal)
     ((4, 4096, 32, 32, 128), None), ((4, 4096, 32, 8, 128), None), ((1, 16384, 16, 16, 128), None),
     ((8, 2048, 16, 16, 64), None), ((1, 32768, 32, 8, 128), 4096),
@@ -100,7 +102,7 @@ def check_nan_rows() -> None:
                 print(f"NAN {shape} window={window} seed={seed} {name}: {verdict}", flush=True)
 
 
-def timing(rounds: int) -> None:
+def timing(cycles: int) -> None:
     for shape, window in SHAPES:
         b, s, hq, hkv, d = shape
         ks = jax.random.split(jax.random.key(s + d), 3)
@@ -115,16 +117,15 @@ def timing(rounds: int) -> None:
             out = f(q, k, v)[0].astype(jnp.float32)
             err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
             print(f"DIFF {shape} window={window} {name}: {err:.1e}")
-        best = {name: 0.0 for name in fns}
-        for r in range(rounds):
-            for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-                f = fns[name]
-                best[name] = max(best[name], flops / time_call(functools.partial(f, q, k, v)) / 1e12)
+        seconds, failed = time_side_by_side({n: functools.partial(f, q, k, v) for n, f in fns.items()},
+                                            repeats=cycles)
+        tflops = {n: flops / t / 1e12 for n, t in seconds.items()}
+        tflops.update({n: float("nan") for n in failed})
         print(f"GUARD {shape} {'causal' if window is None else f'window {window}'} fwd TFLOP/s: "
-              + "  ".join(f"{n} {t:.0f}" for n, t in best.items()), flush=True)
+              + "  ".join(f"{n} {t:.0f}" for n, t in tflops.items()), flush=True)
 
 
 if __name__ == "__main__":
     print("jax", jax.__version__, jax.devices()[0].device_kind)
     check_nan_rows()
-    timing(int(sys.argv[1]) if len(sys.argv) > 1 else ROUNDS)
+    timing(int(sys.argv[1]) if len(sys.argv) > 1 else CYCLES)
