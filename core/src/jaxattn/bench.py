@@ -33,14 +33,16 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5, inner
     """Median seconds of one call of `fn` (a jitted closure), over `repeats` runs of `inner` calls."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            result = fn()
-        jax.block_until_ready(result)
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
+    return statistics.median([_sample(fn, inner) for _ in range(repeats)])
+
+
+def _sample(fn: Callable[[], Any], inner: int) -> float:
+    """Seconds per call of `inner` back-to-back calls of `fn`, waited for once at the end."""
+    start = time.perf_counter()
+    for _ in range(inner):
+        result = fn()
+    jax.block_until_ready(result)
+    return (time.perf_counter() - start) / inner
 
 
 def time_side_by_side(calls: Mapping[str, Callable[[], Any]], *, warmup: int = 2, repeats: int = 5,
@@ -66,16 +68,10 @@ def time_side_by_side(calls: Mapping[str, Callable[[], Any]], *, warmup: int = 2
         for name in names[shift:] + names[:shift]:
             if name in failed:
                 continue
-            fn = calls[name]
             try:
-                start = time.perf_counter()
-                for _ in range(inner):
-                    result = fn()
-                jax.block_until_ready(result)
+                samples[name].append(_sample(calls[name], inner))
             except Exception as err:  # noqa: BLE001
                 failed[name] = type(err).__name__
-                continue
-            samples[name].append((time.perf_counter() - start) / inner)
     return {n: statistics.median(t) for n, t in samples.items() if n not in failed}, failed
 
 

@@ -16,7 +16,7 @@ optional; None or absent = the measured default), validated before the kernels r
   deterministic; the default at head_dim 128 and 64) or "separate" (its own kernel, one writer
   per tile: deterministic; the default at head_dim 128 under a window or chunks)
 * the Mosaic forward's value guard: `mosaic_value_guard` = "flags", "retry" or "every block"
-  (`mosaic_kernels.GUARD_FORMS`: which blocks clean the value tiles a mask cuts; default
+  (which blocks clean the value tiles a mask cuts: `mosaic_kernels`' docstring; default
   `MOSAIC_VALUE_GUARD`)
 * soft-cap: `mosaic_softcap_running_max` (True: the Mosaic forward keeps a running max under a
   soft-cap too; by default it skips it where `softcap_without_max` says the cap bounds exp2)
@@ -51,7 +51,7 @@ GPU_KERNELS = ("auto", "triton", "mosaic")
 MOSAIC_BLOCK_KV = (64, 128, 256)
 MOSAIC_BLOCK_KV_DQ = (64, 128)
 MOSAIC_DQ = ("separate", "split", "own")  # see mosaic_bwd_kernels.MosaicBwdSpec.fused_dq
-MOSAIC_VALUE_GUARDS = ("flags", "retry", "every block")  # mosaic_kernels.GUARD_FORMS
+MOSAIC_VALUE_GUARDS = ("flags", "retry", "every block")  # MosaicSpec.guard_form (mosaic_kernels' docstring)
 MOSAIC_VALUE_GUARD = "retry"  # measured: BENCHMARKS.md, "The value guard as a retry"
 
 
@@ -335,7 +335,7 @@ def mosaic_dkv_cluster(config: Mapping[str, Any], group: int, parts: MaskParts, 
 
 def mosaic_value_guard(config: Mapping[str, Any]) -> str:
     """Which blocks of a Mosaic forward with the value guard clean the tiles their mask cuts
-    (`mosaic_kernels.GUARD_FORMS`): `mosaic_value_guard`, else the measured default."""
+    (`mosaic_kernels`' docstring): `mosaic_value_guard`, else the measured default."""
     return validate(config).mosaic_value_guard or MOSAIC_VALUE_GUARD
 
 

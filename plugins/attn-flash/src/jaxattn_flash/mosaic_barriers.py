@@ -89,9 +89,8 @@ def block_any(plgpu, flags=None, layout=None, *, warpgroups: int = CONSUMERS + 1
         i32 = ir.IntegerType.get_signless(32)
         mine = _i32_const(0)
         for reg in fa.registers.flat:
-            parts = [reg]
-            if _vector_length(ir, reg.type):
-                parts = [vector.extract(reg, [], [i]) for i in range(_vector_length(ir, reg.type))]
+            length = _vector_length(ir, reg.type)
+            parts = [vector.extract(reg, [], [i]) for i in range(length)] if length else [reg]
             for x in parts:
                 set_ = arith.cmpf(arith.CmpFPredicate.UNE, x, arith.constant(x.type, 0.0))
                 mine = arith.ori(mine, arith.extui(i32, set_))

@@ -81,7 +81,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._compat import mosaic_gpu, mosaic_load, mosaic_params, ref_transpose
-from .config import MOSAIC_VALUE_GUARD, heavy_first
+from .config import MOSAIC_VALUE_GUARD, MOSAIC_VALUE_GUARDS, heavy_first
 from .launch_order import clustered_ids
 from .mosaic_barriers import CONSUMERS, block_any, consumers_sync, named_barrier
 from .mosaic_segments import (
@@ -98,11 +98,7 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 M_FLOOR = -1e30  # initial running max (log2 units): finite, below any real logit
 GUARD_KEYS, GUARD_COLS = 64, 128  # the value guard cleans a tile in chunks of this many keys x columns
-GUARD_FORMS = {  # MosaicSpec.guard_form: which blocks of a guarded call clean the tiles their mask cuts
-    "flags": "those of the (batch row, kv head) pairs a pass over v before the kernel finds a non-finite value in",
-    "retry": "those whose first, unguarded pass wrote a non-finite output: they run again, guarded (no pass over v)",
-    "every block": "all of them (no pass over v)",
-}
+GUARD_FORMS = MOSAIC_VALUE_GUARDS  # MosaicSpec.guard_form: which blocks clean (the module docstring says each)
 
 
 @dataclass(frozen=True)
