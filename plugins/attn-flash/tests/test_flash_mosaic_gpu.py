@@ -1,18 +1,23 @@
 """The Mosaic GPU kernels on a Hopper GPU (skipped elsewhere): the conformance cases each path
 serves, forced onto it, forward and gradients (Triton or Mosaic GPU backward), bf16 and fp16,
 against the xla reference; MLA's head dims; launch orders; the soft-capped forward's two forms.
+One test runs on CPU too: every conformance run's forced path serves each of its cases.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxattn
-from jaxattn import OperationMetadata
+from jaxattn import AttentionRequest, OperationMetadata
+from jaxattn.hardware import Hardware
 from jaxattn.testing import Shape, run_conformance
-from jaxattn_flash import FlashAttention
+from jaxattn.testing.cases import all_cases
+from jaxattn.testing.conformance import build_inputs
+from jaxattn_flash import FlashAttention, gpu_path
 from jaxattn_flash._testing import flash_metadata as _md
 from jaxattn_flash._testing import on_hopper as _on_hopper
 from jaxattn_flash._testing import peers_request as _request
@@ -57,11 +62,43 @@ GPU_BWD_RUNS = {  # name: (dtype, head_dim, cases, flash config)
                                     "segment_ids"], {}),
     "d128-bf16": ("bfloat16", 128, MOSAIC_BWD_CASES, {}),
     "d128-fp16": ("float16", 128, ["causal", "gqa", "soft_cap", "sinks"], {}),
-    "d128-bf16-kv128-3stages": ("bfloat16", 128, ["causal", "gqa", "sliding_window_asym"],
-                                {"mosaic_block_kv_dq": 128, "mosaic_stages_bwd": 3}),
+    # the separate dq kernel's 128-key tile (2 stages: 3 do not fit), and 3 stages of the default forms
+    "d128-bf16-dq-kv128": ("bfloat16", 128, ["causal", "gqa", "sliding_window_asym"],
+                           {"mosaic_dq": "separate", "mosaic_block_kv_dq": 128}),
+    "d128-bf16-3stages": ("bfloat16", 128, ["causal", "gqa", "sliding_window_asym"], {"mosaic_stages_bwd": 3}),
     "d128-bf16-mosaic-forward": ("bfloat16", 128, ["full", "causal", "gqa", "sliding_window", "soft_cap", "sinks",
                                                                "seq_lengths", "segment_ids"], {"gpu_kernel": "mosaic"}),
 }
+
+
+def _forced_runs():
+    """(name, dtype, head_dim, cases, metadata) of every conformance run above, as each forces its path."""
+    for name, (dtype, head_dim, cases, _) in GPU_RUNS.items():
+        yield f"forward {name}", dtype, head_dim, cases, MOSAIC
+    for name, (dtype, head_dim, cases, config) in GPU_BWD_RUNS.items():
+        yield f"backward {name}", dtype, head_dim, cases, _md(gpu_backward="mosaic", **config)
+
+
+@pytest.mark.parametrize("run", list(_forced_runs()), ids=lambda run: run[0])
+def test_every_gpu_run_is_served_on_hopper(run, monkeypatch):
+    """On CPU, with Hopper injected: each case of each GPU conformance run above is one its forced path
+    takes, so a GPU session spends its time on kernels, not on a config the plugin refuses (a run of
+    the separate dq kernel's 128-key tile in 3 stages stayed here after the shared-memory check
+    refused it, and failed on the H200)."""
+    monkeypatch.setattr(gpu_path._compat, "mosaic_import_error", lambda: None)
+    _, dtype, head_dim, cases, metadata = run
+    impl, hopper = FlashAttention(), Hardware.nvidia()
+    shape = Shape(batch=2, seq=256, num_heads=4, head_dim=head_dim)
+    for case in (c for c in all_cases() if c.name in cases):
+        inputs = build_inputs(case.op, case.build(jax.random.PRNGKey(0), jnp.dtype(dtype), shape), metadata)
+        request = AttentionRequest.from_inputs(inputs, mode="train" if case.grad else "prefill",
+                                               needs_grad=case.grad)
+        verdict = impl.supports(request, hopper)
+        assert verdict, f"{case.name}: {verdict.reasons}"
+        # a forced path that cannot serve the call raises here (in the GPU run: the case's "error")
+        impl.gpu_kernel_for(request, hopper, metadata)
+        if case.grad and metadata is not MOSAIC:
+            assert impl.gpu_backward_for(request, hopper, metadata).kernel == "mosaic", case.name
 
 
 @pytest.mark.gpu
