@@ -34,7 +34,16 @@ from .mosaic_bwd_kernels import (
     kv_tile_range,
 )
 from .mosaic_kernels import CONSUMERS, _swizzled, launch, visible
-from .mosaic_segments import clip_full, clip_range, masked_by, own_ids, segment_scratch, segment_smem, tile_ids
+from .mosaic_segments import (
+    SEGMENT_SCRATCH,
+    clip_full,
+    clip_range,
+    masked_by,
+    own_ids,
+    segment_scratch,
+    segment_smem,
+    tile_ids,
+)
 
 
 def dq_smem_bytes(head_dim: int, value_head_dim: int, block_kv: int, stages: int, segments: bool,
@@ -70,12 +79,15 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg
 
     names = _input_names(spec)
 
-    def kernel(*refs):
+    def kernel(*refs, scratch):
         ins = dict(zip(names, refs))
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = (ins[n] for n in INPUTS)
-        (dq_ref, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem,
-         q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, free, *seg_scratch) = refs[len(names):]
-        qseg_smem, qseg_bar, kseg_smem, kseg_bar = seg_scratch or (None,) * 4
+        (dq_ref,) = refs[len(names):]
+        q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem = (scratch[n] for n in ("q_dq", "do", "lse", "delta",
+                                                                                     "k", "v"))
+        q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, free = (
+            scratch[n] for n in ("q_bar", "do_bar", "lse_bar", "delta_bar", "k_bar", "v_bar", "free"))
+        qseg_smem, qseg_bar, kseg_smem, kseg_bar = (scratch.get(n) for n in SEGMENT_SCRATCH)
         ranges = ins.get("seg_ranges")
         bi, hi = lax.axis_index("b"), lax.axis_index("h")
         ti, wg = lax.axis_index("q"), lax.axis_index("wg")
@@ -155,19 +167,20 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg
                 plgpu.barrier_wait(free.at[lax.rem(ki, stages)])
                 load(ki + stages)
 
-    scratch = (
-        _swizzled(plgpu, (CONSUMERS, bq, d), dtype, widest),  # Q, then dQ, of each consumer
-        _swizzled(plgpu, (CONSUMERS, bq, dv), dtype, widest),
-        plgpu.SMEM((CONSUMERS, bq), jnp.float32),
-        plgpu.SMEM((CONSUMERS, bq), jnp.float32),
-        _swizzled(plgpu, (stages, bk, d), dtype, widest),
-        _swizzled(plgpu, (stages, bk, dv), dtype, widest),
-        *[plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS)] * 4,
-        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-        *(segment_scratch(plgpu, CONSUMERS, bq, bk, stages) if spec.segments else ()),
-    )
+    scratch = {
+        "q_dq": _swizzled(plgpu, (CONSUMERS, bq, d), dtype, widest),  # Q, then dQ, of each consumer
+        "do": _swizzled(plgpu, (CONSUMERS, bq, dv), dtype, widest),
+        "lse": plgpu.SMEM((CONSUMERS, bq), jnp.float32),
+        "delta": plgpu.SMEM((CONSUMERS, bq), jnp.float32),
+        "k": _swizzled(plgpu, (stages, bk, d), dtype, widest),
+        "v": _swizzled(plgpu, (stages, bk, dv), dtype, widest),
+        **{n: plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS) for n in ("q_bar", "do_bar", "lse_bar",
+                                                                             "delta_bar")},
+        "k_bar": plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        "v_bar": plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        "free": plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        **(segment_scratch(plgpu, CONSUMERS, bq, bk, stages) if spec.segments else {}),
+    }
     out_type = jax.ShapeDtypeStruct(q.shape, dtype)
     extra = _optional_inputs(spec, kv_lens, q_seg, kv_seg, BLOCK_ROWS, bk)
     return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, do, lse2, delta, *extra)

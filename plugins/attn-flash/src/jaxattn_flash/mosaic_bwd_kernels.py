@@ -73,6 +73,7 @@ from .mosaic_kernels import (
     visible,
 )
 from .mosaic_segments import (
+    SEGMENT_SCRATCH,
     clip_full,
     clip_range,
     masked_by,
@@ -351,15 +352,16 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
 
     names = _input_names(spec)
 
-    def kernel(*refs):
+    def kernel(*refs, scratch, dq_ref=None):
         ins = dict(zip(names, refs))
         k_ref, v_ref = ins["k"], ins["v"]  # the producer streams the query side (stream_query_tiles)
-        refs = refs[len(names):]
-        dq_ref = refs[0] if fused else None
-        (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
-         k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free, *rest) = refs[1:] if fused else refs
-        kseg_smem, kseg_bar, qseg_smem, qseg_bar = rest[:4] if spec.segments else (None,) * 4
-        ds_smem, dq_smem, ds_bar, k_done = rest[4 * spec.segments:] or (None,) * 4
+        dk_ref, dv_ref = refs[len(names):]
+        k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem = (
+            scratch[n] for n in ("k_dk", "v_dv", "q", "do", "lse", "delta"))
+        k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free = (
+            scratch[n] for n in ("k_bar", "v_bar", "q_bar", "do_bar", "lse_bar", "delta_bar", "free"))
+        kseg_smem, kseg_bar, qseg_smem, qseg_bar = (scratch.get(n) for n in SEGMENT_SCRATCH)
+        ds_smem, dq_smem, ds_bar, k_done = (scratch.get(n) for n in ("ds", "dq", "ds_bar", "k_done"))
         ranges = ins.get("seg_ranges")
         bi, kvh, kb = dkdv_block_ids(spec, nkb, hkv, b)
         wg = lax.axis_index("wg")
@@ -473,38 +475,36 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
             stream_query_tiles(plgpu, ins, ring + [(qseg_smem, qseg_bar)] * spec.segments, free, bi=bi, kvh=kvh,
                                group=group, lb=lb, per_head=per_head, bq=bq, stages=stages)
 
-    scratch = (
-        _swizzled(plgpu, (CONSUMERS, bk, d), dtype),  # K, then dK, of each consumer
-        _swizzled(plgpu, (CONSUMERS, bk, dv_dim), dtype),  # V, then dV
-        _swizzled(plgpu, (stages, bq, d), dtype),
-        _swizzled(plgpu, (stages, bq, dv_dim), dtype),
-        plgpu.SMEM((stages, bq), jnp.float32),
-        plgpu.SMEM((stages, bq), jnp.float32),
-        plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
-        plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
-        *[plgpu.Barrier(num_arrivals=1, num_barriers=stages)] * 4,
-        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-        *(segment_scratch(plgpu, CONSUMERS, bk, bq, stages) if spec.segments else ()),
-    )
+    scratch = {
+        "k_dk": _swizzled(plgpu, (CONSUMERS, bk, d), dtype),  # K, then dK, of each consumer
+        "v_dv": _swizzled(plgpu, (CONSUMERS, bk, dv_dim), dtype),  # V, then dV
+        "q": _swizzled(plgpu, (stages, bq, d), dtype),
+        "do": _swizzled(plgpu, (stages, bq, dv_dim), dtype),
+        "lse": plgpu.SMEM((stages, bq), jnp.float32),
+        "delta": plgpu.SMEM((stages, bq), jnp.float32),
+        "k_bar": plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
+        "v_bar": plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
+        **{n: plgpu.Barrier(num_arrivals=1, num_barriers=stages) for n in ("q_bar", "do_bar", "lse_bar",
+                                                                          "delta_bar")},
+        "free": plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        **(segment_scratch(plgpu, CONSUMERS, bk, bq, stages) if spec.segments else {}),
+    }
     grid = {"b": b, "h": hkv, "k": nkb}
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     args = (q, k, v, do, lse2, delta, *extra)
     if not fused:
         return launch(plgpu, kernel, out_type, scratch, grid)(*args)
-    scratch += (
-        _swizzled(plgpu, (2, CONSUMERS, bk, bq), dtype),  # dSᵀ of each consumer, two tiles deep
-        _swizzled(plgpu, (CONSUMERS, bq, dq_cols), jnp.float32),  # the dQ part a consumer adds
-        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2),  # both halves of dS are stored
-        plgpu.Barrier(num_arrivals=CONSUMERS),  # both consumers are done with K
-    )
+    scratch.update({
+        "ds": _swizzled(plgpu, (2, CONSUMERS, bk, bq), dtype),  # dSᵀ of each consumer, two tiles deep
+        "dq": _swizzled(plgpu, (CONSUMERS, bq, dq_cols), jnp.float32),  # the dQ part a consumer adds
+        "ds_bar": plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2),  # both halves of dS are stored
+        "k_done": plgpu.Barrier(num_arrivals=CONSUMERS),  # both consumers are done with K
+    })
     # Only dq is a mutable ref (zeros the TMA reductions add into), closed over by the kernel; the
     # inputs stay plain operands and dk, dv plain outputs: a ref of every input (the earlier form)
     # cost copies, 2% of fwd+bwd at (4, 4096, 32/8, 128) on an H200 (BENCHMARKS.md).
     dq_sum = gmem_ref(plgpu, jnp.zeros(q.shape, jnp.float32))
-
-    def with_dq(*refs):
-        kernel(*refs[:len(names)], dq_sum, *refs[len(names):])
-
+    with_dq = functools.partial(kernel, dq_ref=dq_sum)
     dk, dv = launch_closing_over_refs(plgpu, with_dq, out_type, scratch, grid)(*args)
     return (dq_sum[...] * spec.scale).astype(dtype), dk, dv
 

@@ -49,7 +49,16 @@ from .mosaic_bwd_kernels import (
     sum_over_group,
 )
 from .mosaic_kernels import CONSUMERS, _swizzled, launch, visible
-from .mosaic_segments import clip_full, clip_range, masked_by, own_ids, segment_scratch, segment_smem, tile_ids
+from .mosaic_segments import (
+    SEGMENT_SCRATCH,
+    clip_full,
+    clip_range,
+    masked_by,
+    own_ids,
+    segment_scratch,
+    segment_smem,
+    tile_ids,
+)
 
 KEYS = 64  # keys per CUDA block: one wgmma M, shared by both consumers
 HALF = 32  # queries of a tile whose logits one consumer computes
@@ -78,12 +87,15 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
     stages = spec.stages
     names = _input_names(spec)
 
-    def kernel(*refs):
+    def kernel(*refs, scratch):
         ins = dict(zip(names, refs))
         k_ref, v_ref = ins["k"], ins["v"]  # the producer streams the query side (stream_query_tiles)
-        (dk_ref, dv_ref, k_s, v_s, q_smem, do_smem, lse_smem, delta_smem, p_smem, ds_smem,
-         kv_bar, q_bar, do_bar, lse_bar, delta_bar, free, *seg_scratch) = refs[len(names):]
-        kseg_smem, kseg_bar, qseg_smem, qseg_bar = seg_scratch or (None,) * 4
+        dk_ref, dv_ref = refs[len(names):]
+        k_s, v_s, q_smem, do_smem, lse_smem, delta_smem, p_smem, ds_smem = (
+            scratch[n] for n in ("k_dk", "v_dv", "q", "do", "lse", "delta", "p", "ds"))
+        kv_bar, q_bar, do_bar, lse_bar, delta_bar, free = (
+            scratch[n] for n in ("kv_bar", "q_bar", "do_bar", "lse_bar", "delta_bar", "free"))
+        kseg_smem, kseg_bar, qseg_smem, qseg_bar = (scratch.get(n) for n in SEGMENT_SCRATCH)
         ranges = ins.get("seg_ranges")
         bi, kvh, kb = dkdv_block_ids(spec, skv // KEYS, hkv, b)
         wg = lax.axis_index("wg")
@@ -168,21 +180,22 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
             stream_query_tiles(plgpu, ins, ring + [(qseg_smem, qseg_bar)] * spec.segments, free, bi=bi, kvh=kvh,
                                group=group, lb=lb, per_head=per_head, bq=bq, stages=stages)
 
-    scratch = (
+    scratch = {
         # 64-byte swizzles: the dK and dV products contract over a query half (32)
-        _swizzled(plgpu, (KEYS, d), dtype, 64),  # K, then dK (each consumer its columns)
-        _swizzled(plgpu, (KEYS, dv_dim), dtype, 64),  # V, then dV
-        _swizzled(plgpu, (stages, bq, d), dtype, 64),
-        _swizzled(plgpu, (stages, bq, dv_dim), dtype, 64),
-        plgpu.SMEM((stages, bq), jnp.float32),
-        plgpu.SMEM((stages, bq), jnp.float32),
-        _swizzled(plgpu, (CONSUMERS, KEYS, HALF), dtype),  # Pᵀ of each query half
-        _swizzled(plgpu, (CONSUMERS, KEYS, HALF), dtype),  # dSᵀ of each query half
-        plgpu.Barrier(num_arrivals=1, num_barriers=2),  # K, V loaded
-        *[plgpu.Barrier(num_arrivals=1, num_barriers=stages)] * 4,
-        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-        *(segment_scratch(plgpu, CONSUMERS, KEYS, bq, stages) if spec.segments else ()),
-    )
+        "k_dk": _swizzled(plgpu, (KEYS, d), dtype, 64),  # K, then dK (each consumer its columns)
+        "v_dv": _swizzled(plgpu, (KEYS, dv_dim), dtype, 64),  # V, then dV
+        "q": _swizzled(plgpu, (stages, bq, d), dtype, 64),
+        "do": _swizzled(plgpu, (stages, bq, dv_dim), dtype, 64),
+        "lse": plgpu.SMEM((stages, bq), jnp.float32),
+        "delta": plgpu.SMEM((stages, bq), jnp.float32),
+        "p": _swizzled(plgpu, (CONSUMERS, KEYS, HALF), dtype),  # Pᵀ of each query half
+        "ds": _swizzled(plgpu, (CONSUMERS, KEYS, HALF), dtype),  # dSᵀ of each query half
+        "kv_bar": plgpu.Barrier(num_arrivals=1, num_barriers=2),  # K, V loaded
+        **{n: plgpu.Barrier(num_arrivals=1, num_barriers=stages) for n in ("q_bar", "do_bar", "lse_bar",
+                                                                          "delta_bar")},
+        "free": plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        **(segment_scratch(plgpu, CONSUMERS, KEYS, bq, stages) if spec.segments else {}),
+    }
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     extra = _optional_inputs(spec, kv_lens, q_seg, kv_seg, KEYS, bq, keys_major=True)
     grid = {"b": b, "h": hkv, "k": skv // KEYS}

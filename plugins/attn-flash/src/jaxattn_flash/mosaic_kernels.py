@@ -74,6 +74,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,7 @@ from .config import MOSAIC_VALUE_GUARD, MOSAIC_VALUE_GUARDS, heavy_first
 from .launch_order import clustered_ids
 from .mosaic_barriers import CONSUMERS, block_any, consumers_sync, named_barrier
 from .mosaic_segments import (
+    SEGMENT_SCRATCH,
     clip_full,
     clip_range,
     masked_by,
@@ -233,23 +235,36 @@ def _swizzled(plgpu, shape, dtype, widest: int = 128):
     return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
-def launch(plgpu, body, out_type, scratch, grid: dict[str, int]):
+def launch(plgpu, body, out_type, scratch: dict[str, Any], grid: dict[str, int]):
     """`body` as a warp-specialized Mosaic GPU kernel: the named `grid`, CONSUMERS + 1 warpgroups
-    (axis "wg"), our compiler parameters."""
-    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=tuple(grid.values()),
+    (axis "wg"), our compiler parameters. `scratch` names each shared-memory buffer and barrier;
+    the body takes its operand refs, then `scratch=` those refs by the same names (allocated in
+    the dict's order: a name, not a position in a list of optional pieces, says which is which)."""
+    names = tuple(scratch)
+
+    @functools.wraps(body)  # the kernel keeps the body's name
+    def named(*refs):
+        cut = len(refs) - len(names)
+        body(*refs[:cut], scratch=dict(zip(names, refs[cut:])))
+
+    return plgpu.kernel(named, out_type=out_type, scratch_types=tuple(scratch.values()), grid=tuple(grid.values()),
                         grid_names=tuple(grid), num_threads=CONSUMERS + 1, thread_name="wg",
                         compiler_params=mosaic_params(plgpu))
 
 
-def launch_closing_over_refs(plgpu, body, out_type, scratch, grid: dict[str, int]):
+def launch_closing_over_refs(plgpu, body, out_type, scratch: dict[str, Any], grid: dict[str, int]):
     """`launch` for a body that closes over mutable global-memory refs (`gmem_ref`: the fused
     backward's dq sum), which Pallas's `pl.kernel` aliases in and out of the kernel (`plgpu.kernel`'s
     batching wrapper cannot trace a closed-over ref on jax 0.10)."""
     mesh = plgpu.Mesh(grid=tuple(grid.values()), grid_names=tuple(grid), num_threads=CONSUMERS + 1,
                       thread_name="wg")
+    names = tuple(scratch)
 
     def scoped(*refs):
-        pl.run_scoped(functools.partial(body, *refs), *scratch, collective_axes="wg")
+        def named(*scratch_refs):
+            body(*refs, scratch=dict(zip(names, scratch_refs)))
+
+        pl.run_scoped(named, *scratch.values(), collective_axes="wg")
 
     return pl.kernel(scoped, out_type=out_type, mesh=mesh, compiler_params=mosaic_params(plgpu))
 
@@ -283,14 +298,15 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     names = (["q", "k", "v"] + ["sinks"] * spec.sinks + ["q_lens"] * spec.q_lengths + ["kv_lens"] * spec.kv_lengths
              + ["q_seg", "kv_seg", "seg_ranges"] * spec.segments + ["v_dirty"] * (guard and spec.guard_form == "flags"))
 
-    def kernel(*refs):
+    def kernel(*refs, scratch):
         ins = dict(zip(names, refs))
         q_ref, k_ref, v_ref, sink_ref = ins["q"], ins["k"], ins["v"], ins.get("sinks")
-        o_ref, lse_ref, *scratch = refs[len(names):]
-        qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free, *optional = scratch
-        o_smem = optional.pop(0) if own_out else qo_smem  # O where it does not fit Q's buffer
-        bad_smem = optional.pop(0) if guard else None
-        qseg_smem, qseg_bar, kseg_smem, kseg_bar = optional if spec.segments else (None,) * 4
+        o_ref, lse_ref = refs[len(names):]
+        qo_smem, k_smem, v_smem, lse_smem = (scratch[n] for n in ("q_o", "k", "v", "lse"))
+        q_bar, k_bar, v_bar, k_free, v_free = (scratch[n] for n in ("q_bar", "k_bar", "v_bar", "k_free", "v_free"))
+        o_smem = scratch.get("o", qo_smem)  # O where it does not fit Q's buffer
+        bad_smem = scratch.get("cleaned")
+        qseg_smem, qseg_bar, kseg_smem, kseg_bar = (scratch.get(n) for n in SEGMENT_SCRATCH)
         ranges = ins.get("seg_ranges")
         bi, hi, ti = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("q")
         if spec.cluster > 1:  # clusters of (batch, head) groups, each query block index across them first
@@ -540,20 +556,23 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     # each row's sink logit in log2 units, a row of block_q per head (TMA-loaded like the lse)
     sink_rows = [] if not spec.sinks else [
         jnp.broadcast_to((sinks.astype(jnp.float32) * LOG2E)[:, None], (hq, bq))]
-    scratch = (
-        _swizzled(plgpu, (CONSUMERS, bq, d), dtype),  # Q, then O (when dv == d), of each consumer
-        _swizzled(plgpu, (stages, bk, d), dtype),
-        _swizzled(plgpu, (stages, bk, dv), dtype),
-        plgpu.SMEM((CONSUMERS, bq), jnp.float32),
-        plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
-        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-        *([_swizzled(plgpu, (CONSUMERS, bq, dv), dtype)] if own_out else []),  # O of each consumer
-        *([plgpu.SMEM((stages, bk), jnp.float32)] if guard else []),  # which keys of a tile were cleaned
-        *(segment_scratch(plgpu, CONSUMERS, bq, bk, stages) if spec.segments else ()),  # ids of rows and key tiles
-    )
+    scratch = {
+        "q_o": _swizzled(plgpu, (CONSUMERS, bq, d), dtype),  # Q, then O (when dv == d), of each consumer
+        "k": _swizzled(plgpu, (stages, bk, d), dtype),
+        "v": _swizzled(plgpu, (stages, bk, dv), dtype),
+        "lse": plgpu.SMEM((CONSUMERS, bq), jnp.float32),
+        "q_bar": plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
+        "k_bar": plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        "v_bar": plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        "k_free": plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        "v_free": plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+    }
+    if own_out:
+        scratch["o"] = _swizzled(plgpu, (CONSUMERS, bq, dv), dtype)  # O of each consumer
+    if guard:
+        scratch["cleaned"] = plgpu.SMEM((stages, bk), jnp.float32)  # which keys of a tile were cleaned
+    if spec.segments:  # ids of each consumer's rows and of the key tiles
+        scratch.update(segment_scratch(plgpu, CONSUMERS, bq, bk, stages))
     out_type = (jax.ShapeDtypeStruct((b, sq, hq, dv), dtype), jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
     lengths = [x.astype(jnp.int32) for x, on in ((q_lens, spec.q_lengths), (kv_lens, spec.kv_lengths)) if on]
     segments = []

@@ -15,6 +15,8 @@ back (1, 2, 1) visit every tile between, masked, and stay correct.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -86,12 +88,18 @@ def masked_by(vis, row_ids, col_ids, shape: tuple[int, int]):
     return same if vis is None else vis & same
 
 
-def segment_scratch(plgpu, consumers: int, own: int, tile: int, stages: int) -> tuple:
-    """Shared memory for a kernel's segment ids: each of the `consumers`' `own` rows (read once)
-    and a ring of `stages` tiles of `tile` ids streamed beside the other operand, with their
-    barriers (the order `own_ids` and `tile_ids` take them in)."""
-    return (plgpu.SMEM((consumers, own), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=consumers),
-            plgpu.SMEM((stages, tile), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=stages))
+# `segment_scratch`'s names: the own rows' ids and their barrier, the streamed tiles' ids and theirs
+SEGMENT_SCRATCH = ("own_ids", "own_ids_bar", "tile_ids", "tile_ids_bar")
+
+
+def segment_scratch(plgpu, consumers: int, own: int, tile: int, stages: int) -> dict[str, Any]:
+    """Shared memory for a kernel's segment ids, by name: each of the `consumers`' `own` rows
+    (read once) and a ring of `stages` tiles of `tile` ids streamed beside the other operand, with
+    their barriers (`own_ids` and `tile_ids` take them)."""
+    return dict(zip(SEGMENT_SCRATCH, (plgpu.SMEM((consumers, own), jnp.int32),
+                                      plgpu.Barrier(num_arrivals=1, num_barriers=consumers),
+                                      plgpu.SMEM((stages, tile), jnp.int32),
+                                      plgpu.Barrier(num_arrivals=1, num_barriers=stages))))
 
 
 def segment_smem(consumers: int, own: int, tile: int, stages: int) -> tuple[list[int], int]:
