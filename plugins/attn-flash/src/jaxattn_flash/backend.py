@@ -60,8 +60,8 @@ class _Call:
             rows, dim = self.spec.q_pad, self.v.shape[-1]
             out = pad_axis(pad_axis(out, 1, rows), 3, dim)
             lse = jnp.pad(lse, ((0, 0), (0, 0), (0, rows - lse.shape[2])), constant_values=-jnp.inf)
-        return Residuals(self.q, self.k, self.v, out, lse, self.sinks, self.q_seg, self.kv_seg, self.q_lens,
-                         self.kv_lens)
+        return Residuals(q=self.q, k=self.k, v=self.v, out=out, lse=lse, sinks=self.sinks, q_seg=self.q_seg,
+                         kv_seg=self.kv_seg, q_lens=self.q_lens, kv_lens=self.kv_lens)
 
 
 def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bool, hardware: Hardware | None) -> _Call:

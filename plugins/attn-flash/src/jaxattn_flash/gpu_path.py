@@ -322,7 +322,9 @@ def _fwd(spec, mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg, bad):
     out, lse = mosaic_forward(mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg, bad_keys=bad)
     # v as given: `_flash_bwd` zeroes its non-finite entries itself (`finite_values`); the rows
     # that see one are NaN in `out`, and the backward treats them as the Triton forward's own
-    return (out, lse), (Residuals(q, k, v, out, lse, sinks, q_seg, kv_seg, q_lens, kv_lens), bad)
+    residuals = Residuals(q=q, k=k, v=v, out=out, lse=lse, sinks=sinks, q_seg=q_seg, kv_seg=kv_seg, q_lens=q_lens,
+                          kv_lens=kv_lens)
+    return (out, lse), (residuals, bad)
 
 
 def _bwd(spec, mspec, residuals, cotangents):

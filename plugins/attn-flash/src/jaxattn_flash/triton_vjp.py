@@ -225,8 +225,9 @@ def flash(spec: KernelSpec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens):
 
 
 class Residuals(NamedTuple):
-    """What the Triton backward reads, by name: the forward's inputs and its out and lse
-    (padded alike; the Mosaic forward's are unpadded, as it takes no padding)."""
+    """What the backward (Triton or Mosaic GPU) reads, by name, after either forward: the forward's
+    inputs and its out and lse (padded alike; the Mosaic forward's are unpadded, as it takes no
+    padding). Built with keywords: the kernels take the optional inputs in different orders."""
 
     q: jax.Array
     k: jax.Array
@@ -242,7 +243,8 @@ class Residuals(NamedTuple):
 
 def _flash_fwd(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens):
     out, lse = forward(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens)
-    return (out, lse), Residuals(q, k, v, out, lse, sinks, q_seg, kv_seg, q_lens, kv_lens)
+    return (out, lse), Residuals(q=q, k=k, v=v, out=out, lse=lse, sinks=sinks, q_seg=q_seg, kv_seg=kv_seg,
+                                 q_lens=q_lens, kv_lens=kv_lens)
 
 
 def _flash_bwd(spec, residuals: Residuals, cotangents):
