@@ -44,8 +44,18 @@ python3 -m jaxattn.cli list-backends 2>&1 | tee "$out/list-backends.txt"
 
 status=0
 run_tests() {  # NAME PATH...
+  # Where pytest-xdist is installed (the H200 image has it), GPU_TEST_WORKERS processes (default 8)
+  # share the GPU, each allocating as it goes: the tests' time is mostly compilation on the CPU
+  # cores (2026-12-03: flash's Mosaic backward runs and non-finite tests, 23 tests, < 210 s with 8
+  # workers). -v prints each test's verdict as it ends, so a run cut by the call's limit still
+  # says which failed (with -q and workers it says only how many).
   local name="$1"; shift
-  python3 -m pytest -q -m gpu --durations=10 "$@" 2>&1 | tee "$out/gpu-tests-$name.log"
+  local workers=()
+  if python3 -c "import xdist" 2>/dev/null && [ "${GPU_TEST_WORKERS:-8}" -gt 1 ]; then
+    workers=(-n "${GPU_TEST_WORKERS:-8}" -p no:benchmark)
+  fi
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -v -m gpu --tb=short --durations=10 "${workers[@]}" "$@" \
+    2>&1 | tee "$out/gpu-tests-$name.log"
   local rc=$?
   [ "$rc" -ne 0 ] && status=$rc
 }
