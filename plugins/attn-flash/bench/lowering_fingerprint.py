@@ -1,9 +1,9 @@
 """Fingerprints of flash's Mosaic GPU kernels as lowered for CUDA, on any machine (no GPU):
 for a refactor that must leave the kernels as they are, compare the fingerprints before and after.
 
-    python3 plugins/attn-flash/bench/lowering_fingerprint.py before.json   # on the old code
-    python3 plugins/attn-flash/bench/lowering_fingerprint.py after.json    # on the new code
-    diff before.json after.json                                            # empty: the same kernels
+    python3 plugins/attn-flash/bench/lowering_fingerprint.py /tmp/before.json   # on the old code
+    python3 plugins/attn-flash/bench/lowering_fingerprint.py /tmp/after.json    # on the new code
+    diff /tmp/before.json /tmp/after.json                                       # empty: the same kernels
 
 Each LOWERED case of tests/test_flash_mosaic_kernels.py is lowered (`jax.jit(...).trace(...).lower(
 lowering_platforms=("cuda",))`): the forward, and where its head dims have a Mosaic backward the
