@@ -5,7 +5,7 @@ for a refactor that must leave the kernels as they are, compare the fingerprints
     python3 plugins/attn-flash/bench/lowering_fingerprint.py /tmp/after.json    # on the new code
     diff /tmp/before.json /tmp/after.json                                       # empty: the same kernels
 
-Each LOWERED case of tests/test_flash_mosaic_kernels.py is lowered (`jax.jit(...).trace(...).lower(
+Each `_testing.MOSAIC_LOWERINGS` case (the lowering test's) is lowered (`jax.jit(...).trace(...).lower(
 lowering_platforms=("cuda",))`): the forward, and where its head dims have a Mosaic backward the
 backward in the separate-dq form and both fused-dq forms (a config the plugin refuses is recorded as
 its error). The module text, Mosaic GPU's serialized kernel inside it, is hashed with source
@@ -18,7 +18,6 @@ scratch changes all 22 forward fingerprints; moving lines changes none).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import pathlib
 import re
@@ -26,7 +25,6 @@ import sys
 
 import jax
 import jax._src.source_info_util as source_info
-import jax.numpy as jnp
 
 # no source locations in the kernels: no tracebacks in locations, and the user-frame lookup stubbed
 # before Pallas's Mosaic GPU lowering imports it
@@ -35,12 +33,8 @@ jax.config.update("jax_include_full_tracebacks_in_locations", False)
 source_info.user_frame = lambda *a, **k: None
 source_info.user_frames = lambda *a, **k: iter(())
 
-from jaxattn_flash import config as flash_config  # noqa: E402
-from jaxattn_flash import gpu_path  # noqa: E402
-from jaxattn_flash import mosaic_bwd_kernels as mbk  # noqa: E402
-from jaxattn_flash import mosaic_kernels as mk  # noqa: E402
-
-TESTS = pathlib.Path(__file__).resolve().parents[1] / "tests" / "test_flash_mosaic_kernels.py"
+from jaxattn_flash._testing import MOSAIC_LOWERINGS, mosaic_lowering  # noqa: E402
+from jaxattn_flash.config import wide_backward  # noqa: E402
 
 
 class _Unbatched:
@@ -57,53 +51,26 @@ class _Unbatched:
         return rule
 
 
-def _fingerprint(lowered) -> str:
-    return hashlib.sha256(re.sub(r"loc\([^)]*\)", "", lowered.as_text()).encode()).hexdigest()[:16]
-
-
-def _lowered_cases() -> dict:
-    spec = importlib.util.spec_from_file_location("flash_kernel_tests", TESTS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.LOWERED
+def _fingerprint(fn, args) -> str:
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return hashlib.sha256(re.sub(r"loc\([^)]*\)", "", text).encode()).hexdigest()[:16]
 
 
 def fingerprints() -> dict[str, str]:
-    """{"fwd CASE" / "bwd CASE FORM": fingerprint or "error TYPE"} for every LOWERED case."""
+    """{"fwd CASE" / "bwd CASE FORM": fingerprint or "error TYPE"} for every `MOSAIC_LOWERINGS` case."""
     jax.custom_batching.custom_vmap = _Unbatched
     found = {}
-    for name, case in _lowered_cases().items():
-        fields = dict(case)
-        passes, cluster = fields.pop("passes", 1), fields.pop("dkv_cluster", 0)
-        d = fields.pop("head_dim", 128)
-        d_v = fields.pop("value_head_dim", d)
-        q = jax.ShapeDtypeStruct((1, 512, 4, d), jnp.bfloat16)
-        k = jax.ShapeDtypeStruct((1, 512, 2, d), jnp.bfloat16)
-        v = jax.ShapeDtypeStruct((1, 512, 2, d_v), jnp.bfloat16)
-        sinks = jax.ShapeDtypeStruct((4,), jnp.float32) if fields.get("sinks") else None
-        lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
-        ids = jax.ShapeDtypeStruct((1, 512), jnp.int32)
-        segments = (ids, ids) if fields.get("segments") else (None, None)
-        spec = mk.MosaicSpec(scale=0.1, **fields)
-        forward = jax.jit(lambda *a, spec=spec: mk.mosaic_forward(spec, *a)).trace(
-            q, k, v, sinks, lengths if spec.q_lengths else None, lengths if spec.kv_lengths else None, *segments)
-        found[f"fwd {name}"] = _fingerprint(forward.lower(lowering_platforms=("cuda",)))
-        wide = flash_config.wide_backward(d, d_v)
-        if not (wide or {d, d_v} <= set(gpu_path.MOSAIC_BWD_HEAD_DIMS)):
+    for name, fields in MOSAIC_LOWERINGS.items():
+        forward, forward_args, backward, _ = mosaic_lowering(fields)
+        found[f"fwd {name}"] = _fingerprint(forward, forward_args)
+        if backward is None:
             continue
-        rows = jax.ShapeDtypeStruct((1, 4, 512), jnp.float32)
-        d_out = jax.ShapeDtypeStruct((1, 512, 4, d_v), jnp.bfloat16)
+        wide = wide_backward(forward_args[0].shape[-1], forward_args[2].shape[-1])
         for fused in [None] if wide else [None, "split", "own"]:
-            bspec = mbk.MosaicBwdSpec(scale=0.1, band_lo=fields["band_lo"], band_hi=fields["band_hi"],
-                                      soft_cap=fields.get("soft_cap"), chunk=fields.get("chunk"),
-                                      kv_lengths=fields.get("kv_lengths", False), segments=spec.segments,
-                                      dq_block_kv=32 if wide else 64, passes=passes, cluster=cluster,
-                                      fused_dq=fused, stages=2)
+            _, _, backward, backward_args = mosaic_lowering(fields, fused_dq=fused)
             key = f"bwd {name} {fused or 'separate'}"
             try:
-                backward = jax.jit(lambda *a, bspec=bspec: mbk.mosaic_backward(bspec, *a)).trace(
-                    q, k, v, d_out, rows, rows, lengths if bspec.kv_lengths else None, *segments)
-                found[key] = _fingerprint(backward.lower(lowering_platforms=("cuda",)))
+                found[key] = _fingerprint(backward, backward_args)
             except Exception as err:  # noqa: BLE001 - a refused config is a row too
                 found[key] = f"error {type(err).__name__}"
     return found

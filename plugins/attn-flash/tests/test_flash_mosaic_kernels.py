@@ -11,6 +11,7 @@ import pytest
 
 from jaxattn_flash import config as flash_config
 from jaxattn_flash import gpu_path
+from jaxattn_flash._testing import MOSAIC_LOWERINGS, mosaic_lowering
 
 BANDS = [(None, None), (None, 0), (None, 256), (None, -128), (-255, 0), (-1000, 37), (-64, 300), (5, None)]
 # chunked causal (band_lo, band_hi, chunk, chunk_offset): band_hi <= chunk_offset, as the mask makes it
@@ -244,84 +245,24 @@ def test_guarded_forward_traces_with_its_cleaning_state(head_dim, band, sinks, c
     assert "is_finite" not in str(with_bad)
 
 
-LOWERED = {  # name: forward spec fields (head_dim 128 unless named)
-    "causal": dict(band_lo=None, band_hi=0),
-    "full-d64": dict(band_lo=None, band_hi=None, head_dim=64, block_kv=256),  # MOSAIC_FULL_DEFAULTS
-    "causal-guarded-d256-passes": dict(band_lo=None, band_hi=0, guard_values=True, head_dim=256, block_kv=64,
-                                       passes=4),
-    "window-softcap-lengths-d256": dict(band_lo=-200, band_hi=0, soft_cap=30.0, kv_lengths=True, head_dim=256,
-                                        block_kv=64),
-    "chunked-d256": dict(band_lo=None, band_hi=0, chunk=192, head_dim=256, block_kv=64),
-    "segments-causal-lengths-d256": dict(band_lo=None, band_hi=0, segments=True, kv_lengths=True, head_dim=256,
-                                         block_kv=64),
-    "causal-guarded-passes": dict(band_lo=None, band_hi=0, guard_values=True, passes=4),
-    "causal-guarded-flags-d64": dict(band_lo=None, band_hi=0, guard_values=True, guard_form="flags", head_dim=64),
-    "window-guarded-every-block": dict(band_lo=-200, band_hi=0, guard_values=True, guard_form="every block"),
-    "causal-clusters": dict(band_lo=None, band_hi=0, cluster=4, dkv_cluster=2),
-    "window-guarded-softcap": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0),
-    "chunked-guarded-sinks": dict(band_lo=None, band_hi=0, guard_values=True, chunk=192, sinks=True),
-    "lengths-guarded": dict(band_lo=None, band_hi=0, guard_values=True, q_lengths=True, kv_lengths=True),
-    "segments-full-d64": dict(band_lo=None, band_hi=None, segments=True, head_dim=64, block_kv=256),
-    "segments-causal-guarded-lengths": dict(band_lo=None, band_hi=0, guard_values=True, segments=True,
-                                            kv_lengths=True),
-    "mla-192-128-causal-guarded": dict(band_lo=None, band_hi=0, guard_values=True, head_dim=192,
-                                       value_head_dim=128, block_kv=64),
-    "d64-dv128-window-guarded": dict(band_lo=-200, band_hi=0, guard_values=True, head_dim=64, value_head_dim=128),
-    "d128-dv64-full": dict(band_lo=None, band_hi=None, value_head_dim=64),
-    "d256-dv128-window": dict(band_lo=-200, band_hi=0, head_dim=256, value_head_dim=128, block_kv=64),
-    "d128-dv256-full": dict(band_lo=None, band_hi=None, head_dim=128, value_head_dim=256, block_kv=64),
-    # soft-capped logits without a running max
-    "causal-softcap-bounded": dict(band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True),
-    "window-guarded-softcap-bounded-sinks": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0,
-                                                 bounded_logits=True, sinks=True),
-}
-
-
-@pytest.mark.parametrize("name", list(LOWERED))
+@pytest.mark.parametrize("name", list(MOSAIC_LOWERINGS))
 def test_mosaic_kernels_lower_for_cuda_without_a_gpu(name):
     """`jax.export(..., platforms=["cuda"])` runs Pallas's Mosaic GPU lowering on this CPU machine:
     every lowering rule and inline PTX emitter of the forward (named barriers, the value guard's
     cleaning, chunk masks, sinks) and of the dq/dk/dv kernels (launch passes' id arithmetic) must
-    accept what we give them. The
-    module that comes out is what a GPU compiles (not run here)."""
-    import jax.numpy as jnp
+    accept what we give them. The module that comes out is what a GPU compiles (not run here).
+    The backward is the separate dq kernel and the dk/dv kernel: the fused form writes a mutable
+    ref, which jax.export does not take."""
     from jax import export
 
-    from jaxattn_flash import mosaic_bwd_kernels as mbk
-    from jaxattn_flash import mosaic_kernels as mk
-
-    fields = dict(LOWERED[name])
-    passes = fields.pop("passes", 1)  # the dk/dv grid's launch passes (backward only)
-    dkv_cluster = fields.pop("dkv_cluster", 0)  # the dk/dv grid's launch clusters
-    d = fields.pop("head_dim", 128)
-    d_v = fields.pop("value_head_dim", d)
-    q = jax.ShapeDtypeStruct((1, 512, 4, d), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, 512, 2, d), jnp.bfloat16)
-    values = jax.ShapeDtypeStruct((1, 512, 2, d_v), jnp.bfloat16)
-    sinks = jax.ShapeDtypeStruct((4,), jnp.float32) if fields.get("sinks") else None
-    lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
-    ids = jax.ShapeDtypeStruct((1, 512), jnp.int32)
-    segments = (ids, ids) if fields.get("segments") else (None, None)
-    spec = mk.MosaicSpec(scale=0.1, **fields)
-    forward = export.export(jax.jit(lambda *a: mk.mosaic_forward(spec, *a)), platforms=["cuda"])(
-        q, kv, values, sinks, lengths if spec.q_lengths else None, lengths if spec.kv_lengths else None, *segments)
-    assert "mosaic_gpu" in forward.mlir_module()
-    assert [o.shape for o in forward.out_avals] == [(1, 512, 4, d_v), (1, 4, 512)]
-    wide = flash_config.wide_backward(d, d_v)
-    if not (wide or {d, d_v} <= set(gpu_path.MOSAIC_BWD_HEAD_DIMS)):
-        return
-    # the backward's separate dq kernel and its dk/dv kernel (the fused form writes a mutable ref,
-    # which jax.export does not take), with the forward's band and chunk
-    bspec = mbk.MosaicBwdSpec(scale=0.1, band_lo=fields["band_lo"], band_hi=fields["band_hi"],
-                              soft_cap=fields.get("soft_cap"), chunk=fields.get("chunk"),
-                              kv_lengths=fields.get("kv_lengths", False), segments=spec.segments,
-                              dq_block_kv=32 if wide else 64, passes=passes,
-                              cluster=dkv_cluster)  # wide: mosaic_bwd_wide's dk/dv
-    rows = jax.ShapeDtypeStruct((1, 4, 512), jnp.float32)
-    backward = export.export(jax.jit(lambda *a: mbk.mosaic_backward(bspec, *a)), platforms=["cuda"])(
-        q, kv, values, jax.ShapeDtypeStruct((1, 512, 4, d_v), jnp.bfloat16), rows, rows,
-        lengths if bspec.kv_lengths else None, *segments)
-    assert [o.shape for o in backward.out_avals] == [q.shape, kv.shape, values.shape]
+    forward, forward_args, backward, backward_args = mosaic_lowering(MOSAIC_LOWERINGS[name])
+    q, k, v = forward_args[:3]
+    exported = export.export(forward, platforms=["cuda"])(*forward_args)
+    assert "mosaic_gpu" in exported.mlir_module()
+    assert [o.shape for o in exported.out_avals] == [q.shape[:3] + v.shape[3:], (1, 4, 512)]
+    if backward is not None:
+        exported = export.export(backward, platforms=["cuda"])(*backward_args)
+        assert [o.shape for o in exported.out_avals] == [q.shape, k.shape, v.shape]
 
 
 def test_guard_forms_are_checked_and_match_the_config():
