@@ -48,7 +48,7 @@ from .mosaic_segments import (
 
 def dq_smem_bytes(head_dim: int, value_head_dim: int, block_kv: int, stages: int, segments: bool,
                   itemsize: int = 2) -> int:
-    """Shared memory of `mosaic_dq`'s scratch (its list below, buffer by buffer; no cross-warp
+    """Shared memory of `mosaic_dq`'s scratch (its dict below, buffer by buffer; no cross-warp
     reductions), as Mosaic GPU's lowering lays it out: what `gpu_path` checks a config by."""
     bq, d, dv = WG_ROWS, head_dim, value_head_dim
     buffers = [CONSUMERS * bq * d * itemsize, CONSUMERS * bq * dv * itemsize, CONSUMERS * bq * 4,

@@ -316,7 +316,7 @@ def _fused(spec: MosaicBwdSpec, *args):
 
 def dkdv_smem_bytes(head_dim: int, value_head_dim: int, stages: int, fused: str | None, segments: bool,
                     itemsize: int = 2) -> int:
-    """Shared memory of `_dkdv`'s scratch (its list below, buffer by buffer; no cross-warp
+    """Shared memory of `_dkdv`'s scratch (its dict below, buffer by buffer; no cross-warp
     reductions), as Mosaic GPU's lowering lays it out: what `gpu_path` checks a config by."""
     bk, bq = WG_ROWS, 64  # keys of a consumer, queries of a tile (`MosaicBwdSpec.dkv_block_q`)
     d, dv = head_dim, value_head_dim

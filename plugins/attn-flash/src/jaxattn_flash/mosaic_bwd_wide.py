@@ -204,7 +204,7 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
 
 def wide_smem_bytes(head_dim: int, value_head_dim: int, block_q: int, stages: int, itemsize: int = 2,
                     segments: bool = False) -> int:
-    """Shared memory of `mosaic_dkdv_wide`'s scratch (its list above, buffer by buffer; no
+    """Shared memory of `mosaic_dkdv_wide`'s scratch (its dict above, buffer by buffer; no
     cross-warp reductions), as Mosaic GPU's lowering lays it out: what `gpu_path` checks by."""
     d, dv = head_dim, value_head_dim
     buffers = [KEYS * d * itemsize, KEYS * dv * itemsize, stages * block_q * d * itemsize,
