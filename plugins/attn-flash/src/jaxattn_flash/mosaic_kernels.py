@@ -355,27 +355,22 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 hit = jnp.where(ok, lax.broadcast_in_dim(bad_keys, (bq, bk), [1]), 0.0).max(axis=1)
                 return jnp.maximum(seen, hit)
 
-            def step(ki, carry, *, masked, pingpong, guarded=False):
-                acc, m, l, seen = carry
-                slot = lax.rem(ki, stages)
-                k_ids = None
-                if spec.segments:
-                    k_ids = tile_ids(plgpu, kseg_smem.at[slot], kseg_bar.at[slot], masked, col_layout)
+            def key_ids(slot, masked):
+                """The segment ids of the key tile in `slot` (None without segment ids or on a full tile)."""
+                if not spec.segments:
+                    return None
+                return tile_ids(plgpu, kseg_smem.at[slot], kseg_bar.at[slot], masked, col_layout)
 
-                def band():
-                    i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma_layout)
-                    j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
-                    return masked_by(visible(spec, i + r0, j + ki * bk, r0, kv_end), q_ids, k_ids, (bq, bk))
+            def band(ki, k_ids):
+                """Which (row, key) pairs of key tile `ki` this consumer's rows see."""
+                i = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma_layout)
+                j = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma_layout)
+                return masked_by(visible(spec, i + r0, j + ki * bk, r0, kv_end), q_ids, k_ids, (bq, bk))
 
-                def qk(s_ref):
-                    plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[slot]))
-                    if pingpong:
-                        named_barrier(plgpu, "arrive", own=False)
-                    return s_ref[...]
-
-                s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
-                ok = band() if masked else None
+            def softmax(s, ok, acc, m, l):
+                """One key tile's logits `s` (float32, `ok`: the mask where the tile is cut) into the
+                online softmax: (acc rescaled, new running max, new row sums, probabilities in the
+                inputs' dtype for P·V)."""
                 if spec.soft_cap is None:  # scale after the max: one multiply per row, an FMA per logit
                     if ok is not None:
                         s = jnp.where(ok, s, -jnp.inf)
@@ -399,6 +394,23 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 p16 = p.astype(dtype)
                 if spec.fence:
                     acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                return acc, m_new, l, p16
+
+            def step(ki, carry, *, masked, pingpong, guarded=False):
+                acc, m, l, seen = carry
+                slot = lax.rem(ki, stages)
+                k_ids = key_ids(slot, masked)
+
+                def qk(s_ref):
+                    plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[slot]))
+                    if pingpong:
+                        named_barrier(plgpu, "arrive", own=False)
+                    return s_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                ok = band(ki, k_ids) if masked else None
+                acc, m_new, l, p16 = softmax(s, ok, acc, m, l)
                 plgpu.barrier_wait(v_bar.at[slot])
                 if guarded:
                     seen = clean_values(slot, ok, seen)
