@@ -18,6 +18,8 @@ from jaxattn.testing import Shape, run_conformance
 from jaxattn.testing.cases import all_cases
 from jaxattn.testing.conformance import build_inputs
 from jaxattn_flash import FlashAttention, gpu_path
+from jaxattn_flash import mosaic_kernels as mk
+from jaxattn_flash._testing import MOSAIC_LOWERINGS, mosaic_lowering
 from jaxattn_flash._testing import flash_metadata as _md
 from jaxattn_flash._testing import on_hopper as _on_hopper
 from jaxattn_flash._testing import peers_request as _request
@@ -214,3 +216,32 @@ def test_mosaic_softcap_without_max_gpu(sinks):
         for g, w, grad in zip(got[2:], ref[2:], ("dq", "dk", "dv")):
             assert rel(g, w) < 2e-2, (name, grad)
     assert rel(bounded[0], running[0]) < 5e-3 and np.allclose(bounded[1], running[1], atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("name", [name for name in MOSAIC_LOWERINGS if "overlap" in name])
+def test_mosaic_forward_overlap_is_the_same_arithmetic_gpu(name):
+    """`MosaicSpec.overlap` reorders the forward's work (the next tile's QKᵀ beside this tile's
+    softmax), not its arithmetic: out and lse bitwise those of the same spec without it, on the
+    overlap cases of `_testing.MOSAIC_LOWERINGS` (masks, soft-cap, the retry guard, lengths, segment
+    ids, sinks, head_dim 64 and 256) filled with random data."""
+    overlapped, structs, _, _ = mosaic_lowering(MOSAIC_LOWERINGS[name])
+    keys = iter(jax.random.split(jax.random.PRNGKey(11), len(structs)))
+    args = []
+    for x in structs:
+        if x is None:
+            args.append(None)
+        elif x.dtype == jnp.int32 and x.ndim == 1:  # a length per batch row
+            args.append(jnp.full(x.shape, 400, jnp.int32))
+        elif x.dtype == jnp.int32:  # segment ids: two documents per row
+            args.append(jnp.broadcast_to(jnp.arange(x.shape[1]) >= 200, x.shape).astype(jnp.int32))
+        else:
+            args.append(jax.random.normal(next(keys), x.shape, x.dtype))
+    fields = {k: v for k, v in MOSAIC_LOWERINGS[name].items()
+              if k not in ("passes", "dkv_cluster", "head_dim", "value_head_dim")}
+    plain = mk.MosaicSpec(scale=0.1, **{**fields, "overlap": False})
+    out, lse = overlapped(*args)
+    want, want_lse = jax.jit(lambda *a: mk.mosaic_forward(plain, *a))(*args)
+    assert np.array_equal(np.asarray(out), np.asarray(want)), "out"
+    assert np.array_equal(np.asarray(lse), np.asarray(want_lse)), "lse"

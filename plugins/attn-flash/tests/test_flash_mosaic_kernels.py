@@ -12,6 +12,7 @@ import pytest
 from jaxattn_flash import config as flash_config
 from jaxattn_flash import gpu_path
 from jaxattn_flash._testing import MOSAIC_LOWERINGS, mosaic_lowering
+from jaxattn_flash.mosaic_tiles import visible
 
 BANDS = [(None, None), (None, 0), (None, 256), (None, -128), (-255, 0), (-1000, 37), (-64, 300), (5, None)]
 # chunked causal (band_lo, band_hi, chunk, chunk_offset): band_hi <= chunk_offset, as the mask makes it
@@ -98,7 +99,7 @@ def test_mosaic_tile_ranges_and_masks_hold_every_visible_pair(mask, kv_end):
         for k0 in range(0, kv_len, bk):
             q_pos = np.arange(q0, q0 + fwd.block_q)[:, None] + np.zeros((1, bk), int)
             k_pos = np.arange(k0, k0 + bk)[None, :] + np.zeros((fwd.block_q, 1), int)
-            ok = mk.visible(fwd, jax.numpy.asarray(q_pos), jax.numpy.asarray(k_pos), q0, kv_end)
+            ok = visible(fwd, jax.numpy.asarray(q_pos), jax.numpy.asarray(k_pos), q0, kv_end)
             want = vis[q0:q0 + fwd.block_q, k0:k0 + bk]
             got = np.ones_like(want) if ok is None else np.asarray(ok)
             assert np.array_equal(got, want), (q0, k0)

@@ -19,6 +19,7 @@ from jaxattn.pallas_compat import smem_footprint
 
 from ._compat import mosaic_gpu, mosaic_load
 from .config import heavy_first
+from .mosaic_barriers import CONSUMERS
 from .mosaic_bwd_kernels import (
     BLOCK_ROWS,
     INPUTS,
@@ -33,7 +34,7 @@ from .mosaic_bwd_kernels import (
     kv_full_range,
     kv_tile_range,
 )
-from .mosaic_kernels import CONSUMERS, _swizzled, launch, visible
+from .mosaic_launch import launch, swizzled
 from .mosaic_segments import (
     SEGMENT_SCRATCH,
     clip_full,
@@ -44,6 +45,7 @@ from .mosaic_segments import (
     segment_smem,
     tile_ids,
 )
+from .mosaic_tiles import visible
 
 
 def dq_smem_bytes(head_dim: int, value_head_dim: int, block_kv: int, stages: int, segments: bool,
@@ -168,12 +170,12 @@ def mosaic_dq(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None, q_seg
                 load(ki + stages)
 
     scratch = {
-        "q_dq": _swizzled(plgpu, (CONSUMERS, bq, d), dtype, widest),  # Q, then dQ, of each consumer
-        "do": _swizzled(plgpu, (CONSUMERS, bq, dv), dtype, widest),
+        "q_dq": swizzled(plgpu, (CONSUMERS, bq, d), dtype, widest),  # Q, then dQ, of each consumer
+        "do": swizzled(plgpu, (CONSUMERS, bq, dv), dtype, widest),
         "lse": plgpu.SMEM((CONSUMERS, bq), jnp.float32),
         "delta": plgpu.SMEM((CONSUMERS, bq), jnp.float32),
-        "k": _swizzled(plgpu, (stages, bk, d), dtype, widest),
-        "v": _swizzled(plgpu, (stages, bk, dv), dtype, widest),
+        "k": swizzled(plgpu, (stages, bk, d), dtype, widest),
+        "v": swizzled(plgpu, (stages, bk, dv), dtype, widest),
         **{n: plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS) for n in ("q_bar", "do_bar", "lse_bar",
                                                                              "delta_bar")},
         "k_bar": plgpu.Barrier(num_arrivals=1, num_barriers=stages),

@@ -59,19 +59,9 @@ from jaxattn.pallas_compat import smem_footprint
 from ._compat import gmem_ref, mosaic_gpu, mosaic_load, ref_transpose
 from .config import WIDE_DQ_BLOCK_KV, wide_backward
 from .launch_order import clustered_ids, launch_order
-from .mosaic_kernels import (
-    CONSUMERS,
-    LOG2E,
-    _cdiv,
-    _div,
-    _i32,
-    _swizzled,
-    full_key_tiles,
-    key_tiles,
-    launch,
-    launch_closing_over_refs,
-    visible,
-)
+from .mosaic_barriers import CONSUMERS
+from .mosaic_kernels import LOG2E
+from .mosaic_launch import launch, launch_closing_over_refs, swizzled
 from .mosaic_segments import (
     SEGMENT_SCRATCH,
     clip_full,
@@ -83,6 +73,7 @@ from .mosaic_segments import (
     segment_tile_ranges,
     tile_ids,
 )
+from .mosaic_tiles import _cdiv, _div, _i32, full_key_tiles, key_tiles, visible
 
 WG_ROWS = 64  # rows of one consumer warpgroup (one wgmma M)
 BLOCK_ROWS = CONSUMERS * WG_ROWS  # rows of one CUDA block, both kernels
@@ -476,10 +467,10 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
                                group=group, lb=lb, per_head=per_head, bq=bq, stages=stages)
 
     scratch = {
-        "k_dk": _swizzled(plgpu, (CONSUMERS, bk, d), dtype),  # K, then dK, of each consumer
-        "v_dv": _swizzled(plgpu, (CONSUMERS, bk, dv_dim), dtype),  # V, then dV
-        "q": _swizzled(plgpu, (stages, bq, d), dtype),
-        "do": _swizzled(plgpu, (stages, bq, dv_dim), dtype),
+        "k_dk": swizzled(plgpu, (CONSUMERS, bk, d), dtype),  # K, then dK, of each consumer
+        "v_dv": swizzled(plgpu, (CONSUMERS, bk, dv_dim), dtype),  # V, then dV
+        "q": swizzled(plgpu, (stages, bq, d), dtype),
+        "do": swizzled(plgpu, (stages, bq, dv_dim), dtype),
         "lse": plgpu.SMEM((stages, bq), jnp.float32),
         "delta": plgpu.SMEM((stages, bq), jnp.float32),
         "k_bar": plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
@@ -495,8 +486,8 @@ def _dkdv(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, *extra):
     if not fused:
         return launch(plgpu, kernel, out_type, scratch, grid)(*args)
     scratch.update({
-        "ds": _swizzled(plgpu, (2, CONSUMERS, bk, bq), dtype),  # dSᵀ of each consumer, two tiles deep
-        "dq": _swizzled(plgpu, (CONSUMERS, bq, dq_cols), jnp.float32),  # the dQ part a consumer adds
+        "ds": swizzled(plgpu, (2, CONSUMERS, bk, bq), dtype),  # dSᵀ of each consumer, two tiles deep
+        "dq": swizzled(plgpu, (CONSUMERS, bq, dq_cols), jnp.float32),  # the dQ part a consumer adds
         "ds_bar": plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2),  # both halves of dS are stored
         "k_done": plgpu.Barrier(num_arrivals=CONSUMERS),  # both consumers are done with K
     })

@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jaxattn.pallas_compat import smem_footprint
 
 from ._compat import mosaic_gpu, mosaic_load
-from .mosaic_barriers import consumers_sync
+from .mosaic_barriers import CONSUMERS, consumers_sync
 from .mosaic_bwd_kernels import (
     MosaicBwdSpec,
     _dlogits,
@@ -48,7 +48,7 @@ from .mosaic_bwd_kernels import (
     stream_query_tiles,
     sum_over_group,
 )
-from .mosaic_kernels import CONSUMERS, _swizzled, launch, visible
+from .mosaic_launch import launch, swizzled
 from .mosaic_segments import (
     SEGMENT_SCRATCH,
     clip_full,
@@ -59,6 +59,7 @@ from .mosaic_segments import (
     segment_smem,
     tile_ids,
 )
+from .mosaic_tiles import visible
 
 KEYS = 64  # keys per CUDA block: one wgmma M, shared by both consumers
 HALF = 32  # queries of a tile whose logits one consumer computes
@@ -182,14 +183,14 @@ def mosaic_dkdv_wide(spec: MosaicBwdSpec, q, k, v, do, lse2, delta, kv_lens=None
 
     scratch = {
         # 64-byte swizzles: the dK and dV products contract over a query half (32)
-        "k_dk": _swizzled(plgpu, (KEYS, d), dtype, 64),  # K, then dK (each consumer its columns)
-        "v_dv": _swizzled(plgpu, (KEYS, dv_dim), dtype, 64),  # V, then dV
-        "q": _swizzled(plgpu, (stages, bq, d), dtype, 64),
-        "do": _swizzled(plgpu, (stages, bq, dv_dim), dtype, 64),
+        "k_dk": swizzled(plgpu, (KEYS, d), dtype, 64),  # K, then dK (each consumer its columns)
+        "v_dv": swizzled(plgpu, (KEYS, dv_dim), dtype, 64),  # V, then dV
+        "q": swizzled(plgpu, (stages, bq, d), dtype, 64),
+        "do": swizzled(plgpu, (stages, bq, dv_dim), dtype, 64),
         "lse": plgpu.SMEM((stages, bq), jnp.float32),
         "delta": plgpu.SMEM((stages, bq), jnp.float32),
-        "p": _swizzled(plgpu, (CONSUMERS, KEYS, HALF), dtype),  # Pᵀ of each query half
-        "ds": _swizzled(plgpu, (CONSUMERS, KEYS, HALF), dtype),  # dSᵀ of each query half
+        "p": swizzled(plgpu, (CONSUMERS, KEYS, HALF), dtype),  # Pᵀ of each query half
+        "ds": swizzled(plgpu, (CONSUMERS, KEYS, HALF), dtype),  # dSᵀ of each query half
         "kv_bar": plgpu.Barrier(num_arrivals=1, num_barriers=2),  # K, V loaded
         **{n: plgpu.Barrier(num_arrivals=1, num_barriers=stages) for n in ("q_bar", "do_bar", "lse_bar",
                                                                           "delta_bar")},

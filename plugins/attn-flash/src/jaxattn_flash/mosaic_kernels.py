@@ -18,7 +18,10 @@ uses 0-4) order the consumers so that one warpgroup's softmax runs while the oth
 matrix products occupy the tensor cores. Each consumer, per tile: issues its Q·Kᵀ, lets
 the other warpgroup go (`bar.arrive` on the other's barrier), finishes its softmax, waits
 for its turn (`bar.sync` on its own barrier), issues P·V. Warpgroup 1 starts with one
-wait, warpgroup 0 ends with one extra arrive, so both see the same count.
+wait, warpgroup 0 ends with one extra arrive, so both see the same count. `overlap` (off by
+default, not yet timed) hides the softmax inside each warpgroup instead, as FlashAttention-3 also
+does: tile ki + 1's Q·Kᵀ is issued before tile ki's softmax, whose logits came from the step
+before; the block's last tile runs alone (`last_step`), and such blocks skip the ping-pong.
 
 Masks: a static band `band_lo <= j - i <= band_hi` (full attention: no band; causal with
 any offset, q_len != kv_len; sliding windows), and chunked causal (`chunk`: query i sees the
@@ -74,17 +77,17 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ._compat import mosaic_gpu, mosaic_load, mosaic_params, ref_transpose
+from ._compat import mosaic_gpu, mosaic_load, ref_transpose
 from .config import MOSAIC_VALUE_GUARD, MOSAIC_VALUE_GUARDS, heavy_first
 from .launch_order import clustered_ids
 from .mosaic_barriers import CONSUMERS, block_any, consumers_sync, named_barrier
+from .mosaic_launch import launch, swizzled
 from .mosaic_segments import (
     SEGMENT_SCRATCH,
     clip_full,
@@ -95,6 +98,7 @@ from .mosaic_segments import (
     segment_tile_ranges,
     tile_ids,
 )
+from .mosaic_tiles import full_key_tiles, key_tiles, visible
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -126,6 +130,7 @@ class MosaicSpec:
     segments: bool = False  # query and key segment ids: a query sees the keys of its own segment only
     cluster: int = 0  # > 1: launch this many (batch, head) groups at a time, heavy blocks first (launch_order)
     bounded_logits: bool = False  # soft-capped logits bound exp2: no running max (config.softcap_without_max)
+    overlap: bool = False  # unguarded blocks: tile ki + 1's QKᵀ in flight during tile ki's softmax, no ping-pong
 
     def __post_init__(self) -> None:
         if self.guard_form not in GUARD_FORMS:
@@ -138,82 +143,6 @@ class MosaicSpec:
         return CONSUMERS * self.block_q
 
 
-def _i32(x):
-    return jnp.asarray(x, jnp.int32)
-
-
-def _div(a, b: int):
-    """floor(a / b) for a >= 0 (clamped)."""
-    return lax.div(jnp.maximum(_i32(a), 0), jnp.int32(b))
-
-
-def _cdiv(a, b: int):
-    """ceil(a / b) for a >= 0 (clamped)."""
-    return lax.div(jnp.maximum(_i32(a), 0) + (b - 1), jnp.int32(b))
-
-
-def chunk_start(spec, q):
-    """The first key of query `q`'s chunk (0 where `q + chunk_offset < 0`: such a query sees no key)."""
-    return _div(q + spec.chunk_offset, spec.chunk) * spec.chunk
-
-
-def visible(spec, q_pos, k_pos, q0, kv_end=None):
-    """Where key `k_pos` is visible for query `q_pos` (iotas over one tile whose first query is the
-    scalar `q0`): the band `band_lo <= k - q <= band_hi`, the chunk and keys before `kv_end` (a
-    batch row's length; None: everywhere); `spec` is a forward or a backward spec. A tile's
-    queries span at most two chunks (chunk >= its rows), so a query's chunk start is the first
-    query's or the next one: no division per entry. The band's `band_hi <= chunk_offset`
-    (chunked causal) bounds the chunk's other side."""
-    ok = None
-    diff = k_pos - q_pos
-    if spec.band_lo is not None:
-        ok = diff >= spec.band_lo
-    if spec.band_hi is not None:
-        ok = (diff <= spec.band_hi) if ok is None else ok & (diff <= spec.band_hi)
-    if spec.chunk is not None:
-        first = chunk_start(spec, q0)
-        after = first + spec.chunk
-        in_chunk = k_pos >= jnp.where(q_pos + spec.chunk_offset >= after, after, first)
-        ok = in_chunk if ok is None else ok & in_chunk
-    if kv_end is not None:
-        ok = (k_pos < kv_end) if ok is None else ok & (k_pos < kv_end)
-    return ok
-
-
-def key_tiles(spec, r0, rows: int, block_kv: int, num_kv_tiles: int, kv_end=None):
-    """Tiles [lb, ub) of `block_kv` keys that hold a visible pair for query rows [r0, r0 + rows),
-    keys before `kv_end` (a batch row's length; None: all); `spec` is a forward or a backward spec
-    (the forward block's and the dq kernel's ranges)."""
-    lb, ub = _i32(0), _i32(num_kv_tiles)
-    if spec.band_hi is not None:
-        ub = jnp.minimum(ub, _cdiv(r0 + rows + spec.band_hi, block_kv))
-    if spec.band_lo is not None:
-        lb = jnp.maximum(lb, _div(r0 + spec.band_lo, block_kv))
-    if spec.chunk is not None:
-        lb = jnp.maximum(lb, _div(chunk_start(spec, r0), block_kv))
-    if kv_end is not None:
-        ub = jnp.minimum(ub, _cdiv(kv_end, block_kv))
-    return lb, jnp.maximum(ub, lb)
-
-
-def full_key_tiles(spec, r0, rows: int, block_kv: int, lb, ub, kv_end=None):
-    """Of [lb, ub), the tiles [fs, fe) of `block_kv` keys fully visible for query rows
-    [r0, r0 + rows), keys before `kv_end`; `spec` is a forward or a backward spec."""
-    fs, fe = lb, ub
-    if spec.band_lo is not None:
-        fs = jnp.maximum(fs, _cdiv(r0 + rows - 1 + spec.band_lo, block_kv))
-    if spec.band_hi is not None:
-        fe = jnp.minimum(fe, _div(r0 + spec.band_hi + 1, block_kv))
-    if kv_end is not None:
-        fe = jnp.minimum(fe, _div(kv_end, block_kv))
-    if spec.chunk is not None:  # not before the first row's chunk
-        fs = jnp.maximum(fs, _cdiv(chunk_start(spec, r0), block_kv))
-    fs = jnp.minimum(fs, ub)
-    if spec.chunk is not None:  # full only where all rows share one chunk
-        fe = jnp.where(chunk_start(spec, r0) == chunk_start(spec, r0 + rows - 1), fe, fs)
-    return fs, jnp.maximum(fe, fs)
-
-
 def block_range(spec: MosaicSpec, r0, num_kv_tiles: int, kv_end=None):
     """Key tiles [lb, ub) that hold a visible pair for the block's rows [r0, r0 + rows) (keys before `kv_end`)."""
     return key_tiles(spec, r0, spec.rows, spec.block_kv, num_kv_tiles, kv_end)
@@ -223,50 +152,6 @@ def full_range(spec: MosaicSpec, r0, lb, ub, rows: int | None = None, kv_end=Non
     """Of [lb, ub), the tiles [fs, fe) fully visible for rows [r0, r0 + rows) (default: block_q),
     keys before `kv_end`."""
     return full_key_tiles(spec, r0, spec.block_q if rows is None else rows, spec.block_kv, lb, ub, kv_end)
-
-
-def _swizzled(plgpu, shape, dtype, widest: int = 128):
-    """Shared memory for wgmma operands, swizzled by the row's bytes up to `widest`. A product's
-    contraction must be a multiple of swizzle / itemsize (64 elements of 2 bytes at 128), so
-    kernels that contract over 32 take `widest=64` for every operand of the product."""
-    elem_bytes = jnp.dtype(dtype).itemsize
-    swizzle = widest if shape[-1] * elem_bytes >= widest else shape[-1] * elem_bytes
-    transforms = (plgpu.TilingTransform((8, swizzle // elem_bytes)), plgpu.SwizzleTransform(swizzle))
-    return plgpu.SMEM(shape, dtype, transforms=transforms)
-
-
-def launch(plgpu, body, out_type, scratch: dict[str, Any], grid: dict[str, int]):
-    """`body` as a warp-specialized Mosaic GPU kernel: the named `grid`, CONSUMERS + 1 warpgroups
-    (axis "wg"), our compiler parameters. `scratch` names each shared-memory buffer and barrier;
-    the body takes its operand refs, then `scratch=` those refs by the same names (allocated in
-    the dict's order: a name, not a position in a list of optional pieces, says which is which)."""
-    names = tuple(scratch)
-
-    @functools.wraps(body)  # the kernel keeps the body's name
-    def named(*refs):
-        cut = len(refs) - len(names)
-        body(*refs[:cut], scratch=dict(zip(names, refs[cut:])))
-
-    return plgpu.kernel(named, out_type=out_type, scratch_types=tuple(scratch.values()), grid=tuple(grid.values()),
-                        grid_names=tuple(grid), num_threads=CONSUMERS + 1, thread_name="wg",
-                        compiler_params=mosaic_params(plgpu))
-
-
-def launch_closing_over_refs(plgpu, body, out_type, scratch: dict[str, Any], grid: dict[str, int]):
-    """`launch` for a body that closes over mutable global-memory refs (`gmem_ref`: the fused
-    backward's dq sum), which Pallas's `pl.kernel` aliases in and out of the kernel (`plgpu.kernel`'s
-    batching wrapper cannot trace a closed-over ref on jax 0.10)."""
-    mesh = plgpu.Mesh(grid=tuple(grid.values()), grid_names=tuple(grid), num_threads=CONSUMERS + 1,
-                      thread_name="wg")
-    names = tuple(scratch)
-
-    def scoped(*refs):
-        def named(*scratch_refs):
-            body(*refs, scratch=dict(zip(names, scratch_refs)))
-
-        pl.run_scoped(named, *scratch.values(), collective_axes="wg")
-
-    return pl.kernel(scoped, out_type=out_type, mesh=mesh, compiler_params=mosaic_params(plgpu))
 
 
 def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=None, q_seg=None, kv_seg=None,
@@ -461,9 +346,92 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 return out
 
+            def initial_state(guarded):
+                """(acc, running max, row sums, and for a guarded block the rows that see a non-finite
+                value in a cleaned tile (1.0), made NaN at the end; else None)."""
+                acc = plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), wgmma_layout)
+                m = plgpu.layout_cast(jnp.full((bq,), 0.0 if spec.bounded_logits else M_FLOOR, jnp.float32),
+                                      row_layout)
+                l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
+                seen = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout) if guarded else None
+                return acc, m, l, seen
+
+            def overlapped_step(ki, carry, *, masked):
+                """Tile `ki` (its logits `s` in the carry) while tile ki + 1's QKᵀ runs on the tensor
+                cores: softmax, then P·V; returns tile ki + 1's logits. The caller stops one tile
+                short of the block's end (`last_step` takes it)."""
+                acc, m, l, s = carry
+                slot, nxt = lax.rem(ki, stages), lax.rem(ki + 1, stages)
+                k_ids = key_ids(slot, masked)
+
+                def with_next(s_ref):
+                    plgpu.barrier_wait(k_bar.at[nxt])
+                    plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[nxt]))  # async
+                    acc_, m_, l_, p16 = softmax(s, band(ki, k_ids) if masked else None, acc, m, l)
+                    plgpu.barrier_wait(v_bar.at[slot])
+
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+                    return pl.run_state(pv)(plgpu.ACC.init(acc_)), m_, l_, s_ref[...]
+
+                acc, m, l, s = pl.run_scoped(with_next, plgpu.ACC((bq, bk), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[nxt])
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m, l, s
+
+            def last_step(ki, carry):
+                """The block's last tile, its logits already in the carry (masked: a full tile's mask
+                hides nothing)."""
+                acc, m, l, s = carry
+                slot = lax.rem(ki, stages)
+                acc, m, l, p16 = softmax(s, band(ki, key_ids(slot, True)), acc, m, l)
+                plgpu.barrier_wait(v_bar.at[slot])
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m, l, s
+
+            def attend_overlapped(acc, m, l):
+                """`attend`'s unguarded form with `spec.overlap`: each tile's softmax beside the next
+                tile's QKᵀ (FlashAttention-3's intra-warpgroup overlap) instead of beside the other
+                consumer's products (ping-pong). A block without tiles computes one product of
+                whatever its first slot holds and uses none of it."""
+                first = lax.rem(lb, stages)
+
+                @pl.when(ub > lb)
+                def _():
+                    plgpu.barrier_wait(k_bar.at[first])
+
+                def qk_first(s_ref):
+                    plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[first]))
+                    return s_ref[...]
+
+                s = pl.run_scoped(qk_first, plgpu.ACC((bq, bk), jnp.float32))
+
+                @pl.when(ub > lb)
+                def _():
+                    plgpu.barrier_arrive(k_free.at[first])
+
+                fs, fe = clip_full(ranges, bi, qi, ub, *full_range(spec, r0, lb, ub, kv_end=kv_end))
+                last = ub - 1
+                carry = lax.fori_loop(lb, jnp.minimum(fs, last), functools.partial(overlapped_step, masked=True),
+                                      (acc, m, l, s))
+                carry = lax.fori_loop(fs, jnp.minimum(fe, last), functools.partial(overlapped_step, masked=False),
+                                      carry)
+                carry = lax.fori_loop(fe, last, functools.partial(overlapped_step, masked=True), carry)
+                acc, m, l, _ = lax.fori_loop(jnp.maximum(last, lb), ub, last_step, carry)
+                return write_rows(acc, m, l, None)
+
             def attend(guarded):
                 """The block's key tiles, then `write_rows` (its float32 output). `guarded`: clean the
                 value tiles the mask cuts (both consumers the same tiles, so the full range is the block's)."""
+                if spec.overlap and not guarded:
+                    return attend_overlapped(*initial_state(guarded)[:3])
+
                 @pl.when(ub > lb)
                 def _():
                     plgpu.barrier_wait(k_bar.at[lax.rem(lb, stages)])
@@ -473,12 +441,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 else:
                     fs, fe = full_range(spec, r0, lb, ub, kv_end=kv_end)
                 fs, fe = clip_full(ranges, bi, qi, ub, fs, fe)
-                acc = plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), wgmma_layout)
-                m = plgpu.layout_cast(jnp.full((bq,), 0.0 if spec.bounded_logits else M_FLOOR, jnp.float32),
-                                      row_layout)
-                l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
-                # rows that see a non-finite value in a cleaned tile (1.0), made NaN at the end
-                seen = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout) if guarded else None
+                acc, m, l, seen = initial_state(guarded)
                 # Ping-pong pairs the consumers' steps; guarded steps (partial tiles whose values are
                 # cleaned) run side by side instead: both consumers wait for each other's cleaning.
                 pp = spec.pingpong
@@ -569,9 +532,9 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     sink_rows = [] if not spec.sinks else [
         jnp.broadcast_to((sinks.astype(jnp.float32) * LOG2E)[:, None], (hq, bq))]
     scratch = {
-        "q_o": _swizzled(plgpu, (CONSUMERS, bq, d), dtype),  # Q, then O (when dv == d), of each consumer
-        "k": _swizzled(plgpu, (stages, bk, d), dtype),
-        "v": _swizzled(plgpu, (stages, bk, dv), dtype),
+        "q_o": swizzled(plgpu, (CONSUMERS, bq, d), dtype),  # Q, then O (when dv == d), of each consumer
+        "k": swizzled(plgpu, (stages, bk, d), dtype),
+        "v": swizzled(plgpu, (stages, bk, dv), dtype),
         "lse": plgpu.SMEM((CONSUMERS, bq), jnp.float32),
         "q_bar": plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS),
         "k_bar": plgpu.Barrier(num_arrivals=1, num_barriers=stages),
@@ -580,7 +543,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
         "v_free": plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
     }
     if own_out:
-        scratch["o"] = _swizzled(plgpu, (CONSUMERS, bq, dv), dtype)  # O of each consumer
+        scratch["o"] = swizzled(plgpu, (CONSUMERS, bq, dv), dtype)  # O of each consumer
     if guard:
         scratch["cleaned"] = plgpu.SMEM((stages, bk), jnp.float32)  # which keys of a tile were cleaned
     if spec.segments:  # ids of each consumer's rows and of the key tiles
