@@ -5,6 +5,10 @@ warpgroup, FlashAttention-3's intra-warpgroup overlap; ping-pong off in those bl
 "neither", beside tokamax's default on the causal rows.
 
     python3 plugins/attn-flash/bench/bench_overlap.py [CYCLES]
+    MOSAIC_GPU_DUMP_PTXAS=1 python3 plugins/attn-flash/bench/bench_overlap.py 1 2>&1 | grep -i -e spill -e serializ
+
+(the second: whether ptxas spills the overlapped loop's registers, two tiles of logits beside the
+accumulator, or serializes its wgmma instructions, which would undo the overlap).
 
 Written on 2026-12-03 without a GPU (lowered for CUDA on CPU only); this script is its first check.
 Each form computes the same tiles in the same order, so its output must be bitwise that of the
