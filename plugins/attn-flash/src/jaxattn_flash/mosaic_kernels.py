@@ -359,10 +359,12 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
             def overlapped_step(ki, carry, *, masked):
                 """Tile `ki` (its logits `s` in the carry) while tile ki + 1's QKᵀ runs on the tensor
                 cores: softmax, then P·V; returns tile ki + 1's logits. The caller stops one tile
-                short of the block's end (`last_step` takes it)."""
+                short of the block's end (`last_step` takes it). Tile ki's K slot is freed here, not
+                when its product was read one step earlier: its segment ids share the slot."""
                 acc, m, l, s = carry
                 slot, nxt = lax.rem(ki, stages), lax.rem(ki + 1, stages)
-                k_ids = key_ids(slot, masked)
+                k_ids = key_ids(slot, masked)  # the tile's ids ride in its K slot: read them before freeing it
+                plgpu.barrier_arrive(k_free.at[slot])
 
                 def with_next(s_ref):
                     plgpu.barrier_wait(k_bar.at[nxt])
@@ -376,7 +378,6 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     return pl.run_state(pv)(plgpu.ACC.init(acc_)), m_, l_, s_ref[...]
 
                 acc, m, l, s = pl.run_scoped(with_next, plgpu.ACC((bq, bk), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[nxt])
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m, l, s
 
@@ -385,7 +386,9 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 hides nothing)."""
                 acc, m, l, s = carry
                 slot = lax.rem(ki, stages)
-                acc, m, l, p16 = softmax(s, band(ki, key_ids(slot, True)), acc, m, l)
+                ok = band(ki, key_ids(slot, True))
+                plgpu.barrier_arrive(k_free.at[slot])
+                acc, m, l, p16 = softmax(s, ok, acc, m, l)
                 plgpu.barrier_wait(v_bar.at[slot])
 
                 def pv(acc_ref):
@@ -410,12 +413,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[first]))
                     return s_ref[...]
 
-                s = pl.run_scoped(qk_first, plgpu.ACC((bq, bk), jnp.float32))
-
-                @pl.when(ub > lb)
-                def _():
-                    plgpu.barrier_arrive(k_free.at[first])
-
+                s = pl.run_scoped(qk_first, plgpu.ACC((bq, bk), jnp.float32))  # each step frees its own K slot
                 fs, fe = clip_full(ranges, bi, qi, ub, *full_range(spec, r0, lb, ub, kv_end=kv_end))
                 last = ub - 1
                 carry = lax.fori_loop(lb, jnp.minimum(fs, last), functools.partial(overlapped_step, masked=True),
