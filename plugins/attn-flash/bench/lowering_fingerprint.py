@@ -33,22 +33,8 @@ jax.config.update("jax_include_full_tracebacks_in_locations", False)
 source_info.user_frame = lambda *a, **k: None
 source_info.user_frames = lambda *a, **k: iter(())
 
-from jaxattn_flash._testing import MOSAIC_LOWERINGS, mosaic_lowering  # noqa: E402
+from jaxattn_flash._testing import MOSAIC_LOWERINGS, Unbatched, mosaic_lowering  # noqa: E402
 from jaxattn_flash.config import wide_backward  # noqa: E402
-
-
-class _Unbatched:
-    """`custom_vmap` without its batching rule: the fused backward's wrapper, which this jax cannot
-    lower for CUDA around a mutable ref; it changes nothing inside the kernel."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, *args):
-        return self.fn(*args)
-
-    def def_vmap(self, rule):
-        return rule
 
 
 def _fingerprint(fn, args) -> str:
@@ -58,7 +44,7 @@ def _fingerprint(fn, args) -> str:
 
 def fingerprints() -> dict[str, str]:
     """{"fwd CASE" / "bwd CASE FORM": fingerprint or "error TYPE"} for every `MOSAIC_LOWERINGS` case."""
-    jax.custom_batching.custom_vmap = _Unbatched
+    jax.custom_batching.custom_vmap = Unbatched
     found = {}
     for name, fields in MOSAIC_LOWERINGS.items():
         forward, forward_args, backward, _ = mosaic_lowering(fields)

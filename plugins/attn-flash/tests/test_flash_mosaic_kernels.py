@@ -11,7 +11,7 @@ import pytest
 
 from jaxattn_flash import config as flash_config
 from jaxattn_flash import gpu_path
-from jaxattn_flash._testing import MOSAIC_LOWERINGS, mosaic_lowering
+from jaxattn_flash._testing import MOSAIC_LOWERINGS, Unbatched, mosaic_lowering
 from jaxattn_flash.mosaic_tiles import visible
 
 BANDS = [(None, None), (None, 0), (None, 256), (None, -128), (-255, 0), (-1000, 37), (-64, 300), (5, None)]
@@ -353,16 +353,6 @@ def test_backward_smem_bytes_are_what_the_lowering_allocates(case, monkeypatch):
     from jaxattn_flash import mosaic_bwd_kernels as mbk
     from jaxattn_flash.mosaic_bwd_dq import dq_smem_bytes
     from jaxattn_flash.mosaic_bwd_wide import wide_smem_bytes
-
-    class Unbatched:  # custom_vmap without its batching rule
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __call__(self, *args):
-            return self.fn(*args)
-
-        def def_vmap(self, rule):
-            return rule
 
     monkeypatch.setattr(jax.custom_batching, "custom_vmap", Unbatched)
     words = case.split()

@@ -93,6 +93,21 @@ MOSAIC_LOWERINGS: dict[str, dict[str, Any]] = {
 }
 
 
+class Unbatched:
+    """A stand-in for `jax.custom_batching.custom_vmap` without its batching rule (monkeypatch it in):
+    the fused backward's wrapper, which this jax cannot lower for CUDA around a mutable ref; it
+    changes nothing inside the kernel (no shared memory, no instruction)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def def_vmap(self, rule):
+        return rule
+
+
 def mosaic_lowering(fields: Mapping[str, Any], fused_dq: str | None = None) -> tuple:
     """One `MOSAIC_LOWERINGS` entry as (forward, its arguments, backward, its arguments): jitted
     functions of the Mosaic kernels and shape structs (no data; batch 1, 512 tokens, 4 q / 2 kv heads),
