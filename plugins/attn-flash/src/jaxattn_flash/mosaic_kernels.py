@@ -356,6 +356,15 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 seen = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout) if guarded else None
                 return acc, m, l, seen
 
+            def add_pv(acc, p16, slot):
+                """acc + P·V of the value tile in `slot`, once it has landed (the overlapped loop's steps)."""
+                plgpu.barrier_wait(v_bar.at[slot])
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+                return pl.run_state(pv)(plgpu.ACC.init(acc))
+
             def overlapped_step(ki, carry, *, masked):
                 """Tile `ki` (its logits `s` in the carry) while tile ki + 1's QKᵀ runs on the tensor
                 cores: softmax, then P·V; returns tile ki + 1's logits. The caller stops one tile
@@ -370,12 +379,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     plgpu.barrier_wait(k_bar.at[nxt])
                     plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[nxt]))  # async
                     acc_, m_, l_, p16 = softmax(s, band(ki, k_ids) if masked else None, acc, m, l)
-                    plgpu.barrier_wait(v_bar.at[slot])
-
-                    def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-                    return pl.run_state(pv)(plgpu.ACC.init(acc_)), m_, l_, s_ref[...]
+                    return add_pv(acc_, p16, slot), m_, l_, s_ref[...]
 
                 acc, m, l, s = pl.run_scoped(with_next, plgpu.ACC((bq, bk), jnp.float32))
                 plgpu.barrier_arrive(v_free.at[slot])
@@ -389,20 +393,16 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 ok = band(ki, key_ids(slot, True))
                 plgpu.barrier_arrive(k_free.at[slot])
                 acc, m, l, p16 = softmax(s, ok, acc, m, l)
-                plgpu.barrier_wait(v_bar.at[slot])
-
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                acc = add_pv(acc, p16, slot)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m, l, s
 
-            def attend_overlapped(acc, m, l):
+            def attend_overlapped():
                 """`attend`'s unguarded form with `spec.overlap`: each tile's softmax beside the next
                 tile's QKᵀ (FlashAttention-3's intra-warpgroup overlap) instead of beside the other
                 consumer's products (ping-pong). A block without tiles computes one product of
                 whatever its first slot holds and uses none of it."""
+                acc, m, l, _ = initial_state(guarded=False)
                 first = lax.rem(lb, stages)
 
                 @pl.when(ub > lb)
@@ -428,7 +428,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 """The block's key tiles, then `write_rows` (its float32 output). `guarded`: clean the
                 value tiles the mask cuts (both consumers the same tiles, so the full range is the block's)."""
                 if spec.overlap and not guarded:
-                    return attend_overlapped(*initial_state(guarded)[:3])
+                    return attend_overlapped()
 
                 @pl.when(ub > lb)
                 def _():
