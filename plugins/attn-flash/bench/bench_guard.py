@@ -46,15 +46,16 @@ def mask_for(window):
     return jaxattn.CausalMask() if window is None else jaxattn.SlidingWindowMask(window - 1, 0)
 
 
-def spec_for(q, k, v, window) -> MosaicSpec:
-    """The Mosaic spec the flash backend builds for this causal / windowed call on this device."""
-    inputs = AttentionInputs(q, k, v, mask=mask_for(window), scale=q.shape[-1] ** -0.5)
+def spec_for(q, k, v, mask, soft_cap=None) -> MosaicSpec:
+    """The Mosaic spec the flash backend builds for this call (`mask`: a jaxattn mask or None) on this device."""
+    inputs = AttentionInputs(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, logits_soft_cap=soft_cap)
     return flash_backend._prepare(inputs, OperationMetadata(), False, None).mosaic
 
 
 def forms(q, k, v, window):
     """name -> jitted (q, k, v) -> (out, lse), for arrays shaped like these."""
-    mask, spec = mask_for(window), spec_for(q, k, v, window)
+    mask = mask_for(window)
+    spec = spec_for(q, k, v, mask)
 
     def kernel(**changes):
         changed = replace(spec, **changes)

@@ -27,14 +27,11 @@ from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
-from bench_guard import mask_for, tokamax_forward
+from bench_guard import mask_for, spec_for, tokamax_forward
 
 import jaxattn
-from jaxattn import OperationMetadata
 from jaxattn.bench import time_side_by_side
-from jaxattn.inputs import AttentionInputs
 from jaxattn.testing import assert_same_nonfinite, nonfinite_problem
-from jaxattn_flash import backend as flash_backend
 from jaxattn_flash.mosaic_kernels import mosaic_forward
 
 CYCLES = 15
@@ -47,9 +44,7 @@ SHAPES = [  # (b, s, hq, hkv, d), causal, soft-cap
 
 def forms(q, k, v, causal: bool, soft_cap):
     """name -> jitted (q, k, v) -> (out, lse): the flash backend's own Mosaic spec for this call, changed."""
-    mask = jaxattn.CausalMask() if causal else None
-    inputs = AttentionInputs(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, logits_soft_cap=soft_cap)
-    spec = flash_backend._prepare(inputs, OperationMetadata(), False, None).mosaic
+    spec = spec_for(q, k, v, jaxattn.CausalMask() if causal else None, soft_cap)
 
     def kernel(**changes):
         changed = replace(spec, **changes)
@@ -69,8 +64,7 @@ def check_nan_rows() -> None:
         x = nonfinite_problem(0, shape, bad_keys=False, dtype=jnp.bfloat16)
         q, k, v = x["query"], x["key"], x["value"]
         mask = mask_for(window)
-        inputs = AttentionInputs(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5)
-        spec = replace(flash_backend._prepare(inputs, OperationMetadata(), False, None).mosaic, overlap=True)
+        spec = replace(spec_for(q, k, v, mask), overlap=True)
         out, lse = jax.jit(functools.partial(mosaic_forward, spec))(q, k, v)
         ref, ref_lse = jaxattn.attention(*(t.astype(jnp.float32) for t in (q, k, v)), mask=mask, backend="xla",
                                          return_lse=True)
