@@ -18,7 +18,6 @@ from jaxattn.testing import Shape, run_conformance
 from jaxattn.testing.cases import all_cases
 from jaxattn.testing.conformance import build_inputs
 from jaxattn_flash import FlashAttention, gpu_path
-from jaxattn_flash import mosaic_kernels as mk
 from jaxattn_flash._testing import MOSAIC_LOWERINGS, mosaic_lowering
 from jaxattn_flash._testing import flash_metadata as _md
 from jaxattn_flash._testing import on_hopper as _on_hopper
@@ -238,10 +237,8 @@ def test_mosaic_forward_overlap_is_the_same_arithmetic_gpu(name):
             args.append(jnp.broadcast_to(jnp.arange(x.shape[1]) >= 200, x.shape).astype(jnp.int32))
         else:
             args.append(jax.random.normal(next(keys), x.shape, x.dtype))
-    fields = {k: v for k, v in MOSAIC_LOWERINGS[name].items()
-              if k not in ("passes", "dkv_cluster", "head_dim", "value_head_dim")}
-    plain = mk.MosaicSpec(scale=0.1, **{**fields, "overlap": False})
+    plain, _, _, _ = mosaic_lowering({**MOSAIC_LOWERINGS[name], "overlap": False})
     out, lse = overlapped(*args)
-    want, want_lse = jax.jit(lambda *a: mk.mosaic_forward(plain, *a))(*args)
+    want, want_lse = plain(*args)
     assert np.array_equal(np.asarray(out), np.asarray(want)), "out"
     assert np.array_equal(np.asarray(lse), np.asarray(want_lse)), "lse"
