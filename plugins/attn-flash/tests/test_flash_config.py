@@ -54,6 +54,10 @@ def test_tuning_space_is_small_and_per_call(monkeypatch):
                                      mosaic_backward_by_default=True) == [{}, {"gpu_kernel": "triton"}]
     assert flash_config.tuning_space(_request(num_kv_heads=32), mosaic_by_default=False) == [{}]  # MHA
     assert flash_config.tuning_space(_request(needs_grad=False), mosaic_by_default=False) == [{}]
+    capped = _request(needs_grad=False, logits_soft_cap=True)  # the exp2 split, on the Mosaic forward only
+    assert flash_config.tuning_space(capped, mosaic_by_default=True) == [
+        {}, {"gpu_kernel": "triton"}, {"mosaic_poly_exp2": 2}, {"mosaic_poly_exp2": 4}]
+    assert flash_config.tuning_space(capped, mosaic_by_default=False) == [{}]
     assert flash_config.tuning_space(_request(mask_kinds=frozenset(), band=None), mosaic_by_default=False) == [{}]
     assert FlashAttention().tuning_space(_request(), Hardware.cpu()) == ({},)
     for settings in flash_config.tuning_space(_request(), mosaic_by_default=True):
@@ -123,3 +127,17 @@ def test_softcap_without_max_only_where_the_cap_bounds_exp2():
     assert not without_max({"mosaic_softcap_running_max": True}, 30.0, jnp.bfloat16, 4096)
     with pytest.raises(ValueError, match="mosaic_softcap_running_max"):
         flash_config.validate({"mosaic_softcap_running_max": 1})
+
+
+def test_poly_exp2_only_under_bounded_logits():
+    """The exp2 split (`mosaic_exp2`) takes bounded soft-capped logits only: 0 without them
+    whatever the config says; with them the config's count (0 turns it off), else the default.
+    Counts outside 0..8 and non-ints are refused by name."""
+    every = flash_config.mosaic_poly_exp2
+    assert every({}, bounded_logits=False) == 0 and every({"mosaic_poly_exp2": 2}, bounded_logits=False) == 0
+    assert every({}, bounded_logits=True) == flash_config.MOSAIC_POLY_EXP2 > 0
+    assert every({"mosaic_poly_exp2": 0}, bounded_logits=True) == 0
+    assert every({"mosaic_poly_exp2": 8}, bounded_logits=True) == 8
+    for bad in (-1, 9, True, 2.0):
+        with pytest.raises(ValueError, match="mosaic_poly_exp2"):
+            flash_config.validate({"mosaic_poly_exp2": bad})

@@ -464,6 +464,10 @@ def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     assert prepare({"gpu_backward": "triton"}).spec.mosaic_bwd is None
     # a bfloat16 soft-cap of 30 bounds exp2: no running max, unless the config keeps it
     assert call.mosaic.bounded_logits and not prepare({"mosaic_softcap_running_max": True}).mosaic.bounded_logits
+    # ... and part of its exp2 goes to the FMA pipe; with the running max (logits unbounded) none
+    assert call.mosaic.poly_exp2 == flash_config.MOSAIC_POLY_EXP2
+    assert prepare({"mosaic_softcap_running_max": True, "mosaic_poly_exp2": 2}).mosaic.poly_exp2 == 0
+    assert prepare({"mosaic_poly_exp2": 0}).mosaic.poly_exp2 == 0
     assert bspec.fused_dq == "split"  # head_dim 128: dq inside the dk/dv kernel
     q256 = jax.random.normal(jax.random.PRNGKey(2), (1, 256, 4, 256), jax.numpy.bfloat16)
     kv256 = jax.random.normal(jax.random.PRNGKey(3), (1, 256, 2, 256), jax.numpy.bfloat16)

@@ -187,8 +187,9 @@ def test_mosaic_backward_launch_passes_gpu(head_dim):
 @pytest.mark.parametrize("sinks", [False, True])
 def test_mosaic_softcap_without_max_gpu(sinks):
     """A soft-capped causal call with logits pushed against the cap (q scaled by 8): the forward
-    without a running max (the bfloat16 default under a cap of 30) and the one with it, each
-    against xla in float32 (out, lse, gradients), and against each other."""
+    without a running max (the bfloat16 default under a cap of 30; by default a third of its exp2
+    on the FMA pipe, `mosaic_exp2`), the same with half or none of it there, and the one with the
+    running max, each against xla in float32 (out, lse, gradients), and against each other."""
     import jax.numpy as jnp
 
     ks = jax.random.split(jax.random.PRNGKey(3), 5)
@@ -207,14 +208,18 @@ def test_mosaic_softcap_without_max_gpu(sinks):
 
     base = {"gpu_kernel": "mosaic", "gpu_backward": "mosaic"}
     bounded = run(_md(**base))
+    half = run(_md(**base, mosaic_poly_exp2=2))
+    mufu = run(_md(**base, mosaic_poly_exp2=0))
     running = run(_md(**base, mosaic_softcap_running_max=True))
     ref = run(None, "xla", *(x.astype(jnp.float32) for x in (q, k, v)))
     rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))  # noqa: E731
-    for name, got in (("bounded", bounded), ("running max", running)):
+    for name, got in (("bounded", bounded), ("half poly", half), ("mufu", mufu), ("running max", running)):
         assert rel(got[0], ref[0]) < 1e-2 and np.allclose(got[1], ref[1], atol=2e-2), name
         for g, w, grad in zip(got[2:], ref[2:], ("dq", "dk", "dv")):
             assert rel(g, w) < 2e-2, (name, grad)
     assert rel(bounded[0], running[0]) < 5e-3 and np.allclose(bounded[1], running[1], atol=1e-3)
+    for poly in (bounded, half):  # the cubic's 7.5e-5 under bfloat16's rounding of P
+        assert rel(poly[0], mufu[0]) < 5e-3 and np.allclose(poly[1], mufu[1], atol=1e-3)
 
 
 @pytest.mark.gpu

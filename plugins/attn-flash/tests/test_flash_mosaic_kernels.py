@@ -285,6 +285,32 @@ def test_bounded_logits_need_a_soft_cap():
     with pytest.raises(ValueError, match="bounded_logits=True needs a soft_cap"):
         MosaicSpec(scale=0.1, band_lo=None, band_hi=0, bounded_logits=True)
     assert MosaicSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True).bounded_logits
+    # the exp2 split's 2^z needs the bound too
+    with pytest.raises(ValueError, match="poly_exp2 must be 0, or > 0 with bounded_logits, got 2"):
+        MosaicSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, poly_exp2=2)
+    with pytest.raises(ValueError, match="poly_exp2 must be 0, or > 0 with bounded_logits, got -1"):
+        MosaicSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True, poly_exp2=-1)
+
+
+def test_poly_exp2_is_exp2_within_its_bound():
+    """`mosaic_exp2`'s cubic, step for step as its PTX runs it: within 7.5e-5 of 2^z (relative)
+    over every z the bounded soft-cap allows (±SOFTCAP_LOG2_BOUND) and beyond to ±125 (integers
+    included: the cubic's error at 0), NaN kept; at -126 the result's exponent leaves the normal range; the PTX carries the very coefficients."""
+    from jaxattn_flash import mosaic_exp2
+    from jaxattn_flash.config import SOFTCAP_LOG2_BOUND
+
+    rng = np.random.default_rng(5)
+    z = np.concatenate([rng.uniform(-SOFTCAP_LOG2_BOUND, SOFTCAP_LOG2_BOUND, 200_000),
+                        rng.uniform(-125, 125, 20_000), np.arange(-125, 126), [0.5, -0.5, 0.49999997]])
+    z = z.astype(np.float32)
+    got = mosaic_exp2.poly_exp2_reference(z).astype(np.float64)
+    rel = np.abs(got / np.exp2(z.astype(np.float64)) - 1)
+    assert rel.max() < 7.5e-5, float(rel.max())
+    assert np.isnan(mosaic_exp2.poly_exp2_reference(np.array([np.nan], np.float32)))[0]
+    assert abs(mosaic_exp2.poly_exp2_reference(np.array([-126.0], np.float32))[0] / 2.0 ** -126 - 1) > 1e-4
+    for coef in mosaic_exp2.POLY_EXP2 + (mosaic_exp2.ROUNDER,):
+        assert f"0f{int(np.float32(coef).view(np.uint32)):08X}" in mosaic_exp2.POLY_EXP2_PTX
+    assert mosaic_exp2.POLY_EXP2_PTX.count("fma.rn.f32") == 3 and "ex2" not in mosaic_exp2.POLY_EXP2_PTX
 
 
 @pytest.mark.parametrize("dims", [(d, dv) for d in gpu_path.MOSAIC_HEAD_DIMS for dv in gpu_path.MOSAIC_HEAD_DIMS])

@@ -119,13 +119,14 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
         from .mosaic_kernels import MosaicSpec
 
         block_kv, stages = _config.mosaic_tiles(config, d, dv, skv, banded=(band_lo, band_hi) != (None, None))
+        bounded = _config.softcap_without_max(config, spec.soft_cap, q.dtype, skv)
         mspec = MosaicSpec(scale=spec.scale, band_lo=band_lo, band_hi=band_hi, block_kv=block_kv, stages=stages,
                            soft_cap=spec.soft_cap, sinks=spec.sinks, guard_values=value_guard.hides_keys(inputs),
                            chunk=spec.chunk_size, chunk_offset=spec.chunk_offset,
                            q_lengths=q_lens is not None, kv_lengths=kv_lens is not None, segments=q_seg is not None,
                            cluster=_config.mosaic_fwd_cluster(config, parts),
                            guard_form=_config.mosaic_value_guard(config),
-                           bounded_logits=_config.softcap_without_max(config, spec.soft_cap, q.dtype, skv))
+                           bounded_logits=bounded, poly_exp2=_config.mosaic_poly_exp2(config, bounded))
         # Unpadded: the Mosaic path takes no padding; the kernel guards the values itself.
         return _Call(spec, mspec, q, k, v, inputs.sinks, q_seg, kv_seg, q_lens, kv_lens)
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)

@@ -87,6 +87,7 @@ from ._compat import mosaic_gpu, mosaic_load, ref_transpose
 from .config import MOSAIC_VALUE_GUARD, MOSAIC_VALUE_GUARDS, heavy_first
 from .launch_order import clustered_ids
 from .mosaic_barriers import CONSUMERS, block_any, consumers_sync, named_barrier
+from .mosaic_exp2 import split_exp2
 from .mosaic_launch import launch, swizzled
 from .mosaic_segments import (
     SEGMENT_SCRATCH,
@@ -131,12 +132,15 @@ class MosaicSpec:
     cluster: int = 0  # > 1: launch this many (batch, head) groups at a time, heavy blocks first (launch_order)
     bounded_logits: bool = False  # soft-capped logits bound exp2: no running max (config.softcap_without_max)
     overlap: bool = False  # unguarded blocks: tile ki + 1's QKᵀ in flight during tile ki's softmax, no ping-pong
+    poly_exp2: int = 0  # > 0 (bounded logits only): one exp2 in every this many on the FMA pipe (mosaic_exp2)
 
     def __post_init__(self) -> None:
         if self.guard_form not in GUARD_FORMS:
             raise ValueError(f"MosaicSpec: guard_form must be one of {sorted(GUARD_FORMS)}, got {self.guard_form!r}")
         if self.bounded_logits and self.soft_cap is None:  # only a cap bounds the logits
             raise ValueError("MosaicSpec: bounded_logits=True needs a soft_cap")
+        if self.poly_exp2 < 0 or (self.poly_exp2 and not self.bounded_logits):  # its 2^z needs |z| <= 125
+            raise ValueError(f"MosaicSpec: poly_exp2 must be 0, or > 0 with bounded_logits, got {self.poly_exp2}")
 
     @property
     def rows(self) -> int:
@@ -263,13 +267,17 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 else:  # logits in log2 units: c·tanh(s·scale/c)·log2(e)
                     z = jnp.tanh(s * (spec.scale / spec.soft_cap)) * (spec.soft_cap * LOG2E)
-                    if ok is not None:
-                        z = jnp.where(ok, z, -jnp.inf)
-                    if spec.bounded_logits:  # |z| <= c·log2(e): exp2(z) neither overflows nor flushes
-                        m_new, p = m, jnp.exp2(z)
+                    if spec.poly_exp2:  # bounded too; its 2^-inf is not 0, so the mask goes on p
+                        m_new, p = m, split_exp2(plgpu, z, spec.poly_exp2)
+                        p = p if ok is None else jnp.where(ok, p, 0.0)
                     else:
-                        m_new = jnp.maximum(m, z.max(axis=1))
-                        p = jnp.exp2(z - lax.broadcast_in_dim(m_new, z.shape, [0]))
+                        if ok is not None:
+                            z = jnp.where(ok, z, -jnp.inf)
+                        if spec.bounded_logits:  # |z| <= c·log2(e): exp2(z) neither overflows nor flushes
+                            m_new, p = m, jnp.exp2(z)
+                        else:
+                            m_new = jnp.maximum(m, z.max(axis=1))
+                            p = jnp.exp2(z - lax.broadcast_in_dim(m_new, z.shape, [0]))
                 if spec.bounded_logits:  # the max stays 0: nothing to rescale
                     l = l + p.sum(axis=1)
                 else:
