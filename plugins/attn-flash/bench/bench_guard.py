@@ -80,6 +80,22 @@ def tokamax_forward():
     return jax.jit(lambda q, k, v: (tokamax.dot_product_attention(q, k, v, is_causal=True), None))
 
 
+def random_qkv(shape):
+    """bf16 q, k, v of a (b, s, hq, hkv, d) row, seeded by the row."""
+    b, s, hq, hkv, d = shape
+    ks = jax.random.split(jax.random.key(s + d), 3)
+    return tuple(jax.random.normal(key, (b, s, heads, d), jnp.bfloat16) for key, heads in zip(ks, (hq, hkv, hkv)))
+
+
+def nan_verdict(out, lse, ref, ref_lse, label: str) -> str:
+    """"ok" where out/lse have xla's NaN rows and values (`assert_same_nonfinite`), else "FAIL why"."""
+    try:
+        assert_same_nonfinite(out, lse, ref, ref_lse, label, rtol=3e-2, atol=3e-2)
+        return "ok"
+    except AssertionError as err:
+        return f"FAIL {str(err)[:300]}"
+
+
 def check_nan_rows() -> None:
     """Each guarded form's NaN rows and values against xla's on small inputs with NaN/inf values."""
     for shape, window in (((2, 1024, 4, 2, 128), None), ((2, 1024, 4, 2, 64), None), ((2, 2048, 4, 2, 128), 384)):
@@ -94,22 +110,14 @@ def check_nan_rows() -> None:
                 if name in ("no guard", "tokamax"):
                     continue
                 out, lse = f(q, k, v)
-                try:
-                    assert_same_nonfinite(out, lse, ref, ref_lse, f"{name} {shape} window={window} seed={seed}",
-                                          rtol=3e-2, atol=3e-2)
-                    verdict = "ok"
-                except AssertionError as err:
-                    verdict = f"FAIL {str(err)[:300]}"
+                verdict = nan_verdict(out, lse, ref, ref_lse, f"{name} {shape} window={window} seed={seed}")
                 print(f"NAN {shape} window={window} seed={seed} {name}: {verdict}", flush=True)
 
 
 def timing(cycles: int) -> None:
     for shape, window in SHAPES:
         b, s, hq, hkv, d = shape
-        ks = jax.random.split(jax.random.key(s + d), 3)
-        q = jax.random.normal(ks[0], (b, s, hq, d), jnp.bfloat16)
-        k = jax.random.normal(ks[1], (b, s, hkv, d), jnp.bfloat16)
-        v = jax.random.normal(ks[2], (b, s, hkv, d), jnp.bfloat16)
+        q, k, v = random_qkv(shape)
         visible = s * (s + 1) / 2 if window is None else s * window - window * (window - 1) / 2
         flops = 4 * b * hq * d * visible
         fns = forms(q, k, v, window)

@@ -79,21 +79,14 @@ MOSAIC_LOWERINGS: dict[str, dict[str, Any]] = {
     "d128-dv64-full": dict(band_lo=None, band_hi=None, value_head_dim=64),
     "d256-dv128-window": dict(band_lo=-200, band_hi=0, head_dim=256, value_head_dim=128, block_kv=64),
     "d128-dv256-full": dict(band_lo=None, band_hi=None, head_dim=128, value_head_dim=256, block_kv=64),
-    # the next tile's QKᵀ beside this tile's softmax (MosaicSpec.overlap)
-    "causal-overlap": dict(band_lo=None, band_hi=0, overlap=True),
-    "full-overlap-d64": dict(band_lo=None, band_hi=None, head_dim=64, block_kv=256, overlap=True),
-    "window-softcap-overlap-guarded": dict(band_lo=-200, band_hi=0, soft_cap=30.0, guard_values=True, overlap=True),
-    "segments-lengths-overlap-sinks": dict(band_lo=None, band_hi=0, segments=True, kv_lengths=True, q_lengths=True,
-                                           sinks=True, overlap=True),
-    "chunked-overlap-d256": dict(band_lo=None, band_hi=0, chunk=192, head_dim=256, block_kv=64, overlap=True),
     # soft-capped logits without a running max
     "causal-softcap-bounded": dict(band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True),
     "window-guarded-softcap-bounded-sinks": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0,
                                                  bounded_logits=True, sinks=True),
     # part of the bounded logits' exp2 on the FMA pipe (MosaicSpec.poly_exp2, mosaic_exp2)
     "causal-softcap-poly-exp2": dict(band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True, poly_exp2=2),
-    "window-guarded-softcap-poly-exp2-overlap": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0,
-                                                     bounded_logits=True, poly_exp2=3, overlap=True),
+    "window-guarded-softcap-poly-exp2-d64": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0,
+                                                 bounded_logits=True, poly_exp2=3, head_dim=64),
 }
 
 

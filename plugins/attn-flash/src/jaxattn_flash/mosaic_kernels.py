@@ -18,10 +18,9 @@ uses 0-4) order the consumers so that one warpgroup's softmax runs while the oth
 matrix products occupy the tensor cores. Each consumer, per tile: issues its Q·Kᵀ, lets
 the other warpgroup go (`bar.arrive` on the other's barrier), finishes its softmax, waits
 for its turn (`bar.sync` on its own barrier), issues P·V. Warpgroup 1 starts with one
-wait, warpgroup 0 ends with one extra arrive, so both see the same count. `overlap` (off by
-default, not yet timed) hides the softmax inside each warpgroup instead, as FlashAttention-3 also
-does: tile ki + 1's Q·Kᵀ is issued before tile ki's softmax, whose logits came from the step
-before; the block's last tile runs alone (`last_step`), and such blocks skip the ping-pong.
+wait, warpgroup 0 ends with one extra arrive, so both see the same count. (FlashAttention-3's
+other form, tile ki + 1's Q·Kᵀ issued before tile ki's softmax in the same warpgroup instead of the
+ping-pong, was slower on an H200: flash BENCHMARKS.md, 2026-12-03.)
 
 Masks: a static band `band_lo <= j - i <= band_hi` (full attention: no band; causal with
 any offset, q_len != kv_len; sliding windows), and chunked causal (`chunk`: query i sees the
@@ -131,7 +130,6 @@ class MosaicSpec:
     segments: bool = False  # query and key segment ids: a query sees the keys of its own segment only
     cluster: int = 0  # > 1: launch this many (batch, head) groups at a time, heavy blocks first (launch_order)
     bounded_logits: bool = False  # soft-capped logits bound exp2: no running max (config.softcap_without_max)
-    overlap: bool = False  # unguarded blocks: tile ki + 1's QKᵀ in flight during tile ki's softmax, no ping-pong
     poly_exp2: int = 0  # > 0 (bounded logits only): one exp2 in every this many on the FMA pipe (mosaic_exp2)
 
     def __post_init__(self) -> None:
@@ -364,80 +362,9 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 seen = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout) if guarded else None
                 return acc, m, l, seen
 
-            def add_pv(acc, p16, slot):
-                """acc + P·V of the value tile in `slot`, once it has landed (the overlapped loop's steps)."""
-                plgpu.barrier_wait(v_bar.at[slot])
-
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-                return pl.run_state(pv)(plgpu.ACC.init(acc))
-
-            def overlapped_step(ki, carry, *, masked):
-                """Tile `ki` (its logits `s` in the carry) while tile ki + 1's QKᵀ runs on the tensor
-                cores: softmax, then P·V; returns tile ki + 1's logits. The caller stops one tile
-                short of the block's end (`last_step` takes it). Tile ki's K slot is freed here, not
-                when its product was read one step earlier: its segment ids share the slot."""
-                acc, m, l, s = carry
-                slot, nxt = lax.rem(ki, stages), lax.rem(ki + 1, stages)
-                k_ids = key_ids(slot, masked)  # the tile's ids ride in its K slot: read them before freeing it
-                plgpu.barrier_arrive(k_free.at[slot])
-
-                def with_next(s_ref):
-                    plgpu.barrier_wait(k_bar.at[nxt])
-                    plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[nxt]))  # async
-                    acc_, m_, l_, p16 = softmax(s, band(ki, k_ids) if masked else None, acc, m, l)
-                    return add_pv(acc_, p16, slot), m_, l_, s_ref[...]
-
-                acc, m, l, s = pl.run_scoped(with_next, plgpu.ACC((bq, bk), jnp.float32))
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m, l, s
-
-            def last_step(ki, carry):
-                """The block's last tile, its logits already in the carry (masked: a full tile's mask
-                hides nothing)."""
-                acc, m, l, s = carry
-                slot = lax.rem(ki, stages)
-                ok = band(ki, key_ids(slot, True))
-                plgpu.barrier_arrive(k_free.at[slot])
-                acc, m, l, p16 = softmax(s, ok, acc, m, l)
-                acc = add_pv(acc, p16, slot)
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m, l, s
-
-            def attend_overlapped():
-                """`attend`'s unguarded form with `spec.overlap`: each tile's softmax beside the next
-                tile's QKᵀ (FlashAttention-3's intra-warpgroup overlap) instead of beside the other
-                consumer's products (ping-pong). A block without tiles computes one product of
-                whatever its first slot holds and uses none of it."""
-                acc, m, l, _ = initial_state(guarded=False)
-                first = lax.rem(lb, stages)
-
-                @pl.when(ub > lb)
-                def _():
-                    plgpu.barrier_wait(k_bar.at[first])
-
-                def qk_first(s_ref):
-                    plgpu.wgmma(s_ref, qo, ref_transpose(plgpu, k_smem.at[first]))
-                    return s_ref[...]
-
-                s = pl.run_scoped(qk_first, plgpu.ACC((bq, bk), jnp.float32))  # each step frees its own K slot
-                fs, fe = clip_full(ranges, bi, qi, ub, *full_range(spec, r0, lb, ub, kv_end=kv_end))
-                last = ub - 1
-                carry = lax.fori_loop(lb, jnp.minimum(fs, last), functools.partial(overlapped_step, masked=True),
-                                      (acc, m, l, s))
-                carry = lax.fori_loop(fs, jnp.minimum(fe, last), functools.partial(overlapped_step, masked=False),
-                                      carry)
-                carry = lax.fori_loop(fe, last, functools.partial(overlapped_step, masked=True), carry)
-                acc, m, l, _ = lax.fori_loop(jnp.maximum(last, lb), ub, last_step, carry)
-                return write_rows(acc, m, l, None)
-
             def attend(guarded):
                 """The block's key tiles, then `write_rows` (its float32 output). `guarded`: clean the
                 value tiles the mask cuts (both consumers the same tiles, so the full range is the block's)."""
-                if spec.overlap and not guarded:
-                    return attend_overlapped()
-
                 @pl.when(ub > lb)
                 def _():
                     plgpu.barrier_wait(k_bar.at[lax.rem(lb, stages)])
