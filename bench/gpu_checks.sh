@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of the repository, for the device machine (jax 0.11.x, CUDA), in parts that
 # each fit one 10-minute device call (times seen on an H200):
-#   bash bench/gpu_checks.sh PART [OUTDIR]
+#   bash bench/gpu_checks.sh PART [OUTDIR [PYTEST_ARGS...]]
 #     flash    flash's conformance on the compiled kernels (tests/test_flash.py; ~6.5 min on an H100)
 #     mosaic   flash's Mosaic GPU paths (tests/test_flash_mosaic_gpu.py; more than one call since the
-#              backward's runs: -k to split)
+#              backward's runs: split with PYTEST_ARGS, e.g. `mosaic gpu-logs -k "d64-bf16"`, which
+#              did not finish beside the other runs in 290 s on 2026-12-03)
 #     ragged   every gpu test of the ragged plugin: conformance of both backends, quantized pages,
 #              the Mosaic decode kernel's forms (~7.5 min)
 #     rest     the cudnn GPU tests and flash's non-finite-value tests (a few minutes), then
@@ -27,9 +28,11 @@
 set -o pipefail
 part="${1:-}"
 out="${2:-gpu-logs}"
+pytest_args=("${@:3}")  # passed to every part's pytest (e.g. -k to run part of a part)
 case "$part" in
   flash|mosaic|ragged|rest|quant|pages|peers|all) ;;
-  *) echo "usage: bash bench/gpu_checks.sh flash|mosaic|ragged|rest|quant|pages|peers|all [OUTDIR]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_checks.sh flash|mosaic|ragged|rest|quant|pages|peers|all [OUTDIR [PYTEST_ARGS...]]" >&2
+     exit 2 ;;
 esac
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -54,7 +57,7 @@ run_tests() {  # NAME PATH...
   if python3 -c "import xdist" 2>/dev/null && [ "${GPU_TEST_WORKERS:-8}" -gt 1 ]; then
     workers=(-n "${GPU_TEST_WORKERS:-8}" -p no:benchmark)
   fi
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -v -m gpu --tb=short --durations=10 "${workers[@]}" "$@" \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -v -m gpu --tb=short --durations=10 "${workers[@]}" "${pytest_args[@]}" "$@" \
     2>&1 | tee "$out/gpu-tests-$name.log"
   local rc=$?
   [ "$rc" -ne 0 ] && status=$rc
