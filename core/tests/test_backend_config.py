@@ -39,6 +39,32 @@ def test_bad_settings_name_the_key_before_any_kernel_runs(bad, message):
         jaxattn.attention(q, q, q, backend="xla", metadata=OperationMetadata(operation_configs={"xla": bad}))
 
 
+def test_choices_are_values_of_their_own_type():
+    """`check_choice` takes a listed value of the listed type only: 64.0 or True equal 64 or 1 in
+    Python but are not a tile size or a mode, and reach a kernel as the wrong type."""
+    from dataclasses import dataclass
+
+    from jaxattn import BackendConfig
+
+    @dataclass(frozen=True)
+    class Choices(BackendConfig):
+        backend = "choices"
+        tile: int | None = None
+        form: str | None = None
+
+        def __post_init__(self) -> None:
+            self.check_choice("tile", (64, 128))
+            self.check_choice("form", ("split", "separate"))
+
+    assert Choices(tile=64, form="split").tile == 64 and Choices().form is None
+    for bad in ({"tile": 64.0}, {"tile": 32}, {"form": "own"}, {"form": 1}):
+        key, value = next(iter(bad.items()))
+        with pytest.raises(ValueError, match=rf"\['{key}'\] must be one of .*, got {value!r}"):
+            Choices.from_mapping(bad)
+    with pytest.raises(ValueError, match=r"\['tile'\] must be one of 64, 128, got True"):
+        Choices.from_mapping({"tile": True})
+
+
 def test_operation_configs_values_must_be_dicts_or_configs():
     with pytest.raises(ValueError, match=r"operation_configs\['xla'\]: expected a dict or a BackendConfig, got int"):
         OperationMetadata(operation_configs={"xla": 5})

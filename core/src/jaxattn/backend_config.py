@@ -80,9 +80,8 @@ class BackendConfig:
             raise ValueError(f"{self._where(key)} must be {form}, got {value!r}")
 
     def check_choice(self, key: str, choices: Sequence[Any]) -> None:
-        """`key` is None or one of `choices`."""
+        """`key` is None or one of `choices`, of the same type (64.0 is not the tile 64, True not 1)."""
         value = getattr(self, key)
-        if value is not None and (isinstance(value, bool) is not isinstance(choices[0], bool)
-                                  or value not in choices):
+        if value is not None and (type(value) not in {type(c) for c in choices} or value not in choices):
             shown = ", ".join(repr(c) for c in choices)
             raise ValueError(f"{self._where(key)} must be one of {shown}, got {value!r}")
