@@ -56,7 +56,8 @@ def test_tuning_space_is_small_and_per_call(monkeypatch):
     assert flash_config.tuning_space(_request(needs_grad=False), mosaic_by_default=False) == [{}]
     capped = _request(needs_grad=False, logits_soft_cap=True)  # the exp2 split, on the Mosaic forward only
     assert flash_config.tuning_space(capped, mosaic_by_default=True) == [
-        {}, {"gpu_kernel": "triton"}, {"mosaic_poly_exp2": 2}, {"mosaic_poly_exp2": 4}]
+        {}, {"gpu_kernel": "triton"}, {"mosaic_poly_exp2": 3, "mosaic_poly_degree": 3},
+        {"mosaic_poly_exp2": 4, "mosaic_poly_degree": 3}]
     assert flash_config.tuning_space(capped, mosaic_by_default=False) == [{}]
     assert flash_config.tuning_space(_request(mask_kinds=frozenset(), band=None), mosaic_by_default=False) == [{}]
     assert FlashAttention().tuning_space(_request(), Hardware.cpu()) == ({},)
@@ -141,3 +142,8 @@ def test_poly_exp2_only_under_bounded_logits():
     for bad in (-1, 9, True, 2.0):
         with pytest.raises(ValueError, match="mosaic_poly_exp2"):
             flash_config.validate({"mosaic_poly_exp2": bad})
+    assert flash_config.mosaic_poly_degree({}) == flash_config.MOSAIC_POLY_DEGREE
+    assert flash_config.mosaic_poly_degree({"mosaic_poly_degree": 3}) == 3
+    for bad in (1, 4, True, 2.0):
+        with pytest.raises(ValueError, match="mosaic_poly_degree"):
+            flash_config.validate({"mosaic_poly_degree": bad})

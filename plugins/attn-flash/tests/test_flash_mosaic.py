@@ -466,6 +466,8 @@ def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     assert call.mosaic.bounded_logits and not prepare({"mosaic_softcap_running_max": True}).mosaic.bounded_logits
     # ... and part of its exp2 goes to the FMA pipe; with the running max (logits unbounded) none
     assert call.mosaic.poly_exp2 == flash_config.MOSAIC_POLY_EXP2
+    assert call.mosaic.poly_degree == flash_config.MOSAIC_POLY_DEGREE
+    assert prepare({"mosaic_poly_degree": 3}).mosaic.poly_degree == 3
     assert prepare({"mosaic_softcap_running_max": True, "mosaic_poly_exp2": 2}).mosaic.poly_exp2 == 0
     assert prepare({"mosaic_poly_exp2": 0}).mosaic.poly_exp2 == 0
     assert bspec.fused_dq == "split"  # head_dim 128: dq inside the dk/dv kernel

@@ -38,15 +38,21 @@ GPU_RUNS = {  # name: (dtype, head_dim, cases, gradients)
 }
 
 
+def _by_case(runs):
+    """(run, case) pairs of a table of runs, one test each: xdist's workers share a run's cases (the
+    16 of d64-bf16 in one test did not finish within a 290 s device call)."""
+    return [pytest.param(run, case, id=f"{run}-{case}") for run, spec in runs.items() for case in spec[2]]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
-@pytest.mark.parametrize("run", list(GPU_RUNS))
-def test_mosaic_conformance_gpu(run):
-    dtype, head_dim, cases, grads = GPU_RUNS[run]
+@pytest.mark.parametrize("run,case", _by_case(GPU_RUNS))
+def test_mosaic_conformance_gpu(run, case):
+    dtype, head_dim, _, grads = GPU_RUNS[run]
     impl = FlashAttention()
     assert impl.gpu_kernel_for(_request(head_dim=head_dim, value_head_dim=head_dim),
                                jaxattn.hardware.current()).kernel == "mosaic"
-    report = run_conformance(impl, dtypes=[dtype], cases=cases, expect_supported="*", metadata=MOSAIC,
+    report = run_conformance(impl, dtypes=[dtype], cases=[case], expect_supported="*", metadata=MOSAIC,
                              grads=grads, shape=Shape(batch=2, seq=256, num_heads=4, head_dim=head_dim))
     print(report.table())
     report.assert_ok()
@@ -104,13 +110,13 @@ def test_every_gpu_run_is_served_on_hopper(run, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
-@pytest.mark.parametrize("run", list(GPU_BWD_RUNS))
-def test_mosaic_backward_conformance_gpu(run):
+@pytest.mark.parametrize("run,case", _by_case(GPU_BWD_RUNS))
+def test_mosaic_backward_conformance_gpu(run, case):
     """The Mosaic GPU backward, forced, after the Triton forward (soft-cap and sinks reach it
     through the lse) or the Mosaic one: gradients against the xla reference."""
-    dtype, head_dim, cases, config = GPU_BWD_RUNS[run]
+    dtype, head_dim, _, config = GPU_BWD_RUNS[run]
     metadata = OperationMetadata(operation_configs={"flash": {"gpu_backward": "mosaic", **config}})
-    report = run_conformance(FlashAttention(), dtypes=[dtype], cases=cases, expect_supported="*",
+    report = run_conformance(FlashAttention(), dtypes=[dtype], cases=[case], expect_supported="*",
                              metadata=metadata, grads=True,
                              shape=Shape(batch=2, seq=256, num_heads=4, head_dim=head_dim))
     print(report.table())
@@ -187,9 +193,10 @@ def test_mosaic_backward_launch_passes_gpu(head_dim):
 @pytest.mark.parametrize("sinks", [False, True])
 def test_mosaic_softcap_without_max_gpu(sinks):
     """A soft-capped causal call with logits pushed against the cap (q scaled by 8): the forward
-    without a running max (the bfloat16 default under a cap of 30; by default a third of its exp2
-    on the FMA pipe, `mosaic_exp2`), the same with half or none of it there, and the one with the
-    running max, each against xla in float32 (out, lse, gradients), and against each other."""
+    without a running max (the bfloat16 default under a cap of 30; by default half of its exp2 on
+    the FMA pipe by a quadratic, `mosaic_exp2`), a third there by the cubic, none there, and the
+    one with the running max, each against xla in float32 (out, lse, gradients), and against each
+    other."""
     import jax.numpy as jnp
 
     ks = jax.random.split(jax.random.PRNGKey(3), 5)
@@ -208,15 +215,21 @@ def test_mosaic_softcap_without_max_gpu(sinks):
 
     base = {"gpu_kernel": "mosaic", "gpu_backward": "mosaic"}
     bounded = run(_md(**base))
-    half = run(_md(**base, mosaic_poly_exp2=2))
+    cubic = run(_md(**base, mosaic_poly_exp2=3, mosaic_poly_degree=3))
     mufu = run(_md(**base, mosaic_poly_exp2=0))
     running = run(_md(**base, mosaic_softcap_running_max=True))
     ref = run(None, "xla", *(x.astype(jnp.float32) for x in (q, k, v)))
     rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))  # noqa: E731
-    for name, got in (("bounded", bounded), ("half poly", half), ("mufu", mufu), ("running max", running)):
+    for name, got in (("bounded", bounded), ("cubic", cubic), ("mufu", mufu), ("running max", running)):
         assert rel(got[0], ref[0]) < 1e-2 and np.allclose(got[1], ref[1], atol=2e-2), name
         for g, w, grad in zip(got[2:], ref[2:], ("dq", "dk", "dv")):
             assert rel(g, w) < 2e-2, (name, grad)
-    assert rel(bounded[0], running[0]) < 5e-3 and np.allclose(bounded[1], running[1], atol=1e-3)
-    for poly in (bounded, half):  # the cubic's 7.5e-5 under bfloat16's rounding of P
-        assert rel(poly[0], mufu[0]) < 5e-3 and np.allclose(poly[1], mufu[1], atol=1e-3)
+    # the polynomials' errors (1.8e-3 and 7.5e-5) sit under bfloat16's rounding of P in the output,
+    # but a row of few keys carries them into its lse (its sum has few terms to average them)
+    from jaxattn_flash.config import MOSAIC_POLY_DEGREE
+    from jaxattn_flash.mosaic_exp2 import POLY_ERROR
+
+    lse_tol = 1e-3 + POLY_ERROR[MOSAIC_POLY_DEGREE]
+    assert rel(bounded[0], running[0]) < 5e-3 and np.allclose(bounded[1], running[1], atol=lse_tol)
+    for poly, tol in ((bounded, lse_tol), (cubic, 1e-3 + POLY_ERROR[3])):
+        assert rel(poly[0], mufu[0]) < 5e-3 and np.allclose(poly[1], mufu[1], atol=tol)

@@ -5,6 +5,8 @@ for CUDA accepts every form (`jax.export`), since the kernels cannot run in the 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -290,12 +292,18 @@ def test_bounded_logits_need_a_soft_cap():
         MosaicSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, poly_exp2=2)
     with pytest.raises(ValueError, match="poly_exp2 must be 0, or > 0 with bounded_logits, got -1"):
         MosaicSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True, poly_exp2=-1)
+    with pytest.raises(ValueError, match=r"poly_degree must be one of \[2, 3\], got 4"):
+        MosaicSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True, poly_exp2=2, poly_degree=4)
 
 
-def test_poly_exp2_is_exp2_within_its_bound():
-    """`mosaic_exp2`'s cubic, step for step as its PTX runs it: within 7.5e-5 of 2^z (relative)
-    over every z the bounded soft-cap allows (±SOFTCAP_LOG2_BOUND) and beyond to ±125 (integers
-    included: the cubic's error at 0), NaN kept; at -126 the result's exponent leaves the normal range; the PTX carries the very coefficients."""
+@pytest.mark.parametrize("degree", [3, 2])
+def test_poly_exp2_is_exp2_within_its_bound(degree):
+    """`mosaic_exp2`'s polynomials, step for step as their PTX runs them: the cubic within 7.5e-5
+    of 2^z (relative), the quadratic within 1.8e-3 (under bfloat16's half step, 1.95e-3), over
+    every z the bounded soft-cap allows (±SOFTCAP_LOG2_BOUND) and beyond to ±125 (integers
+    included: the error at 0), NaN kept; at -126 the result's exponent leaves the normal range.
+    With a scale (the forward's cap·log2(e) times tanh values in [-1, 1]) the product fused into
+    the rounding keeps the bound. The PTX carries the very coefficients and fuses the scale."""
     from jaxattn_flash import mosaic_exp2
     from jaxattn_flash.config import SOFTCAP_LOG2_BOUND
 
@@ -303,14 +311,30 @@ def test_poly_exp2_is_exp2_within_its_bound():
     z = np.concatenate([rng.uniform(-SOFTCAP_LOG2_BOUND, SOFTCAP_LOG2_BOUND, 200_000),
                         rng.uniform(-125, 125, 20_000), np.arange(-125, 126), [0.5, -0.5, 0.49999997]])
     z = z.astype(np.float32)
-    got = mosaic_exp2.poly_exp2_reference(z).astype(np.float64)
+    bound = mosaic_exp2.POLY_ERROR[degree]
+    assert bound < 2.0 ** -9  # below bfloat16's half step: P stays within one step of exact
+    got = mosaic_exp2.poly_exp2_reference(z, degree=degree).astype(np.float64)
     rel = np.abs(got / np.exp2(z.astype(np.float64)) - 1)
-    assert rel.max() < 7.5e-5, float(rel.max())
-    assert np.isnan(mosaic_exp2.poly_exp2_reference(np.array([np.nan], np.float32)))[0]
-    assert abs(mosaic_exp2.poly_exp2_reference(np.array([-126.0], np.float32))[0] / 2.0 ** -126 - 1) > 1e-4
-    for coef in mosaic_exp2.POLY_EXP2 + (mosaic_exp2.ROUNDER,):
-        assert f"0f{int(np.float32(coef).view(np.uint32)):08X}" in mosaic_exp2.POLY_EXP2_PTX
-    assert mosaic_exp2.POLY_EXP2_PTX.count("fma.rn.f32") == 3 and "ex2" not in mosaic_exp2.POLY_EXP2_PTX
+    assert bound / 2 < rel.max() < bound, float(rel.max())
+    for cap in (1.0, 30.0, 50.0, 66.0):
+        scale = cap * math.log2(math.e)
+        t = np.concatenate([rng.uniform(-1, 1, 100_000), [-1.0, 1.0, 0.0, 0.5 / scale]]).astype(np.float32)
+        got = mosaic_exp2.poly_exp2_reference(t, scale, degree).astype(np.float64)
+        exact = np.exp2(t.astype(np.float64) * np.float64(np.float32(scale)))
+        assert np.abs(got / exact - 1).max() < bound, (cap, float(np.abs(got / exact - 1).max()))
+    nan = np.array([np.nan], np.float32)
+    assert np.isnan(mosaic_exp2.poly_exp2_reference(nan, degree=degree))[0]
+    assert np.isnan(mosaic_exp2.poly_exp2_reference(nan, 72.0, degree))[0]
+    low = mosaic_exp2.poly_exp2_reference(np.array([-126.0], np.float32), degree=degree)[0]
+    assert abs(low / 2.0 ** -126 - 1) > 1e-4
+    for scale in (1.0, 72.0):
+        ptx = mosaic_exp2.poly_exp2_ptx(scale, degree)
+        for coef in mosaic_exp2.POLYNOMIALS[degree] + (mosaic_exp2.ROUNDER,):
+            assert f"0f{int(np.float32(coef).view(np.uint32)):08X}" in ptx
+        fmas = degree + (0 if scale == 1.0 else 2)
+        assert ptx.count("fma.rn.f32") == fmas and "ex2" not in ptx and "mul" not in ptx
+    assert "0f42900000" in mosaic_exp2.poly_exp2_ptx(72.0) and "0f42900000" in mosaic_exp2.mufu_exp2_ptx(72.0)
+    assert mosaic_exp2.mufu_exp2_ptx() == "ex2.approx.ftz.f32 $0, $1;"
 
 
 @pytest.mark.parametrize("dims", [(d, dv) for d in gpu_path.MOSAIC_HEAD_DIMS for dv in gpu_path.MOSAIC_HEAD_DIMS])

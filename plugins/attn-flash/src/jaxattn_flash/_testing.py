@@ -84,7 +84,8 @@ MOSAIC_LOWERINGS: dict[str, dict[str, Any]] = {
     "window-guarded-softcap-bounded-sinks": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0,
                                                  bounded_logits=True, sinks=True),
     # part of the bounded logits' exp2 on the FMA pipe (MosaicSpec.poly_exp2, mosaic_exp2)
-    "causal-softcap-poly-exp2": dict(band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True, poly_exp2=2),
+    "causal-softcap-poly-exp2": dict(band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True, poly_exp2=2,
+                                     poly_degree=2),
     "window-guarded-softcap-poly-exp2-d64": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0,
                                                  bounded_logits=True, poly_exp2=3, head_dim=64),
 }

@@ -126,7 +126,8 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
                            q_lengths=q_lens is not None, kv_lengths=kv_lens is not None, segments=q_seg is not None,
                            cluster=_config.mosaic_fwd_cluster(config, parts),
                            guard_form=_config.mosaic_value_guard(config),
-                           bounded_logits=bounded, poly_exp2=_config.mosaic_poly_exp2(config, bounded))
+                           bounded_logits=bounded, poly_exp2=_config.mosaic_poly_exp2(config, bounded),
+                           poly_degree=_config.mosaic_poly_degree(config))
         # Unpadded: the Mosaic path takes no padding; the kernel guards the values itself.
         return _Call(spec, mspec, q, k, v, inputs.sinks, q_seg, kv_seg, q_lens, kv_lens)
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)

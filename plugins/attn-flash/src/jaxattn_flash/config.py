@@ -20,9 +20,9 @@ optional; None or absent = the measured default), validated before the kernels r
   `MOSAIC_VALUE_GUARD`)
 * soft-cap: `mosaic_softcap_running_max` (True: the Mosaic forward keeps a running max under a
   soft-cap too; by default it skips it where `softcap_without_max` says the cap bounds exp2) and
-  `mosaic_poly_exp2` (0 to 8; where the cap bounds exp2, one exp2 in every this many is a cubic on
-  the FMA pipe instead of a special-function instruction, `mosaic_exp2`; 0: none; default
-  `MOSAIC_POLY_EXP2`)
+  `mosaic_poly_exp2` (0 to 8; where the cap bounds exp2, one exp2 in every this many is a
+  polynomial on the FMA pipe instead of a special-function instruction, `mosaic_exp2`; 0: none;
+  default `MOSAIC_POLY_EXP2`) with `mosaic_poly_degree` (2 or 3; default `MOSAIC_POLY_DEGREE`)
 * dk/dv launch order: `launch_passes_dkv` (1 to 8; see `launch_order.py`)
 * Mosaic launch order: `launch_cluster_fwd`, `launch_cluster_dkv` (1 to 64 (batch, head) groups
   launched together, heavy blocks first: `launch_order.clustered_order`; 1: the grid's order;
@@ -56,7 +56,9 @@ MOSAIC_BLOCK_KV_DQ = (64, 128)
 MOSAIC_DQ = ("separate", "split", "own")  # see mosaic_bwd_kernels.MosaicBwdSpec.fused_dq
 MOSAIC_VALUE_GUARDS = ("flags", "retry", "every block")  # MosaicSpec.guard_form (mosaic_kernels' docstring)
 MOSAIC_VALUE_GUARD = "retry"  # measured: BENCHMARKS.md, "The value guard as a retry"
-MOSAIC_POLY_EXP2 = 3  # measured: BENCHMARKS.md, "Soft-cap: part of exp2 on the FMA pipe"
+MOSAIC_POLY_EXP2 = 2  # measured: BENCHMARKS.md, "Soft-cap: the scale fused, a quadratic on half"
+POLY_DEGREES = (2, 3)  # of that polynomial (mosaic_exp2.POLYNOMIALS)
+MOSAIC_POLY_DEGREE = 2  # measured with MOSAIC_POLY_EXP2; 1.8e-3 relative before P's bfloat16 rounding
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class FlashConfig(BackendConfig):
     mosaic_softcap_running_max: bool | None = None
     mosaic_value_guard: str | None = None
     mosaic_poly_exp2: int | None = None
+    mosaic_poly_degree: int | None = None
 
     def __post_init__(self) -> None:
         for kernel in KERNELS:
@@ -114,6 +117,7 @@ class FlashConfig(BackendConfig):
         self.check_choice("mosaic_softcap_running_max", (True, False))
         self.check_choice("mosaic_value_guard", MOSAIC_VALUE_GUARDS)
         self.check_int("mosaic_poly_exp2", minimum=0, maximum=8)
+        self.check_int("mosaic_poly_degree", minimum=min(POLY_DEGREES), maximum=max(POLY_DEGREES))
 
 
 KEYS = frozenset(FlashConfig.keys())
@@ -365,17 +369,22 @@ def mosaic_poly_exp2(config: Mapping[str, Any], bounded_logits: bool) -> int:
     return MOSAIC_POLY_EXP2 if every is None else every
 
 
+def mosaic_poly_degree(config: Mapping[str, Any]) -> int:
+    """Degree of the polynomial of that exp2 (2 or 3): `mosaic_poly_degree`, else the measured default."""
+    return validate(config).mosaic_poly_degree or MOSAIC_POLY_DEGREE
+
+
 def tuning_space(request: AttentionRequest, mosaic_by_default: bool,
                  mosaic_backward_by_default: bool = False) -> list[dict[str, Any]]:
     """What `jaxattn tune` tries on a GPU besides the defaults: the Triton forward where the
     Mosaic one is the default, the Triton backward and the other dq form (fused or separate) where
     the Mosaic backward is, else the plain dk/dv launch order where 4 passes or launch clusters are;
-    under a soft-cap, half and a quarter of the exp2 on the FMA pipe beside the default third."""
+    under a soft-cap, a third and a quarter of the exp2 by the cubic beside the default half by the quadratic."""
     space: list[dict[str, Any]] = [{}]
     if mosaic_by_default:
         space.append({"gpu_kernel": "triton"})
         if request.logits_soft_cap:  # where the cap does not bound the logits the key changes nothing
-            space += [{"mosaic_poly_exp2": 2}, {"mosaic_poly_exp2": 4}]
+            space += [{"mosaic_poly_exp2": every, "mosaic_poly_degree": 3} for every in (3, 4)]
     band = request.band or (None, None)
     chunk = request.chunk[0] if request.chunk else None
     if request.needs_grad and mosaic_backward_by_default:

@@ -4,16 +4,23 @@ A soft-capped forward spends two special-function (MUFU) instructions per logit,
 and a Hopper SM issues 16 of those a cycle against 128 float32 FMAs: the softmax of a 128-key
 tile then takes about as long as the other warpgroup's two products, so the ping-pong no longer
 hides it. `split_exp2` takes one value in every `every` of each thread's registers off the MUFU
-unit: 2^z = 2^round(z) · 2^f with f in [-1/2, 1/2], 2^f by a cubic (relative error below 7.5e-5,
-far under bfloat16's 3.9e-3 step of the P that P·V reads) and 2^round(z) added to its exponent
-bits. The rounding is the 1.5·2^23 trick: z + 1.5·2^23 holds round(z) in its low mantissa bits, so
-shifting the sum's bits left by 23 gives round(z) · 2^23, the exponent increment, with no
-float-to-int conversion (which issues on a slow pipe).
+unit: 2^z = 2^round(z) · 2^f with f in [-1/2, 1/2], 2^f by a polynomial and 2^round(z) added to
+its exponent bits. The rounding is the 1.5·2^23 trick: z + 1.5·2^23 holds round(z) in its low
+mantissa bits, so shifting the sum's bits left by 23 gives round(z) · 2^23, the exponent
+increment, with no float-to-int conversion (which issues on a slow pipe). The forward's
+cap·log2(e) is fused into that rounding and the fraction (two FMAs), one multiply less per value.
+
+Two polynomials (`POLYNOMIALS`): the cubic's relative error is below 7.5e-5, the quadratic's below
+1.8e-3, under bfloat16's half step (1.95e-3) of the P that P·V reads, so P stays within one step
+of exact; but the row sums are float32, and a row of few keys carries the quadratic's error into
+its lse (up to 1.8e-3, where MUFU's exp2 leaves about 2^-22). The default, half of the values by the
+quadratic (`config.MOSAIC_POLY_EXP2`, `MOSAIC_POLY_DEGREE`), was the one form within 5% of the
+plain causal forward in every run at (1, 32768, 32/8, 128) on an H200 (0.957–0.960; a third by the
+cubic 0.92); outputs differ from the all-MUFU form's by 2.5e-3 relative (the cubic's 7.5e-4).
 
 Only for z within [-125, 125] (2^f's exponent plus round(z) must stay normal): the bounded
 soft-capped logits (|z| <= cap·log2(e), `MosaicSpec.bounded_logits`) are. A NaN stays NaN; -inf
-does not give 0, so the caller masks p, not z. One value in three (`config.MOSAIC_POLY_EXP2`) made
-the capped forward 4–11% faster on an H200; splitting the tile by key columns instead, with a
+does not give 0, so the caller masks p, not z. Splitting the tile by key columns instead, with a
 second P·V product for them, was slower (flash BENCHMARKS.md).
 """
 
@@ -22,6 +29,9 @@ from __future__ import annotations
 import numpy as np
 
 POLY_EXP2 = (0.9999281, 0.69326097, 0.24261081, 0.05517143)  # 2^f on [-1/2, 1/2], minimax relative error
+POLY_EXP2_QUADRATIC = (1.0004423, 0.70342714, 0.23841788)  # the same, one degree less
+POLYNOMIALS = {3: POLY_EXP2, 2: POLY_EXP2_QUADRATIC}  # degree -> coefficients, constant first
+POLY_ERROR = {3: 7.5e-5, 2: 1.8e-3}  # degree -> bound of their relative error over [-1/2, 1/2]
 ROUNDER = 12582912.0  # 1.5·2^23: float32 addition of it rounds to an integer held in the low bits
 
 
@@ -29,36 +39,59 @@ def _hex(x: float) -> str:
     return f"0f{int(np.float32(x).view(np.uint32)):08X}"
 
 
-_C0, _C1, _C2, _C3 = (_hex(c) for c in POLY_EXP2)
-_R = _hex(ROUNDER)
-POLY_EXP2_PTX = (  # $0 = 2^$1 on the FMA and integer pipes
-    "{ .reg .f32 t, r, f, p; .reg .b32 e, pb;"
-    f" add.rn.f32 t, $1, {_R}; sub.rn.f32 r, t, {_R}; sub.rn.f32 f, $1, r;"
-    f" fma.rn.f32 p, f, {_C3}, {_C2}; fma.rn.f32 p, p, f, {_C1}; fma.rn.f32 p, p, f, {_C0};"
-    " mov.b32 e, t; shl.b32 e, e, 23; mov.b32 pb, p; add.s32 pb, pb, e; mov.b32 $0, pb; }"
-)
-MUFU_EXP2_PTX = "ex2.approx.ftz.f32 $0, $1;"
+def poly_exp2_ptx(scale: float = 1.0, degree: int = 3) -> str:
+    """PTX for $0 = 2^(scale·$1) on the FMA and integer pipes. With a scale the product is fused into
+    the rounding and the fraction (fma: the exact product, one rounding), one multiply less than
+    scaling first."""
+    c = [_hex(x) for x in POLYNOMIALS[degree]]
+    r = _hex(ROUNDER)
+    if scale == 1.0:
+        frac = f" add.rn.f32 t, $1, {r}; sub.rn.f32 n, {r}, t; add.rn.f32 f, $1, n;"
+    else:  # t holds round(scale·x); n = -round(scale·x); f = scale·x - round(scale·x)
+        k = _hex(scale)
+        frac = f" fma.rn.f32 t, $1, {k}, {r}; sub.rn.f32 n, {r}, t; fma.rn.f32 f, $1, {k}, n;"
+    horner = f" fma.rn.f32 p, f, {c[-1]}, {c[-2]};" + "".join(f" fma.rn.f32 p, p, f, {x};" for x in c[-3::-1])
+    return ("{ .reg .f32 t, n, f, p; .reg .b32 e, pb;" + frac + horner
+            + " mov.b32 e, t; shl.b32 e, e, 23; mov.b32 pb, p; add.s32 pb, pb, e; mov.b32 $0, pb; }")
 
 
-def poly_exp2_reference(z: np.ndarray) -> np.ndarray:
-    """What POLY_EXP2_PTX computes, step for step in float32 (the CPU tests hold its arithmetic
-    to 2^z through this; the GPU test holds the kernel to the MUFU form)."""
+def mufu_exp2_ptx(scale: float = 1.0) -> str:
+    """PTX for $0 = 2^(scale·$1) on the special-function unit (what jnp.exp2 lowers to)."""
+    if scale == 1.0:
+        return "ex2.approx.ftz.f32 $0, $1;"
+    return f"{{ .reg .f32 z; mul.rn.f32 z, $1, {_hex(scale)}; ex2.approx.ftz.f32 $0, z; }}"
+
+
+POLY_EXP2_PTX = poly_exp2_ptx()
+
+
+def poly_exp2_reference(z: np.ndarray, scale: float = 1.0, degree: int = 3) -> np.ndarray:
+    """What poly_exp2_ptx(scale, degree) computes for $1 = z, step for step in float32 (the CPU tests hold its
+    arithmetic to 2^(scale·z) through this; the GPU test holds the kernel to the MUFU form)."""
     z = np.asarray(z, np.float32)
     rounder = np.float32(ROUNDER)
-    t = z + rounder
-    f = z - (t - rounder)
-    p = np.full_like(f, POLY_EXP2[3])
-    for coef in POLY_EXP2[2::-1]:  # fma: the float32 product is exact in float64, one rounding after
+
+    def fused(add: np.ndarray) -> np.ndarray:  # scale·z + add with one rounding (fma), or z + add
+        if scale == 1.0:
+            return (z + add).astype(np.float32)
+        return (z.astype(np.float64) * np.float64(np.float32(scale)) + add.astype(np.float64)).astype(np.float32)
+
+    t = fused(np.full_like(z, rounder))
+    f = fused((rounder - t).astype(np.float32))
+    coefs = POLYNOMIALS[degree]
+    p = np.full_like(f, coefs[-1])
+    for coef in coefs[-2::-1]:  # fma: the float32 product is exact in float64, one rounding after
         p = (p.astype(np.float64) * f + np.float32(coef)).astype(np.float32)
     shift = (t.view(np.uint32).astype(np.uint64) << np.uint64(23)) & np.uint64(0xFFFFFFFF)
     bits = (p.view(np.uint32).astype(np.uint64) + shift) & np.uint64(0xFFFFFFFF)
     return bits.astype(np.uint32).view(np.float32)
 
 
-def split_exp2(plgpu, z, every: int):
-    """exp2 of a float32 tile in the WGMMA register layout (inside a Mosaic GPU kernel): of each
-    thread's values, those whose index is a multiple of `every` by POLY_EXP2_PTX, the rest by the
-    MUFU instruction jnp.exp2 lowers to."""
+def split_exp2(plgpu, x, every: int, scale: float = 1.0, degree: int = 3):
+    """2^(scale·x) of a float32 tile in the WGMMA register layout (inside a Mosaic GPU kernel): of
+    each thread's values, those whose index is a multiple of `every` by poly_exp2_ptx, the rest by
+    the MUFU instruction jnp.exp2 lowers to."""
+    poly, mufu = poly_exp2_ptx(scale, degree), mufu_exp2_ptx(scale)
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import llvm, vector
     from jax.experimental.mosaic.gpu import fragmented_array as fa  # imported when lowering only
@@ -66,15 +99,15 @@ def split_exp2(plgpu, z, every: int):
     layout = plgpu.Layout.WGMMA
 
     @plgpu.inline_mgpu(arg_types=(layout,),
-                       return_type=plgpu.ShapeDtypeStruct(z.shape, z.dtype, layout=layout))
-    def body(_ctx, x):
+                       return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype, layout=layout))
+    def body(_ctx, tile):
         f32 = ir.F32Type.get()
 
         def one(value, index):
-            ptx = POLY_EXP2_PTX if index % every == 0 else MUFU_EXP2_PTX
+            ptx = poly if index % every == 0 else mufu
             return llvm.inline_asm(f32, [value], ptx, "=f,f")
 
-        flat = x.registers.reshape(-1)
+        flat = tile.registers.reshape(-1)
         out = np.empty_like(flat)
         for i, reg in enumerate(flat):
             (width,) = ir.VectorType(reg.type).shape
@@ -85,6 +118,7 @@ def split_exp2(plgpu, z, every: int):
                 res = vector.insert(one(lane_value, i * width + lane), res, dynamic_position=[],
                                     static_position=pos)
             out[i] = res
-        return fa.FragmentedArray(_registers=out.reshape(x.registers.shape), _layout=x.layout, _is_signed=None)
+        return fa.FragmentedArray(_registers=out.reshape(tile.registers.shape), _layout=tile.layout,
+                                  _is_signed=None)
 
-    return body(z)
+    return body(x)

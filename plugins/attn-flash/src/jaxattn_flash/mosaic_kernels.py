@@ -86,7 +86,7 @@ from ._compat import mosaic_gpu, mosaic_load, ref_transpose
 from .config import MOSAIC_VALUE_GUARD, MOSAIC_VALUE_GUARDS, heavy_first
 from .launch_order import clustered_ids
 from .mosaic_barriers import CONSUMERS, block_any, consumers_sync, named_barrier
-from .mosaic_exp2 import split_exp2
+from .mosaic_exp2 import POLYNOMIALS, split_exp2
 from .mosaic_launch import launch, swizzled
 from .mosaic_segments import (
     SEGMENT_SCRATCH,
@@ -131,6 +131,7 @@ class MosaicSpec:
     cluster: int = 0  # > 1: launch this many (batch, head) groups at a time, heavy blocks first (launch_order)
     bounded_logits: bool = False  # soft-capped logits bound exp2: no running max (config.softcap_without_max)
     poly_exp2: int = 0  # > 0 (bounded logits only): one exp2 in every this many on the FMA pipe (mosaic_exp2)
+    poly_degree: int = 3  # of that exp2's polynomial: 3 or 2 (mosaic_exp2.POLYNOMIALS)
 
     def __post_init__(self) -> None:
         if self.guard_form not in GUARD_FORMS:
@@ -139,6 +140,8 @@ class MosaicSpec:
             raise ValueError("MosaicSpec: bounded_logits=True needs a soft_cap")
         if self.poly_exp2 < 0 or (self.poly_exp2 and not self.bounded_logits):  # its 2^z needs |z| <= 125
             raise ValueError(f"MosaicSpec: poly_exp2 must be 0, or > 0 with bounded_logits, got {self.poly_exp2}")
+        if self.poly_degree not in POLYNOMIALS:
+            raise ValueError(f"MosaicSpec: poly_degree must be one of {sorted(POLYNOMIALS)}, got {self.poly_degree}")
 
     @property
     def rows(self) -> int:
@@ -264,11 +267,13 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     m_new = jnp.maximum(m, s.max(axis=1) * c)
                     p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 else:  # logits in log2 units: c·tanh(s·scale/c)·log2(e)
-                    z = jnp.tanh(s * (spec.scale / spec.soft_cap)) * (spec.soft_cap * LOG2E)
+                    t = jnp.tanh(s * (spec.scale / spec.soft_cap))
                     if spec.poly_exp2:  # bounded too; its 2^-inf is not 0, so the mask goes on p
-                        m_new, p = m, split_exp2(plgpu, z, spec.poly_exp2)
+                        m_new, p = m, split_exp2(plgpu, t, spec.poly_exp2, spec.soft_cap * LOG2E,
+                                                         spec.poly_degree)
                         p = p if ok is None else jnp.where(ok, p, 0.0)
                     else:
+                        z = t * (spec.soft_cap * LOG2E)
                         if ok is not None:
                             z = jnp.where(ok, z, -jnp.inf)
                         if spec.bounded_logits:  # |z| <= c·log2(e): exp2(z) neither overflows nor flushes
