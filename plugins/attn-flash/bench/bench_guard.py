@@ -87,6 +87,21 @@ def random_qkv(shape):
     return tuple(jax.random.normal(key, (b, s, heads, d), jnp.bfloat16) for key, heads in zip(ks, (hq, hkv, hkv)))
 
 
+def forms_side_by_side(label: str, fns: dict, args: tuple, flops: float, cycles: int, names=None,
+                       ref: str = "mufu", base: str = "plain (no cap)") -> None:
+    """Print each of `names` (default all) outputs' relative distance from form `ref`'s, then every
+    form's TFLOP/s (medians of `cycles` samples taken in turn) with its ratio to form `base`."""
+    want = fns[ref](*args)[0].astype(jnp.float32)
+    for name in names or list(fns):
+        out, lse = fns[name](*args)
+        err = float(jnp.linalg.norm(out.astype(jnp.float32) - want) / jnp.linalg.norm(want))
+        print(f"ERR {label} {name}: {err:.1e} finite={bool(jnp.isfinite(out).all() & jnp.isfinite(lse).all())}")
+    seconds, failed = time_side_by_side({n: functools.partial(f, *args) for n, f in fns.items()}, repeats=cycles)
+    speed = {n: flops / t / 1e12 for n, t in seconds.items()}
+    parts = [f"{n} {t:.0f} ({t / speed.get(base, float('nan')):.3f})" for n, t in speed.items()]
+    print(f"FORMS {label} fwd TFLOP/s (x {base}): " + "  ".join(parts) + f"  failed {sorted(failed)}", flush=True)
+
+
 def nan_verdict(out, lse, ref, ref_lse, label: str) -> str:
     """"ok" where out/lse have xla's NaN rows and values (`assert_same_nonfinite`), else "FAIL why"."""
     try:

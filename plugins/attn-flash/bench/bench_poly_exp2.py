@@ -13,16 +13,14 @@ turn, `jaxattn.bench.time_side_by_side`).
 
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
-from bench_guard import nan_verdict, random_qkv, spec_for
+from bench_guard import forms_side_by_side, nan_verdict, random_qkv, spec_for
 
 import jaxattn
-from jaxattn.bench import time_side_by_side
 from jaxattn.testing import nonfinite_problem
 from jaxattn_flash.mosaic_kernels import mosaic_forward
 
@@ -65,18 +63,8 @@ def timing(cycles: int) -> None:
         fns = {name: kernel(spec, **changes) for name, changes in POLY_FORMS.items()}
         fns["plain (no cap)"] = kernel(spec_for(q, k, v, mask))
         fns["default"] = kernel(spec)
-        ref_out, _ = fns["mufu"](q, k, v)
-        ref32 = ref_out.astype(jnp.float32)
-        for name in POLY_FORMS:
-            out, lse = fns[name](q, k, v)
-            err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref32) / jnp.linalg.norm(ref32))
-            print(f"ERR {label} {name}: {err:.1e} finite={bool(jnp.isfinite(out).all() & jnp.isfinite(lse).all())}")
-        seconds, failed = time_side_by_side({n: functools.partial(f, q, k, v) for n, f in fns.items()},
-                                            repeats=cycles)
         flops = 4 * b * hq * d * (s * (s + 1) / 2 if causal else s * s)
-        tflops = {n: flops / t / 1e12 for n, t in seconds.items()}
-        tflops.update({n: float("nan") for n in failed})
-        print(f"FORMS {label} fwd TFLOP/s: " + "  ".join(f"{n} {t:.0f}" for n, t in tflops.items()), flush=True)
+        forms_side_by_side(label, fns, (q, k, v), flops, cycles, names=list(POLY_FORMS))
 
 
 if __name__ == "__main__":

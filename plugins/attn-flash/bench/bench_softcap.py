@@ -26,7 +26,7 @@ from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
-from bench_guard import random_qkv, spec_for
+from bench_guard import forms_side_by_side, random_qkv, spec_for
 
 import jaxattn
 from jaxattn.bench import time_side_by_side
@@ -97,18 +97,8 @@ def forward(cycles: int, forms: list[str]) -> None:
                 fns[form] = build(spec, form, q, k, v)
             except Exception as e:  # noqa: BLE001 - a form that cannot compile is a line
                 print(f"FAIL {label} {form}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        ref = fns["mufu"](q, k, v)[0].astype(jnp.float32)
-        for form in forms:
-            if form in fns:
-                out, lse = fns[form](q, k, v)
-                err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
-                print(f"ERR {label} {form}: {err:.1e} finite={bool(jnp.isfinite(out).all() & jnp.isfinite(lse).all())}")
-        seconds, failed = time_side_by_side({n: functools.partial(f, q, k, v) for n, f in fns.items()},
-                                            repeats=cycles)
-        flops = 4 * b * hq * d * s * (s + 1) / 2
-        base = flops / seconds["plain (no cap)"] / 1e12
-        parts = [f"{n} {flops / t / 1e12:.0f} ({flops / t / 1e12 / base:.3f})" for n, t in seconds.items()]
-        print(f"FORMS {label} fwd TFLOP/s (x plain): " + "  ".join(parts) + f"  failed {failed}", flush=True)
+        forms_side_by_side(label, fns, (q, k, v), 4 * b * hq * d * s * (s + 1) / 2, cycles,
+                           names=[f for f in forms if f in fns])
 
 
 def train(cycles: int) -> None:
