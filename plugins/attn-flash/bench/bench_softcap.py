@@ -14,7 +14,8 @@ the cubic with other tiles, stages and launch clusters (FORMS: comma-separated n
 all). Each form's output against the all-MUFU form's, then medians of CYCLES samples taken in turn
 (`jaxattn.bench.time_side_by_side`). `train` times forward+backward through `jaxattn.attention`
 (flash, its default configs): plain causal, the cap with its default, with the cubic on a third or
-a quarter, and all on the special-function unit.
+a quarter, all on the special-function unit, and with the backward's exp2 split too
+(`mosaic_poly_exp2_bwd`: the quadratic on half, the cubic on a third; and plain causal with it).
 """
 
 from __future__ import annotations
@@ -107,7 +108,10 @@ def train(cycles: int) -> None:
     configs = {"plain": (None, {}), "soft-cap": (CAP, {}),
                "soft-cap cubic 1/3": (CAP, {"mosaic_poly_exp2": 3, **cubic}),
                "soft-cap cubic 1/4": (CAP, {"mosaic_poly_exp2": 4, **cubic}),
-               "soft-cap mufu": (CAP, {"mosaic_poly_exp2": 0})}
+               "soft-cap mufu": (CAP, {"mosaic_poly_exp2": 0}),
+               "soft-cap, bwd 1/2": (CAP, {"mosaic_poly_exp2_bwd": 2}),
+               "soft-cap, bwd cubic 1/3": (CAP, {"mosaic_poly_exp2_bwd": 3, **cubic}),
+               "plain, bwd 1/2": (None, {"mosaic_poly_exp2_bwd": 2})}
     for shape in SHAPES:
         b, s, hq, _, d = shape
         q, k, v = random_qkv(shape)

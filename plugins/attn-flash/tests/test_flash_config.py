@@ -147,3 +147,9 @@ def test_poly_exp2_only_under_bounded_logits():
     for bad in (1, 4, True, 2.0):
         with pytest.raises(ValueError, match="mosaic_poly_degree"):
             flash_config.validate({"mosaic_poly_degree": bad})
+    # the backward's split: off unless asked for (untimed), with or without a cap
+    assert flash_config.mosaic_poly_exp2_bwd({}) == 0
+    assert flash_config.mosaic_poly_exp2_bwd({"mosaic_poly_exp2_bwd": 3}) == 3
+    for bad in (-1, 9, True, 2.0):
+        with pytest.raises(ValueError, match="mosaic_poly_exp2_bwd"):
+            flash_config.validate({"mosaic_poly_exp2_bwd": bad})

@@ -468,6 +468,9 @@ def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     assert call.mosaic.poly_exp2 == flash_config.MOSAIC_POLY_EXP2
     assert call.mosaic.poly_degree == flash_config.MOSAIC_POLY_DEGREE
     assert prepare({"mosaic_poly_degree": 3}).mosaic.poly_degree == 3
+    assert bspec.poly_exp2 == 0  # the backward's split only when asked for, with the same degree
+    split = prepare({"mosaic_poly_exp2_bwd": 2, "mosaic_poly_degree": 3}).spec.mosaic_bwd
+    assert (split.poly_exp2, split.poly_degree) == (2, 3)
     assert prepare({"mosaic_softcap_running_max": True, "mosaic_poly_exp2": 2}).mosaic.poly_exp2 == 0
     assert prepare({"mosaic_poly_exp2": 0}).mosaic.poly_exp2 == 0
     assert bspec.fused_dq == "split"  # head_dim 128: dq inside the dk/dv kernel

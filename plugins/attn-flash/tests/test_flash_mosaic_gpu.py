@@ -75,6 +75,11 @@ GPU_BWD_RUNS = {  # name: (dtype, head_dim, cases, flash config)
     "d128-bf16-3stages": ("bfloat16", 128, ["causal", "gqa", "sliding_window_asym"], {"mosaic_stages_bwd": 3}),
     "d128-bf16-mosaic-forward": ("bfloat16", 128, ["full", "causal", "gqa", "sliding_window", "soft_cap", "sinks",
                                                                "seq_lengths", "segment_ids"], {"gpu_kernel": "mosaic"}),
+    # part of P's exp2 on the FMA pipe (mosaic_poly_exp2_bwd): rows without keys and past their
+    # lengths must still get P = 0 (the polynomial's flush), NaN rows NaN
+    "d128-bf16-poly-bwd": ("bfloat16", 128, ["causal", "gqa", "fully_masked_rows", "soft_cap", "sinks", "seq_lengths"],
+                           {"gpu_kernel": "mosaic", "mosaic_poly_exp2_bwd": 2}),
+    "d256-bf16-poly-bwd": ("bfloat16", 256, ["causal", "soft_cap"], {"mosaic_poly_exp2_bwd": 3, "mosaic_poly_degree": 3}),
 }
 
 

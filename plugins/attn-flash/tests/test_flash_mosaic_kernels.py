@@ -294,6 +294,14 @@ def test_bounded_logits_need_a_soft_cap():
         MosaicSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True, poly_exp2=-1)
     with pytest.raises(ValueError, match=r"poly_degree must be one of \[2, 3\], got 4"):
         MosaicSpec(scale=0.1, band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True, poly_exp2=2, poly_degree=4)
+    # the backward's split needs no bound (its exponents are at most 0 where a pair is visible)
+    from jaxattn_flash.mosaic_bwd_kernels import MosaicBwdSpec
+
+    assert MosaicBwdSpec(scale=0.1, band_lo=None, band_hi=0, poly_exp2=2).poly_exp2 == 2
+    with pytest.raises(ValueError, match="MosaicBwdSpec: poly_exp2 must be >= 0, got -1"):
+        MosaicBwdSpec(scale=0.1, band_lo=None, band_hi=0, poly_exp2=-1)
+    with pytest.raises(ValueError, match=r"MosaicBwdSpec: poly_degree must be one of \[2, 3\], got 1"):
+        MosaicBwdSpec(scale=0.1, band_lo=None, band_hi=0, poly_exp2=2, poly_degree=1)
 
 
 @pytest.mark.parametrize("degree", [3, 2])
@@ -335,6 +343,27 @@ def test_poly_exp2_is_exp2_within_its_bound(degree):
         assert ptx.count("fma.rn.f32") == fmas and "ex2" not in ptx and "mul" not in ptx
     assert "0f42900000" in mosaic_exp2.poly_exp2_ptx(72.0) and "0f42900000" in mosaic_exp2.mufu_exp2_ptx(72.0)
     assert mosaic_exp2.mufu_exp2_ptx() == "ex2.approx.ftz.f32 $0, $1;"
+
+
+@pytest.mark.parametrize("degree", [3, 2])
+def test_poly_exp2_flush_gives_zero_below_its_floor(degree):
+    """The backward's form (`flush`): exponents below -125, -inf included (rows without keys), give
+    exactly 0, as MUFU's flushing exp2 does; from -125 to 0 (where its visible pairs lie) the
+    polynomial's bound holds; NaN stays NaN. Its PTX compares and selects; a scale is refused."""
+    from jaxattn_flash import mosaic_exp2
+
+    z = np.concatenate([np.random.default_rng(6).uniform(-125, 0, 100_000), [-125.0, 0.0]]).astype(np.float32)
+    got = mosaic_exp2.poly_exp2_reference(z, degree=degree, flush=True).astype(np.float64)
+    assert np.abs(got / np.exp2(z.astype(np.float64)) - 1).max() < mosaic_exp2.POLY_ERROR[degree]
+    low = np.array([-125.5, -126.0, -200.0, -1e30, -np.inf], np.float32)
+    with np.errstate(invalid="ignore"):
+        assert (mosaic_exp2.poly_exp2_reference(low, degree=degree, flush=True) == 0).all()
+        assert np.isnan(mosaic_exp2.poly_exp2_reference(np.array([np.nan], np.float32), flush=True))[0]
+    ptx = mosaic_exp2.poly_exp2_ptx(degree=degree, flush=True)
+    assert "setp.lt.f32" in ptx and "selp.b32" in ptx and mosaic_exp2._hex(mosaic_exp2.FLUSH_BELOW) in ptx
+    assert "setp" not in mosaic_exp2.poly_exp2_ptx(degree=degree)
+    with pytest.raises(ValueError, match="flush takes scale 1.0, got 72.0"):
+        mosaic_exp2.poly_exp2_ptx(72.0, degree, flush=True)
 
 
 @pytest.mark.parametrize("dims", [(d, dv) for d in gpu_path.MOSAIC_HEAD_DIMS for dv in gpu_path.MOSAIC_HEAD_DIMS])

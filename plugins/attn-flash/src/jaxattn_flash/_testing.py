@@ -88,6 +88,10 @@ MOSAIC_LOWERINGS: dict[str, dict[str, Any]] = {
                                      poly_degree=2),
     "window-guarded-softcap-poly-exp2-d64": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0,
                                                  bounded_logits=True, poly_exp2=3, head_dim=64),
+    # the same split in the backward's P (MosaicBwdSpec.poly_exp2; flushed below 2^-125)
+    "causal-softcap-kvlen-bwd-poly-exp2": dict(band_lo=None, band_hi=0, soft_cap=30.0, kv_lengths=True,
+                                               bwd_poly_exp2=2, bwd_poly_degree=2),
+    "window-bwd-poly-exp2-d256": dict(band_lo=-200, band_hi=0, head_dim=256, block_kv=64, bwd_poly_exp2=3),
 }
 
 
@@ -121,6 +125,7 @@ def mosaic_lowering(fields: Mapping[str, Any], fused_dq: str | None = None) -> t
 
     fields = dict(fields)
     passes, cluster = fields.pop("passes", 1), fields.pop("dkv_cluster", 0)
+    bwd_poly = {"poly_exp2": fields.pop("bwd_poly_exp2", 0), "poly_degree": fields.pop("bwd_poly_degree", 3)}
     d = fields.pop("head_dim", 128)
     d_v = fields.pop("value_head_dim", d)
     q = jax.ShapeDtypeStruct((1, 512, 4, d), jnp.bfloat16)
@@ -141,7 +146,7 @@ def mosaic_lowering(fields: Mapping[str, Any], fused_dq: str | None = None) -> t
                               soft_cap=fields.get("soft_cap"), chunk=fields.get("chunk"),
                               kv_lengths=fields.get("kv_lengths", False), segments=spec.segments,
                               dq_block_kv=32 if wide else 64, passes=passes, cluster=cluster,
-                              fused_dq=fused_dq)  # wide: mosaic_bwd_wide's dk/dv
+                              fused_dq=fused_dq, **bwd_poly)  # wide: mosaic_bwd_wide's dk/dv
     rows = jax.ShapeDtypeStruct((1, 4, 512), jnp.float32)
     backward_args = (q, k, v, jax.ShapeDtypeStruct((1, 512, 4, d_v), jnp.bfloat16), rows, rows,
                      lengths if bspec.kv_lengths else None, *segments)

@@ -114,7 +114,9 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
                 config, d, dv, bounded=_config.bounds_keys(band_lo, parts.chunk_size)),
             chunk=spec.chunk_size, chunk_offset=spec.chunk_offset, kv_lengths=kv_lens is not None,
             segments=q_seg is not None, passes=_config.mosaic_dkv_passes(config, hq // hkv, parts, d, dv),
-            cluster=_config.mosaic_dkv_cluster(config, hq // hkv, parts, d, dv)))
+            cluster=_config.mosaic_dkv_cluster(config, hq // hkv, parts, d, dv),
+            poly_exp2=_config.mosaic_poly_exp2_bwd(config),
+            poly_degree=_config.mosaic_poly_degree(config)))
     if path.kernel == "mosaic":
         from .mosaic_kernels import MosaicSpec
 

@@ -22,7 +22,9 @@ optional; None or absent = the measured default), validated before the kernels r
   soft-cap too; by default it skips it where `softcap_without_max` says the cap bounds exp2) and
   `mosaic_poly_exp2` (0 to 8; where the cap bounds exp2, one exp2 in every this many is a
   polynomial on the FMA pipe instead of a special-function instruction, `mosaic_exp2`; 0: none;
-  default `MOSAIC_POLY_EXP2`) with `mosaic_poly_degree` (2 or 3; default `MOSAIC_POLY_DEGREE`)
+  default `MOSAIC_POLY_EXP2`) with `mosaic_poly_degree` (2 or 3; default `MOSAIC_POLY_DEGREE`);
+  `mosaic_poly_exp2_bwd` (0 to 8, default 0: not timed yet): the same split for the Mosaic
+  backward's exp2 of P, with or without a cap
 * dk/dv launch order: `launch_passes_dkv` (1 to 8; see `launch_order.py`)
 * Mosaic launch order: `launch_cluster_fwd`, `launch_cluster_dkv` (1 to 64 (batch, head) groups
   launched together, heavy blocks first: `launch_order.clustered_order`; 1: the grid's order;
@@ -92,6 +94,7 @@ class FlashConfig(BackendConfig):
     mosaic_value_guard: str | None = None
     mosaic_poly_exp2: int | None = None
     mosaic_poly_degree: int | None = None
+    mosaic_poly_exp2_bwd: int | None = None
 
     def __post_init__(self) -> None:
         for kernel in KERNELS:
@@ -118,6 +121,7 @@ class FlashConfig(BackendConfig):
         self.check_choice("mosaic_value_guard", MOSAIC_VALUE_GUARDS)
         self.check_int("mosaic_poly_exp2", minimum=0, maximum=8)
         self.check_int("mosaic_poly_degree", minimum=min(POLY_DEGREES), maximum=max(POLY_DEGREES))
+        self.check_int("mosaic_poly_exp2_bwd", minimum=0, maximum=8)
 
 
 KEYS = frozenset(FlashConfig.keys())
@@ -367,6 +371,13 @@ def mosaic_poly_exp2(config: Mapping[str, Any], bounded_logits: bool) -> int:
         return 0
     every = validate(config).mosaic_poly_exp2
     return MOSAIC_POLY_EXP2 if every is None else every
+
+
+def mosaic_poly_exp2_bwd(config: Mapping[str, Any]) -> int:
+    """One exp2 of the Mosaic backward's P in every how many on the FMA pipe: `mosaic_poly_exp2_bwd`,
+    else 0 (none; the split is not timed there yet). Its exponents are at most 0 wherever a pair
+    is visible, with or without a cap, and the polynomial flushes those below -125 to 0."""
+    return validate(config).mosaic_poly_exp2_bwd or 0
 
 
 def mosaic_poly_degree(config: Mapping[str, Any]) -> int:

@@ -60,6 +60,7 @@ from ._compat import gmem_ref, mosaic_gpu, mosaic_load, ref_transpose
 from .config import WIDE_DQ_BLOCK_KV, wide_backward
 from .launch_order import clustered_ids, launch_order
 from .mosaic_barriers import CONSUMERS
+from .mosaic_exp2 import POLYNOMIALS, split_exp2
 from .mosaic_kernels import LOG2E
 from .mosaic_launch import launch, launch_closing_over_refs, swizzled
 from .mosaic_segments import (
@@ -105,6 +106,16 @@ class MosaicBwdSpec:
     # heavy key blocks first, so the launch does not end on them (causal GQA)
     passes: int = 1
     cluster: int = 0  # > 1: launch this many (batch, kv head) groups at a time, heavy blocks first
+    # > 0: one exp2 of P in every this many on the FMA pipe (`mosaic_exp2`, flushed below 2^-125
+    # as MUFU's is), by a polynomial of degree poly_degree; the forward's split, here untimed
+    poly_exp2: int = 0
+    poly_degree: int = 3
+
+    def __post_init__(self) -> None:
+        if self.poly_exp2 < 0:
+            raise ValueError(f"MosaicBwdSpec: poly_exp2 must be >= 0, got {self.poly_exp2}")
+        if self.poly_degree not in POLYNOMIALS:
+            raise ValueError(f"MosaicBwdSpec: poly_degree must be one of {sorted(POLYNOMIALS)}, got {self.poly_degree}")
 
 
 def _probabilities(spec: MosaicBwdSpec, s, lse2, vis):
@@ -115,7 +126,10 @@ def _probabilities(spec: MosaicBwdSpec, s, lse2, vis):
         z = t * (spec.soft_cap * LOG2E)
     else:
         z = s * (spec.scale * LOG2E)
-    p = jnp.exp2(z - lse2)
+    if spec.poly_exp2:  # z - lse2 <= 0 where visible, -inf on rows without keys: flushed to 0
+        p = split_exp2(mosaic_gpu(), z - lse2, spec.poly_exp2, degree=spec.poly_degree, flush=True)
+    else:
+        p = jnp.exp2(z - lse2)
     if vis is not None:
         p = jnp.where(vis, p, 0.0)
     return p, (None if t is None else 1.0 - t * t)

@@ -33,16 +33,19 @@ POLY_EXP2_QUADRATIC = (1.0004423, 0.70342714, 0.23841788)  # the same, one degre
 POLYNOMIALS = {3: POLY_EXP2, 2: POLY_EXP2_QUADRATIC}  # degree -> coefficients, constant first
 POLY_ERROR = {3: 7.5e-5, 2: 1.8e-3}  # degree -> bound of their relative error over [-1/2, 1/2]
 ROUNDER = 12582912.0  # 1.5·2^23: float32 addition of it rounds to an integer held in the low bits
+FLUSH_BELOW = -125.0  # with `flush`: 2^z below 2^-125 is 0 (MUFU's ftz exp2 flushes from -126)
 
 
 def _hex(x: float) -> str:
     return f"0f{int(np.float32(x).view(np.uint32)):08X}"
 
 
-def poly_exp2_ptx(scale: float = 1.0, degree: int = 3) -> str:
+def poly_exp2_ptx(scale: float = 1.0, degree: int = 3, flush: bool = False) -> str:
     """PTX for $0 = 2^(scale·$1) on the FMA and integer pipes. With a scale the product is fused into
     the rounding and the fraction (fma: the exact product, one rounding), one multiply less than
-    scaling first."""
+    scaling first. `flush` (scale 1 only) makes it 0 for $1 below FLUSH_BELOW, -inf included (a
+    compare and a select more), for exponents with no lower bound but a real 0 to reach: the
+    backward's logit minus lse, -inf on rows without keys."""
     c = [_hex(x) for x in POLYNOMIALS[degree]]
     r = _hex(ROUNDER)
     if scale == 1.0:
@@ -51,8 +54,14 @@ def poly_exp2_ptx(scale: float = 1.0, degree: int = 3) -> str:
         k = _hex(scale)
         frac = f" fma.rn.f32 t, $1, {k}, {r}; sub.rn.f32 n, {r}, t; fma.rn.f32 f, $1, {k}, n;"
     horner = f" fma.rn.f32 p, f, {c[-1]}, {c[-2]};" + "".join(f" fma.rn.f32 p, p, f, {x};" for x in c[-3::-1])
-    return ("{ .reg .f32 t, n, f, p; .reg .b32 e, pb;" + frac + horner
-            + " mov.b32 e, t; shl.b32 e, e, 23; mov.b32 pb, p; add.s32 pb, pb, e; mov.b32 $0, pb; }")
+    exponent = " mov.b32 e, t; shl.b32 e, e, 23; mov.b32 pb, p; add.s32 pb, pb, e;"
+    if not flush:
+        return "{ .reg .f32 t, n, f, p; .reg .b32 e, pb;" + frac + horner + exponent + " mov.b32 $0, pb; }"
+    if scale != 1.0:
+        raise ValueError(f"poly_exp2_ptx: flush takes scale 1.0, got {scale}")
+    low = f" setp.lt.f32 fl, $1, {_hex(FLUSH_BELOW)};"  # false for NaN: NaN stays NaN
+    return ("{ .reg .f32 t, n, f, p; .reg .b32 e, pb; .reg .pred fl;" + low + frac + horner + exponent
+            + " selp.b32 pb, 0, pb, fl; mov.b32 $0, pb; }")
 
 
 def mufu_exp2_ptx(scale: float = 1.0) -> str:
@@ -65,8 +74,8 @@ def mufu_exp2_ptx(scale: float = 1.0) -> str:
 POLY_EXP2_PTX = poly_exp2_ptx()
 
 
-def poly_exp2_reference(z: np.ndarray, scale: float = 1.0, degree: int = 3) -> np.ndarray:
-    """What poly_exp2_ptx(scale, degree) computes for $1 = z, step for step in float32 (the CPU tests hold its
+def poly_exp2_reference(z: np.ndarray, scale: float = 1.0, degree: int = 3, flush: bool = False) -> np.ndarray:
+    """What poly_exp2_ptx(scale, degree, flush) computes for $1 = z, step for step in float32 (the CPU tests hold its
     arithmetic to 2^(scale·z) through this; the GPU test holds the kernel to the MUFU form)."""
     z = np.asarray(z, np.float32)
     rounder = np.float32(ROUNDER)
@@ -84,14 +93,15 @@ def poly_exp2_reference(z: np.ndarray, scale: float = 1.0, degree: int = 3) -> n
         p = (p.astype(np.float64) * f + np.float32(coef)).astype(np.float32)
     shift = (t.view(np.uint32).astype(np.uint64) << np.uint64(23)) & np.uint64(0xFFFFFFFF)
     bits = (p.view(np.uint32).astype(np.uint64) + shift) & np.uint64(0xFFFFFFFF)
-    return bits.astype(np.uint32).view(np.float32)
+    out = bits.astype(np.uint32).view(np.float32)
+    return np.where(z < np.float32(FLUSH_BELOW), np.float32(0.0), out) if flush else out
 
 
-def split_exp2(plgpu, x, every: int, scale: float = 1.0, degree: int = 3):
+def split_exp2(plgpu, x, every: int, scale: float = 1.0, degree: int = 3, flush: bool = False):
     """2^(scale·x) of a float32 tile in the WGMMA register layout (inside a Mosaic GPU kernel): of
     each thread's values, those whose index is a multiple of `every` by poly_exp2_ptx, the rest by
     the MUFU instruction jnp.exp2 lowers to."""
-    poly, mufu = poly_exp2_ptx(scale, degree), mufu_exp2_ptx(scale)
+    poly, mufu = poly_exp2_ptx(scale, degree, flush), mufu_exp2_ptx(scale)
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import llvm, vector
     from jax.experimental.mosaic.gpu import fragmented_array as fa  # imported when lowering only
