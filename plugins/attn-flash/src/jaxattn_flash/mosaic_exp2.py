@@ -71,12 +71,10 @@ def mufu_exp2_ptx(scale: float = 1.0) -> str:
     return f"{{ .reg .f32 z; mul.rn.f32 z, $1, {_hex(scale)}; ex2.approx.ftz.f32 $0, z; }}"
 
 
-POLY_EXP2_PTX = poly_exp2_ptx()
-
-
 def poly_exp2_reference(z: np.ndarray, scale: float = 1.0, degree: int = 3, flush: bool = False) -> np.ndarray:
-    """What poly_exp2_ptx(scale, degree, flush) computes for $1 = z, step for step in float32 (the CPU tests hold its
-    arithmetic to 2^(scale·z) through this; the GPU test holds the kernel to the MUFU form)."""
+    """What poly_exp2_ptx(scale, degree, flush) computes for $1 = z, step for step in float32 (the
+    CPU tests hold its arithmetic to 2^(scale·z) through this; the GPU tests hold the kernels to
+    the MUFU form and to xla)."""
     z = np.asarray(z, np.float32)
     rounder = np.float32(ROUNDER)
 
