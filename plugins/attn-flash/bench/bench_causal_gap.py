@@ -1,0 +1,103 @@
+"""Issue 16's causal forward gap to tokamax, taken apart: experiments for one device call.
+
+    python3 plugins/attn-flash/bench/bench_causal_gap.py [CYCLES]
+
+On an H200 the Mosaic forward is level with tokamax 0.0.17's default without a mask and 0.98–0.99x
+it on causal rows (BENCHMARKS.md, "`auto` timed side by side"). tokamax runs a persistent kernel
+without a mask and a grid of blocks with one (its `Config.persistent`), so the two regimes differ:
+
+* E1, no mask: ours, tokamax's default, and tokamax with `persistent=False` (its causal regime's
+  kernel on the unmasked work): if ours beats the latter, the causal gap is launch order or per
+  block; if not, per tile.
+* E2, causal at 32k tokens per call, rows 2k to 32k long (32 q / 8 kv heads, head_dim 128): ours,
+  tokamax's default, and ours with one knob changed each: launch cluster 1 (the grid's order),
+  `fence` (an optimization barrier after the softmax, as tokamax orders its sums), no value guard
+  (`guard_values=False`: a probe only, which would let a masked key's NaN value reach rows that do
+  not see it). A gap that shrinks with longer rows is per block; a flat one per tile.
+
+Medians of CYCLES samples taken in turn (`jaxattn.bench.time_side_by_side`), TFLOP/s of the
+visible pairs, each column over tokamax's default in brackets; each form's output against the
+default form's (bitwise for the knobs that change only order or scheduling).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+from bench_guard import random_qkv, spec_for
+
+import jaxattn
+from jaxattn.bench import time_side_by_side
+from jaxattn_flash.mosaic_kernels import mosaic_forward
+
+CYCLES = 15
+HEADS = (32, 8, 128)
+TOKENS = 32768
+CAUSAL_LENGTHS = (2048, 4096, 8192, 16384, 32768)
+FULL_ROWS = ((4, 4096), (1, 16384))
+OURS = {"ours": {}, "ours cluster 1": {"cluster": 1}, "ours fence": {"fence": True},
+        "ours no guard": {"guard_values": False}}
+
+
+def tokamax_forms(causal: bool) -> dict:
+    """name -> jitted (q, k, v) -> out of tokamax's default and, where it imports, its sm90 kernel
+    with `persistent=False` (empty where tokamax does not import: it needs jax >= 0.11.1)."""
+    try:
+        import tokamax
+        from tokamax._src.ops.attention import pallas_mosaic_gpu as tk_mosaic
+        from tokamax._src.ops.attention import pallas_mosaic_gpu_kernel_sm90 as tk_sm90
+    except Exception as e:  # noqa: BLE001 - any failure means "no tokamax here"
+        print(f"tokamax: not importable ({type(e).__name__}: {str(e)[:200]})")
+        return {}
+    forms = {"tokamax": jax.jit(lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=causal))}
+    try:
+        op = tk_mosaic.PallasMosaicGpuFlashAttention(
+            config=tk_sm90.Config(block_q=64, block_kv=128, num_stages=2, persistent=False))
+        forms["tokamax not persistent"] = jax.jit(lambda q, k, v: op(q, k, v, is_causal=causal))
+    except Exception as e:  # noqa: BLE001 - its private API may differ between versions
+        print(f"tokamax persistent=False: cannot build ({type(e).__name__}: {str(e)[:200]})")
+    return forms
+
+
+def row(label: str, shape, causal: bool, ours: dict, cycles: int) -> None:
+    b, s, hq, hkv, d = shape
+    q, k, v = random_qkv(shape)
+    mask = jaxattn.CausalMask() if causal else None
+    spec = spec_for(q, k, v, mask)
+    specs = {name: replace(spec, **changes) for name, changes in ours.items()}
+    fns = {name: jax.jit(lambda q, k, v, sp=sp: mosaic_forward(sp, q, k, v)[0]) for name, sp in specs.items()}
+    fns.update(tokamax_forms(causal))
+    want = fns["ours"](q, k, v).astype(jnp.float32)
+    for name, fn in fns.items():
+        try:
+            got = fn(q, k, v).astype(jnp.float32)
+        except Exception as e:  # noqa: BLE001 - a form that cannot run is a line
+            print(f"FAIL {label} {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+        print(f"ERR {label} {name}: {err:.1e} bitwise={bool((got == want).all())}")
+    seconds, failed = time_side_by_side({n: functools.partial(f, q, k, v) for n, f in fns.items()},
+                                        repeats=cycles)
+    flops = 4 * b * hq * d * (s * (s + 1) / 2 if causal else s * s)
+    speed = {n: flops / t / 1e12 for n, t in seconds.items()}
+    base = speed.get("tokamax", float("nan"))
+    parts = [f"{n} {t:.0f} ({t / base:.3f})" for n, t in speed.items()]
+    print(f"GAP {label} fwd TFLOP/s (x tokamax): " + "  ".join(parts) + f"  failed {sorted(failed)}", flush=True)
+
+
+def main(cycles: int) -> None:
+    hq, hkv, d = HEADS
+    for b, s in FULL_ROWS:  # E1
+        row(f"E1 full ({b}, {s}, {hq}/{hkv}, {d})", (b, s, hq, hkv, d), False, {"ours": {}}, cycles)
+    for s in CAUSAL_LENGTHS:  # E2
+        b = TOKENS // s
+        row(f"E2 causal ({b}, {s}, {hq}/{hkv}, {d})", (b, s, hq, hkv, d), True, OURS, cycles)
+
+
+if __name__ == "__main__":
+    print(f"jax {jax.__version__} {jax.devices()[0].device_kind}", flush=True)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else CYCLES)
