@@ -13,7 +13,8 @@ without a mask and a grid of blocks with one (its `Config.persistent`), so the t
   tokamax's default, and ours with one knob changed each: launch cluster 1 (the grid's order),
   `fence` (an optimization barrier after the softmax, as tokamax orders its sums), no value guard
   (`guard_values=False`: a probe only, which would let a masked key's NaN value reach rows that do
-  not see it). A gap that shrinks with longer rows is per block; a flat one per tile.
+  not see it), no lse output (`MosaicSpec.lse=False`: tokamax stores none on a forward-only call).
+  A gap that shrinks with longer rows is per block; a flat one per tile.
 
 Medians of CYCLES samples taken in turn (`jaxattn.bench.time_side_by_side`), TFLOP/s of the
 visible pairs, each column over tokamax's default in brackets; each form's output against the
@@ -40,7 +41,7 @@ TOKENS = 32768
 CAUSAL_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 FULL_ROWS = ((4, 4096), (1, 16384))
 OURS = {"ours": {}, "ours cluster 1": {"cluster": 1}, "ours fence": {"fence": True},
-        "ours no guard": {"guard_values": False}}
+        "ours no guard": {"guard_values": False}, "ours no lse": {"lse": False}}
 
 
 def tokamax_forms(causal: bool) -> dict:

@@ -238,3 +238,25 @@ def test_mosaic_softcap_without_max_gpu(sinks):
     assert rel(bounded[0], running[0]) < 5e-3 and np.allclose(bounded[1], running[1], atol=lse_tol)
     for poly, tol in ((bounded, lse_tol), (cubic, 1e-3 + POLY_ERROR[3])):
         assert rel(poly[0], mufu[0]) < 5e-3 and np.allclose(poly[1], mufu[1], atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("causal", [True, False])
+def test_mosaic_forward_without_lse_gpu(causal):
+    """`MosaicSpec.lse=False` (no lse output, for forward-only calls that do not return it): the same
+    output, bitwise, as the kernel that writes the lse, with the value guard (causal) or without."""
+    from dataclasses import replace
+
+    import jax.numpy as jnp
+
+    from jaxattn_flash.mosaic_kernels import MosaicSpec, mosaic_forward
+
+    ks = jax.random.split(jax.random.PRNGKey(4), 3)
+    q = jax.random.normal(ks[0], (2, 1024, 8, 128), jnp.bfloat16)
+    k, v = (jax.random.normal(key, (2, 1024, 2, 128), jnp.bfloat16) for key in ks[1:])
+    spec = MosaicSpec(scale=128 ** -0.5, band_lo=None, band_hi=0 if causal else None, guard_values=causal)
+    out, lse = jax.jit(lambda q, k, v: mosaic_forward(spec, q, k, v))(q, k, v)
+    bare, none = jax.jit(lambda q, k, v: mosaic_forward(replace(spec, lse=False), q, k, v))(q, k, v)
+    assert none is None and lse.shape == (2, 8, 1024)
+    assert np.array_equal(np.asarray(out, np.float32), np.asarray(bare, np.float32))

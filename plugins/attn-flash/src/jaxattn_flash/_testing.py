@@ -85,13 +85,15 @@ MOSAIC_LOWERINGS: dict[str, dict[str, Any]] = {
                                                  bounded_logits=True, sinks=True),
     # part of the bounded logits' exp2 on the FMA pipe (MosaicSpec.poly_exp2, mosaic_exp2)
     "causal-softcap-poly-exp2": dict(band_lo=None, band_hi=0, soft_cap=30.0, bounded_logits=True, poly_exp2=2,
-                                     poly_degree=2),
+                                     poly_degree=2, forward_only=True),  # its backward: causal-softcap-bounded's
     "window-guarded-softcap-poly-exp2-d64": dict(band_lo=-200, band_hi=0, guard_values=True, soft_cap=30.0,
                                                  bounded_logits=True, poly_exp2=3, head_dim=64),
     # the same split in the backward's P (MosaicBwdSpec.poly_exp2; flushed below 2^-125)
     "causal-softcap-kvlen-bwd-poly-exp2": dict(band_lo=None, band_hi=0, soft_cap=30.0, kv_lengths=True,
                                                bwd_poly_exp2=2, bwd_poly_degree=2),
     "window-bwd-poly-exp2-d256": dict(band_lo=-200, band_hi=0, head_dim=256, block_kv=64, bwd_poly_exp2=3),
+    # no lse output (MosaicSpec.lse: forward-only calls that do not return it)
+    "causal-guarded-no-lse": dict(band_lo=None, band_hi=0, guard_values=True, lse=False, forward_only=True),
 }
 
 
@@ -115,7 +117,7 @@ def mosaic_lowering(fields: Mapping[str, Any], fused_dq: str | None = None) -> t
     functions of the Mosaic kernels and shape structs (no data; batch 1, 512 tokens, 4 q / 2 kv heads),
     to lower for CUDA on any machine. The backward (the dq and dk/dv kernels, or `fused_dq`'s fused
     form) takes the forward's band, chunk, soft-cap, lengths and segment ids; (None, None) where its
-    head dims have no Mosaic backward."""
+    head dims have no Mosaic backward or the case says `forward_only` (its backward is another's)."""
     import jax.numpy as jnp
 
     from . import mosaic_bwd_kernels as mbk
@@ -125,6 +127,7 @@ def mosaic_lowering(fields: Mapping[str, Any], fused_dq: str | None = None) -> t
 
     fields = dict(fields)
     passes, cluster = fields.pop("passes", 1), fields.pop("dkv_cluster", 0)
+    forward_only = fields.pop("forward_only", False)  # its backward is another case's: not lowered twice
     bwd_poly = {"poly_exp2": fields.pop("bwd_poly_exp2", 0), "poly_degree": fields.pop("bwd_poly_degree", 3)}
     d = fields.pop("head_dim", 128)
     d_v = fields.pop("value_head_dim", d)
@@ -140,7 +143,7 @@ def mosaic_lowering(fields: Mapping[str, Any], fused_dq: str | None = None) -> t
     forward_args = (q, k, v, sinks, lengths if spec.q_lengths else None, lengths if spec.kv_lengths else None,
                     *segments)
     wide = wide_backward(d, d_v)
-    if not (wide or {d, d_v} <= set(MOSAIC_BWD_HEAD_DIMS)):
+    if forward_only or not (wide or {d, d_v} <= set(MOSAIC_BWD_HEAD_DIMS)):
         return forward, forward_args, None, None
     bspec = mbk.MosaicBwdSpec(scale=0.1, band_lo=fields["band_lo"], band_hi=fields["band_hi"],
                               soft_cap=fields.get("soft_cap"), chunk=fields.get("chunk"),

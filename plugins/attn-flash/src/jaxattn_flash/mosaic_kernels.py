@@ -132,6 +132,7 @@ class MosaicSpec:
     bounded_logits: bool = False  # soft-capped logits bound exp2: no running max (config.softcap_without_max)
     poly_exp2: int = 0  # > 0 (bounded logits only): one exp2 in every this many on the FMA pipe (mosaic_exp2)
     poly_degree: int = 3  # of that exp2's polynomial: 3 or 2 (mosaic_exp2.POLYNOMIALS)
+    lse: bool = True  # False: no lse output, for a forward-only call that does not return it (untimed)
 
     def __post_init__(self) -> None:
         if self.guard_form not in GUARD_FORMS:
@@ -166,7 +167,8 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     `spec.q_lengths`/`spec.kv_lengths`, segment ids `[B, Sq]`/`[B, Skv]` when `spec.segments`;
     `bad_keys` (bool `[B, Skv, Hkv]`, `value_guard.bad_keys(v)`, where the caller has it already)
     saves the "flags" form its own read of v (the other forms read none)
-    -> (out `[B, Sq, Hq, Dv]`, lse `[B, Hq, Sq]` natural log, -inf on rows without keys)."""
+    -> (out `[B, Sq, Hq, Dv]`, lse `[B, Hq, Sq]` natural log, -inf on rows without keys; None
+    where `spec.lse` is False)."""
     plgpu = mosaic_gpu()
     b, sq, hq, d = q.shape
     _, skv, hkv, dv = v.shape
@@ -191,7 +193,8 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     def kernel(*refs, scratch):
         ins = dict(zip(names, refs))
         q_ref, k_ref, v_ref, sink_ref = ins["q"], ins["k"], ins["v"], ins.get("sinks")
-        o_ref, lse_ref = refs[len(names):]
+        o_ref, *lse_out = refs[len(names):]
+        lse_ref = lse_out[0] if spec.lse else None
         qo_smem, k_smem, v_smem, lse_smem = (scratch[n] for n in ("q_o", "k", "v", "lse"))
         q_bar, k_bar, v_bar, k_free, v_free = (scratch[n] for n in ("q_bar", "k_bar", "v_bar", "k_free", "v_free"))
         o_smem = scratch.get("o", qo_smem)  # O where it does not fit Q's buffer
@@ -350,10 +353,12 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     out = jnp.where(lax.broadcast_in_dim(real, acc.shape, [0]), out, 0.0)
                 o = o_smem.at[wg]
                 o[...] = out.astype(dtype)
-                lse_smem.at[wg][...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
+                if lse_ref is not None:
+                    lse_smem.at[wg][...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o, o_ref.at[bi, pl.ds(r0, bq), hi])
-                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(r0, bq)])
+                if lse_ref is not None:
+                    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(r0, bq)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 return out
 
@@ -486,7 +491,9 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
         scratch["cleaned"] = plgpu.SMEM((stages, bk), jnp.float32)  # which keys of a tile were cleaned
     if spec.segments:  # ids of each consumer's rows and of the key tiles
         scratch.update(segment_scratch(plgpu, CONSUMERS, bq, bk, stages))
-    out_type = (jax.ShapeDtypeStruct((b, sq, hq, dv), dtype), jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
+    out_type = (jax.ShapeDtypeStruct((b, sq, hq, dv), dtype),)
+    if spec.lse:
+        out_type += (jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),)
     lengths = [x.astype(jnp.int32) for x, on in ((q_lens, spec.q_lengths), (kv_lens, spec.kv_lengths)) if on]
     segments = []
     if spec.segments:
@@ -497,5 +504,6 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     if guard and spec.guard_form == "flags":
         flags = jnp.any(~jnp.isfinite(v), axis=(1, 3)) if bad_keys is None else jnp.any(bad_keys, axis=1)
         dirty = [flags.reshape(b * hkv).astype(jnp.int32)]
-    return launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, *sink_rows, *lengths,
+    outs = launch(plgpu, kernel, out_type, scratch, {"b": b, "h": hq, "q": nq})(q, k, v, *sink_rows, *lengths,
                                                                                 *segments, *dirty)
+    return outs[0], (outs[1] if spec.lse else None)
