@@ -3,7 +3,8 @@
     python3 plugins/attn-flash/bench/bench_causal_gap.py [CYCLES]
 
 On an H200 the Mosaic forward is level with tokamax 0.0.17's default without a mask and 0.98–0.99x
-it on causal rows (BENCHMARKS.md, "`auto` timed side by side"). tokamax runs a persistent kernel
+it on causal rows (BENCHMARKS.md, "`auto` timed side by side"); flash BENCHMARKS.md, "What holds it
+back (2026-12-03)", lists what a reading of tokamax's kernel found different. tokamax runs a persistent kernel
 without a mask and a grid of blocks with one (its `Config.persistent`), so the two regimes differ:
 
 * E1, no mask: ours, tokamax's default, and tokamax with `persistent=False` (its causal regime's
@@ -23,16 +24,13 @@ default form's (bitwise for the knobs that change only order or scheduling).
 
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import replace
 
 import jax
-import jax.numpy as jnp
-from bench_guard import random_qkv, spec_for
+from bench_guard import forms_side_by_side, random_qkv, spec_for
 
 import jaxattn
-from jaxattn.bench import time_side_by_side
 from jaxattn_flash.mosaic_kernels import mosaic_forward
 
 CYCLES = 15
@@ -72,22 +70,8 @@ def row(label: str, shape, causal: bool, ours: dict, cycles: int) -> None:
     specs = {name: replace(spec, **changes) for name, changes in ours.items()}
     fns = {name: jax.jit(lambda q, k, v, sp=sp: mosaic_forward(sp, q, k, v)[0]) for name, sp in specs.items()}
     fns.update(tokamax_forms(causal))
-    want = fns["ours"](q, k, v).astype(jnp.float32)
-    for name, fn in fns.items():
-        try:
-            got = fn(q, k, v).astype(jnp.float32)
-        except Exception as e:  # noqa: BLE001 - a form that cannot run is a line
-            print(f"FAIL {label} {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            continue
-        err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-        print(f"ERR {label} {name}: {err:.1e} bitwise={bool((got == want).all())}")
-    seconds, failed = time_side_by_side({n: functools.partial(f, q, k, v) for n, f in fns.items()},
-                                        repeats=cycles)
     flops = 4 * b * hq * d * (s * (s + 1) / 2 if causal else s * s)
-    speed = {n: flops / t / 1e12 for n, t in seconds.items()}
-    base = speed.get("tokamax", float("nan"))
-    parts = [f"{n} {t:.0f} ({t / base:.3f})" for n, t in speed.items()]
-    print(f"GAP {label} fwd TFLOP/s (x tokamax): " + "  ".join(parts) + f"  failed {sorted(failed)}", flush=True)
+    forms_side_by_side(f"{label} fwd", fns, (q, k, v), flops, cycles, ref="ours", base="tokamax")
 
 
 def main(cycles: int) -> None:

@@ -64,7 +64,7 @@ def timing(cycles: int) -> None:
         fns["plain (no cap)"] = kernel(spec_for(q, k, v, mask))
         fns["default"] = kernel(spec)
         flops = 4 * b * hq * d * (s * (s + 1) / 2 if causal else s * s)
-        forms_side_by_side(label, fns, (q, k, v), flops, cycles, names=list(POLY_FORMS))
+        forms_side_by_side(f"{label} fwd", fns, (q, k, v), flops, cycles, names=list(POLY_FORMS))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ a quarter, all on the special-function unit, and with the backward's exp2 split 
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 from dataclasses import replace
 
@@ -30,7 +29,6 @@ import jax.numpy as jnp
 from bench_guard import forms_side_by_side, random_qkv, spec_for
 
 import jaxattn
-from jaxattn.bench import time_side_by_side
 from jaxattn_flash import mosaic_exp2
 from jaxattn_flash import mosaic_kernels as mk
 
@@ -98,7 +96,7 @@ def forward(cycles: int, forms: list[str]) -> None:
                 fns[form] = build(spec, form, q, k, v)
             except Exception as e:  # noqa: BLE001 - a form that cannot compile is a line
                 print(f"FAIL {label} {form}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        forms_side_by_side(label, fns, (q, k, v), 4 * b * hq * d * s * (s + 1) / 2, cycles,
+        forms_side_by_side(f"{label} fwd", fns, (q, k, v), 4 * b * hq * d * s * (s + 1) / 2, cycles,
                            names=[f for f in forms if f in fns])
 
 
@@ -124,13 +122,9 @@ def train(cycles: int) -> None:
                 out = jaxattn.attention(q, k, v, is_causal=True, logits_soft_cap=cap, backend="flash", metadata=md)
                 return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
 
-            fns[name] = functools.partial(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), q, k, v, do)
-        seconds, failed = time_side_by_side(fns, repeats=cycles)
-        flops = 3.5 * 4 * b * hq * d * s * (s + 1) / 2
-        base = flops / seconds["plain"] / 1e12
-        parts = [f"{n} {flops / t / 1e12:.0f} ({flops / t / 1e12 / base:.3f})" for n, t in seconds.items()]
-        print(f"TRAIN {shape} causal fwd+bwd TFLOP/s (x plain): " + "  ".join(parts) + f"  failed {failed}",
-              flush=True)
+            fns[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        forms_side_by_side(f"{shape} causal fwd+bwd", fns, (q, k, v, do), 3.5 * 4 * b * hq * d * s * (s + 1) / 2,
+                           cycles, names=[], base="plain")
 
 
 def compile_form(form: str) -> None:
