@@ -282,7 +282,9 @@ def test_guard_forms_are_checked_and_match_the_config():
 
 
 def test_bounded_logits_need_a_soft_cap():
-    """Without a cap nothing bounds the logits: a spec that skips the running max there is refused."""
+    """Without a cap nothing bounds the logits: a spec that skips the running max there is refused,
+    and so is the forward's exp2 split without that bound; the backward's split needs none (its
+    exponents are at most 0 where a pair is visible); either spec's polynomial is of degree 2 or 3."""
     from jaxattn_flash.mosaic_kernels import MosaicSpec
 
     with pytest.raises(ValueError, match="bounded_logits=True needs a soft_cap"):
