@@ -1,6 +1,7 @@
 """Issue 16's causal forward gap to tokamax, taken apart: experiments for one device call.
 
-    python3 plugins/attn-flash/bench/bench_causal_gap.py [CYCLES]
+    python3 plugins/attn-flash/bench/bench_causal_gap.py [CYCLES]         # E1 and E2
+    python3 plugins/attn-flash/bench/bench_causal_gap.py combos [CYCLES]  # E3
 
 On an H200 the Mosaic forward is level with tokamax 0.0.17's default without a mask and 0.98–0.99x
 it on causal rows (BENCHMARKS.md, "`auto` timed side by side"); flash BENCHMARKS.md, "What holds it
@@ -16,6 +17,9 @@ without a mask and a grid of blocks with one (its `Config.persistent`), so the t
   (`guard_values=False`: a probe only, which would let a masked key's NaN value reach rows that do
   not see it), no lse output (`MosaicSpec.lse=False`: tokamax stores none on a forward-only call).
   A gap that shrinks with longer rows is per block; a flat one per tile.
+* E3 (`combos`), after E2 found each of fence, no guard and no lse about 2% faster than ours at
+  2k-16k (2026-12-03): the same causal rows at 2k, 8k and 32k with a second copy of ours (a
+  control: a knob's gain within the copy's distance from ours is noise) and the knobs together.
 
 Medians of CYCLES samples taken in turn (`jaxattn.bench.time_side_by_side`), TFLOP/s of the
 visible pairs, each column over tokamax's default in brackets; each form's output against the
@@ -40,6 +44,10 @@ CAUSAL_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 FULL_ROWS = ((4, 4096), (1, 16384))
 OURS = {"ours": {}, "ours cluster 1": {"cluster": 1}, "ours fence": {"fence": True},
         "ours no guard": {"guard_values": False}, "ours no lse": {"lse": False}}
+COMBOS = {"ours": {}, "ours copy": {}, "ours fence": {"fence": True},
+          "ours fence no lse": {"fence": True, "lse": False},
+          "ours fence no lse no guard": {"fence": True, "lse": False, "guard_values": False}}
+COMBO_LENGTHS = (2048, 8192, 32768)
 
 
 def tokamax_forms(causal: bool) -> dict:
@@ -74,6 +82,13 @@ def row(label: str, shape, causal: bool, ours: dict, cycles: int) -> None:
     forms_side_by_side(f"{label} fwd", fns, (q, k, v), flops, cycles, ref="ours", base="tokamax")
 
 
+def combos(cycles: int) -> None:
+    hq, hkv, d = HEADS
+    for s in COMBO_LENGTHS:  # E3
+        b = TOKENS // s
+        row(f"E3 causal ({b}, {s}, {hq}/{hkv}, {d})", (b, s, hq, hkv, d), True, COMBOS, cycles)
+
+
 def main(cycles: int) -> None:
     hq, hkv, d = HEADS
     for b, s in FULL_ROWS:  # E1
@@ -85,4 +100,7 @@ def main(cycles: int) -> None:
 
 if __name__ == "__main__":
     print(f"jax {jax.__version__} {jax.devices()[0].device_kind}", flush=True)
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else CYCLES)
+    if sys.argv[1:2] == ["combos"]:
+        combos(int(sys.argv[2]) if len(sys.argv) > 2 else CYCLES)
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else CYCLES)
