@@ -2,6 +2,7 @@
 
     python3 plugins/attn-flash/bench/bench_causal_gap.py [CYCLES]         # E1 and E2
     python3 plugins/attn-flash/bench/bench_causal_gap.py combos [CYCLES]  # E3
+    python3 plugins/attn-flash/bench/bench_causal_gap.py fence [CYCLES]   # E4
 
 On an H200 the Mosaic forward is level with tokamax 0.0.17's default without a mask and 0.98–0.99x
 it on causal rows (BENCHMARKS.md, "`auto` timed side by side"); flash BENCHMARKS.md, "What holds it
@@ -20,6 +21,8 @@ without a mask and a grid of blocks with one (its `Config.persistent`), so the t
 * E3 (`combos`), after E2 found each of fence, no guard and no lse about 2% faster than ours at
   2k-16k (2026-12-03): the same causal rows at 2k, 8k and 32k with a second copy of ours (a
   control: a knob's gain within the copy's distance from ours is noise) and the knobs together.
+* E4 (`fence`): the fence alone beside ours and its copy on the calls E2/E3 did not cover: no
+  mask, the table's causal shapes (32/32 and 16/16 heads), soft-cap 50 and window 4096 at 32k.
 
 Medians of CYCLES samples taken in turn (`jaxattn.bench.time_side_by_side`), TFLOP/s of the
 visible pairs, each column over tokamax's default in brackets; each form's output against the
@@ -70,16 +73,24 @@ def tokamax_forms(causal: bool) -> dict:
     return forms
 
 
-def row(label: str, shape, causal: bool, ours: dict, cycles: int) -> None:
+def row(label: str, shape, causal: bool, ours: dict, cycles: int, window=None, soft_cap=None) -> None:
+    """`ours` forms (name -> MosaicSpec changes) beside tokamax's (plain causal or no mask only)."""
     b, s, hq, hkv, d = shape
     q, k, v = random_qkv(shape)
-    mask = jaxattn.CausalMask() if causal else None
-    spec = spec_for(q, k, v, mask)
+    mask = (jaxattn.SlidingWindowMask(window - 1, 0) if window else jaxattn.CausalMask()) if causal else None
+    spec = spec_for(q, k, v, mask, soft_cap)
     specs = {name: replace(spec, **changes) for name, changes in ours.items()}
     fns = {name: jax.jit(lambda q, k, v, sp=sp: mosaic_forward(sp, q, k, v)[0]) for name, sp in specs.items()}
-    fns.update(tokamax_forms(causal))
-    flops = 4 * b * hq * d * (s * (s + 1) / 2 if causal else s * s)
-    forms_side_by_side(f"{label} fwd", fns, (q, k, v), flops, cycles, ref="ours", base="tokamax")
+    if window is None and soft_cap is None:
+        fns.update(tokamax_forms(causal))
+    if not causal:
+        pairs = s * s
+    elif window is None:
+        pairs = s * (s + 1) / 2
+    else:
+        pairs = window * (window + 1) / 2 + (s - window) * window
+    base = "tokamax" if "tokamax" in fns else "ours"
+    forms_side_by_side(f"{label} fwd", fns, (q, k, v), 4 * b * hq * d * pairs, cycles, ref="ours", base=base)
 
 
 def combos(cycles: int) -> None:
@@ -87,6 +98,26 @@ def combos(cycles: int) -> None:
     for s in COMBO_LENGTHS:  # E3
         b = TOKENS // s
         row(f"E3 causal ({b}, {s}, {hq}/{hkv}, {d})", (b, s, hq, hkv, d), True, COMBOS, cycles)
+
+
+FENCE = {"ours": {}, "ours copy": {}, "ours fence": {"fence": True}}
+FENCE_ROWS = (  # label, shape, causal, window, soft_cap
+    ("E4 full", (4, 4096, 32, 8, 128), False, None, None),
+    ("E4 full", (1, 16384, 16, 16, 128), False, None, None),
+    ("E4 causal", (4, 4096, 32, 32, 128), True, None, None),
+    ("E4 causal", (1, 16384, 16, 16, 128), True, None, None),
+    ("E4 causal soft-cap 50", (1, 32768, 32, 8, 128), True, None, 50.0),
+    ("E4 window 4096", (1, 32768, 32, 8, 128), True, 4096, None),
+)
+
+
+def fence(cycles: int) -> None:
+    for label, shape, causal, window, soft_cap in FENCE_ROWS:
+        b, s, hq, hkv, d = shape
+        try:
+            row(f"{label} ({b}, {s}, {hq}/{hkv}, {d})", shape, causal, FENCE, cycles, window=window, soft_cap=soft_cap)
+        except Exception as e:  # noqa: BLE001 - one row's failure is a line, not the end of the call
+            print(f"FAIL {label} {shape}: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
 def main(cycles: int) -> None:
@@ -100,7 +131,7 @@ def main(cycles: int) -> None:
 
 if __name__ == "__main__":
     print(f"jax {jax.__version__} {jax.devices()[0].device_kind}", flush=True)
-    if sys.argv[1:2] == ["combos"]:
-        combos(int(sys.argv[2]) if len(sys.argv) > 2 else CYCLES)
+    if sys.argv[1:2] in (["combos"], ["fence"]):
+        {"combos": combos, "fence": fence}[sys.argv[1]](int(sys.argv[2]) if len(sys.argv) > 2 else CYCLES)
     else:
         main(int(sys.argv[1]) if len(sys.argv) > 1 else CYCLES)
