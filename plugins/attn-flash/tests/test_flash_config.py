@@ -46,12 +46,15 @@ def _request(**changes):
 
 def test_tuning_space_is_small_and_per_call(monkeypatch):
     space = flash_config.tuning_space(_request(), mosaic_by_default=True)
-    assert space == [{}, {"gpu_kernel": "triton"}, {"launch_passes_dkv": 1}]
-    assert flash_config.tuning_space(_request(), mosaic_by_default=True, mosaic_backward_by_default=True) == [
-        {}, {"gpu_kernel": "triton"}, {"gpu_backward": "triton"}, {"mosaic_dq": "separate"},
-        {"launch_cluster_dkv": 1}]  # causal GQA: the dk/dv launch clusters against the grid's order
+    fence = {"mosaic_fence": True}  # a masked Mosaic forward without a cap: the softmax's fence
+    assert space == [{}, {"gpu_kernel": "triton"}, fence, {"launch_passes_dkv": 1}]
+    training = [{}, {"gpu_kernel": "triton"}, fence, {"gpu_backward": "triton"}, {"mosaic_poly_exp2_bwd": 2},
+                {"mosaic_dq": "separate"}, {"launch_cluster_dkv": 1}]  # causal GQA: dk/dv clusters vs the grid
+    assert flash_config.tuning_space(_request(), mosaic_by_default=True, mosaic_backward_by_default=True) == training
     assert flash_config.tuning_space(_request(needs_grad=False), mosaic_by_default=True,
-                                     mosaic_backward_by_default=True) == [{}, {"gpu_kernel": "triton"}]
+                                     mosaic_backward_by_default=True) == [{}, {"gpu_kernel": "triton"}, fence]
+    unmasked = _request(needs_grad=False, mask_kinds=frozenset(), band=None)  # the fence was level there
+    assert flash_config.tuning_space(unmasked, mosaic_by_default=True) == [{}, {"gpu_kernel": "triton"}]
     assert flash_config.tuning_space(_request(num_kv_heads=32), mosaic_by_default=False) == [{}]  # MHA
     assert flash_config.tuning_space(_request(needs_grad=False), mosaic_by_default=False) == [{}]
     capped = _request(needs_grad=False, logits_soft_cap=True)  # the exp2 split, on the Mosaic forward only
@@ -66,8 +69,7 @@ def test_tuning_space_is_small_and_per_call(monkeypatch):
     # on Hopper both Mosaic paths are the defaults: tune tries each Triton one
     monkeypatch.setattr(gpu_path._compat, "mosaic_import_error", lambda: None)
     h100_space = FlashAttention().tuning_space(_request(), Hardware.nvidia())
-    assert list(h100_space) == [{}, {"gpu_kernel": "triton"}, {"gpu_backward": "triton"}, {"mosaic_dq": "separate"},
-                                {"launch_cluster_dkv": 1}]
+    assert list(h100_space) == training
     # without Mosaic GPU: the Triton backward's launch order is what varies
     monkeypatch.setattr(gpu_path._compat, "mosaic_import_error", lambda: "ImportError: none here")
     assert FlashAttention().tuning_space(_request(), Hardware.nvidia()) == [{}, {"launch_passes_dkv": 1}]
@@ -147,9 +149,14 @@ def test_poly_exp2_only_under_bounded_logits():
     for bad in (1, 4, True, 2.0):
         with pytest.raises(ValueError, match="mosaic_poly_degree"):
             flash_config.validate({"mosaic_poly_degree": bad})
-    # the backward's split: off unless asked for (untimed), with or without a cap
+    # the backward's split: off unless asked for (it wins on short rows only), with or without a cap
     assert flash_config.mosaic_poly_exp2_bwd({}) == 0
     assert flash_config.mosaic_poly_exp2_bwd({"mosaic_poly_exp2_bwd": 3}) == 3
     for bad in (-1, 9, True, 2.0):
         with pytest.raises(ValueError, match="mosaic_poly_exp2_bwd"):
             flash_config.validate({"mosaic_poly_exp2_bwd": bad})
+    # the softmax's fence: off unless asked for; a bool, not 1 or "yes"
+    assert flash_config.mosaic_fence({}) is False and flash_config.mosaic_fence({"mosaic_fence": True}) is True
+    for bad in (1, "yes", 0.0):
+        with pytest.raises(ValueError, match="mosaic_fence"):
+            flash_config.validate({"mosaic_fence": bad})

@@ -473,6 +473,7 @@ def test_prepare_hands_the_backward_spec_to_the_kernels(mosaic_importable):
     assert (split.poly_exp2, split.poly_degree) == (2, 3)
     assert prepare({"mosaic_softcap_running_max": True, "mosaic_poly_exp2": 2}).mosaic.poly_exp2 == 0
     assert prepare({"mosaic_poly_exp2": 0}).mosaic.poly_exp2 == 0
+    assert not call.mosaic.fence and prepare({"mosaic_fence": True}).mosaic.fence  # the softmax's fence
     assert bspec.fused_dq == "split"  # head_dim 128: dq inside the dk/dv kernel
     q256 = jax.random.normal(jax.random.PRNGKey(2), (1, 256, 4, 256), jax.numpy.bfloat16)
     kv256 = jax.random.normal(jax.random.PRNGKey(3), (1, 256, 2, 256), jax.numpy.bfloat16)

@@ -94,6 +94,8 @@ MOSAIC_LOWERINGS: dict[str, dict[str, Any]] = {
     "window-bwd-poly-exp2-d256": dict(band_lo=-200, band_hi=0, head_dim=256, block_kv=64, bwd_poly_exp2=3),
     # no lse output (MosaicSpec.lse: forward-only calls that do not return it)
     "causal-guarded-no-lse": dict(band_lo=None, band_hi=0, guard_values=True, lse=False, forward_only=True),
+    # the softmax's fence (config mosaic_fence; `jaxattn tune` tries it on masked calls)
+    "causal-guarded-fence": dict(band_lo=None, band_hi=0, guard_values=True, fence=True, forward_only=True),
 }
 
 

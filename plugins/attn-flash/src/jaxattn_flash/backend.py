@@ -129,7 +129,7 @@ def _prepare(inputs: AttentionInputs, metadata: OperationMetadata, interpret: bo
                            cluster=_config.mosaic_fwd_cluster(config, parts),
                            guard_form=_config.mosaic_value_guard(config),
                            bounded_logits=bounded, poly_exp2=_config.mosaic_poly_exp2(config, bounded),
-                           poly_degree=_config.mosaic_poly_degree(config))
+                           poly_degree=_config.mosaic_poly_degree(config), fence=_config.mosaic_fence(config))
         # Unpadded: the Mosaic path takes no padding; the kernel guards the values itself.
         return _Call(spec, mspec, q, k, v, inputs.sinks, q_seg, kv_seg, q_lens, kv_lens)
     dp, dvp = _config.padded_dim(d), _config.padded_dim(dv)

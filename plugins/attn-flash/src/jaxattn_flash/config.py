@@ -23,8 +23,12 @@ optional; None or absent = the measured default), validated before the kernels r
   `mosaic_poly_exp2` (0 to 8; where the cap bounds exp2, one exp2 in every this many is a
   polynomial on the FMA pipe instead of a special-function instruction, `mosaic_exp2`; 0: none;
   default `MOSAIC_POLY_EXP2`) with `mosaic_poly_degree` (2 or 3; default `MOSAIC_POLY_DEGREE`);
-  `mosaic_poly_exp2_bwd` (0 to 8, default 0: not timed yet): the same split for the Mosaic
-  backward's exp2 of P, with or without a cap
+  `mosaic_poly_exp2_bwd` (0 to 8, default 0): the same split for the Mosaic backward's exp2 of
+  P, with or without a cap (H200: half by the quadratic 2% faster fwd+bwd at (4, 4096), 2–3.5%
+  slower at (1, 32768); `jaxattn tune` tries it)
+* `mosaic_fence` (default False): an optimization barrier after the Mosaic forward's softmax
+  (the output is bitwise the same; H200: 2–3% faster on causal rows of 8k–16k at 32/8 heads,
+  4% slower under a soft-cap, level without a mask; `jaxattn tune` tries it on masked calls)
 * dk/dv launch order: `launch_passes_dkv` (1 to 8; see `launch_order.py`)
 * Mosaic launch order: `launch_cluster_fwd`, `launch_cluster_dkv` (1 to 64 (batch, head) groups
   launched together, heavy blocks first: `launch_order.clustered_order`; 1: the grid's order;
@@ -95,6 +99,7 @@ class FlashConfig(BackendConfig):
     mosaic_poly_exp2: int | None = None
     mosaic_poly_degree: int | None = None
     mosaic_poly_exp2_bwd: int | None = None
+    mosaic_fence: bool | None = None
 
     def __post_init__(self) -> None:
         for kernel in KERNELS:
@@ -122,6 +127,7 @@ class FlashConfig(BackendConfig):
         self.check_int("mosaic_poly_exp2", minimum=0, maximum=8)
         self.check_int("mosaic_poly_degree", minimum=min(POLY_DEGREES), maximum=max(POLY_DEGREES))
         self.check_int("mosaic_poly_exp2_bwd", minimum=0, maximum=8)
+        self.check_choice("mosaic_fence", (True, False))
 
 
 KEYS = frozenset(FlashConfig.keys())
@@ -375,9 +381,16 @@ def mosaic_poly_exp2(config: Mapping[str, Any], bounded_logits: bool) -> int:
 
 def mosaic_poly_exp2_bwd(config: Mapping[str, Any]) -> int:
     """One exp2 of the Mosaic backward's P in every how many on the FMA pipe: `mosaic_poly_exp2_bwd`,
-    else 0 (none; the split is not timed there yet). Its exponents are at most 0 wherever a pair
-    is visible, with or without a cap, and the polynomial flushes those below -125 to 0."""
+    else 0 (none: it wins on short rows only, BENCHMARKS.md; `tuning_space` offers it). Its
+    exponents are at most 0 wherever a pair is visible, with or without a cap, and the polynomial
+    flushes those below -125 to 0."""
     return validate(config).mosaic_poly_exp2_bwd or 0
+
+
+def mosaic_fence(config: Mapping[str, Any]) -> bool:
+    """Whether the Mosaic forward orders its softmax with an optimization barrier (`mosaic_fence`,
+    default False: a gain on some causal shapes only, a loss under a soft-cap; BENCHMARKS.md)."""
+    return bool(validate(config).mosaic_fence)
 
 
 def mosaic_poly_degree(config: Mapping[str, Any]) -> int:
@@ -390,16 +403,20 @@ def tuning_space(request: AttentionRequest, mosaic_by_default: bool,
     """What `jaxattn tune` tries on a GPU besides the defaults: the Triton forward where the
     Mosaic one is the default, the Triton backward and the other dq form (fused or separate) where
     the Mosaic backward is, else the plain dk/dv launch order where 4 passes or launch clusters are;
-    under a soft-cap, a third and a quarter of the exp2 by the cubic beside the default half by the quadratic."""
+    under a soft-cap, a third and a quarter of the exp2 by the cubic beside the default half by the
+    quadratic; the softmax's fence on a masked forward without a cap and the backward's exp2 split:
+    each gained on some shapes and lost on others (H200, BENCHMARKS.md)."""
     space: list[dict[str, Any]] = [{}]
+    band = request.band or (None, None)
+    chunk = request.chunk[0] if request.chunk else None
     if mosaic_by_default:
         space.append({"gpu_kernel": "triton"})
         if request.logits_soft_cap:  # where the cap does not bound the logits the key changes nothing
             space += [{"mosaic_poly_exp2": every, "mosaic_poly_degree": 3} for every in (3, 4)]
-    band = request.band or (None, None)
-    chunk = request.chunk[0] if request.chunk else None
+        elif band != (None, None) or chunk is not None:
+            space.append({"mosaic_fence": True})
     if request.needs_grad and mosaic_backward_by_default:
-        space.append({"gpu_backward": "triton"})
+        space += [{"gpu_backward": "triton"}, {"mosaic_poly_exp2_bwd": 2}]
         if request.head_dim in MOSAIC_DQ_DEFAULTS:
             default = mosaic_dq_default(request.head_dim, request_bounds_keys(request))
             other = MOSAIC_DQ_DEFAULTS[request.head_dim] if default == "separate" else "separate"

@@ -118,7 +118,7 @@ class MosaicSpec:
     block_kv: int = 128
     stages: int = 2
     pingpong: bool = True
-    fence: bool = False  # optimization barrier after the softmax (measured slower on an H100)
+    fence: bool = False  # optimization barrier after the softmax (config.mosaic_fence: shape-dependent, H200)
     soft_cap: float | None = None  # logits c·tanh(s/c)
     sinks: bool = False  # one sink logit per query head joins each row's normalizer
     guard_values: bool = False  # keep non-finite values of masked keys from the rows that do not see them
