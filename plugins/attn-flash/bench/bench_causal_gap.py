@@ -3,6 +3,7 @@
     python3 plugins/attn-flash/bench/bench_causal_gap.py [CYCLES]         # E1 and E2
     python3 plugins/attn-flash/bench/bench_causal_gap.py combos [CYCLES]  # E3
     python3 plugins/attn-flash/bench/bench_causal_gap.py fence [CYCLES]   # E4
+    python3 plugins/attn-flash/bench/bench_causal_gap.py halves [CYCLES]  # E5
 
 On an H200 the Mosaic forward is level with tokamax 0.0.17's default without a mask and 0.98–0.99x
 it on causal rows (BENCHMARKS.md, "`auto` timed side by side"); flash BENCHMARKS.md, "What holds it
@@ -23,6 +24,9 @@ without a mask and a grid of blocks with one (its `Config.persistent`), so the t
   control: a knob's gain within the copy's distance from ours is noise) and the knobs together.
 * E4 (`fence`): the fence alone beside ours and its copy on the calls E2/E3 did not cover: no
   mask, the table's causal shapes (32/32 and 16/16 heads), soft-cap 50 and window 4096 at 32k.
+* E5 (`halves`): O stored in two column halves from a buffer of their own (`MosaicSpec.o_halves`,
+  as tokamax stores it), without and with the lse, beside ours and its copy: causal at 2k and
+  8k (where E2 found the gap per block) and 32k, and without a mask at (4, 4096).
 
 Medians of CYCLES samples taken in turn (`jaxattn.bench.time_side_by_side`), TFLOP/s of the
 visible pairs, each column over tokamax's default in brackets; each form's output against the
@@ -111,6 +115,21 @@ FENCE_ROWS = (  # label, shape, causal, window, soft_cap
 )
 
 
+HALVES = {"ours": {}, "ours copy": {}, "ours halves": {"o_halves": True},
+          "ours halves no lse": {"o_halves": True, "lse": False}}
+HALVES_ROWS = (("E5 causal", (16, 2048, 32, 8, 128), True), ("E5 causal", (4, 8192, 32, 8, 128), True),
+               ("E5 causal", (1, 32768, 32, 8, 128), True), ("E5 full", (4, 4096, 32, 8, 128), False))
+
+
+def halves(cycles: int) -> None:
+    for label, shape, causal in HALVES_ROWS:
+        b, s, hq, hkv, d = shape
+        try:
+            row(f"{label} ({b}, {s}, {hq}/{hkv}, {d})", shape, causal, HALVES, cycles)
+        except Exception as e:  # noqa: BLE001 - one row's failure is a line, not the end of the call
+            print(f"FAIL {label} {shape}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
 def fence(cycles: int) -> None:
     for label, shape, causal, window, soft_cap in FENCE_ROWS:
         b, s, hq, hkv, d = shape
@@ -131,7 +150,8 @@ def main(cycles: int) -> None:
 
 if __name__ == "__main__":
     print(f"jax {jax.__version__} {jax.devices()[0].device_kind}", flush=True)
-    if sys.argv[1:2] in (["combos"], ["fence"]):
-        {"combos": combos, "fence": fence}[sys.argv[1]](int(sys.argv[2]) if len(sys.argv) > 2 else CYCLES)
+    experiments = {"combos": combos, "fence": fence, "halves": halves}
+    if len(sys.argv) > 1 and sys.argv[1] in experiments:
+        experiments[sys.argv[1]](int(sys.argv[2]) if len(sys.argv) > 2 else CYCLES)
     else:
         main(int(sys.argv[1]) if len(sys.argv) > 1 else CYCLES)

@@ -244,8 +244,9 @@ def test_mosaic_softcap_without_max_gpu(sinks):
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
 @pytest.mark.parametrize("causal", [True, False])
 def test_mosaic_forward_without_lse_gpu(causal):
-    """`MosaicSpec.lse=False` (no lse output, for forward-only calls that do not return it): the same
-    output, bitwise, as the kernel that writes the lse, with the value guard (causal) or without."""
+    """`MosaicSpec.lse=False` (no lse output, for forward-only calls that do not return it) and
+    `o_halves` (O stored in two column halves): the same output, bitwise, as the kernel that writes
+    the lse and O whole, with the value guard (causal) or without."""
     from dataclasses import replace
 
     import jax.numpy as jnp
@@ -260,3 +261,9 @@ def test_mosaic_forward_without_lse_gpu(causal):
     bare, none = jax.jit(lambda q, k, v: mosaic_forward(replace(spec, lse=False), q, k, v))(q, k, v)
     assert none is None and lse.shape == (2, 8, 1024)
     assert np.array_equal(np.asarray(out, np.float32), np.asarray(bare, np.float32))
+    # O stored in two halves (MosaicSpec.o_halves), with the lse and without: the same bits
+    halves, halves_lse = jax.jit(lambda q, k, v: mosaic_forward(replace(spec, o_halves=True), q, k, v))(q, k, v)
+    bare_halves, _ = jax.jit(lambda q, k, v: mosaic_forward(replace(spec, o_halves=True, lse=False), q, k, v))(q, k, v)
+    for got in (halves, bare_halves):
+        assert np.array_equal(np.asarray(out, np.float32), np.asarray(got, np.float32))
+    assert np.array_equal(np.asarray(lse), np.asarray(halves_lse))
