@@ -60,7 +60,7 @@ from ._compat import gmem_ref, mosaic_gpu, mosaic_load, ref_transpose
 from .config import WIDE_DQ_BLOCK_KV, wide_backward
 from .launch_order import clustered_ids, launch_order
 from .mosaic_barriers import CONSUMERS
-from .mosaic_exp2 import POLYNOMIALS, split_exp2
+from .mosaic_exp2 import check_degree, split_exp2
 from .mosaic_kernels import LOG2E
 from .mosaic_launch import launch, launch_closing_over_refs, swizzled
 from .mosaic_segments import (
@@ -114,8 +114,7 @@ class MosaicBwdSpec:
     def __post_init__(self) -> None:
         if self.poly_exp2 < 0:
             raise ValueError(f"MosaicBwdSpec: poly_exp2 must be >= 0, got {self.poly_exp2}")
-        if self.poly_degree not in POLYNOMIALS:
-            raise ValueError(f"MosaicBwdSpec: poly_degree must be one of {sorted(POLYNOMIALS)}, got {self.poly_degree}")
+        check_degree("MosaicBwdSpec", self.poly_degree)
 
 
 def _probabilities(spec: MosaicBwdSpec, s, lse2, vis):

@@ -36,6 +36,12 @@ ROUNDER = 12582912.0  # 1.5·2^23: float32 addition of it rounds to an integer h
 FLUSH_BELOW = -125.0  # with `flush`: 2^z below 2^-125 is 0 (MUFU's ftz exp2 flushes from -126)
 
 
+def check_degree(owner: str, degree: int) -> None:
+    """Raise ValueError naming `owner` unless `degree` names one of `POLYNOMIALS`."""
+    if degree not in POLYNOMIALS:
+        raise ValueError(f"{owner}: poly_degree must be one of {sorted(POLYNOMIALS)}, got {degree!r}")
+
+
 def _hex(x: float) -> str:
     return f"0f{int(np.float32(x).view(np.uint32)):08X}"
 

@@ -86,7 +86,7 @@ from ._compat import mosaic_gpu, mosaic_load, ref_transpose
 from .config import MOSAIC_VALUE_GUARD, MOSAIC_VALUE_GUARDS, heavy_first
 from .launch_order import clustered_ids
 from .mosaic_barriers import CONSUMERS, block_any, consumers_sync, named_barrier
-from .mosaic_exp2 import POLYNOMIALS, split_exp2
+from .mosaic_exp2 import check_degree, split_exp2
 from .mosaic_launch import launch, swizzled
 from .mosaic_segments import (
     SEGMENT_SCRATCH,
@@ -144,8 +144,7 @@ class MosaicSpec:
             raise ValueError("MosaicSpec: bounded_logits=True needs a soft_cap")
         if self.poly_exp2 < 0 or (self.poly_exp2 and not self.bounded_logits):  # its 2^z needs |z| <= 125
             raise ValueError(f"MosaicSpec: poly_exp2 must be 0, or > 0 with bounded_logits, got {self.poly_exp2}")
-        if self.poly_degree not in POLYNOMIALS:
-            raise ValueError(f"MosaicSpec: poly_degree must be one of {sorted(POLYNOMIALS)}, got {self.poly_degree}")
+        check_degree("MosaicSpec", self.poly_degree)
 
     @property
     def rows(self) -> int:
