@@ -288,13 +288,14 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
                         lambda mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg, bad_keys=None:
                         triton_kernels.forward(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens))
     bad = value_guard.bad_keys(inputs.value)
+    mspec = mosaic_kernels.MosaicSpec(scale=32 ** -0.5, band_lo=None, band_hi=0, guard_values=True)
     lens = dict(query_seq_lengths=q_lens, key_value_seq_lengths=kv_lens, segment_ids=ids)
     ref_out = jaxattn.attention(**args, is_causal=True, backend="xla", **lens)
     weight = jnp.asarray(np.isfinite(np.asarray(ref_out)).all(-1), jnp.float32)[..., None]
     assert 0 < float(weight.mean()) < 1  # some rows see a NaN value, others do not
 
     def loss_mosaic(q, k, v):
-        out, _ = gpu_path.flash_mosaic(spec, None, q, k, v, None, q_lens, kv_lens, ids, ids, bad)
+        out, _ = gpu_path.flash_mosaic(spec, mspec, q, k, v, None, q_lens, kv_lens, ids, ids, bad)
         return jnp.sum(jnp.where(weight > 0, out, 0.0) * weight), out
 
     def loss_xla(q, k, v):
@@ -305,7 +306,7 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
         args["query"], args["key"], args["value"])
     want = jax.grad(loss_xla, argnums=(0, 1, 2))(args["query"], args["key"], args["value"])
     assert np.array_equal(np.isfinite(np.asarray(out)).all(-1), np.asarray(weight[..., 0]) > 0)
-    primal, _ = jax.jit(lambda q, k, v: gpu_path.flash_mosaic(spec, None, q, k, v, None, q_lens, kv_lens, ids, ids,
+    primal, _ = jax.jit(lambda q, k, v: gpu_path.flash_mosaic(spec, mspec, q, k, v, None, q_lens, kv_lens, ids, ids,
                                                               bad))(
         args["query"], args["key"], args["value"])
     np.testing.assert_array_equal(np.asarray(primal), np.asarray(out))
@@ -313,6 +314,69 @@ def test_mosaic_wrapper_gives_the_rows_that_see_a_nan_value_nan_gradients(monkey
         g, w = np.asarray(g), np.asarray(w)
         assert np.array_equal(np.isfinite(g), np.isfinite(w)), f"{name}: non-finite entries differ"
         np.testing.assert_allclose(g[np.isfinite(w)], w[np.isfinite(w)], rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+def test_mosaic_forward_only_calls_store_no_lse(monkeypatch):
+    """A forward-only call that does not ask for the lse runs the Mosaic forward without its lse
+    output (1-2% faster on an H200) and `flash_attention` gives None for it; `return_lse` keeps it;
+    a differentiated call makes it for the backward whatever the primal's spec says, and its
+    gradients are those of the call with the lse. The kernel is the Triton forward in the
+    interpreter (CPU), recording the spec it was handed."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxattn_flash import backend, mosaic_kernels, triton_kernels
+
+    ks = jax.random.split(jax.random.PRNGKey(7), 3)
+    q, k, v = (jax.random.normal(key, (2, 128, 4, 32), jnp.float32) for key in ks)
+    blocks = OperationMetadata(operation_configs=tiles(32))
+    asked = []
+
+    def inputs_for(return_lse):
+        return jaxattn.validation.build_attention_inputs(
+            q, k, v, None, None, metadata=blocks, scale=None, is_causal=True, sliding_window=None, segment_ids=None,
+            query_seq_lengths=None, key_value_seq_lengths=None, logits_soft_cap=None, sinks=None,
+            dropout_rate=0.0, dropout_rng=None, return_lse=return_lse)
+
+    spec = backend._prepare(inputs_for(False), blocks, True, None).spec
+
+    def kernel(mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg, bad_keys=None):
+        asked.append(mspec.lse)
+        out, lse = triton_kernels.forward(spec, q, k, v, sinks, q_seg, kv_seg, q_lens, kv_lens)
+        return out, (lse if mspec.lse else None)
+
+    monkeypatch.setattr(mosaic_kernels, "mosaic_forward", kernel)
+    with_lse = mosaic_kernels.MosaicSpec(scale=32 ** -0.5, band_lo=None, band_hi=0)
+    without = dataclasses.replace(with_lse, lse=False)
+
+    def run(mspec, q=q, k=k, v=v):
+        return gpu_path.flash_mosaic(spec, mspec, q, k, v, None, None, None, None, None, None)
+
+    out, placeholder = run(without)
+    want_out, want_lse = run(with_lse)
+    assert asked == [False, True] and placeholder.shape == want_lse.shape == (2, 4, 128)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want_out))
+    asked.clear()
+
+    def loss(mspec):
+        return lambda q, k, v: jnp.sum(run(mspec, q, k, v)[0] * jnp.cos(jnp.arange(32.0)))
+
+    got = jax.grad(loss(without), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(with_lse), argnums=(0, 1, 2))(q, k, v)
+    assert asked == [True, True]  # the differentiated call's forward makes the lse either way
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    # the backend: the spec it hands the wrapper follows return_lse, and no lse comes back without it
+    handed = []
+    monkeypatch.setattr(gpu_path, "flash_mosaic", lambda spec, mspec, *args: handed.append(mspec.lse) or (
+        q, jnp.zeros((2, 4, 128), jnp.float32)))
+    monkeypatch.setattr(backend, "_prepare", lambda inputs, *a: backend._Call(spec, with_lse, q, k, v, None, None,
+                                                                               None, None, None))
+    assert backend.flash_attention(inputs_for(False), blocks)[1] is None
+    assert backend.flash_attention(inputs_for(True), blocks)[1] is not None
+    assert handed == [False, True]
 
 
 # -- the Mosaic GPU backward: which calls take it (CPU), its tile ranges (CPU) --------------------

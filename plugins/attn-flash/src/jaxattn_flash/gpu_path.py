@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxattn import AttentionRequest, Hardware, value_guard
 from jaxattn.pallas_compat import SMEM_PER_BLOCK
@@ -310,16 +311,21 @@ def flash_mosaic(spec: KernelSpec, mspec: Any, q, k, v, sinks, q_lens, kv_lens, 
     no value twice: `bad` is computed only where the call is differentiated, and there the
     kernel's guard flags come from it (`guard_form` "flags"; "retry" reads none). `q_lens`/`kv_lens`
     (int32 `[B]` or None) are the sequence lengths, `q_seg`/`kv_seg` (int32 `[B, S]` or None)
-    the segment ids."""
+    the segment ids. With `mspec.lse` False a call that is not differentiated stores no lse and
+    gives zeros in its place (the caller asked for none); a differentiated one makes it."""
     from .mosaic_kernels import mosaic_forward
 
-    return mosaic_forward(mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg)
+    out, lse = mosaic_forward(mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg)
+    if lse is None:  # the same tree as `_fwd`'s primal output
+        lse = jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
+    return out, lse
 
 
 def _fwd(spec, mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg, bad):
     from .mosaic_kernels import mosaic_forward
 
-    out, lse = mosaic_forward(mspec, q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg, bad_keys=bad)
+    out, lse = mosaic_forward(replace(mspec, lse=True), q, k, v, sinks, q_lens, kv_lens, q_seg, kv_seg,
+                              bad_keys=bad)
     # v as given: `_flash_bwd` zeroes its non-finite entries itself (`finite_values`); the rows
     # that see one are NaN in `out`, and the backward treats them as the Triton forward's own
     residuals = Residuals(q=q, k=k, v=v, out=out, lse=lse, sinks=sinks, q_seg=q_seg, kv_seg=kv_seg, q_lens=q_lens,

@@ -67,7 +67,8 @@ make rows past the query length zeros with lse -inf. Segment ids (`segments`) cu
 by the bounds `mosaic_segments.py` computes from the ids and compare them on partial tiles;
 the producer streams each key tile's ids beside it.
 
-The lse (natural log, `[B, Hq, Sq]`, float32) is what the backward kernels read.
+The lse (natural log, `[B, Hq, Sq]`, float32) is what the backward kernels read; a forward-only
+call that does not return it goes without (`lse=False`: no log, no second TMA store per block).
 The arrays' sequence lengths must be multiples of the tiles (`gpu_path.py` checks).
 """
 
@@ -132,10 +133,11 @@ class MosaicSpec:
     bounded_logits: bool = False  # soft-capped logits bound exp2: no running max (config.softcap_without_max)
     poly_exp2: int = 0  # > 0 (bounded logits only): one exp2 in every this many on the FMA pipe (mosaic_exp2)
     poly_degree: int = 3  # of that exp2's polynomial: 3 or 2 (mosaic_exp2.POLYNOMIALS)
-    lse: bool = True  # False: no lse output, for a forward-only call that does not return it (untimed)
+    lse: bool = True  # False: no lse output: forward-only calls that do not return it (1-2% on an H200)
     o_halves: bool = False  # store O in two column halves from a buffer of their own, the second's
     # registers to shared memory while the first's TMA store is in flight (value head_dim a multiple
-    # of 128; more shared memory than config.mosaic_smem_bytes counts; untimed)
+    # of 128; more shared memory than config.mosaic_smem_bytes counts; level with one store on an
+    # H200 (flash BENCHMARKS.md): a bench knob, not used by the backend)
 
     def __post_init__(self) -> None:
         if self.guard_form not in GUARD_FORMS:
