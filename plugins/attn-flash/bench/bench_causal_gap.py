@@ -4,6 +4,7 @@
     python3 plugins/attn-flash/bench/bench_causal_gap.py combos [CYCLES]  # E3
     python3 plugins/attn-flash/bench/bench_causal_gap.py fence [CYCLES]   # E4
     python3 plugins/attn-flash/bench/bench_causal_gap.py halves [CYCLES]  # E5
+    python3 plugins/attn-flash/bench/bench_causal_gap.py vote [CYCLES]    # E6
 
 On an H200 the Mosaic forward is level with tokamax 0.0.17's default without a mask and 0.98–0.99x
 it on causal rows (BENCHMARKS.md, "`auto` timed side by side"); flash BENCHMARKS.md, "What holds it
@@ -27,6 +28,9 @@ without a mask and a grid of blocks with one (its `Config.persistent`), so the t
 * E5 (`halves`): O stored in two column halves from a buffer of their own (`MosaicSpec.o_halves`,
   as tokamax stores it), without and with the lse, beside ours and its copy: causal at 2k and
   8k (where E2 found the gap per block) and 32k, and without a mask at (4, 4096).
+* E6 (`vote`): the retry's vote on the whole output tile while the O store is in flight
+  (`MosaicSpec.early_vote`), beside ours with and without the lse (the backend's forward-only
+  form since E5), causal at 2k, 8k and 32k: the guard's per-block cost.
 
 Medians of CYCLES samples taken in turn (`jaxattn.bench.time_side_by_side`), TFLOP/s of the
 visible pairs, each column over tokamax's default in brackets; each form's output against the
@@ -121,13 +125,27 @@ HALVES_ROWS = (("E5 causal", (16, 2048, 32, 8, 128), True), ("E5 causal", (4, 81
                ("E5 causal", (1, 32768, 32, 8, 128), True), ("E5 full", (4, 4096, 32, 8, 128), False))
 
 
-def halves(cycles: int) -> None:
-    for label, shape, causal in HALVES_ROWS:
+VOTE = {"ours": {}, "ours no lse": {"lse": False}, "ours no lse copy": {"lse": False},
+        "early vote no lse": {"lse": False, "early_vote": True},
+        "no guard no lse": {"lse": False, "guard_values": False}}  # a probe: what the guard costs at most
+VOTE_ROWS = tuple(("E6 causal", (TOKENS // s, s, *HEADS), True) for s in (2048, 8192, 32768))
+
+
+def rows_of(forms: dict, rows, cycles: int) -> None:
+    for label, shape, causal in rows:
         b, s, hq, hkv, d = shape
         try:
-            row(f"{label} ({b}, {s}, {hq}/{hkv}, {d})", shape, causal, HALVES, cycles)
+            row(f"{label} ({b}, {s}, {hq}/{hkv}, {d})", shape, causal, forms, cycles)
         except Exception as e:  # noqa: BLE001 - one row's failure is a line, not the end of the call
             print(f"FAIL {label} {shape}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+def halves(cycles: int) -> None:
+    rows_of(HALVES, HALVES_ROWS, cycles)
+
+
+def vote(cycles: int) -> None:
+    rows_of(VOTE, VOTE_ROWS, cycles)
 
 
 def fence(cycles: int) -> None:
@@ -150,7 +168,7 @@ def main(cycles: int) -> None:
 
 if __name__ == "__main__":
     print(f"jax {jax.__version__} {jax.devices()[0].device_kind}", flush=True)
-    experiments = {"combos": combos, "fence": fence, "halves": halves}
+    experiments = {"combos": combos, "fence": fence, "halves": halves, "vote": vote}
     if len(sys.argv) > 1 and sys.argv[1] in experiments:
         experiments[sys.argv[1]](int(sys.argv[2]) if len(sys.argv) > 2 else CYCLES)
     else:

@@ -245,8 +245,9 @@ def test_mosaic_softcap_without_max_gpu(sinks):
 @pytest.mark.parametrize("causal", [True, False])
 def test_mosaic_forward_without_lse_gpu(causal):
     """`MosaicSpec.lse=False` (no lse output, for forward-only calls that do not return it) and
-    `o_halves` (O stored in two column halves): the same output, bitwise, as the kernel that writes
-    the lse and O whole, with the value guard (causal) or without."""
+    `o_halves` (O stored in two column halves), and under causal the retry's `early_vote`: the same
+    output, bitwise, as the kernel that writes the lse and O whole, with the value guard (causal)
+    or without."""
     from dataclasses import replace
 
     import jax.numpy as jnp
@@ -267,3 +268,12 @@ def test_mosaic_forward_without_lse_gpu(causal):
     for got in (halves, bare_halves):
         assert np.array_equal(np.asarray(out, np.float32), np.asarray(got, np.float32))
     assert np.array_equal(np.asarray(lse), np.asarray(halves_lse))
+    if causal:  # the retry's early vote (MosaicSpec.early_vote): the same bits, with a NaN value too,
+        # which only rows that see its key may show (the block reruns guarded)
+        early = jax.jit(lambda q, k, v: mosaic_forward(replace(spec, early_vote=True), q, k, v)[0])
+        v_nan = v.at[1, 700, 0, 3].set(jnp.nan)
+        for values in (v, v_nan):
+            want = np.asarray(jax.jit(lambda q, k, v: mosaic_forward(spec, q, k, v)[0])(q, k, values), np.float32)
+            got = np.asarray(early(q, k, values), np.float32)
+            assert np.array_equal(want, got, equal_nan=True)
+        assert np.isnan(want[1, 700:, :4]).any() and not np.isnan(want[1, :700]).any()

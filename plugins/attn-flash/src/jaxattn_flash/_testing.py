@@ -99,6 +99,8 @@ MOSAIC_LOWERINGS: dict[str, dict[str, Any]] = {
     # O stored in two column halves (MosaicSpec.o_halves; untimed; at head_dim 256 its buffer does not fit)
     "causal-guarded-o-halves": dict(band_lo=None, band_hi=0, guard_values=True, o_halves=True, forward_only=True),
     "window-o-halves-no-lse": dict(band_lo=-200, band_hi=0, o_halves=True, lse=False, forward_only=True),
+    # the retry's vote on the whole tile, the store's wait after it (MosaicSpec.early_vote; untimed)
+    "causal-guarded-early-vote": dict(band_lo=None, band_hi=0, guard_values=True, early_vote=True, forward_only=True),
 }
 
 

@@ -138,6 +138,8 @@ class MosaicSpec:
     # registers to shared memory while the first's TMA store is in flight (value head_dim a multiple
     # of 128; more shared memory than config.mosaic_smem_bytes counts; level with one store on an
     # H200 (flash BENCHMARKS.md): a bench knob, not used by the backend)
+    early_vote: bool = False  # the retry's vote on the output tile itself (no row max first) while
+    # the O store is in flight, its wait after the vote (the guard's per-block cost; untimed)
 
     def __post_init__(self) -> None:
         if self.guard_form not in GUARD_FORMS:
@@ -333,9 +335,10 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l, seen
 
-            def write_rows(acc, m, l, seen):
+            def write_rows(acc, m, l, seen, wait=True):
                 """This consumer's rows: out = acc / l (zeros where no key is seen or past the query
-                length, NaN where a cleaned value was seen), and the lse."""
+                length, NaN where a cleaned value was seen), and the lse; `wait`: for their stores'
+                reads of shared memory before returning."""
                 live = l != 0.0  # a NaN sum (a non-finite logit the row sees) counts: it propagates
                 real = None
                 if q_end is not None:  # rows past the query length: zeros, lse -inf
@@ -373,7 +376,8 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                     plgpu.copy_smem_to_gmem(o_part, o_dst)
                     if part == 0 and lse_ref is not None:
                         plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(r0, bq)])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                if wait:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 return out
 
             def initial_state(guarded):
@@ -386,7 +390,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 seen = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout) if guarded else None
                 return acc, m, l, seen
 
-            def attend(guarded):
+            def attend(guarded, wait=True):
                 """The block's key tiles, then `write_rows` (its float32 output). `guarded`: clean the
                 value tiles the mask cuts (both consumers the same tiles, so the full range is the block's)."""
                 @pl.when(ub > lb)
@@ -414,7 +418,7 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 acc, m, l, seen = lax.fori_loop(fe, ub, edge, carry)
                 if pp and not guarded:
                     pl.when(wg == 0)(lambda: named_barrier(plgpu, "arrive", own=False))
-                return write_rows(acc, m, l, seen)
+                return write_rows(acc, m, l, seen, wait)
 
             if guard and spec.guard_form == "flags":  # the guarded form only where this batch row and kv head hold one
                 dirty = ins["v_dirty"][bi * hkv + lax.div(hi, jnp.int32(group))] != 0
@@ -427,20 +431,27 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 def _():
                     attend(False)
             elif guard and spec.guard_form == "retry":
-                out = attend(False)
+                out = attend(False, wait=not spec.early_vote)
                 # a masked key's non-finite value can only have made rows NaN: where no row of the
                 # block is, the output stands; else the block runs again, guarded
                 # (not `(out - out) == 0`: out is a product, and the compiler's fused multiply-add
                 # leaves that product's rounding error in the difference)
-                worst = jnp.where(jnp.abs(out) < jnp.inf, jnp.float32(0.0), jnp.float32(1.0)).max(axis=1)
+                worst = jnp.where(jnp.abs(out) < jnp.inf, jnp.float32(0.0), jnp.float32(1.0))
+                if spec.early_vote:  # block_any ORs every register of the tile itself
+                    vote = block_any(plgpu, worst, wgmma_layout)
+                else:
+                    vote = block_any(plgpu, worst.max(axis=1), row_layout)
 
-                @pl.when(block_any(plgpu, worst, row_layout) != 0)
+                @pl.when(vote != 0)
                 def _():
                     plgpu.wait_smem_to_gmem(0)  # the first pass's rows are written before these
                     if not own_out:  # O took Q's buffer
                         plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(r0, bq), hi], qo, q_bar.at[wg])
                         plgpu.barrier_wait(q_bar.at[wg])
                     attend(True)
+
+                if spec.early_vote:  # the first pass's stores, read out of shared memory before the block ends
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             else:
                 attend(guard)
 
