@@ -5,7 +5,8 @@
 #     flash    flash's conformance on the compiled kernels (tests/test_flash.py; ~6.5 min on an H100)
 #     mosaic   flash's Mosaic GPU paths (tests/test_flash_mosaic_gpu.py, one test per (run, case);
 #              more than one call: split with PYTEST_ARGS, e.g. `mosaic gpu-logs -k "d64-bf16"`, whose
-#              32 tests took 210 s with 8 workers beside the soft-cap ones on 2026-12-03)
+#              32 tests took 210 s with 8 workers beside the soft-cap ones on 2026-12-03; `-k bitwise`:
+#              the forward's store and vote forms against the default, bit for bit)
 #     ragged   every gpu test of the ragged plugin: conformance of both backends, quantized pages,
 #              the Mosaic decode kernel's forms (~7.5 min)
 #     rest     the cudnn GPU tests and flash's non-finite-value tests (a few minutes), then

@@ -243,7 +243,7 @@ def test_mosaic_softcap_without_max_gpu(sinks):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
 @pytest.mark.parametrize("causal", [True, False])
-def test_mosaic_forward_without_lse_gpu(causal):
+def test_mosaic_forward_forms_are_bitwise_the_same_gpu(causal):
     """`MosaicSpec.lse=False` (no lse output, for forward-only calls that do not return it) and
     `o_halves` (O stored in two column halves), and under causal the retry's `early_vote`: the same
     output, bitwise, as the kernel that writes the lse and O whole, with the value guard (causal)
