@@ -3,7 +3,6 @@
     python3 plugins/attn-flash/bench/bench_causal_gap.py [CYCLES]         # E1 and E2
     python3 plugins/attn-flash/bench/bench_causal_gap.py combos [CYCLES]  # E3
     python3 plugins/attn-flash/bench/bench_causal_gap.py fence [CYCLES]   # E4
-    python3 plugins/attn-flash/bench/bench_causal_gap.py halves [CYCLES]  # E5
     python3 plugins/attn-flash/bench/bench_causal_gap.py vote [CYCLES]    # E6
 
 On an H200 the Mosaic forward is level with tokamax 0.0.17's default without a mask and 0.98–0.99x
@@ -25,9 +24,8 @@ without a mask and a grid of blocks with one (its `Config.persistent`), so the t
   control: a knob's gain within the copy's distance from ours is noise) and the knobs together.
 * E4 (`fence`): the fence alone beside ours and its copy on the calls E2/E3 did not cover: no
   mask, the table's causal shapes (32/32 and 16/16 heads), soft-cap 50 and window 4096 at 32k.
-* E5 (`halves`): O stored in two column halves from a buffer of their own (`MosaicSpec.o_halves`,
-  as tokamax stores it), without and with the lse, beside ours and its copy: causal at 2k and
-  8k (where E2 found the gap per block) and 32k, and without a mask at (4, 4096).
+* E5 (2026-12-03, removed after it): O stored in two column halves from a buffer of their own,
+  as tokamax stores it: level with one store (flash BENCHMARKS.md).
 * E6 (`vote`): the retry's vote on the whole output tile while the O store is in flight
   (`MosaicSpec.early_vote`), beside ours with and without the lse (the backend's forward-only
   form since E5), causal at 2k, 8k and 32k: the guard's per-block cost.
@@ -119,10 +117,6 @@ FENCE_ROWS = (  # label, shape, causal, window, soft_cap
 )
 
 
-HALVES = {"ours": {}, "ours copy": {}, "ours halves": {"o_halves": True},
-          "ours halves no lse": {"o_halves": True, "lse": False}}
-HALVES_ROWS = (("E5 causal", (16, 2048, 32, 8, 128), True), ("E5 causal", (4, 8192, 32, 8, 128), True),
-               ("E5 causal", (1, 32768, 32, 8, 128), True), ("E5 full", (4, 4096, 32, 8, 128), False))
 
 
 VOTE = {"ours": {}, "ours no lse": {"lse": False}, "ours no lse copy": {"lse": False},
@@ -138,10 +132,6 @@ def rows_of(forms: dict, rows, cycles: int) -> None:
             row(f"{label} ({b}, {s}, {hq}/{hkv}, {d})", shape, causal, forms, cycles)
         except Exception as e:  # noqa: BLE001 - one row's failure is a line, not the end of the call
             print(f"FAIL {label} {shape}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-
-
-def halves(cycles: int) -> None:
-    rows_of(HALVES, HALVES_ROWS, cycles)
 
 
 def vote(cycles: int) -> None:
@@ -168,7 +158,7 @@ def main(cycles: int) -> None:
 
 if __name__ == "__main__":
     print(f"jax {jax.__version__} {jax.devices()[0].device_kind}", flush=True)
-    experiments = {"combos": combos, "fence": fence, "halves": halves, "vote": vote}
+    experiments = {"combos": combos, "fence": fence, "vote": vote}
     if len(sys.argv) > 1 and sys.argv[1] in experiments:
         experiments[sys.argv[1]](int(sys.argv[2]) if len(sys.argv) > 2 else CYCLES)
     else:

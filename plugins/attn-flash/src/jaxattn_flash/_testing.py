@@ -96,9 +96,7 @@ MOSAIC_LOWERINGS: dict[str, dict[str, Any]] = {
     "causal-guarded-no-lse": dict(band_lo=None, band_hi=0, guard_values=True, lse=False, forward_only=True),
     # the softmax's fence (config mosaic_fence; `jaxattn tune` tries it on masked calls)
     "causal-guarded-fence": dict(band_lo=None, band_hi=0, guard_values=True, fence=True, forward_only=True),
-    # O stored in two column halves (MosaicSpec.o_halves; untimed; at head_dim 256 its buffer does not fit)
-    "causal-guarded-o-halves": dict(band_lo=None, band_hi=0, guard_values=True, o_halves=True, forward_only=True),
-    "window-o-halves-no-lse": dict(band_lo=-200, band_hi=0, o_halves=True, lse=False, forward_only=True),
+    "window-no-lse": dict(band_lo=-200, band_hi=0, lse=False, forward_only=True),
     # the retry's vote on the whole tile, the store's wait after it (MosaicSpec.early_vote; untimed)
     "causal-guarded-early-vote": dict(band_lo=None, band_hi=0, guard_values=True, early_vote=True, forward_only=True),
 }

@@ -134,10 +134,6 @@ class MosaicSpec:
     poly_exp2: int = 0  # > 0 (bounded logits only): one exp2 in every this many on the FMA pipe (mosaic_exp2)
     poly_degree: int = 3  # of that exp2's polynomial: 3 or 2 (mosaic_exp2.POLYNOMIALS)
     lse: bool = True  # False: no lse output: forward-only calls that do not return it (1-2% on an H200)
-    o_halves: bool = False  # store O in two column halves from a buffer of their own, the second's
-    # registers to shared memory while the first's TMA store is in flight (value head_dim a multiple
-    # of 128; more shared memory than config.mosaic_smem_bytes counts; level with one store on an
-    # H200 (flash BENCHMARKS.md): a bench knob, not used by the backend)
     early_vote: bool = False  # the retry's vote on the output tile itself (no row max first) while
     # the O store is in flight, its wait after the vote (the guard's per-block cost; untimed)
 
@@ -192,8 +188,6 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     col_layout = plgpu.Layout.WGMMA.reduce(0)
     guard = spec.guard_values
     own_out = dv != d  # O (value head_dim) has its own buffer; else it overwrites Q's
-    if spec.o_halves and dv % 128:
-        raise ValueError(f"MosaicSpec.o_halves needs a value head_dim that is a multiple of 128, got {dv}")
 
     names = (["q", "k", "v"] + ["sinks"] * spec.sinks + ["q_lens"] * spec.q_lengths + ["kv_lens"] * spec.kv_lengths
              + ["q_seg", "kv_seg", "seg_ranges"] * spec.segments + ["v_dirty"] * (guard and spec.guard_form == "flags"))
@@ -361,21 +355,13 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
                 if real is not None:
                     out = jnp.where(lax.broadcast_in_dim(real, acc.shape, [0]), out, 0.0)
                 o = o_smem.at[wg]
-                halves = (slice(0, dv // 2), slice(dv // 2, dv)) if spec.o_halves else (slice(0, dv),)
-                for part, cols in enumerate(halves):  # a half's TMA store leaves while the next is staged
-                    if spec.o_halves:  # its own buffer per half: a TMA store reads contiguous shared memory
-                        o_part = scratch["o_halves"].at[wg, part]
-                        o_part[...] = out[:, cols].astype(dtype)
-                        o_dst = o_ref.at[bi, pl.ds(r0, bq), hi, pl.ds(cols.start, dv // 2)]
-                    else:
-                        o[...] = out.astype(dtype)
-                        o_part, o_dst = o, o_ref.at[bi, pl.ds(r0, bq), hi]
-                    if part == 0 and lse_ref is not None:
-                        lse_smem.at[wg][...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_part, o_dst)
-                    if part == 0 and lse_ref is not None:
-                        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(r0, bq)])
+                o[...] = out.astype(dtype)
+                if lse_ref is not None:
+                    lse_smem.at[wg][...] = jnp.where(live, m * LN2 + jnp.log(l_safe), -jnp.inf)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o, o_ref.at[bi, pl.ds(r0, bq), hi])
+                if lse_ref is not None:
+                    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(r0, bq)])
                 if wait:
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 return out
@@ -512,8 +498,6 @@ def mosaic_forward(spec: MosaicSpec, q, k, v, sinks=None, q_lens=None, kv_lens=N
     }
     if own_out:
         scratch["o"] = swizzled(plgpu, (CONSUMERS, bq, dv), dtype)  # O of each consumer
-    if spec.o_halves:
-        scratch["o_halves"] = swizzled(plgpu, (CONSUMERS, 2, bq, dv // 2), dtype)  # O of each consumer, by halves
     if guard:
         scratch["cleaned"] = plgpu.SMEM((stages, bk), jnp.float32)  # which keys of a tile were cleaned
     if spec.segments:  # ids of each consumer's rows and of the key tiles
