@@ -117,8 +117,6 @@ FENCE_ROWS = (  # label, shape, causal, window, soft_cap
 )
 
 
-
-
 VOTE = {"ours": {}, "ours no lse": {"lse": False}, "ours no lse copy": {"lse": False},
         "early vote no lse": {"lse": False, "early_vote": True},
         "no guard no lse": {"lse": False, "guard_values": False}}  # a probe: what the guard costs at most
@@ -126,10 +124,12 @@ VOTE_ROWS = tuple(("E6 causal", (TOKENS // s, s, *HEADS), True) for s in (2048, 
 
 
 def rows_of(forms: dict, rows, cycles: int) -> None:
-    for label, shape, causal in rows:
+    """`row` of `forms` for each (label, shape, causal[, window, soft_cap]) of `rows`."""
+    for label, shape, causal, *extra in rows:
+        window, soft_cap = (*extra, None, None)[:2]
         b, s, hq, hkv, d = shape
         try:
-            row(f"{label} ({b}, {s}, {hq}/{hkv}, {d})", shape, causal, forms, cycles)
+            row(f"{label} ({b}, {s}, {hq}/{hkv}, {d})", shape, causal, forms, cycles, window=window, soft_cap=soft_cap)
         except Exception as e:  # noqa: BLE001 - one row's failure is a line, not the end of the call
             print(f"FAIL {label} {shape}: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
@@ -139,12 +139,7 @@ def vote(cycles: int) -> None:
 
 
 def fence(cycles: int) -> None:
-    for label, shape, causal, window, soft_cap in FENCE_ROWS:
-        b, s, hq, hkv, d = shape
-        try:
-            row(f"{label} ({b}, {s}, {hq}/{hkv}, {d})", shape, causal, FENCE, cycles, window=window, soft_cap=soft_cap)
-        except Exception as e:  # noqa: BLE001 - one row's failure is a line, not the end of the call
-            print(f"FAIL {label} {shape}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    rows_of(FENCE, FENCE_ROWS, cycles)
 
 
 def main(cycles: int) -> None:
